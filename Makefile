@@ -1,0 +1,36 @@
+# Two entry points that bootstrap everything they need:
+#   make demo   -> .venv with the engine, then explains a bundled image with the bundled model
+#   make test   -> .venv with the engine + test dependencies, then the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+DEMO_MODEL ?= models/demo/demo_shapes.onnx
+DEMO_IMAGE ?= models/demo/images/00_circle.png
+DEMO_OUT   ?= out/demo
+
+.PHONY: demo test install install-dev bench clean
+
+$(VENV)/.core: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e ".[cpu]"
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.core
+	$(PIP) "torch==2.13.0"
+	$(PIP) -e ".[cpu,dev]"
+	touch $@
+
+install: $(VENV)/.core
+install-dev: $(VENV)/.dev
+
+demo: $(VENV)/.core
+	$(VENV)/bin/onnxsal inspect $(DEMO_MODEL)
+	$(VENV)/bin/onnxsal explain $(DEMO_MODEL) $(DEMO_IMAGE) -m gradcam -m scorecam --top-k 1 --out $(DEMO_OUT)
+	@echo "Overlays written to $(DEMO_OUT)/ (open the .png files)"
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,24 @@
+"""onnxsal: saliency maps for any ONNX image model, in ONNX Runtime.
+
+    ex = onnxsal.Explainer("model.onnx")
+    result = ex.explain("cat.png", method="gradcam")
+    result.map, result.scores, result.save("out/")
+"""
+
+from .errors import OnnxsalError
+from .explainer import Explainer, Explanation
+from .graph.surgery import expose, split
+from .methods import methods
+from .model import Model, load
+from .preprocess import Preprocess
+
+
+def vjp(model, y, wrt, **kwargs):
+    """The model plus a cotangent input ``grad_<y>`` and outputs ``grad_<x>`` for each x in `wrt`."""
+    from .graph.autodiff import vjp as _vjp
+
+    return _vjp(model, y, wrt, **kwargs)
+
+
+__all__ = ["Explainer", "Explanation", "Model", "OnnxsalError", "Preprocess", "expose", "load", "methods", "split", "vjp"]
+__version__ = "0.1.0"

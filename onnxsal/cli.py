@@ -1,0 +1,213 @@
+"""The ``onnxsal`` command: inspect and explain (and more, as sub-commands register)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import methods as registry
+from .errors import OnnxsalError, MethodError
+from .preprocess import parse_size
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Saliency maps for any ONNX image model, in ONNX Runtime.")
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _labels(path: Optional[str]) -> Optional[list[str]]:
+    if not path:
+        return None
+    if not os.path.exists(path):
+        from .errors import MissingFileError
+        raise MissingFileError(f"labels file not found: {path}")
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _floats(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise OnnxsalError(f"expected numbers separated by commas, not {text!r}") from None
+
+
+def _option(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise MethodError(f"--option takes key=value, not {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _explainer(model: str, device: str, size: Optional[str], preprocess: Optional[str], mean: Optional[str],
+               std: Optional[str], scale: Optional[float], bgr: Optional[bool], labels: Optional[str],
+               batch_size: Optional[int]):
+    from .explainer import Explainer
+
+    return Explainer(model, device, preprocess=preprocess, size=parse_size(size), labels=_labels(labels),
+                     mean=_floats(mean), std=_floats(std), scale=scale, bgr=bgr, batch_size=batch_size)
+
+
+@app.command()
+def inspect(model: str = typer.Argument(..., help="ONNX model file"),
+            size: Optional[str] = typer.Option(None, help="input size HxW for models with a dynamic size")) -> None:
+    """Show the model's input, outputs, logits, preprocessing and candidate layers."""
+    from .model import load
+
+    m = load(model, size=parse_size(size))
+    inp = m.input
+    out.print(f"[bold]{os.path.basename(m.path)}[/]")
+    out.print(f"  input     {inp.name}  {inp.layout}  {inp.channels}x{inp.height}x{inp.width}")
+    out.print(f"  output    {m.output}  ({m.num_classes} {'unit: binary classifier' if m.binary else 'classes'})")
+    act = f"before the final {m.activation}" if m.activation else "the output itself (no final activation found)"
+    out.print(f"  logits    {m.logits}  ({act})")
+    out.print(f"  preprocess {m.preprocess.describe() if m.preprocess else 'none in metadata (give --preprocess)'}")
+    if m.labels:
+        shown = ", ".join(m.labels[:10]) + (" ..." if len(m.labels) > 10 else "")
+        out.print(f"  labels    {shown}")
+    if not m.layers:
+        out.print("  layers    none: CAM methods cannot run; use occlusion, rise or a gradient method")
+        return
+    table = Table(title="candidate layers (CAM methods)", show_lines=False)
+    for col in ("", "tensor", "node", "op", "channels x h x w"):
+        table.add_column(col)
+    default = m.default_layer
+    for layer in m.layers:
+        mark = "*" if layer is default else ""
+        table.add_row(mark, layer.tensor, layer.node, layer.op_type, "x".join(map(str, layer.shape)))
+    out.print(table)
+    out.print(f"  default layer (*): {default.tensor}")
+
+
+@app.command()
+def explain(
+    model: str = typer.Argument(..., help="ONNX model file"),
+    images: List[str] = typer.Argument(..., help="image files (PNG, JPEG, BMP, TIFF, WebP) or preprocessed .npy"),
+    method: List[str] = typer.Option(["gradcam"], "--method", "-m", help="method name, repeatable: " + "; ".join(registry.methods())),
+    target: List[str] = typer.Option([], "--target", "-t", help="class index or label, repeatable (default: top-1)"),
+    top_k: int = typer.Option(1, "--top-k", "-k", help="explain the K highest-scoring classes"),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="layer tensor or node name for CAM methods"),
+    out_dir: str = typer.Option("out", "--out", "-o", help="output folder"),
+    score: str = typer.Option("logit", help="logit (final softmax/sigmoid removed) or probability"),
+    smooth: Optional[float] = typer.Option(None, help="Gaussian sigma (pixels) applied to the map before normalising"),
+    option: List[str] = typer.Option([], "--option", "-O", help="method option key=value, e.g. -O window=16"),
+    preprocess: Optional[str] = typer.Option(None, help="preset: imagenet, caffe, tf, unit, raw (overrides metadata)"),
+    mean: Optional[str] = typer.Option(None, help="per-channel mean, e.g. 0.485,0.456,0.406"),
+    std: Optional[str] = typer.Option(None, help="per-channel std"),
+    scale: Optional[float] = typer.Option(None, help="pixel scale applied before mean/std, e.g. 0.00392"),
+    bgr: Optional[bool] = typer.Option(None, "--bgr/--rgb", help="channel order"),
+    size: Optional[str] = typer.Option(None, help="input size HxW for models with a dynamic size"),
+    labels: Optional[str] = typer.Option(None, help="text file with one label per line"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    batch_size: Optional[int] = typer.Option(None, help="rows per ONNX Runtime run (default: from a memory budget)"),
+    cmap: str = typer.Option("jet", help="matplotlib colormap"),
+    alpha: float = typer.Option(0.5, help="overlay opacity"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors"),
+) -> None:
+    """Explain images: writes <image>.<method>.png / .npy and <image>.json into --out."""
+    from rich.progress import Progress
+
+    opts = dict(_option(o) for o in option)
+    specs = [registry.get(m) for m in method]
+    for spec in specs:
+        registry.check_options(spec, {k: v for k, v in opts.items() if k in spec.defaults})
+    unknown = [k for k in opts if not any(k in s.defaults for s in specs)]
+    if unknown:
+        raise MethodError(f"no chosen method takes option {', '.join(unknown)}")
+    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size)
+    targets = target or None
+    results = []
+    with Progress(console=err, transient=True, disable=quiet) as bar:
+        task = bar.add_task("explaining", total=len(images) * len(specs))
+        for image in images:
+            prepared = ex.prepare(image)
+            for spec in specs:
+                bar.update(task, description=f"{prepared.name}: {spec.name}")
+                kw = {k: v for k, v in opts.items() if k in spec.defaults}
+                res = ex.explain(prepared, spec.name, targets, top_k=top_k, layer=layer, score=score, smooth=smooth, **kw)
+                results.append(res)
+                bar.advance(task)
+    # write everything into a scratch folder first, so a failure leaves nothing half-written in --out
+    os.makedirs(out_dir, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".onnxsal-", dir=out_dir)
+    try:
+        written = []
+        for res in results:
+            written += res.save(scratch, cmap=cmap, alpha=alpha)
+        for path in dict.fromkeys(written):
+            shutil.move(path, os.path.join(out_dir, os.path.basename(path)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if quiet:
+        return
+    out.print(f"device: {ex.device}")
+    for res in results:
+        tgt = ", ".join(f"{t.label} ({t.index})" for t in res.targets)
+        where = f" at {res.layer}" if res.layer else ""
+        out.print(f"{res.name}: {res.method}{where} -> {tgt}  [{res.seconds:.2f}s]  "
+                  f"{os.path.join(out_dir, res.name + '.' + res.method + '.png')}")
+        for note in res.notes:
+            out.print(f"  note: {note}", style="dim")
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the available methods and their options."""
+    table = Table()
+    for col in ("method", "family", "options", "what it computes"):
+        table.add_column(col)
+    for name in registry.methods():
+        spec = registry.get(name)
+        opts = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        table.add_row(name, spec.family, opts, spec.summary)
+    out.print(table)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: every onnxsal error becomes one line on stderr and a non-zero exit."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except OnnxsalError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        err.print("aborted")
+        return 130
+    except Exception as exc:  # click usage errors and anything unexpected: still one line
+        import click
+
+        if isinstance(exc, click.ClickException):
+            err.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+            return exc.exit_code
+        err.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        return 3
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,69 @@
+"""What a method sees: one preprocessed input, its targets, the chosen layer, and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from .engine import Engine, Target
+from .model import Layer, Model
+from .runtime import Progress
+
+
+@dataclass
+class Context:
+    engine: Engine
+    x: np.ndarray                 # (1, C, H, W) or (1, H, W, C): the model's own layout
+    targets: list[Target]
+    layer: Optional[Layer]
+    score: str = "logit"
+    progress: Optional[Progress] = None
+    info: dict = field(default_factory=dict)   # numbers a method reports back (e.g. IG's completeness gap)
+
+    @property
+    def model(self) -> Model:
+        return self.engine.model
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.model.input.size
+
+    @property
+    def nhwc(self) -> bool:
+        return self.model.input.layout == "NHWC"
+
+    @property
+    def seeds(self) -> np.ndarray:
+        return np.stack([t.seed for t in self.targets]).astype(np.float32)
+
+    def spatial(self, masks: np.ndarray) -> np.ndarray:
+        """(K, H, W) spatial masks shaped to broadcast against a (K, ...) input batch."""
+        return masks[:, :, :, None] if self.nhwc else masks[:, None, :, :]
+
+    def channels_first(self, g: np.ndarray) -> np.ndarray:
+        """An input-shaped array as (N, C, H, W), whatever the model's layout."""
+        return g.transpose(0, 3, 1, 2) if self.nhwc else g
+
+    def blend(self, masks: np.ndarray, baseline: "float | np.ndarray" = 0.0) -> np.ndarray:
+        """x where the mask is 1, baseline where it is 0: (K, ...) inputs for K masks."""
+        m = self.spatial(masks.astype(np.float32))
+        return (self.x * m + np.asarray(baseline, np.float32) * (1 - m)).astype(np.float32)
+
+    def scores(self, xb: np.ndarray) -> np.ndarray:
+        """(N, T) target scores for a batch of inputs."""
+        return self.engine.scores(xb, self.targets, self.score, self.progress)
+
+    def activations(self) -> np.ndarray:
+        """(1, K, h, w) activations of the chosen layer for the input."""
+        (a,) = self.engine.outputs(self.x, [self.layer.tensor])
+        return a
+
+    def gradients(self, xb: np.ndarray, seed_rows: np.ndarray, wrt: Sequence[str], extra: Sequence[str] = (),
+                  rules: Optional[Mapping] = None, rules_name: str = "") -> dict[str, np.ndarray]:
+        return self.engine.gradients(xb, seed_rows, wrt, score=self.score, extra=extra, rules=rules,
+                                     rules_name=rules_name, progress=self.progress)
+
+    def rng(self, seed: Optional[int]) -> np.random.Generator:
+        return np.random.default_rng(seed)

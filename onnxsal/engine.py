@@ -1,0 +1,96 @@
+"""Derived graphs of one model, built on demand and cached with their sessions.
+
+Methods never touch ONNX Runtime directly: they ask this engine for scores
+of a batch of inputs, for exposed activations, or for gradients seeded by
+cotangent rows. Each request maps to one cached derived graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from .graph.surgery import expose
+from .model import Model
+from .runtime import Progress, Runtime
+
+
+@dataclass(frozen=True)
+class Target:
+    """What is scored: score = offset + <seed, output row>. A class index becomes a one-hot seed."""
+
+    index: int
+    label: str
+    seed: np.ndarray = field(repr=False, compare=False)
+    offset: float = 0.0
+
+
+class Engine:
+    def __init__(self, model: Model, runtime: Runtime, batch_size: Optional[int] = None) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.batch_size = batch_size
+
+    # forward ---------------------------------------------------------------------------------
+    def outputs(self, x: np.ndarray, tensors: Sequence[str], progress: Optional[Progress] = None) -> list[np.ndarray]:
+        """Values of `tensors` for a batch of inputs (run in chunks)."""
+        tensors = list(dict.fromkeys(tensors))
+        key = "expose:" + "|".join(tensors)
+        sess = self.runtime.session(key, lambda: expose(self.model.proto, tensors))
+        return self.runtime.run_batched(sess, {self.model.input.name: x}, outputs=tensors,
+                                        batch_size=self.batch_size, progress=progress)
+
+    def scores(self, x: np.ndarray, targets: Sequence[Target], score: str = "logit",
+               progress: Optional[Progress] = None) -> np.ndarray:
+        """(N, T): each target's score on each input."""
+        (out,) = self.outputs(x, [self.model.score_tensor(score)], progress)
+        return score_rows(out, targets)
+
+    # gradients -------------------------------------------------------------------------------
+    def gradients(self, x: np.ndarray, seeds: np.ndarray, wrt: Sequence[str], *, score: str = "logit",
+                  extra: Sequence[str] = (), rules: Optional[Mapping] = None, rules_name: str = "",
+                  progress: Optional[Progress] = None) -> dict[str, np.ndarray]:
+        """Forward + VJP for a batch: `seeds` (N, C) are the cotangent rows of the score tensor.
+
+        Returns {tensor: value} for the score tensor and `extra`, and {"grad_<x>": value} for `wrt`.
+        """
+        from .graph.autodiff import vjp
+
+        y = self.model.score_tensor(score)
+        wrt, extra = list(wrt), list(extra)
+        key = f"vjp:{y}|{','.join(wrt)}|{','.join(extra)}|{rules_name}"
+        sess = self.runtime.session(key, lambda: vjp(self.model.proto, y, wrt, rules=rules, outputs=extra))
+        names = [o.name for o in sess.get_outputs()]
+        cot = sess.get_inputs()
+        grad_in = next(i for i in cot if i.name != self.model.input.name)
+        out_shape = [d if isinstance(d, int) else -1 for d in grad_in.shape]
+        seeds = np.asarray(seeds, np.float32).reshape([len(seeds)] + [d if d > 0 else 1 for d in out_shape[1:]]) \
+            if len(out_shape) > 2 else np.asarray(seeds, np.float32)
+        results = self.runtime.run_batched(sess, {self.model.input.name: x, grad_in.name: seeds},
+                                           outputs=names, batch_size=self.batch_size, progress=progress)
+        return dict(zip(names, results))
+
+
+def score_rows(out: np.ndarray, targets: Sequence[Target]) -> np.ndarray:
+    flat = out.reshape(len(out), -1)
+    seeds = np.stack([t.seed for t in targets]).astype(np.float32)
+    offsets = np.array([t.offset for t in targets], np.float32)
+    return flat @ seeds.T + offsets
+
+
+def make_targets(model: Model, indices: Sequence[int], score: str = "logit") -> list[Target]:
+    """Seeds for class indices. Binary single-unit models: class 1 = +output, class 0 = -output
+    (and 1 - p for probabilities, so class 0's probability is scored)."""
+    out = []
+    for i in indices:
+        if model.binary:
+            seed = np.array([1.0 if i == 1 else -1.0], np.float32)
+            offset = 1.0 if (i == 0 and score == "probability") else 0.0
+            out.append(Target(int(i), model.label(int(i)), seed, offset))
+        else:
+            seed = np.zeros(model.num_classes, np.float32)
+            seed[i] = 1.0
+            out.append(Target(int(i), model.label(int(i)), seed))
+    return out

@@ -1,0 +1,215 @@
+"""The Python API: ``Explainer(model).explain(image, method=...) -> Explanation``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+
+from . import methods as registry
+from .context import Context
+from .engine import Engine, Target, make_targets
+from .errors import ImageError, TargetError
+from .model import Layer, Model, load
+from .postprocess import finish, resize
+from .preprocess import Prepared, Preprocess, make_spec, prepare
+from .runtime import Progress, Runtime
+
+ImageLike = Union[str, os.PathLike, np.ndarray, "Image.Image"]  # noqa: F821
+
+
+@dataclass
+class Explanation:
+    """Maps for one input, one method, one or more targets."""
+
+    maps: np.ndarray            # (T, H, W) float32 in [0, 1] at the original image size
+    raw: np.ndarray             # (T, h, w) float32, the method's own output before post-processing
+    targets: list[Target]
+    method: str
+    options: dict
+    layer: Optional[str]
+    scores: np.ndarray          # (C,) the model's output row on the input (probabilities when it has a softmax)
+    logits: np.ndarray          # (C,) the scored logits
+    seconds: float
+    name: str = "image"
+    image: Optional[np.ndarray] = field(default=None, repr=False)   # uint8 RGB for overlays
+    notes: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    model_path: str = ""
+    input_size: tuple = ()
+    labels: Optional[list] = field(default=None, repr=False)
+
+    @property
+    def map(self) -> np.ndarray:
+        return self.maps[0]
+
+    @property
+    def target(self) -> Target:
+        return self.targets[0]
+
+    def top(self, k: int = 5) -> list[dict]:
+        order = np.argsort(-self.scores, kind="stable")[:k]
+        return [{"index": int(i), "label": (self.labels[i] if self.labels and i < len(self.labels) else str(i)),
+                 "score": float(self.scores[i])} for i in order]
+
+    def summary(self) -> dict:
+        return {
+            "model": self.model_path,
+            "input_size": list(self.input_size),
+            "top": self.top(5),
+            "targets": [{"index": t.index, "label": t.label} for t in self.targets],
+            "method": self.method,
+            "options": {k: _jsonable(v) for k, v in self.options.items()},
+            "layer": self.layer,
+            "seconds": round(self.seconds, 4),
+            "notes": self.notes,
+            **({"info": {k: _jsonable(v) for k, v in self.info.items()}} if self.info else {}),
+        }
+
+    def method_summary(self) -> dict:
+        s = self.summary()
+        return {k: s[k] for k in ("targets", "layer", "options", "seconds") if k in s} | (
+            {"info": s["info"]} if "info" in s else {})
+
+    def save(self, out_dir: Union[str, os.PathLike], cmap: str = "jet", alpha: float = 0.5) -> list[str]:
+        """Write <name>.<method>.png (overlay with colorbar) and .npy (the maps), and add this
+        method's entry to <name>.json (model, input size, top-5, and one entry per method)."""
+        from .render import save_overlay
+
+        os.makedirs(out_dir, exist_ok=True)
+        base = os.path.join(os.fspath(out_dir), self.name)
+        stem = f"{base}.{self.method}"
+        titles = [f"{self.method}: {t.label}" for t in self.targets]
+        save_overlay(stem + ".png", self.image, self.maps, titles, cmap=cmap, alpha=alpha)
+        np.save(stem + ".npy", self.maps[0] if len(self.maps) == 1 else self.maps)
+        summary = {k: v for k, v in self.summary().items() if k in ("model", "input_size", "top", "notes")}
+        summary["methods"] = {}
+        if os.path.exists(base + ".json"):
+            try:
+                with open(base + ".json") as f:
+                    old = json.load(f)
+                if old.get("model") == self.model_path:
+                    summary["methods"] = old.get("methods", {})
+            except (OSError, ValueError):
+                pass
+        summary["methods"][self.method] = self.method_summary()
+        with open(base + ".json", "w") as f:
+            json.dump(summary, f, indent=2)
+        return [stem + ".png", stem + ".npy", base + ".json"]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist() if v.size <= 16 else f"array{list(v.shape)}"
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+class Explainer:
+    """Loads a model once; explains any number of inputs with any method.
+
+    `preprocess` is a preset name, a Preprocess, or None to use the model's metadata;
+    `mean`/`std`/`scale`/`bgr` override single fields of it.
+    """
+
+    def __init__(self, model: Union[str, os.PathLike, onnx.ModelProto, Model], device: str = "auto", *,
+                 preprocess: Union[str, Preprocess, None] = None, size: Optional[Sequence[int]] = None,
+                 labels: Optional[Sequence[str]] = None, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None, scale: Optional[float] = None, bgr: Optional[bool] = None,
+                 batch_size: Optional[int] = None, memory_mb: int = 2048, threads: Optional[int] = None) -> None:
+        self.runtime = Runtime(device, threads=threads, memory_mb=memory_mb)
+        self.model = load(model, size=size, labels=labels)
+        base = preprocess if isinstance(preprocess, Preprocess) else self.model.preprocess
+        spec = make_spec(preprocess if isinstance(preprocess, str) else None, mean, std, scale, bgr, base=base)
+        if spec is not None:
+            spec = spec.fitted(self.model.input.layout, self.model.input.size, self.model.input.channels)
+        self.model.preprocess = spec
+        self.engine = Engine(self.model, self.runtime, batch_size)
+
+    @property
+    def device(self) -> str:
+        """The device that really runs the sessions (after any CUDA fallback)."""
+        return self.runtime.device
+
+    def prepare(self, image: ImageLike) -> Prepared:
+        inp = self.model.input
+        return prepare(image, self.model.preprocess, layout=inp.layout, channels=inp.channels, size=inp.size)
+
+    def predict(self, image: Union[ImageLike, Prepared]) -> np.ndarray:
+        """The model's output row (probabilities when it ends in a softmax)."""
+        p = image if isinstance(image, Prepared) else self.prepare(image)
+        (out,) = self.engine.outputs(p.tensor, [self.model.output])
+        return out.reshape(-1)
+
+    def targets(self, scores: np.ndarray, target: Union[int, str, Sequence[Union[int, str]], None],
+                top_k: int, score: str) -> list[Target]:
+        m = self.model
+        if target is None:
+            if m.binary:
+                prob = float(scores.reshape(-1)[0])
+                first = 1 if (prob > (0.5 if m.activation == "sigmoid" else 0.0)) else 0
+                order = [first, 1 - first]
+            else:
+                order = list(np.argsort(-scores.reshape(-1), kind="stable"))
+            if top_k < 1:
+                raise TargetError("top_k must be at least 1")
+            indices = order[:top_k]
+        else:
+            items = list(target) if isinstance(target, (list, tuple)) else [target]
+            indices = [self._resolve(t) for t in items]
+        return make_targets(m, indices, score)
+
+    def _resolve(self, t: Union[int, str, np.integer]) -> int:
+        m = self.model
+        n = m.n_targets
+        if isinstance(t, str) and not t.lstrip("-").isdigit():
+            if m.labels and t in m.labels:
+                return m.labels.index(t)
+            known = f"; labels: {', '.join(m.labels[:20])}" if m.labels else " (the model has no labels; use an index)"
+            raise TargetError(f"unknown target label {t!r}{known}")
+        i = int(t)
+        if not 0 <= i < n:
+            raise TargetError(f"target {i} is out of range: the model has {n} classes (0..{n - 1})")
+        return i
+
+    def explain(self, image: Union[ImageLike, Prepared], method: str = "gradcam", target=None, *, top_k: int = 1,
+                layer: Optional[str] = None, score: str = "logit", smooth: Optional[float] = None,
+                progress: Optional[Progress] = None, **options) -> Explanation:
+        """Explain one input. `target`: class index, label or a list of them; default the top `top_k` classes."""
+        spec = registry.get(method)
+        opts = registry.check_options(spec, options)
+        if score not in ("logit", "probability"):
+            raise TargetError(f"score must be 'logit' or 'probability', not {score!r}")
+        prepared = image if isinstance(image, Prepared) else self.prepare(image)
+        m = self.model
+        the_layer: Optional[Layer] = m.find_layer(layer) if spec.needs_layer or layer is not None and spec.family == "cam" else None
+        start = time.perf_counter()
+        logits, out = self.engine.outputs(prepared.tensor, [m.logits, m.output])
+        logits, out = logits.reshape(-1), out.reshape(-1)
+        targets = self.targets(logits if m.activation is None else out, target, top_k, score)
+        ctx = Context(self.engine, prepared.tensor, targets, the_layer, score, progress)
+        raw = np.asarray(spec.fn(ctx, **opts), np.float32)
+        maps = finish(raw, m.input.size, smooth)
+        if prepared.display is not None and prepared.display.shape[:2] != tuple(m.input.size):
+            maps = np.clip(resize(maps, prepared.display.shape[:2]), 0, 1)
+        seconds = time.perf_counter() - start
+        notes = list(prepared.notes)
+        if m.activation is not None and score == "logit":
+            notes.append(f"scored the logits before the final {m.activation} ({m.logits!r})")
+        if not np.isfinite(raw).all():
+            raise ImageError(f"{spec.name} produced non-finite values on this input")
+        settings = dict(opts)
+        if smooth:
+            settings["smooth"] = smooth
+        settings["score"] = score
+        return Explanation(maps, raw, targets, spec.name, settings, the_layer.tensor if the_layer else None,
+                           out, logits, seconds, prepared.name, prepared.display, notes, ctx.info,
+                           m.path, m.input.size, m.labels if not m.binary else (m.labels or ["0", "1"]))

@@ -1,0 +1,125 @@
+"""Bring any ONNX model into the one form the rest of onnxsal works on.
+
+Every derived graph (exposed outputs, VJP, split) starts from a normalised
+model, so the rules and methods can rely on: a default-domain opset of at
+least 13 (axes as inputs for Squeeze/Unsqueeze/ReduceSum, Softmax on one
+axis), a symbolic batch dimension (masked inputs and noisy copies run in
+batches through the same graph), and inferred shapes on every tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference, version_converter
+
+from ..errors import ModelError
+
+MIN_OPSET = 13
+BATCH = "N"
+
+Shape = tuple  # tuple of int | None
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Old opsets flatten Softmax to 2-D and pass axes as attributes; lift them once here."""
+    if opset_of(model) >= MIN_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        raise ModelError(f"model uses opset {opset_of(model)} and could not be upgraded to {MIN_OPSET}: {exc}") from exc
+
+
+def _const_values(graph: onnx.GraphProto) -> dict:
+    vals = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            vals[node.output[0]] = node.attribute[0].t
+    return vals
+
+
+def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make dim 0 of inputs and outputs symbolic, and Reshape targets that hard-code it copy it.
+
+    Exporters often bake a batch of 1 into the graph (``Reshape(x, [1, -1])``).
+    Replacing that leading 1 by 0 ("copy this dim from the input", the default
+    ``allowzero=0`` meaning) keeps the graph identical at batch 1 and correct at
+    any other batch.
+    """
+    model = copy.deepcopy(model)
+    g = model.graph
+    init_names = {i.name for i in g.initializer}
+    fixed = None
+    for vi in list(g.input) + list(g.output):
+        if vi.name in init_names:
+            continue
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        dims = tt.shape.dim if tt is not None and tt.HasField("shape") else []
+        if len(dims) >= 2 and dims[0].HasField("dim_value"):
+            # The first input fixes the batch size; a second input with another
+            # leading size (a lookup table, a mask) has no batch axis to free.
+            fixed = fixed or dims[0].dim_value
+            if dims[0].dim_value != fixed:
+                continue
+            dims[0].Clear()
+            dims[0].dim_param = BATCH
+    if fixed is None:
+        return model
+    consts = _const_values(g)
+    for node in g.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        allowzero = any(a.name == "allowzero" and a.i == 1 for a in node.attribute)
+        t = consts.get(node.input[1])
+        if t is None or allowzero:
+            continue
+        shape = numpy_helper.to_array(t).copy()
+        if shape.ndim == 1 and shape.size >= 2 and shape[0] == fixed:
+            shape[0] = 0
+            new = numpy_helper.from_array(shape.astype(np.int64), t.name)
+            t.CopyFrom(new)
+    del g.value_info[:]
+    return model
+
+
+def infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        try:
+            return shape_inference.infer_shapes(model)
+        except Exception:
+            return model
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Upgrade the opset, free the batch dimension, infer shapes. Idempotent."""
+    return infer(dynamic_batch(upgrade_opset(model)))
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, Shape]]:
+    """Name -> (onnx elem_type, shape with None for unknown dims) for every typed tensor."""
+    out: dict[str, tuple[int, Shape]] = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        shape: Optional[tuple] = None
+        if tt.HasField("shape"):
+            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        out[vi.name] = (tt.elem_type, shape)
+    for init in g.initializer:
+        out[init.name] = (init.data_type, tuple(init.dims))
+    return out

@@ -1,0 +1,115 @@
+"""Derive models from one model: expose inner tensors, split at a tensor.
+
+Both keep the original nodes untouched (so exposed activations are bit-for-bit
+those of the model) and prune what the new outputs do not need, so a head or
+tail costs only its own share of the forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Sequence
+
+import onnx
+from onnx import helper
+
+from ..errors import LayerError
+from .normalize import BATCH, tensor_shapes
+
+
+def _value_info(model: onnx.ModelProto, name: str, batch_symbolic: bool = True) -> onnx.ValueInfoProto:
+    shapes = tensor_shapes(model)
+    if name not in shapes:
+        producers = {o for n in model.graph.node for o in n.output}
+        if name not in producers and name not in {i.name for i in model.graph.input}:
+            raise LayerError(f"tensor {name!r} does not exist in the model")
+        return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+    elem, shape = shapes[name]
+    if shape is None:
+        return helper.make_tensor_value_info(name, elem, None)
+    dims = [d if d is not None else "?" for d in shape]
+    if batch_symbolic and dims:
+        dims[0] = BATCH
+    dims = [None if d == "?" else d for d in dims]
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def _needed_nodes(graph: onnx.GraphProto, outputs: Iterable[str], given: set[str]) -> tuple[list[onnx.NodeProto], set[str]]:
+    """Nodes needed to compute `outputs` from `given` tensors; also the graph inputs that are reached."""
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name for i in graph.initializer}
+    keep: set[int] = set()
+    reached: set[str] = set()
+    stack = list(outputs)
+    seen: set[str] = set()
+    index = {id(n): k for k, n in enumerate(graph.node)}
+    while stack:
+        t = stack.pop()
+        if t in seen or t == "":
+            continue
+        seen.add(t)
+        if t in given or t in inits:
+            continue
+        node = producer.get(t)
+        if node is None:
+            reached.add(t)
+            continue
+        keep.add(index[id(node)])
+        stack.extend(node.input)
+        for attr in node.attribute:  # subgraph captures (If/Loop bodies)
+            if attr.type == onnx.AttributeProto.GRAPH:
+                stack.extend(_outer_names(attr.g))
+    return [graph.node[k] for k in sorted(keep)], reached
+
+
+def _outer_names(g: onnx.GraphProto) -> list[str]:
+    local = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+    return [i for n in g.node for i in n.input if i not in local]
+
+
+def _rebuild(model: onnx.ModelProto, nodes, inputs, outputs) -> onnx.ModelProto:
+    used = {i for n in nodes for i in n.input} | {o.name for o in outputs}
+    for n in nodes:
+        for attr in n.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                used.update(_outer_names(attr.g))
+    g = model.graph
+    graph = helper.make_graph(
+        [copy.deepcopy(n) for n in nodes],
+        g.name,
+        inputs,
+        outputs,
+        initializer=[i for i in g.initializer if i.name in used],
+        value_info=[v for v in g.value_info if v.name in used],
+    )
+    out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    out.producer_name = "onnxsal"
+    return out
+
+
+def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """The model with `tensors` as its outputs, in that order, and nothing else computed."""
+    g = model.graph
+    outputs = [_value_info(model, t) for t in tensors]
+    inits = {i.name for i in g.initializer}
+    nodes, reached = _needed_nodes(g, tensors, set())
+    inputs = [i for i in g.input if i.name not in inits and (i.name in reached or i.name in tensors)]
+    return _rebuild(model, nodes, inputs, outputs)
+
+
+def split(model: onnx.ModelProto, at: str, outputs: Sequence[str]) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Head (inputs -> `at`) and tail (`at` -> `outputs`); tail(head(x)) == model(x).
+
+    Raises LayerError when the tail still needs a model input, i.e. a path from
+    the input reaches the outputs around `at` (a skip connection across it).
+    """
+    head = expose(model, [at])
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    nodes, reached = _needed_nodes(g, outputs, {at})
+    graph_inputs = {i.name for i in g.input if i.name not in inits}
+    leaks = sorted(reached & graph_inputs)
+    if leaks:
+        raise LayerError(f"cannot split at {at!r}: the outputs also depend on {', '.join(leaks)} through other paths")
+    tail = _rebuild(model, nodes, [_value_info(model, at)], [_value_info(model, o) for o in outputs])
+    return head, tail

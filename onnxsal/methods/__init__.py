@@ -1,0 +1,71 @@
+"""The method registry: ``@method("gradcam")`` on a function makes it available everywhere.
+
+The CLI's ``-m`` choices, ``onnxsal.methods()`` and the README table come from
+here, so a new method is one file and no edits elsewhere.
+A method is a function ``fn(ctx, **options) -> (T, h, w)`` raw maps, one per
+target, at whatever resolution is natural to it (the layer's for CAMs, the
+input's for the others); shared post-processing does the rest.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import MethodError
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable
+    family: str          # "cam", "perturbation" or "gradient"
+    needs_layer: bool
+    summary: str
+
+    @property
+    def defaults(self) -> dict:
+        sig = inspect.signature(self.fn)
+        return {k: p.default for k, p in sig.parameters.items()
+                if p.default is not inspect.Parameter.empty and k != "ctx"}
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def method(name: str, *, family: str, needs_layer: bool = False) -> Callable[[Callable], Callable]:
+    def register(fn: Callable) -> Callable:
+        doc = (fn.__doc__ or "").strip().splitlines()
+        _REGISTRY[name] = MethodSpec(name, fn, family, needs_layer, doc[0] if doc else "")
+        return fn
+    return register
+
+
+def methods() -> list[str]:
+    """Names of every registered method."""
+    _load()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> MethodSpec:
+    _load()
+    key = name.lower().replace("_", "").replace("-", "") if name.lower() not in _REGISTRY else name.lower()
+    aliases = {k.replace("-", "").replace("_", ""): k for k in _REGISTRY}
+    if name.lower() in _REGISTRY:
+        return _REGISTRY[name.lower()]
+    if key in aliases:
+        return _REGISTRY[aliases[key]]
+    raise MethodError(f"unknown method {name!r}; choose from {', '.join(sorted(_REGISTRY))}")
+
+
+def check_options(spec: MethodSpec, options: dict) -> dict:
+    allowed = spec.defaults
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise MethodError(f"{spec.name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(allowed)) or 'none'}")
+    return {**allowed, **options}
+
+
+def _load() -> None:
+    from . import cam, gradients, perturbation  # noqa: F401  (importing registers them)

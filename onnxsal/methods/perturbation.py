@@ -1,0 +1,120 @@
+"""Perturbation methods: batched masked forward passes, no gradients needed.
+
+Score-CAM:  Wang et al. 2020, "Score-CAM: Score-Weighted Visual Explanations for CNNs".
+Faster-Score-CAM: the channel-pruned variant of tf-keras-vis (channels of highest
+activation standard deviation).
+Occlusion:  Zeiler & Fergus 2014, with Captum's averaging over overlapping windows.
+RISE:       Petsiuk et al. 2018, "RISE: Randomized Input Sampling for Explanation".
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..context import Context
+from ..errors import MethodError
+from ..postprocess import resize
+from . import method
+
+
+def _channel_masks(acts: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Each channel upsampled to the input and min-max normalised; also which channels are not constant."""
+    up = resize(acts, size)                              # (K, H, W)
+    lo = up.min(axis=(1, 2), keepdims=True)
+    span = up.max(axis=(1, 2), keepdims=True) - lo
+    live = span[:, 0, 0] > 0
+    masks = np.where(span > 0, (up - lo) / np.where(span > 0, span, 1), 0.0).astype(np.float32)
+    return masks, live
+
+
+def _score_cam(ctx: Context, channels: Optional[np.ndarray], weighting: str) -> np.ndarray:
+    if weighting not in ("softmax", "score"):
+        raise MethodError(f"weighting must be 'softmax' or 'score', not {weighting!r}")
+    acts = ctx.activations()[0]                          # (K, h, w)
+    if channels is not None:
+        acts = acts[channels]
+    masks, live = _channel_masks(acts, ctx.input_size)
+    scores = np.zeros((len(acts), len(ctx.targets)), np.float32)
+    if live.any():
+        scores[live] = ctx.scores(ctx.blend(masks[live]))   # (K_live, T)
+    if weighting == "softmax":
+        s = np.where(live[:, None], scores, -np.inf)
+        s = s - s.max(axis=0, keepdims=True)
+        w = np.exp(s)
+        w = w / w.sum(axis=0, keepdims=True)
+    else:
+        w = np.where(live[:, None], scores, 0.0)
+    cam = np.einsum("kt,khw->thw", w.astype(np.float32), acts)
+    return np.maximum(cam, 0)
+
+
+@method("scorecam", family="cam", needs_layer=True)
+def scorecam(ctx: Context, weighting: str = "softmax") -> np.ndarray:
+    """Score-CAM: each channel masks the input; the target's score on the masked input weights the channel.
+
+    weighting="softmax" (the paper, pytorch-grad-cam) normalises the scores over channels;
+    "score" uses them as they are (tf-keras-vis).
+    """
+    return _score_cam(ctx, None, weighting)
+
+
+@method("fasterscorecam", family="cam", needs_layer=True)
+def fasterscorecam(ctx: Context, max_n: int = 10, weighting: str = "softmax") -> np.ndarray:
+    """Faster-Score-CAM: Score-CAM over the max_n channels whose activations vary most."""
+    if max_n < 1:
+        raise MethodError("max_n must be at least 1")
+    acts = ctx.activations()[0]
+    std = acts.reshape(len(acts), -1).std(axis=1)
+    channels = np.sort(np.argsort(-std, kind="stable")[:max_n])
+    return _score_cam(ctx, channels, weighting)
+
+
+def window_starts(n: int, window: int, stride: int) -> np.ndarray:
+    return np.arange(0, n - window + 1, stride)
+
+
+@method("occlusion", family="perturbation")
+def occlusion(ctx: Context, window: Optional[int] = None, stride: Optional[int] = None, baseline: float = 0.0) -> np.ndarray:
+    """Occlusion: slide a window of `baseline` over the input; a pixel's value is the mean score drop
+    over every window covering it (Captum's definition). Pixels no window covers get 0."""
+    H, W = ctx.input_size
+    window = int(window or max(2, min(H, W) // 7))
+    stride = int(stride or max(1, window // 2))
+    if window < 1 or stride < 1 or window > min(H, W):
+        raise MethodError(f"occlusion window must be between 1 and {min(H, W)} and stride >= 1")
+    ys, xs = window_starts(H, window, stride), window_starts(W, window, stride)
+    masks = np.ones((len(ys) * len(xs), H, W), np.float32)
+    k = 0
+    for y in ys:
+        for x in xs:
+            masks[k, y:y + window, x:x + window] = 0
+            k += 1
+    base = ctx.scores(ctx.x)[0]                           # (T,)
+    drops = base[None, :] - ctx.scores(ctx.blend(masks, baseline))   # (K, T)
+    covered = 1 - masks
+    total = np.einsum("kt,khw->thw", drops.astype(np.float32), covered)
+    count = covered.sum(axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)
+
+
+def rise_masks(n: int, size: tuple[int, int], s: int, p: float, rng: np.random.Generator) -> np.ndarray:
+    """N smooth masks: random s x s binary grids, bilinearly upsampled to (s+1) cells, randomly shifted crops."""
+    H, W = size
+    ch, cw = int(np.ceil(H / s)), int(np.ceil(W / s))
+    grids = (rng.random((n, s, s)) < p).astype(np.float32)
+    up = resize(grids, ((s + 1) * ch, (s + 1) * cw))
+    dy = rng.integers(0, ch, n)
+    dx = rng.integers(0, cw, n)
+    return np.stack([up[i, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(n)]).astype(np.float32)
+
+
+@method("rise", family="perturbation")
+def rise(ctx: Context, n_masks: int = 1000, cells: int = 8, p: float = 0.5, seed: int = 0) -> np.ndarray:
+    """RISE: the score-weighted mean of random smooth masks, divided by the keep probability p."""
+    if not 0 < p <= 1 or cells < 1 or n_masks < 1:
+        raise MethodError("rise needs 0 < p <= 1, cells >= 1, n_masks >= 1")
+    masks = rise_masks(int(n_masks), ctx.input_size, int(cells), float(p), ctx.rng(seed))
+    scores = ctx.scores(ctx.blend(masks))                 # (N, T)
+    return (np.einsum("nt,nhw->thw", scores.astype(np.float32), masks) / (n_masks * p)).astype(np.float32)

@@ -1,0 +1,322 @@
+"""Load an ONNX file and describe it as an image classifier.
+
+Everything a method needs to know about a model is decided here, once: which
+input is the image and in which layout, which tensor holds the logits (the
+input of a final Softmax/Sigmoid: the framework-agnostic form of "swap the
+last activation for a linear one"), and which conv layers a CAM can use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import LayerError, MissingFileError, ModelError, SizeError
+from .graph.normalize import BATCH, infer, normalize, tensor_shapes
+from .preprocess import Preprocess
+
+CONV_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv"}
+# Ops that keep a conv's spatial map and are commonly fused with it; their output is also a candidate.
+FOLLOWERS = {"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish",
+             "Tanh", "BatchNormalization", "Mul", "Add", "Gelu"}
+PASSTHROUGH = {"Identity", "Flatten", "Reshape", "Squeeze", "Dropout"}
+
+META_PREPROCESS = "onnxsal.preprocess"
+META_LABELS = "onnxsal.labels"
+META_LAYERS = "onnxsal.layers"
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    name: str
+    layout: str  # "NCHW" or "NHWC"
+    channels: int
+    height: Optional[int]
+    width: Optional[int]
+    elem_type: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (int(self.height), int(self.width))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Layer:
+    tensor: str
+    node: str
+    op_type: str
+    shape: tuple  # (C, h, w)
+
+
+@dataclass
+class Model:
+    """A loaded, normalised model and what onnxsal found in it."""
+
+    proto: onnx.ModelProto
+    path: str
+    input: ImageInput
+    output: str          # the tensor onnxsal scores by default after the activation is removed
+    logits: str
+    activation: Optional[str]  # "softmax", "sigmoid" or None
+    num_classes: int
+    layers: list[Layer]
+    preprocess: Optional[Preprocess]
+    labels: Optional[list[str]]
+    metadata: dict = field(default_factory=dict)
+    layer_aliases: dict = field(default_factory=dict)
+
+    @property
+    def default_layer(self) -> Optional[Layer]:
+        return self.layers[-1] if self.layers else None
+
+    @property
+    def binary(self) -> bool:
+        """A single-unit output is a binary classifier: class 1 scores +logit, class 0 -logit."""
+        return self.num_classes == 1
+
+    @property
+    def n_targets(self) -> int:
+        return 2 if self.binary else self.num_classes
+
+    def score_tensor(self, score: str) -> str:
+        return self.output if score == "probability" else self.logits
+
+    def find_layer(self, name: Optional[str]) -> Layer:
+        """Resolve a tensor name, node name, or framework layer name (from metadata) to a candidate layer."""
+        if name is None:
+            if not self.layers:
+                raise LayerError(
+                    "this model has no conv layers with a spatial map, so CAM methods cannot run; "
+                    "use occlusion, rise or a gradient method such as saliency"
+                )
+            return self.layers[-1]
+        name = self.layer_aliases.get(name, name)
+        for layer in self.layers:
+            if name in (layer.tensor, layer.node):
+                return layer
+        # any 4-D tensor in the graph is allowed, even if it is not a default candidate
+        shapes = tensor_shapes(self.proto)
+        producer = {o: n for n in self.proto.graph.node for o in n.output}
+        by_node = {n.name: n for n in self.proto.graph.node if n.name}
+        tensor = name
+        if name in by_node:
+            tensor = by_node[name].output[0]
+        if tensor in producer:
+            shape = shapes.get(tensor, (None, None))[1]
+            if shape is not None and len(shape) == 4:
+                node = producer[tensor]
+                return Layer(tensor, node.name, node.op_type, tuple(shape[1:]))
+            raise LayerError(f"layer {name!r} is not a 4-D activation (shape {shape}); candidates: {self._candidates()}")
+        raise LayerError(f"unknown layer {name!r}; candidates: {self._candidates()}")
+
+    def _candidates(self) -> str:
+        if not self.layers:
+            return "none (the model has no conv layers)"
+        names = [layer.tensor for layer in self.layers]
+        if len(names) > 12:
+            names = names[:3] + ["..."] + names[-8:]
+        return ", ".join(names)
+
+    def label(self, index: int) -> str:
+        if self.binary:
+            return (self.labels[index] if self.labels and len(self.labels) == 2 else str(index))
+        if self.labels and index < len(self.labels):
+            return self.labels[index]
+        return str(index)
+
+
+def read_proto(path: Union[str, os.PathLike]) -> onnx.ModelProto:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MissingFileError(f"model file not found: {path}")
+    if os.path.isdir(path):
+        raise ModelError(f"{path} is a directory, not an ONNX file")
+    try:
+        proto = onnx.load(path)
+    except Exception as exc:
+        raise ModelError(f"{path} is not a readable ONNX model (corrupt or truncated protobuf): {type(exc).__name__}") from exc
+    if not proto.graph.node:
+        raise ModelError(f"{path} is not an ONNX model (no graph nodes found)")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ModelError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+    return proto
+
+
+def _find_image_input(proto: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, str]:
+    inits = {i.name for i in proto.graph.initializer}
+    candidates = []
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        if tt.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if len(dims) != 4:
+            continue
+        if dims[1] in (1, 3) and dims[3] not in (1, 3):
+            candidates.append((vi, "NCHW"))
+        elif dims[3] in (1, 3):
+            candidates.append((vi, "NHWC"))
+        elif dims[1] in (1, 3):
+            candidates.append((vi, "NCHW"))
+    others = [vi.name for vi in proto.graph.input if vi.name not in inits and vi.name not in {c[0].name for c in candidates}]
+    if not candidates:
+        desc = ", ".join(f"{vi.name}{_dims(vi)}" for vi in proto.graph.input if vi.name not in inits)
+        raise ModelError(f"no image-like input (4-D float with 1 or 3 channels) in the model; inputs: {desc}")
+    if len(candidates) > 1 or others:
+        names = [c[0].name for c in candidates] + others
+        raise ModelError(f"the model has several inputs ({', '.join(names)}); onnxsal explains single-image-input models")
+    return candidates[0]
+
+
+def _dims(vi: onnx.ValueInfoProto) -> str:
+    return "[" + ",".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim) + "]"
+
+
+def _fix_size(proto: onnx.ModelProto, name: str, layout: str, size: tuple[int, int]) -> None:
+    for vi in proto.graph.input:
+        if vi.name == name:
+            dims = vi.type.tensor_type.shape.dim
+            axes = (2, 3) if layout == "NCHW" else (1, 2)
+            for ax, v in zip(axes, size):
+                if dims[ax].HasField("dim_value") and dims[ax].dim_value != v:
+                    raise SizeError(f"the model's input is fixed at {dims[axes[0]].dim_value}x{dims[axes[1]].dim_value}, not {size[0]}x{size[1]}")
+                dims[ax].Clear()
+                dims[ax].dim_value = v
+
+
+def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str]]:
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    shapes = tensor_shapes(proto)
+    t = output
+    node = producer.get(t)
+    while node is not None and node.op_type in PASSTHROUGH:
+        t = node.input[0]
+        node = producer.get(t)
+    if node is None:
+        return output, None
+    if node.op_type in ("Softmax", "LogSoftmax"):
+        return node.input[0], "softmax"
+    if node.op_type == "Sigmoid":
+        shape = shapes.get(node.input[0], (0, None))[1]
+        if shape is not None and int(np.prod([d for d in shape[1:] if d])) == 1:
+            return node.input[0], "sigmoid"
+    return output, None
+
+
+def _find_layers(proto: onnx.ModelProto) -> list[Layer]:
+    shapes = tensor_shapes(proto)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def spatial(t: str) -> Optional[tuple]:
+        shape = shapes.get(t, (0, None))[1]
+        if shape is None or len(shape) != 4 or None in shape[1:]:
+            return None
+        return tuple(shape[1:]) if shape[2] * shape[3] > 1 else None
+
+    layers: list[Layer] = []
+    seen: set[str] = set()
+    for node in proto.graph.node:
+        if node.op_type not in CONV_OPS:
+            continue
+        t = node.output[0]
+        shape = spatial(t)
+        if shape is None:
+            continue
+        chain = [(t, node)]
+        while True:  # follow single-consumer elementwise followers (BN, ReLU) that keep the shape
+            users = consumers.get(t, [])
+            if len(users) != 1 or users[0].op_type not in FOLLOWERS:
+                break
+            nxt = users[0].output[0]
+            if spatial(nxt) != shape:
+                break
+            chain.append((nxt, users[0]))
+            t = nxt
+        for tensor, n in chain:
+            if tensor not in seen:
+                seen.add(tensor)
+                layers.append(Layer(tensor, n.name, n.op_type, shape))
+    # keep topological order of producers
+    order = {o: k for k, n in enumerate(proto.graph.node) for o in n.output}
+    layers.sort(key=lambda layer: order[layer.tensor])
+    return layers
+
+
+def _metadata(proto: onnx.ModelProto) -> dict:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optional[Sequence[int]] = None,
+         preprocess: Optional[Preprocess] = None, labels: Optional[Sequence[str]] = None) -> Model:
+    """Read, check, normalise and describe a model. `size` fixes a dynamic H, W."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        proto, path = model, "<memory>"
+    else:
+        path = os.fspath(model)
+        proto = read_proto(path)
+    meta = _metadata(proto)
+    vi, layout = _find_image_input(proto)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    channels = dims[1] if layout == "NCHW" else dims[3]
+
+    spec = preprocess
+    if spec is None and META_PREPROCESS in meta:
+        try:
+            spec = Preprocess.from_json(meta[META_PREPROCESS])
+        except Exception as exc:
+            raise ModelError(f"the model's {META_PREPROCESS} metadata is not valid: {exc}") from exc
+    hw = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
+    if None in hw:
+        want = tuple(size) if size else (tuple(spec.size) if spec is not None and spec.size else None)
+        if want is None:
+            raise SizeError(f"input {vi.name!r} has a dynamic size {_dims(vi)}; give one with --size HxW (API: size=(H, W))")
+        proto = onnx.ModelProto.FromString(proto.SerializeToString())
+        _fix_size(proto, vi.name, layout, want)  # type: ignore[arg-type]
+        hw = want
+    elif size is not None and tuple(size) != tuple(hw):
+        raise SizeError(f"the model's input is fixed at {hw[0]}x{hw[1]}, not {size[0]}x{size[1]}")
+
+    proto = normalize(proto)
+    graph_out = proto.graph.output[0].name
+    logits, activation = _find_logits(proto, graph_out)
+    shapes = tensor_shapes(proto)
+    out_shape = shapes.get(logits, (0, None))[1]
+    if out_shape is None or None in out_shape[1:]:
+        proto = infer(proto)
+        out_shape = tensor_shapes(proto).get(logits, (0, None))[1]
+    if out_shape is None or None in out_shape[1:]:
+        raise ModelError(f"cannot tell the number of classes: output {graph_out!r} has an unknown shape")
+    num_classes = int(np.prod(out_shape[1:]))
+
+    label_list = list(labels) if labels else None
+    if label_list is None and META_LABELS in meta:
+        try:
+            label_list = [str(x) for x in json.loads(meta[META_LABELS])]
+        except Exception as exc:
+            raise ModelError(f"the model's {META_LABELS} metadata is not a JSON list: {exc}") from exc
+    aliases = {}
+    if META_LAYERS in meta:
+        try:
+            aliases = dict(json.loads(meta[META_LAYERS]))
+        except Exception:
+            aliases = {}
+    image = ImageInput(vi.name, layout, int(channels), int(hw[0]), int(hw[1]), vi.type.tensor_type.elem_type)
+    if spec is not None:
+        spec = spec.fitted(layout, (image.height, image.width), image.channels)
+    return Model(proto, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
+                 spec, label_list, meta, aliases)

@@ -1,0 +1,210 @@
+"""Turn image files into model input tensors.
+
+Pillow decodes and resizes; a `Preprocess` spec says how pixels become
+numbers. The spec travels inside the ONNX file (metadata key
+``onnxsal.preprocess``), written by the converters, so ``explain`` needs no
+flags for converted models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError, MissingFileError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+# preset -> (color order, scale, mean, std); tensor = (pixels * scale - mean) / std, channels in color order
+PRESETS: dict[str, tuple[str, float, tuple, tuple]] = {
+    "imagenet": ("RGB", 1 / 255, IMAGENET_MEAN, IMAGENET_STD),
+    "caffe": ("BGR", 1.0, CAFFE_MEAN_BGR, (1.0, 1.0, 1.0)),
+    "tf": ("RGB", 1 / 127.5, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
+    "unit": ("RGB", 1 / 255, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "raw": ("RGB", 1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How to turn an RGB image into the model's input tensor."""
+
+    preset: Optional[str] = "raw"
+    layout: str = "NCHW"
+    size: Optional[tuple] = None       # (H, W)
+    color: str = "RGB"                 # RGB, BGR or L (grayscale)
+    scale: float = 1.0
+    mean: tuple = (0.0, 0.0, 0.0)
+    std: tuple = (1.0, 1.0, 1.0)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Preprocess":
+        if name not in PRESETS:
+            raise ImageError(f"unknown preprocessing preset {name!r}; choose from {', '.join(PRESETS)}")
+        color, scale, mean, std = PRESETS[name]
+        spec = cls(preset=name, color=color, scale=scale, mean=tuple(mean), std=tuple(std))
+        return spec.replace(**overrides)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Preprocess":
+        data = json.loads(text)
+        base = cls.from_preset(data["preset"]) if data.get("preset") in PRESETS else cls()
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in fields}
+        return base.replace(**kw)
+
+    def to_json(self) -> str:
+        return json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()})
+
+    def replace(self, **kw) -> "Preprocess":
+        kw = {k: v for k, v in kw.items() if v is not None}
+        for k in ("mean", "std", "size"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return dataclasses.replace(self, **kw)
+
+    def fitted(self, layout: str, size: tuple, channels: int) -> "Preprocess":
+        """The spec bound to a model's actual input: its layout, size and channel count."""
+        color = self.color
+        if channels == 1:
+            color = "L"
+        elif color == "L":
+            color = "RGB"
+        mean, std = self.mean, self.std
+        if channels == 1:
+            mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
+        return dataclasses.replace(self, layout=layout, size=tuple(size), color=color, mean=tuple(mean), std=tuple(std))
+
+    def describe(self) -> str:
+        name = self.preset or "custom"
+        return f"{name} ({self.color}, x*{self.scale:.6g}, mean {list(self.mean)}, std {list(self.std)})"
+
+    def to_tensor(self, image: Image.Image) -> np.ndarray:
+        """(1, C, H, W) or (1, H, W, C) float32 from a PIL image (resized to the model size)."""
+        img = image.convert("L" if self.color == "L" else "RGB")
+        if self.size is not None:
+            h, w = self.size
+            if img.size != (w, h):
+                img = img.resize((int(w), int(h)), Image.BILINEAR)
+        x = np.asarray(img, dtype=np.float32)
+        if x.ndim == 2:
+            x = x[:, :, None]
+        if self.color == "BGR":
+            x = x[:, :, ::-1]
+        x = (x * np.float32(self.scale) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        if self.layout == "NCHW":
+            x = x.transpose(2, 0, 1)
+        return np.ascontiguousarray(x[None], dtype=np.float32)
+
+
+def load_image(path: Union[str, os.PathLike]) -> Image.Image:
+    """Decode any format Pillow reads, honour EXIF orientation, flatten alpha onto white."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MissingFileError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = ImageOps.exif_transpose(im) or im
+            img = img.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"cannot read {path} as an image ({type(exc).__name__}: {str(exc)[:80]})") from exc
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    return img
+
+
+@dataclass
+class Prepared:
+    """One input ready for the model, with what is needed to draw results on it."""
+
+    tensor: np.ndarray                 # (1, ...) in the model's layout
+    display: Optional[np.ndarray]      # uint8 (h, w, 3) at the original size, for overlays
+    name: str                          # stem used for output files
+    notes: list = field(default_factory=list)
+
+
+def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Optional[Preprocess], *,
+            layout: str, channels: int, size: tuple) -> Prepared:
+    """Load an image file, a PIL image, or an already preprocessed array into model input."""
+    notes: list[str] = []
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".npy"):
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise MissingFileError(f"input not found: {path}")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise ImageError(f"cannot read {path} as a NumPy array: {exc}") from exc
+        return Prepared(_check_array(arr, layout, channels, size), None, _stem(path), ["input taken as already preprocessed"])
+    if isinstance(source, np.ndarray):
+        return Prepared(_check_array(source, layout, channels, size), None, "array", notes)
+    if isinstance(source, Image.Image):
+        img, name = source, "image"
+    else:
+        img, name = load_image(source), _stem(os.fspath(source))
+    if spec is None:
+        raise ImageError("the model carries no preprocessing metadata; give --preprocess (imagenet, caffe, tf, unit, raw) "
+                         "or explicit --mean/--std/--scale")
+    if channels == 1 and img.mode != "L":
+        notes.append("converted the RGB image to grayscale for this 1-channel model")
+    elif channels == 3 and img.mode == "L":
+        notes.append("converted the grayscale image to RGB for this 3-channel model")
+    display = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return Prepared(spec.to_tensor(img), display, name, notes)
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(path)
+    return base.rsplit(".", 1)[0] if "." in base else base
+
+
+def _check_array(arr: np.ndarray, layout: str, channels: int, size: tuple) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "fiu":
+        raise ImageError(f"array input has dtype {arr.dtype}; expected numbers")
+    h, w = size
+    want = (channels, h, w) if layout == "NCHW" else (h, w, channels)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[0] != 1 or tuple(arr.shape[1:]) != want:
+        raise ImageError(f"array input has shape {tuple(np.shape(arr))}; the model takes (1, {', '.join(map(str, want))}) ({layout})")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if not text:
+        return None
+    try:
+        parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        raise ImageError(f"--size must look like 224x224, not {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise ImageError(f"--size must look like 224x224, not {text!r}")
+    return parts[0], parts[1]
+
+
+def make_spec(preset: Optional[str] = None, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+              scale: Optional[float] = None, bgr: Optional[bool] = None, base: Optional[Preprocess] = None) -> Optional[Preprocess]:
+    """Combine metadata (`base`) with user overrides; None when nothing is known."""
+    spec = Preprocess.from_preset(preset) if preset else base
+    if spec is None and any(v is not None for v in (mean, std, scale, bgr)):
+        spec = Preprocess.from_preset("raw")
+    if spec is None:
+        return None
+    color = None if bgr is None else ("BGR" if bgr else "RGB")
+    return spec.replace(mean=mean, std=std, scale=scale, color=color, preset=spec.preset if preset is None and mean is None and std is None and scale is None else (preset or "custom"))

@@ -1,0 +1,145 @@
+"""The one place that creates ONNX Runtime sessions and runs batches.
+
+Sessions are cached per derived graph (forward, exposed, VJP...), so a second
+explanation on the same model pays no graph-building or session cost.
+`device="auto"` tries CUDA and checks what ONNX Runtime really gave us:
+onnxruntime-gpu silently falls back to CPU when CUDA/cuDNN libraries are
+missing, and a user must be told which device ran.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import DeviceError
+from .graph.normalize import tensor_shapes
+
+Progress = Callable[[int, int], None]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def _preload_cuda() -> None:
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception:
+        pass
+
+
+class Runtime:
+    """Sessions for one device, cached by key; batched runs under a memory budget."""
+
+    def __init__(self, device: str = "auto", threads: Optional[int] = None, memory_mb: int = 1024) -> None:
+        self.requested = device
+        self.threads = threads or _cores()
+        self.memory_mb = memory_mb
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self.device = "cpu"
+        self._providers: list = ["CPUExecutionProvider"]
+        self._device_id = 0
+        self._choose(device)
+
+    def _choose(self, device: str) -> None:
+        device = (device or "auto").lower()
+        if device == "cpu":
+            return
+        if not (device == "auto" or device == "cuda" or device.startswith("cuda:")):
+            raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            if device == "auto":
+                return
+            raise DeviceError("CUDA was requested but this onnxruntime has no CUDA provider; install onnxsal[gpu]")
+        if device.startswith("cuda:"):
+            try:
+                self._device_id = int(device.split(":", 1)[1])
+            except ValueError:
+                raise DeviceError(f"bad device {device!r}; use cuda:N") from None
+        _preload_cuda()
+        if self._probe_cuda():
+            self._providers = [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]
+            self.device = f"cuda:{self._device_id}"
+        elif device != "auto":
+            raise DeviceError("CUDA was requested but onnxruntime could not start it (CUDA 13 / cuDNN 9 libraries not found)")
+
+    def _probe_cuda(self) -> bool:
+        """Run a one-node graph on CUDA and check the provider really took it."""
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        try:
+            sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                        providers=[("CUDAExecutionProvider", {"device_id": self._device_id})])
+            return "CUDAExecutionProvider" in sess.get_providers()
+        except Exception:
+            return False
+
+    def session(self, key: str, build: Callable[[], onnx.ModelProto]) -> ort.InferenceSession:
+        """The cached session for `key`, building its model with `build()` the first time."""
+        sess = self._sessions.get(key)
+        if sess is None:
+            model = build()
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.log_severity_level = 3
+            sess = ort.InferenceSession(model.SerializeToString(), opts, providers=self._providers)
+            sess._onnxsal_per_sample = _bytes_per_sample(model)  # type: ignore[attr-defined]
+            self._sessions[key] = sess
+        return sess
+
+    def batch_size(self, sess: ort.InferenceSession, requested: Optional[int] = None) -> int:
+        if requested:
+            return max(1, int(requested))
+        per = getattr(sess, "_onnxsal_per_sample", 0) or 1
+        return int(max(1, min(64, (self.memory_mb * 2**20) // per)))
+
+    def run(self, sess: ort.InferenceSession, feeds: dict, outputs: Optional[Sequence[str]] = None) -> list[np.ndarray]:
+        return sess.run(list(outputs) if outputs else None, feeds)
+
+    def run_batched(self, sess: ort.InferenceSession, batched: dict, fixed: Optional[dict] = None,
+                    outputs: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
+                    progress: Optional[Progress] = None) -> list[np.ndarray]:
+        """Run `batched` feeds (same leading size) in chunks; `fixed` feeds are broadcast to each chunk."""
+        n = len(next(iter(batched.values())))
+        bs = self.batch_size(sess, batch_size)
+        parts: list[list[np.ndarray]] = []
+        for start in range(0, n, bs):
+            stop = min(n, start + bs)
+            feeds = {k: v[start:stop] for k, v in batched.items()}
+            for k, v in (fixed or {}).items():
+                feeds[k] = np.broadcast_to(v, (stop - start,) + v.shape[1:]).copy() if v.shape[0] == 1 else v
+            parts.append(sess.run(list(outputs) if outputs else None, feeds))
+            if progress:
+                progress(stop, n)
+        return [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))]
+
+
+def _bytes_per_sample(model: onnx.ModelProto) -> int:
+    """Sum of every intermediate tensor's size per sample: a rough peak-memory bound for one batch row."""
+    total = 0
+    inits = {i.name for i in model.graph.initializer}
+    for name, (_, shape) in tensor_shapes(model).items():
+        if name in inits or not shape:
+            continue
+        total += int(np.prod([d or 1 for d in shape[1:]])) * 4
+    return max(total, 1)
