@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import methods as registry
+from .methods import check_options, get as get_method, methods as method_names
 from .errors import OnnxsalError, MethodError
 from .preprocess import parse_size
 
@@ -102,7 +102,7 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
 def explain(
     model: str = typer.Argument(..., help="ONNX model file"),
     images: List[str] = typer.Argument(..., help="image files (PNG, JPEG, BMP, TIFF, WebP) or preprocessed .npy"),
-    method: List[str] = typer.Option(["gradcam"], "--method", "-m", help="method name, repeatable: " + "; ".join(registry.methods())),
+    method: List[str] = typer.Option(["gradcam"], "--method", "-m", help="method name, repeatable: " + "; ".join(method_names())),
     target: List[str] = typer.Option([], "--target", "-t", help="class index or label, repeatable (default: top-1)"),
     top_k: int = typer.Option(1, "--top-k", "-k", help="explain the K highest-scoring classes"),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="layer tensor or node name for CAM methods"),
@@ -127,9 +127,9 @@ def explain(
     from rich.progress import Progress
 
     opts = dict(_option(o) for o in option)
-    specs = [registry.get(m) for m in method]
+    specs = [get_method(m) for m in method]
     for spec in specs:
-        registry.check_options(spec, {k: v for k, v in opts.items() if k in spec.defaults})
+        check_options(spec, {k: v for k, v in opts.items() if k in spec.defaults})
     unknown = [k for k in opts if not any(k in s.defaults for s in specs)]
     if unknown:
         raise MethodError(f"no chosen method takes option {', '.join(unknown)}")
@@ -175,8 +175,8 @@ def list_methods() -> None:
     table = Table()
     for col in ("method", "family", "options", "what it computes"):
         table.add_column(col)
-    for name in registry.methods():
-        spec = registry.get(name)
+    for name in method_names():
+        spec = get_method(name)
         opts = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
         table.add_row(name, spec.family, opts, spec.summary)
     out.print(table)

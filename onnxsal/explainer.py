@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from . import methods as registry
+from .methods import check_options, get as get_method, methods as method_names
 from .context import Context
 from .engine import Engine, Target, make_targets
 from .errors import ImageError, TargetError
@@ -184,8 +184,8 @@ class Explainer:
                 layer: Optional[str] = None, score: str = "logit", smooth: Optional[float] = None,
                 progress: Optional[Progress] = None, **options) -> Explanation:
         """Explain one input. `target`: class index, label or a list of them; default the top `top_k` classes."""
-        spec = registry.get(method)
-        opts = registry.check_options(spec, options)
+        spec = get_method(method)
+        opts = check_options(spec, options)
         if score not in ("logit", "probability"):
             raise TargetError(f"score must be 'logit' or 'probability', not {score!r}")
         prepared = image if isinstance(image, Prepared) else self.prepare(image)

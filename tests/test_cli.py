@@ -1,0 +1,91 @@
+"""The command line end to end: files written, one readable error line, non-zero exits."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from onnxsal.cli import main
+
+import tiny
+
+
+@pytest.fixture()
+def files(tmp_path):
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny.conv_net(size=16), model)
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(tmp_path / "cat.png")
+    Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(tmp_path / "dog.jpg")
+    return tmp_path, str(model)
+
+
+def test_explain_writes_png_npy_json(files, capsys):
+    tmp, model = files
+    out = tmp / "results"
+    code = main(["explain", model, str(tmp / "cat.png"), str(tmp / "dog.jpg"), "-m", "scorecam", "-m", "occlusion",
+                 "--top-k", "2", "--out", str(out), "-O", "window=4"])
+    assert code == 0
+    names = sorted(os.listdir(out))
+    assert names == ["cat.json", "cat.occlusion.npy", "cat.occlusion.png", "cat.scorecam.npy", "cat.scorecam.png",
+                     "dog.json", "dog.occlusion.npy", "dog.occlusion.png", "dog.scorecam.npy", "dog.scorecam.png"]
+    maps = np.load(out / "cat.scorecam.npy")
+    assert maps.shape == (2, 40, 48) and maps.dtype == np.float32 and 0 <= maps.min() and maps.max() <= 1
+    summary = json.loads((out / "cat.json").read_text())
+    assert summary["input_size"] == [16, 16] and len(summary["top"]) == 3
+    assert summary["methods"]["occlusion"]["options"]["window"] == 4
+    assert summary["methods"]["scorecam"]["layer"] == "relu2"
+    assert len(summary["methods"]["scorecam"]["targets"]) == 2
+    assert Image.open(out / "cat.scorecam.png").size[0] > 48
+
+
+def test_inspect_shows_layers(files, capsys):
+    _, model = files
+    assert main(["inspect", model]) == 0
+    text = capsys.readouterr().out
+    assert "NCHW" in text and "relu2" in text and "default layer" in text and "logits" in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["explain", "{tmp}/none.onnx", "{tmp}/cat.png"], "model file not found"),
+    (["explain", "{model}", "{tmp}/none.png"], "image not found"),
+    (["explain", "{model}", "{tmp}/junk.png"], "cannot read"),
+    (["explain", "{tmp}/junk.png", "{tmp}/cat.png"], "not a readable ONNX"),
+    (["explain", "{model}", "{tmp}/cat.png", "-m", "nosuch"], "unknown method"),
+    (["explain", "{model}", "{tmp}/cat.png", "-m", "scorecam", "--layer", "nope"], "unknown layer"),
+    (["explain", "{model}", "{tmp}/cat.png", "-m", "occlusion", "--target", "7"], "out of range"),
+    (["explain", "{model}", "{tmp}/cat.png", "-m", "occlusion", "--target", "zebra"], "unknown target label"),
+    (["explain", "{model}", "{tmp}/cat.png", "--device", "tpu"], "unknown device"),
+])
+def test_errors_are_one_line(files, capsys, args, message):
+    tmp, model = files
+    (tmp / "junk.png").write_text("not an image")
+    out = tmp / "o"
+    code = main([a.format(tmp=tmp, model=model) for a in args] + ["--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_nothing_half_written_when_a_later_image_fails(files, capsys):
+    tmp, model = files
+    out = tmp / "o"
+    assert main(["explain", model, str(tmp / "cat.png"), str(tmp / "missing.png"), "-m", "occlusion", "--out", str(out)]) != 0
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_console_script_runs_in_a_subprocess(files):
+    tmp, model = files
+    exe = os.path.join(os.path.dirname(sys.executable), "onnxsal")
+    r = subprocess.run([exe, "explain", model, str(tmp / "cat.png"), "-m", "rise", "-O", "n_masks=50", "--out", str(tmp / "s")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp / "s" / "cat.rise.png").exists()
+    r = subprocess.run([exe, "inspect", str(tmp / "cat.png")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

@@ -1,0 +1,128 @@
+"""Loading and inspection: input layout, logits behind the softmax, candidate layers, bad models."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxsal
+from onnxsal.errors import LayerError, MissingFileError, ModelError, SizeError
+from onnxsal.model import load
+
+import tiny
+
+
+def test_finds_input_logits_and_layers():
+    m = load(tiny.conv_net())
+    assert (m.input.name, m.input.layout, m.input.channels, m.input.size) == ("image", "NCHW", 3, (16, 16))
+    assert m.output == "probs" and m.logits == "logits" and m.activation == "softmax"
+    assert m.num_classes == 3 and m.labels == ["class0", "class1", "class2"]
+    assert [layer.tensor for layer in m.layers] == ["conv1", "relu1", "conv2", "relu2"]
+    assert m.default_layer.tensor == "relu2" and m.default_layer.shape == (6, 8, 8)
+
+
+def test_nhwc_layout_detected():
+    m = load(tiny.conv_net("NHWC"))
+    assert m.input.layout == "NHWC" and m.input.channels == 3 and m.input.size == (16, 16)
+
+
+def test_no_softmax_scores_output_itself():
+    m = load(tiny.conv_net(softmax=False))
+    assert m.logits == m.output == "logits" and m.activation is None
+
+
+def test_layer_by_node_name_and_unknown_layer_lists_candidates():
+    m = load(tiny.conv_net())
+    assert m.find_layer("conv2").tensor == "conv2"
+    with pytest.raises(LayerError, match="unknown layer 'nope'.*relu2"):
+        m.find_layer("nope")
+
+
+def test_batch_made_dynamic(tmp_path):
+    m = load(tiny.conv_net(batch=1))
+    dims = m.proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].HasField("dim_value")
+
+
+def test_dynamic_size_needs_a_size():
+    model = tiny.conv_net(metadata=False)
+    for ax in (2, 3):
+        d = model.graph.input[0].type.tensor_type.shape.dim[ax]
+        d.Clear()
+        d.dim_param = "hw"
+    with pytest.raises(SizeError, match="--size"):
+        load(model)
+    assert load(model, size=(20, 24)).input.size == (20, 24)
+
+
+def test_missing_corrupt_and_non_onnx_files(tmp_path):
+    with pytest.raises(MissingFileError):
+        load(tmp_path / "none.onnx")
+    good = tmp_path / "good.onnx"
+    onnx.save(tiny.conv_net(), good)
+    truncated = tmp_path / "trunc.onnx"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ModelError):
+        load(truncated)
+    text = tmp_path / "text.onnx"
+    text.write_text("hello, I am not a model")
+    with pytest.raises(ModelError):
+        load(text)
+
+
+def test_model_without_image_input():
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 10])])
+    with pytest.raises(ModelError, match="no image-like input"):
+        load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_cam_on_dense_model_suggests_other_methods():
+    ex = onnxsal.Explainer(tiny.dense_net(), "cpu")
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    with pytest.raises(LayerError, match="occlusion"):
+        ex.explain(x, "scorecam")
+    assert ex.explain(x, "occlusion").map.shape == (8, 8)
+
+
+def test_split_is_exact():
+    from onnxsal.graph.surgery import split
+    import onnxruntime as ort
+
+    m = load(tiny.conv_net())
+    x = np.random.default_rng(1).random((3, 3, 16, 16)).astype(np.float32)
+    full = ort.InferenceSession(m.proto.SerializeToString()).run(["probs"], {"image": x})[0]
+    for at in ("relu1", "conv2", "relu2"):
+        head, tail = split(m.proto, at, ["probs"])
+        a = ort.InferenceSession(head.SerializeToString()).run(None, {"image": x})[0]
+        y = ort.InferenceSession(tail.SerializeToString()).run(None, {at: a})[0]
+        np.testing.assert_array_equal(y, full)
+
+
+def test_split_refuses_when_a_path_bypasses_the_layer():
+    from onnx import TensorProto, helper
+    from onnxsal.graph.surgery import split
+
+    w = onnx.numpy_helper.from_array(np.ones((3, 3, 1, 1), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Add", ["c", "x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], [w])
+    with pytest.raises(LayerError, match="other paths"):
+        split(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), "c", ["y"])
+
+
+def test_expose_gives_model_activations():
+    from onnxsal.graph.surgery import expose
+    import onnxruntime as ort
+
+    m = load(tiny.conv_net())
+    x = np.random.default_rng(2).random((2, 3, 16, 16)).astype(np.float32)
+    sess = ort.InferenceSession(expose(m.proto, ["relu1", "logits"]).SerializeToString())
+    relu1, logits = sess.run(None, {"image": x})
+    ref = tiny.numpy_forward(m.proto, x)
+    np.testing.assert_allclose(relu1, ref["relu1"], atol=1e-4)
+    np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)

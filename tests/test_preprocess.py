@@ -1,0 +1,86 @@
+"""Decoding, presets and metadata-driven preprocessing."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from onnxsal.errors import ImageError, MissingFileError
+from onnxsal.preprocess import Preprocess, load_image, make_spec, parse_size, prepare
+
+
+def pixels():
+    return (np.arange(4 * 5 * 3).reshape(4, 5, 3) * 3 % 256).astype(np.uint8)
+
+
+@pytest.mark.parametrize("preset,expect", [
+    ("imagenet", lambda p: (p / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])),
+    ("caffe", lambda p: p[..., ::-1] - np.array([103.939, 116.779, 123.68])),
+    ("tf", lambda p: p / 127.5 - 1),
+    ("unit", lambda p: p / 255),
+    ("raw", lambda p: p.astype(float)),
+])
+def test_presets(preset, expect):
+    p = pixels()
+    spec = Preprocess.from_preset(preset).fitted("NHWC", (4, 5), 3)
+    x = spec.to_tensor(Image.fromarray(p))
+    np.testing.assert_allclose(x[0], expect(p.astype(np.float64)), rtol=1e-5, atol=1e-4)
+    nchw = Preprocess.from_preset(preset).fitted("NCHW", (4, 5), 3).to_tensor(Image.fromarray(p))
+    np.testing.assert_allclose(nchw[0], x[0].transpose(2, 0, 1))
+
+
+def test_metadata_json_round_trip_and_overrides():
+    spec = Preprocess.from_json(json.dumps({"preset": "imagenet", "size": [8, 8]}))
+    assert spec.mean == (0.485, 0.456, 0.406) and spec.size == (8, 8)
+    assert Preprocess.from_json(spec.to_json()) == spec
+    over = make_spec(mean=[0.5, 0.5, 0.5], bgr=True, base=spec)
+    assert over.mean == (0.5, 0.5, 0.5) and over.std == spec.std and over.color == "BGR"
+
+
+def test_formats_orientation_alpha_and_grayscale(tmp_path):
+    p = pixels()
+    for ext in ("png", "jpg", "bmp", "tiff", "webp"):
+        Image.fromarray(p).save(tmp_path / f"a.{ext}")
+        assert load_image(tmp_path / f"a.{ext}").size == (5, 4)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.fromarray(p).save(tmp_path / "rot.jpg", exif=exif)
+    assert load_image(tmp_path / "rot.jpg").size == (4, 5)
+    rgba = np.zeros((4, 5, 4), np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    assert np.all(np.asarray(load_image(tmp_path / "clear.png")) == 255)  # transparent -> white
+    spec = Preprocess.from_preset("unit").fitted("NCHW", (4, 5), 1)
+    prep = prepare(tmp_path / "a.png", spec, layout="NCHW", channels=1, size=(4, 5))
+    assert prep.tensor.shape == (1, 1, 4, 5) and "grayscale" in prep.notes[0]
+    Image.fromarray(p[..., 0]).save(tmp_path / "gray.png")
+    spec3 = Preprocess.from_preset("unit").fitted("NCHW", (4, 5), 3)
+    prep = prepare(tmp_path / "gray.png", spec3, layout="NCHW", channels=3, size=(4, 5))
+    assert prep.tensor.shape == (1, 3, 4, 5) and "RGB" in prep.notes[0]
+
+
+def test_resize_to_model_size(tmp_path):
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / "big.png")
+    spec = Preprocess.from_preset("unit").fitted("NCHW", (8, 8), 3)
+    prep = prepare(tmp_path / "big.png", spec, layout="NCHW", channels=3, size=(8, 8))
+    assert prep.tensor.shape == (1, 3, 8, 8) and prep.display.shape == (40, 30, 3)
+
+
+def test_bad_inputs(tmp_path):
+    spec = Preprocess.from_preset("unit").fitted("NCHW", (4, 5), 3)
+    with pytest.raises(MissingFileError):
+        prepare(tmp_path / "none.png", spec, layout="NCHW", channels=3, size=(4, 5))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ImageError, match="cannot read"):
+        prepare(tmp_path / "bad.png", spec, layout="NCHW", channels=3, size=(4, 5))
+    np.save(tmp_path / "x.npy", np.zeros((3, 7, 7), np.float32))
+    with pytest.raises(ImageError, match="shape"):
+        prepare(tmp_path / "x.npy", spec, layout="NCHW", channels=3, size=(4, 5))
+    np.save(tmp_path / "ok.npy", np.ones((3, 4, 5), np.float32))
+    assert prepare(tmp_path / "ok.npy", spec, layout="NCHW", channels=3, size=(4, 5)).tensor.shape == (1, 3, 4, 5)
+    Image.fromarray(pixels()).save(tmp_path / "a.png")
+    with pytest.raises(ImageError, match="preprocess"):
+        prepare(tmp_path / "a.png", None, layout="NCHW", channels=3, size=(4, 5))
+    with pytest.raises(ImageError):
+        parse_size("big")
+    assert parse_size("224x200") == (224, 200) and parse_size("96") == (96, 96)
