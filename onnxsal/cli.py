@@ -19,8 +19,8 @@ from .preprocess import parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Saliency maps for any ONNX image model, in ONNX Runtime.")
-out = Console()
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -180,6 +180,22 @@ def list_methods() -> None:
         opts = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
         table.add_row(name, spec.family, opts, spec.summary)
     out.print(table)
+
+
+def _register_commands() -> None:
+    """Commands that live beside their subject register themselves; none imports a framework at load time."""
+    from .evaluate.commands import register as register_trust
+    register_trust(app)
+    try:
+        from converters.commands import register as register_convert
+    except ModuleNotFoundError as exc:  # the engine installed without the converters package
+        if exc.name not in ("converters", "converters.commands"):
+            raise
+    else:
+        register_convert(app)
+
+
+_register_commands()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -71,6 +71,12 @@ class Explanation:
             **({"info": {k: _jsonable(v) for k, v in self.info.items()}} if self.info else {}),
         }
 
+    def _score_of(self, t: Target) -> float:
+        row = self.scores.reshape(-1)
+        if len(row) == 1:  # binary single unit
+            return float(row[0] if t.index == 1 else (1 - row[0] if 0 <= row[0] <= 1 else -row[0]))
+        return float(row[t.index])
+
     def method_summary(self) -> dict:
         s = self.summary()
         return {k: s[k] for k in ("targets", "layer", "options", "seconds") if k in s} | (
@@ -84,7 +90,7 @@ class Explanation:
         os.makedirs(out_dir, exist_ok=True)
         base = os.path.join(os.fspath(out_dir), self.name)
         stem = f"{base}.{self.method}"
-        titles = [f"{self.method}: {t.label}" for t in self.targets]
+        titles = [f"{self.method}: {t.label} ({self._score_of(t):.3g})" for t in self.targets]
         save_overlay(stem + ".png", self.image, self.maps, titles, cmap=cmap, alpha=alpha)
         np.save(stem + ".npy", self.maps[0] if len(self.maps) == 1 else self.maps)
         summary = {k: v for k, v in self.summary().items() if k in ("model", "input_size", "top", "notes")}

@@ -11,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib import colormaps  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .postprocess import resize  # noqa: E402
@@ -54,7 +56,7 @@ def save_overlay(path: str, image: Optional[np.ndarray], maps: np.ndarray, title
         ax.set_axis_off()
     fig.subplots_adjust(left=0.01, right=0.88, top=0.92, bottom=0.02, wspace=0.03)
     cax = fig.add_axes((0.9, 0.08, 0.025, 0.8))
-    fig.colorbar(im, cax=cax)
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), cax=cax)  # opaque, unlike the overlay
     fig.savefig(path, dpi=dpi)
 
 

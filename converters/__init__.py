@@ -1,0 +1,1 @@
+"""Framework models into explainable ONNX. Framework imports live here and only here."""

@@ -1,0 +1,1 @@
+"""Can a map be trusted? Sanity checks (model randomisation) and faithfulness metrics."""
