@@ -1,0 +1,87 @@
+"""Gradient-weighted CAMs: one forward+VJP run gives the layer's activations A and gradients G.
+
+Grad-CAM    (Selvaraju et al. 2017): w_k = mean_ij G_k;            map = ReLU(sum_k w_k A_k)
+Grad-CAM++  (Chattopadhay et al. 2018): a = G^2 / (2 G^2 + sum_ij A * G^3); w_k = sum_ij a ReLU(G_k)
+XGrad-CAM   (Fu et al. 2020): w_k = sum_ij (G_k A_k) / (sum_ij A_k + eps)
+LayerCAM    (Jiang et al. 2021): map = ReLU(sum_k ReLU(G_k) * A_k)
+Guided Grad-CAM: |Guided Backprop| (max over channels) times the upsampled Grad-CAM.
+The eps = 1e-7 guards follow pytorch-grad-cam, so maps agree with it to float precision.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..context import Context
+from ..postprocess import normalize, resize
+from . import method
+
+EPS = 1e-7
+
+
+def layer_grads(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """(T, K, h, w) activations and gradients of each target's score w.r.t. the layer, in one run."""
+    t = len(ctx.targets)
+    xb = np.repeat(ctx.x, t, axis=0)
+    name = ctx.layer.tensor
+    out = ctx.gradients(xb, ctx.seeds, wrt=[name], extra=[name])
+    return out[name], out["grad_" + name]
+
+
+def gradcam_weights(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    return g.mean(axis=(2, 3))
+
+
+def gradcampp_weights(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    g2 = g * g
+    g3 = g2 * g
+    denom = 2 * g2 + a.sum(axis=(2, 3), keepdims=True) * g3 + EPS
+    alpha = np.where(g != 0, g2 / denom, 0.0)
+    return (alpha * np.maximum(g, 0)).sum(axis=(2, 3))
+
+
+def xgradcam_weights(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    return (g * a / (a.sum(axis=(2, 3), keepdims=True) + EPS)).sum(axis=(2, 3))
+
+
+def weighted(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.maximum(np.einsum("tk,tkhw->thw", w, a), 0).astype(np.float32)
+
+
+@method("gradcam", family="cam", needs_layer=True)
+def gradcam(ctx: Context) -> np.ndarray:
+    """Grad-CAM: channels weighted by their spatially averaged gradient."""
+    a, g = layer_grads(ctx)
+    return weighted(a, gradcam_weights(a, g))
+
+
+@method("gradcam++", family="cam", needs_layer=True)
+def gradcampp(ctx: Context) -> np.ndarray:
+    """Grad-CAM++: channels weighted by alpha-weighted positive gradients."""
+    a, g = layer_grads(ctx)
+    return weighted(a, gradcampp_weights(a, g))
+
+
+@method("xgradcam", family="cam", needs_layer=True)
+def xgradcam(ctx: Context) -> np.ndarray:
+    """XGrad-CAM: channels weighted by activation-normalised gradient x activation."""
+    a, g = layer_grads(ctx)
+    return weighted(a, xgradcam_weights(a, g))
+
+
+@method("layercam", family="cam", needs_layer=True)
+def layercam(ctx: Context) -> np.ndarray:
+    """LayerCAM: activations weighted element-wise by their positive gradients."""
+    a, g = layer_grads(ctx)
+    return np.maximum((np.maximum(g, 0) * a).sum(axis=1), 0).astype(np.float32)
+
+
+@method("guidedgradcam", family="cam", needs_layer=True)
+def guidedgradcam(ctx: Context) -> np.ndarray:
+    """Guided Grad-CAM: Guided Backprop (max |.| over channels) times the upsampled Grad-CAM."""
+    from .gradients import guided_grads, reduce_channels
+
+    a, g = layer_grads(ctx)
+    cam = normalize(resize(weighted(a, gradcam_weights(a, g)), ctx.input_size))
+    gb = reduce_channels(guided_grads(ctx), "max_abs")
+    return (gb * cam).astype(np.float32)

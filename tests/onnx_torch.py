@@ -1,0 +1,51 @@
+"""Run a (small) ONNX graph with PyTorch ops, so autograd gives an independent reference gradient.
+
+Covers the ops of the bundled demo model and the tiny test models; anything else raises.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+
+def _attrs(node):
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    env: dict[str, torch.Tensor] = {i.name: torch.tensor(numpy_helper.to_array(i).copy()) for i in model.graph.initializer}
+    env.update(feeds)
+    for node in model.graph.node:
+        a = _attrs(node)
+        x = [env[i] if i else None for i in node.input]
+        op = node.op_type
+        if op == "Conv":
+            pads = a.get("pads", [0, 0, 0, 0])
+            assert pads[:2] == pads[2:], "asymmetric pads"
+            y = F.conv2d(x[0], x[1], x[2] if len(x) > 2 else None, stride=a.get("strides", [1, 1]),
+                         padding=pads[:2], dilation=a.get("dilations", [1, 1]), groups=a.get("group", 1))
+        elif op == "Relu":
+            y = torch.relu(x[0])
+        elif op == "MaxPool":
+            pads = a.get("pads", [0, 0, 0, 0])
+            y = F.max_pool2d(x[0], a["kernel_shape"], a.get("strides", a["kernel_shape"]), pads[:2],
+                             ceil_mode=bool(a.get("ceil_mode", 0)))
+        elif op == "GlobalAveragePool":
+            y = x[0].mean(dim=(2, 3), keepdim=True)
+        elif op == "Flatten":
+            y = x[0].flatten(a.get("axis", 1))
+        elif op == "Gemm":
+            w = x[1].T if a.get("transB", 0) else x[1]
+            y = x[0] @ w * a.get("alpha", 1.0) + (x[2] * a.get("beta", 1.0) if len(x) > 2 else 0)
+        elif op == "Softmax":
+            y = torch.softmax(x[0], dim=a.get("axis", -1))
+        elif op == "Transpose":
+            y = x[0].permute(*a["perm"])
+        else:
+            raise NotImplementedError(op)
+        env[node.output[0]] = y
+    return env

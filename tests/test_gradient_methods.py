@@ -1,0 +1,184 @@
+"""Gradient methods against independent references.
+
+Tiny models: activations and gradients come from PyTorch autograd on the same
+weights, and the CAM formulas are re-written here in NumPy; IG, Input x Gradient
+and Guided Backprop are compared with Captum. Demo model: the ONNX gradient is
+checked against central differences of the plain forward pass along random
+directions, then the CAM formulas are recomputed from it.
+"""
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import onnxsal
+from onnxsal.methods.gradients import smoothgrad_attr
+
+import tiny
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "models", "demo", "demo_shapes.onnx")
+
+
+def torch_layer_grads(net, x, layer_index, target):
+    """Activations of net[layer_index] and d logit[target] / d activations."""
+    xt = torch.tensor(x)
+    acts = {}
+
+    def hook(_, __, out):
+        out.retain_grad()
+        acts["a"] = out
+
+    h = net[layer_index].register_forward_hook(hook)
+    net(xt)[0, target].backward()
+    h.remove()
+    return acts["a"].detach().numpy()[0], acts["a"].grad.numpy()[0]
+
+
+def ref_cams(a, g):
+    eps = 1e-7
+    a64, g64 = a.astype(np.float64), g.astype(np.float64)
+    out = {}
+    w = g64.mean(axis=(1, 2))
+    out["gradcam"] = np.maximum(np.einsum("k,khw->hw", w, a64), 0)
+    g2, g3 = g64 ** 2, g64 ** 3
+    alpha = np.where(g64 != 0, g2 / (2 * g2 + a64.sum(axis=(1, 2))[:, None, None] * g3 + eps), 0)
+    w = (alpha * np.maximum(g64, 0)).sum(axis=(1, 2))
+    out["gradcam++"] = np.maximum(np.einsum("k,khw->hw", w, a64), 0)
+    w = (g64 * a64).sum(axis=(1, 2)) / (a64.sum(axis=(1, 2)) + eps)
+    out["xgradcam"] = np.maximum(np.einsum("k,khw->hw", w, a64), 0)
+    out["layercam"] = np.maximum((np.maximum(g64, 0) * a64).sum(axis=0), 0)
+    return out
+
+
+MODELS = [dict(seed=3, size=16), dict(seed=11, size=20, classes=5)]
+
+
+@pytest.fixture(scope="module", params=range(len(MODELS)), ids=["tiny16", "tiny20"])
+def case(request):
+    kw = MODELS[request.param]
+    model = tiny.conv_net(**kw)
+    size = kw["size"]
+    x = np.random.default_rng(request.param).random((1, 3, size, size)).astype(np.float32)
+    return model, x, onnxsal.Explainer(model, "cpu"), tiny.torch_module(model)
+
+
+@pytest.mark.parametrize("layer,index", [("relu2", 3), ("relu1", 1)])
+def test_cams_match_numpy_formulas_on_torch_gradients(case, layer, index):
+    model, x, ex, net = case
+    for target in (0, 2):
+        a, g = torch_layer_grads(net, x, index, target)
+        ref = ref_cams(a, g)
+        for name, expected in ref.items():
+            res = ex.explain(x, name, target=target, layer=layer)
+            scale = max(np.abs(expected).max(), 1e-6)
+            np.testing.assert_allclose(res.raw[0], expected, atol=1e-4 * scale, rtol=1e-3, err_msg=name)
+
+
+def test_saliency_and_input_x_gradient(case):
+    from captum.attr import InputXGradient, Saliency
+
+    model, x, ex, net = case
+    xt = torch.tensor(x)
+    grad = Saliency(net).attribute(xt, target=1, abs=False).detach().numpy()[0]
+    res = ex.explain(x, "saliency", target=1)
+    np.testing.assert_allclose(res.raw[0], np.abs(grad).max(axis=0), atol=1e-5)
+    res = ex.explain(x, "saliency", target=1, reduce="sum")
+    np.testing.assert_allclose(res.raw[0], grad.sum(axis=0), atol=1e-5)
+    ixg = InputXGradient(net).attribute(xt, target=1).detach().numpy()[0]
+    res = ex.explain(x, "inputxgradient", target=1)
+    np.testing.assert_allclose(res.raw[0], ixg.sum(axis=0), atol=1e-5)
+
+
+def test_integrated_gradients_match_captum_and_are_complete(case):
+    from captum.attr import IntegratedGradients
+
+    model, x, ex, net = case
+    ref = IntegratedGradients(net).attribute(torch.tensor(x), target=0, n_steps=32, method="gausslegendre")
+    res = ex.explain(x, "ig", target=0, steps=32)
+    np.testing.assert_allclose(res.raw[0], ref.detach().numpy()[0].sum(axis=0), atol=1e-5)
+    gap = res.info["completeness_gap"][0]
+    assert abs(gap) < 1e-2 * max(1.0, abs(res.info["score_difference"][0]))
+    ref = IntegratedGradients(net).attribute(torch.tensor(x), target=0, n_steps=16, method="riemann_trapezoid")
+    res = ex.explain(x, "ig", target=0, steps=16, rule="trapezoid")
+    # Captum's trapezoid weights are 1/n (ends 1/2n), summing to (n-1)/n; onnxsal's sum to 1
+    np.testing.assert_allclose(res.raw[0], ref.detach().numpy()[0].sum(axis=0) * 16 / 15, atol=1e-5)
+
+
+def test_smoothgrad_with_identical_noise(case):
+    from onnxsal.context import Context
+    from onnxsal.engine import make_targets
+
+    model, x, ex, net = case
+    noise = np.random.default_rng(5).normal(0, 0.1, (6,) + x.shape[1:]).astype(np.float32)
+    ctx = Context(ex.engine, x, make_targets(ex.model, [2]), None)
+    got = smoothgrad_attr(ctx, 6, 0.0, None, noise=noise)[0]
+    xt = torch.tensor(x + noise, requires_grad=True)
+    net(xt)[:, 2].sum().backward()
+    np.testing.assert_allclose(got, xt.grad.numpy().mean(axis=0), atol=1e-5)
+    res = ex.explain(x, "smoothgrad", target=2, n_samples=6, seed=1)
+    again = ex.explain(x, "smoothgrad", target=2, n_samples=6, seed=1)
+    np.testing.assert_array_equal(res.raw, again.raw)
+
+
+def test_guided_backprop_matches_captum(case):
+    from captum.attr import GuidedBackprop
+
+    model, x, ex, net = case
+    ref = GuidedBackprop(net).attribute(torch.tensor(x), target=1).detach().numpy()[0]
+    res = ex.explain(x, "guidedbackprop", target=1, reduce="sum")
+    np.testing.assert_allclose(res.raw[0], ref.sum(axis=0), atol=1e-5)
+    res = ex.explain(x, "guidedgradcam", target=1)
+    assert res.raw.shape == (1,) + x.shape[2:] and np.isfinite(res.raw).all()
+
+
+def test_top_k_targets_are_batched_rows(case):
+    model, x, ex, net = case
+    res = ex.explain(x, "gradcam", top_k=3)
+    assert [t.index for t in res.targets] == list(np.argsort(-res.logits)[:3])
+    for t, target in enumerate(res.targets):
+        single = ex.explain(x, "gradcam", target=target.index)
+        np.testing.assert_allclose(res.raw[t], single.raw[0], atol=1e-6)
+
+
+def test_probability_score_uses_softmax_output(case):
+    model, x, ex, net = case
+    res = ex.explain(x, "saliency", target=1, score="probability", reduce="sum")
+    xt = torch.tensor(x, requires_grad=True)
+    torch.softmax(net(xt), dim=1)[0, 1].backward()
+    np.testing.assert_allclose(res.raw[0], xt.grad.numpy()[0].sum(axis=0), atol=1e-6)
+
+
+@pytest.mark.skipif(not os.path.exists(DEMO), reason="demo model not built")
+def test_demo_model_gradients_and_cams_against_torch_autograd():
+    """The demo model's ONNX graph re-run op by op in PyTorch gives the reference gradients."""
+    import onnx_torch
+    from onnxsal.context import Context
+    from onnxsal.engine import make_targets
+    from onnxsal.methods.cam import layer_grads
+    from onnxsal.methods.gradients import vanilla_attr
+
+    ex = onnxsal.Explainer(DEMO, "cpu")
+    m = ex.model
+    img = os.path.join(os.path.dirname(DEMO), "images")
+    layer = m.default_layer.tensor
+    for name in sorted(os.listdir(img))[:2]:
+        x = ex.prepare(os.path.join(img, name)).tensor
+        xt = torch.tensor(x, requires_grad=True)
+        env = onnx_torch.run(m.proto, {m.input.name: xt})
+        env[layer].retain_grad()
+        target = int(env[m.logits].argmax())
+        env[m.logits][0, target].backward()
+        ctx = Context(ex.engine, x, make_targets(m, [target]), m.default_layer)
+        grad = vanilla_attr(ctx)[0]
+        ref = xt.grad.numpy()[0]
+        assert np.abs(grad - ref).max() <= 1e-4 * np.abs(ref).max()
+        a, g = layer_grads(ctx)
+        ref_g = env[layer].grad.numpy()[0]
+        assert np.abs(g[0] - ref_g).max() <= 1e-4 * np.abs(ref_g).max()
+        for method, expected in ref_cams(env[layer].detach().numpy()[0], ref_g).items():
+            out = ex.explain(x, method, target=target)
+            np.testing.assert_allclose(out.raw[0], expected, atol=1e-4 * max(np.abs(expected).max(), 1e-6),
+                                       rtol=1e-3, err_msg=method)
