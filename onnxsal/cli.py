@@ -169,6 +169,32 @@ def explain(
             out.print(f"  note: {note}", style="dim")
 
 
+@app.command("export")
+def export_cmd(
+    model: str = typer.Argument(..., help="ONNX model file"),
+    method: str = typer.Option("gradcam", "--method", "-m", help="gradcam, gradcam++, xgradcam, layercam, saliency, smoothgrad, ig"),
+    output: str = typer.Option(..., "--output", "-o", help="where to write the standalone explainer graph"),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="layer for CAM methods (default: the last conv layer)"),
+    size: Optional[str] = typer.Option(None, help="input size HxW for models with a dynamic size"),
+    n_samples: int = typer.Option(20, help="smoothgrad: noisy copies per image"),
+    noise_level: float = typer.Option(0.15, help="smoothgrad: noise sd as a fraction of the input range"),
+    steps: int = typer.Option(32, help="ig: Gauss-Legendre steps from a zero baseline"),
+) -> None:
+    """Write one ONNX graph: inputs (image, target int64[N]) -> outputs (logits, map [N, H, W] in [0, 1])."""
+    import onnx
+
+    from .export import export
+    from .model import load
+
+    graph = export(load(model, size=parse_size(size)), method, layer, n_samples=n_samples,
+                   noise_level=noise_level, steps=steps)
+    tmp = output + ".part"
+    onnx.save(graph, tmp)
+    os.replace(tmp, output)
+    inp = graph.graph.input[0]
+    out.print(f"wrote {output}: inputs {inp.name} + target (int64 class per image) -> logits, map ({method})")
+
+
 @app.command("methods")
 def list_methods() -> None:
     """List the available methods and their options."""

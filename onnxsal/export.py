@@ -1,0 +1,229 @@
+"""The explainer as one ONNX graph: (image, target) -> (logits, map).
+
+The VJP graph is extended with the target's one-hot cotangent in front and the
+method's map arithmetic behind (weights, ReLU, bilinear Resize to the input size,
+per-image min-max), so any ONNX Runtime (C++, C#, Java, JavaScript) can explain
+without onnxsal. SmoothGrad and IG stack their extra rows behind the clean
+image in one batch; the clean rows give the logits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import MethodError
+from .graph.autodiff import vjp
+from .graph.normalize import opset_of
+from .model import Model, load
+
+EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "saliency", "smoothgrad", "ig")
+EPS = 1e-7
+
+
+class _Emitter:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.g = model.graph
+        self.opset = opset_of(model)
+        self.n = 0
+
+    def name(self, hint: str) -> str:
+        self.n += 1
+        return f"onnxsal_x/{hint}_{self.n}"
+
+    def op(self, op_type: str, inputs: list[str], hint: Optional[str] = None, out: Optional[str] = None, **attrs) -> str:
+        y = out or self.name(hint or op_type.lower())
+        self.g.node.append(helper.make_node(op_type, inputs, [y], name=self.name(op_type), **attrs))
+        return y
+
+    def const(self, value, dtype=np.float32, hint: str = "c") -> str:
+        name = self.name(hint)
+        self.g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int = 1) -> str:
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.op(op_type, [x, self.const(axes, np.int64, "axes")], keepdims=keepdims)
+        return self.op(op_type, [x], axes=axes, keepdims=keepdims)
+
+
+def _toposort(g: onnx.GraphProto) -> None:
+    """Kahn's order over the nodes: the prefix nodes were appended after the nodes that use them."""
+    ready = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    pending = list(g.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise MethodError(f"export built a graph with a cycle or a missing tensor near {rest[0].name!r}")
+        pending = rest
+    del g.node[:]
+    g.node.extend(ordered)
+
+
+_renamed: dict = {}
+
+
+def _free_names(model: onnx.ModelProto, names, keep: str) -> onnx.ModelProto:
+    """Rename model tensors that clash with the exported graph's own input/output names."""
+    _renamed.clear()
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    taken = {o for n in g.node for o in n.output} | {i.name for i in g.initializer}
+    for name in names:
+        if name in taken and name != keep:
+            new = f"onnxsal_model/{name}"
+            _renamed[name] = new
+            for node in g.node:
+                node.input[:] = [new if i == name else i for i in node.input]
+                node.output[:] = [new if o == name else o for o in node.output]
+            for vi in list(g.value_info) + list(g.output):
+                if vi.name == name:
+                    vi.name = new
+            for init in g.initializer:
+                if init.name == name:
+                    init.name = new
+    return model
+
+
+def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_samples: int = 20,
+           noise_level: float = 0.15, steps: int = 32) -> onnx.ModelProto:
+    """A standalone graph: inputs (image, target int64[N]); outputs (logits [N, C], map [N, H, W] in [0, 1])."""
+    m: Model = load(model)
+    m.proto = _free_names(m.proto, ("logits", "map", "target"), keep=m.input.name)
+    m.logits = _renamed.get(m.logits, m.logits)
+    m.layers = [type(la)(_renamed.get(la.tensor, la.tensor), *list(la.__dict__.values())[1:]) for la in m.layers]
+    method = method.lower()
+    if method not in EXPORTABLE:
+        raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
+    x_name = m.input.name
+    cam = method not in ("saliency", "smoothgrad", "ig")
+    lay = m.find_layer(layer) if cam else None
+    wrt = lay.tensor if cam else x_name
+    g_model = vjp(m.proto, m.logits, [wrt], outputs=[wrt] if cam else [])
+    e = _Emitter(g_model)
+    g = e.g
+    grad_y = f"grad_{m.logits}"
+    inputs = [i for i in g.input if i.name != grad_y]
+    del g.input[:]
+    g.input.extend(inputs)
+    target = "target"
+    g.input.append(helper.make_tensor_value_info(target, TensorProto.INT64, ["N"]))
+
+    rows_target = target
+    clean = None
+    if method in ("smoothgrad", "ig"):
+        rows = e.name("rows")
+        for node in g.node:                       # the VJP graph now runs on the stacked rows
+            for k, i in enumerate(node.input):
+                if i == x_name:
+                    node.input[k] = rows
+        img = x_name
+        nrank = 4
+        if method == "smoothgrad":
+            k = int(n_samples)
+            reps = e.const([k, 1, 1, 1], np.int64, "reps")
+            spatial = [1, 2, 3]
+            span = e.op("Sub", [e.reduce("ReduceMax", img, spatial), e.reduce("ReduceMin", img, spatial)])
+            sigma = e.op("Mul", [span, e.const(noise_level)])
+            tiled = e.op("Tile", [img, reps])
+            noise = e.op("RandomNormalLike", [tiled], dtype=TensorProto.FLOAT, mean=0.0, scale=1.0)
+            extra = e.op("Add", [tiled, e.op("Mul", [noise, e.op("Tile", [sigma, reps])])])
+            weights = np.full(k, 1.0 / k, np.float32)
+        else:
+            k = int(steps)
+            nodes, w = np.polynomial.legendre.leggauss(k)
+            alphas = e.const((0.5 * (nodes + 1)).reshape(k, 1, 1, 1, 1))
+            path = e.op("Mul", [e.op("Unsqueeze", [img, e.const([0], np.int64)]), alphas])
+            shape = e.op("Concat", [e.const([-1], np.int64), e.op("Slice", [e.op("Shape", [img]), e.const([1], np.int64),
+                                                                          e.const([nrank], np.int64)])], axis=0)
+            extra = e.op("Reshape", [path, shape])
+            weights = (0.5 * w).astype(np.float32)
+        e.op("Concat", [img, extra], out=rows, axis=0)
+        rows_target = e.op("Concat", [target, e.op("Tile", [target, e.const([k], np.int64)])], axis=0)
+        clean = (k, weights)
+
+    # cotangent: one-hot rows of the target (zeros for the clean rows when rows are stacked)
+    depth = e.const([m.num_classes], np.int64, "depth")
+    onehot = e.op("OneHot", [rows_target, depth, e.const([0.0, 1.0])], axis=-1)
+    if clean is not None:
+        n_img = e.op("Gather", [e.op("Shape", [target]), e.const(0, np.int64)])
+        n_rows = e.op("Gather", [e.op("Shape", [rows_target]), e.const(0, np.int64)])
+        row = e.op("Range", [e.const(0, np.int64), n_rows, e.const(1, np.int64)])
+        extra_row = e.op("Greater", [row, e.op("Sub", [n_img, e.const(1, np.int64)])])   # clean rows get no cotangent
+        mask = e.op("Cast", [extra_row], to=TensorProto.FLOAT)
+        onehot = e.op("Mul", [onehot, e.op("Unsqueeze", [mask, e.const([1], np.int64)])])
+    e.op("Reshape", [onehot, e.op("Shape", [m.logits])], out=grad_y)
+
+    def normalize_and_squeeze(mp: str, axis: int) -> str:
+        mn = e.reduce("ReduceMin", mp, [1, 2, 3])
+        mx = e.reduce("ReduceMax", mp, [1, 2, 3])
+        span = e.op("Max", [e.op("Sub", [mx, mn]), e.const(1e-30)])
+        return e.op("Squeeze", [e.op("Div", [e.op("Sub", [mp, mn]), span]), e.const([axis], np.int64)], out="map")
+
+    H, W = m.input.size
+    c_axis = 1 if m.input.layout == "NCHW" else 3
+    logits_out = m.logits
+    if cam:
+        a, gr = lay.tensor, f"grad_{lay.tensor}"
+        if method == "layercam":
+            camv = e.reduce("ReduceSum", e.op("Mul", [e.op("Relu", [gr]), a]), [1])
+        else:
+            if method == "gradcam":
+                w = e.reduce("ReduceMean", gr, [2, 3])
+            elif method == "gradcam++":
+                g2 = e.op("Mul", [gr, gr])
+                g3 = e.op("Mul", [g2, gr])
+                s_a = e.reduce("ReduceSum", a, [2, 3])
+                denom = e.op("Add", [e.op("Add", [e.op("Mul", [g2, e.const(2.0)]), e.op("Mul", [s_a, g3])]), e.const(EPS)])
+                w = e.reduce("ReduceSum", e.op("Mul", [e.op("Div", [g2, denom]), e.op("Relu", [gr])]), [2, 3])
+            else:  # xgradcam
+                s_a = e.op("Add", [e.reduce("ReduceSum", a, [2, 3]), e.const(EPS)])
+                w = e.op("Div", [e.reduce("ReduceSum", e.op("Mul", [gr, a]), [2, 3]), s_a])
+            camv = e.reduce("ReduceSum", e.op("Mul", [w, a]), [1])
+        camv = e.op("Relu", [camv])
+        sizes = e.op("Concat", [e.op("Slice", [e.op("Shape", [camv]), e.const([0], np.int64), e.const([2], np.int64)]),
+                                e.const([H, W], np.int64)], axis=0)
+        up = e.op("Resize", [camv, "", "", sizes], mode="linear", coordinate_transformation_mode="half_pixel")
+        normalize_and_squeeze(up, 1)
+    else:
+        gx = f"grad_{x_name}"
+        if clean is not None:
+            k, weights = clean
+            n_img = e.op("Gather", [e.op("Shape", [target]), e.const(0, np.int64)], hint="n")
+            n1 = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
+            all_logits = m.logits
+            logits_out = e.op("Slice", [all_logits, e.const([0], np.int64), n1, e.const([0], np.int64)])
+            rest = e.op("Slice", [gx, n1, e.const([np.iinfo(np.int64).max], np.int64), e.const([0], np.int64)])
+            tail = e.op("Slice", [e.op("Shape", [gx]), e.const([1], np.int64), e.const([4], np.int64)])
+            stacked = e.op("Reshape", [rest, e.op("Concat", [e.const([k], np.int64), e.const([-1], np.int64), tail], axis=0)])
+            avg = e.reduce("ReduceSum", e.op("Mul", [stacked, e.const(weights.reshape(k, 1, 1, 1, 1))]), [0], keepdims=0)
+            gx = avg
+        if method == "ig":
+            attr = e.op("Mul", [gx, x_name])
+            mp = e.reduce("ReduceSum", attr, [c_axis])
+        else:
+            mp = e.reduce("ReduceMax", e.op("Abs", [gx]), [c_axis])
+        if c_axis == 3:
+            mp = e.op("Transpose", [mp], perm=[0, 3, 1, 2])
+        normalize_and_squeeze(mp, 1)
+
+    outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", m.num_classes]),
+            helper.make_tensor_value_info("map", TensorProto.FLOAT, ["N", H, W])]
+    e.op("Identity", [logits_out], out="logits")
+    del g.output[:]
+    g.output.extend(outs)
+    g_model.metadata_props.add(key="onnxsal.export", value=method)
+    _toposort(g)
+    onnx.checker.check_model(g_model)
+    return g_model

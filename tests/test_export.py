@@ -1,0 +1,82 @@
+"""The exported explainer graph runs in plain ONNX Runtime and gives onnxsal's maps."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import onnxsal
+from onnxsal.cli import main
+from onnxsal.export import export
+
+import tiny
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "models", "demo", "demo_shapes.onnx")
+
+
+def run(graph, x, target):
+    sess = ort.InferenceSession(graph.SerializeToString())
+    return sess.run(["logits", "map"], {"image": x, "target": np.asarray(target, np.int64)})
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "saliency", "ig"])
+def test_exported_maps_equal_engine_maps(layout, method):
+    model = tiny.conv_net(layout, seed=4)
+    ex = onnxsal.Explainer(model, "cpu")
+    x = np.random.default_rng(0).random((2, 3, 16, 16)).astype(np.float32)
+    if layout == "NHWC":
+        x = x.transpose(0, 2, 3, 1).copy()
+    logits, maps = run(export(model, method), x, [1, 2])
+    assert maps.shape == (2, 16, 16) and logits.shape == (2, 3)
+    for i, t in enumerate([1, 2]):
+        res = ex.explain(x[i:i + 1], method, target=t, **({"steps": 32} if method == "ig" else {}))
+        np.testing.assert_allclose(maps[i], res.map, atol=1e-5)
+        np.testing.assert_allclose(logits[i], res.logits, atol=1e-5)
+
+
+def test_exported_smoothgrad_is_noisy_saliency():
+    model = tiny.conv_net(seed=4)
+    x = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32)
+    _, sal = run(export(model, "saliency"), x, [1])
+    _, quiet = run(export(model, "smoothgrad", noise_level=0.0, n_samples=4), x, [1])
+    np.testing.assert_allclose(quiet, sal, atol=1e-6)
+    logits, noisy = run(export(model, "smoothgrad", n_samples=64), x, [1])
+    ref = onnxsal.Explainer(model, "cpu").explain(x, "smoothgrad", target=1, n_samples=64).map
+    assert np.corrcoef(noisy.ravel(), ref.ravel())[0, 1] > 0.8
+
+
+@pytest.mark.skipif(not os.path.exists(DEMO), reason="demo model not built")
+def test_cli_export_runs_without_onnxsal(tmp_path):
+    out = tmp_path / "demo.gradcam.onnx"
+    assert main(["export", DEMO, "-m", "gradcam", "-o", str(out)]) == 0
+    ex = onnxsal.Explainer(DEMO, "cpu")
+    img = os.path.join(os.path.dirname(DEMO), "images")
+    x = ex.prepare(os.path.join(img, sorted(os.listdir(img))[0])).tensor
+    np.save(tmp_path / "x.npy", x)
+    script = textwrap.dedent(f"""
+        import sys
+        import numpy as np, onnxruntime as ort
+        sess = ort.InferenceSession({str(out)!r})
+        x = np.load({str(tmp_path / 'x.npy')!r})
+        logits, m = sess.run(None, {{"image": x, "target": np.array([int(sys.argv[1])], np.int64)}})
+        assert "onnxsal" not in sys.modules
+        np.save({str(tmp_path / 'map.npy')!r}, m)
+    """)
+    target = int(np.argmax(ex.predict(x)))
+    r = subprocess.run([sys.executable, "-I", "-c", script, str(target)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ref = ex.explain(x, "gradcam", target=target).map
+    np.testing.assert_allclose(np.load(tmp_path / "map.npy")[0], ref, atol=1e-5)
+
+
+def test_export_refuses_unknown_method(tmp_path):
+    from onnxsal.errors import MethodError
+
+    with pytest.raises(MethodError, match="export supports"):
+        export(tiny.conv_net(), "rise")
