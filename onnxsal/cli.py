@@ -160,13 +160,16 @@ def explain(
     if quiet:
         return
     out.print(f"device: {ex.device}")
+    noted: set = set()
     for res in results:
         tgt = ", ".join(f"{t.label} ({t.index})" for t in res.targets)
         where = f" at {res.layer}" if res.layer else ""
         out.print(f"{res.name}: {res.method}{where} -> {tgt}  [{res.seconds:.2f}s]  "
                   f"{os.path.join(out_dir, res.name + '.' + res.method + '.png')}")
         for note in res.notes:
-            out.print(f"  note: {note}", style="dim")
+            if (res.name, note) not in noted:
+                noted.add((res.name, note))
+                out.print(f"  note: {note}", style="dim")
 
 
 @app.command("export")

@@ -36,8 +36,8 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 def method(name: str, *, family: str, needs_layer: bool = False) -> Callable[[Callable], Callable]:
     def register(fn: Callable) -> Callable:
-        doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = MethodSpec(name, fn, family, needs_layer, doc[0] if doc else "")
+        first = (fn.__doc__ or "").strip().split("\n\n")[0]
+        _REGISTRY[name] = MethodSpec(name, fn, family, needs_layer, " ".join(first.split()))
         return fn
     return register
 

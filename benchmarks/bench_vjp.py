@@ -1,0 +1,88 @@
+"""Forward vs forward+VJP time of onnxsal's gradient graph, and of onnx-ad's reverse graph.
+
+    .venv-bench/bin/python benchmarks/bench_vjp.py [--nets resnet50,vgg16,mobilenet_v2,demo] [--batches 1,16]
+
+The gradient is taken w.r.t. the input image for one logit per sample (what saliency,
+SmoothGrad and IG need). Goal: forward+VJP <= 2.5x forward at batch 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from common import machine, onnx_path, table, timeit
+
+from onnxsal.graph.autodiff import vjp
+from onnxsal.graph.surgery import expose
+from onnxsal.model import load
+
+
+def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_ad_graph(fwd: onnx.ModelProto, x: str, y: str):
+    from onnx_ad import reverse
+
+    return reverse(fwd, inputs=[x], outputs=[y], layout="onnx")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nets", default="resnet50,vgg16,mobilenet_v2,demo")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-onnx-ad", action="store_true")
+    args = ap.parse_args()
+    import os
+
+    threads = args.threads or os.cpu_count()
+    rows = []
+    print(f"# {machine()}; {threads} threads; median of {args.repeat} runs", flush=True)
+    for net in args.nets.split(","):
+        m = load(onnx_path(net))
+        x_name, y = m.input.name, m.logits
+        fwd_model = expose(m.proto, [y])
+        fwd = session(fwd_model, threads)
+        bwd = session(vjp(m.proto, y, [x_name]), threads)
+        ad = None
+        if not args.no_onnx_ad:
+            try:
+                ad_model = onnx_ad_graph(fwd_model, x_name, y)
+                ad = session(ad_model, threads)
+            except Exception as exc:  # report, keep going
+                print(f"onnx-ad failed on {net}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+        for b in (int(v) for v in args.batches.split(",")):
+            shape = (b, 3) + m.input.size if m.input.layout == "NCHW" else (b,) + m.input.size + (3,)
+            x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+            seed = np.zeros((b, m.num_classes), np.float32)
+            seed[:, 0] = 1
+            t_f = timeit(lambda: fwd.run(None, {x_name: x}), args.repeat)
+            t_b = timeit(lambda: bwd.run(None, {x_name: x, f"grad_{y}": seed}), args.repeat)
+            row = [net, b, t_f * 1e3, t_b * 1e3, t_b / t_f]
+            if ad is not None:
+                feeds = {x_name: x}
+                for inp in ad.get_inputs():
+                    if inp.name != x_name:
+                        feeds[inp.name] = seed.reshape(seed.shape + (1,)) if len(inp.shape) == 3 else seed
+                t_a = timeit(lambda: ad.run(None, feeds), max(1, args.repeat // 2))
+                row += [t_a * 1e3, t_a / t_f]
+            else:
+                row += ["-", "-"]
+            rows.append(row)
+            print(table(["net", "batch", "forward ms", "fwd+VJP ms", "onnxsal ratio", "onnx-ad ms", "onnx-ad ratio"], [row]).splitlines()[-1], flush=True)
+    print()
+    print(table(["net", "batch", "forward ms", "fwd+VJP ms", "onnxsal ratio", "onnx-ad ms", "onnx-ad ratio"], rows))
+
+
+if __name__ == "__main__":
+    main()

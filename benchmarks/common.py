@@ -1,0 +1,88 @@
+"""Shared pieces of the benchmark scripts: reference networks, ONNX export, timing, tables.
+
+The networks are torchvision's (random init, with non-trivial batch-norm statistics so
+activations do not vanish), exported once with torch.onnx into benchmarks/.cache/.
+These scripts run in the benchmark environment (`make bench-env`), which has torchvision,
+Captum and pytorch-grad-cam beside onnxsal.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.path.join(HERE, ".cache")
+DEMO = os.path.join(HERE, "..", "models", "demo", "demo_shapes.onnx")
+
+
+def torch_net(name: str, seed: int = 0):
+    """A torchvision classifier with random weights, small random biases and calibrated BN statistics."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, name)(weights=None).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.1, generator=gen)
+                mod.running_var.uniform_(0.5, 1.5, generator=gen)
+                mod.weight.uniform_(0.5, 1.5, generator=gen)
+                mod.bias.normal_(0, 0.1, generator=gen)
+            elif isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and mod.bias is not None:
+                mod.bias.normal_(0, 0.01, generator=gen)
+    return net
+
+
+def onnx_path(name: str, size: int = 224) -> str:
+    """Export (once) the torchvision network `name` with a dynamic batch; the demo model is bundled."""
+    if name == "demo":
+        return DEMO
+    import torch
+
+    os.makedirs(CACHE, exist_ok=True)
+    path = os.path.join(CACHE, f"{name}_{size}.onnx")
+    if not os.path.exists(path):
+        net = torch_net(name)
+        x = torch.randn(1, 3, size, size)
+        torch.onnx.export(net, (x,), path, input_names=["image"], output_names=["logits"], opset_version=17,
+                          dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}}, dynamo=False)
+    return path
+
+
+def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64))[0, 1])
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import platform
+
+    import onnxruntime
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}"
