@@ -93,19 +93,63 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def infer(model: onnx.ModelProto) -> onnx.ModelProto:
+SMALL_CONST = 4096   # initializers up to this many elements may matter to data propagation
+
+
+def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with large initializers turned into typed graph inputs.
+
+    Shape inference serialises the whole model; for a VGG16 that is half a
+    gigabyte of weights it only needs the shapes of.  Small constants stay,
+    since data propagation reads shape tensors.
+    """
+    light = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(light, field, getattr(model, field))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g, lg = model.graph, light.graph
+    lg.name = g.name
+    lg.node.extend(g.node)
+    lg.input.extend(g.input)
+    lg.output.extend(g.output)
+    lg.value_info.extend(g.value_info)
+    inputs = {i.name for i in g.input}
+    for init in g.initializer:
+        if int(np.prod(init.dims)) <= SMALL_CONST:
+            lg.initializer.append(init)
+        elif init.name not in inputs:
+            lg.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return light
+
+
+def _infer_shapes(model: onnx.ModelProto, data_prop: bool) -> None:
+    light = shape_inference.infer_shapes(_light_copy(model), data_prop=data_prop)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(light.graph.value_info)
+    del model.graph.output[:]
+    model.graph.output.extend(light.graph.output)
+
+
+def _infer_inplace(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return shape_inference.infer_shapes(model, data_prop=True)
+        _infer_shapes(model, data_prop=True)
     except Exception:
         try:
-            return shape_inference.infer_shapes(model)
+            _infer_shapes(model, data_prop=False)
         except Exception:
-            return model
+            pass
+    return model
+
+
+def infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` with inferred shapes (with data propagation when that works)."""
+    return _infer_inplace(copy.deepcopy(model))
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Upgrade the opset, free the batch dimension, infer shapes. Idempotent."""
-    return infer(dynamic_batch(upgrade_opset(model)))
+    return _infer_inplace(dynamic_batch(upgrade_opset(model)))   # dynamic_batch already copied
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, Shape]]:

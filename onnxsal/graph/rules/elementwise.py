@@ -1,0 +1,225 @@
+"""VJP rules for elementwise arithmetic (numpy broadcasting) and pass-through ops.
+
+Notation: ``gy`` is the upstream gradient dL/dy, ``gx`` = dL/dx.  Broadcast
+inputs get their gradient summed back to their own shape (``unbroadcast``),
+which emits nothing when no broadcasting happened.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from ..autodiff import FLOAT_TYPES, RuleContext, vjp_rule
+
+Grads = list  # list[str | None]
+
+
+def _const_or_none(ctx: RuleContext, name: str) -> Optional[np.ndarray]:
+    return ctx.const_value(name)
+
+
+@vjp_rule("Identity", "Dropout")
+def identity(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = x (Dropout at inference too): gx = gy."""
+    return [gy[0]] + [None] * (len(ctx.inputs) - 1)
+
+
+@vjp_rule("Add")
+def add(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = a + b: ga = unbroadcast(gy), gb = unbroadcast(gy)."""
+    g = gy[0]
+    a, b = ctx.inputs
+    return [ctx.unbroadcast(g, a) if ctx.needs_grad(0) else None,
+            ctx.unbroadcast(g, b) if ctx.needs_grad(1) else None]
+
+
+@vjp_rule("Sub")
+def sub(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = a - b: ga = unbroadcast(gy), gb = -unbroadcast(gy) (negate after reducing: fewer elements)."""
+    g = gy[0]
+    a, b = ctx.inputs
+    ga = ctx.unbroadcast(g, a) if ctx.needs_grad(0) else None
+    gb = ctx.op("Neg", [ctx.unbroadcast(g, b)]) if ctx.needs_grad(1) else None
+    return [ga, gb]
+
+
+@vjp_rule("Mul")
+def mul(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = a * b: ga = unbroadcast(gy * b), gb = unbroadcast(gy * a)."""
+    g = gy[0]
+    a, b = ctx.inputs
+    ga = ctx.unbroadcast(_scaled(ctx, g, b), a) if ctx.needs_grad(0) else None
+    gb = ctx.unbroadcast(_scaled(ctx, g, a), b) if ctx.needs_grad(1) else None
+    return [ga, gb]
+
+
+def _scaled(ctx: RuleContext, g: str, factor: str) -> str:
+    """g * factor, skipping the multiplication by a constant 1."""
+    v = ctx.const_value(factor)
+    if v is not None and v.size >= 1 and np.all(v == 1) and v.ndim == 0:
+        return g
+    return ctx.op("Mul", [g, factor])
+
+
+@vjp_rule("Div")
+def div(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = a / b: ga = unbroadcast(gy / b), gb = -unbroadcast(gy * y / b).
+
+    A constant divisor becomes a precomputed reciprocal (Mul is cheaper than
+    Div); a dynamic one is inverted once, at its own (often small) size.
+    """
+    g = gy[0]
+    a, b = ctx.inputs
+    y = ctx.outputs[0]
+    bv = ctx.const_value(b)
+    if bv is not None:
+        rb = ctx.const((1.0 / bv.astype(np.float64)), like=y)
+    else:
+        rb = ctx.op("Reciprocal", [b])
+    t = ctx.op("Mul", [g, rb])
+    ga = ctx.unbroadcast(t, a) if ctx.needs_grad(0) else None
+    gb = None
+    if ctx.needs_grad(1):
+        gb = ctx.op("Neg", [ctx.unbroadcast(ctx.op("Mul", [t, y]), b)])
+    return [ga, gb]
+
+
+@vjp_rule("Neg")
+def neg(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = -x: gx = -gy."""
+    return [ctx.op("Neg", [gy[0]])]
+
+
+@vjp_rule("Exp")
+def exp(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = exp(x): gx = gy * y (reuses the forward output)."""
+    return [ctx.op("Mul", [gy[0], ctx.outputs[0]])]
+
+
+@vjp_rule("Log")
+def log(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = log(x): gx = gy / x."""
+    return [ctx.op("Div", [gy[0], ctx.inputs[0]])]
+
+
+@vjp_rule("Sqrt")
+def sqrt(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = sqrt(x): gx = gy * 0.5 / y."""
+    y = ctx.outputs[0]
+    return [ctx.op("Div", [ctx.op("Mul", [gy[0], ctx.const(0.5, like=y)]), y])]
+
+
+@vjp_rule("Reciprocal")
+def reciprocal(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = 1/x: gx = -gy * y^2."""
+    y = ctx.outputs[0]
+    return [ctx.op("Neg", [ctx.op("Mul", [gy[0], ctx.op("Mul", [y, y])])])]
+
+
+@vjp_rule("Abs")
+def abs_(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = |x|: gx = gy * sign(x)."""
+    return [ctx.op("Mul", [gy[0], ctx.op("Sign", [ctx.inputs[0]])])]
+
+
+@vjp_rule("Pow")
+def pow_(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = a^p: ga = gy * p * a^(p-1); gp = gy * y * ln(a) (only if p is differentiable).
+
+    Common constant exponents get cheap forms: p=2 -> 2a, p=0.5 -> 0.5/y, p=1 -> 1.
+    """
+    g = gy[0]
+    a, p = ctx.inputs
+    y = ctx.outputs[0]
+    ga = gp = None
+    if ctx.needs_grad(0):
+        pv = ctx.const_value(p)
+        if pv is not None and pv.size == 1:
+            e = float(pv.reshape(-1)[0])
+            if e == 1.0:
+                local = None
+            elif e == 2.0:
+                local = ctx.op("Mul", [a, ctx.const(2.0, like=y)])
+            elif e == 0.5:
+                local = ctx.op("Div", [ctx.const(0.5, like=y), y])
+            elif e == 0.0:
+                return [ctx.zeros_like(a), None]
+            else:
+                local = ctx.op("Mul", [ctx.op("Pow", [a, ctx.const(e - 1.0, like=y)]), ctx.const(e, like=y)])
+            ga = g if local is None else ctx.op("Mul", [g, local])
+        else:
+            pf = p if ctx.elem_type(p) == ctx.elem_type(y) else ctx.op("Cast", [p], to=ctx.elem_type(y))
+            pm1 = ctx.op("Sub", [pf, ctx.const(1.0, like=y)])
+            local = ctx.op("Mul", [ctx.op("Pow", [a, pm1]), pf])
+            ga = ctx.op("Mul", [g, local])
+        ga = ctx.unbroadcast(ga, a)
+    if ctx.needs_grad(1):
+        gp = ctx.unbroadcast(ctx.op("Mul", [ctx.op("Mul", [g, y]), ctx.op("Log", [a])]), p)
+    return [ga, gp]
+
+
+@vjp_rule("Erf")
+def erf(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = erf(x): gx = gy * 2/sqrt(pi) * exp(-x^2)."""
+    x = ctx.inputs[0]
+    y = ctx.outputs[0]
+    e = ctx.op("Exp", [ctx.op("Mul", [ctx.op("Mul", [x, x]), ctx.const(-1.0, like=y)])])
+    return [ctx.op("Mul", [gy[0], ctx.op("Mul", [e, ctx.const(2.0 / math.sqrt(math.pi), like=y)])])]
+
+
+@vjp_rule("Cast")
+def cast(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = cast(x): gx = cast(gy) back to x's float type (no gradient through integer casts)."""
+    x = ctx.inputs[0]
+    et = ctx.elem_type(x)
+    if et not in FLOAT_TYPES:
+        return [None]
+    if et == ctx.elem_type(ctx.outputs[0]):
+        return [gy[0]]
+    return [ctx.op("Cast", [gy[0]], to=et)]
+
+
+@vjp_rule("Sum")
+def sum_(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = sum_i x_i (broadcasting): gx_i = unbroadcast(gy)."""
+    return [ctx.unbroadcast(gy[0], x) if ctx.needs_grad(i) else None for i, x in enumerate(ctx.inputs)]
+
+
+@vjp_rule("Mean")
+def mean(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = (1/n) sum_i x_i: gx_i = unbroadcast(gy / n)."""
+    g = ctx.op("Mul", [gy[0], ctx.const(1.0 / len(ctx.inputs), like=ctx.outputs[0])])
+    return [ctx.unbroadcast(g, x) if ctx.needs_grad(i) else None for i, x in enumerate(ctx.inputs)]
+
+
+@vjp_rule("Max", "Min")
+def max_min(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = max_i x_i (or min): gx_i = unbroadcast(gy * [x_i == y]); ties pass gradient to every tied input."""
+    y = ctx.outputs[0]
+    out = []
+    for i, x in enumerate(ctx.inputs):
+        if not ctx.needs_grad(i):
+            out.append(None)
+            continue
+        m = ctx.op("Cast", [ctx.op("Equal", [x, y])], to=ctx.elem_type(y))
+        out.append(ctx.unbroadcast(ctx.op("Mul", [gy[0], m]), x))
+    return out
+
+
+@vjp_rule("Where")
+def where(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = where(c, a, b): ga = unbroadcast(gy * c), gb = unbroadcast(gy * (1 - c))."""
+    c, a, b = ctx.inputs
+    y = ctx.outputs[0]
+    g = gy[0]
+    ga = gb = None
+    if ctx.needs_grad(1):
+        m = ctx.op("Cast", [c], to=ctx.elem_type(y))
+        ga = ctx.unbroadcast(ctx.op("Mul", [g, m]), a)
+    if ctx.needs_grad(2):
+        m = ctx.op("Cast", [ctx.op("Not", [c])], to=ctx.elem_type(y))
+        gb = ctx.unbroadcast(ctx.op("Mul", [g, m]), b)
+    return [None, ga, gb]

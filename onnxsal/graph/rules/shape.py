@@ -1,0 +1,370 @@
+"""VJP rules for ops that move, select or replicate elements without arithmetic.
+
+Their adjoints are the "opposite" data movement: Reshape back, the inverse
+Transpose, Pad for Slice, Slice for Pad/Concat, Concat for Split, sums for
+broadcasts.  Static sizes (from shape inference) become constants; a size that
+is only known at run time (the batch axis) is read with Shape so one derived
+graph serves every batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+
+from ...errors import UnsupportedOpError
+from ..autodiff import INT64_MAX, RuleContext, vjp_rule
+
+Grads = list
+Dim = Union[int, str]   # a static size, or the name of a runtime 1-D int64 tensor of one element
+
+BIG = 2 ** 62           # ends at or beyond this are "to the end" (exporters use INT64_MAX, 2^31-1...)
+
+
+def _unsupported(ctx: RuleContext, why: str) -> UnsupportedOpError:
+    return UnsupportedOpError(ctx.node.op_type, ctx.node.name, f"({why})")
+
+
+def _dim(ctx: RuleContext, x: str, axis: int) -> Dim:
+    """Size of ``x`` along ``axis``: an int when static, else a runtime [1]-shaped tensor."""
+    s = ctx.shape(x)
+    if s is not None and s[axis] is not None:
+        return int(s[axis])
+    return ctx.op("Slice", [ctx.shape_of(x), ctx.const([axis]), ctx.const([axis + 1])])
+
+
+def _vec(ctx: RuleContext, parts: list[Dim]) -> str:
+    """1-D int64 tensor from static ints and runtime [1]-tensors (one Concat at most)."""
+    if all(isinstance(p, (int, np.integer)) for p in parts):
+        return ctx.const(np.asarray(parts, dtype=np.int64))
+    names = [ctx.const([int(p)]) if isinstance(p, (int, np.integer)) else p for p in parts]
+    return ctx.op("Concat", names, axis=0)
+
+
+def _sub(ctx: RuleContext, a: Dim, b: Dim) -> Dim:
+    if isinstance(a, int) and isinstance(b, int):
+        return a - b
+    return ctx.op("Sub", [_vec(ctx, [a]), _vec(ctx, [b])])
+
+
+def _norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _rank(ctx: RuleContext, x: str) -> int:
+    r = ctx.rank(x)
+    if r is None:
+        raise _unsupported(ctx, f"rank of {x!r} unknown")
+    return r
+
+
+def _pad(ctx: RuleContext, g: str, rank: int, before: dict, after: dict) -> str:
+    """Zero-pad ``g``: ``before``/``after`` map axis -> amount (int or runtime tensor)."""
+    if not any((isinstance(v, str) or v != 0) for v in list(before.values()) + list(after.values())):
+        return g
+    pads = [before.get(i, 0) for i in range(rank)] + [after.get(i, 0) for i in range(rank)]
+    return ctx.op("Pad", [g, _vec(ctx, pads)], mode="constant")
+
+
+# ---- pure reshapes ---------------------------------------------------------------------
+
+@vjp_rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def reshape(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = x with another shape (same elements in the same order): gx = reshape(gy, shape(x))."""
+    return [ctx.reshape_like(gy[0], ctx.inputs[0])] + [None] * (len(ctx.inputs) - 1)
+
+
+@vjp_rule("Transpose")
+def transpose(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = transpose(x, p): gx = transpose(gy, p^-1)."""
+    perm = ctx.attr("perm")
+    if perm is None:
+        r = _rank(ctx, ctx.inputs[0])
+        perm = list(range(r))[::-1]
+    inv = list(np.argsort(perm))
+    if inv == list(range(len(inv))):
+        return [gy[0]]
+    return [ctx.op("Transpose", [gy[0]], perm=[int(i) for i in inv])]
+
+
+# ---- joining and splitting -------------------------------------------------------------
+
+@vjp_rule("Concat")
+def concat(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = concat(x_0..x_n, axis): gx_i = gy[..., off_i : off_i + len_i, ...] (one Slice per needed input)."""
+    g = gy[0]
+    r = _rank(ctx, ctx.outputs[0])
+    axis = _norm_axis(int(ctx.attr("axis")), r)
+    out: list = []
+    offset: Dim = 0
+    for i, x in enumerate(ctx.inputs):
+        size = _dim(ctx, x, axis)
+        end = size + offset if isinstance(size, int) and isinstance(offset, int) else \
+            ctx.op("Add", [_vec(ctx, [offset]), _vec(ctx, [size])])
+        if ctx.needs_grad(i):
+            out.append(ctx.op("Slice", [g, _vec(ctx, [offset]), _vec(ctx, [end]), ctx.const([axis])]))
+        else:
+            out.append(None)
+        offset = end
+    return out
+
+
+@vjp_rule("Split")
+def split(ctx: RuleContext, gy: Grads) -> Grads:
+    """(y_0..y_n) = split(x, axis): gx = concat(gy_0..gy_n), zeros for outputs without gradient."""
+    r = _rank(ctx, ctx.inputs[0])
+    axis = _norm_axis(int(ctx.attr("axis", 0)), r)
+    parts = [g if g is not None else ctx.zeros_like(o) for g, o in zip(gy, ctx.outputs)]
+    res = parts[0] if len(parts) == 1 else ctx.op("Concat", parts, axis=axis)
+    return [res] + [None] * (len(ctx.inputs) - 1)
+
+
+# ---- selecting -------------------------------------------------------------------------
+
+def _const_input(ctx: RuleContext, i: int, what: str) -> Optional[np.ndarray]:
+    if len(ctx.inputs) <= i or not ctx.inputs[i]:
+        return None
+    v = ctx.const_value(ctx.inputs[i])
+    if v is None:
+        raise _unsupported(ctx, f"{what} computed at run time")
+    return v
+
+
+def _scatter_axis(ctx: RuleContext, g: str, axis: int, index: np.ndarray, size: int) -> str:
+    """Adjoint of Gather(axis, index) for unique ``index`` into an axis of static ``size``.
+
+    Appends one zero slice to ``g`` and gathers: position d takes slice j when
+    index[j] == d, the zero slice otherwise.  Two ops, any batch size.
+    """
+    n = len(index)
+    if n == size and np.array_equal(index, np.arange(size)):
+        return g
+    r = _rank(ctx, g)
+    if n and np.array_equal(index, np.arange(index[0], index[0] + n)):
+        return _pad(ctx, g, r, {axis: int(index[0])}, {axis: size - int(index[0]) - n})
+    padded = _pad(ctx, g, r, {}, {axis: 1})
+    where = np.full(size, n, dtype=np.int64)
+    where[index] = np.arange(n)
+    return ctx.op("Gather", [padded, ctx.const(where)], axis=axis)
+
+
+@vjp_rule("Slice")
+def slice_(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = x[starts:ends:steps] on some axes: gx = zeros with gy scattered back.
+
+    Unit steps become one Pad (works with run-time sizes); other steps, negative
+    ones included, place each axis with Pad + Gather (static size needed).
+    """
+    x = ctx.inputs[0]
+    r = _rank(ctx, x)
+    starts = _const_input(ctx, 1, "Slice starts")
+    ends = _const_input(ctx, 2, "Slice ends")
+    axes = _const_input(ctx, 3, "Slice axes")
+    steps = _const_input(ctx, 4, "Slice steps")
+    starts = [int(v) for v in starts.reshape(-1)]
+    ends = [int(v) for v in ends.reshape(-1)]
+    axes = [int(v) for v in axes.reshape(-1)] if axes is not None else list(range(len(starts)))
+    steps = [int(v) for v in steps.reshape(-1)] if steps is not None else [1] * len(starts)
+    shape = ctx.shape(x) or (None,) * r
+    g = gy[0]
+    before: dict = {}
+    after: dict = {}
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        a = _norm_axis(a, r)
+        d = shape[a]
+        if d is not None:
+            idx = np.arange(*slice(s, e, st).indices(d))
+            if len(idx) == 0:
+                return [ctx.zeros_like(x)] + [None] * (len(ctx.inputs) - 1)
+            if st == 1:
+                before[a], after[a] = int(idx[0]), int(d - idx[-1] - 1)
+            else:
+                g = _scatter_axis(ctx, g, a, idx, d)
+            continue
+        if st != 1:
+            raise _unsupported(ctx, f"step {st} on axis {a} whose size is only known at run time")
+        dim = _dim(ctx, x, a)
+        before[a] = s if s >= 0 else _sub(ctx, dim, -s)
+        if e >= BIG:
+            after[a] = 0
+        elif e >= 0:
+            after[a] = _sub(ctx, dim, e)
+        else:
+            after[a] = -e
+    return [_pad(ctx, g, r, before, after)] + [None] * (len(ctx.inputs) - 1)
+
+
+@vjp_rule("Pad")
+def pad(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = pad(x, constant): gx = gy with the padding sliced off (negative pads, i.e. crops, re-padded)."""
+    mode = ctx.attr("mode", "constant")
+    if mode != "constant":
+        raise _unsupported(ctx, f"Pad mode {mode!r}")
+    x = ctx.inputs[0]
+    r = _rank(ctx, x)
+    pads = [int(v) for v in _const_input(ctx, 1, "Pad pads").reshape(-1)]
+    axes = _const_input(ctx, 3, "Pad axes")
+    axes = [_norm_axis(int(a), r) for a in axes.reshape(-1)] if axes is not None else list(range(r))
+    k = len(axes)
+    g = gy[0]
+    sl_axes, sl_starts, sl_ends = [], [], []
+    neg_before, neg_after = {}, {}
+    for j, a in enumerate(axes):
+        b, e = pads[j], pads[j + k]
+        if b > 0 or e > 0:
+            sl_axes.append(a)
+            sl_starts.append(max(b, 0))
+            sl_ends.append(-e if e > 0 else INT64_MAX)
+        if b < 0:
+            neg_before[a] = -b
+        if e < 0:
+            neg_after[a] = -e
+    if sl_axes:
+        g = ctx.op("Slice", [g, ctx.const(sl_starts), ctx.const(sl_ends), ctx.const(sl_axes)])
+    g = _pad(ctx, g, r, neg_before, neg_after)
+    return [g] + [None] * (len(ctx.inputs) - 1)
+
+
+def _scatter_runtime(ctx: RuleContext, g: str, x: str, axis: int, flat: np.ndarray, r: int) -> str:
+    """Adjoint of Gather along an axis whose size is only known at run time (ScatterND into zeros)."""
+    unique = len(np.unique(flat)) == len(flat)
+    if not unique and ctx.opset < 16:
+        raise _unsupported(ctx, "repeated Gather indices on an axis of run-time size need opset 16")
+    perm = [axis] + [a for a in range(r) if a != axis]
+    inv = [int(v) for v in np.argsort(perm)]
+    front = (lambda t: t) if axis == 0 else (lambda t: ctx.op("Transpose", [t], perm=perm))
+    zeros = front(ctx.zeros_like(x))
+    attrs = {} if unique else {"reduction": "add"}
+    res = ctx.op("ScatterND", [zeros, ctx.const(flat.reshape(-1, 1)), front(g)], **attrs)
+    return res if axis == 0 else ctx.op("Transpose", [res], perm=inv)
+
+
+@vjp_rule("Gather")
+def gather(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = take(x, idx, axis) with constant idx: gx = scatter-add of gy into zeros shaped like x.
+
+    Scalar and unique indices cost a Pad (+ Gather); repeated indices sum
+    through a one-hot matrix product along the axis.
+    """
+    x, ind = ctx.inputs[0], ctx.inputs[1]
+    idx = ctx.const_value(ind)
+    if idx is None:
+        raise _unsupported(ctx, "Gather indices computed at run time")
+    r = _rank(ctx, x)
+    axis = _norm_axis(int(ctx.attr("axis", 0)), r)
+    shape = ctx.shape(x) or (None,) * r
+    d = shape[axis]
+    g = gy[0]
+    idx = idx.astype(np.int64)
+    if idx.ndim == 0:
+        i = int(idx)
+        if i < 0:
+            if d is None:
+                raise _unsupported(ctx, "negative index on an axis of run-time size")
+            i += d
+        gu = ctx.unsqueeze(g, [axis])
+        dim = d if d is not None else _dim(ctx, x, axis)
+        return [_pad(ctx, gu, r, {axis: i}, {axis: _sub(ctx, _sub(ctx, dim, i), 1)}), None]
+    flat = (np.where(idx < 0, idx + d, idx) if d is not None else idx).reshape(-1)
+    n = flat.size
+    if idx.ndim != 1:
+        target = [_dim(ctx, x, a) for a in range(axis)] + [n] + [_dim(ctx, x, a) for a in range(axis + 1, r)]
+        g = ctx.op("Reshape", [g, _vec(ctx, target)])
+    if d is None:
+        return [_scatter_runtime(ctx, g, x, axis, flat, r), None]
+    if len(np.unique(flat)) == n:
+        return [_scatter_axis(ctx, g, axis, flat, d), None]
+    onehot = np.zeros((n, d))
+    onehot[np.arange(n), flat] = 1.0
+    perm = [a for a in range(r) if a != axis] + [axis]
+    inv = [int(v) for v in np.argsort(perm)]
+    moved = ctx.op("Transpose", [g], perm=perm)
+    prod = ctx.op("MatMul", [moved, ctx.const(onehot, like=ctx.outputs[0])])
+    return [ctx.op("Transpose", [prod], perm=inv), None]
+
+
+# ---- reductions and broadcasts --------------------------------------------------------
+
+def _reduce_axes(ctx: RuleContext, r: int) -> Optional[list[int]]:
+    """Normalised reduction axes; None means "no reduction" (noop_with_empty_axes)."""
+    axes = ctx.attr("axes")
+    if axes is None and len(ctx.inputs) > 1 and ctx.inputs[1]:
+        axes = _const_input(ctx, 1, "reduction axes")
+        axes = [int(a) for a in axes.reshape(-1)]
+    if not axes:
+        if int(ctx.attr("noop_with_empty_axes", 0)):
+            return None
+        return list(range(r))
+    return sorted(_norm_axis(int(a), r) for a in axes)
+
+
+def _expand_back(ctx: RuleContext, gk: str, x: str) -> str:
+    """Broadcast a keepdims-shaped gradient to x's shape (the one place a full tensor is built)."""
+    return ctx.op("Expand", [gk, ctx.shape_of(x)])
+
+
+@vjp_rule("ReduceSum", "ReduceMean")
+def reduce_sum_mean(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = sum_axes x (mean: divided by n = prod of reduced sizes): gx = expand(gy [/ n]) to x's shape.
+
+    The 1/n scaling happens before the Expand, on the small tensor.
+    """
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    r = _rank(ctx, x)
+    axes = _reduce_axes(ctx, r)
+    g = gy[0]
+    if axes is None:
+        return [g] + [None] * (len(ctx.inputs) - 1)
+    if not int(ctx.attr("keepdims", 1)):
+        g = ctx.unsqueeze(g, axes)
+    if ctx.node.op_type == "ReduceMean":
+        shape = ctx.shape(x)
+        if shape is not None and all(shape[a] is not None for a in axes):
+            n = int(np.prod([shape[a] for a in axes]))
+            if n != 1:
+                g = ctx.op("Mul", [g, ctx.const(1.0 / n, like=y)])
+        else:
+            et = ctx.elem_type(y)
+            ratio = ctx.op("Div", [ctx.op("Cast", [ctx.op("Size", [y])], to=et),
+                                   ctx.op("Cast", [ctx.op("Size", [x])], to=et)])
+            g = ctx.op("Mul", [g, ratio])
+    return [_expand_back(ctx, g, x)] + [None] * (len(ctx.inputs) - 1)
+
+
+@vjp_rule("ReduceMax", "ReduceMin")
+def reduce_max_min(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = max_axes x: gx = gy * [x == y] (broadcast); tied maxima all receive the gradient."""
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    r = _rank(ctx, x)
+    axes = _reduce_axes(ctx, r)
+    g = gy[0]
+    if axes is None:
+        return [g] + [None] * (len(ctx.inputs) - 1)
+    yk = y
+    if not int(ctx.attr("keepdims", 1)):
+        g = ctx.unsqueeze(g, axes)
+        yk = ctx.unsqueeze(y, axes)
+    m = ctx.op("Cast", [ctx.op("Equal", [x, yk])], to=ctx.elem_type(y))
+    return [ctx.op("Mul", [m, g])] + [None] * (len(ctx.inputs) - 1)
+
+
+@vjp_rule("Expand")
+def expand(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = broadcast(x, shape): gx = sum of gy over the broadcast axes."""
+    return [ctx.unbroadcast(gy[0], ctx.inputs[0]), None]
+
+
+@vjp_rule("Tile")
+def tile(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = tile(x, reps): view gy as [r_0, d_0, r_1, d_1, ...] and sum over the r axes."""
+    x = ctx.inputs[0]
+    reps = [int(v) for v in _const_input(ctx, 1, "Tile repeats").reshape(-1)]
+    if all(v == 1 for v in reps):
+        return [gy[0], None]
+    r = len(reps)
+    target: list[Dim] = []
+    for a, rep in enumerate(reps):
+        target += [rep, _dim(ctx, x, a)]
+    g = ctx.op("Reshape", [gy[0], _vec(ctx, target)])
+    return [ctx.reduce_sum(g, [2 * a for a in range(r)], keepdims=False), None]

@@ -1,0 +1,209 @@
+"""Inference-time graph simplifications that make the backward pass cheaper.
+
+Every forward node on the differentiable path costs backward nodes too.
+Identity and inference Dropout cost nothing forward but add bookkeeping;
+a BatchNormalization right after a Conv is an affine map per channel that can
+live inside the Conv's weights, so folding it removes a full-size elementwise
+pass in both directions (most of a ResNet's non-conv backward work).
+
+Tensor names the caller wants to keep (``keep``, plus graph inputs and
+outputs) survive: a removed Identity whose output is kept renames its producer
+instead, a folded Conv takes the BatchNorm's output name (so the post-BN
+activation keeps its name), and a kept pre-BN Conv output blocks the fold.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+PREFIX = "onnxsal_fold/"
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for i in node.input:
+            if i:
+                out.setdefault(i, []).append(node)
+    return out
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set:
+    """Names read inside If/Loop/Scan bodies: renaming them is not worth the risk."""
+    names: set = set()
+    for node in graph.node:
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sg in subs:
+                for sn in sg.node:
+                    names.update(sn.input)
+                names |= _subgraph_reads(sg)
+    return names
+
+
+def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for k, i in enumerate(node.input):
+            if i == old:
+                node.input[k] = new
+
+
+def _is_inference_dropout(node: onnx.NodeProto, consts: dict) -> bool:
+    if node.op_type != "Dropout":
+        return False
+    if len(node.output) > 1 and node.output[1]:
+        return False
+    if len(node.input) > 2 and node.input[2]:
+        t = consts.get(node.input[2])
+        return t is not None and not bool(np.asarray(t).reshape(-1)[0])
+    return True
+
+
+class _Consts:
+    """Initializer and Constant values by name, decoded only when asked (weights can be GBs)."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self._protos = {init.name: init for init in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                self._protos[node.output[0]] = node.attribute[0].t
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str) -> Optional[np.ndarray]:
+        if name not in self._arrays:
+            proto = self._protos.get(name)
+            if proto is None:
+                return None
+            self._arrays[name] = numpy_helper.to_array(proto)
+        return self._arrays[name]
+
+
+def _const_arrays(graph: onnx.GraphProto) -> _Consts:
+    return _Consts(graph)
+
+
+def _remove_passthrough(graph: onnx.GraphProto, protected: set) -> None:
+    consts = _const_arrays(graph)
+    risky = _subgraph_reads(graph)
+    graph_inputs = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    keep_nodes = []
+    for node in list(graph.node):
+        if not (node.op_type == "Identity" or _is_inference_dropout(node, consts)):
+            keep_nodes.append(node)
+            continue
+        src, dst = node.input[0], node.output[0]
+        if dst in risky or src in risky:
+            keep_nodes.append(node)
+        elif dst not in protected:
+            _rename_input(graph, dst, src)
+        elif src not in protected and src not in graph_inputs:
+            for other in graph.node:                     # producer and other readers take dst's name
+                for k, o in enumerate(other.output):
+                    if o == src:
+                        other.output[k] = dst
+            _rename_input(graph, src, dst)
+        else:
+            keep_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(keep_nodes)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _fold_bn(graph: onnx.GraphProto, protected: set) -> None:
+    consts = _const_arrays(graph)
+    cons = _consumers(graph)
+    risky = _subgraph_reads(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    used = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+    counter = [0]
+
+    def fresh(hint: str) -> str:
+        while True:
+            counter[0] += 1
+            name = f"{PREFIX}{counter[0]}_{hint}"
+            if name not in used:
+                used.add(name)
+                return name
+
+    dead = set()
+    new_inits = []
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+            continue
+        if _attr(bn, "training_mode", 0) or any(o for o in bn.output[1:]):
+            continue
+        c = bn.input[0]
+        conv = producer.get(c)
+        if conv is None or conv.op_type != "Conv" or id(conv) in dead:
+            continue
+        if c in protected or c in risky or len(cons.get(c, [])) != 1:
+            continue
+        w = consts.get(conv.input[1])
+        b = consts.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+        stats = [consts.get(n) for n in bn.input[1:5]]
+        if w is None or (len(conv.input) > 2 and conv.input[2] and b is None) or any(s is None for s in stats):
+            continue
+        scale, bias, mean, var = (s.astype(np.float64) for s in stats)
+        eps = float(_attr(bn, "epsilon", 1e-5))
+        s = scale / np.sqrt(var + eps)
+        m = w.shape[0]
+        if s.shape != (m,):
+            continue
+        w_new = (w.astype(np.float64) * s.reshape((m,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+        b0 = b.astype(np.float64) if b is not None else np.zeros(m)
+        b_new = ((b0 - mean) * s + bias).astype(w.dtype)
+        wn, bn_name = fresh("W"), fresh("B")
+        new_inits += [numpy_helper.from_array(w_new, wn), numpy_helper.from_array(b_new, bn_name)]
+        inputs = [conv.input[0], wn, bn_name]
+        del conv.input[:]
+        conv.input.extend(inputs)
+        conv.output[0] = bn.output[0]
+        dead.add(id(bn))
+    if not dead:
+        return
+    nodes = [n for n in graph.node if id(n) not in dead]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    read = {i for n in graph.node for i in n.input} | _subgraph_reads(graph) | {o.name for o in graph.output}
+    inputs = {i.name for i in graph.input}
+    for k in range(len(graph.initializer) - 1, -1, -1):     # delete in place: weights are not copied
+        if graph.initializer[k].name not in read and graph.initializer[k].name not in inputs:
+            del graph.initializer[k]
+    produced = {o for n in graph.node for o in n.output} | inputs
+    vis = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(vis)
+
+
+def simplify(model: onnx.ModelProto, keep: Optional[Iterable[str]] = ()) -> onnx.ModelProto:
+    """Copy of ``model`` without Identity/inference Dropout and with Conv+BatchNorm folded.
+
+    Graph inputs, graph outputs and ``keep`` keep their names and values
+    (folding is exact up to float rounding of the new weights).
+    """
+    return simplify_inplace(copy.deepcopy(model), keep)
+
+
+def simplify_inplace(model: onnx.ModelProto, keep: Optional[Iterable[str]] = ()) -> onnx.ModelProto:
+    """``simplify`` on a model the caller owns: no copy of (possibly huge) weights."""
+    g = model.graph
+    protected = set(keep or ()) | {o.name for o in g.output} | {i.name for i in g.input}
+    _remove_passthrough(g, protected)
+    _fold_bn(g, protected)
+    _drop_unused(g)
+    return model

@@ -1,0 +1,386 @@
+"""Whole networks: onnxsal's VJP graph against torch.autograd on the same weights.
+
+Small versions of the architectures onnxsal targets (VGG, ResNet, MobileNetV2,
+squeeze-excitation with hard activations, a ViT block) are exported with the
+TorchScript exporter at batch 1, in eval mode, with BatchNorm kept as its own
+node and random positive running statistics so folding it is not a no-op.
+The derived graph must give the input gradient and the gradient at an inner
+conv activation to 1e-4 of the largest gradient entry, at batch 1 and 4.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from gradcheck import run  # noqa: E402
+from onnxsal.graph.autodiff import vjp  # noqa: E402
+from onnxsal.graph.simplify import simplify  # noqa: E402
+
+TOL = 1e-4
+
+
+# ---- networks -------------------------------------------------------------------------------
+
+def conv_bn(cin, cout, k=3, s=1, groups=1, act=nn.ReLU):
+    layers = [nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, act()) if act else nn.Sequential(*layers)
+
+
+class VGGish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 8 * 8, 32), nn.ReLU(), nn.Dropout(),
+                                        nn.Linear(32, 10))
+        self.probe = self.features[5]
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class Basic(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1 = conv_bn(cin, cout, s=stride)
+        self.c2 = conv_bn(cout, cout, act=None)
+        self.down = conv_bn(cin, cout, k=1, s=stride, act=None) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        idt = x if self.down is None else self.down(x)
+        return torch.relu(self.c2(self.c1(x)) + idt)
+
+
+class ResNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, k=3, s=1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = Basic(8, 8, 1)
+        self.layer2 = Basic(8, 16, 2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        self.probe = self.layer2.c1[0]     # a conv whose output feeds a BatchNorm: blocks that fold
+
+    def forward(self, x):
+        return self.head(self.layer2(self.layer1(self.pool(self.stem(x)))))
+
+
+class InvRes(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        mid = cin * expand
+        self.block = nn.Sequential(conv_bn(cin, mid, k=1, act=nn.ReLU6),
+                                   conv_bn(mid, mid, k=3, s=stride, groups=mid, act=nn.ReLU6),
+                                   conv_bn(mid, cout, k=1, act=None))
+        self.res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.res else y
+
+
+class MobileNetV2ish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, s=2, act=nn.ReLU6)
+        self.blocks = nn.Sequential(InvRes(8, 8, 1, 4), InvRes(8, 12, 2, 4), InvRes(12, 12, 1, 4))
+        self.head = nn.Sequential(conv_bn(12, 32, k=1, act=nn.ReLU6), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Dropout(0.2), nn.Linear(32, 10))
+        self.probe = self.blocks[1].block[1]     # depthwise conv + BN + ReLU6: its post-ReLU6 output
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+class SE(nn.Module):
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(c, c // r, 1)
+        self.fc2 = nn.Conv2d(c // r, c, 1)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x):
+        s = self.gate(self.fc2(torch.relu(self.fc1(self.pool(x)))))
+        return x * s
+
+
+class SENet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16, s=2, act=nn.Hardswish)
+        self.se = SE(16)
+        self.conv = conv_bn(16, 16, act=nn.Hardswish)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        self.probe = self.conv
+
+    def forward(self, x):
+        return self.head(self.conv(self.se(self.stem(x))))
+
+
+class Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.h = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        a = (q @ k.transpose(-2, -1)) * (d // self.h) ** -0.5
+        a = a.softmax(dim=-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class ViTish(nn.Module):
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, 17, d) * 0.1)
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+        self.probe = self.patch
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = x + self.attn(self.ln1(x))
+        x = x + self.mlp(self.ln2(x))
+        return self.head(self.ln(x)[:, 0])
+
+
+NETS = {"vgg": VGGish, "resnet": ResNetish, "mobilenetv2": MobileNetV2ish, "se_hard": SENet, "vit": ViTish}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = NETS[name]()
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return net.eval()
+
+
+def export(net: nn.Module, path, dynamic: bool = False) -> onnx.ModelProto:
+    x = torch.randn(1, 3, 32, 32)
+    kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=17, dynamo=False,
+                  training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+    if dynamic:
+        kwargs["dynamic_axes"] = {"input": {0: "batch"}, "logits": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), str(path), **kwargs)
+    return onnx.load(str(path))
+
+
+def probe_tensor(net: nn.Module, model: onnx.ModelProto) -> str:
+    """ONNX name of the probe module's output: the k-th Conv's output, or its block's last output.
+
+    The k-th conv module called in forward order is the k-th Conv node, since
+    the exporter keeps call order for these straight-line networks.
+    """
+    order = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod)) for m in net.modules()
+             if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        net(torch.randn(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    probe = net.probe
+    if isinstance(probe, nn.Conv2d):
+        return convs[order.index(probe)].output[0]
+    # a conv_bn block: follow Conv -> BatchNormalization -> activation
+    first = next(m for m in probe.modules() if isinstance(m, nn.Conv2d))
+    name = convs[order.index(first)].output[0]
+    for _ in range(len(probe) - 1):
+        name = next(n for n in model.graph.node if name in n.input).output[0]
+    return name
+
+
+def torch_grads(net: nn.Module, x: np.ndarray, cot: np.ndarray):
+    """logits, d<cot, logits>/d input and d<cot, logits>/d probe output, by torch.autograd."""
+    store = {}
+
+    def hook(mod, inp, out):
+        out.retain_grad()
+        store["probe"] = out
+
+    h = net.probe.register_forward_hook(hook)
+    xt = torch.tensor(x, requires_grad=True)
+    y = net(xt)
+    (y * torch.tensor(cot)).sum().backward()
+    h.remove()
+    return y.detach().numpy(), xt.grad.numpy(), store["probe"].grad.numpy()
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    cache = {}
+
+    def get(name: str, dynamic: bool = False):
+        key = (name, dynamic)
+        if key not in cache:
+            net = build(name)
+            model = export(net, tmp_path_factory.mktemp(name) / "m.onnx", dynamic)
+            cache[key] = (net, model, probe_tensor(net, model))
+        return cache[key]
+
+    return get
+
+
+CASES = [("vgg", False), ("resnet", False), ("mobilenetv2", False), ("se_hard", False), ("vit", False),
+         ("vit", True), ("resnet", True)]
+
+
+@pytest.mark.parametrize("name,dynamic", CASES, ids=[f"{n}{'-dyn' if d else ''}" for n, d in CASES])
+def test_matches_torch_autograd(exported, name, dynamic):
+    net, model, probe = exported(name, dynamic)
+    vm = vjp(model, "logits", ["input", probe])
+    onnx.checker.check_model(vm)
+    rng = np.random.default_rng(7)
+    # A static export of the ViT bakes batch 1 into the class-token Expand, so
+    # even its forward pass only runs at batch 1; the dynamic export covers 4.
+    batches = (1,) if (name, dynamic) == ("vit", False) else (1, 4)
+    for batch in batches:
+        x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        cot = rng.standard_normal((batch, 10)).astype(np.float32)
+        y_t, gx_t, gp_t = torch_grads(net, x, cot)
+        out = run(vm, {"input": x, "grad_logits": cot})
+        assert rel_err(out["logits"], y_t) < TOL
+        assert out["grad_input"].shape == gx_t.shape
+        assert rel_err(out["grad_input"], gx_t) < TOL, f"input grad, batch {batch}"
+        assert rel_err(out["grad_" + probe], gp_t) < TOL, f"probe grad, batch {batch}"
+
+
+def test_without_simplify_same_gradients(exported):
+    """Folding BatchNorm into Conv changes cost, not values."""
+    net, model, probe = exported("resnet")
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    cot = np.random.default_rng(4).standard_normal((2, 10)).astype(np.float32)
+    a = run(vjp(model, "logits", ["input"]), {"input": x, "grad_logits": cot})["grad_input"]
+    b = run(vjp(model, "logits", ["input"], simplify=False), {"input": x, "grad_logits": cot})["grad_input"]
+    assert rel_err(a, b) < TOL
+
+
+def test_extra_outputs_are_forward_activations(exported):
+    net, model, probe = exported("mobilenetv2")
+    vm = vjp(model, "logits", ["input"], outputs=[probe])
+    assert [o.name for o in vm.graph.output] == ["logits", probe, "grad_input"]
+    x = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    out = run(vm, {"input": x, "grad_logits": np.ones((2, 10), np.float32)})
+    store = {}
+    def keep(mod, inp, o):
+        store["a"] = o.detach().numpy()
+
+    h = net.probe.register_forward_hook(keep)
+    with torch.no_grad():
+        net(torch.tensor(x))
+    h.remove()
+    assert rel_err(out[probe], store["a"]) < TOL
+
+
+# ---- simplify --------------------------------------------------------------------------------
+
+def _ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def test_simplify_folds_bn_and_keeps_names(exported):
+    net, model, probe = exported("resnet")
+    from onnxsal.graph.normalize import normalize
+
+    m = normalize(model)
+    s = simplify(m)
+    assert "BatchNormalization" in _ops(m) and "BatchNormalization" not in _ops(s)
+    bn_outs = {n.output[0] for n in m.graph.node if n.op_type == "BatchNormalization"}
+    assert bn_outs <= {o for n in s.graph.node for o in n.output}     # post-BN names survive
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert rel_err(run(s, {"input": x})["logits"], run(m, {"input": x})["logits"]) < 1e-5
+    # a requested pre-BN conv output blocks that one fold only
+    kept = simplify(m, keep=[probe])
+    assert _ops(kept).count("BatchNormalization") == 1
+    assert probe in {o for n in kept.graph.node for o in n.output}
+
+
+def _tiny(nodes, inits=()):
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_simplify_removes_identity_and_dropout_keeping_requested_names():
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["i"]),
+             helper.make_node("Dropout", ["i"], ["d"]), helper.make_node("Identity", ["d"], ["y"])]
+    m = _tiny(nodes)
+    s = simplify(m)
+    assert _ops(s) == ["Relu"] and s.graph.node[0].output[0] == "y"
+    s = simplify(m, keep=["i"])          # i and y both kept: the Relu takes i's name, one Identity stays
+    assert _ops(s) == ["Relu", "Identity"] and s.graph.node[0].output[0] == "i"
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    vm = vjp(m, "y", ["x", "i"])
+    out = run(vm, {"x": x, "grad_y": np.ones_like(x)})
+    np.testing.assert_array_equal(out["grad_x"], (x > 0).astype(np.float32))
+    np.testing.assert_array_equal(out["grad_i"], np.ones_like(x))
+
+
+def test_simplify_bn_after_shared_conv_weight_is_not_mutated():
+    """Two convs share one weight; folding the BN after one must not change the other."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((2, 2, 1, 1)).astype(np.float32), "w")
+    stats = [numpy_helper.from_array((rng.random(2) + 0.5).astype(np.float32), n) for n in ("sc", "bi", "mu", "va")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c1"]), helper.make_node("BatchNormalization",
+                                                                            ["c1", "sc", "bi", "mu", "va"], ["b1"]),
+             helper.make_node("Conv", ["x", "w"], ["c2"]), helper.make_node("Add", ["b1", "c2"], ["y"])]
+    m = _tiny(nodes, [w, *stats])
+    s = simplify(m)
+    assert "BatchNormalization" not in _ops(s)
+    x = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)
+    assert rel_err(run(s, {"x": x})["y"], run(m, {"x": x})["y"]) < 1e-5
+
+
+# ---- cross-check with the onnx-ad package ------------------------------------------------------
+
+def test_cross_check_onnx_ad(exported):
+    onnx_ad = pytest.importorskip("onnx_ad")
+    net, model, probe = exported("vgg")
+    x = np.random.default_rng(11).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    cot = np.random.default_rng(12).standard_normal((1, 10)).astype(np.float32)
+    try:
+        ref = onnx_ad.reverse(model, inputs=["input"], outputs=["logits"], layout="onnx")
+        ins = {i.name: i for i in ref.graph.input}
+        seed = next(n for n in ins if n not in ("input",))
+        rank = len(ins[seed].type.tensor_type.shape.dim)
+        feeds = {"input": x, seed: cot[..., None] if rank == cot.ndim + 1 else cot}   # one seed direction
+        res = run(ref, feeds)
+        gref = next(v for k, v in res.items() if k.endswith("input") and k != "input").reshape(x.shape)
+    except Exception as exc:  # pragma: no cover - depends on the other package's coverage
+        pytest.skip(f"onnx-ad cannot differentiate this model: {type(exc).__name__}: {exc}")
+    ours = run(vjp(model, "logits", ["input"]), {"input": x, "grad_logits": cot})["grad_input"]
+    assert rel_err(ours, gref) < TOL

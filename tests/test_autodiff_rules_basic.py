@@ -1,0 +1,351 @@
+"""Every elementwise, activation, linear and shape VJP rule against finite differences.
+
+Arrays are float64 where ORT has a double kernel for the op (tight check,
+rtol 1e-6) and float32 otherwise (rtol 1e-2); see tests/gradcheck.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from gradcheck import check_vjp, derived_grads, one_node_model, run
+from onnxsal.errors import LayerError, UnsupportedOpError
+from onnxsal.graph.autodiff import vjp
+from onnxsal.graph.rules.activations import DECONV_RULES, GUIDED_RULES
+
+R = np.random.default_rng(1234)
+
+
+def rnd(*shape, dtype=np.float64, lo=None):
+    """Normal samples; with ``lo``, samples kept at least ``lo`` away from zero (no kink crossing)."""
+    a = R.standard_normal(shape)
+    if lo is not None:
+        a = np.where(np.abs(a) < lo, np.sign(a + 1e-12) * lo + a, a)
+    return a.astype(dtype)
+
+
+def pos(*shape, dtype=np.float64):
+    return (R.random(shape) + 0.5).astype(dtype)
+
+
+def case(op, inputs, attrs=None, inits=None, wrt=None, node_inputs=None, opset=17, n_out=1, y="y", id=None, **kw):
+    """One finite-difference case; ``kw`` goes to check_vjp (eps, rtol, atol)."""
+    return pytest.param(dict(op=op, inputs=inputs, attrs=attrs or {}, inits=inits or {}, wrt=wrt or list(inputs),
+                             node_inputs=node_inputs, opset=opset, n_out=n_out, y=y, kw=kw), id=id or op)
+
+
+def _run_case(c):
+    m = one_node_model(c["op"], c["inputs"], c["attrs"], c["inits"], n_out=c["n_out"], opset=c["opset"],
+                       node_inputs=c["node_inputs"])
+    check_vjp(m, c["y"], c["wrt"], c["inputs"], **c["kw"])
+
+
+F32 = np.float32
+I64 = np.int64
+
+ELEMENTWISE = [
+    case("Add", {"a": rnd(2, 3, 4), "b": rnd(2, 3, 4)}, id="add-same"),
+    case("Add", {"a": rnd(2, 1, 4), "b": rnd(3, 1)}, id="add-both-broadcast"),
+    case("Add", {"a": rnd(2, 3, 4)}, inits={"b": rnd(4)}, id="add-const"),
+    case("Sub", {"a": rnd(2, 3, 4), "b": rnd(4)}, id="sub-broadcast"),
+    case("Sub", {"a": rnd(3, 1), "b": rnd(2, 3, 4)}, id="sub-broadcast-left"),
+    case("Mul", {"a": rnd(2, 3, 4), "b": rnd(2, 3, 4)}, id="mul-same"),
+    case("Mul", {"a": rnd(2, 3, 4, 5), "b": rnd(2, 3, 1, 1)}, id="mul-se-style"),
+    case("Mul", {"a": rnd(1, 4), "b": rnd(3, 1)}, id="mul-outer"),
+    case("Div", {"a": rnd(2, 3, 4), "b": pos(2, 3, 4)}, id="div-same"),
+    case("Div", {"a": rnd(2, 3, 4), "b": pos(3, 1)}, id="div-broadcast"),
+    case("Div", {"a": pos(3, 1), "b": pos(2, 3, 4)}, id="div-broadcast-left"),
+    case("Div", {"a": rnd(2, 3)}, inits={"b": pos(3)}, id="div-const"),
+    case("Neg", {"x": rnd(2, 3)}),
+    case("Exp", {"x": rnd(2, 3)}),
+    case("Log", {"x": pos(2, 3)}),
+    case("Sqrt", {"x": pos(2, 3)}),
+    case("Reciprocal", {"x": pos(2, 3)}),
+    case("Abs", {"x": rnd(2, 3, lo=0.1)}),
+    case("Pow", {"x": pos(2, 3)}, inits={"p": np.array(2.0)}, id="pow-2"),
+    case("Pow", {"x": pos(2, 3)}, inits={"p": np.array(0.5)}, id="pow-half"),
+    case("Pow", {"x": pos(2, 3)}, inits={"p": np.array(3.0)}, id="pow-3"),
+    case("Pow", {"x": pos(2, 3)}, inits={"p": np.array(-1.5)}, id="pow-neg"),
+    case("Pow", {"x": pos(2, 3), "p": rnd(3)}, id="pow-both"),
+    case("Erf", {"x": rnd(2, 3, dtype=F32)}),
+    case("Cast", {"x": rnd(2, 3)}, {"to": TensorProto.FLOAT}, id="cast-f64-f32", eps=1e-2,
+         rtol=1e-4, atol=1e-6),
+    case("Cast", {"x": rnd(2, 3)}, {"to": TensorProto.DOUBLE}, id="cast-noop"),
+    case("Identity", {"x": rnd(2, 3)}),
+    case("Dropout", {"x": rnd(2, 3)}, {"seed": 0}),
+    case("Sum", {"a": rnd(2, 3), "b": rnd(3), "c": rnd(2, 1)}),
+    case("Mean", {"a": rnd(2, 3, dtype=F32), "b": rnd(3, dtype=F32), "c": rnd(2, 1, dtype=F32)}),
+    case("Max", {"a": rnd(2, 3), "b": rnd(3)}),
+    case("Min", {"a": rnd(2, 3), "b": rnd(2, 3)}),
+    case("Where", {"a": rnd(2, 3), "b": rnd(3)}, inits={"c": R.random((2, 3)) > 0.5},
+         node_inputs=["c", "a", "b"]),
+]
+
+ACTIVATIONS = [
+    case("Relu", {"x": rnd(2, 3, 4, lo=0.05)}),
+    case("LeakyRelu", {"x": rnd(2, 3, lo=0.05)}, {"alpha": 0.2}),
+    case("PRelu", {"x": rnd(2, 3, 4, lo=0.05)}, inits={"s": rnd(3, 1)}, id="prelu-const-slope"),
+    case("PRelu", {"x": rnd(2, 3, 4, lo=0.05), "s": rnd(3, 1)}, id="prelu-slope-grad"),
+    case("Elu", {"x": rnd(2, 3, lo=0.05, dtype=F32)}, {"alpha": 0.7}),
+    case("Selu", {"x": rnd(2, 3, lo=0.05, dtype=F32)}),
+    case("Softplus", {"x": rnd(2, 3, dtype=F32)}),
+    case("Sigmoid", {"x": rnd(2, 3)}),
+    case("Tanh", {"x": rnd(2, 3)}),
+    case("HardSigmoid", {"x": (rnd(4, 8, dtype=F32) * 3)}, {"alpha": 0.25, "beta": 0.4}),
+    case("HardSwish", {"x": (rnd(4, 8, dtype=F32) * 3)}),
+    case("Clip", {"x": rnd(3, 8) * 4}, inits={"lo": np.array(0.0), "hi": np.array(6.0)}, id="clip-relu6"),
+    case("Clip", {"x": rnd(3, 8)}, inits={"lo": np.array(-0.5)}, node_inputs=["x", "lo"], id="clip-min-only"),
+    case("Clip", {"x": rnd(3, 8)}, inits={"hi": np.array(0.5)}, node_inputs=["x", "", "hi"], id="clip-max-only"),
+    case("Clip", {"x": rnd(3, 8, dtype=F32) * 4}, {"min": 0.0, "max": 6.0}, opset=10, id="clip-attrs-opset10"),
+    case("Softmax", {"x": rnd(2, 3, 4)}, {"axis": -1}, id="softmax-last"),
+    case("Softmax", {"x": rnd(2, 3, 4)}, {"axis": 1}, id="softmax-mid"),
+    case("Softmax", {"x": rnd(2, 3, 4)}, {"axis": 0}, id="softmax-first"),
+    case("LogSoftmax", {"x": rnd(2, 3, 4)}, {"axis": -1}, id="logsoftmax-last"),
+    case("LogSoftmax", {"x": rnd(2, 3, 4)}, {"axis": 1}, id="logsoftmax-mid"),
+    case("Gelu", {"x": rnd(2, 5, dtype=F32)}, opset=20, id="gelu-erf"),
+    case("Gelu", {"x": rnd(2, 5, dtype=F32)}, {"approximate": "tanh"}, opset=20, id="gelu-tanh"),
+]
+
+LINEAR = [
+    *[case("Gemm", {"a": rnd(*((4, 3) if ta else (3, 4))), "b": rnd(*((5, 4) if tb else (4, 5))), "c": rnd(5)},
+           {"transA": ta, "transB": tb, "alpha": 0.7, "beta": 1.3}, id=f"gemm-tA{ta}-tB{tb}")
+      for ta in (0, 1) for tb in (0, 1)],
+    case("Gemm", {"a": rnd(3, 4), "c": rnd(3, 1)}, {"transB": 1}, inits={"b": rnd(5, 4)},
+         node_inputs=["a", "b", "c"], id="gemm-linear-layer"),
+    case("Gemm", {"a": rnd(3, 4), "b": rnd(4, 5)}, id="gemm-no-c"),
+    case("MatMul", {"a": rnd(3, 4), "b": rnd(4, 5)}, id="matmul-2d"),
+    case("MatMul", {"a": rnd(2, 3, 4), "b": rnd(2, 4, 5)}, id="matmul-batched"),
+    case("MatMul", {"a": rnd(2, 3, 4), "b": rnd(4, 5)}, id="matmul-nd-2d"),
+    case("MatMul", {"a": rnd(3, 4), "b": rnd(2, 4, 5)}, id="matmul-2d-nd"),
+    case("MatMul", {"a": rnd(2, 1, 3, 4), "b": rnd(3, 4, 5)}, id="matmul-broadcast-batch"),
+    case("MatMul", {"a": rnd(4), "b": rnd(2, 4, 5)}, id="matmul-1d-left"),
+    case("MatMul", {"a": rnd(2, 3, 4), "b": rnd(4)}, id="matmul-1d-right"),
+    case("MatMul", {"a": rnd(4), "b": rnd(4)}, id="matmul-1d-1d"),
+]
+
+SHAPE = [
+    case("Flatten", {"x": rnd(2, 3, 4)}, {"axis": 1}),
+    case("Flatten", {"x": rnd(2, 3, 4)}, {"axis": 2}, id="flatten-2"),
+    case("Reshape", {"x": rnd(2, 3, 4)}, inits={"s": np.array([0, 4, -1], I64)}),
+    case("Transpose", {"x": rnd(2, 3, 4)}, {"perm": [1, 2, 0]}),
+    case("Transpose", {"x": rnd(2, 3, 4)}, id="transpose-default"),
+    case("Squeeze", {"x": rnd(2, 1, 4)}, inits={"a": np.array([1], I64)}),
+    case("Unsqueeze", {"x": rnd(2, 4)}, inits={"a": np.array([0, 3], I64)}),
+    case("Concat", {"a": rnd(2, 3, 4), "b": rnd(2, 2, 4), "c": rnd(2, 1, 4)}, {"axis": 1}),
+    case("Concat", {"a": rnd(2, 3)}, {"axis": 0}, inits={"k": rnd(1, 3)}, node_inputs=["k", "a"],
+         id="concat-const-token"),
+    case("Split", {"x": rnd(2, 7)}, {"axis": 1}, inits={"s": np.array([2, 4, 1], I64)}, n_out=3, y="y1",
+         id="split-uneven-middle"),
+    case("Split", {"x": rnd(2, 7, 3)}, {"axis": -2}, inits={"s": np.array([3, 4], I64)}, n_out=2, y="y0",
+         id="split-first"),
+    case("Split", {"x": rnd(2, 6)}, {"axis": 1, "num_outputs": 3}, n_out=3, opset=18, y="y2",
+         id="split-num-outputs"),
+    case("Slice", {"x": rnd(2, 6, 5)}, inits={"s": np.array([1, 0], I64), "e": np.array([5, -1], I64),
+                                             "a": np.array([1, 2], I64)}, id="slice-basic"),
+    case("Slice", {"x": rnd(2, 9, 5)}, inits={"s": np.array([1], I64), "e": np.array([9], I64),
+                                             "a": np.array([1], I64), "t": np.array([3], I64)}, id="slice-step3"),
+    case("Slice", {"x": rnd(2, 6, 5)}, inits={"s": np.array([-1, 4], I64), "e": np.array([-100, 0], I64),
+                                             "a": np.array([1, -1], I64), "t": np.array([-2, -1], I64)},
+         id="slice-negative-steps"),
+    case("Slice", {"x": rnd(3, 6)}, inits={"s": np.array([1], I64), "e": np.array([2 ** 63 - 1], I64),
+                                          "a": np.array([0], I64)}, id="slice-batch-axis"),
+    case("Pad", {"x": rnd(2, 3, 4)}, inits={"p": np.array([0, 1, 2, 0, 2, 1], I64)}),
+    case("Pad", {"x": rnd(2, 3, 4)}, inits={"p": np.array([0, -1, 2, 0, 1, -1], I64)}, id="pad-negative"),
+    case("Pad", {"x": rnd(2, 3, 4)}, inits={"p": np.array([1, 2], I64), "v": np.array(0.5), "a": np.array([2], I64)},
+         node_inputs=["x", "p", "v", "a"], opset=18, id="pad-axes-value"),
+    case("Gather", {"x": rnd(2, 5, 3)}, {"axis": 1}, inits={"i": np.array(3, I64)}, id="gather-scalar"),
+    case("Gather", {"x": rnd(2, 5, 3)}, {"axis": 1}, inits={"i": np.array(-1, I64)}, id="gather-scalar-neg"),
+    case("Gather", {"x": rnd(2, 5, 3)}, {"axis": 1}, inits={"i": np.array([4, 0, 2], I64)}, id="gather-unique"),
+    case("Gather", {"x": rnd(2, 5, 3)}, {"axis": 1}, inits={"i": np.array([1, 2, 3], I64)}, id="gather-range"),
+    case("Gather", {"x": rnd(2, 5, 3)}, {"axis": 2}, inits={"i": np.array([[0, 2], [2, -3]], I64)},
+         id="gather-repeated-2d"),
+    case("Gather", {"x": rnd(2, 5, 3)}, {"axis": 1}, inits={"i": np.array([[0, 4], [3, 1]], I64)},
+         id="gather-unique-2d"),
+    case("Gather", {"x": rnd(6, 3)}, {"axis": 0}, inits={"i": np.array([1, 5], I64)}, id="gather-batch-axis"),
+    case("Gather", {"x": rnd(6, 3)}, {"axis": 0}, inits={"i": np.array([1, -1, 1], I64)},
+         id="gather-batch-axis-repeated"),
+    case("Gather", {"x": rnd(6, 3)}, {"axis": 0}, inits={"i": np.array(2, I64)}, id="gather-batch-axis-scalar"),
+    case("ReduceSum", {"x": rnd(2, 3, 4)}, {"keepdims": 1}, inits={"a": np.array([1], I64)}, id="rsum-keep"),
+    case("ReduceSum", {"x": rnd(2, 3, 4)}, {"keepdims": 0}, inits={"a": np.array([-1, 1], I64)}, id="rsum-nokeep"),
+    case("ReduceSum", {"x": rnd(2, 3, 4)}, {"keepdims": 0}, id="rsum-all"),
+    case("ReduceSum", {"x": rnd(2, 3, 4)}, {"noop_with_empty_axes": 1}, id="rsum-noop"),
+    case("ReduceMean", {"x": rnd(2, 3, 4)}, {"axes": [2], "keepdims": 1}, id="rmean-keep"),
+    case("ReduceMean", {"x": rnd(2, 3, 4)}, {"axes": [0, 2], "keepdims": 0}, id="rmean-nokeep"),
+    case("ReduceMean", {"x": rnd(2, 3, 4)}, {"keepdims": 1}, inits={"a": np.array([2, 1], I64)}, opset=18,
+         id="rmean-opset18-input"),
+    case("ReduceMax", {"x": rnd(2, 3, 4)}, {"axes": [1], "keepdims": 0}, id="rmax"),
+    case("ReduceMin", {"x": rnd(2, 3, 4)}, {"axes": [2], "keepdims": 1}, id="rmin"),
+    case("Expand", {"x": rnd(3, 1)}, inits={"s": np.array([2, 3, 4], I64)}),
+    case("Expand", {"x": rnd(2, 3, 4)}, inits={"s": np.array([3, 1], I64)}, id="expand-noop"),
+    case("Tile", {"x": rnd(2, 3)}, inits={"r": np.array([2, 3], I64)}),
+]
+
+
+@pytest.mark.parametrize("c", ELEMENTWISE)
+def test_elementwise(c):
+    _run_case(c)
+
+
+@pytest.mark.parametrize("c", ACTIVATIONS)
+def test_activations(c):
+    _run_case(c)
+
+
+@pytest.mark.parametrize("c", LINEAR)
+def test_linear(c):
+    _run_case(c)
+
+
+@pytest.mark.parametrize("c", SHAPE)
+def test_shape(c):
+    _run_case(c)
+
+
+# ---- graphs, not single ops -----------------------------------------------------------------
+
+def _graph(nodes, inputs, outputs, inits=(), opset=17):
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def _vi(name, shape, et=TensorProto.DOUBLE):
+    return helper.make_tensor_value_info(name, et, shape)
+
+
+def test_fanout_accumulates_and_intermediate_outputs():
+    """x used three times (two branches + residual): the gradients must add up."""
+    nodes = [helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Sigmoid", ["x"], ["s"]),
+             helper.make_node("Mul", ["t", "s"], ["m"]), helper.make_node("Add", ["m", "x"], ["y"])]
+    m = _graph(nodes, [_vi("x", [2, 3])], [_vi("y", [2, 3])])
+    x = rnd(2, 3)
+    check_vjp(m, "y", ["x"], {"x": x})
+    out = derived_grads(m, "y", ["x", "t"], {"x": x}, np.ones((2, 3)), outputs=["s"])
+    assert list(out) == ["y", "s", "grad_x", "grad_t"]
+    np.testing.assert_allclose(out["grad_t"], out["s"])
+
+
+def test_unsupported_op_names_op_and_node():
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="first"),
+             helper.make_node("Cosh", ["r"], ["c"], name="the_cosh"),
+             helper.make_node("Neg", ["c"], ["y"], name="last")]
+    m = _graph(nodes, [_vi("x", [2, 3])], [_vi("y", [2, 3])])
+    with pytest.raises(UnsupportedOpError) as ei:
+        vjp(m, "y", ["x"])
+    msg = str(ei.value)
+    assert ei.value.op_type == "Cosh" and ei.value.node_name == "the_cosh"
+    assert "'Cosh'" in msg and "the_cosh" in msg and "node 2 of 3" in msg and "'x'" in msg
+
+
+def test_unknown_names_raise_layer_error():
+    m = one_node_model("Relu", {"x": rnd(2, 3)}, {})
+    for kwargs in (dict(y="nope", wrt=["x"]), dict(y="y", wrt=["nope"]), dict(y="y", wrt=["x"], outputs=["nope"])):
+        with pytest.raises(LayerError, match="nope"):
+            vjp(m, **kwargs)
+
+
+def test_unreached_input_gets_zeros():
+    nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["z"], ["w"])]
+    m = _graph(nodes, [_vi("x", [2, 3]), _vi("z", [2, 4])], [_vi("y", [2, 3]), _vi("w", [2, 4])])
+    out = derived_grads(m, "y", ["x", "z"], {"x": rnd(2, 3), "z": rnd(2, 4)}, np.ones((2, 3)))
+    assert out["grad_z"].shape == (2, 4) and not out["grad_z"].any()
+
+
+def test_opset11_softmax_flattening_semantics():
+    """Opset 11 Softmax normalises over all axes from ``axis`` on (a 2-D flatten), not one axis."""
+    nodes = [helper.make_node("Softmax", ["x"], ["y"], axis=1)]
+    m = _graph(nodes, [_vi("x", [2, 3, 4])], [_vi("y", [2, 3, 4])], opset=11)
+    x = rnd(2, 3, 4)
+    y = run(m, {"x": x})["y"]
+    np.testing.assert_allclose(y.reshape(2, -1).sum(1), 1.0)   # flattening semantics really are in play
+    check_vjp(m, "y", ["x"], {"x": x})
+
+
+def test_rules_override_guided_backprop():
+    x = rnd(2, 3, 4, lo=0.05)
+    m = one_node_model("Relu", {"x": x}, {})
+    cot = rnd(2, 3, 4)
+    g = derived_grads(m, "y", ["x"], {"x": x}, cot, rules=GUIDED_RULES)["grad_x"]
+    np.testing.assert_array_equal(g, np.maximum(cot, 0) * (x > 0))
+    g = derived_grads(m, "y", ["x"], {"x": x}, cot, rules=DECONV_RULES)["grad_x"]
+    np.testing.assert_array_equal(g, np.maximum(cot, 0))
+    g = derived_grads(m, "y", ["x"], {"x": x}, cot)["grad_x"]            # the override did not stick
+    np.testing.assert_array_equal(g, cot * (x > 0))
+
+
+def test_guided_clip():
+    x = rnd(3, 8) * 4
+    m = one_node_model("Clip", {"x": x}, {}, {"lo": np.array(0.0), "hi": np.array(6.0)})
+    cot = rnd(3, 8)
+    g = derived_grads(m, "y", ["x"], {"x": x}, cot, rules=GUIDED_RULES)["grad_x"]
+    np.testing.assert_array_equal(g, np.maximum(cot, 0) * ((x > 0) & (x < 6)))
+
+
+def _conv_free_net(batch: int):
+    """x[N,3,4] -> MatMul -> Relu -> Softmax(axis 1) with a constant weight: batch axis is free."""
+    w = numpy_helper.from_array(rnd(4, 5), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Softmax", ["r"], ["y"], axis=1)]
+    return _graph(nodes, [_vi("x", [batch, 3, 4])], [_vi("y", [batch, 3, 5])], [w])
+
+
+def test_same_graph_any_batch():
+    m = _conv_free_net(1)
+    vm = vjp(m, "y", ["x"])
+    onnx.checker.check_model(vm)
+    x5 = rnd(5, 3, 4)
+    c5 = rnd(5, 3, 5)
+    g5 = run(vm, {"x": x5, "grad_y": c5})["grad_x"]
+    for i in (0, 3):
+        g1 = run(vm, {"x": x5[i:i + 1], "grad_y": c5[i:i + 1]})["grad_x"]
+        np.testing.assert_allclose(g5[i:i + 1], g1, rtol=1e-12, atol=1e-12)
+    check_vjp(m, "y", ["x"], {"x": x5})
+
+
+def test_shape_subgraph_dynamic_reshape():
+    """Reshape to [N, -1] built from Shape -> Gather -> Concat: the shape path carries no gradient."""
+    nodes = [
+        helper.make_node("Tanh", ["x"], ["t"]),
+        helper.make_node("Shape", ["t"], ["sh"]),
+        helper.make_node("Gather", ["sh", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["t", "target"], ["f"]),
+        helper.make_node("Cast", ["sh"], ["shf"], to=TensorProto.DOUBLE),
+        helper.make_node("ReduceSum", ["shf"], ["shs"], keepdims=1),
+        helper.make_node("Mul", ["f", "shs"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.array(0, I64), "zero"), numpy_helper.from_array(np.array([0], I64), "ax0"),
+             numpy_helper.from_array(np.array([-1], I64), "minus1")]
+    m = _graph(nodes, [_vi("x", ["N", 3, 4])], [_vi("y", ["N", 12])], inits)
+    for b in (1, 3):
+        check_vjp(m, "y", ["x"], {"x": rnd(b, 3, 4)})
+
+
+def test_result_has_documented_interface():
+    m = _conv_free_net(2)
+    vm = vjp(m, "y", ["x", "h"], outputs=["r"])
+    assert [i.name for i in vm.graph.input] == ["x", "grad_y"]
+    assert [o.name for o in vm.graph.output] == ["y", "r", "grad_x", "grad_h"]
+    gy = vm.graph.input[1].type.tensor_type
+    assert gy.elem_type == TensorProto.DOUBLE
+    assert not gy.shape.dim[0].HasField("dim_value")             # batch dim symbolic
+    assert [d.dim_value for d in gy.shape.dim[1:]] == [3, 5]
+    names = {n.name for n in vm.graph.node} | {o for n in vm.graph.node for o in n.output}
+    new = names - {"h", "r", "y", ""} - {o.name for o in vm.graph.output}
+    assert all(n.startswith("onnxsal_bw/") for n in new if n)
+
+
+def test_relu_backward_has_no_where_and_add_no_reducesum():
+    """The fast forms: Relu via Sign*Mul, equal-shape Add/Mul without any ReduceSum."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "x"], ["a"]),
+             helper.make_node("Mul", ["a", "x"], ["y"])]
+    m = _graph(nodes, [_vi("x", ["N", 3])], [_vi("y", ["N", 3])])
+    vm = vjp(m, "y", ["x"])
+    ops = [n.op_type for n in vm.graph.node]
+    assert "Where" not in ops and "ReduceSum" not in ops and "Div" not in ops
