@@ -1,0 +1,290 @@
+"""What every converter writes into the ONNX file, and the graph finishing they share.
+
+A converted model must explain with no flags: `onnxsal.model.load` reads the
+preprocessing, the labels and the framework-layer-name -> tensor map from the
+metadata written here. The layer map is built the same way for every
+framework: the converter exports each layer's output as an extra graph output
+(so the exporter keeps that exact tensor alive and names it), then
+`strip_outputs` removes those outputs again and remembers which tensor each
+one was. No framework is imported in this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from importlib import metadata as importlib_metadata
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+
+from onnxsal.errors import ConversionError, MissingFileError
+from onnxsal.model import META_LABELS, META_LAYERS, META_PREPROCESS
+from onnxsal.preprocess import PRESETS, Preprocess, make_spec
+
+META_SOURCE = "onnxsal.source"
+BATCH = "batch"
+# ONNX-side tolerance of the conversion check: ORT vs. the framework on the same input.
+CHECK_TOLERANCE = 1e-4
+
+
+@dataclass
+class Conversion:
+    """What a converter produced and what it found on the way."""
+
+    proto: onnx.ModelProto
+    path: Optional[str]
+    layers: dict[str, str]
+    check: Optional[float]           # max relative difference ONNX vs framework on the check input
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: framework errors can run to pages."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def preprocess_spec(preset: Optional[str] = None, mean: Optional[Sequence[float]] = None,
+                    std: Optional[Sequence[float]] = None, scale: Optional[float] = None,
+                    bgr: Optional[bool] = None, *, layout: str, size: Optional[Sequence[int]] = None,
+                    channels: int = 3) -> Optional[Preprocess]:
+    """The spec to store, or None when the user gave nothing (explain then asks for --preprocess).
+
+    Values are checked here, at conversion, so a bad spec never reaches a file.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ConversionError(f"unknown preprocessing preset {preset!r}; choose from {', '.join(PRESETS)}")
+    spec = make_spec(preset, mean, std, scale, bgr)
+    if spec is None:
+        return None
+    for what, values in (("mean", spec.mean), ("std", spec.std)):
+        if len(values) not in (1, 3):
+            raise ConversionError(f"--{what} takes 1 or 3 numbers, not {len(values)}")
+    if any(v == 0 for v in spec.std):
+        raise ConversionError("--std values must be non-zero")
+    spec = spec.replace(layout=layout, size=tuple(int(v) for v in size) if size else None)
+    if channels == 1:
+        spec = spec.replace(color="L")
+    return spec
+
+
+def read_labels(labels: Union[str, os.PathLike, Sequence[str], None]) -> Optional[list[str]]:
+    """Labels from a list, a text file (one per line) or a comma-separated string."""
+    if labels is None:
+        return None
+    if isinstance(labels, (list, tuple)):
+        return [str(x) for x in labels]
+    text = os.fspath(labels)
+    if os.path.exists(text):
+        with open(text, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    if "," in text:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    raise MissingFileError(f"labels file not found: {text} (or give them comma-separated: --labels cat,dog)")
+
+
+def versions(packages: Iterable[str]) -> dict[str, str]:
+    """Installed versions of the packages that produced the file, for provenance."""
+    found = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            found[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def sha256(path: Union[str, os.PathLike]) -> str:
+    """Digest of a source file (a folder's files in sorted order), so a converted model names its origin."""
+    digest = hashlib.sha256()
+    path = os.fspath(path)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    for name in files:
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _perm(node: onnx.NodeProto) -> Optional[list[int]]:
+    for a in node.attribute:
+        if a.name == "perm":
+            return list(a.ints)
+    return None
+
+
+def resolve_tensor(graph: onnx.GraphProto, tensor: str, channels_last: bool) -> Optional[str]:
+    """The channels-first tensor behind an exported layer output, or None if there is none.
+
+    Exporters hand an extra output through Identity nodes, and tf2onnx through a
+    Transpose back to NHWC from the NCHW tensor it computes internally; onnxsal's
+    layers are (N, C, h, w), so the tensor it wants is the one before those.
+    """
+    producers = _producers(graph)
+    node = producers.get(tensor)
+    while node is not None and node.op_type == "Identity":
+        tensor = node.input[0]
+        node = producers.get(tensor)
+    if not channels_last:
+        return tensor
+    if node is not None and node.op_type == "Transpose" and _perm(node) == [0, 2, 3, 1]:
+        return node.input[0]
+    return None
+
+
+def prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes, initializers and value_info that no graph output needs any more."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+            for a in node.attribute:  # subgraphs read outer names implicitly
+                if a.type == onnx.AttributeProto.GRAPH:
+                    needed.update(i for n in a.g.node for i in n.input)
+    keep.reverse()
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+    inits = [i for i in graph.initializer if i.name in needed]
+    if len(inits) != len(graph.initializer):
+        kept = {i.name for i in inits}
+        for i in reversed(range(len(graph.initializer))):
+            if graph.initializer[i].name not in kept:
+                del graph.initializer[i]
+    produced = {o for n in graph.node for o in n.output}
+    for i in reversed(range(len(graph.value_info))):
+        if graph.value_info[i].name not in produced:
+            del graph.value_info[i]
+
+
+def strip_outputs(proto: onnx.ModelProto, extra: dict[str, str], channels_last: bool) -> tuple[dict[str, str], list[str]]:
+    """Remove the extra layer outputs; return ({layer name: tensor}, [layers with no usable tensor]).
+
+    `extra` maps each extra graph-output name to the framework layer it came from.
+    """
+    graph = proto.graph
+    layers: dict[str, str] = {}
+    skipped: list[str] = []
+    for out in graph.output:
+        if out.name in extra:
+            tensor = resolve_tensor(graph, out.name, channels_last)
+            if tensor is None:
+                skipped.append(extra[out.name])
+            else:
+                layers[extra[out.name]] = tensor
+    keep = [o for o in graph.output if o.name not in extra]
+    del graph.output[:]
+    graph.output.extend(keep)
+    prune(graph)
+    # a layer whose tensor only fed its own extra output (so it was pruned) has nothing left to point at
+    alive = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+    for name in [k for k, t in layers.items() if t not in alive]:
+        skipped.append(name)
+        del layers[name]
+    # exporters may have named the tensor itself after the (now removed) output: give it the layer's name
+    renamed: dict[str, str] = {}
+    for layer, tensor in layers.items():
+        if tensor in extra:
+            if tensor not in renamed:
+                new = layer if layer not in alive else f"{layer}:output"
+                rename_tensor(graph, tensor, new)
+                alive.add(new)
+                renamed[tensor] = new
+            layers[layer] = renamed[tensor]
+    return layers, skipped
+
+
+def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename a tensor everywhere it appears in the (top-level) graph."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
+    for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
+        if vi.name == old:
+            vi.name = new
+
+
+def name_batch(proto: onnx.ModelProto) -> None:
+    """Call the leading dimension of the image input and of the outputs "batch"."""
+    inits = {i.name for i in proto.graph.initializer}
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = BATCH
+
+
+def annotate(proto: onnx.ModelProto, *, preprocess: Optional[Preprocess], labels: Optional[Sequence[str]],
+             layers: dict[str, str], source: dict) -> None:
+    """Write the onnxsal.* metadata keys (replacing any earlier ones)."""
+    entries = {META_SOURCE: json.dumps(source, sort_keys=True)}
+    if preprocess is not None:
+        entries[META_PREPROCESS] = preprocess.to_json()
+    if labels:
+        entries[META_LABELS] = json.dumps(list(labels))
+    if layers:
+        entries[META_LAYERS] = json.dumps(layers)
+    kept = [p for p in proto.metadata_props if p.key not in entries]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in entries.items():
+        proto.metadata_props.add(key=key, value=value)
+
+
+def check_labels(labels: Optional[Sequence[str]], num_classes: int) -> None:
+    if labels and len(labels) != num_classes and not (num_classes == 1 and len(labels) == 2):
+        raise ConversionError(f"{len(labels)} labels given but the model has {num_classes} outputs")
+
+
+def run_onnx(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The first output of the converted model on `x`, in ONNX Runtime on the CPU."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session.run([proto.graph.output[0].name], {session.get_inputs()[0].name: x})[0]
+
+
+def compare(got: np.ndarray, want: np.ndarray) -> float:
+    """Largest difference relative to the output's scale (absolute for outputs of magnitude <= 1)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise ConversionError(f"the ONNX output has shape {got.shape}, the framework's {want.shape}")
+    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
+
+
+def save(proto: onnx.ModelProto, path: Union[str, os.PathLike]) -> str:
+    """Check and write the model in one file (weights inline; the protobuf limit is 2 GB)."""
+    path = os.fspath(path)
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ConversionError(f"the converted model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+    if proto.ByteSize() >= 2 ** 31:
+        raise ConversionError("the converted model is larger than 2 GB, which one ONNX file cannot hold")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".part"
+    with open(tmp, "wb") as f:
+        f.write(proto.SerializeToString())
+    os.replace(tmp, path)
+    return path

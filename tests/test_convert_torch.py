@@ -1,0 +1,266 @@
+"""`onnxsal convert torch` against torch.autograd on the same module.
+
+The network has what trips converters up: BatchNorm after every conv (which the
+exporter would fuse away), ReLU(inplace=True) shared between two calls in a
+residual block, and a final softmax. References are computed in PyTorch with
+forward hooks and autograd; maps are compared at the layer's own resolution.
+"""
+
+import json
+import os
+import textwrap
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import onnxsal  # noqa: E402
+from onnxsal.cli import main as cli_main  # noqa: E402
+from onnxsal.methods.gradients import smoothgrad_attr  # noqa: E402
+
+NET = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c)
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(y)) + x)
+
+
+    class Net(nn.Module):
+        def __init__(self, classes=5):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+            self.layer1 = Block(16)
+            self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+            self.layer2 = Block(32)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes), nn.Softmax(dim=1))
+
+        def forward(self, x):
+            return self.head(self.layer2(torch.relu(self.down(self.layer1(self.stem(x))))))
+
+
+    def make():
+        torch.manual_seed(0)
+        net = Net()
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, or BatchNorm is the identity
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
+        return net.eval()
+''')
+LAST, EARLIER = "layer2", "layer1.bn2"
+SIZE = 32
+
+
+def pearson(a, b):
+    return float(np.corrcoef(np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64))[0, 1])
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def net_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("net") / "net.py"
+    path.write_text(NET)
+    return path
+
+
+@pytest.fixture(scope="module")
+def net(net_file):
+    from converters.torch import load_factory
+
+    return load_factory(f"{net_file}:make")
+
+
+@pytest.fixture(scope="module")
+def converted(net, tmp_path_factory):
+    from converters.torch import convert
+
+    out = tmp_path_factory.mktemp("onnx") / "net.onnx"
+    return convert(net, out, input_shape=(1, 3, SIZE, SIZE), preprocess="imagenet", labels=list("abcde"))
+
+
+@pytest.fixture(scope="module")
+def explainer(converted):
+    return onnxsal.Explainer(converted.path, "cpu")
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(0).normal(0, 1, (1, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def logits_of(net, xt):
+    """The scores onnxsal explains: the input of the final softmax."""
+    return net.head[:-1](net.layer2(torch.relu(net.down(net.layer1(net.stem(xt))))))
+
+
+def torch_layer(net, name, x, target):
+    """Activations of module `name` (its last call) and d logit / d activations, by autograd."""
+    module = net.get_submodule(name)
+    seen = {}
+
+    def hook(_m, _i, out):
+        out = out.clone()           # what the module returned, before any in-place op after it
+        out.retain_grad()
+        seen["a"] = out
+        return out
+
+    h = module.register_forward_hook(hook)
+    try:
+        logits_of(net, torch.tensor(x))[:, target].sum().backward()
+    finally:
+        h.remove()
+    return seen["a"].detach().numpy(), seen["a"].grad.numpy()
+
+
+def torch_input_grad(net, x, target):
+    xt = torch.tensor(x, requires_grad=True)
+    logits_of(net, xt)[:, target].sum().backward()
+    return xt.grad.numpy()
+
+
+def test_output_matches_torch(net, converted):
+    xb = np.random.default_rng(1).normal(0, 1, (4, 3, SIZE, SIZE)).astype(np.float32)
+    got = ort.InferenceSession(converted.path).run(None, {"input": xb})[0]
+    with torch.no_grad():
+        want = net(torch.tensor(xb)).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    assert converted.check <= 1e-4
+    assert not net.training
+
+
+def test_metadata_and_module_map(converted):
+    proto = onnx.load(converted.path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["onnxsal.preprocess"])["preset"] == "imagenet"
+    assert json.loads(meta["onnxsal.labels"]) == list("abcde")
+    layers = json.loads(meta["onnxsal.layers"])
+    source = json.loads(meta["onnxsal.source"])
+    assert source["framework"] == "pytorch" and "torch" in source["versions"]
+    # the conv before each batch norm keeps its own tensor, and a shared in-place ReLU maps to its last call
+    assert layers["layer1.conv1"] != layers["layer1.bn1"]
+    assert layers["layer1"] == layers["layer1.relu"]
+    assert "head.3" not in layers            # 2-D outputs are not layers
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [o.name for o in proto.graph.output] == ["output"]
+
+
+@pytest.mark.parametrize("layer", [LAST, EARLIER, "layer1.conv1"])
+def test_layer_gradients_match_autograd(net, explainer, x, layer):
+    tensor = explainer.model.find_layer(layer).tensor
+    seeds = np.zeros((1, 5), np.float32)
+    seeds[0, 2] = 1
+    out = explainer.engine.gradients(x, seeds, wrt=[tensor], extra=[tensor])
+    a, g = torch_layer(net, layer, x, 2)
+    assert rel_err(out[tensor], a) <= 1e-4
+    assert rel_err(out["grad_" + tensor], g) <= 1e-4
+
+
+def test_input_gradient_matches_autograd(net, explainer, x):
+    got = explainer.explain(x, "saliency", target=1, reduce="sum").raw[0]
+    want = torch_input_grad(net, x, 1)[0].sum(axis=0)
+    assert rel_err(got, want) <= 1e-4
+
+
+def ref_cam(a, g, method):
+    a, g = a[0].astype(np.float64), g[0].astype(np.float64)
+    if method == "gradcam":
+        w = g.mean(axis=(1, 2))
+    else:
+        g2, g3 = g ** 2, g ** 3
+        alpha = np.where(g != 0, g2 / (2 * g2 + a.sum(axis=(1, 2), keepdims=True) * g3 + 1e-7), 0)
+        w = (alpha * np.maximum(g, 0)).sum(axis=(1, 2))
+    return np.maximum(np.einsum("k,khw->hw", w, a), 0)
+
+
+@pytest.mark.parametrize("layer", [LAST, EARLIER])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_cams_match_autograd(net, explainer, x, layer, method):
+    ours = explainer.explain(x, method, target=2, layer=layer).raw[0]
+    ref = ref_cam(*torch_layer(net, layer, x, 2), method)
+    assert pearson(ours, ref) >= 0.99
+
+
+@pytest.mark.parametrize("layer", [LAST, EARLIER])
+@pytest.mark.parametrize("max_n", [0, 6], ids=["scorecam", "fasterscorecam"])
+def test_scorecam_matches_torch(net, explainer, x, layer, max_n):
+    """Softmax-weighted Score-CAM (the paper's, pytorch-grad-cam's), masks by F.interpolate."""
+    import torch.nn.functional as F
+
+    if max_n:
+        ours = explainer.explain(x, "fasterscorecam", target=2, layer=layer, max_n=max_n).raw[0]
+    else:
+        ours = explainer.explain(x, "scorecam", target=2, layer=layer).raw[0]
+    a, _ = torch_layer(net, layer, x, 2)
+    a = torch.tensor(a)
+    if max_n:
+        keep = torch.sort(torch.argsort(-a[0].flatten(1).std(dim=1, unbiased=False), stable=True)[:max_n]).values
+        a = a[:, keep]
+    up = F.interpolate(a, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0]
+    lo, hi = up.flatten(1).min(1).values, up.flatten(1).max(1).values
+    masks = (up - lo[:, None, None]) / (hi - lo)[:, None, None]
+    with torch.no_grad():
+        scores = logits_of(net, torch.tensor(x) * masks[:, None])[:, 2]
+    ref = torch.relu(torch.einsum("k,khw->hw", torch.softmax(scores, 0), a[0])).numpy()
+    assert pearson(ours, ref) >= 0.99
+
+
+def test_smoothgrad_matches_autograd_with_identical_noise(net, explainer, x):
+    from onnxsal.context import Context
+
+    n, level = 6, 0.15
+    noise = np.random.default_rng(2).normal(0, level * float(x.max() - x.min()), (n,) + x.shape[1:]).astype(np.float32)
+    ctx = Context(explainer.engine, x, explainer.targets(explainer.predict(x), [3], 1, "logit"), None)
+    ours = np.abs(smoothgrad_attr(ctx, n, level, None, noise=noise)).max(axis=1)[0]
+    ref = np.abs(torch_input_grad(net, x + noise, 3).mean(axis=0)).max(axis=0)
+    assert pearson(ours, ref) >= 0.99
+    assert rel_err(ours, ref) <= 1e-4
+
+
+def test_cli_convert_torch_and_explain(net_file, tmp_path, capsys):
+    out = tmp_path / "cli.onnx"
+    rc = cli_main(["convert", "torch", f"{net_file}:make", "--input-shape", "1,3,32,32", "-o", str(out),
+                   "--preprocess", "imagenet", "--labels", "a,b,c,d,e"])
+    assert rc == 0 and out.exists()
+    assert "mapped to ONNX tensors" in capsys.readouterr().out
+    image = os.path.join(os.path.dirname(__file__), "..", "models", "demo", "images", "00_circle.png")
+    rc = cli_main(["explain", str(out), image, "-m", "gradcam", "--layer", LAST, "-o", str(tmp_path), "-q"])
+    assert rc == 0
+    assert rc == 0 and (tmp_path / "00_circle.gradcam.png").exists()
+
+
+def test_factory_errors(net_file, tmp_path):
+    assert cli_main(["convert", "torch", f"{net_file}:nope", "--input-shape", "1,3,32,32", "-o", str(tmp_path / "a.onnx")]) == 2
+    assert cli_main(["convert", "torch", str(tmp_path / "none.py:make"), "--input-shape", "1,3,32,32",
+                     "-o", str(tmp_path / "a.onnx")]) == 2
+    assert cli_main(["convert", "torch", f"{net_file}:make", "--input-shape", "1,2", "-o", str(tmp_path / "a.onnx")]) == 2
+
+
+def test_api_accepts_a_module_and_an_importable_factory(tmp_path):
+    from converters.torch import convert, load_factory
+
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2), nn.Softmax(1))
+    res = convert(seq, tmp_path / "seq.onnx", input_shape=(1, 1, 12, 12), preprocess="unit", labels=["no", "yes"])
+    assert res.check <= 1e-4 and "0" in res.layers
+    assert isinstance(load_factory("torch.nn:Identity"), nn.Identity)
