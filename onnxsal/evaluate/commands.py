@@ -1,9 +1,351 @@
-"""CLI commands `sanity` and `evaluate` (registered on the main app by onnxsal.cli)."""
+"""CLI commands `sanity` and `evaluate` (registered on the main app by onnxsal.cli).
+
+Both print rich tables to stdout, show progress on stderr, and write CSV (one
+row per measurement, for scripts), JSON (means, spreads, settings) and a figure
+into ``--out``.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+from typing import List, Optional
+
 import typer
+
+from ..errors import MethodError, MissingFileError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy")
+SANITY_DEFAULT = ["gradcam", "saliency", "guidedbackprop"]
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
+    app.command("sanity")(sanity)
+    app.command("evaluate")(evaluate)
+
+
+# shared -------------------------------------------------------------------------------------
+
+def _method_names(method: List[str]) -> list[str]:
+    from ..methods import get as get_method, methods as method_names
+
+    if any(m.lower() == "all" for m in method):
+        return method_names()
+    return list(dict.fromkeys(get_method(m).name for m in method))
+
+
+def _method_options(methods: list[str], option: List[str]) -> dict[str, dict]:
+    """-O key=value pairs, each given to the chosen methods that take that option."""
+    from ..cli import _option
+    from ..methods import check_options, get as get_method
+
+    opts = dict(_option(o) for o in option)
+    specs = [get_method(m) for m in methods]
+    unknown = [k for k in opts if not any(k in s.defaults for s in specs)]
+    if unknown:
+        raise MethodError(f"no chosen method takes option {', '.join(unknown)}")
+    out = {}
+    for s in specs:
+        mine = {k: v for k, v in opts.items() if k in s.defaults}
+        check_options(s, mine)
+        out[s.name] = mine
+    return out
+
+
+def _collect_images(items: List[str]) -> list[str]:
+    """Files as given; folders expanded to their image files, sorted by name."""
+    out: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise MissingFileError(f"no image files in folder {item}")
+            out += found
+        elif not os.path.exists(item):
+            raise MissingFileError(f"image not found: {item}")
+        else:
+            out.append(item)
+    return out
+
+
+def _progress(quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..cli import err
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=True, disable=quiet)
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        if not rows:
+            return
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _pm(mean: float, std: float, digits: int = 3) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+# sanity -------------------------------------------------------------------------------------
+
+def sanity(
+    model: str = typer.Argument(..., help="ONNX model file"),
+    images: List[str] = typer.Argument(..., help="image files or folders (a few images suffice)"),
+    method: List[str] = typer.Option(SANITY_DEFAULT, "--method", "-m", help="method name, repeatable, or 'all'"),
+    mode: str = typer.Option("both", help="cascading, independent or both"),
+    permuted: Optional[str] = typer.Option(None, "--permuted", help="the same model trained on permuted labels "
+                                           "(data randomisation test), e.g. models/demo/demo_shapes_permuted.onnx"),
+    threshold: float = typer.Option(0.5, help="a method passes when the mean Spearman rank correlation of its "
+                                    "absolute map with the original falls below this before randomisation "
+                                    "reaches the lower half of the layers"),
+    seed: int = typer.Option(0, help="seed of the random weights"),
+    max_steps: int = typer.Option(16, help="deep models: randomise layers in at most this many blocks"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="class index or label (default: top-1 of each image)"),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="layer tensor or node name for CAM methods"),
+    score: str = typer.Option("logit", help="logit or probability"),
+    option: List[str] = typer.Option([], "--option", "-O", help="method option key=value, e.g. -O n_masks=500"),
+    out_dir: str = typer.Option("out", "--out", "-o", help="output folder"),
+    cmap: str = typer.Option("gray", help="matplotlib colormap of the figure"),
+    preprocess: Optional[str] = typer.Option(None, help="preset: imagenet, caffe, tf, unit, raw (overrides metadata)"),
+    mean: Optional[str] = typer.Option(None, help="per-channel mean, e.g. 0.485,0.456,0.406"),
+    std: Optional[str] = typer.Option(None, help="per-channel std"),
+    scale: Optional[float] = typer.Option(None, help="pixel scale applied before mean/std"),
+    bgr: Optional[bool] = typer.Option(None, "--bgr/--rgb", help="channel order"),
+    size: Optional[str] = typer.Option(None, help="input size HxW for models with a dynamic size"),
+    labels: Optional[str] = typer.Option(None, help="text file with one label per line"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    batch_size: Optional[int] = typer.Option(None, help="rows per ONNX Runtime run"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors"),
+) -> None:
+    """Randomisation sanity check (Adebayo et al. 2018): do the maps change with the weights?
+
+    Writes sanity.csv, sanity.json and sanity_<image>.png (one row per method: the original map,
+    then the map after each cascading step) into --out.
+    """
+    from ..cli import _explainer, out
+    from .sanity import figure, sanity_check
+
+    modes = {"both": ("cascading", "independent"), "cascading": ("cascading",), "independent": ("independent",)}
+    if mode not in modes:
+        raise MethodError(f"--mode must be cascading, independent or both, not {mode!r}")
+    methods = _method_names(method)
+    options = _method_options(methods, option)
+    files = _collect_images(images)
+    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size)
+    perm = None
+    if permuted:
+        from ..explainer import Explainer
+
+        perm = Explainer(permuted, ex.device, preprocess=ex.model.preprocess, labels=ex.model.labels,
+                         batch_size=batch_size)
+        if perm.model.input.size != ex.model.input.size or perm.model.num_classes != ex.model.num_classes:
+            raise MethodError(f"{permuted} does not match the model (input {perm.model.input.size}, "
+                              f"{perm.model.num_classes} classes): the data randomisation test needs the same architecture")
+    with _progress(quiet) as bar:
+        task = bar.add_task("sanity", total=None)
+
+        def report(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what[:60])
+
+        rep = sanity_check(ex, files, methods, modes=modes[mode], permuted=perm, seed=seed, max_steps=max_steps,
+                           target=target, layer=layer, score=score, options=options, threshold=threshold,
+                           progress=report)
+    os.makedirs(out_dir, exist_ok=True)
+    written = [os.path.join(out_dir, "sanity.csv"), os.path.join(out_dir, "sanity.json")]
+    _write_csv(written[0], rep.rows())
+    with open(written[1], "w") as f:
+        json.dump(rep.summary(), f, indent=2)
+    for i, name in enumerate(rep.images):
+        path = os.path.join(out_dir, f"sanity_{name}.png")
+        figure(path, rep, i, cmap=cmap)
+        written.append(path)
+    if quiet:
+        return
+    print_sanity(rep, out)
+    out.print("wrote " + ", ".join(written[:3]) + (f" (+{len(written) - 3} figures)" if len(written) > 3 else ""))
+
+
+def print_sanity(rep, console) -> None:
+    """The tables: one per method (a row per randomisation step), then the verdicts."""
+    from rich.table import Table
+
+    from .similarity import MEASURES
+
+    n_layers = len(rep.layers)
+    console.print(f"[bold]{os.path.basename(rep.model)}[/]: {n_layers} weight layers, "
+                  f"{len(rep.images)} image(s), targets: " + ", ".join(f"{k}: {v}" for k, v in rep.targets.items()))
+    heads = {"spearman": "Spearman", "spearman_abs": "Spearman(abs)", "ssim": "SSIM", "hog": "HOG (Pearson)"}
+    for m in rep.methods:
+        table = Table(title=f"{m}: similarity to the original map (mean ± std over images)", title_justify="left")
+        for col in ("test", "step", "randomised"):
+            table.add_column(col)
+        for k in MEASURES:
+            table.add_column(heads[k], justify="right")
+        for k, s in enumerate(rep.steps):
+            mu, sd = rep.mean(m, k), rep.std(m, k)
+            table.add_row(s.mode, str(s.index), s.label, *[_pm(mu[x], sd[x], 2) for x in MEASURES])
+        console.print(table)
+    verdicts = rep.verdicts()
+    if not verdicts:
+        console.print("no verdict: run the cascading test (--mode cascading or both) for one")
+        return
+    table = Table(title="verdicts", title_justify="left")
+    for col in ("method", "test", "verdict"):
+        table.add_column(col)
+    for v in verdicts:
+        style = "green" if v.passed else "red"
+        table.add_row(v.method, v.mode, f"[{style}]{v.text}[/]")
+    console.print(table)
+
+
+# evaluate -----------------------------------------------------------------------------------
+
+def evaluate(
+    model: str = typer.Argument(..., help="ONNX model file"),
+    images: List[str] = typer.Argument(..., help="image files or folders"),
+    method: List[str] = typer.Option(["gradcam"], "--method", "-m", help="method name, repeatable, or 'all'"),
+    masks: Optional[str] = typer.Option(None, help="folder of object masks named like the images: adds the pointing games"),
+    step: Optional[int] = typer.Option(None, help="pixels changed per step (default: input pixels / 224, "
+                                       "i.e. 224 pixels at 224x224)"),
+    substrate: str = typer.Option("black", help="deletion substrate: black (a black image, preprocessed), "
+                                  "zero (an all-zero tensor) or blur"),
+    start: str = typer.Option("blur", help="insertion start: blur, black or zero"),
+    blur_sigma: Optional[float] = typer.Option(None, help="Gaussian sigma in input pixels (default: input size / 16)"),
+    tolerance: float = typer.Option(15, help="pointing game tolerance in image pixels"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="class index or label (default: top-1 of each image)"),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="layer tensor or node name for CAM methods"),
+    score: str = typer.Option("logit", help="what the methods explain: logit or probability"),
+    option: List[str] = typer.Option([], "--option", "-O", help="method option key=value"),
+    out_dir: str = typer.Option("out", "--out", "-o", help="output folder"),
+    preprocess: Optional[str] = typer.Option(None, help="preset: imagenet, caffe, tf, unit, raw (overrides metadata)"),
+    mean: Optional[str] = typer.Option(None, help="per-channel mean"),
+    std: Optional[str] = typer.Option(None, help="per-channel std"),
+    scale: Optional[float] = typer.Option(None, help="pixel scale applied before mean/std"),
+    bgr: Optional[bool] = typer.Option(None, "--bgr/--rgb", help="channel order"),
+    size: Optional[str] = typer.Option(None, help="input size HxW for models with a dynamic size"),
+    labels: Optional[str] = typer.Option(None, help="text file with one label per line"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    batch_size: Optional[int] = typer.Option(None, help="rows per ONNX Runtime run"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors"),
+) -> None:
+    """Deletion/insertion AUC (RISE) and, with --masks, the pointing games, per method.
+
+    Writes evaluation.csv (one row per image and method), evaluation.json (means, spreads, mean
+    curves, settings) and curves.png into --out.
+    """
+    from ..cli import _explainer, out
+    from .faithfulness import SUBSTRATES, evaluate as run
+    from .localization import find_mask, load_mask
+
+    for name, kind in (("--substrate", substrate), ("--start", start)):
+        if kind not in SUBSTRATES:
+            raise MethodError(f"{name} must be one of {', '.join(SUBSTRATES)}, not {kind!r}")
+    if step is not None and step < 1:
+        raise MethodError("--step must be at least 1 pixel")
+    methods = _method_names(method)
+    options = _method_options(methods, option)
+    files = _collect_images(images)
+    mask_arrays = None
+    if masks is not None:
+        if not os.path.isdir(masks):
+            raise MissingFileError(f"masks folder not found: {masks}")
+        mask_arrays = []
+        for f in files:
+            stem = os.path.basename(f).rsplit(".", 1)[0]
+            path = find_mask(masks, stem)
+            if path is None:
+                raise MissingFileError(f"no mask for {os.path.basename(f)} in {masks} (expected {stem}.png or similar)")
+            mask_arrays.append(load_mask(path))
+    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size)
+    with _progress(quiet) as bar:
+        task = bar.add_task("evaluate", total=None)
+
+        def report(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what[:60])
+
+        rep = run(ex, files, methods, masks=mask_arrays, step=step, deletion=substrate, insertion=start,
+                  blur_sigma=blur_sigma, tolerance=tolerance, target=target, layer=layer, score=score,
+                  options=options, progress=report)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, n) for n in ("evaluation.csv", "evaluation.json", "curves.png")]
+    _write_csv(paths[0], rep.rows())
+    with open(paths[1], "w") as f:
+        json.dump(rep.summary(), f, indent=2)
+    curves_figure(paths[2], rep)
+    if quiet:
+        return
+    print_evaluation(rep, out)
+    out.print("wrote " + ", ".join(paths))
+
+
+def print_evaluation(rep, console) -> None:
+    """One row per method, ranked by its mean rank over the measured metrics."""
+    from rich.table import Table
+
+    from .faithfulness import METRICS
+
+    s = rep.settings
+    console.print(f"[bold]{os.path.basename(rep.model)}[/]: {len(rep.images)} image(s); {s['steps']} steps of "
+                  f"{s['step']} pixels; deletion to {s['deletion_substrate']}, insertion from {s['insertion_start']} "
+                  f"(sigma {s['blur_sigma']:.3g}); score: {s['score']}")
+    stats = {m: rep.stats(m) for m in rep.methods}
+    keys = [k for k in METRICS if any(k in stats[m] for m in rep.methods)]
+    table = Table(title="faithfulness and localisation (mean ± std over images)", title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("method")
+    for k in keys:
+        name, higher = METRICS[k]
+        table.add_column(f"{name} {'↑' if higher else '↓'}", justify="right")
+    table.add_column("s/map", justify="right")
+    for m, mean_rank in rep.ranked():
+        st = stats[m]
+        cells = []
+        for k in keys:
+            if k not in st:
+                cells.append("-")
+            elif k == "hit":
+                n = sum(1 for r in rep.of(m) if r.hit is not None)
+                cells.append(f"{st[k][0]:.3f} ({int(round(st[k][0] * n))}/{n})")
+            else:
+                cells.append(_pm(*st[k]))
+        table.add_row(f"{mean_rank:.2f}", m, *cells, f"{st['seconds'][0]:.3f}")
+    console.print(table)
+    console.print("rank: mean over the columns of each method's rank (1 = best on all); "
+                  "pointing game tolerance " f"{s['tolerance']:g} px", style="dim")
+
+
+def curves_figure(path: str, rep) -> None:
+    """Mean deletion and insertion curves of every method, side by side."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=100)
+    ax_d, ax_i = fig.subplots(1, 2)
+    if len(rep.methods) > 10:  # the default cycle repeats after ten colours
+        from cycler import cycler
+        from matplotlib import colormaps
+
+        colours = cycler(color=[colormaps["tab20"](i % 20) for i in range(len(rep.methods))])
+        ax_d.set_prop_cycle(colours)
+        ax_i.set_prop_cycle(colours)
+    for m in rep.methods:
+        rs = rep.of(m)
+        x = rs[0].curves.x
+        st = rep.stats(m)
+        ax_d.plot(x, np.mean([r.curves.deletion for r in rs], axis=0), label=f"{m} ({st['deletion'][0]:.3f})")
+        ax_i.plot(x, np.mean([r.curves.insertion for r in rs], axis=0), label=f"{m} ({st['insertion'][0]:.3f})")
+    for ax, title in ((ax_d, "deletion (AUC, lower is better)"), (ax_i, "insertion (AUC, higher is better)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("fraction of pixels changed")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+    ax_d.set_ylabel("probability of the target class")
+    fig.tight_layout()
+    fig.savefig(path)

@@ -1,0 +1,256 @@
+"""Deletion/insertion AUC and the pointing games against closed-form values on tiny cases, the
+`evaluate` command end to end, and Grad-CAM's pointing game on the demo model."""
+
+import glob
+import json
+import math
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+import tiny
+from onnxsal import Explainer
+from onnxsal.cli import main
+from onnxsal.errors import ImageError
+from onnxsal.evaluate.faithfulness import (auc, default_step, deletion_insertion, evaluate, fractions, pixel_order,
+                                           substrate)
+from onnxsal.evaluate.localization import energy_inside, load_mask, pointing_hit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "models", "demo", "demo_shapes.onnx")
+
+C = math.log(3.0)   # sigmoid(C) = 3/4, sigmoid(2C) = 9/10, sigmoid(0) = 1/2
+REGION = [(1, 2), (3, 0)]
+
+
+def region_model(layout: str = "NCHW", head: str = "softmax") -> onnx.ModelProto:
+    """4x4 one-channel input; logits = (C * sum of the two REGION pixels, 0).
+
+    So p(class 0) = sigmoid(C * pixels of the region still showing): 9/10, 3/4 or 1/2.
+    head: softmax (two logits), none (two logits, no activation), sigmoid (one unit).
+    """
+    w = np.zeros((2, 16), np.float32)
+    for r, c in REGION:
+        w[0, r * 4 + c] = C
+    nodes = []
+    x = "image"
+    if layout == "NHWC":
+        nodes.append(helper.make_node("Transpose", ["image"], ["chw"], perm=[0, 3, 1, 2]))
+        x = "chw"
+    nodes.append(helper.make_node("Flatten", [x], ["flat"]))
+    if head == "sigmoid":
+        w = w[:1]
+    nodes.append(helper.make_node("Gemm", ["flat", "w"], ["logits"], transB=1))
+    out, n_out = "logits", len(w)
+    if head == "softmax":
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=-1))
+        out = "probs"
+    elif head == "sigmoid":
+        nodes.append(helper.make_node("Sigmoid", ["logits"], ["probs"]))
+        out = "probs"
+    shape = [None, 1, 4, 4] if layout == "NCHW" else [None, 4, 4, 1]
+    graph = helper.make_graph(nodes, "region", [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [None, n_out])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.metadata_props.add(key="onnxsal.preprocess", value=json.dumps({"preset": "unit"}))
+    onnx.checker.check_model(model)
+    return model
+
+
+def region_first_map() -> np.ndarray:
+    """Region pixels most salient, then everything else in raster order."""
+    m = np.linspace(1.0, 0.0, 16).reshape(4, 4) * 0.5
+    m[REGION[0]], m[REGION[1]] = 2.0, 1.0
+    return m
+
+
+# building blocks ----------------------------------------------------------------------------
+
+def test_order_fractions_and_trapezoid():
+    rank = pixel_order(np.array([[0.1, 0.9], [0.5, 0.5]]))
+    assert rank.tolist() == [[3, 0], [1, 2]]                 # ties keep raster order
+    assert fractions(16, 3).tolist() == [0, 3 / 16, 6 / 16, 9 / 16, 12 / 16, 15 / 16, 1]
+    assert fractions(16, 16).tolist() == [0, 1]
+    assert auc([0, 0.5, 1], [1, 1, 0]) == pytest.approx(0.75)
+    assert default_step((224, 224)) == 224 and default_step((64, 64)) == 18
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("head", ["softmax", "none", "sigmoid"])
+def test_deletion_and_insertion_in_closed_form(layout, head):
+    ex = Explainer(region_model(layout, head), "cpu")
+    x = np.ones((1, 1, 4, 4) if layout == "NCHW" else (1, 4, 4, 1), np.float32)
+    target = 1 if head == "sigmoid" else 0
+    c = deletion_insertion(ex, x, region_first_map(), target, step=1, deletion="black", insertion="zero")
+    # deletion: both region pixels first -> 9/10, 3/4, then 1/2 for the 14 remaining steps
+    np.testing.assert_allclose(c.deletion, [0.9, 0.75] + [0.5] * 15, atol=1e-6)
+    assert c.deletion_auc == pytest.approx(((0.9 + 0.75) / 2 + (0.75 + 0.5) / 2 + 14 * 0.5) / 16)   # 0.528125
+    # insertion from zeros: 1/2, then 3/4, then 9/10 to the end
+    np.testing.assert_allclose(c.insertion, [0.5, 0.75] + [0.9] * 15, atol=1e-6)
+    assert c.insertion_auc == pytest.approx(((0.5 + 0.75) / 2 + (0.75 + 0.9) / 2 + 14 * 0.9) / 16)  # 0.878125
+
+
+def test_a_step_that_does_not_divide_the_image():
+    ex = Explainer(region_model(), "cpu")
+    c = deletion_insertion(ex, np.ones((1, 1, 4, 4), np.float32), region_first_map(), 0, step=3, deletion="zero")
+    assert c.x.tolist() == [0, 3 / 16, 6 / 16, 9 / 16, 12 / 16, 15 / 16, 1]
+    # the whole region goes in the first step: 0.9 then 0.5 flat
+    assert c.deletion_auc == pytest.approx(3 / 16 * (0.9 + 0.5) / 2 + 13 / 16 * 0.5)             # 0.5375
+
+
+def test_the_worst_order_deletes_the_region_last():
+    ex = Explainer(region_model(), "cpu")
+    worst = -region_first_map()
+    c = deletion_insertion(ex, np.ones((1, 1, 4, 4), np.float32), worst, 0, step=1, deletion="zero")
+    np.testing.assert_allclose(c.deletion, [0.9] * 15 + [0.75, 0.5], atol=1e-6)
+    assert c.deletion_auc == pytest.approx((14 * 0.9 + (0.9 + 0.75) / 2 + (0.75 + 0.5) / 2) / 16)   # 0.878125
+
+
+def test_substrates():
+    ex = Explainer(tiny.conv_net(size=16), "cpu", preprocess="imagenet")
+    x = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32)
+    black = substrate(ex, x, "black")
+    np.testing.assert_allclose(black[0, :, 5, 7], -np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225]),
+                               rtol=1e-6)
+    assert not substrate(ex, x, "zero").any()
+    flat = np.full_like(x, 0.3)
+    np.testing.assert_allclose(substrate(ex, flat, "blur"), flat, atol=1e-6)   # a blur keeps a flat image
+    blurred = substrate(ex, x, "blur")
+    assert blurred.std() < 0.5 * x.std()
+
+
+# pointing games -----------------------------------------------------------------------------
+
+def square_mask() -> np.ndarray:
+    mask = np.zeros((40, 40), bool)
+    mask[18:23, 5:21] = True          # rows 18..22, columns 5..20
+    return mask
+
+
+@pytest.mark.parametrize("point,distance", [
+    ((20, 35), 15.0),                  # 15 columns right of column 20
+    ((20, 36), 16.0),
+    ((31, 32), 15.0),                  # 9 rows below row 22, 12 columns right of column 20: a 9-12-15 triangle
+    ((32, 32), math.hypot(10, 12)),
+])
+def test_pointing_game_tolerance(point, distance):
+    m = np.zeros((40, 40))
+    m[point] = 1.0
+    assert pointing_hit(m, square_mask(), 15) is (distance <= 15)
+    assert pointing_hit(m, square_mask(), distance) is True            # the tolerance is inclusive
+    assert pointing_hit(m, square_mask(), distance - 0.01) is False
+
+
+def test_pointing_game_inside_and_degenerate_maps():
+    m = np.zeros((40, 40))
+    m[20, 10] = 1.0
+    assert pointing_hit(m, square_mask(), 0)
+    assert not pointing_hit(np.ones((40, 40)), square_mask())          # a constant map points nowhere
+    with pytest.raises(ImageError, match="empty"):
+        pointing_hit(m, np.zeros((40, 40), bool))
+    with pytest.raises(ImageError, match="image's size"):
+        pointing_hit(m, np.zeros((20, 40), bool))
+
+
+def test_energy_pointing_game_by_hand():
+    m = np.zeros((40, 40))
+    m[20, 10], m[19, 6] = 3.0, 1.0      # inside the mask: 4
+    m[0, 0], m[39, 39] = 2.5, 1.5       # outside: 4
+    m[5, 5] = -10.0                     # negative evidence is not energy
+    assert energy_inside(m, square_mask()) == pytest.approx(0.5)
+    assert energy_inside(-np.ones((40, 40)), square_mask()) == 0.0
+
+
+def test_load_mask_png_and_npy(tmp_path):
+    mask = square_mask()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    np.save(tmp_path / "m.npy", mask.astype(np.uint8))
+    assert np.array_equal(load_mask(tmp_path / "m.png"), mask)
+    assert np.array_equal(load_mask(tmp_path / "m.npy"), mask)
+
+
+# the whole evaluation and the command -------------------------------------------------------
+
+def test_evaluate_scores_every_method_and_image():
+    ex = Explainer(tiny.conv_net(size=16), "cpu")
+    rng = np.random.default_rng(0)
+    xs = [rng.random((1, 3, 16, 16)).astype(np.float32) for _ in range(2)]
+    masks = [np.zeros((16, 16), bool) for _ in xs]
+    for m in masks:
+        m[4:12, 4:12] = True
+    rep = evaluate(ex, xs, ["saliency", "occlusion"], masks=masks, step=8, options={"occlusion": {"window": 4}})
+    assert len(rep.results) == 4 and rep.images == ["array", "array~1"]
+    for r in rep.results:
+        assert 0 <= r.deletion <= 1 and 0 <= r.insertion <= 1 and r.hit in (True, False) and 0 <= r.energy <= 1
+        assert len(r.curves.x) == 16 * 16 // 8 + 1
+    # every method explains the same class of an image
+    assert len({(r.image, r.target) for r in rep.results}) == 2
+    assert [m for m, _ in rep.ranked()] == sorted(rep.methods, key=lambda m: dict(rep.ranked())[m])
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny.conv_net(size=16), model)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / "images" / f"{name}.png")
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:24, 8:24] = 255
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{name}.png")
+    return tmp_path, str(model)
+
+
+def test_evaluate_command_writes_csv_json_and_curves(folder, capsys):
+    tmp, model = folder
+    out = tmp / "o"
+    code = main(["evaluate", model, str(tmp / "images"), "-m", "gradcam", "-m", "occlusion", "-O", "window=4",
+                 "--masks", str(tmp / "masks"), "--out", str(out), "--device", "cpu", "--step", "16"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert sorted(os.listdir(out)) == ["curves.png", "evaluation.csv", "evaluation.json"]
+    assert "pointing game" in text and "deletion AUC" in text and "rank" in text
+    lines = (out / "evaluation.csv").read_text().splitlines()
+    assert lines[0] == "image,method,target,label,deletion_auc,insertion_auc,pointing_hit,energy_pg,seconds"
+    assert len(lines) == 1 + 2 * 2
+    summary = json.loads((out / "evaluation.json").read_text())
+    assert set(summary["methods"]) == {"gradcam", "occlusion"}
+    assert summary["settings"]["step"] == 16 and summary["settings"]["steps"] == 16
+    g = summary["methods"]["gradcam"]
+    assert set(g) >= {"deletion", "insertion", "hit", "energy", "mean_rank", "curves"}
+    assert len(g["curves"]["x"]) == 17
+
+
+def test_evaluate_command_errors_are_one_line(folder, capsys):
+    tmp, model = folder
+    os.remove(tmp / "masks" / "b.png")
+    code = main(["evaluate", model, str(tmp / "images"), "--masks", str(tmp / "masks"), "--out", str(tmp / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "no mask for b.png" in err and len(err.splitlines()) == 1
+    code = main(["evaluate", model, str(tmp / "images"), "--substrate", "grey"])
+    assert code != 0 and "--substrate" in capsys.readouterr().err
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp / "masks" / "b.png")
+    code = main(["evaluate", model, str(tmp / "images"), "--masks", str(tmp / "masks"), "--out", str(tmp / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "the mask of b is 32x16 pixels but the image is 32x32" in err
+
+
+# the demo model -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not os.path.exists(DEMO), reason="demo model not built")
+def test_gradcam_points_at_the_shapes_of_the_demo_model():
+    ex = Explainer(DEMO, "cpu")
+    images = sorted(glob.glob(os.path.join(ROOT, "models", "demo", "images", "*.png")))
+    masks = [load_mask(p.replace(os.sep + "images" + os.sep, os.sep + "masks" + os.sep)) for p in images]
+    rep = evaluate(ex, images, ["gradcam"], masks=masks, step=256)     # 16 steps: the AUCs are not under test
+    hits = [r.hit for r in rep.results]
+    assert len(hits) == 12 and np.mean(hits) >= 0.95
+    assert [r.label for r in rep.results] == [os.path.basename(p)[3:-4] for p in images]
