@@ -240,9 +240,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         err.print("aborted")
         return 130
     except Exception as exc:  # click usage errors and anything unexpected: still one line
-        import click
-
-        if isinstance(exc, click.ClickException):
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click usage errors
             err.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
             return exc.exit_code
         err.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)

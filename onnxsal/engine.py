@@ -35,12 +35,14 @@ class Engine:
 
     # forward ---------------------------------------------------------------------------------
     def outputs(self, x: np.ndarray, tensors: Sequence[str], progress: Optional[Progress] = None) -> list[np.ndarray]:
-        """Values of `tensors` for a batch of inputs (run in chunks)."""
-        tensors = list(dict.fromkeys(tensors))
-        key = "expose:" + "|".join(tensors)
-        sess = self.runtime.session(key, lambda: expose(self.model.proto, tensors))
-        return self.runtime.run_batched(sess, {self.model.input.name: x}, outputs=tensors,
-                                        batch_size=self.batch_size, progress=progress)
+        """Values of `tensors` for a batch of inputs (run in chunks), one per requested name."""
+        unique = list(dict.fromkeys(tensors))
+        key = "expose:" + "|".join(unique)
+        sess = self.runtime.session(key, lambda: expose(self.model.proto, unique))
+        values = self.runtime.run_batched(sess, {self.model.input.name: x}, outputs=unique,
+                                          batch_size=self.batch_size, progress=progress)
+        by_name = dict(zip(unique, values))
+        return [by_name[t] for t in tensors]
 
     def scores(self, x: np.ndarray, targets: Sequence[Target], score: str = "logit",
                progress: Optional[Progress] = None) -> np.ndarray:

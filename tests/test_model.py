@@ -126,3 +126,9 @@ def test_expose_gives_model_activations():
     ref = tiny.numpy_forward(m.proto, x)
     np.testing.assert_allclose(relu1, ref["relu1"], atol=1e-4)
     np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
+
+
+def test_model_without_final_activation_explains():
+    ex = onnxsal.Explainer(tiny.conv_net(softmax=False), "cpu")
+    res = ex.explain(np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32), "gradcam")
+    np.testing.assert_array_equal(res.scores, res.logits)

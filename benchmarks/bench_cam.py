@@ -1,0 +1,69 @@
+"""CAM methods: onnxsal (ONNX Runtime) against pytorch-grad-cam (PyTorch), same network and layer.
+
+    .venv-bench/bin/python benchmarks/bench_cam.py [--net resnet50] [--scorecam-net mobilenet_v2]
+
+Grad-CAM, Grad-CAM++, XGrad-CAM and LayerCAM run on `--net` at its last block; Score-CAM
+(one forward pass per channel) runs on the smaller `--scorecam-net`. Prints seconds per map,
+speed-up and the Pearson correlation of the two maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from bench_captum import test_image
+from common import machine, onnx_path, pearson, table, timeit, torch_net
+
+import onnxsal
+
+
+def last_block(net):
+    if hasattr(net, "layer4"):
+        return net.layer4[-1]
+    return net.features[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--net", default="resnet50")
+    ap.add_argument("--scorecam-net", default="mobilenet_v2")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    print(f"# {machine()}; torch {torch.__version__}; median of {args.repeat}", flush=True)
+    rows = []
+    x = test_image(args.size)
+    plan = [(args.net, "gradcam", GradCAM), (args.net, "gradcam++", GradCAMPlusPlus), (args.net, "xgradcam", XGradCAM),
+            (args.net, "layercam", LayerCAM), (args.scorecam_net, "scorecam", ScoreCAM)]
+    cache = {}
+    for name, method, cls in plan:
+        if name not in cache:
+            cache[name] = (torch_net(name), onnxsal.Explainer(onnx_path(name, args.size), "cpu", preprocess="raw"))
+        net, ex = cache[name]
+        xt = torch.tensor(x)
+        target = int(net(xt).argmax())
+        cam = cls(model=net, target_layers=[last_block(net)])
+        targets = [ClassifierOutputTarget(target)]
+        repeat = 1 if method == "scorecam" else args.repeat
+        t_ref = timeit(lambda: cam(input_tensor=xt, targets=targets), repeat, warmup=0 if method == "scorecam" else 1)
+        t_ours = timeit(lambda: ex.explain(x, method, target=target), repeat, warmup=1)
+        ref = cam(input_tensor=xt, targets=targets)[0] if method != "scorecam" else None
+        ours = ex.explain(x, method, target=target).map
+        if ref is None:
+            ref = cam(input_tensor=xt, targets=targets)[0]
+        rows.append([f"{method} ({name}, {ex.model.default_layer.shape[0]} ch)", t_ref, t_ours, t_ref / t_ours, pearson(ours, ref)])
+        print(rows[-1], flush=True)
+        cam.activations_and_grads.release()
+    print(table(["method", "pytorch-grad-cam s", "onnxsal s", "speed-up", "Pearson"], rows))
+
+
+if __name__ == "__main__":
+    main()
