@@ -9,7 +9,7 @@ DEMO_MODEL ?= models/demo/demo_shapes.onnx
 DEMO_IMAGE ?= models/demo/images/00_circle.png
 DEMO_OUT   ?= out/demo
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test install install-dev bench-env bench clean
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,21 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# A separate environment for side-by-side speed runs: torchvision (absent from the test environment,
+# it does not import beside torch 2.13), Captum, pytorch-grad-cam and onnx-ad beside onnxsal.
+.venv-bench/.done: pyproject.toml
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	.venv-bench/bin/python -m pip install --quiet captum grad-cam onnx-ad -e ".[cpu]"
+	touch $@
+
+bench-env: .venv-bench/.done
+
+bench: .venv-bench/.done
+	cd benchmarks && ../.venv-bench/bin/python bench_vjp.py
+	cd benchmarks && ../.venv-bench/bin/python bench_captum.py
+	cd benchmarks && ../.venv-bench/bin/python bench_cam.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

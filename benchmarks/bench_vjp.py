@@ -29,10 +29,16 @@ def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def onnx_ad_graph(fwd: onnx.ModelProto, x: str, y: str):
+def onnx_ad_graph(fwd: onnx.ModelProto, x: str, y: str, batch: int):
+    """onnx-ad's reverse graph; it needs every shape declared, so the batch is fixed per graph."""
+    from onnx import shape_inference
     from onnx_ad import reverse
 
-    return reverse(fwd, inputs=[x], outputs=[y], layout="onnx")
+    fixed = onnx.ModelProto.FromString(fwd.SerializeToString())
+    for vi in list(fixed.graph.input) + list(fixed.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = batch
+    del fixed.graph.value_info[:]
+    return reverse(shape_inference.infer_shapes(fixed), inputs=[x], outputs=[y], layout="onnx")
 
 
 def main() -> None:
@@ -54,14 +60,13 @@ def main() -> None:
         fwd_model = expose(m.proto, [y])
         fwd = session(fwd_model, threads)
         bwd = session(vjp(m.proto, y, [x_name]), threads)
-        ad = None
-        if not args.no_onnx_ad:
-            try:
-                ad_model = onnx_ad_graph(fwd_model, x_name, y)
-                ad = session(ad_model, threads)
-            except Exception as exc:  # report, keep going
-                print(f"onnx-ad failed on {net}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
         for b in (int(v) for v in args.batches.split(",")):
+            ad = None
+            if not args.no_onnx_ad:
+                try:
+                    ad = session(onnx_ad_graph(fwd_model, x_name, y, b), threads)
+                except Exception as exc:  # report, keep going
+                    print(f"onnx-ad failed on {net}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
             shape = (b, 3) + m.input.size if m.input.layout == "NCHW" else (b,) + m.input.size + (3,)
             x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
             seed = np.zeros((b, m.num_classes), np.float32)
@@ -73,7 +78,7 @@ def main() -> None:
                 feeds = {x_name: x}
                 for inp in ad.get_inputs():
                     if inp.name != x_name:
-                        feeds[inp.name] = seed.reshape(seed.shape + (1,)) if len(inp.shape) == 3 else seed
+                        feeds[inp.name] = seed.reshape(seed.shape + (1,))
                 t_a = timeit(lambda: ad.run(None, feeds), max(1, args.repeat // 2))
                 row += [t_a * 1e3, t_a / t_f]
             else:

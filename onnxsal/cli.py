@@ -163,7 +163,8 @@ def explain(
     noted: set = set()
     for res in results:
         tgt = ", ".join(f"{t.label} ({t.index})" for t in res.targets)
-        where = f" at {res.layer}" if res.layer else ""
+        alias = {t: k for k, t in ex.model.layer_aliases.items()}.get(res.layer)
+        where = f" at {alias} ({res.layer})" if alias else (f" at {res.layer}" if res.layer else "")
         out.print(f"{res.name}: {res.method}{where} -> {tgt}  [{res.seconds:.2f}s]  "
                   f"{os.path.join(out_dir, res.name + '.' + res.method + '.png')}")
         for note in res.notes:

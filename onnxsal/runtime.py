@@ -121,7 +121,8 @@ class Runtime:
                     progress: Optional[Progress] = None) -> list[np.ndarray]:
         """Run `batched` feeds (same leading size) in chunks; `fixed` feeds are broadcast to each chunk."""
         n = len(next(iter(batched.values())))
-        bs = self.batch_size(sess, batch_size)
+        cap = self.batch_size(sess, batch_size)
+        bs = -(-n // -(-n // cap))   # equal chunks under the cap: 20 rows at cap 16 run as 10 + 10, not 16 + 4
         parts: list[list[np.ndarray]] = []
         for start in range(0, n, bs):
             stop = min(n, start + bs)
