@@ -21,6 +21,7 @@ class Context:
     score: str = "logit"
     progress: Optional[Progress] = None
     info: dict = field(default_factory=dict)   # numbers a method reports back (e.g. IG's completeness gap)
+    acts: Optional[np.ndarray] = None          # the layer's activations, when already computed
 
     @property
     def model(self) -> Model:
@@ -56,9 +57,10 @@ class Context:
         return self.engine.scores(xb, self.targets, self.score, self.progress)
 
     def activations(self) -> np.ndarray:
-        """(1, K, h, w) activations of the chosen layer for the input."""
-        (a,) = self.engine.outputs(self.x, [self.layer.tensor])
-        return a
+        """(1, K, h, w) activations of the chosen layer for the input (from the first forward pass)."""
+        if self.acts is None:
+            (self.acts,) = self.engine.outputs(self.x, [self.layer.tensor])
+        return self.acts
 
     def gradients(self, xb: np.ndarray, seed_rows: np.ndarray, wrt: Sequence[str], extra: Sequence[str] = (),
                   rules: Optional[Mapping] = None, rules_name: str = "") -> dict[str, np.ndarray]:

@@ -32,6 +32,7 @@ class Engine:
         self.model = model
         self.runtime = runtime
         self.batch_size = batch_size
+        self._no_tail: set = set()
 
     # forward ---------------------------------------------------------------------------------
     def outputs(self, x: np.ndarray, tensors: Sequence[str], progress: Optional[Progress] = None) -> list[np.ndarray]:
@@ -73,6 +74,41 @@ class Engine:
         results = self.runtime.run_batched(sess, {self.model.input.name: x, grad_in.name: seeds},
                                            outputs=names, batch_size=self.batch_size, progress=progress)
         return dict(zip(names, results))
+
+
+    def layer_gradients(self, acts: np.ndarray, seeds: np.ndarray, layer: str, *, score: str = "logit",
+                        progress: Optional[Progress] = None) -> Optional[np.ndarray]:
+        """d score / d layer from the layer's activations alone, through the tail of the network.
+
+        The forward pass up to the layer has already run (to pick the targets), so running only
+        the tail's forward + VJP halves a CAM's cost. Returns None when the layer does not cut the
+        network in two (a skip connection crosses it); callers then use the whole-model VJP.
+        """
+        from .errors import LayerError
+        from .graph.autodiff import vjp
+        from .graph.surgery import split
+
+        y = self.model.score_tensor(score)
+        key = f"tailvjp:{y}|{layer}"
+        if key in self._no_tail:
+            return None
+
+        def build():
+            _, tail = split(self.model.proto, layer, [y])
+            return vjp(tail, y, [layer])
+
+        try:
+            sess = self.runtime.session(key, build)
+        except LayerError:
+            self._no_tail.add(key)
+            return None
+        names = [o.name for o in sess.get_outputs()]
+        grad_in = next(i for i in sess.get_inputs() if i.name != layer)
+        rows = np.asarray(seeds, np.float32).reshape((len(seeds),) + tuple(
+            d if isinstance(d, int) and d > 0 else 1 for d in grad_in.shape[1:]))
+        out = self.runtime.run_batched(sess, {layer: acts.astype(np.float32), grad_in.name: rows},
+                                       outputs=names, batch_size=self.batch_size, progress=progress)
+        return dict(zip(names, out))["grad_" + layer]
 
 
 def score_rows(out: np.ndarray, targets: Sequence[Target]) -> np.ndarray:

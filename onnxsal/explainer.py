@@ -198,10 +198,11 @@ class Explainer:
         m = self.model
         the_layer: Optional[Layer] = m.find_layer(layer) if spec.needs_layer or layer is not None and spec.family == "cam" else None
         start = time.perf_counter()
-        logits, out = self.engine.outputs(prepared.tensor, [m.logits, m.output])
+        wanted = [m.logits, m.output] + ([the_layer.tensor] if the_layer else [])
+        logits, out, *acts = self.engine.outputs(prepared.tensor, wanted)   # one forward pass for all three
         logits, out = logits.reshape(-1), out.reshape(-1)
         targets = self.targets(logits if m.activation is None else out, target, top_k, score)
-        ctx = Context(self.engine, prepared.tensor, targets, the_layer, score, progress)
+        ctx = Context(self.engine, prepared.tensor, targets, the_layer, score, progress, acts=acts[0] if acts else None)
         raw = np.asarray(spec.fn(ctx, **opts), np.float32)
         maps = finish(raw, m.input.size, smooth)
         if prepared.display is not None and prepared.display.shape[:2] != tuple(m.input.size):

@@ -182,3 +182,46 @@ def test_demo_model_gradients_and_cams_against_torch_autograd():
             out = ex.explain(x, method, target=target)
             np.testing.assert_allclose(out.raw[0], expected, atol=1e-4 * max(np.abs(expected).max(), 1e-6),
                                        rtol=1e-3, err_msg=method)
+
+
+def test_tail_gradients_equal_whole_model_gradients_and_skip_connections_fall_back():
+    """CAMs differentiate only the tail after the layer; a layer bypassed by a skip uses the whole VJP."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxsal.context import Context
+    from onnxsal.engine import make_targets
+    from onnxsal.methods.cam import layer_grads
+
+    model = tiny.conv_net(seed=7)
+    ex = onnxsal.Explainer(model, "cpu")
+    x = np.random.default_rng(3).random((1, 3, 16, 16)).astype(np.float32)
+    ctx = Context(ex.engine, x, make_targets(ex.model, [0, 2]), ex.model.find_layer("relu1"))
+    a, g = layer_grads(ctx)
+    whole = ctx.gradients(np.repeat(x, 2, axis=0), ctx.seeds, wrt=["relu1"], extra=["relu1"])
+    np.testing.assert_allclose(g, whole["grad_relu1"], atol=1e-6)
+    np.testing.assert_allclose(a, whole["relu1"], atol=1e-6)
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32), "w2")
+    wf = numpy_helper.from_array(rng.normal(0, 1, (3, 4)).astype(np.float32), "wf")
+    nodes = [helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "r1"], ["sum"]),          # the skip crosses c2
+             helper.make_node("Relu", ["sum"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "wf"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 3])], [w1, w2, wf])
+    res_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    res_model.ir_version = 8
+    ex = onnxsal.Explainer(res_model, "cpu", preprocess="raw")
+    x = rng.random((1, 3, 8, 8)).astype(np.float32)
+    ctx = Context(ex.engine, x, make_targets(ex.model, [1]), ex.model.find_layer("c2"))
+    assert ex.engine.layer_gradients(ctx.activations(), ctx.seeds, "c2") is None
+    a, g = layer_grads(ctx)
+    # d logit / d c2 = d logit / d sum: the tail from "sum" is cut cleanly, so compare with it
+    sum_acts = ex.engine.outputs(x, ["sum"])[0]
+    ref = ex.engine.layer_gradients(sum_acts, ctx.seeds, "sum")
+    np.testing.assert_allclose(g, ref, atol=1e-6)

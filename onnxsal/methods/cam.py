@@ -20,12 +20,19 @@ EPS = 1e-7
 
 
 def layer_grads(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
-    """(T, K, h, w) activations and gradients of each target's score w.r.t. the layer, in one run."""
+    """(T, K, h, w) activations and gradients of each target's score w.r.t. the layer.
+
+    The activations come from the forward pass that chose the targets; the gradients from the
+    tail of the network alone when the layer cuts it in two, else from the whole model's VJP.
+    """
     t = len(ctx.targets)
-    xb = np.repeat(ctx.x, t, axis=0)
     name = ctx.layer.tensor
-    out = ctx.gradients(xb, ctx.seeds, wrt=[name], extra=[name])
-    return out[name], out["grad_" + name]
+    acts = np.repeat(ctx.activations(), t, axis=0)
+    g = ctx.engine.layer_gradients(acts, ctx.seeds, name, score=ctx.score, progress=ctx.progress)
+    if g is None:
+        out = ctx.gradients(np.repeat(ctx.x, t, axis=0), ctx.seeds, wrt=[name], extra=[name])
+        return out[name], out["grad_" + name]
+    return acts, g
 
 
 def gradcam_weights(a: np.ndarray, g: np.ndarray) -> np.ndarray:
