@@ -113,9 +113,6 @@ class Runtime:
         per = getattr(sess, "_onnxsal_per_sample", 0) or 1
         return int(max(1, min(64, (self.memory_mb * 2**20) // per)))
 
-    def run(self, sess: ort.InferenceSession, feeds: dict, outputs: Optional[Sequence[str]] = None) -> list[np.ndarray]:
-        return sess.run(list(outputs) if outputs else None, feeds)
-
     def run_batched(self, sess: ort.InferenceSession, batched: dict, fixed: Optional[dict] = None,
                     outputs: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
                     progress: Optional[Progress] = None) -> list[np.ndarray]:

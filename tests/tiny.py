@@ -69,10 +69,6 @@ def dense_net(size: int = 8, classes: int = 3, seed: int = 0) -> onnx.ModelProto
     return model
 
 
-def nhwc_weights_from(nchw_image: np.ndarray) -> np.ndarray:
-    return nchw_image.transpose(0, 2, 3, 1)
-
-
 def _conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int, stride: int) -> np.ndarray:
     n, c, h, wd = x.shape
     m, _, kh, kw = w.shape
