@@ -138,12 +138,18 @@ def explain(
     results = []
     with Progress(console=err, transient=True, disable=quiet) as bar:
         task = bar.add_task("explaining", total=len(images) * len(specs))
+        rows = bar.add_task("  batches", total=None)
+
+        def batches(done: int, total: int) -> None:   # long runs (RISE, Score-CAM, IG) report each batch
+            bar.update(rows, completed=done, total=total)
+
         for image in images:
             prepared = ex.prepare(image)
             for spec in specs:
                 bar.update(task, description=f"{prepared.name}: {spec.name}")
                 kw = {k: v for k, v in opts.items() if k in spec.defaults}
-                res = ex.explain(prepared, spec.name, targets, top_k=top_k, layer=layer, score=score, smooth=smooth, **kw)
+                res = ex.explain(prepared, spec.name, targets, top_k=top_k, layer=layer, score=score, smooth=smooth,
+                                 progress=batches, **kw)
                 results.append(res)
                 bar.advance(task)
     # write everything into a scratch folder first, so a failure leaves nothing half-written in --out
