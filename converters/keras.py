@@ -482,9 +482,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
             notes.append("layer names matched from TensorFlow name scopes (best effort: fused layers are missing)")
     if skipped:
         notes.append(f"no channels-first tensor for layers {', '.join(skipped)}; they are left out of the layer map")
-    metadata.name_batch(proto)
-    num_classes = int(np.prod([d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim[1:]]) or 0)
-    metadata.check_labels(label_list, num_classes)
+    metadata.finish_graph(proto, label_list)
 
     diff = None
     if check:

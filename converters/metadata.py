@@ -254,6 +254,14 @@ def check_labels(labels: Optional[Sequence[str]], num_classes: int) -> None:
         raise ConversionError(f"{len(labels)} labels given but the model has {num_classes} outputs")
 
 
+def finish_graph(proto: onnx.ModelProto, labels: Optional[Sequence[str]]) -> int:
+    """Name the batch dimension and check the labels against the output width; returns that width."""
+    name_batch(proto)
+    num_classes = int(np.prod([d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim[1:]]) or 0)
+    check_labels(labels, num_classes)
+    return num_classes
+
+
 def run_onnx(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """The first output of the converted model on `x`, in ONNX Runtime on the CPU."""
     import onnxruntime as ort

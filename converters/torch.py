@@ -228,9 +228,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
     found, skipped = metadata.strip_outputs(proto, extra, channels_last=False)
     if skipped:
         notes.append(f"no tensor left for modules {', '.join(skipped)}; they are left out of the layer map")
-    metadata.name_batch(proto)
-    num_classes = int(np.prod([d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim[1:]]) or 0)
-    metadata.check_labels(label_list, num_classes)
+    metadata.finish_graph(proto, label_list)
 
     diff = None
     if check:

@@ -199,6 +199,19 @@ def _kernel(ctx: RuleContext, w: str, nsp: int) -> list[int]:
 # Conv.
 
 
+def _start(ctx: RuleContext, gy: list[Optional[str]]) -> tuple[list[Optional[str]], Optional[str], int]:
+    """What Conv and ConvTranspose share: refuse weight gradients, form the bias gradient."""
+    res: list[Optional[str]] = [None] * len(ctx.inputs)
+    dy = gy[0]
+    if dy is None:
+        return res, None, 0
+    _refuse_weight_grads(ctx)
+    nsp = _n_spatial(ctx, ctx.inputs[1])
+    if len(res) > 2:
+        res[2] = _bias_grad(ctx, dy, nsp)
+    return res, dy, nsp
+
+
 @vjp_rule("Conv")
 def conv(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
     """``dx = Conv^T dy``: a flipped-weight Conv for stride 1, else ConvTranspose(dy, W).
@@ -207,17 +220,10 @@ def conv(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
     gradient is ``dy`` summed over batch and space.  Weight gradients are not
     formed: saliency needs input and activation gradients only.
     """
-    res: list[Optional[str]] = [None] * len(ctx.inputs)
-    dy = gy[0]
-    if dy is None:
+    res, dy, nsp = _start(ctx, gy)
+    if dy is None or not ctx.needs_grad(0):
         return res
-    _refuse_weight_grads(ctx)
     x, w = ctx.inputs[0], ctx.inputs[1]
-    nsp = _n_spatial(ctx, w)
-    if len(res) > 2:
-        res[2] = _bias_grad(ctx, dy, nsp)
-    if not ctx.needs_grad(0):
-        return res
 
     kernel = _kernel(ctx, w, nsp)
     strides = ints_attr(ctx, "strides", nsp, 1)
@@ -294,17 +300,10 @@ def conv_transpose(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[s
     ``output_padding`` (or a larger ``output_shape``) are read by no input, and
     any surplus Conv output they cause is sliced off.
     """
-    res: list[Optional[str]] = [None] * len(ctx.inputs)
-    dy = gy[0]
-    if dy is None:
+    res, dy, nsp = _start(ctx, gy)
+    if dy is None or not ctx.needs_grad(0):
         return res
-    _refuse_weight_grads(ctx)
     x, w = ctx.inputs[0], ctx.inputs[1]
-    nsp = _n_spatial(ctx, w)
-    if len(res) > 2:
-        res[2] = _bias_grad(ctx, dy, nsp)
-    if not ctx.needs_grad(0):
-        return res
 
     kernel = _kernel(ctx, w, nsp)
     strides = ints_attr(ctx, "strides", nsp, 1)
