@@ -15,6 +15,7 @@ from rich.table import Table
 
 from .methods import check_options, get as get_method, methods as method_names
 from .errors import OnnxsalError, MethodError
+from . import cli_options as O
 from .preprocess import parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -69,7 +70,7 @@ def _explainer(model: str, device: str, size: Optional[str], preprocess: Optiona
 
 @app.command()
 def inspect(model: str = typer.Argument(..., help="ONNX model file"),
-            size: Optional[str] = typer.Option(None, help="input size HxW for models with a dynamic size")) -> None:
+            size: Optional[str] = O.SIZE) -> None:
     """Show the model's input, outputs, logits, preprocessing and candidate layers."""
     from .model import load
 
@@ -105,23 +106,23 @@ def explain(
     method: List[str] = typer.Option(["gradcam"], "--method", "-m", help="method name, repeatable: " + "; ".join(method_names())),
     target: List[str] = typer.Option([], "--target", "-t", help="class index or label, repeatable (default: top-1)"),
     top_k: int = typer.Option(1, "--top-k", "-k", help="explain the K highest-scoring classes"),
-    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="layer tensor or node name for CAM methods"),
-    out_dir: str = typer.Option("out", "--out", "-o", help="output folder"),
-    score: str = typer.Option("logit", help="logit (final softmax/sigmoid removed) or probability"),
+    layer: Optional[str] = O.LAYER,
+    out_dir: str = O.OUT_DIR,
+    score: str = O.SCORE,
     smooth: Optional[float] = typer.Option(None, help="Gaussian sigma (pixels) applied to the map before normalising"),
-    option: List[str] = typer.Option([], "--option", "-O", help="method option key=value, e.g. -O window=16"),
-    preprocess: Optional[str] = typer.Option(None, help="preset: imagenet, caffe, tf, unit, raw (overrides metadata)"),
-    mean: Optional[str] = typer.Option(None, help="per-channel mean, e.g. 0.485,0.456,0.406"),
-    std: Optional[str] = typer.Option(None, help="per-channel std"),
-    scale: Optional[float] = typer.Option(None, help="pixel scale applied before mean/std, e.g. 0.00392"),
-    bgr: Optional[bool] = typer.Option(None, "--bgr/--rgb", help="channel order"),
-    size: Optional[str] = typer.Option(None, help="input size HxW for models with a dynamic size"),
-    labels: Optional[str] = typer.Option(None, help="text file with one label per line"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
-    batch_size: Optional[int] = typer.Option(None, help="rows per ONNX Runtime run (default: from a memory budget)"),
+    option: List[str] = O.OPTION,
+    preprocess: Optional[str] = O.PREPROCESS,
+    mean: Optional[str] = O.MEAN,
+    std: Optional[str] = O.STD,
+    scale: Optional[float] = O.SCALE,
+    bgr: Optional[bool] = O.BGR,
+    size: Optional[str] = O.SIZE,
+    labels: Optional[str] = O.LABELS,
+    device: str = O.DEVICE,
+    batch_size: Optional[int] = O.BATCH_SIZE,
     cmap: str = typer.Option("jet", help="matplotlib colormap"),
     alpha: float = typer.Option(0.5, help="overlay opacity"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors"),
+    quiet: bool = O.QUIET,
 ) -> None:
     """Explain images: writes <image>.<method>.png / .npy and <image>.json into --out."""
     from rich.progress import Progress
@@ -184,8 +185,8 @@ def export_cmd(
     model: str = typer.Argument(..., help="ONNX model file"),
     method: str = typer.Option("gradcam", "--method", "-m", help="gradcam, gradcam++, xgradcam, layercam, saliency, smoothgrad, ig"),
     output: str = typer.Option(..., "--output", "-o", help="where to write the standalone explainer graph"),
-    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="layer for CAM methods (default: the last conv layer)"),
-    size: Optional[str] = typer.Option(None, help="input size HxW for models with a dynamic size"),
+    layer: Optional[str] = O.LAYER,
+    size: Optional[str] = O.SIZE,
     n_samples: int = typer.Option(20, help="smoothgrad: noisy copies per image"),
     noise_level: float = typer.Option(0.15, help="smoothgrad: noise sd as a fraction of the input range"),
     steps: int = typer.Option(32, help="ig: Gauss-Legendre steps from a zero baseline"),

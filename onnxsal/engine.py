@@ -68,9 +68,7 @@ class Engine:
         names = [o.name for o in sess.get_outputs()]
         cot = sess.get_inputs()
         grad_in = next(i for i in cot if i.name != self.model.input.name)
-        out_shape = [d if isinstance(d, int) else -1 for d in grad_in.shape]
-        seeds = np.asarray(seeds, np.float32).reshape([len(seeds)] + [d if d > 0 else 1 for d in out_shape[1:]]) \
-            if len(out_shape) > 2 else np.asarray(seeds, np.float32)
+        seeds = seed_rows(seeds, grad_in.shape)
         results = self.runtime.run_batched(sess, {self.model.input.name: x, grad_in.name: seeds},
                                            outputs=names, batch_size=self.batch_size, progress=progress)
         return dict(zip(names, results))
@@ -104,11 +102,15 @@ class Engine:
             return None
         names = [o.name for o in sess.get_outputs()]
         grad_in = next(i for i in sess.get_inputs() if i.name != layer)
-        rows = np.asarray(seeds, np.float32).reshape((len(seeds),) + tuple(
-            d if isinstance(d, int) and d > 0 else 1 for d in grad_in.shape[1:]))
-        out = self.runtime.run_batched(sess, {layer: acts.astype(np.float32), grad_in.name: rows},
+        out = self.runtime.run_batched(sess, {layer: acts.astype(np.float32), grad_in.name: seed_rows(seeds, grad_in.shape)},
                                        outputs=names, batch_size=self.batch_size, progress=progress)
         return dict(zip(names, out))["grad_" + layer]
+
+
+def seed_rows(seeds: np.ndarray, cotangent_shape: Sequence) -> np.ndarray:
+    """(N, C) seed rows shaped like the score tensor's cotangent input, e.g. (N, C, 1, 1)."""
+    tail = tuple(d if isinstance(d, int) and d > 0 else 1 for d in cotangent_shape[1:])
+    return np.asarray(seeds, np.float32).reshape((len(seeds),) + tail)
 
 
 def score_rows(out: np.ndarray, targets: Sequence[Target]) -> np.ndarray:

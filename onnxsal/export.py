@@ -71,49 +71,41 @@ def _toposort(g: onnx.GraphProto) -> None:
     g.node.extend(ordered)
 
 
-_renamed: dict = {}
-
-
-def _free_names(model: onnx.ModelProto, names, keep: str) -> onnx.ModelProto:
-    """Rename model tensors that clash with the exported graph's own input/output names."""
-    _renamed.clear()
+def _free_names(model: onnx.ModelProto, names, keep: str) -> tuple[onnx.ModelProto, dict]:
+    """A copy of the model whose tensors no longer clash with the exported graph's own input/output
+    names, and the old -> new map of what was renamed."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     taken = {o for n in g.node for o in n.output} | {i.name for i in g.initializer}
-    for name in names:
-        if name in taken and name != keep:
-            new = f"onnxsal_model/{name}"
-            _renamed[name] = new
-            for node in g.node:
-                node.input[:] = [new if i == name else i for i in node.input]
-                node.output[:] = [new if o == name else o for o in node.output]
-            for vi in list(g.value_info) + list(g.output):
-                if vi.name == name:
-                    vi.name = new
-            for init in g.initializer:
-                if init.name == name:
-                    init.name = new
-    return model
+    renamed = {name: f"onnxsal_model/{name}" for name in names if name in taken and name != keep}
+    if not renamed:
+        return model, renamed
+    for node in g.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+    for item in list(g.value_info) + list(g.output) + list(g.initializer):
+        item.name = renamed.get(item.name, item.name)
+    return model, renamed
 
 
 def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_samples: int = 20,
            noise_level: float = 0.15, steps: int = 32) -> onnx.ModelProto:
     """A standalone graph: inputs (image, target int64[N]); outputs (logits [N, C], map [N, H, W] in [0, 1])."""
     m: Model = load(model)
-    m.proto = _free_names(m.proto, ("logits", "map", "target"), keep=m.input.name)
-    m.logits = _renamed.get(m.logits, m.logits)
-    m.layers = [type(la)(_renamed.get(la.tensor, la.tensor), *list(la.__dict__.values())[1:]) for la in m.layers]
     method = method.lower()
     if method not in EXPORTABLE:
         raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
     x_name = m.input.name
     cam = method not in ("saliency", "smoothgrad", "ig")
-    lay = m.find_layer(layer) if cam else None
-    wrt = lay.tensor if cam else x_name
-    g_model = vjp(m.proto, m.logits, [wrt], outputs=[wrt] if cam else [])
+    lay = m.find_layer(layer) if cam else None     # resolved on the model as given (aliases, node names)
+    proto, renamed = _free_names(m.proto, ("logits", "map", "target"), keep=x_name)
+    logits = renamed.get(m.logits, m.logits)
+    layer_tensor = renamed.get(lay.tensor, lay.tensor) if cam else None
+    wrt = layer_tensor if cam else x_name
+    g_model = vjp(proto, logits, [wrt], outputs=[wrt] if cam else [])
     e = _Emitter(g_model)
     g = e.g
-    grad_y = f"grad_{m.logits}"
+    grad_y = f"grad_{logits}"
     inputs = [i for i in g.input if i.name != grad_y]
     del g.input[:]
     g.input.extend(inputs)
@@ -163,7 +155,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         extra_row = e.op("Greater", [row, e.op("Sub", [n_img, e.const(1, np.int64)])])   # clean rows get no cotangent
         mask = e.op("Cast", [extra_row], to=TensorProto.FLOAT)
         onehot = e.op("Mul", [onehot, e.op("Unsqueeze", [mask, e.const([1], np.int64)])])
-    e.op("Reshape", [onehot, e.op("Shape", [m.logits])], out=grad_y)
+    e.op("Reshape", [onehot, e.op("Shape", [logits])], out=grad_y)
 
     def normalize_and_squeeze(mp: str, axis: int) -> str:
         mn = e.reduce("ReduceMin", mp, [1, 2, 3])
@@ -173,9 +165,9 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
 
     H, W = m.input.size
     c_axis = 1 if m.input.layout == "NCHW" else 3
-    logits_out = m.logits
+    logits_out = logits
     if cam:
-        a, gr = lay.tensor, f"grad_{lay.tensor}"
+        a, gr = layer_tensor, f"grad_{layer_tensor}"
         if method == "layercam":
             camv = e.reduce("ReduceSum", e.op("Mul", [e.op("Relu", [gr]), a]), [1])
         else:
@@ -200,15 +192,12 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         gx = f"grad_{x_name}"
         if clean is not None:
             k, weights = clean
-            n_img = e.op("Gather", [e.op("Shape", [target]), e.const(0, np.int64)], hint="n")
-            n1 = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
-            all_logits = m.logits
-            logits_out = e.op("Slice", [all_logits, e.const([0], np.int64), n1, e.const([0], np.int64)])
+            n1 = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])      # n_img: the clean rows, from above
+            logits_out = e.op("Slice", [logits, e.const([0], np.int64), n1, e.const([0], np.int64)])
             rest = e.op("Slice", [gx, n1, e.const([np.iinfo(np.int64).max], np.int64), e.const([0], np.int64)])
             tail = e.op("Slice", [e.op("Shape", [gx]), e.const([1], np.int64), e.const([4], np.int64)])
             stacked = e.op("Reshape", [rest, e.op("Concat", [e.const([k], np.int64), e.const([-1], np.int64), tail], axis=0)])
-            avg = e.reduce("ReduceSum", e.op("Mul", [stacked, e.const(weights.reshape(k, 1, 1, 1, 1))]), [0], keepdims=0)
-            gx = avg
+            gx = e.reduce("ReduceSum", e.op("Mul", [stacked, e.const(weights.reshape(k, 1, 1, 1, 1))]), [0], keepdims=0)
         if method == "ig":
             attr = e.op("Mul", [gx, x_name])
             mp = e.reduce("ReduceSum", attr, [c_axis])

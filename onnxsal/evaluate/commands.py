@@ -14,6 +14,8 @@ from typing import List, Optional
 
 import typer
 
+from onnxsal import cli_options as O
+
 from ..errors import MethodError, MissingFileError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy")
@@ -106,22 +108,22 @@ def sanity(
                                     "reaches the lower half of the layers"),
     seed: int = typer.Option(0, help="seed of the random weights"),
     max_steps: int = typer.Option(16, help="deep models: randomise layers in at most this many blocks"),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="class index or label (default: top-1 of each image)"),
-    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="layer tensor or node name for CAM methods"),
-    score: str = typer.Option("logit", help="logit or probability"),
-    option: List[str] = typer.Option([], "--option", "-O", help="method option key=value, e.g. -O n_masks=500"),
-    out_dir: str = typer.Option("out", "--out", "-o", help="output folder"),
+    target: Optional[str] = O.TARGET,
+    layer: Optional[str] = O.LAYER,
+    score: str = O.SCORE,
+    option: List[str] = O.OPTION,
+    out_dir: str = O.OUT_DIR,
     cmap: str = typer.Option("gray", help="matplotlib colormap of the figure"),
-    preprocess: Optional[str] = typer.Option(None, help="preset: imagenet, caffe, tf, unit, raw (overrides metadata)"),
-    mean: Optional[str] = typer.Option(None, help="per-channel mean, e.g. 0.485,0.456,0.406"),
-    std: Optional[str] = typer.Option(None, help="per-channel std"),
-    scale: Optional[float] = typer.Option(None, help="pixel scale applied before mean/std"),
-    bgr: Optional[bool] = typer.Option(None, "--bgr/--rgb", help="channel order"),
-    size: Optional[str] = typer.Option(None, help="input size HxW for models with a dynamic size"),
-    labels: Optional[str] = typer.Option(None, help="text file with one label per line"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
-    batch_size: Optional[int] = typer.Option(None, help="rows per ONNX Runtime run"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors"),
+    preprocess: Optional[str] = O.PREPROCESS,
+    mean: Optional[str] = O.MEAN,
+    std: Optional[str] = O.STD,
+    scale: Optional[float] = O.SCALE,
+    bgr: Optional[bool] = O.BGR,
+    size: Optional[str] = O.SIZE,
+    labels: Optional[str] = O.LABELS,
+    device: str = O.DEVICE,
+    batch_size: Optional[int] = O.BATCH_SIZE,
+    quiet: bool = O.QUIET,
 ) -> None:
     """Randomisation sanity check (Adebayo et al. 2018): do the maps change with the weights?
 
@@ -218,21 +220,21 @@ def evaluate(
     start: str = typer.Option("blur", help="insertion start: blur, black or zero"),
     blur_sigma: Optional[float] = typer.Option(None, help="Gaussian sigma in input pixels (default: input size / 16)"),
     tolerance: float = typer.Option(15, help="pointing game tolerance in image pixels"),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="class index or label (default: top-1 of each image)"),
-    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="layer tensor or node name for CAM methods"),
-    score: str = typer.Option("logit", help="what the methods explain: logit or probability"),
-    option: List[str] = typer.Option([], "--option", "-O", help="method option key=value"),
-    out_dir: str = typer.Option("out", "--out", "-o", help="output folder"),
-    preprocess: Optional[str] = typer.Option(None, help="preset: imagenet, caffe, tf, unit, raw (overrides metadata)"),
-    mean: Optional[str] = typer.Option(None, help="per-channel mean"),
-    std: Optional[str] = typer.Option(None, help="per-channel std"),
-    scale: Optional[float] = typer.Option(None, help="pixel scale applied before mean/std"),
-    bgr: Optional[bool] = typer.Option(None, "--bgr/--rgb", help="channel order"),
-    size: Optional[str] = typer.Option(None, help="input size HxW for models with a dynamic size"),
-    labels: Optional[str] = typer.Option(None, help="text file with one label per line"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
-    batch_size: Optional[int] = typer.Option(None, help="rows per ONNX Runtime run"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors"),
+    target: Optional[str] = O.TARGET,
+    layer: Optional[str] = O.LAYER,
+    score: str = O.SCORE,
+    option: List[str] = O.OPTION,
+    out_dir: str = O.OUT_DIR,
+    preprocess: Optional[str] = O.PREPROCESS,
+    mean: Optional[str] = O.MEAN,
+    std: Optional[str] = O.STD,
+    scale: Optional[float] = O.SCALE,
+    bgr: Optional[bool] = O.BGR,
+    size: Optional[str] = O.SIZE,
+    labels: Optional[str] = O.LABELS,
+    device: str = O.DEVICE,
+    batch_size: Optional[int] = O.BATCH_SIZE,
+    quiet: bool = O.QUIET,
 ) -> None:
     """Deletion/insertion AUC (RISE) and, with --masks, the pointing games, per method.
 

@@ -17,8 +17,8 @@ from ..errors import LayerError
 from .normalize import BATCH, tensor_shapes
 
 
-def _value_info(model: onnx.ModelProto, name: str, batch_symbolic: bool = True) -> onnx.ValueInfoProto:
-    shapes = tensor_shapes(model)
+def _value_info(model: onnx.ModelProto, name: str, shapes: dict) -> onnx.ValueInfoProto:
+    """The typed value info of `name`, its batch dimension symbolic."""
     if name not in shapes:
         producers = {o for n in model.graph.node for o in n.output}
         if name not in producers and name not in {i.name for i in model.graph.input}:
@@ -27,10 +27,9 @@ def _value_info(model: onnx.ModelProto, name: str, batch_symbolic: bool = True) 
     elem, shape = shapes[name]
     if shape is None:
         return helper.make_tensor_value_info(name, elem, None)
-    dims = [d if d is not None else "?" for d in shape]
-    if batch_symbolic and dims:
+    dims = list(shape)              # None marks an unknown dimension
+    if dims:
         dims[0] = BATCH
-    dims = [None if d == "?" else d for d in dims]
     return helper.make_tensor_value_info(name, elem, dims)
 
 
@@ -90,7 +89,8 @@ def _rebuild(model: onnx.ModelProto, nodes, inputs, outputs) -> onnx.ModelProto:
 def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
     """The model with `tensors` as its outputs, in that order, and nothing else computed."""
     g = model.graph
-    outputs = [_value_info(model, t) for t in tensors]
+    shapes = tensor_shapes(model)
+    outputs = [_value_info(model, t, shapes) for t in tensors]
     inits = {i.name for i in g.initializer}
     nodes, reached = _needed_nodes(g, tensors, set())
     inputs = [i for i in g.input if i.name not in inits and (i.name in reached or i.name in tensors)]
@@ -111,5 +111,6 @@ def split(model: onnx.ModelProto, at: str, outputs: Sequence[str]) -> tuple[onnx
     leaks = sorted(reached & graph_inputs)
     if leaks:
         raise LayerError(f"cannot split at {at!r}: the outputs also depend on {', '.join(leaks)} through other paths")
-    tail = _rebuild(model, nodes, [_value_info(model, at)], [_value_info(model, o) for o in outputs])
+    shapes = tensor_shapes(model)
+    tail = _rebuild(model, nodes, [_value_info(model, at, shapes)], [_value_info(model, o, shapes) for o in outputs])
     return head, tail

@@ -50,12 +50,12 @@ def methods() -> list[str]:
 
 def get(name: str) -> MethodSpec:
     _load()
-    key = name.lower().replace("_", "").replace("-", "") if name.lower() not in _REGISTRY else name.lower()
-    aliases = {k.replace("-", "").replace("_", ""): k for k in _REGISTRY}
-    if name.lower() in _REGISTRY:
-        return _REGISTRY[name.lower()]
-    if key in aliases:
-        return _REGISTRY[aliases[key]]
+    def plain(text: str) -> str:   # "Grad-CAM", "grad_cam" and "gradcam" name the same method
+        return text.lower().replace("-", "").replace("_", "")
+
+    by_plain = {plain(k): k for k in _REGISTRY}
+    if plain(name) in by_plain:
+        return _REGISTRY[by_plain[plain(name)]]
     raise MethodError(f"unknown method {name!r}; choose from {', '.join(sorted(_REGISTRY))}")
 
 
