@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from common import machine, onnx_path, pearson, table, timeit, torch_net
+from common import machine, onnx_path, pearson, table, timeit_side_by_side, torch_net
 
 import onnxsal
 from onnxsal.context import Context
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
-    print(f"# {machine()}; torch {torch.__version__}; {args.net} {args.size}x{args.size}; median of {args.repeat}", flush=True)
+    print(f"# {machine()}; torch {torch.__version__}; {args.net} {args.size}x{args.size}; median of {args.repeat} interleaved runs", flush=True)
 
     from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
@@ -64,7 +64,7 @@ def main() -> None:
     def onnxsal_sg():
         return ex.explain(x, "smoothgrad", target=target, n_samples=args.samples, noise_level=level)
 
-    t_c, t_o = timeit(captum_sg, args.repeat), timeit(onnxsal_sg, args.repeat)
+    t_c, t_o = timeit_side_by_side([captum_sg, onnxsal_sg], args.repeat)
     noise = np.random.default_rng(1).normal(0, sigma, (args.samples,) + x.shape[1:]).astype(np.float32)
     ctx = Context(ex.engine, x, make_targets(ex.model, [target]), None)
     ours = smoothgrad_attr(ctx, args.samples, level, None, noise=noise)[0]
@@ -79,7 +79,7 @@ def main() -> None:
     def onnxsal_ig():
         return ex.explain(x, "ig", target=target, steps=args.steps)
 
-    t_c, t_o = timeit(captum_ig, args.repeat), timeit(onnxsal_ig, args.repeat)
+    t_c, t_o = timeit_side_by_side([captum_ig, onnxsal_ig], args.repeat)
     ref = captum_ig().detach().numpy()[0]
     from onnxsal.methods.gradients import ig_attr
 

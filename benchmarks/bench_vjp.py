@@ -4,6 +4,11 @@
 
 The gradient is taken w.r.t. the input image for one logit per sample (what saliency,
 SmoothGrad and IG need). Goal: forward+VJP <= 2.5x forward at batch 16.
+
+For the torchvision networks the same ratio is measured for PyTorch's own autograd (input
+gradient only, parameters frozen), as a reference for what a mature reverse mode achieves on
+the same network and machine. Forward and forward+VJP runs are interleaved (see
+`timeit_side_by_side`), so each ratio sees the same machine load.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from common import machine, onnx_path, table, timeit
+from common import machine, onnx_path, table, timeit, timeit_side_by_side, torch_net
 
 from onnxsal.graph.autodiff import vjp
 from onnxsal.graph.surgery import expose
@@ -41,6 +46,26 @@ def onnx_ad_graph(fwd: onnx.ModelProto, x: str, y: str, batch: int):
     return reverse(shape_inference.infer_shapes(fixed), inputs=[x], outputs=[y], layout="onnx")
 
 
+def torch_ratio(net_name: str, x: np.ndarray, repeat: int) -> tuple[float, float]:
+    """PyTorch forward (no grad) and forward + input-gradient times, interleaved, in seconds."""
+    import torch
+
+    net = torch_net(net_name)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    xt = torch.tensor(x)
+
+    def forward():
+        with torch.no_grad():
+            net(xt)
+
+    def forward_backward():
+        xg = xt.clone().requires_grad_(True)
+        net(xg)[:, 0].sum().backward()
+
+    return tuple(timeit_side_by_side([forward, forward_backward], repeat))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nets", default="resnet50,vgg16,mobilenet_v2,demo")
@@ -48,10 +73,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-onnx-ad", action="store_true")
+    ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args()
     import os
 
     threads = args.threads or os.cpu_count()
+    if not args.no_torch:
+        import torch
+
+        torch.set_num_threads(threads)
     rows = []
     print(f"# {machine()}; {threads} threads; median of {args.repeat} runs", flush=True)
     for net in args.nets.split(","):
@@ -71,8 +101,8 @@ def main() -> None:
             x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
             seed = np.zeros((b, m.num_classes), np.float32)
             seed[:, 0] = 1
-            t_f = timeit(lambda: fwd.run(None, {x_name: x}), args.repeat)
-            t_b = timeit(lambda: bwd.run(None, {x_name: x, f"grad_{y}": seed}), args.repeat)
+            t_f, t_b = timeit_side_by_side([lambda: fwd.run(None, {x_name: x}),
+                                            lambda: bwd.run(None, {x_name: x, f"grad_{y}": seed})], args.repeat)
             row = [net, b, t_f * 1e3, t_b * 1e3, t_b / t_f]
             if ad is not None:
                 feeds = {x_name: x}
@@ -83,10 +113,19 @@ def main() -> None:
                 row += [t_a * 1e3, t_a / t_f]
             else:
                 row += ["-", "-"]
+            if not args.no_torch and net != "demo":
+                t_tf, t_tb = torch_ratio(net, x, args.repeat)
+                row += [t_tf * 1e3, t_tb * 1e3, t_tb / t_tf]
+            else:
+                row += ["-", "-", "-"]
             rows.append(row)
-            print(table(["net", "batch", "forward ms", "fwd+VJP ms", "onnxsal ratio", "onnx-ad ms", "onnx-ad ratio"], [row]).splitlines()[-1], flush=True)
+            print(table(HEADER, [row]).splitlines()[-1], flush=True)
     print()
-    print(table(["net", "batch", "forward ms", "fwd+VJP ms", "onnxsal ratio", "onnx-ad ms", "onnx-ad ratio"], rows))
+    print(table(HEADER, rows))
+
+
+HEADER = ["net", "batch", "forward ms", "fwd+VJP ms", "onnxsal ratio", "onnx-ad ms", "onnx-ad ratio",
+          "torch fwd ms", "torch fwd+bwd ms", "torch ratio"]
 
 
 if __name__ == "__main__":
