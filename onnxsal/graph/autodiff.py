@@ -299,6 +299,11 @@ class RuleContext:
         """Run-time Shape(name), emitted once per tensor."""
         return self._b.shape_of(name)
 
+    def set_shape(self, t: str, like: str) -> None:
+        """Record that ``t`` has ``like``'s shape where inference cannot see it (e.g. an Expand)."""
+        if like in self._b.types:
+            self._b.types[t] = self._b.types[like]
+
     def reduce_sum(self, x: str, axes: list[int], keepdims: bool = True) -> str:
         """ReduceSum in the opset-13+ form (axes as input); empty ``axes`` means nothing to reduce."""
         if not axes:
@@ -550,6 +555,7 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
     b.types[grad_y] = y_type if y_type is not None else helper.make_tensor_type_proto(TensorProto.FLOAT, None)
 
     grads: dict[str, list[str]] = {y: [grad_y]}
+    declared: list[str] = []      # gradients whose shape is their tensor's, written out as value_info
 
     def total(name: str) -> Optional[str]:
         parts = grads.get(name)
@@ -569,6 +575,7 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
             t = total(o) if o in live else None
             if t is not None and o in b.types:
                 b.types[t] = b.types[o]   # a gradient has its tensor's shape: keep the better-known dims
+                declared.append(t)
             gys.append(t)
         if all(t is None for t in gys):
             continue
@@ -613,4 +620,26 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
     for x, n in zip(wrt, grad_outs):
         ng.output.append(_value_info(n, b.types.get(x)))
     _prune(ng)
+    _declare_shapes(ng, b, declared)
     return new
+
+
+def _declare_shapes(graph: onnx.GraphProto, b: _Builder, names: Sequence[str]) -> None:
+    """value_info for each gradient, typed like its forward tensor (symbolic batch name included).
+
+    A runtime can then prove a gradient and a forward-derived mask equal-shaped
+    (same dims, same batch symbol), which ONNX Runtime's CPU build needs to run
+    their product in its blocked layout (see ``rules.blocked``).
+    """
+    io = {v.name for v in graph.input} | {v.name for v in graph.output} | {v.name for v in graph.value_info}
+    produced = {o for n in graph.node for o in n.output}
+    for name in dict.fromkeys(names):
+        tp = b.types.get(name)
+        if name in io or name not in produced or tp is None or not tp.HasField("tensor_type"):
+            continue
+        if not tp.tensor_type.HasField("shape"):
+            continue
+        vi = onnx.ValueInfoProto()
+        vi.name = name
+        vi.type.CopyFrom(tp)
+        graph.value_info.append(vi)

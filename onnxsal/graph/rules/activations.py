@@ -1,9 +1,12 @@
 """VJP rules for activations, plus the Relu modifiers of Guided Backprop and deconvnet.
 
 Masks are computed from the forward OUTPUT where that is equivalent (Relu:
-[x>0] == [y>0]), so the pre-activation tensor need not be kept, and applied as
-Cast(compare) * gy: in ORT's CPU kernels a compare and a bool->float Cast each
-cost about half a Mul, while Sign and Where are 7-8x slower than a Mul.
+[x>0] == [y>0]), so the pre-activation tensor need not be kept.  On image
+tensors (float32 NCHW with a static, block-aligned channel count) the Relu and
+Clip masks are depthwise-conv steps (see ``blocked``), which keep ORT's CPU
+backward in its blocked layout; elsewhere they are Cast(compare) * gy: in ORT's
+CPU kernels a compare and a bool->float Cast each cost about half a Mul, while
+Sign and Where are 7-8x slower than a Mul.
 These rules run once per activation layer, so their cost is most of the
 backward pass outside the convolutions.  At a kink the gradient is the
 one-sided value training frameworks use (Relu'(0) = 0, strict Clip bounds).
@@ -14,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..autodiff import RuleContext, vjp_rule
+from . import blocked
 
 Grads = list
 
@@ -24,6 +28,9 @@ def _mask(ctx: RuleContext, cond: str, like: str) -> str:
 
 def _positive(ctx: RuleContext, t: str) -> str:
     """[t > 0] as 0/1 in t's float type."""
+    c = blocked.channels(ctx, t)
+    if c is not None:
+        return blocked.step(ctx, t, c)
     return _mask(ctx, ctx.op("Greater", [t, ctx.const(0.0, like=t)]), t)
 
 
@@ -59,6 +66,9 @@ def _clip_mask(ctx: RuleContext) -> str | None:
     """[min < y < max] as a 0/1 float tensor (strict, like hardtanh/ReLU6 in training frameworks)."""
     y = ctx.outputs[0]
     lo, hi = _clip_bounds(ctx)
+    m = _blocked_clip_mask(ctx, y, lo, hi)
+    if m is not None:
+        return m
     conds = []
     if lo is not None:
         conds.append(ctx.op("Greater", [y, lo]))
@@ -68,6 +78,25 @@ def _clip_mask(ctx: RuleContext) -> str | None:
         return None
     c = conds[0] if len(conds) == 1 else ctx.op("And", conds)
     return _mask(ctx, c, y)
+
+
+def _blocked_clip_mask(ctx: RuleContext, y: str, lo: str | None, hi: str | None) -> str | None:
+    """The Clip mask as blocked steps when the bounds are constants and ``y`` is an image tensor."""
+    c = blocked.channels(ctx, y)
+    if c is None or (lo is None and hi is None):
+        return None
+    bounds = [ctx.const_value(b) if b is not None else None for b in (lo, hi)]
+    if any(b is not None and b.size != 1 for b in bounds) or any(
+            name is not None and b is None for name, b in zip((lo, hi), bounds)):
+        return None
+    steps = []
+    for b, sign in zip(bounds, (1.0, -1.0)):
+        if b is not None:
+            st = blocked.step(ctx, y, c, sign=sign, at=float(np.asarray(b).reshape(())))
+            if st is None:
+                return None
+            steps.append(st)
+    return steps[0] if len(steps) == 1 else ctx.op("Mul", steps)
 
 
 @vjp_rule("Clip")

@@ -41,6 +41,7 @@ import numpy as np
 
 from ...errors import UnsupportedOpError
 from ..autodiff import RuleContext, vjp_rule
+from . import blocked
 
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -250,9 +251,9 @@ def conv(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
                             pads=q_begin + q_end, group=group)
             return res
 
-    res[0] = ctx.op("ConvTranspose", [dy, w], kernel_shape=kernel, strides=strides, dilations=dilations,
-                    group=group, pads=[g[0] for g in geo] + [g[1] for g in geo],
-                    output_padding=[g[2] for g in geo])
+    dx = ctx.op("ConvTranspose", [dy, w], kernel_shape=kernel, strides=strides, dilations=dilations,
+                group=group, pads=[g[0] for g in geo] + [g[1] for g in geo], output_padding=[g[2] for g in geo])
+    res[0] = blocked.bridge(ctx, dx)
     return res
 
 

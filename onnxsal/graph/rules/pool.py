@@ -25,6 +25,7 @@ from onnx import helper
 
 from ...errors import UnsupportedOpError
 from ..autodiff import RuleContext, vjp_rule
+from . import blocked
 from .conv import INT64_MAX, begin_end_pads, dilated, ints_attr, spatial_sizes, transpose_geometry
 
 
@@ -203,4 +204,7 @@ def global_average_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optio
         size_dy = ctx.op("Cast", [ctx.op("Size", [dy])], to=ctx.elem_type(dy) or 1)
         size_x = ctx.op("Cast", [ctx.op("Size", [x])], to=ctx.elem_type(dy) or 1)
         inv = ctx.op("Div", [size_dy, size_x])
-    return [ctx.op("Expand", [ctx.op("Mul", [dy, inv]), ctx.shape_of(x)])]
+    dx = ctx.op("Expand", [ctx.op("Mul", [dy, inv]), ctx.shape_of(x)])
+    if ctx.shape(x) is not None:
+        ctx.set_shape(dx, x)     # Expand's output shape is data-dependent: tell the bridge
+    return [blocked.bridge(ctx, dx)]
