@@ -70,7 +70,8 @@ def max_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
     Windows overlap when ``stride < dilated kernel``; an input then can win
     several windows and the scatter must accumulate.  Three exact forms:
 
-    * non-overlapping windows: indices are unique, a plain ScatterElements;
+    * non-overlapping windows: indices are unique, so ``MaxUnpool`` (opset >= 11,
+      explicit pads, floor mode, no dilation) or else a plain ScatterElements;
     * overlapping, opset >= 16: ScatterElements with ``reduction="add"``;
     * overlapping, opset < 16 (no scatter reduction): split the outputs into
       ``a = ceil(dk / s)`` phase classes per axis (``o mod a``).  Windows of one
@@ -90,6 +91,13 @@ def max_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
     n, kernel, strides, dilations = _pool_params(ctx, x)
     idx = _max_pool_indices(ctx)
     phases = [-(-dilated(k, d) // s) for k, s, d in zip(kernel, strides, dilations)]
+    explicit = ctx.attr("auto_pad", "NOTSET") in ("NOTSET", "VALID") and not ctx.attr("ceil_mode", 0)
+    if all(a == 1 for a in phases) and ctx.opset >= 11 and all(d == 1 for d in dilations) and explicit:
+        # Unique indices: MaxUnpool is exactly this scatter, at about a third of its cost on ORT's CPU.
+        # ORT refuses an output_shape smaller than (out-1)*s + k - pads, which ceil_mode and auto_pad allow.
+        pads = ctx.attr("pads") or [0] * (2 * n)
+        return [ctx.op("MaxUnpool", [dy, idx, ctx.shape_of(x)], kernel_shape=kernel, strides=strides,
+                       pads=[int(p) for p in pads])]
     zeros = _flat(ctx, ctx.zeros_like(x))
     if all(a == 1 for a in phases):
         dx = ctx.op("ScatterElements", [zeros, _flat(ctx, idx), _flat(ctx, dy)], axis=0)
