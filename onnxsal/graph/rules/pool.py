@@ -6,7 +6,8 @@ won the window (``dx[argmax(o)] += dy[o]``), exactly like PyTorch's
 output rather than recovered by comparing ``x`` with an upsampled ``y``: a
 mask ``x == y`` gives every tied position the full gradient, and ties are the
 rule, not the exception, after a ReLU (whole windows of zeros).  The index
-route is exact with ties and costs one extra pooling pass plus one scatter.
+route is exact with ties and costs one extra pooling pass plus one scatter
+(a MaxUnpool where windows do not overlap).
 
 Average pooling is linear: ``y = D^-1 S x`` with ``S`` the 0/1 window-sum
 operator and ``D`` the per-output divisor, so ``dx = S^T (D^-1 dy)``.  ``S^T``
@@ -82,7 +83,7 @@ def max_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
     formulation -- lay each window out as a last axis, ArgMax, Where -- is
     also exact, but measured no faster on ORT CPU: it does more total work
     (two transposes and broadcasts over a short axis) than the Indices pass
-    plus the scatter, so one route serves every case.
+    plus the scatter, so every case goes through the indices.
     """
     dy = gy[0]
     if dy is None or not ctx.needs_grad(0):
