@@ -81,21 +81,17 @@ def _clip_mask(ctx: RuleContext) -> str | None:
 
 
 def _blocked_clip_mask(ctx: RuleContext, y: str, lo: str | None, hi: str | None) -> str | None:
-    """The Clip mask as blocked steps when the bounds are constants and ``y`` is an image tensor."""
+    """The Clip mask as blocked steps when the bounds are scalar constants and ``y`` is an image tensor."""
     c = blocked.channels(ctx, y)
     if c is None or (lo is None and hi is None):
         return None
-    bounds = [ctx.const_value(b) if b is not None else None for b in (lo, hi)]
-    if any(b is not None and b.size != 1 for b in bounds) or any(
-            name is not None and b is None for name, b in zip((lo, hi), bounds)):
+    bounds = [(b, sign) for b, sign in ((lo, 1.0), (hi, -1.0)) if b is not None]
+    values = [ctx.const_value(b) for b, _ in bounds]
+    if any(v is None or v.size != 1 for v in values):
+        return None                       # a bound computed at run time, or not a scalar
+    steps = [blocked.step(ctx, y, c, sign=sign, at=float(v.reshape(()))) for v, (_, sign) in zip(values, bounds)]
+    if None in steps:
         return None
-    steps = []
-    for b, sign in zip(bounds, (1.0, -1.0)):
-        if b is not None:
-            st = blocked.step(ctx, y, c, sign=sign, at=float(np.asarray(b).reshape(())))
-            if st is None:
-                return None
-            steps.append(st)
     return steps[0] if len(steps) == 1 else ctx.op("Mul", steps)
 
 

@@ -92,15 +92,16 @@ def max_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
     n, kernel, strides, dilations = _pool_params(ctx, x)
     idx = _max_pool_indices(ctx)
     phases = [-(-dilated(k, d) // s) for k, s, d in zip(kernel, strides, dilations)]
+    disjoint = all(a == 1 for a in phases)
     explicit = ctx.attr("auto_pad", "NOTSET") in ("NOTSET", "VALID") and not ctx.attr("ceil_mode", 0)
-    if all(a == 1 for a in phases) and ctx.opset >= 11 and all(d == 1 for d in dilations) and explicit:
+    if disjoint and explicit and ctx.opset >= 11 and all(d == 1 for d in dilations):
         # Unique indices: MaxUnpool is exactly this scatter, at about a third of its cost on ORT's CPU.
         # ORT refuses an output_shape smaller than (out-1)*s + k - pads, which ceil_mode and auto_pad allow.
         pads = ctx.attr("pads") or [0] * (2 * n)
         return [ctx.op("MaxUnpool", [dy, idx, ctx.shape_of(x)], kernel_shape=kernel, strides=strides,
                        pads=[int(p) for p in pads])]
     zeros = _flat(ctx, ctx.zeros_like(x))
-    if all(a == 1 for a in phases):
+    if disjoint:
         dx = ctx.op("ScatterElements", [zeros, _flat(ctx, idx), _flat(ctx, dy)], axis=0)
     elif ctx.opset >= 16:
         dx = ctx.op("ScatterElements", [zeros, _flat(ctx, idx), _flat(ctx, dy)], axis=0, reduction="add")
@@ -214,6 +215,5 @@ def global_average_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optio
         size_x = ctx.op("Cast", [ctx.op("Size", [x])], to=ctx.elem_type(dy) or 1)
         inv = ctx.op("Div", [size_dy, size_x])
     dx = ctx.op("Expand", [ctx.op("Mul", [dy, inv]), ctx.shape_of(x)])
-    if ctx.shape(x) is not None:
-        ctx.set_shape(dx, x)     # Expand's output shape is data-dependent: tell the bridge
+    ctx.set_shape(dx, x)     # Expand's output shape is data-dependent: tell the bridge
     return [blocked.bridge(ctx, dx)]
