@@ -39,7 +39,7 @@ class Engine:
         """Values of `tensors` for a batch of inputs (run in chunks), one per requested name."""
         unique = list(dict.fromkeys(tensors))
         key = "expose:" + "|".join(unique)
-        sess = self.runtime.session(key, lambda: expose(self.model.proto, unique))
+        sess = self.runtime.session(key, lambda: expose(self.model.light, unique))
         values = self.runtime.run_batched(sess, {self.model.input.name: x}, outputs=unique,
                                           batch_size=self.batch_size, progress=progress)
         by_name = dict(zip(unique, values))
@@ -64,7 +64,7 @@ class Engine:
         y = self.model.score_tensor(score)
         wrt, extra = list(wrt), list(extra)
         key = f"vjp:{y}|{','.join(wrt)}|{','.join(extra)}|{rules_name}"
-        sess = self.runtime.session(key, lambda: vjp(self.model.proto, y, wrt, rules=rules, outputs=extra))
+        sess = self.runtime.session(key, lambda: vjp(self.model.light, y, wrt, rules=rules, outputs=extra))
         names = [o.name for o in sess.get_outputs()]
         cot = sess.get_inputs()
         grad_in = next(i for i in cot if i.name != self.model.input.name)
@@ -92,7 +92,7 @@ class Engine:
             return None
 
         def build():
-            _, tail = split(self.model.proto, layer, [y])
+            _, tail = split(self.model.light, layer, [y])
             return vjp(tail, y, [layer])
 
         try:

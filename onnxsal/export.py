@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import MethodError
 from .graph.autodiff import vjp
 from .graph.normalize import opset_of
+from .graph.weights import attach
 from .model import Model, load
 
 EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "saliency", "smoothgrad", "ig")
@@ -98,7 +99,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     x_name = m.input.name
     cam = method not in ("saliency", "smoothgrad", "ig")
     lay = m.find_layer(layer) if cam else None     # resolved on the model as given (aliases, node names)
-    proto, renamed = _free_names(m.proto, ("logits", "map", "target"), keep=x_name)
+    proto, renamed = _free_names(m.light, ("logits", "map", "target"), keep=x_name)
     logits = renamed.get(m.logits, m.logits)
     layer_tensor = renamed.get(lay.tensor, lay.tensor) if cam else None
     wrt = layer_tensor if cam else x_name
@@ -214,5 +215,6 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     g.output.extend(outs)
     g_model.metadata_props.add(key="onnxsal.export", value=method)
     _toposort(g)
+    g_model = attach(g_model)
     onnx.checker.check_model(g_model)
     return g_model

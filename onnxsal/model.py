@@ -15,10 +15,10 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .errors import LayerError, MissingFileError, ModelError, SizeError
-from .graph.normalize import BATCH, infer, normalize, tensor_shapes
+from .graph.normalize import infer, normalize, tensor_shapes, upgrade_opset, without_weight_data
+from .graph.weights import WeightStore, attach, detach
 from .preprocess import Preprocess
 
 CONV_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv"}
@@ -56,9 +56,15 @@ class Layer:
 
 @dataclass
 class Model:
-    """A loaded, normalised model and what onnxsal found in it."""
+    """A loaded, normalised model and what onnxsal found in it.
 
-    proto: onnx.ModelProto
+    `light` is the graph every derived graph starts from: its large weights are placeholders
+    whose arrays live in `weights` (see graph/weights.py), so deriving a graph or starting a
+    session never copies them. `proto` is the same model with its weights inside.
+    """
+
+    light: onnx.ModelProto
+    weights: WeightStore = field(repr=False)
     path: str
     input: ImageInput
     output: str          # the tensor onnxsal scores by default after the activation is removed
@@ -70,6 +76,14 @@ class Model:
     labels: Optional[list[str]]
     metadata: dict = field(default_factory=dict)
     layer_aliases: dict = field(default_factory=dict)
+    _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def proto(self) -> onnx.ModelProto:
+        """The normalised model, self-contained (weights inline); built on first use."""
+        if self._full is None:
+            self._full = attach(self.light)
+        return self._full
 
     @property
     def default_layer(self) -> Optional[Layer]:
@@ -101,9 +115,9 @@ class Model:
             if name in (layer.tensor, layer.node):
                 return layer
         # any 4-D tensor in the graph is allowed, even if it is not a default candidate
-        shapes = tensor_shapes(self.proto)
-        producer = {o: n for n in self.proto.graph.node for o in n.output}
-        by_node = {n.name: n for n in self.proto.graph.node if n.name}
+        shapes = tensor_shapes(self.light)
+        producer = {o: n for n in self.light.graph.node for o in n.output}
+        by_node = {n.name: n for n in self.light.graph.node if n.name}
         tensor = name
         if name in by_node:
             tensor = by_node[name].output[0]
@@ -143,8 +157,8 @@ def read_proto(path: Union[str, os.PathLike]) -> onnx.ModelProto:
         raise ModelError(f"{path} is not a readable ONNX model (corrupt or truncated protobuf): {type(exc).__name__}") from exc
     if not proto.graph.node:
         raise ModelError(f"{path} is not an ONNX model (no graph nodes found)")
-    try:
-        onnx.checker.check_model(proto)
+    try:   # the weights' data needs no check (detach reads each one); checking it would serialise them all
+        onnx.checker.check_model(without_weight_data(proto))
     except Exception as exc:
         raise ModelError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
     return proto
@@ -273,6 +287,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     vi, layout = _find_image_input(proto)
     dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     channels = dims[1] if layout == "NCHW" else dims[3]
+    light, store = detach(upgrade_opset(proto))     # the weights leave the graph once, here
 
     spec = preprocess
     if spec is None and META_PREPROCESS in meta:
@@ -285,13 +300,12 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         want = tuple(size) if size else (tuple(spec.size) if spec is not None and spec.size else None)
         if want is None:
             raise SizeError(f"input {vi.name!r} has a dynamic size {_dims(vi)}; give one with --size HxW (API: size=(H, W))")
-        proto = onnx.ModelProto.FromString(proto.SerializeToString())
-        _fix_size(proto, vi.name, layout, want)  # type: ignore[arg-type]
+        _fix_size(light, vi.name, layout, want)  # type: ignore[arg-type]
         hw = want
     elif size is not None and tuple(size) != tuple(hw):
         raise SizeError(f"the model's input is fixed at {hw[0]}x{hw[1]}, not {size[0]}x{size[1]}")
 
-    proto = normalize(proto)
+    proto = normalize(light)
     graph_out = proto.graph.output[0].name
     logits, activation = _find_logits(proto, graph_out)
     shapes = tensor_shapes(proto)
@@ -318,5 +332,5 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     image = ImageInput(vi.name, layout, int(channels), int(hw[0]), int(hw[1]), vi.type.tensor_type.elem_type)
     if spec is not None:
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
-    return Model(proto, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
+    return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
                  spec, label_list, meta, aliases)

@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from .errors import DeviceError
 from .graph.normalize import tensor_shapes
+from .graph.weights import for_session
 
 Progress = Callable[[int, int], None]
 
@@ -96,13 +97,19 @@ class Runtime:
         """The cached session for `key`, building its model with `build()` the first time."""
         sess = self._sessions.get(key)
         if sess is None:
-            model = build()
+            model, arrays = for_session(build())
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.log_severity_level = 3
+            # Weights go in as external initializers: ONNX Runtime uses the arrays in place on CPU
+            # instead of parsing a serialised copy; the session keeps them alive.
+            values = [ort.OrtValue.ortvalue_from_numpy(a if a.flags.c_contiguous else a.copy(order="C")) for a in arrays.values()]
+            if values:
+                opts.add_external_initializers(list(arrays), values)
             sess = ort.InferenceSession(model.SerializeToString(), opts, providers=self._providers)
+            sess._onnxsal_weights = values  # type: ignore[attr-defined]
             sess._onnxsal_per_sample = _bytes_per_sample(model)  # type: ignore[attr-defined]
             self._sessions[key] = sess
         return sess

@@ -25,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import ModelError
+from ..graph.weights import array as tensor_value
 
 # op type -> input positions that hold trained parameters (None: any initializer input)
 WEIGHT_INPUTS: dict[str, Optional[tuple[int, ...]]] = {
@@ -154,7 +155,7 @@ def randomize(proto: onnx.ModelProto, layers: Iterable[WeightLayer], seed: int =
             init = by_name.get(name)
             if init is None:
                 raise ModelError(f"initializer {name!r} of layer {layer.name!r} is not in the model")
-            values = numpy_helper.to_array(init)
+            values = tensor_value(init)
             init.CopyFrom(numpy_helper.from_array(draw_like(values, rng), name))
     return new
 

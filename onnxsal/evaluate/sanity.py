@@ -186,7 +186,7 @@ def _rounded(d: dict) -> dict:
 
 def variant(ex: Explainer, proto, note: str) -> Explainer:
     """An Explainer on a modified copy of `ex`'s model, with the same input, layers and preprocessing."""
-    model = dataclasses.replace(ex.model, proto=proto, path=f"{ex.model.path} ({note})")
+    model = dataclasses.replace(ex.model, light=proto, path=f"{ex.model.path} ({note})")
     return Explainer(model, ex.device, preprocess=ex.model.preprocess, batch_size=ex.engine.batch_size,
                      memory_mb=ex.runtime.memory_mb, threads=ex.runtime.threads)
 
@@ -213,7 +213,7 @@ def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLik
     prepared = [p if isinstance(p, Prepared) else ex.prepare(p) for p in images]
     if not prepared:
         raise MethodError("give at least one image")
-    layers = weight_layers(ex.model.proto)
+    layers = weight_layers(ex.model.light)
     if not layers and modes:
         raise ModelError("the model has no float weight initializers (Conv, Gemm, MatMul...) to randomise")
     top_down = list(reversed(layers))
@@ -282,7 +282,7 @@ def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLik
 def _maker(ex: Explainer, group: Sequence[WeightLayer], layers: Sequence[WeightLayer], seed: int,
            note: str) -> Callable[[], Explainer]:
     """Build the randomised model only when its step runs, so one copy of the weights is alive at a time."""
-    return lambda: variant(ex, randomize(ex.model.proto, group, seed, all_layers=layers), note)
+    return lambda: variant(ex, randomize(ex.model.light, group, seed, all_layers=layers), note)
 
 
 def _layer_in(ex: Explainer, layer: Optional[str]) -> Optional[str]:

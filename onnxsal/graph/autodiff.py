@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LayerError, UnsupportedOpError
 from .normalize import normalize, opset_of
+from . import weights
 
 Rule = Callable[["RuleContext", "list[str | None]"], "list[str | None]"]
 
@@ -134,7 +135,7 @@ class _Builder:
         proto = self._const_protos.get(name)
         if proto is None:
             return None
-        arr = numpy_helper.to_array(proto)
+        arr = weights.array(proto)
         self.consts[name] = arr
         return arr
 
@@ -193,9 +194,9 @@ class _Builder:
 
     def _data_proto(self, name: str) -> TensorProto:
         proto = self._const_protos.get(name)
-        if proto is not None:
+        if proto is not None and not weights.is_placeholder(proto):
             return proto
-        return numpy_helper.from_array(self.consts[name], name)
+        return numpy_helper.from_array(np.asarray(self.const_value(name)), name)
 
     def elem_type(self, name: str) -> int:
         tp = self.types.get(name)

@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper, shape_inference, version_converter
 
 from ..errors import ModelError
+from . import weights
 
 MIN_OPSET = 13
 BATCH = "N"
@@ -84,7 +85,7 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
         t = consts.get(node.input[1])
         if t is None or allowzero:
             continue
-        shape = numpy_helper.to_array(t).copy()
+        shape = weights.array(t).copy()
         if shape.ndim == 1 and shape.size >= 2 and shape[0] == fixed:
             shape[0] = 0
             new = numpy_helper.from_array(shape.astype(np.int64), t.name)
@@ -96,24 +97,15 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
 SMALL_CONST = 4096   # initializers up to this many elements may matter to data propagation
 
 
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with large initializers turned into typed graph inputs.
 
-    Shape inference serialises the whole model; for a VGG16 that is half a
-    gigabyte of weights it only needs the shapes of.  Small constants stay,
-    since data propagation reads shape tensors.
+    Shape inference and the checker serialise the whole model; for a VGG16 that
+    is half a gigabyte of weights they only need the shapes of.  Small constants
+    stay, since data propagation reads shape tensors.
     """
-    light = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(light, field, getattr(model, field))
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
+    light = weights.shell(model)
     g, lg = model.graph, light.graph
-    lg.name = g.name
-    lg.node.extend(g.node)
-    lg.input.extend(g.input)
-    lg.output.extend(g.output)
-    lg.value_info.extend(g.value_info)
     inputs = {i.name for i in g.input}
     for init in g.initializer:
         if int(np.prod(init.dims)) <= SMALL_CONST:
@@ -124,7 +116,7 @@ def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _infer_shapes(model: onnx.ModelProto, data_prop: bool) -> None:
-    light = shape_inference.infer_shapes(_light_copy(model), data_prop=data_prop)
+    light = shape_inference.infer_shapes(without_weight_data(model), data_prop=data_prop)
     del model.graph.value_info[:]
     model.graph.value_info.extend(light.graph.value_info)
     del model.graph.output[:]

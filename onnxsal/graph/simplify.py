@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import weights
+
 PREFIX = "onnxsal_fold/"
 
 
@@ -79,7 +81,7 @@ class _Consts:
             proto = self._protos.get(name)
             if proto is None:
                 return None
-            self._arrays[name] = numpy_helper.to_array(proto)
+            self._arrays[name] = weights.array(proto)
         return self._arrays[name]
 
 

@@ -1,0 +1,113 @@
+"""Weights kept beside the graph: placeholders, the store, sessions fed with external initializers.
+
+The whole suite runs with every float weight detached (conftest); these tests check the
+mechanism itself and that both sides of the size threshold give identical results.
+"""
+
+import gc
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import tiny
+from onnxsal import Explainer, errors
+from onnxsal.graph import weights
+from onnxsal.graph.autodiff import vjp
+from onnxsal.model import load
+
+
+def inits(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def float_bytes(model):
+    return sum(len(t.raw_data) + 4 * len(t.float_data) for t in model.graph.initializer)
+
+
+def test_detach_leaves_placeholders_and_attach_restores_every_tensor():
+    model = tiny.conv_net(size=16)
+    before = model.SerializeToString()
+    light, store = weights.detach(model, min_bytes=0)
+    assert model.SerializeToString() == before                       # the given proto is untouched
+    assert float_bytes(light) == 0 and set(store) == {"w1", "b1", "w2", "b2", "wf", "bf"}
+    assert all(weights.is_placeholder(t) for t in light.graph.initializer)
+    full = weights.attach(light)
+    assert all(not weights.is_placeholder(t) for t in full.graph.initializer)
+    a, b = inits(full), inits(model)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert [n.SerializeToString() for n in full.graph.node] == [n.SerializeToString() for n in model.graph.node]
+    assert full.metadata_props == model.metadata_props
+
+
+def test_threshold_keeps_small_and_integer_tensors_inline():
+    model = tiny.conv_net(size=16)
+    light, store = weights.detach(model, min_bytes=4 * 6 * 4 * 3 * 3)  # w2 and larger
+    assert set(store) == {"w2"}
+    shape_const = numpy_helper.from_array(np.zeros(100000, np.int64), "big_ints")
+    model.graph.initializer.append(shape_const)
+    light, store = weights.detach(model, min_bytes=0)
+    assert "big_ints" not in store                                      # integer tensors feed shape logic
+
+
+def test_a_placeholder_follows_a_renamed_tensor_and_fails_clearly_once_released():
+    light, store = weights.detach(tiny.conv_net(size=16), min_bytes=0)
+    t = next(t for t in light.graph.initializer if t.name == "w1")
+    t.name = "renamed"
+    np.testing.assert_array_equal(weights.array(t), store["w1"])
+    del store
+    gc.collect()
+    with pytest.raises(errors.ModelError, match="no longer available"):
+        weights.array(t)
+
+
+def test_sessions_get_large_inline_constants_as_external_arrays():
+    m = load(tiny.conv_net(size=16))
+    g = vjp(m.light, m.logits, [m.input.name])
+    added = [t.name for t in g.graph.initializer if not weights.is_placeholder(t)]
+    assert added                                                         # the VJP's own constants are inline
+    light, arrays = weights.for_session(g, min_bytes=0)
+    assert float_bytes(light) == 0
+    assert set(arrays) == {t.name for t in g.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    opts = ort.SessionOptions()
+    opts.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
+    sess = ort.InferenceSession(light.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(weights.attach(g).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((3, 3, 16, 16)).astype(np.float32)
+    seed = np.eye(3, dtype=np.float32)
+    feeds = {m.input.name: x, f"grad_{m.logits}": seed}
+    for a, b in zip(sess.run(None, feeds), ref.run(None, feeds)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_model_proto_is_self_contained_and_equal_to_the_light_graph_with_its_weights():
+    m = load(tiny.conv_net(size=16))
+    assert float_bytes(m.light) == 0
+    full = m.proto
+    assert m.proto is full                                               # built once
+    assert float_bytes(full) > 0
+    x = np.random.default_rng(1).random((2, 3, 16, 16)).astype(np.float32)
+    out = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"]).run(["probs"], {"image": x})[0]
+    np.testing.assert_allclose(out, tiny.numpy_forward(tiny.conv_net(size=16), x)["probs"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["saliency", "gradcam", "ig", "occlusion"])
+def test_maps_are_identical_with_weights_inside_or_beside_the_graph(method, monkeypatch):
+    x = np.random.default_rng(2).random((1, 3, 16, 16)).astype(np.float32)
+    opts = {"window": 4} if method == "occlusion" else {}
+    maps = []
+    for limit in (0, 1 << 40):
+        monkeypatch.setattr(weights, "MIN_BYTES", limit)
+        ex = Explainer(tiny.conv_net(size=16), "cpu")
+        maps.append(ex.explain(x, method, **opts).maps)
+    np.testing.assert_array_equal(maps[0], maps[1])
+
+
+def test_a_corrupt_large_initializer_is_a_model_error(tmp_path):
+    model = tiny.conv_net(size=16)
+    w = next(t for t in model.graph.initializer if t.name == "w2")
+    w.raw_data = w.raw_data[:-8]                                         # truncated data, shape unchanged
+    with pytest.raises(errors.ModelError, match="'w2' is corrupt"):
+        load(model)
