@@ -108,6 +108,8 @@ class Runtime:
             values = [ort.OrtValue.ortvalue_from_numpy(a if a.flags.c_contiguous else a.copy(order="C")) for a in arrays.values()]
             if values:
                 opts.add_external_initializers(list(arrays), values)
+            if _row_matrix_bytes(model, arrays) > PREPACK_LIMIT:
+                opts.add_session_config_entry("session.disable_prepacking", "1")
             sess = ort.InferenceSession(model.SerializeToString(), opts, providers=self._providers)
             sess._onnxsal_weights = values  # type: ignore[attr-defined]
             sess._onnxsal_per_sample = _bytes_per_sample(model)  # type: ignore[attr-defined]
@@ -137,6 +139,28 @@ class Runtime:
             if progress:
                 progress(stop, n)
         return [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))]
+
+
+PREPACK_LIMIT = 64 << 20
+
+
+def _row_matrix_bytes(model: onnx.ModelProto, arrays: dict) -> int:
+    """Bytes of constant weight matrices that only ever multiply one row per sample (2-D Gemm/MatMul).
+
+    ONNX Runtime repacks every constant GEMM operand when a session starts. For a classifier's
+    fully connected layers (VGG16: 480 MB) that costs 1-2 s per session and buys nothing: with a
+    few rows per run the product is bound by reading the weight once. Above PREPACK_LIMIT the
+    session skips packing (measured: VGG16 runs equally fast, sessions start 1-2 s sooner).
+    Matrices that multiply many rows (a transformer's tokens) are not counted; they gain from it.
+    """
+    shapes = tensor_shapes(model)
+    total = 0
+    for n in model.graph.node:
+        if n.op_type in ("Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in arrays:
+            a_shape = shapes.get(n.input[0], (0, None))[1]
+            if n.op_type == "Gemm" or (a_shape is not None and len(a_shape) == 2):
+                total += arrays[n.input[1]].nbytes
+    return total
 
 
 def _bytes_per_sample(model: onnx.ModelProto) -> int:

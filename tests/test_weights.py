@@ -111,3 +111,21 @@ def test_a_corrupt_large_initializer_is_a_model_error(tmp_path):
     w.raw_data = w.raw_data[:-8]                                         # truncated data, shape unchanged
     with pytest.raises(errors.ModelError, match="'w2' is corrupt"):
         load(model)
+
+
+def test_only_matrices_that_multiply_one_row_per_sample_count_against_packing():
+    from onnx import TensorProto, helper
+
+    from onnxsal.runtime import _row_matrix_bytes
+
+    w2d, w3d = np.ones((6, 5), np.float32), np.ones((5, 4), np.float32)
+    nodes = [helper.make_node("MatMul", ["rows", "w2d"], ["a"]),          # (N, 6) @ (6, 5): one row per sample
+             helper.make_node("MatMul", ["tokens", "w3d"], ["b"]),        # (N, T, 5) @ (5, 4): many rows
+             helper.make_node("Gemm", ["a", "w3d"], ["c"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["N", 6]),
+                                       helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", 7, 5])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("b", "c")],
+                          [numpy_helper.from_array(w2d, "w2d"), numpy_helper.from_array(w3d, "w3d")])
+    model = helper.make_model(g)
+    assert _row_matrix_bytes(model, {"w2d": w2d, "w3d": w3d}) == w2d.nbytes + w3d.nbytes   # MatMul 2-D + Gemm
+    assert _row_matrix_bytes(model, {"w3d": w3d}) == w3d.nbytes                            # only what is external
