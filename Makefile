@@ -46,6 +46,7 @@ bench: .venv-bench/.done
 	cd benchmarks && ../.venv-bench/bin/python bench_vjp.py
 	cd benchmarks && ../.venv-bench/bin/python bench_captum.py
 	cd benchmarks && ../.venv-bench/bin/python bench_cam.py
+	cd benchmarks && ../.venv-bench/bin/python bench_cold.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
