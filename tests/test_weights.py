@@ -129,3 +129,16 @@ def test_only_matrices_that_multiply_one_row_per_sample_count_against_packing():
     model = helper.make_model(g)
     assert _row_matrix_bytes(model, {"w2d": w2d, "w3d": w3d}) == w2d.nbytes + w3d.nbytes   # MatMul 2-D + Gemm
     assert _row_matrix_bytes(model, {"w3d": w3d}) == w3d.nbytes                            # only what is external
+
+
+def test_models_with_an_external_data_file_or_initializers_listed_as_inputs(tmp_path):
+    x = np.random.default_rng(3).random((1, 3, 16, 16)).astype(np.float32)
+    want = Explainer(tiny.conv_net(size=16), "cpu").explain(x, "saliency").maps
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny.conv_net(size=16), path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="tiny.data", size_threshold=0)
+    np.testing.assert_array_equal(Explainer(str(path), "cpu").explain(x, "saliency").maps, want)
+    old = tiny.conv_net(size=16)                     # IR 3 style: every initializer is also a graph input
+    for t in old.graph.initializer:
+        old.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    np.testing.assert_array_equal(Explainer(old, "cpu").explain(x, "saliency").maps, want)
