@@ -157,7 +157,7 @@ def read_proto(path: Union[str, os.PathLike]) -> onnx.ModelProto:
         raise ModelError(f"{path} is not a readable ONNX model (corrupt or truncated protobuf): {type(exc).__name__}") from exc
     if not proto.graph.node:
         raise ModelError(f"{path} is not an ONNX model (no graph nodes found)")
-    try:   # the weights' data needs no check (detach reads each one); checking it would serialise them all
+    try:   # large weights are checked when detach decodes them; here they would be serialised once more
         onnx.checker.check_model(without_weight_data(proto))
     except Exception as exc:
         raise ModelError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
