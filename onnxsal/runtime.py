@@ -108,11 +108,12 @@ class Runtime:
             values = [ort.OrtValue.ortvalue_from_numpy(a if a.flags.c_contiguous else a.copy(order="C")) for a in arrays.values()]
             if values:
                 opts.add_external_initializers(list(arrays), values)
-            if _row_matrix_bytes(model, arrays) > PREPACK_LIMIT:
+            shapes = tensor_shapes(model)
+            if _row_matrix_bytes(model, arrays, shapes) > PREPACK_LIMIT:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
             sess = ort.InferenceSession(model.SerializeToString(), opts, providers=self._providers)
             sess._onnxsal_weights = values  # type: ignore[attr-defined]
-            sess._onnxsal_per_sample = _bytes_per_sample(model)  # type: ignore[attr-defined]
+            sess._onnxsal_per_sample = _bytes_per_sample(model, shapes)  # type: ignore[attr-defined]
             self._sessions[key] = sess
         return sess
 
@@ -144,7 +145,7 @@ class Runtime:
 PREPACK_LIMIT = 64 << 20
 
 
-def _row_matrix_bytes(model: onnx.ModelProto, arrays: dict) -> int:
+def _row_matrix_bytes(model: onnx.ModelProto, arrays: dict, shapes: Optional[dict] = None) -> int:
     """Bytes of constant weight matrices that only ever multiply one row per sample (2-D Gemm/MatMul).
 
     ONNX Runtime repacks every constant GEMM operand when a session starts. For a classifier's
@@ -153,7 +154,7 @@ def _row_matrix_bytes(model: onnx.ModelProto, arrays: dict) -> int:
     session skips packing (measured: VGG16 runs equally fast, sessions start 1-2 s sooner).
     Matrices that multiply many rows (a transformer's tokens) are not counted; they gain from it.
     """
-    shapes = tensor_shapes(model)
+    shapes = tensor_shapes(model) if shapes is None else shapes
     total = 0
     for n in model.graph.node:
         if n.op_type in ("Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in arrays:
@@ -163,11 +164,11 @@ def _row_matrix_bytes(model: onnx.ModelProto, arrays: dict) -> int:
     return total
 
 
-def _bytes_per_sample(model: onnx.ModelProto) -> int:
+def _bytes_per_sample(model: onnx.ModelProto, shapes: Optional[dict] = None) -> int:
     """Sum of every intermediate tensor's size per sample: a rough peak-memory bound for one batch row."""
     total = 0
     inits = {i.name for i in model.graph.initializer}
-    for name, (_, shape) in tensor_shapes(model).items():
+    for name, (_, shape) in (tensor_shapes(model) if shapes is None else shapes).items():
         if name in inits or not shape:
             continue
         total += int(np.prod([d or 1 for d in shape[1:]])) * 4

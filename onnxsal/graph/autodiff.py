@@ -196,7 +196,7 @@ class _Builder:
         proto = self._const_protos.get(name)
         if proto is not None and not weights.is_placeholder(proto):
             return proto
-        return numpy_helper.from_array(np.asarray(self.const_value(name)), name)
+        return numpy_helper.from_array(self.const_value(name), name)
 
     def elem_type(self, name: str) -> int:
         tp = self.types.get(name)

@@ -64,7 +64,7 @@ def _copy_field(msg, fd, value) -> None:
         setattr(msg, fd.name, value)
 
 
-def nbytes(t: TensorProto) -> int:
+def _nbytes(t: TensorProto) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
@@ -82,8 +82,21 @@ def _placeholder(name: str, data_type: int, dims, store: Optional[WeightStore]) 
     return t
 
 
-def _large(t: TensorProto, min_bytes: int) -> bool:
-    return t.data_type in _FLOATS and t.data_location != TensorProto.EXTERNAL and nbytes(t) >= min_bytes
+def _large(t: TensorProto, min_bytes: Optional[int]) -> bool:
+    limit = MIN_BYTES if min_bytes is None else min_bytes
+    return t.data_type in _FLOATS and t.data_location != TensorProto.EXTERNAL and _nbytes(t) >= limit
+
+
+def _take_out(model: onnx.ModelProto, take, store: Optional[WeightStore]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of `model` whose initializers that `take` picks are placeholders, and their arrays."""
+    light, arrays = shell(model), {}
+    for t in model.graph.initializer:
+        if take(t):
+            arrays[t.name] = a = array(t)
+            light.graph.initializer.append(_placeholder(t.name, t.data_type, a.shape, store))
+        else:
+            light.graph.initializer.append(t)
+    return light, arrays
 
 
 def detach(model: onnx.ModelProto, min_bytes: Optional[int] = None) -> tuple[onnx.ModelProto, WeightStore]:
@@ -92,27 +105,22 @@ def detach(model: onnx.ModelProto, min_bytes: Optional[int] = None) -> tuple[onn
     `model` itself is left as it was. Small initializers (shape tensors, scalars) stay inline,
     since shape inference and graph passes read them directly.
     """
-    light, store = shell(model), WeightStore()
-    min_bytes = MIN_BYTES if min_bytes is None else min_bytes
-    for t in model.graph.initializer:
-        if _large(t, min_bytes):
-            try:
-                arr = numpy_helper.to_array(t)
-            except Exception as exc:
-                raise ModelError(f"initializer {t.name!r} is corrupt (its data does not fit its shape "
-                                 f"{list(t.dims)}): {type(exc).__name__}") from exc
-            arr.flags.writeable = False
-            store[t.name] = arr
-            light.graph.initializer.append(_placeholder(t.name, t.data_type, arr.shape, store))
-        else:
-            light.graph.initializer.append(t)
+    store = WeightStore()
+    light, arrays = _take_out(model, lambda t: _large(t, min_bytes), store)
+    for a in arrays.values():
+        a.flags.writeable = False
+    store.update(arrays)
     return light, store
 
 
 def array(t: TensorProto) -> np.ndarray:
     """The value of any initializer or Constant tensor, placeholder or not (read-only if a placeholder)."""
     if not is_placeholder(t):
-        return numpy_helper.to_array(t)
+        try:
+            return numpy_helper.to_array(t)
+        except Exception as exc:
+            raise ModelError(f"initializer {t.name!r} is corrupt (its data does not fit its shape "
+                             f"{list(t.dims)}): {type(exc).__name__}") from exc
     entries = {e.key: e.value for e in t.external_data}
     store = _stores.get(entries.get("store", ""))
     key = entries.get("name", t.name)
@@ -127,7 +135,7 @@ def attach(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     out = shell(model)
     for t in model.graph.initializer:
-        out.graph.initializer.append(numpy_helper.from_array(np.asarray(array(t)), t.name) if is_placeholder(t) else t)
+        out.graph.initializer.append(numpy_helper.from_array(array(t), t.name) if is_placeholder(t) else t)
     return out
 
 
@@ -137,16 +145,5 @@ def for_session(model: onnx.ModelProto, min_bytes: Optional[int] = None) -> tupl
     Placeholders resolve through their store; large inline initializers (such as the flipped
     kernels a VJP adds) are taken out too, so no weight is serialised and parsed again.
     """
-    inits = model.graph.initializer
-    min_bytes = MIN_BYTES if min_bytes is None else min_bytes
-    if not any(is_placeholder(t) or _large(t, min_bytes) for t in inits):
-        return model, {}
-    light, arrays = shell(model), {}
-    for t in inits:
-        if is_placeholder(t) or _large(t, min_bytes):
-            a = array(t)
-            arrays[t.name] = a
-            light.graph.initializer.append(_placeholder(t.name, t.data_type, a.shape, None))
-        else:
-            light.graph.initializer.append(t)
-    return light, arrays
+    light, arrays = _take_out(model, lambda t: is_placeholder(t) or _large(t, min_bytes), None)
+    return (light, arrays) if arrays else (model, arrays)
