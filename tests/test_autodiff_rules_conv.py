@@ -144,6 +144,11 @@ CONV_CASES = [
     ("k1_s2", 4, 5, (7, 7), (1, 1), dict(strides=[2, 2]), 1),
     ("k7_s2_p3", 3, 4, (15, 13), (7, 7), dict(strides=[2, 2], pads=[3, 3, 3, 3]), 1),
     ("pad_exceeds_kernel", 2, 3, (5, 5), (2, 2), dict(pads=[2, 2, 2, 2]), 1),
+    # 8+ input channels, stride 1, one group: the flipped-kernel Conv (fewer channels take ConvTranspose)
+    ("c8_pads_asym", 8, 4, (7, 6), (3, 3), dict(pads=[1, 0, 2, 1]), 1),
+    ("c8_same_upper_even_k", 8, 4, (6, 5), (4, 2), dict(auto_pad="SAME_UPPER"), 1),
+    ("c8_dil2", 8, 3, (9, 8), (3, 3), dict(dilations=[2, 2], pads=[2, 1, 2, 1]), 1),
+    ("c8_pad_exceeds_kernel", 8, 3, (5, 5), (2, 2), dict(pads=[2, 2, 2, 2]), 1),
 ]
 
 
@@ -199,6 +204,13 @@ def test_conv_formulation():
     vm = vjp(s2, "y", ["x"])
     ct = [n for n in vm.graph.node if n.op_type == "ConvTranspose"][0]
     assert ct.input[1] == "w"  # the forward weight itself, no copy
+    # fewer input channels than ORT's CPU block (an RGB image): ConvTranspose even at stride 1
+    x3 = rng.standard_normal((1, 3, 8, 8)).astype(F32)
+    rgb = one_node_model("Conv", {"x": x3}, dict(pads=[1, 1, 1, 1]), {"w": rng.standard_normal((8, 3, 3, 3)).astype(F32)})
+    assert backward_ops(rgb) == ["ConvTranspose"]
+    x8 = rng.standard_normal((1, 8, 8, 8)).astype(F32)
+    wide = one_node_model("Conv", {"x": x8}, dict(pads=[1, 1, 1, 1]), {"w": rng.standard_normal((4, 8, 3, 3)).astype(F32)})
+    assert backward_ops(wide) == ["Conv"]
 
 
 def test_flipped_weight_matches_transpose():
