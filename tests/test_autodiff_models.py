@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from gradcheck import expose, run  # noqa: E402
+from gradcheck import run  # noqa: E402
 from onnxsal.graph.autodiff import vjp  # noqa: E402
 from onnxsal.graph.simplify import simplify  # noqa: E402
 
@@ -363,62 +363,6 @@ def test_simplify_bn_after_shared_conv_weight_is_not_mutated():
     assert "BatchNormalization" not in _ops(s)
     x = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)
     assert rel_err(run(s, {"x": x})["y"], run(m, {"x": x})["y"]) < 1e-5
-
-
-def _relu_pool_model(rng):
-    """Conv -> Relu -> MaxPool 2x2, then Conv -> Relu -> overlapping MaxPool 3x3/2 with a pad."""
-    w1 = numpy_helper.from_array((rng.standard_normal((8, 2, 3, 3)) * 0.5).astype(np.float32), "w1")
-    b1 = numpy_helper.from_array(np.linspace(-1, 1, 8).astype(np.float32), "b1")   # some channels mostly negative
-    w2 = numpy_helper.from_array((rng.standard_normal((8, 8, 1, 1)) * 0.5).astype(np.float32), "w2")
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
-             helper.make_node("Conv", ["p1", "w2"], ["c2"]),
-             helper.make_node("Relu", ["c2"], ["r2"]),
-             helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-             helper.make_node("ReduceSum", ["p2"], ["y"], keepdims=0)]
-    g = helper.make_graph(nodes, "relu_pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w1, b1, w2])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
-
-
-def test_simplify_sinks_relu_below_maxpool_same_gradients():
-    """Relu moved below MaxPool: identical forward and gradients, ties included (flat image regions)."""
-    from onnxsal.graph.rules.activations import DECONV_RULES, GUIDED_RULES
-
-    rng = np.random.default_rng(7)
-    m = _relu_pool_model(rng)
-    s = simplify(m)
-    assert _ops(s) == ["Conv", "MaxPool", "Relu", "Conv", "MaxPool", "Relu", "ReduceSum"]
-    assert _ops(simplify(m, keep=["r1"])) == ["Conv", "Relu", "MaxPool", "Conv", "MaxPool", "Relu", "ReduceSum"]
-    # flat regions give equal positive conv outputs side by side: ties inside pooling windows
-    x = np.kron(rng.standard_normal((3, 2, 2, 2)), np.ones((1, 1, 4, 4))).astype(np.float32)
-    x[0] = rng.standard_normal((2, 1, 1))      # a flat image: equal conv outputs away from the border
-    x[1] = rng.standard_normal((2, 8, 8))
-    cot = np.array(1.0, np.float32)
-    for rules in (None, GUIDED_RULES, DECONV_RULES):
-        a = run(vjp(m, "y", ["x"], rules=rules), {"x": x, "grad_y": cot})
-        b = run(vjp(m, "y", ["x"], rules=rules, simplify=False), {"x": x, "grad_y": cot})
-        np.testing.assert_array_equal(a["y"], b["y"])
-        np.testing.assert_array_equal(a["grad_x"], b["grad_x"])
-    # the deconvnet rule ignores the forward mask, so its Relu must stay above the pool
-    vm = vjp(m, "y", ["x"], rules=DECONV_RULES)
-    relus = [n for n in vm.graph.node if n.op_type == "Relu" and n.input[0] == "c1"]
-    assert relus, "deconvnet graph must keep Relu before MaxPool"
-
-
-def test_simplify_sink_ties_are_real():
-    """The input above does produce tied positive maxima (else the previous test proves little)."""
-    rng = np.random.default_rng(7)
-    m = _relu_pool_model(rng)
-    x = np.kron(rng.standard_normal((3, 2, 2, 2)), np.ones((1, 1, 4, 4))).astype(np.float32)
-    x[0] = rng.standard_normal((2, 1, 1))      # a flat image: equal conv outputs away from the border
-    r1 = run(expose(m, ["r1"]), {"x": x})["r1"]
-    win = r1.reshape(3, 8, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5).reshape(3, 8, 4, 4, 4)
-    top = win.max(axis=-1, keepdims=True)
-    assert ((win == top).sum(axis=-1)[top[..., 0] > 0] > 1).any()
 
 
 # ---- cross-check with the onnx-ad package ------------------------------------------------------

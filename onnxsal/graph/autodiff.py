@@ -525,19 +525,13 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
     if len(set(wrt)) != len(wrt):
         raise LayerError(f"duplicate tensors in gradient inputs {wrt!r}")
     _set_outputs(model, [y, *outputs])   # unrequested model outputs must not block simplification
+    if simplify:
+        from .simplify import simplify_inplace
+
+        model = simplify_inplace(model, keep=[y, *wrt, *outputs])
     table: dict[str, Rule] = dict(VJP_RULES)
     if rules:
         table.update(rules)
-    if simplify:
-        from .rules.activations import guided_relu
-        from .simplify import simplify_inplace
-
-        # Moving a Relu below a MaxPool keeps the gradient only for rules that zero it where
-        # the pooled value is not positive (the stock rule and Guided Backprop's), since the
-        # pool then routes it by the pre-activation.
-        sink = (table.get("Relu") in (VJP_RULES.get("Relu"), guided_relu)
-                and table.get("MaxPool") is VJP_RULES.get("MaxPool"))
-        model = simplify_inplace(model, keep=[y, *wrt, *outputs], sink_relu=sink)
 
     b = _Builder(model)
     g = model.graph

@@ -10,13 +10,6 @@ Tensor names the caller wants to keep (``keep``, plus graph inputs and
 outputs) survive: a removed Identity whose output is kept renames its producer
 instead, a folded Conv takes the BatchNorm's output name (so the post-BN
 activation keeps its name), and a kept pre-BN Conv output blocks the fold.
-
-A Relu feeding a MaxPool is moved below it (``MaxPool(Relu(x)) ==
-Relu(MaxPool(x))`` exactly: max commutes with a non-decreasing map, and pads
-never win a window).  The backward then masks the pooled gradient, a quarter
-of the size for 2x2 pools, instead of the full-size one, and the gradient is
-unchanged: where the pooled value is positive both orders route it to the same
-first winner, and where it is not the Relu mask zeroes it either way.
 """
 
 from __future__ import annotations
@@ -187,39 +180,6 @@ def _fold_bn(graph: onnx.GraphProto, protected: set) -> None:
     graph.initializer.extend(new_inits)
 
 
-def _sink_relu_below_maxpool(graph: onnx.GraphProto, protected: set) -> None:
-    """Rewrite ``Relu -> MaxPool`` as ``MaxPool -> Relu`` where the Relu output is needed nowhere else."""
-    cons = _consumers(graph)
-    risky = _subgraph_reads(graph)
-    nodes = list(graph.node)
-    position = {id(n): k for k, n in enumerate(nodes)}
-    moved = set()
-    for relu in list(nodes):
-        if relu.op_type != "Relu" or relu.domain not in ("", "ai.onnx"):
-            continue
-        mid = relu.output[0]
-        users = cons.get(mid, [])
-        if len(users) != 1 or mid in protected or mid in risky:
-            continue
-        pool = users[0]
-        if pool.op_type != "MaxPool" or pool.domain not in ("", "ai.onnx") or any(o for o in pool.output[1:]):
-            continue
-        src, out = relu.input[0], pool.output[0]
-        pool.input[0], pool.output[0] = src, mid      # `mid` now names the pooled pre-activation
-        relu.input[0], relu.output[0] = mid, out
-        i, j = position[id(relu)], position[id(pool)]
-        nodes[i], nodes[j] = pool, relu                # the pool reads `src`, available where the Relu was
-        position[id(pool)], position[id(relu)] = i, j
-        moved.add(mid)
-    if not moved:
-        return
-    del graph.node[:]
-    graph.node.extend(nodes)
-    vis = [v for v in graph.value_info if v.name not in moved]    # its old shape is the unpooled one
-    del graph.value_info[:]
-    graph.value_info.extend(vis)
-
-
 def _drop_unused(graph: onnx.GraphProto) -> None:
     read = {i for n in graph.node for i in n.input} | _subgraph_reads(graph) | {o.name for o in graph.output}
     inputs = {i.name for i in graph.input}
@@ -232,27 +192,20 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
     graph.value_info.extend(vis)
 
 
-def simplify(model: onnx.ModelProto, keep: Optional[Iterable[str]] = (), *, sink_relu: bool = True) -> onnx.ModelProto:
-    """Copy of ``model`` without Identity/inference Dropout, Conv+BatchNorm folded, Relu below MaxPool.
+def simplify(model: onnx.ModelProto, keep: Optional[Iterable[str]] = ()) -> onnx.ModelProto:
+    """Copy of ``model`` without Identity/inference Dropout and with Conv+BatchNorm folded.
 
     Graph inputs, graph outputs and ``keep`` keep their names and values
     (folding is exact up to float rounding of the new weights).
     """
-    return simplify_inplace(copy.deepcopy(model), keep, sink_relu=sink_relu)
+    return simplify_inplace(copy.deepcopy(model), keep)
 
 
-def simplify_inplace(model: onnx.ModelProto, keep: Optional[Iterable[str]] = (), *,
-                     sink_relu: bool = True) -> onnx.ModelProto:
-    """``simplify`` on a model the caller owns: no copy of (possibly huge) weights.
-
-    ``sink_relu=False`` keeps Relu/MaxPool order: a caller-supplied Relu rule
-    need not commute with the pool's gradient routing.
-    """
+def simplify_inplace(model: onnx.ModelProto, keep: Optional[Iterable[str]] = ()) -> onnx.ModelProto:
+    """``simplify`` on a model the caller owns: no copy of (possibly huge) weights."""
     g = model.graph
     protected = set(keep or ()) | {o.name for o in g.output} | {i.name for i in g.input}
     _remove_passthrough(g, protected)
     _fold_bn(g, protected)
-    if sink_relu:
-        _sink_relu_below_maxpool(g, protected)
     _drop_unused(g)
     return model
