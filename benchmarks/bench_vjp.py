@@ -1,6 +1,6 @@
 """Forward vs forward+VJP time of onnxsal's gradient graph, and of onnx-ad's reverse graph.
 
-    .venv-bench/bin/python benchmarks/bench_vjp.py [--nets resnet50,vgg16,mobilenet_v2,demo] [--batches 1,16]
+    .venv-bench/bin/python benchmarks/bench_vjp.py [--nets resnet50,vgg16,mobilenet_v2,demo] [--batches 1,16] [--kernel]
 
 The gradient is taken w.r.t. the input image for one logit per sample (what saliency,
 SmoothGrad and IG need). Goal: forward+VJP <= 2.5x forward at batch 16.
@@ -8,7 +8,10 @@ SmoothGrad and IG need). Goal: forward+VJP <= 2.5x forward at batch 16.
 For the torchvision networks the same ratio is measured for PyTorch's own autograd (input
 gradient only, parameters frozen), as a reference for what a mature reverse mode achieves on
 the same network and machine. Forward and forward+VJP runs are interleaved (see
-`timeit_side_by_side`), so each ratio sees the same machine load.
+`timeit_side_by_side`), so each ratio sees the same machine load. ``--kernel`` adds the ratio
+of ONNX Runtime's summed kernel times (see `common.kernel_ms`): on a small model the wall-time
+ratio moves with thread-pool behaviour (each session's idle workers spin and take a core from
+the other), the kernel ratio does not.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from common import machine, onnx_path, table, timeit, timeit_side_by_side, torch_net
+from common import kernel_ms, machine, onnx_path, table, timeit, timeit_side_by_side, torch_net
 
 from onnxsal.graph.autodiff import vjp
 from onnxsal.graph.surgery import expose
@@ -74,6 +77,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-onnx-ad", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--kernel", action="store_true", help="also the ratio of summed kernel times")
     args = ap.parse_args()
     import os
 
@@ -89,7 +93,8 @@ def main() -> None:
         x_name, y = m.input.name, m.logits
         fwd_model = expose(m.proto, [y])
         fwd = session(fwd_model, threads)
-        bwd = session(vjp(m.proto, y, [x_name]), threads)
+        vjp_model = vjp(m.proto, y, [x_name])
+        bwd = session(vjp_model, threads)
         for b in (int(v) for v in args.batches.split(",")):
             ad = None
             if not args.no_onnx_ad:
@@ -104,6 +109,11 @@ def main() -> None:
             t_f, t_b = timeit_side_by_side([lambda: fwd.run(None, {x_name: x}),
                                             lambda: bwd.run(None, {x_name: x, f"grad_{y}": seed})], args.repeat)
             row = [net, b, t_f * 1e3, t_b * 1e3, t_b / t_f]
+            if args.kernel:
+                runs = max(3, min(15, int(3.0 / max(t_b, 1e-3))))
+                k_f, k_b = kernel_ms([(fwd_model, {x_name: x}), (vjp_model, {x_name: x, f"grad_{y}": seed})],
+                                     threads, runs)
+                row += [k_f, k_b, k_b / k_f]
             if ad is not None:
                 feeds = {x_name: x}
                 for inp in ad.get_inputs():
@@ -119,13 +129,15 @@ def main() -> None:
             else:
                 row += ["-", "-", "-"]
             rows.append(row)
-            print(table(HEADER, [row]).splitlines()[-1], flush=True)
+            header = HEADER[:5] + (KERNEL if args.kernel else []) + HEADER[5:]
+            print(table(header, [row]).splitlines()[-1], flush=True)
     print()
-    print(table(HEADER, rows))
+    print(table(header, rows))
 
 
 HEADER = ["net", "batch", "forward ms", "fwd+VJP ms", "onnxsal ratio", "onnx-ad ms", "onnx-ad ratio",
           "torch fwd ms", "torch fwd+bwd ms", "torch ratio"]
+KERNEL = ["fwd kernels ms", "fwd+VJP kernels ms", "kernel ratio"]
 
 
 if __name__ == "__main__":

@@ -79,6 +79,47 @@ def timeit_side_by_side(fns: list[Callable[[], object]], repeat: int = 5, warmup
     return [statistics.median(ts) for ts in times]
 
 
+def kernel_ms(jobs: list, threads: int, runs: int = 5, warmup: int = 2) -> list[float]:
+    """Median per-run sum of ONNX Runtime's node kernel times, in ms, for each (model, feeds) job.
+
+    Wall time on a small, shared machine also carries what happens between kernels: thread
+    wake-ups, and the spinning worker threads of another session stealing a core. Kernel time
+    is the cost of the graph itself, so a ratio of kernel times is steadier than one of wall
+    times. The jobs' runs alternate, as in `timeit_side_by_side`; their worker threads do not
+    spin while idle, so one job's pool cannot slow another's kernels.
+    """
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    sessions = []
+    for k, (model, feeds) in enumerate(jobs):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.enable_profiling = True
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # idle sessions leave the cores alone
+        opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(), f"prof{k}")
+        sessions.append((ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]),
+                         feeds))
+    for _ in range(warmup):
+        for sess, feeds in sessions:
+            sess.run(None, feeds)
+    for _ in range(runs):
+        for sess, feeds in sessions:
+            sess.run(None, feeds)
+    out = []
+    for sess, _ in sessions:
+        path = sess.end_profiling()
+        with open(path) as f:
+            events = json.load(f)
+        os.remove(path)
+        windows = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run"][warmup:]
+        nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+        out.append(statistics.median(sum(e["dur"] for e in nodes if a <= e["ts"] <= b) for a, b in windows) / 1e3)
+    return out
+
+
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64))[0, 1])
 
