@@ -87,6 +87,7 @@ def main() -> None:
 
         torch.set_num_threads(threads)
     rows = []
+    header = HEADER[:5] + (KERNEL if args.kernel else []) + HEADER[5:]
     print(f"# {machine()}; {threads} threads; median of {args.repeat} runs", flush=True)
     for net in args.nets.split(","):
         m = load(onnx_path(net))
@@ -129,7 +130,6 @@ def main() -> None:
             else:
                 row += ["-", "-", "-"]
             rows.append(row)
-            header = HEADER[:5] + (KERNEL if args.kernel else []) + HEADER[5:]
             print(table(header, [row]).splitlines()[-1], flush=True)
     print()
     print(table(header, rows))

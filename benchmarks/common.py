@@ -93,30 +93,26 @@ def kernel_ms(jobs: list, threads: int, runs: int = 5, warmup: int = 2) -> list[
 
     import onnxruntime as ort
 
-    sessions = []
-    for k, (model, feeds) in enumerate(jobs):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.enable_profiling = True
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # idle sessions leave the cores alone
-        opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(), f"prof{k}")
-        sessions.append((ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]),
-                         feeds))
-    for _ in range(warmup):
-        for sess, feeds in sessions:
-            sess.run(None, feeds)
-    for _ in range(runs):
-        for sess, feeds in sessions:
-            sess.run(None, feeds)
     out = []
-    for sess, _ in sessions:
-        path = sess.end_profiling()
-        with open(path) as f:
-            events = json.load(f)
-        os.remove(path)
-        windows = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run"][warmup:]
-        nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-        out.append(statistics.median(sum(e["dur"] for e in nodes if a <= e["ts"] <= b) for a, b in windows) / 1e3)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = []
+        for k, (model, feeds) in enumerate(jobs):
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.enable_profiling = True
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # idle sessions leave the cores alone
+            opts.profile_file_prefix = os.path.join(tmp, f"prof{k}")
+            sessions.append((ort.InferenceSession(model.SerializeToString(), opts,
+                                                  providers=["CPUExecutionProvider"]), feeds))
+        for _ in range(warmup + runs):
+            for sess, feeds in sessions:
+                sess.run(None, feeds)
+        for sess, _ in sessions:
+            with open(sess.end_profiling()) as f:
+                events = json.load(f)
+            windows = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run"][warmup:]
+            nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+            out.append(statistics.median(sum(e["dur"] for e in nodes if a <= e["ts"] <= b) for a, b in windows) / 1e3)
     return out
 
 

@@ -229,6 +229,8 @@ def _few_channels(w: np.ndarray, group: int) -> bool:
 def conv(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
     """``dx = Conv^T dy``: a flipped-weight Conv for stride 1, else ConvTranspose(dy, W).
 
+    Few-channel gradients (an RGB image's) take ConvTranspose at stride 1 too.
+
     See the module docstring for why both are the exact adjoint; the bias
     gradient is ``dy`` summed over batch and space.  Weight gradients are not
     formed: saliency needs input and activation gradients only.
