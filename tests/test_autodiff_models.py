@@ -277,6 +277,15 @@ def test_matches_torch_autograd(exported, name, dynamic):
         assert rel_err(out["grad_" + probe], gp_t) < TOL, f"probe grad, batch {batch}"
 
 
+def test_mobilenet_covers_strided_depthwise_path(exported):
+    """The 32-channel stride-2 depthwise layer takes the zero-interleave path, so the torch check above covers it."""
+    net, model, probe = exported("mobilenetv2")
+    vm = vjp(model, "logits", ["input"])
+    spread = [n for n in vm.graph.node if n.op_type == "ConvTranspose"
+              and [a.ints for a in n.attribute if a.name == "kernel_shape"] == [[1, 1]]]
+    assert len(spread) == 1
+
+
 def test_without_simplify_same_gradients(exported):
     """Folding BatchNorm into Conv changes cost, not values."""
     net, model, probe = exported("resnet")

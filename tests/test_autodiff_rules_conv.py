@@ -149,6 +149,15 @@ CONV_CASES = [
     ("c8_same_upper_even_k", 8, 4, (6, 5), (4, 2), dict(auto_pad="SAME_UPPER"), 1),
     ("c8_dil2", 8, 3, (9, 8), (3, 3), dict(dilations=[2, 2], pads=[2, 1, 2, 1]), 1),
     ("c8_pad_exceeds_kernel", 8, 3, (5, 5), (2, 2), dict(pads=[2, 2, 2, 2]), 1),
+    # strided depthwise, 8/16 channels: flipped-kernel Conv on zero-interleaved dy
+    ("dw8_s2", 8, 8, (9, 9), (3, 3), dict(strides=[2, 2], pads=[1, 1, 1, 1]), 8),
+    ("dw8_s2_even", 8, 8, (10, 10), (3, 3), dict(strides=[2, 2], pads=[1, 1, 1, 1]), 8),
+    ("dw8_s2_remainder", 8, 8, (11, 12), (3, 3), dict(strides=[2, 2], pads=[1, 1, 0, 0]), 8),
+    ("dw16_s23_k5", 16, 16, (13, 11), (5, 3), dict(strides=[2, 3], pads=[2, 1, 2, 1]), 16),
+    ("dw8_s2_dil2", 8, 8, (12, 11), (3, 3), dict(strides=[2, 2], dilations=[2, 2], pads=[2, 1, 1, 2]), 8),
+    ("dw8_same_upper_s2", 8, 8, (9, 8), (4, 3), dict(auto_pad="SAME_UPPER", strides=[2, 2]), 8),
+    ("dw8_valid_s3", 8, 8, (10, 11), (3, 3), dict(auto_pad="VALID", strides=[3, 3]), 8),
+    ("dw8_s2_pad_exceeds_kernel", 8, 8, (6, 6), (2, 2), dict(strides=[2, 2], pads=[2, 2, 2, 2]), 8),
 ]
 
 
@@ -211,6 +220,19 @@ def test_conv_formulation():
     x8 = rng.standard_normal((1, 8, 8, 8)).astype(F32)
     wide = one_node_model("Conv", {"x": x8}, dict(pads=[1, 1, 1, 1]), {"w": rng.standard_normal((4, 8, 3, 3)).astype(F32)})
     assert backward_ops(wide) == ["Conv"]
+    # strided depthwise with a blocked channel count: unit 1x1 ConvTranspose spreads dy, flipped Conv at stride 1
+    dw = one_node_model("Conv", {"x": x8}, dict(pads=[1, 1, 1, 1], strides=[2, 2], group=8),
+                        {"w": rng.standard_normal((8, 1, 3, 3)).astype(F32)})
+    vm = vjp(dw, "y", ["x"])
+    bw = [n for n in vm.graph.node if n.name.startswith("onnxsal_bw/") and n.op_type != "Identity"]
+    assert [n.op_type for n in bw] == ["ConvTranspose", "Conv"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bw[0].attribute}
+    assert attrs["kernel_shape"] == [1, 1] and attrs["strides"] == [2, 2]
+    # ... but pads beyond the kernel (dk-1-pb < 0) or channels ORT does not block keep ConvTranspose on W
+    big_pad = one_node_model("Conv", {"x": x8}, dict(pads=[3, 3, 3, 3], strides=[2, 2], group=8),
+                             {"w": rng.standard_normal((8, 1, 3, 3)).astype(F32)})
+    assert [n.input[1] for n in vjp(big_pad, "y", ["x"]).graph.node if n.op_type == "ConvTranspose"] == ["w"]
+    assert backward_ops(s2) == ["ConvTranspose"]
 
 
 def test_flipped_weight_matches_transpose():
