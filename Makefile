@@ -44,6 +44,7 @@ bench-env: .venv-bench/.done
 
 bench: .venv-bench/.done
 	cd benchmarks && ../.venv-bench/bin/python bench_vjp.py --kernel
+	cd benchmarks && ../.venv-bench/bin/python bench_depthwise_grad.py
 	cd benchmarks && ../.venv-bench/bin/python bench_captum.py
 	cd benchmarks && ../.venv-bench/bin/python bench_cam.py
 	cd benchmarks && ../.venv-bench/bin/python bench_cold.py
