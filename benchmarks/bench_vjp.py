@@ -11,7 +11,8 @@ the same network and machine. Forward and forward+VJP runs are interleaved (see
 `timeit_side_by_side`), so each ratio sees the same machine load. ``--kernel`` adds the ratio
 of ONNX Runtime's summed kernel times (see `common.kernel_ms`): on a small model the wall-time
 ratio moves with thread-pool behaviour (each session's idle workers spin and take a core from
-the other), the kernel ratio does not.
+the other), the kernel ratio does not. onnx-ad's reverse graph joins the same alternation (and,
+with ``--kernel``, the same profile), so all three see the same load.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from common import kernel_ms, machine, onnx_path, table, timeit, timeit_side_by_side, torch_net
+from common import kernel_ms, machine, onnx_path, table, timeit_side_by_side, torch_net
 
 from onnxsal.graph.autodiff import vjp
 from onnxsal.graph.surgery import expose
@@ -87,43 +88,53 @@ def main() -> None:
 
         torch.set_num_threads(threads)
     rows = []
-    header = HEADER[:5] + (KERNEL if args.kernel else []) + HEADER[5:]
+    header = HEADER[:5] + (KERNEL if args.kernel else []) + HEADER[5:7] + (["onnx-ad kernel ratio"] if args.kernel else []) + HEADER[7:]
     print(f"# {machine()}; {threads} threads; median of {args.repeat} runs", flush=True)
     for net in args.nets.split(","):
         m = load(onnx_path(net))
         x_name, y = m.input.name, m.logits
         fwd_model = expose(m.proto, [y])
-        fwd = session(fwd_model, threads)
         vjp_model = vjp(m.proto, y, [x_name])
-        bwd = session(vjp_model, threads)
         for b in (int(v) for v in args.batches.split(",")):
-            ad = None
+            # Sessions per batch size, closed before the kernel profile opens its own: VGG16's at
+            # batch 16 (onnx-ad's above all) do not fit in memory twice over.
+            fwd, bwd = session(fwd_model, threads), session(vjp_model, threads)
+            ad = ad_model = None
             if not args.no_onnx_ad:
                 try:
-                    ad = session(onnx_ad_graph(fwd_model, x_name, y, b), threads)
+                    ad_model = onnx_ad_graph(fwd_model, x_name, y, b)
+                    ad = session(ad_model, threads)
                 except Exception as exc:  # report, keep going
+                    ad = ad_model = None
                     print(f"onnx-ad failed on {net}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
             shape = (b, 3) + m.input.size if m.input.layout == "NCHW" else (b,) + m.input.size + (3,)
             x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
             seed = np.zeros((b, m.num_classes), np.float32)
             seed[:, 0] = 1
-            t_f, t_b = timeit_side_by_side([lambda: fwd.run(None, {x_name: x}),
-                                            lambda: bwd.run(None, {x_name: x, f"grad_{y}": seed})], args.repeat)
-            row = [net, b, t_f * 1e3, t_b * 1e3, t_b / t_f]
-            if args.kernel:
-                runs = max(3, min(15, int(3.0 / max(t_b, 1e-3))))
-                k_f, k_b = kernel_ms([(fwd_model, {x_name: x}), (vjp_model, {x_name: x, f"grad_{y}": seed})],
-                                     threads, runs)
-                row += [k_f, k_b, k_b / k_f]
-            if ad is not None:
-                feeds = {x_name: x}
+            contenders = [lambda: fwd.run(None, {x_name: x}), lambda: bwd.run(None, {x_name: x, f"grad_{y}": seed})]
+            jobs = [(fwd_model, {x_name: x}), (vjp_model, {x_name: x, f"grad_{y}": seed})]
+            if ad_model is not None:
+                # onnx-ad's graph takes the seed with a trailing axis; it joins the same alternation
+                ad_feeds = {x_name: x}
                 for inp in ad.get_inputs():
                     if inp.name != x_name:
-                        feeds[inp.name] = seed.reshape(seed.shape + (1,))
-                t_a = timeit(lambda: ad.run(None, feeds), max(1, args.repeat // 2))
-                row += [t_a * 1e3, t_a / t_f]
+                        ad_feeds[inp.name] = seed.reshape(seed.shape + (1,))
+                contenders.append(lambda: ad.run(None, ad_feeds))
+                jobs.append((ad_model, ad_feeds))
+            times = timeit_side_by_side(contenders, args.repeat)
+            del contenders
+            fwd = bwd = ad = None
+            t_f, t_b = times[0], times[1]
+            row = [net, b, t_f * 1e3, t_b * 1e3, t_b / t_f]
+            kernels = []
+            if args.kernel:
+                runs = max(3, min(15, int(3.0 / max(t_b, 1e-3))))
+                kernels = kernel_ms(jobs, threads, runs)
+                row += [kernels[0], kernels[1], kernels[1] / kernels[0]]
+            if ad_model is not None:
+                row += [times[2] * 1e3, times[2] / t_f] + ([kernels[2] / kernels[0]] if args.kernel else [])
             else:
-                row += ["-", "-"]
+                row += ["-", "-"] + (["-"] if args.kernel else [])
             if not args.no_torch and net != "demo":
                 t_tf, t_tb = torch_ratio(net, x, args.repeat)
                 row += [t_tf * 1e3, t_tb * 1e3, t_tb / t_tf]
