@@ -235,8 +235,9 @@ def _blocked_depthwise(ctx: RuleContext, w: np.ndarray, group: int, dy: str) -> 
     against 4 ms for its 96-channel stride-2 layer).  Spreading ``dy`` onto the stride
     grid (:func:`_interleave_zeros`) and correlating with the flipped kernel at stride 1
     does ``s^2`` times the multiply-adds, but a depthwise layer is bound by memory and
-    that convolution stays in the blocked layout: measured 1.2-1.5x faster per layer
-    (96 channels at 112x112 to 576 at 14x14, batch 16).  Dense layers would pay the
+    that convolution stays in the blocked layout: measured 1.1-1.3x faster per layer,
+    counting the 1x1 convolutions either side (96 channels at 112x112 to 576 at 14x14,
+    batch 16; ``benchmarks/bench_depthwise_grad.py``).  Dense layers would pay the
     ``s^2`` in real compute, so they keep ConvTranspose.
     """
     return w.ndim == 4 and w.shape[1] == 1 and w.shape[0] == group and blocked.channels(ctx, dy) == group
