@@ -29,13 +29,13 @@ from onnxsal.model import load
 LAYERS = [(96, 112), (144, 56), (192, 28), (576, 14)]   # (channels, input size) of MobileNetV2's stride-2 layers
 
 
-def layer_models(c: int, h: int, seed: int = 0):
+def layer_models(c: int, h: int, batch: int, seed: int = 0):
     """(ConvTranspose model, spread + flipped Conv model, feeds) for a 3x3 stride-2 pad-1 depthwise layer."""
     rng = np.random.default_rng(seed)
     ho = (h + 2 - 3) // 2 + 1
     w = rng.normal(size=(c, 1, 3, 3)).astype(np.float32)
     p = (rng.normal(size=(c, c, 1, 1)) * 0.1).astype(np.float32)
-    inits = {"W": w, "Wf": np.ascontiguousarray(w[:, :, ::-1, ::-1]), "P": p, "one": np.ones((c, 1, 1, 1), np.float32)}
+    inits = {"W": w, "Wf": conv_rules.flipped_conv_weight(w, c), "P": p, "one": np.ones((c, 1, 1, 1), np.float32)}
 
     def model(middle):
         nodes = [helper.make_node("Conv", ["dy0", "P"], ["dy"], kernel_shape=[1, 1])] + middle + [
@@ -53,7 +53,8 @@ def layer_models(c: int, h: int, seed: int = 0):
     spread = model([helper.make_node("ConvTranspose", ["dy", "one"], ["u"], kernel_shape=[1, 1], strides=[2, 2], group=c),
                     helper.make_node("Conv", ["u", "Wf"], ["g"], kernel_shape=[3, 3], group=c,
                                      pads=[q_begin, q_begin, q_end, q_end])])
-    return transpose, spread
+    feeds = {"dy0": rng.normal(size=(batch, c, ho, ho)).astype(np.float32)}
+    return transpose, spread, feeds
 
 
 def main() -> None:
@@ -67,9 +68,7 @@ def main() -> None:
 
     rows = []
     for c, h in LAYERS:
-        transpose, spread = layer_models(c, h)
-        ho = (h + 2 - 3) // 2 + 1
-        feeds = {"dy0": np.random.default_rng(1).normal(size=(args.batch, c, ho, ho)).astype(np.float32)}
+        transpose, spread, feeds = layer_models(c, h, args.batch)
         a, b = (ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
                 for mm in (transpose, spread))
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), "the two formulations disagree"
