@@ -2,7 +2,8 @@
 
     .venv-bench/bin/python benchmarks/bench_cam.py [--net resnet50] [--scorecam-net mobilenet_v2]
 
-Grad-CAM, Grad-CAM++, XGrad-CAM and LayerCAM run on `--net` at its last block; Score-CAM
+The gradient CAMs (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Grad-CAM element-wise,
+EigenGrad-CAM) and the gradient-free Eigen-CAM run on `--net` at its last block; Score-CAM
 (one forward pass per channel) runs on the smaller `--scorecam-net`. Prints seconds per map,
 speed-up and the Pearson correlation of the two maps.
 """
@@ -35,14 +36,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
-    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
+    from pytorch_grad_cam import (EigenCAM, EigenGradCAM, GradCAM, GradCAMElementWise, GradCAMPlusPlus, HiResCAM,
+                                  LayerCAM, ScoreCAM, XGradCAM)
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     print(f"# {machine()}; torch {torch.__version__}; median of {args.repeat} interleaved runs", flush=True)
     rows = []
     x = test_image(args.size)
     plan = [(args.net, "gradcam", GradCAM), (args.net, "gradcam++", GradCAMPlusPlus), (args.net, "xgradcam", XGradCAM),
-            (args.net, "layercam", LayerCAM), (args.scorecam_net, "scorecam", ScoreCAM)]
+            (args.net, "layercam", LayerCAM), (args.net, "hirescam", HiResCAM),
+            (args.net, "gradcamelementwise", GradCAMElementWise), (args.net, "eigencam", EigenCAM),
+            (args.net, "eigengradcam", EigenGradCAM), (args.scorecam_net, "scorecam", ScoreCAM)]
     cache = {}
     for name, method, cls in plan:
         if name not in cache:

@@ -47,6 +47,10 @@ class Context:
         """An input-shaped array as (N, C, H, W), whatever the model's layout."""
         return g.transpose(0, 3, 1, 2) if self.nhwc else g
 
+    def model_layout(self, a: np.ndarray) -> np.ndarray:
+        """An (N, C, H, W) array in the model's own input layout: the inverse of channels_first."""
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if self.nhwc else a
+
     def blend(self, masks: np.ndarray, baseline: "float | np.ndarray" = 0.0) -> np.ndarray:
         """x where the mask is 1, baseline where it is 0: (K, ...) inputs for K masks."""
         m = self.spatial(masks.astype(np.float32))

@@ -50,7 +50,24 @@ def ref_cams(a, g):
     w = (g64 * a64).sum(axis=(1, 2)) / (a64.sum(axis=(1, 2)) + eps)
     out["xgradcam"] = np.maximum(np.einsum("k,khw->hw", w, a64), 0)
     out["layercam"] = np.maximum((np.maximum(g64, 0) * a64).sum(axis=0), 0)
+    out["hirescam"] = np.maximum((g64 * a64).sum(axis=0), 0)
+    out["gradcamelementwise"] = np.maximum(g64 * a64, 0).sum(axis=0)
+    out["eigencam"] = np.maximum(ref_principal_projection(a64), 0)
+    out["eigengradcam"] = np.maximum(ref_principal_projection(g64 * a64), 0)
     return out
+
+
+def ref_principal_projection(m):
+    """Scores on the top eigenvector of the channel covariance (eigh, not the SVD onnxsal uses),
+    signed to correlate positively with the channel sum."""
+    k = m.shape[0]
+    rows = m.reshape(k, -1).T
+    rows = rows - rows.mean(axis=0)
+    vals, vecs = np.linalg.eigh(rows.T @ rows)
+    assert vals[-1] > 1.01 * vals[-2], "no clear first component: the comparison would be ill-posed"
+    proj = rows @ vecs[:, -1]
+    total = m.reshape(k, -1).sum(axis=0)
+    return (proj if proj @ (total - total.mean()) >= 0 else -proj).reshape(m.shape[1:])
 
 
 MODELS = [dict(seed=3, size=16), dict(seed=11, size=20, classes=5)]
@@ -121,6 +138,38 @@ def test_smoothgrad_with_identical_noise(case):
     res = ex.explain(x, "smoothgrad", target=2, n_samples=6, seed=1)
     again = ex.explain(x, "smoothgrad", target=2, n_samples=6, seed=1)
     np.testing.assert_array_equal(res.raw, again.raw)
+
+
+@pytest.mark.parametrize("nt_type", ["smoothgrad_sq", "vargrad"])
+def test_smoothgrad_variants_with_identical_noise(case, nt_type):
+    from onnxsal.context import Context
+    from onnxsal.engine import make_targets
+
+    model, x, ex, net = case
+    noise = np.random.default_rng(7).normal(0, 0.2, (8,) + x.shape[1:]).astype(np.float32)
+    ctx = Context(ex.engine, x, make_targets(ex.model, [1]), None)
+    got = smoothgrad_attr(ctx, 8, 0.0, None, noise=noise, nt_type=nt_type)[0]
+    xt = torch.tensor(x + noise, requires_grad=True)
+    net(xt)[:, 1].sum().backward()
+    g = xt.grad.numpy().astype(np.float64)
+    expected = (g ** 2).mean(axis=0) if nt_type == "smoothgrad_sq" else g.var(axis=0)
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=1e-4)
+    res = ex.explain(x, "smoothgrad", target=1, n_samples=4, nt_type=nt_type)
+    assert (res.raw >= 0).all() and res.options["nt_type"] == nt_type
+    with pytest.raises(onnxsal.errors.MethodError, match="nt_type"):
+        ex.explain(x, "smoothgrad", nt_type="mean")
+
+
+def test_deconvnet_matches_captum(case):
+    from captum.attr import Deconvolution
+
+    model, x, ex, net = case
+    for target in (0, 2):
+        ref = Deconvolution(net).attribute(torch.tensor(x), target=target).detach().numpy()[0]
+        res = ex.explain(x, "deconvnet", target=target, reduce="sum")
+        np.testing.assert_allclose(res.raw[0], ref.sum(axis=0), atol=1e-5)
+        res = ex.explain(x, "deconvnet", target=target)
+        np.testing.assert_allclose(res.raw[0], np.abs(ref).max(axis=0), atol=1e-5)
 
 
 def test_guided_backprop_matches_captum(case):

@@ -4,6 +4,10 @@ Grad-CAM    (Selvaraju et al. 2017): w_k = mean_ij G_k;            map = ReLU(su
 Grad-CAM++  (Chattopadhay et al. 2018): a = G^2 / (2 G^2 + sum_ij A * G^3); w_k = sum_ij a ReLU(G_k)
 XGrad-CAM   (Fu et al. 2020): w_k = sum_ij (G_k A_k) / (sum_ij A_k + eps)
 LayerCAM    (Jiang et al. 2021): map = ReLU(sum_k ReLU(G_k) * A_k)
+HiResCAM    (Draelos & Carin 2020): map = ReLU(sum_k G_k * A_k), element-wise, no spatial averaging
+Grad-CAM element-wise (pytorch-grad-cam): map = ReLU(sum_k ReLU(G_k * A_k))
+Eigen-CAM   (Muhammad & Yeasin 2020): the first principal component of the layer's positions x channels
+            matrix (A, class-agnostic; EigenGrad-CAM: G * A), projected back onto the positions
 Guided Grad-CAM: |Guided Backprop| (max over channels) times the upsampled Grad-CAM.
 The eps = 1e-7 guards follow pytorch-grad-cam, so maps agree with it to float precision.
 """
@@ -81,6 +85,57 @@ def layercam(ctx: Context) -> np.ndarray:
     """LayerCAM: activations weighted element-wise by their positive gradients."""
     a, g = layer_grads(ctx)
     return np.maximum((np.maximum(g, 0) * a).sum(axis=1), 0).astype(np.float32)
+
+
+@method("hirescam", family="cam", needs_layer=True)
+def hirescam(ctx: Context) -> np.ndarray:
+    """HiResCAM: activations times their gradients, summed over channels without averaging first."""
+    a, g = layer_grads(ctx)
+    return np.maximum((g * a).sum(axis=1), 0).astype(np.float32)
+
+
+@method("gradcamelementwise", family="cam", needs_layer=True)
+def gradcam_elementwise(ctx: Context) -> np.ndarray:
+    """Grad-CAM element-wise: the positive part of each activation x gradient product, summed over channels."""
+    a, g = layer_grads(ctx)
+    return np.maximum(g * a, 0).sum(axis=1).astype(np.float32)
+
+
+def first_component(m: np.ndarray) -> np.ndarray:
+    """(K, h, w) -> (h, w): each position's score on the first principal component of its channel vector.
+
+    The positions are the samples and the channels the variables, centred per channel, as
+    pytorch-grad-cam's ``get_2d_projection``.  A principal component has no sign of its own (LAPACK
+    picks one), so the projection is oriented to correlate positively with the channel sum of ``m``:
+    the map then shows where the layer responds, and the same input always gives the same map.
+    """
+    k = m.shape[0]
+    rows = m.reshape(k, -1).T.astype(np.float64)
+    rows = rows - rows.mean(axis=0)
+    _, _, vt = np.linalg.svd(rows, full_matrices=False)
+    proj = rows @ vt[0]
+    total = m.reshape(k, -1).sum(axis=0)
+    if np.dot(proj, total - total.mean()) < 0:
+        proj = -proj
+    return proj.reshape(m.shape[1:])
+
+
+def projected(maps: np.ndarray) -> np.ndarray:
+    return np.maximum(np.stack([first_component(m) for m in maps]), 0).astype(np.float32)
+
+
+@method("eigencam", family="cam", needs_layer=True)
+def eigencam(ctx: Context) -> np.ndarray:
+    """Eigen-CAM: the first principal component of the layer's activations (no gradients, class-agnostic)."""
+    a = ctx.activations()
+    return np.repeat(projected(a[:1]), len(ctx.targets), axis=0)
+
+
+@method("eigengradcam", family="cam", needs_layer=True)
+def eigengradcam(ctx: Context) -> np.ndarray:
+    """EigenGrad-CAM: the first principal component of activations x gradients (class-specific)."""
+    a, g = layer_grads(ctx)
+    return projected(g * a)
 
 
 @method("guidedgradcam", family="cam", needs_layer=True)

@@ -1,12 +1,15 @@
 """Input-gradient methods, all on one VJP graph (rows = samples x targets, seeds = one-hot rows).
 
 Saliency          (Simonyan et al. 2014): max over channels of |dS/dx| (signed: channel sum).
-SmoothGrad        (Smilkov et al. 2017): mean gradient over n noisy copies, noise sd = level * (max - min).
+SmoothGrad        (Smilkov et al. 2017): mean gradient over n noisy copies, noise sd = level * (max - min);
+                  nt_type="smoothgrad_sq" averages the squared gradients, "vargrad" (Adebayo et al. 2018)
+                  takes their variance, with Captum's NoiseTunnel definitions.
 Integrated Grads  (Sundararajan et al. 2017): (x - x0) * integral of dS/dx along x0 -> x, by quadrature
                   (Gauss-Legendre by default, as Captum; trapezoid/midpoint/left/right on request;
                   our trapezoid weights sum to 1, Captum's "riemann_trapezoid" ones to (n-1)/n).
 Input x Gradient  (Shrikumar et al. 2016).
 Guided Backprop   (Springenberg et al. 2015): ReLUs pass only positive gradients where the input was positive.
+Deconvnet         (Zeiler & Fergus 2014): ReLUs pass only positive gradients, whatever the input was.
 Attributions are (T, C, H, W); maps reduce the channels ("max_abs", "sum", "abs_sum").
 """
 
@@ -22,6 +25,7 @@ from ..postprocess import smooth as gaussian_smooth
 from . import method
 
 REDUCTIONS = ("max_abs", "sum", "abs_sum")
+NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
 def reduce_channels(attr: np.ndarray, how: str) -> np.ndarray:
@@ -54,11 +58,22 @@ def vanilla_attr(ctx: Context) -> np.ndarray:
 
 
 def smoothgrad_attr(ctx: Context, n_samples: int, noise_level: float, seed: Optional[int],
-                    noise: Optional[np.ndarray] = None) -> np.ndarray:
-    if noise is None:
+                    noise: Optional[np.ndarray] = None, nt_type: str = "smoothgrad") -> np.ndarray:
+    """(T, C, H, W): the mean, mean square or variance of the gradients at the noisy copies."""
+    if nt_type not in NT_TYPES:
+        raise MethodError(f"nt_type must be one of {', '.join(NT_TYPES)}, not {nt_type!r}")
+    if noise is None:   # drawn channels-first, so a seed gives the same noise whatever the model's layout
         sigma = noise_level * float(ctx.x.max() - ctx.x.min())
-        noise = ctx.rng(seed).normal(0.0, sigma, (n_samples,) + ctx.x.shape[1:]).astype(np.float32)
-    return input_grads(ctx, ctx.x + noise).mean(axis=1)
+        shape = (n_samples,) + _x(ctx).shape[1:]
+        noise = ctx.model_layout(ctx.rng(seed).normal(0.0, sigma, shape).astype(np.float32))
+    g = input_grads(ctx, ctx.x + noise)
+    if nt_type == "smoothgrad":
+        return g.mean(axis=1)
+    g64 = g.astype(np.float64)      # E[g^2] - E[g]^2 cancels; float64 keeps the variance's digits
+    sq = (g64 * g64).mean(axis=1)
+    if nt_type == "smoothgrad_sq":
+        return sq.astype(np.float32)
+    return np.maximum(sq - g64.mean(axis=1) ** 2, 0).astype(np.float32)
 
 
 def ig_path(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
@@ -120,13 +135,16 @@ def ig_attr(ctx: Context, steps: int, baseline, rule: str, blur_sigma: float) ->
     return attr
 
 
-GUIDED = "guided"
-
-
 def guided_grads(ctx: Context) -> np.ndarray:
     from ..graph.rules.activations import GUIDED_RULES
 
-    return input_grads(ctx, ctx.x, rules=GUIDED_RULES, rules_name=GUIDED)[:, 0]
+    return input_grads(ctx, ctx.x, rules=GUIDED_RULES, rules_name="guided")[:, 0]
+
+
+def deconv_grads(ctx: Context) -> np.ndarray:
+    from ..graph.rules.activations import DECONV_RULES
+
+    return input_grads(ctx, ctx.x, rules=DECONV_RULES, rules_name="deconv")[:, 0]
 
 
 @method("saliency", family="gradient")
@@ -137,11 +155,12 @@ def saliency(ctx: Context, reduce: str = "max_abs") -> np.ndarray:
 
 @method("smoothgrad", family="gradient")
 def smoothgrad(ctx: Context, n_samples: int = 20, noise_level: float = 0.15, seed: int = 0,
-               reduce: str = "max_abs") -> np.ndarray:
+               reduce: str = "max_abs", nt_type: str = "smoothgrad") -> np.ndarray:
     """SmoothGrad: the gradient averaged over noisy copies of the input."""
     if n_samples < 1 or noise_level < 0:
         raise MethodError("smoothgrad needs n_samples >= 1 and noise_level >= 0")
-    return reduce_channels(smoothgrad_attr(ctx, int(n_samples), float(noise_level), seed), reduce)
+    attr = smoothgrad_attr(ctx, int(n_samples), float(noise_level), seed, nt_type=str(nt_type))
+    return reduce_channels(attr, reduce)
 
 
 @method("ig", family="gradient")
@@ -161,3 +180,9 @@ def input_x_gradient(ctx: Context, reduce: str = "sum") -> np.ndarray:
 def guided_backprop(ctx: Context, reduce: str = "max_abs") -> np.ndarray:
     """Guided Backprop: gradients through ReLUs that pass only positive signals both ways."""
     return reduce_channels(guided_grads(ctx), reduce)
+
+
+@method("deconvnet", family="gradient")
+def deconvnet(ctx: Context, reduce: str = "max_abs") -> np.ndarray:
+    """Deconvnet: gradients through ReLUs that pass only positive signals, ignoring the forward mask."""
+    return reduce_channels(deconv_grads(ctx), reduce)
