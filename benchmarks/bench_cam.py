@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--scorecam-net", default="mobilenet_v2")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
     from pytorch_grad_cam import (EigenCAM, EigenGradCAM, GradCAM, GradCAMElementWise, GradCAMPlusPlus, HiResCAM,
@@ -47,6 +48,8 @@ def main() -> None:
             (args.net, "layercam", LayerCAM), (args.net, "hirescam", HiResCAM),
             (args.net, "gradcamelementwise", GradCAMElementWise), (args.net, "eigencam", EigenCAM),
             (args.net, "eigengradcam", EigenGradCAM), (args.scorecam_net, "scorecam", ScoreCAM)]
+    if args.methods:
+        plan = [p for p in plan if p[1] in args.methods.split(",")]
     cache = {}
     for name, method, cls in plan:
         if name not in cache:

@@ -1,9 +1,10 @@
-"""SmoothGrad and Integrated Gradients: onnxsal (ONNX Runtime) against Captum (PyTorch), same network.
+"""SmoothGrad, Integrated Gradients and GradientSHAP: onnxsal (ONNX Runtime) against Captum (PyTorch).
 
     .venv-bench/bin/python benchmarks/bench_captum.py [--net resnet50] [--samples 20] [--steps 50]
 
-Both sides get the same image, target and settings; SmoothGrad's agreement is measured with the
-identical noise (Captum's Saliency on onnxsal's noisy copies), IG is deterministic on both sides.
+Both sides get the same image, target and settings; SmoothGrad's and GradientSHAP's agreement is
+measured with identical random draws (Captum's Saliency at onnxsal's points), IG is deterministic
+on both sides.
 Goal: onnxsal >= 2x faster, Pearson >= 0.99.
 """
 
@@ -85,6 +86,33 @@ def main() -> None:
 
     ours = ig_attr(ctx, args.steps, "zero", "gausslegendre", 5.0)[0]
     rows.append([f"Integrated Gradients ({args.steps} steps)", t_c, t_o, t_c / t_o, pearson(ours, ref),
+                 pearson(ours.sum(axis=0), ref.sum(axis=0))])
+
+    # GradientSHAP: baselines zero and blurred input, SmoothGrad-style noise on the input
+    from captum.attr import GradientShap
+    from onnxsal.methods.gradients import baselines_for, gradientshap_attr
+
+    bases = baselines_for(ctx, "zero,blur", 5.0)
+
+    def captum_gs():
+        return GradientShap(net).attribute(xt, baselines=torch.tensor(bases), n_samples=args.samples,
+                                           stdevs=sigma, target=target)
+
+    def onnxsal_gs():
+        return ex.explain(x, "gradientshap", target=target, n_samples=args.samples, noise_level=level,
+                          baseline="zero,blur")
+
+    t_c, t_o = timeit_side_by_side([captum_gs, onnxsal_gs], args.repeat)
+    rng = np.random.default_rng(2)
+    draws = (rng.normal(0, sigma, (args.samples,) + x.shape[1:]).astype(np.float32),
+             rng.integers(0, len(bases), args.samples), rng.random(args.samples))
+    ours = gradientshap_attr(ctx, args.samples, level, bases, 5.0, None, draws=draws)[0]
+    xn = x + draws[0]
+    b = bases[draws[1]]
+    points = b + draws[2].astype(np.float32)[:, None, None, None] * (xn - b)
+    g = Saliency(net).attribute(torch.tensor(points), target=target, abs=False).detach().numpy()
+    ref = (g * (xn - b)).mean(axis=0)
+    rows.append([f"GradientSHAP ({args.samples} samples)", t_c, t_o, t_c / t_o, pearson(ours, ref),
                  pearson(ours.sum(axis=0), ref.sum(axis=0))])
     print(table(["method", "Captum s", "onnxsal s", "speed-up", "Pearson (attr)", "Pearson (map)"], rows))
 

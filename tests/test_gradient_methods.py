@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import onnxsal
-from onnxsal.methods.gradients import smoothgrad_attr
+from onnxsal.methods.gradients import gradientshap_attr, ig_attr, smoothgrad_attr
 
 import tiny
 
@@ -58,16 +58,26 @@ def ref_cams(a, g):
 
 
 def ref_principal_projection(m):
-    """Scores on the top eigenvector of the channel covariance (eigh, not the SVD onnxsal uses),
-    signed to correlate positively with the channel sum."""
+    """Scores on the first right singular vector of the centred positions x channels matrix (a full
+    SVD; onnxsal takes an eigenpair of the smaller Gram matrix), signed to correlate positively
+    with the channel sum."""
     k = m.shape[0]
     rows = m.reshape(k, -1).T
     rows = rows - rows.mean(axis=0)
-    vals, vecs = np.linalg.eigh(rows.T @ rows)
-    assert vals[-1] > 1.01 * vals[-2], "no clear first component: the comparison would be ill-posed"
-    proj = rows @ vecs[:, -1]
+    _, sv, vt = np.linalg.svd(rows)
+    assert sv[0] > 1.005 * sv[1], "no clear first component: the comparison would be ill-posed"
+    proj = rows @ vt[0]
     total = m.reshape(k, -1).sum(axis=0)
     return (proj if proj @ (total - total.mean()) >= 0 else -proj).reshape(m.shape[1:])
+
+
+@pytest.mark.parametrize("shape", [(50, 5, 5), (4, 8, 8), (7, 2, 3)])
+def test_first_component_both_gram_sides(shape):
+    """More channels than positions and the other way round take different eigenproblems."""
+    from onnxsal.methods.cam import first_component
+
+    m = np.random.default_rng(len(shape) + shape[0]).random(shape) ** 3
+    np.testing.assert_allclose(first_component(m), ref_principal_projection(m), atol=1e-9 * np.abs(m).max() * m.size)
 
 
 MODELS = [dict(seed=3, size=16), dict(seed=11, size=20, classes=5)]
@@ -158,6 +168,35 @@ def test_smoothgrad_variants_with_identical_noise(case, nt_type):
     assert (res.raw >= 0).all() and res.options["nt_type"] == nt_type
     with pytest.raises(onnxsal.errors.MethodError, match="nt_type"):
         ex.explain(x, "smoothgrad", nt_type="mean")
+
+
+def test_gradientshap_against_torch_autograd_and_ig(case):
+    from onnxsal.context import Context
+    from onnxsal.engine import make_targets
+
+    model, x, ex, net = case
+    rng = np.random.default_rng(9)
+    bases = np.stack([np.zeros_like(x[0]), rng.random(x.shape[1:]).astype(np.float32)])
+    n = 10
+    draws = (rng.normal(0, 0.1, (n,) + x.shape[1:]).astype(np.float32), rng.integers(0, 2, n), rng.random(n))
+    ctx = Context(ex.engine, x, make_targets(ex.model, [0, 2]), None)
+    got = gradientshap_attr(ctx, n, 0.0, bases, 0.0, None, draws=draws)
+    xn = x + draws[0]
+    b = bases[draws[1]]
+    points = torch.tensor(b + draws[2].astype(np.float32)[:, None, None, None] * (xn - b), requires_grad=True)
+    for row, target in enumerate((0, 2)):
+        points.grad = None
+        net(points)[:, target].sum().backward()
+        expected = (points.grad.numpy() * (xn - b)).mean(axis=0)
+        np.testing.assert_allclose(got[row], expected, atol=1e-5 * max(1.0, np.abs(expected).max()))
+    # one baseline, no noise and the midpoint nodes as the "random" points: IG's midpoint rule
+    mid = (np.zeros((n,) + x.shape[1:], np.float32), np.zeros(n, int), (np.arange(n) + 0.5) / n)
+    shap = gradientshap_attr(ctx, n, 0.0, "zero", 0.0, None, draws=mid)
+    np.testing.assert_allclose(shap, ig_attr(ctx, n, "zero", "midpoint", 0.0), atol=1e-6)
+    res = ex.explain(x, "gradientshap", target=0, n_samples=6, baseline="zero,0.5,blur", noise_level=0.05)
+    assert res.raw.shape == (1,) + x.shape[2:] and np.isfinite(res.raw).all()
+    with pytest.raises(onnxsal.errors.MethodError, match="baseline"):
+        ex.explain(x, "gradientshap", baseline="zero,grey")
 
 
 def test_deconvnet_matches_captum(case):

@@ -10,6 +10,9 @@ Integrated Grads  (Sundararajan et al. 2017): (x - x0) * integral of dS/dx along
 Input x Gradient  (Shrikumar et al. 2016).
 Guided Backprop   (Springenberg et al. 2015): ReLUs pass only positive gradients where the input was positive.
 Deconvnet         (Zeiler & Fergus 2014): ReLUs pass only positive gradients, whatever the input was.
+GradientSHAP      (Lundberg & Lee 2017, as Captum's GradientShap): mean over samples of
+                  (x + e - b) * dS/dx at b + a (x + e - b), with b drawn from a set of baselines,
+                  a ~ U(0, 1) and e the SmoothGrad noise: expected gradients, a stochastic IG.
 Attributions are (T, C, H, W); maps reduce the channels ("max_abs", "sum", "abs_sum").
 """
 
@@ -120,6 +123,48 @@ def baseline_for(ctx: Context, baseline: Union[str, float, np.ndarray], blur_sig
     raise MethodError(f"baseline must be zero, black, blur, a number or an array, not {baseline!r}")
 
 
+def baselines_for(ctx: Context, baseline, blur_sigma: float) -> np.ndarray:
+    """(K, ...) baselines in the model's layout: one per named or numeric entry, or the rows of an array.
+
+    A comma-separated string ("zero,blur") or a list names several; an array whose size is a
+    multiple of the input's is read as that many baselines.
+    """
+    if isinstance(baseline, np.ndarray) and baseline.size != ctx.x.size:
+        if baseline.size % ctx.x.size:
+            raise MethodError(f"baselines have shape {baseline.shape}; each must have the input's shape {ctx.x.shape}")
+        return np.asarray(baseline, np.float32).reshape((-1,) + ctx.x.shape[1:])
+    if isinstance(baseline, str) and "," in baseline:
+        baseline = [b.strip() for b in baseline.split(",")]
+    entries = baseline if isinstance(baseline, (list, tuple)) else [baseline]
+    if not entries:
+        raise MethodError("give at least one baseline")
+    return np.concatenate([baseline_for(ctx, _number_or_name(b), blur_sigma) for b in entries])
+
+
+def _number_or_name(b):
+    try:
+        return float(b) if isinstance(b, str) else b
+    except ValueError:
+        return b
+
+
+def gradientshap_attr(ctx: Context, n_samples: int, noise_level: float, baseline, blur_sigma: float,
+                      seed: Optional[int], draws: Optional[tuple] = None) -> np.ndarray:
+    """(T, C, H, W) GradientSHAP attributions; ``draws`` = (noise, baseline rows, alphas) replaces the RNG."""
+    bases = baselines_for(ctx, baseline, blur_sigma)
+    if draws is None:
+        rng = ctx.rng(seed)
+        sigma = noise_level * float(ctx.x.max() - ctx.x.min())
+        noise = ctx.model_layout(rng.normal(0.0, sigma, (n_samples,) + _x(ctx).shape[1:]).astype(np.float32))
+        draws = noise, rng.integers(0, len(bases), n_samples), rng.random(n_samples)
+    noise, rows, alphas = draws
+    xn = ctx.x + noise
+    b = bases[np.asarray(rows)]
+    a = np.asarray(alphas, np.float32).reshape((-1,) + (1,) * (ctx.x.ndim - 1))
+    grads = input_grads(ctx, (b + a * (xn - b)).astype(np.float32))       # (T, S, C, H, W)
+    return (grads * ctx.channels_first(xn - b)[None]).mean(axis=1)
+
+
 def ig_attr(ctx: Context, steps: int, baseline, rule: str, blur_sigma: float) -> np.ndarray:
     x0 = baseline_for(ctx, baseline, blur_sigma)
     alphas, weights = ig_path(int(steps), rule)
@@ -168,6 +213,16 @@ def integrated_gradients(ctx: Context, steps: int = 50, baseline: Union[str, flo
                          rule: str = "gausslegendre", blur_sigma: float = 5.0, reduce: str = "sum") -> np.ndarray:
     """Integrated Gradients: (x - x0) times the mean gradient on the straight path from the baseline."""
     return reduce_channels(ig_attr(ctx, steps, baseline, rule, blur_sigma), reduce)
+
+
+@method("gradientshap", family="gradient")
+def gradient_shap(ctx: Context, n_samples: int = 20, noise_level: float = 0.0, baseline: Union[str, float] = "zero",
+                  blur_sigma: float = 5.0, seed: int = 0, reduce: str = "sum") -> np.ndarray:
+    """GradientSHAP: input-minus-baseline times the gradient at random points between a baseline and the input."""
+    if n_samples < 1 or noise_level < 0:
+        raise MethodError("gradientshap needs n_samples >= 1 and noise_level >= 0")
+    attr = gradientshap_attr(ctx, int(n_samples), float(noise_level), baseline, float(blur_sigma), seed)
+    return reduce_channels(attr, reduce)
 
 
 @method("inputxgradient", family="gradient")
