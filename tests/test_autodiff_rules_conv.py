@@ -115,7 +115,7 @@ def run_batches(model: onnx.ModelProto, make_x, fn, batches=(1, 3), seed: int = 
 def test_rules_registered():
     for module, ops in ((conv, ["Conv", "ConvTranspose"]),
                         (pool, ["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"]),
-                        (norm, ["BatchNormalization", "InstanceNormalization", "LayerNormalization"]),
+                        (norm, ["BatchNormalization", "InstanceNormalization", "LayerNormalization", "LRN"]),
                         (resize, ["Resize"])):
         for op in ops:
             assert VJP_RULES[op].__module__ == module.__name__
@@ -567,6 +567,49 @@ def test_instance_norm(shape):
     fn = lambda t: F.instance_norm(t, weight=_t(s), bias=_t(b), eps=1e-3)  # noqa: E731
     check_torch(m, {"x": x}, fn)
     run_batches(m, lambda k: _rng(k).standard_normal((k,) + shape[1:]).astype(F32), fn)
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_lrn(size):
+    """Cross-channel LRN (AlexNet/GoogLeNet): finite differences and PyTorch.  ORT runs odd sizes
+    only, where PyTorch's window and ONNX's agree (for even ones they differ by one channel)."""
+    x = (_rng(30 + size).standard_normal((2, 7, 5, 4)) * 2).astype(F32)
+    attrs = dict(size=size, alpha=0.6, beta=0.75, bias=1.5)
+    m = one_node_model("LRN", {"x": x}, attrs)
+    check_vjp(m, "y", ["x"], {"x": x})
+    fn = lambda t: F.local_response_norm(t, size, alpha=0.6, beta=0.75, k=1.5)  # noqa: E731
+    check_torch(m, {"x": x}, fn)
+    run_batches(m, lambda k: _rng(k).standard_normal((k,) + x.shape[1:]).astype(F32), fn)
+
+
+def _lrn_numpy(x, size, alpha, beta, bias):
+    lo = (size - 1) // 2
+    sq = np.pad(x ** 2, [(0, 0), (lo, size - 1 - lo), (0, 0), (0, 0)])
+    s = sum(sq[:, k:k + x.shape[1]] for k in range(size))
+    return x * (bias + alpha / size * s) ** -beta
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_lrn_even_size_backward_against_numpy(size):
+    """ORT refuses even LRN sizes, where the window is lopsided (one more channel after than
+    before).  The backward nodes read x and the cotangent only, so with the forward node made an
+    Identity the derived graph still runs, and its gradient is compared with float64 central
+    differences of a NumPy LRN."""
+    x = _rng(40 + size).standard_normal((1, 5, 2, 2))
+    attrs = dict(size=size, alpha=0.6, beta=0.75, bias=1.5)
+    vm = vjp(one_node_model("LRN", {"x": x.astype(F32)}, attrs), "y", ["x"])
+    for node in vm.graph.node:
+        if node.op_type == "LRN":
+            node.op_type = "Identity"
+            del node.attribute[:]
+    cot = _rng(50 + size).standard_normal(x.shape)
+    got = run(vm, {"x": x.astype(F32), "grad_y": cot.astype(F32)})["grad_x"]
+    ref = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[i] = 1e-6
+        ref[i] = np.sum(cot * (_lrn_numpy(x + e, size, 0.6, 0.75, 1.5) - _lrn_numpy(x - e, size, 0.6, 0.75, 1.5))) / 2e-6
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
 LN_CASES = [(-1, True, np.float64), (-2, True, np.float64), (1, False, np.float32), (-1, True, np.float32),

@@ -270,3 +270,48 @@ def gelu(ctx: RuleContext, gy: Grads) -> Grads:
                              c(1.0 / np.sqrt(2.0 * np.pi))])
         d = ctx.op("Add", [cdf, ctx.op("Mul", [x, pdf])])
     return [ctx.op("Mul", [gy[0], d])]
+
+
+@vjp_rule("Mish")
+def mish(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = x tanh(softplus(x)): gx = gy * (t + x (1 - t^2) sigmoid(x)), t = tanh(softplus(x)) recomputed."""
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    t = ctx.op("Tanh", [ctx.op("Softplus", [x])])
+    sech2 = ctx.op("Sub", [ctx.const(1.0, like=y), ctx.op("Mul", [t, t])])
+    d = ctx.op("Add", [t, ctx.op("Mul", [ctx.op("Mul", [x, sech2]), ctx.op("Sigmoid", [x])])])
+    return [ctx.op("Mul", [gy[0], d])]
+
+
+@vjp_rule("Softsign")
+def softsign(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = x / (1 + |x|): gx = gy / (1 + |x|)^2."""
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    den = ctx.op("Add", [ctx.const(1.0, like=y), ctx.op("Abs", [x])])
+    return [ctx.op("Div", [gy[0], ctx.op("Mul", [den, den])])]
+
+
+@vjp_rule("Celu")
+def celu(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = max(0, x) + min(0, a(e^(x/a) - 1)): gx = gy * (1 if x > 0 else y/a + 1)."""
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    a = float(ctx.attr("alpha", 1.0))
+    neg = ctx.op("Add", [ctx.op("Mul", [y, ctx.const(1.0 / a, like=y)]), ctx.const(1.0, like=y)])
+    return [ctx.op("Mul", [gy[0], _select(ctx, _positive(ctx, x), ctx.const(1.0, like=y), neg)])]
+
+
+@vjp_rule("ThresholdedRelu")
+def thresholded_relu(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = x if x > a else 0: gx = gy * [x > a]."""
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    a = float(ctx.attr("alpha", 1.0))
+    return [ctx.op("Mul", [gy[0], _mask(ctx, ctx.op("Greater", [x, ctx.const(a, like=y)]), y)])]
+
+
+@vjp_rule("Shrink")
+def shrink(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = x -+ bias outside [-lambd, lambd], 0 inside: gx = gy * [|x| > lambd]."""
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    lam = float(ctx.attr("lambd", 0.5))
+    outside = ctx.op("Or", [ctx.op("Greater", [x, ctx.const(lam, like=x)]),
+                            ctx.op("Less", [x, ctx.const(-lam, like=x)])])
+    return [ctx.op("Mul", [gy[0], _mask(ctx, outside, y)])]

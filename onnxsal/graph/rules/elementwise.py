@@ -223,3 +223,21 @@ def where(ctx: RuleContext, gy: Grads) -> Grads:
         m = ctx.op("Cast", [ctx.op("Not", [c])], to=ctx.elem_type(y))
         gb = ctx.unbroadcast(ctx.op("Mul", [g, m]), b)
     return [None, ga, gb]
+
+
+@vjp_rule("Sin")
+def sin(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = sin(x): gx = gy * cos(x)."""
+    return [ctx.op("Mul", [gy[0], ctx.op("Cos", [ctx.inputs[0]])])]
+
+
+@vjp_rule("Cos")
+def cos(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = cos(x): gx = -gy * sin(x)."""
+    return [ctx.op("Neg", [ctx.op("Mul", [gy[0], ctx.op("Sin", [ctx.inputs[0]])])])]
+
+
+@vjp_rule("Sign", "Floor", "Ceil", "Round")
+def piecewise_constant(ctx: RuleContext, gy: Grads) -> Grads:
+    """Piecewise constant: the derivative is 0 wherever it exists, as in training frameworks."""
+    return [ctx.zeros_like(ctx.inputs[0])]

@@ -106,3 +106,75 @@ def matmul(ctx: RuleContext, gy: Grads) -> Grads:
             else:
                 gb = ctx.unbroadcast(full, b)
     return [ga, gb]
+
+
+def _einsum_terms(eq: str, n_in: int) -> tuple[list[str], str]:
+    """Input terms and output term of an einsum equation, the implicit output made explicit."""
+    eq = eq.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != n_in:
+        raise ValueError("equation and inputs disagree")
+    if not arrow:
+        letters = [ch for t in terms for ch in t.replace("...", "")]
+        out = ("..." if any("..." in t for t in terms) else "") + "".join(
+            sorted(ch for ch in set(letters) if letters.count(ch) == 1))
+    return terms, out
+
+
+def _letters(term: str) -> list[str]:
+    """The axis labels of a term, "..." counted as one label."""
+    return ["..."] + list(term.replace("...", "")) if term.startswith("...") else (
+        list(term.split("...")[0]) + ["..."] + list(term.split("...")[1]) if "..." in term else list(term))
+
+
+@vjp_rule("Einsum")
+def einsum(ctx: RuleContext, gy: Grads) -> Grads:
+    """Operand k's gradient is an einsum of the output gradient with the other operands.
+
+    ``A,B->O`` gives ``dA = einsum(O,B->A)``: every label of A that is kept in O or shared with
+    B comes back; a label only A has (summed out on its own) comes back by broadcasting the
+    result along it; ``...`` dims that were broadcast are summed back (``unbroadcast``).
+    Repeated labels within one term (diagonals, traces) are not supported.
+    """
+    from .shape import _unsupported
+
+    try:
+        terms, out = _einsum_terms(str(ctx.attr("equation")), len(ctx.inputs))
+    except ValueError as exc:
+        raise _unsupported(ctx, f"equation {ctx.attr('equation')!r}: {exc}") from None
+    for t in terms + [out]:
+        labels = _letters(t)
+        if len(set(labels)) != len(labels):
+            raise _unsupported(ctx, f"repeated label in {t!r}")
+    if any("..." in t for t in terms) and "..." not in out:
+        raise _unsupported(ctx, "'...' summed out")
+    grads: Grads = []
+    for k, x in enumerate(ctx.inputs):
+        if not ctx.needs_grad(k):
+            grads.append(None)
+            continue
+        others = [t for i, t in enumerate(terms) if i != k]
+        avail = set(_letters(out)).union(*[set(_letters(t)) for t in others])
+        labels = _letters(terms[k])
+        kept = [ch for ch in labels if ch in avail]
+        lonely = [i for i, ch in enumerate(labels) if ch not in avail]
+        if "..." in lonely:
+            raise _unsupported(ctx, "'...' only in one operand")
+        eq = ",".join([out] + others) + "->" + "".join(kept)
+        g = ctx.op("Einsum", [gy[0]] + [t for i, t in enumerate(ctx.inputs) if i != k], equation=eq)
+        if lonely:
+            ell = ctx.rank(x)
+            if ell is None:
+                raise _unsupported(ctx, f"rank of {x!r} unknown")
+            n_ell = ell - (len(labels) - 1) if "..." in labels else 0
+            # axis positions of the lonely labels in x, "..." expanded to its n_ell axes
+            pos, axis = [], 0
+            for i, ch in enumerate(labels):
+                if i in lonely:
+                    pos.append(axis)
+                axis += n_ell if ch == "..." else 1
+            g = ctx.op("Expand", [ctx.unsqueeze(g, pos), ctx.shape_of(x)])
+            ctx.set_shape(g, x)
+        grads.append(ctx.unbroadcast(g, x))
+    return grads

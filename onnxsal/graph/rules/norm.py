@@ -192,3 +192,43 @@ def layer_normalization(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optio
     g = dy if _is_ones(ctx, scale) else ctx.op("Mul", [dy, scale])
     res[0] = _normalized_backward(ctx, g, xhat, rstd, axes)
     return res
+
+
+def _channel_window_sum(ctx: RuleContext, t: str, size: int, before: int, after: int) -> str:
+    """out[:, c] = sum of t[:, c - before .. c + after] (zero outside), as a Conv over the
+    (N, 1, C, ...) view: a kernel of ones along the channel axis, 1 along the others."""
+    r = ctx.rank(t)
+    u = ctx.unsqueeze(t, [1])
+    spatial = r - 1                                    # C and the image axes
+    kernel = ctx.const(np.ones((1, 1, size) + (1,) * (spatial - 1)), like=t)
+    pads = [before] + [0] * (spatial - 1) + [after] + [0] * (spatial - 1)
+    return ctx.squeeze(ctx.op("Conv", [u, kernel], pads=pads), [1])
+
+
+@vjp_rule("LRN")
+def lrn(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
+    """Local response normalisation across channels (AlexNet, GoogLeNet)::
+
+        y_c = x_c * D_c^-beta,   D_c = bias + alpha/size * sum_{c' in W(c)} x_c'^2,
+        W(c) = [c - floor((size-1)/2), c + ceil((size-1)/2)]
+
+    gives ``dx_j = gy_j D_j^-beta - (2 alpha beta / size) x_j sum_{c: j in W(c)} gy_c x_c D_c^(-beta-1)``.
+    The window sum and its transpose (the same window, mirrored) are convolutions with a
+    kernel of ones over the channel axis.
+    """
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    if ctx.rank(x) is None or ctx.rank(x) < 3:
+        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(needs a known rank of at least 3)")
+    size = int(ctx.attr("size"))
+    alpha, beta, bias = float(ctx.attr("alpha", 1e-4)), float(ctx.attr("beta", 0.75)), float(ctx.attr("bias", 1.0))
+    lo = (size - 1) // 2
+    hi = size - 1 - lo
+    c = lambda v: ctx.const(v, like=y)  # noqa: E731
+    s = _channel_window_sum(ctx, ctx.op("Mul", [x, x]), size, lo, hi)
+    d = ctx.op("Add", [ctx.op("Mul", [s, c(alpha / size)]), c(bias)])
+    d_mb = ctx.op("Pow", [d, c(-beta)])
+    g = gy[0]
+    u = ctx.op("Div", [ctx.op("Mul", [ctx.op("Mul", [g, x]), d_mb]), d])
+    v = _channel_window_sum(ctx, u, size, hi, lo)
+    back = ctx.op("Mul", [ctx.op("Mul", [x, v]), c(2.0 * alpha * beta / size)])
+    return [ctx.op("Sub", [ctx.op("Mul", [g, d_mb]), back])]

@@ -368,3 +368,80 @@ def tile(ctx: RuleContext, gy: Grads) -> Grads:
         target += [rep, _dim(ctx, x, a)]
     g = ctx.op("Reshape", [gy[0], _vec(ctx, target)])
     return [ctx.reduce_sum(g, [2 * a for a in range(r)], keepdims=False), None]
+
+
+@vjp_rule("ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")
+def reduce_norms(ctx: RuleContext, gy: Grads) -> Grads:
+    """The smooth reductions, each gx = expand(gy) * dy/dx with y broadcast back where it appears:
+
+    ReduceL1 ``sign(x)``; ReduceL2 ``x / y`` (0 where y = 0, where every x is 0, as PyTorch's norm);
+    ReduceSumSquare ``2x``; ReduceLogSumExp ``exp(x - y)``.
+    """
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    r = _rank(ctx, x)
+    axes = _reduce_axes(ctx, r)
+    if axes is None:
+        raise _unsupported(ctx, "noop_with_empty_axes=1 with no axes")
+    g, yk = gy[0], y
+    if not int(ctx.attr("keepdims", 1)):
+        g, yk = ctx.unsqueeze(g, axes), ctx.unsqueeze(y, axes)
+    op = ctx.node.op_type
+    if op == "ReduceL1":
+        d = ctx.op("Sign", [x])
+    elif op == "ReduceSumSquare":
+        d = ctx.op("Mul", [x, ctx.const(2.0, like=y)])
+    elif op == "ReduceL2":
+        tiny = float(np.finfo(np.float32).tiny)
+        g = ctx.op("Div", [g, ctx.op("Max", [yk, ctx.const(tiny, like=y)])])
+        d = x
+    else:
+        d = ctx.op("Exp", [ctx.op("Sub", [x, yk])])
+    return [ctx.op("Mul", [d, g])] + [None] * (len(ctx.inputs) - 1)
+
+
+@vjp_rule("SpaceToDepth")
+def space_to_depth(ctx: RuleContext, gy: Grads) -> Grads:
+    """A permutation of elements: its transpose is its inverse, DepthToSpace in DCR order."""
+    return [ctx.op("DepthToSpace", [gy[0]], blocksize=int(ctx.attr("blocksize")), mode="DCR")]
+
+
+@vjp_rule("DepthToSpace")
+def depth_to_space(ctx: RuleContext, gy: Grads) -> Grads:
+    """A permutation of elements; the inverse of DCR order is SpaceToDepth.
+
+    CRD order reads channel ``c*b^2 + i*b + j`` where DCR reads ``(i*b + j)*C' + c``, so its
+    inverse is SpaceToDepth followed by that fixed channel permutation (a constant Gather).
+    """
+    b = int(ctx.attr("blocksize"))
+    g = ctx.op("SpaceToDepth", [gy[0]], blocksize=b)
+    if ctx.attr("mode", "DCR") == "DCR":
+        return [g]
+    shape = ctx.shape(ctx.inputs[0])
+    if shape is None or len(shape) != 4 or shape[1] is None:
+        raise _unsupported(ctx, "CRD mode needs a static channel count")
+    c_out = int(shape[1]) // (b * b)
+    k, c = np.meshgrid(np.arange(b * b), np.arange(c_out))    # position c*b^2 + k reads DCR channel k*C' + c
+    return [ctx.op("Gather", [g, ctx.const((k * c_out + c).reshape(-1).astype(np.int64))], axis=1)]
+
+
+@vjp_rule("GatherElements")
+def gather_elements(ctx: RuleContext, gy: Grads) -> Grads:
+    """y[i] = x[..., idx[i], ...] along ``axis``: gx = scatter-add of gy at idx into zeros like x.
+
+    Repeated indices must add up, which ScatterElements does from opset 16 (``reduction="add"``);
+    below that only constant indices that never repeat along the axis are exact.
+    """
+    x, ind = ctx.inputs[0], ctx.inputs[1]
+    axis = int(ctx.attr("axis", 0))
+    attrs = {"axis": axis}
+    if ctx.opset >= 16:
+        attrs["reduction"] = "add"
+    else:
+        idx = ctx.const_value(ind)
+        if idx is None:
+            raise _unsupported(ctx, "indices computed at run time need opset >= 16 to add up repeats")
+        dim = (ctx.shape(x) or [None] * idx.ndim)[axis]
+        moved = np.moveaxis(np.where(idx < 0, idx + (dim or 0), idx), axis, -1).reshape(-1, idx.shape[axis])
+        if any(len(np.unique(row)) != row.size for row in moved):
+            raise _unsupported(ctx, "repeated indices need opset >= 16 to add up")
+    return [ctx.op("ScatterElements", [ctx.zeros_like(x), ind, gy[0]], **attrs), None]
