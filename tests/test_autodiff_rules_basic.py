@@ -80,6 +80,8 @@ ELEMENTWISE = [
     case("Mean", {"a": rnd(2, 3, dtype=F32), "b": rnd(3, dtype=F32), "c": rnd(2, 1, dtype=F32)}),
     case("Max", {"a": rnd(2, 3), "b": rnd(3)}),
     case("Min", {"a": rnd(2, 3), "b": rnd(2, 3)}),
+    case("Max", {"a": rnd(2, 3), "b": rnd(3), "c": rnd(2, 1)}, id="max-three"),
+    case("Max", {"a": rnd(2, 3)}, id="max-one"),
     case("Where", {"a": rnd(2, 3), "b": rnd(3)}, inits={"c": R.random((2, 3)) > 0.5},
          node_inputs=["c", "a", "b"]),
     case("Sin", {"x": rnd(2, 3)}),
@@ -400,3 +402,27 @@ def test_readme_lists_every_rule():
 
 def _onnx_ops() -> set:
     return {s.name for s in onnx.defs.get_all_schemas()}
+
+
+def test_max_min_ties_share_the_gradient_like_pytorch():
+    """Finite differences cannot see ties; PyTorch's amax/maximum split the gradient evenly."""
+    import torch
+
+    x = np.array([[[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0], [2.0, -1.0, 2.0, 2.0]]] * 2)
+    cot = R.standard_normal((2, 3))
+    m = one_node_model("ReduceMax", {"x": x}, {"axes": [2], "keepdims": 0})
+    got = derived_grads(m, "y", ["x"], {"x": x}, cot)["grad_x"]
+    xt = torch.tensor(x, requires_grad=True)
+    (torch.amax(xt, dim=2) * torch.tensor(cot)).sum().backward()
+    np.testing.assert_allclose(got, xt.grad.numpy(), atol=1e-12)
+
+    a = np.array([[1.0, 2.0, 3.0], [0.0, 5.0, -1.0]])
+    b = np.array([1.0, 4.0, 3.0])
+    cot = R.standard_normal((2, 3))
+    for op, fn in (("Max", torch.maximum), ("Min", torch.minimum)):
+        m = one_node_model(op, {"a": a, "b": b})
+        got = derived_grads(m, "y", ["a", "b"], {"a": a, "b": b}, cot)
+        at, bt = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+        (fn(at, bt) * torch.tensor(cot)).sum().backward()
+        np.testing.assert_allclose(got["grad_a"], at.grad.numpy(), atol=1e-12, err_msg=op)
+        np.testing.assert_allclose(got["grad_b"], bt.grad.numpy(), atol=1e-12, err_msg=op)

@@ -197,16 +197,18 @@ def mean(ctx: RuleContext, gy: Grads) -> Grads:
 
 @vjp_rule("Max", "Min")
 def max_min(ctx: RuleContext, gy: Grads) -> Grads:
-    """y = max_i x_i (or min): gx_i = unbroadcast(gy * [x_i == y]); ties pass gradient to every tied input."""
+    """y = max_i x_i (or min): gx_i = unbroadcast(gy * [x_i == y] / #ties).
+
+    Tied inputs share the gradient equally, as in PyTorch's maximum/minimum, so the gradients
+    still sum to gy; with one input the rule is the identity.
+    """
     y = ctx.outputs[0]
-    out = []
-    for i, x in enumerate(ctx.inputs):
-        if not ctx.needs_grad(i):
-            out.append(None)
-            continue
-        m = ctx.op("Cast", [ctx.op("Equal", [x, y])], to=ctx.elem_type(y))
-        out.append(ctx.unbroadcast(ctx.op("Mul", [gy[0], m]), x))
-    return out
+    if len(ctx.inputs) == 1:
+        return [gy[0]]
+    masks = [ctx.op("Cast", [ctx.op("Equal", [x, y])], to=ctx.elem_type(y)) for x in ctx.inputs]
+    share = ctx.op("Div", [gy[0], ctx.op("Sum", masks)])
+    return [ctx.unbroadcast(ctx.op("Mul", [share, m]), x) if ctx.needs_grad(i) else None
+            for i, (x, m) in enumerate(zip(ctx.inputs, masks))]
 
 
 @vjp_rule("Where")

@@ -334,7 +334,11 @@ def reduce_sum_mean(ctx: RuleContext, gy: Grads) -> Grads:
 
 @vjp_rule("ReduceMax", "ReduceMin")
 def reduce_max_min(ctx: RuleContext, gy: Grads) -> Grads:
-    """y = max_axes x: gx = gy * [x == y] (broadcast); tied maxima all receive the gradient."""
+    """y = max_axes x: gx = gy * [x == y] / #ties (broadcast back over the axes).
+
+    Tied maxima share the gradient equally, as in PyTorch's amax and TensorFlow's reduce_max
+    (a whole row of zeros after a ReLU is the usual tie).
+    """
     x, y = ctx.inputs[0], ctx.outputs[0]
     r = _rank(ctx, x)
     axes = _reduce_axes(ctx, r)
@@ -346,7 +350,8 @@ def reduce_max_min(ctx: RuleContext, gy: Grads) -> Grads:
         g = ctx.unsqueeze(g, axes)
         yk = ctx.unsqueeze(y, axes)
     m = ctx.op("Cast", [ctx.op("Equal", [x, yk])], to=ctx.elem_type(y))
-    return [ctx.op("Mul", [m, g])] + [None] * (len(ctx.inputs) - 1)
+    share = ctx.op("Div", [g, ctx.reduce_sum(m, axes, keepdims=True)])
+    return [ctx.op("Mul", [m, share])] + [None] * (len(ctx.inputs) - 1)
 
 
 @vjp_rule("Expand")
