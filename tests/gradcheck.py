@@ -67,14 +67,16 @@ def one_node_model(op_type: str, inputs: Mapping[str, np.ndarray], attrs: Option
     for o in outs:
         vi = onnx.ValueInfoProto()
         vi.name = o
-        if o in inferred:
+        if o in inferred and inferred[o].tensor_type.HasField("shape"):
             vi.type.CopyFrom(inferred[o])
+        elif g_in:                      # no shape inferred (a function op): the first input's type
+            vi.type.CopyFrom(g_in[0].type)
         else:
             vi.type.tensor_type.elem_type = TensorProto.FLOAT
         g_out.append(vi)
     graph = helper.make_graph([node], f"one_{op_type}", g_in, g_out, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(domain, opset)])
-    model.ir_version = 8
+    model.ir_version = 10 if opset >= 21 else 8
     onnx.checker.check_model(model)
     return model
 

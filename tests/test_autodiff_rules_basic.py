@@ -27,6 +27,16 @@ def rnd(*shape, dtype=np.float64, lo=None):
     return a.astype(dtype)
 
 
+def kinked(*shape, kinks, scale=1.0, gap=0.05, dtype=np.float64):
+    """Normal samples times ``scale``, each kept at least ``gap`` from every kink, so the finite
+    differences never straddle one whatever the generator's state."""
+    a = R.standard_normal(shape) * scale
+    for k in kinks:
+        near = np.abs(a - k) < gap
+        a = np.where(near, k + np.where(a >= k, gap, -gap) * 2, a)
+    return a.astype(dtype)
+
+
 def pos(*shape, dtype=np.float64):
     return (R.random(shape) + 0.5).astype(dtype)
 
@@ -102,12 +112,16 @@ ACTIVATIONS = [
     case("Softplus", {"x": rnd(2, 3, dtype=F32)}),
     case("Sigmoid", {"x": rnd(2, 3)}),
     case("Tanh", {"x": rnd(2, 3)}),
-    case("HardSigmoid", {"x": (rnd(4, 8, dtype=F32) * 3)}, {"alpha": 0.25, "beta": 0.4}),
-    case("HardSwish", {"x": (rnd(4, 8, dtype=F32) * 3)}),
-    case("Clip", {"x": rnd(3, 8) * 4}, inits={"lo": np.array(0.0), "hi": np.array(6.0)}, id="clip-relu6"),
-    case("Clip", {"x": rnd(3, 8)}, inits={"lo": np.array(-0.5)}, node_inputs=["x", "lo"], id="clip-min-only"),
-    case("Clip", {"x": rnd(3, 8)}, inits={"hi": np.array(0.5)}, node_inputs=["x", "", "hi"], id="clip-max-only"),
-    case("Clip", {"x": rnd(3, 8, dtype=F32) * 4}, {"min": 0.0, "max": 6.0}, opset=10, id="clip-attrs-opset10"),
+    case("HardSigmoid", {"x": kinked(4, 8, kinks=(-1.6, 2.4), scale=3, dtype=F32)}, {"alpha": 0.25, "beta": 0.4}),
+    case("HardSwish", {"x": kinked(4, 8, kinks=(-3, 3), scale=3, dtype=F32)}),
+    case("Clip", {"x": kinked(3, 8, kinks=(0, 6), scale=4)}, inits={"lo": np.array(0.0), "hi": np.array(6.0)},
+         id="clip-relu6"),
+    case("Clip", {"x": kinked(3, 8, kinks=(-0.5,))}, inits={"lo": np.array(-0.5)}, node_inputs=["x", "lo"],
+         id="clip-min-only"),
+    case("Clip", {"x": kinked(3, 8, kinks=(0.5,))}, inits={"hi": np.array(0.5)}, node_inputs=["x", "", "hi"],
+         id="clip-max-only"),
+    case("Clip", {"x": kinked(3, 8, kinks=(0, 6), scale=4, dtype=F32)}, {"min": 0.0, "max": 6.0}, opset=10,
+         id="clip-attrs-opset10"),
     case("Softmax", {"x": rnd(2, 3, 4)}, {"axis": -1}, id="softmax-last"),
     case("Softmax", {"x": rnd(2, 3, 4)}, {"axis": 1}, id="softmax-mid"),
     case("Softmax", {"x": rnd(2, 3, 4)}, {"axis": 0}, id="softmax-first"),
@@ -118,8 +132,8 @@ ACTIVATIONS = [
     case("Mish", {"x": rnd(2, 5, dtype=F32) * 2}, opset=18),
     case("Softsign", {"x": rnd(2, 5, dtype=F32, lo=0.05)}),
     case("Celu", {"x": rnd(2, 5, dtype=F32, lo=0.05)}, {"alpha": 0.6}),
-    case("ThresholdedRelu", {"x": rnd(3, 5, dtype=F32) * 2}, {"alpha": 0.4}),
-    case("Shrink", {"x": rnd(3, 5, dtype=F32) * 2}, {"bias": 0.3, "lambd": 0.6}),
+    case("ThresholdedRelu", {"x": kinked(3, 5, kinks=(0.4,), scale=2, dtype=F32)}, {"alpha": 0.4}),
+    case("Shrink", {"x": kinked(3, 5, kinks=(-0.6, 0.6), scale=2, dtype=F32)}, {"bias": 0.3, "lambd": 0.6}),
 ]
 
 LINEAR = [

@@ -115,7 +115,8 @@ def run_batches(model: onnx.ModelProto, make_x, fn, batches=(1, 3), seed: int = 
 def test_rules_registered():
     for module, ops in ((conv, ["Conv", "ConvTranspose"]),
                         (pool, ["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"]),
-                        (norm, ["BatchNormalization", "InstanceNormalization", "LayerNormalization", "LRN"]),
+                        (norm, ["BatchNormalization", "InstanceNormalization", "LayerNormalization", "LRN",
+                               "GroupNormalization"]),
                         (resize, ["Resize"])):
         for op in ops:
             assert VJP_RULES[op].__module__ == module.__name__
@@ -610,6 +611,20 @@ def test_lrn_even_size_backward_against_numpy(size):
         e[i] = 1e-6
         ref[i] = np.sum(cot * (_lrn_numpy(x + e, size, 0.6, 0.75, 1.5) - _lrn_numpy(x - e, size, 0.6, 0.75, 1.5))) / 2e-6
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("runtime_scale", [False, True])
+def test_group_norm(runtime_scale):
+    """GroupNormalization (opset 21, one scale per channel) against finite differences and PyTorch."""
+    shape, groups = (2, 6, 5, 4), 3
+    x = (_rng(60).standard_normal(shape) * 2 + 1).astype(F32)
+    rng = _rng(61)
+    s, b = rng.uniform(0.5, 2, shape[1]).astype(F32), rng.standard_normal(shape[1]).astype(F32)
+    feeds = {"x": x, "s": s, "b": b} if runtime_scale else {"x": x}
+    m = one_node_model("GroupNormalization", feeds, dict(num_groups=groups, epsilon=1e-3),
+                       {} if runtime_scale else dict(s=s, b=b), opset=21)
+    check_vjp(m, "y", ["x"], feeds)
+    check_torch(m, feeds, lambda t: F.group_norm(t, groups, _t(s), _t(b), eps=1e-3))
 
 
 LN_CASES = [(-1, True, np.float64), (-2, True, np.float64), (1, False, np.float32), (-1, True, np.float32),

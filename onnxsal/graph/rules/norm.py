@@ -232,3 +232,42 @@ def lrn(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
     v = _channel_window_sum(ctx, u, size, hi, lo)
     back = ctx.op("Mul", [ctx.op("Mul", [x, v]), c(2.0 * alpha * beta / size)])
     return [ctx.op("Sub", [ctx.op("Mul", [g, d_mb]), back])]
+
+
+@vjp_rule("GroupNormalization")
+def group_normalization(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
+    """Normalisation over each group of ``C/G`` consecutive channels and the spatial axes.
+
+    ``g = dy * scale`` per channel, then the module formula on the ``(N, G, C/G * spatial)``
+    view, with the statistics recomputed from ``x``.  Opset 18's form, with one scale per group,
+    was withdrawn from ONNX (its checker refuses it) and is refused here too.
+    """
+    res: list[Optional[str]] = [None] * len(ctx.inputs)
+    dy = gy[0]
+    if dy is None:
+        return res
+    _refuse_weight_grads(ctx)
+    if not ctx.needs_grad(0):
+        return res
+    x, scale = ctx.inputs[0], ctx.inputs[1]
+    groups = int(ctx.attr("num_groups"))
+    eps = float(ctx.attr("epsilon", 1e-5))
+    shape = ctx.shape(x)
+    if shape is None or len(shape) < 3 or shape[1] is None:
+        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(needs a known rank and channel count)")
+    rank, channels = len(shape), int(shape[1])
+    if (ctx.shape(scale) or (channels,))[0] != channels:
+        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(one scale per group: opset 18's withdrawn form)")
+    sv = ctx.const_value(scale)
+    if sv is not None:
+        g = dy if np.all(sv == 1) else ctx.op("Mul", [dy, ctx.const(sv.reshape((-1,) + (1,) * (rank - 2)), like=dy)])
+    else:
+        g = ctx.op("Mul", [dy, _channel_view(ctx, scale, rank)])
+    view = ctx.const(np.asarray([0, groups, -1], np.int64))
+    xg, gg = ctx.op("Reshape", [x, view]), ctx.op("Reshape", [g, view])
+    xc = ctx.op("Sub", [xg, _reduce_mean(ctx, xg, [2])])
+    var = _reduce_mean(ctx, ctx.op("Mul", [xc, xc]), [2])
+    rstd = ctx.op("Reciprocal", [ctx.op("Sqrt", [ctx.op("Add", [var, ctx.const(eps, like=x)])])])
+    dx = _normalized_backward(ctx, gg, ctx.op("Mul", [xc, rstd]), rstd, [2])
+    res[0] = ctx.op("Reshape", [dx, ctx.shape_of(x)])
+    return res
