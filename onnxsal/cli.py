@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .export import EXPORTABLE
 from .methods import check_options, get as get_method, methods as method_names
 from .errors import OnnxsalError, MethodError
 from . import cli_options as O
@@ -183,7 +184,7 @@ def explain(
 @app.command("export")
 def export_cmd(
     model: str = typer.Argument(..., help="ONNX model file"),
-    method: str = typer.Option("gradcam", "--method", "-m", help="gradcam, gradcam++, xgradcam, layercam, saliency, smoothgrad, ig"),
+    method: str = typer.Option("gradcam", "--method", "-m", help=", ".join(EXPORTABLE)),
     output: str = typer.Option(..., "--output", "-o", help="where to write the standalone explainer graph"),
     layer: Optional[str] = O.LAYER,
     size: Optional[str] = O.SIZE,

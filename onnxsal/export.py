@@ -21,7 +21,9 @@ from .graph.normalize import opset_of
 from .graph.weights import attach
 from .model import Model, load
 
-EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "saliency", "smoothgrad", "ig")
+EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "saliency",
+              "smoothgrad", "ig", "inputxgradient")
+GRADIENT = ("saliency", "smoothgrad", "ig", "inputxgradient")
 EPS = 1e-7
 
 
@@ -97,7 +99,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     if method not in EXPORTABLE:
         raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
     x_name = m.input.name
-    cam = method not in ("saliency", "smoothgrad", "ig")
+    cam = method not in GRADIENT
     lay = m.find_layer(layer) if cam else None     # resolved on the model as given (aliases, node names)
     proto, renamed = _free_names(m.light, ("logits", "map", "target"), keep=x_name)
     logits = renamed.get(m.logits, m.logits)
@@ -171,6 +173,10 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         a, gr = layer_tensor, f"grad_{layer_tensor}"
         if method == "layercam":
             camv = e.reduce("ReduceSum", e.op("Mul", [e.op("Relu", [gr]), a]), [1])
+        elif method == "hirescam":
+            camv = e.reduce("ReduceSum", e.op("Mul", [gr, a]), [1])
+        elif method == "gradcamelementwise":
+            camv = e.reduce("ReduceSum", e.op("Relu", [e.op("Mul", [gr, a])]), [1])
         else:
             if method == "gradcam":
                 w = e.reduce("ReduceMean", gr, [2, 3])
@@ -199,7 +205,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
             tail = e.op("Slice", [e.op("Shape", [gx]), e.const([1], np.int64), e.const([4], np.int64)])
             stacked = e.op("Reshape", [rest, e.op("Concat", [e.const([k], np.int64), e.const([-1], np.int64), tail], axis=0)])
             gx = e.reduce("ReduceSum", e.op("Mul", [stacked, e.const(weights.reshape(k, 1, 1, 1, 1))]), [0], keepdims=0)
-        if method == "ig":
+        if method in ("ig", "inputxgradient"):       # (x - 0) * gradient, summed over channels
             attr = e.op("Mul", [gx, x_name])
             mp = e.reduce("ReduceSum", attr, [c_axis])
         else:

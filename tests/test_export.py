@@ -25,7 +25,8 @@ def run(graph, x, target):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "saliency", "ig"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise",
+                                    "saliency", "ig", "inputxgradient"])
 def test_exported_maps_equal_engine_maps(layout, method):
     model = tiny.conv_net(layout, seed=4)
     ex = onnxsal.Explainer(model, "cpu")
