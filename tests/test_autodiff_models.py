@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
+F = torch.nn.functional
 
 from gradcheck import run  # noqa: E402
 from onnxsal.graph.autodiff import vjp  # noqa: E402
@@ -165,7 +166,32 @@ class ViTish(nn.Module):
         return self.head(self.ln(x)[:, 0])
 
 
-NETS = {"vgg": VGGish, "resnet": ResNetish, "mobilenetv2": MobileNetV2ish, "se_hard": SENet, "vit": ViTish}
+class Modern(nn.Module):
+    """Ops beyond the classic CNNs: GroupNorm, Mish, pixel unshuffle/shuffle, einsum attention over
+    positions, and a max over positions (amax) before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.unshuffle = nn.PixelUnshuffle(2)
+        self.mix = nn.Conv2d(64, 32, 1)
+        self.shuffle = nn.PixelShuffle(2)
+        self.head = nn.Linear(8, 10)
+        self.probe = self.mix
+
+    def forward(self, x):
+        x = F.mish(self.gn(self.stem(x)))
+        x = self.shuffle(self.mix(self.unshuffle(x)))
+        t = F.avg_pool2d(x, 4).flatten(2)                                  # (b, c, n)
+        att = torch.einsum("bcn,bcm->bnm", t, t).softmax(dim=-1)
+        mixed = torch.einsum("bnm,bcm->bcn", att, t)
+        return self.head(torch.amax(mixed, dim=2))
+
+
+NETS = {"vgg": VGGish, "resnet": ResNetish, "mobilenetv2": MobileNetV2ish, "se_hard": SENet, "vit": ViTish,
+        "modern": Modern}
+OPSET = {"modern": 18}          # Mish is an op from opset 18
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -181,9 +207,9 @@ def build(name: str, seed: int = 0) -> nn.Module:
     return net.eval()
 
 
-def export(net: nn.Module, path, dynamic: bool = False) -> onnx.ModelProto:
+def export(net: nn.Module, path, dynamic: bool = False, opset: int = 17) -> onnx.ModelProto:
     x = torch.randn(1, 3, 32, 32)
-    kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=17, dynamo=False,
+    kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=opset, dynamo=False,
                   training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
     if dynamic:
         kwargs["dynamic_axes"] = {"input": {0: "batch"}, "logits": {0: "batch"}}
@@ -246,7 +272,7 @@ def exported(tmp_path_factory):
         key = (name, dynamic)
         if key not in cache:
             net = build(name)
-            model = export(net, tmp_path_factory.mktemp(name) / "m.onnx", dynamic)
+            model = export(net, tmp_path_factory.mktemp(name) / "m.onnx", dynamic, OPSET.get(name, 17))
             cache[key] = (net, model, probe_tensor(net, model))
         return cache[key]
 
@@ -254,7 +280,7 @@ def exported(tmp_path_factory):
 
 
 CASES = [("vgg", False), ("resnet", False), ("mobilenetv2", False), ("se_hard", False), ("vit", False),
-         ("vit", True), ("resnet", True)]
+         ("vit", True), ("resnet", True), ("modern", True)]
 
 
 @pytest.mark.parametrize("name,dynamic", CASES, ids=[f"{n}{'-dyn' if d else ''}" for n, d in CASES])
@@ -275,6 +301,15 @@ def test_matches_torch_autograd(exported, name, dynamic):
         assert out["grad_input"].shape == gx_t.shape
         assert rel_err(out["grad_input"], gx_t) < TOL, f"input grad, batch {batch}"
         assert rel_err(out["grad_" + probe], gp_t) < TOL, f"probe grad, batch {batch}"
+
+
+def test_modern_net_exercises_the_newer_rules(exported):
+    """The export really contains the ops the "modern" case is there to check against autograd."""
+    _, model, _ = exported("modern", True)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"Einsum", "DepthToSpace", "ReduceMax", "InstanceNormalization", "Softplus"} <= ops
+    d2s = next(n for n in model.graph.node if n.op_type == "DepthToSpace")
+    assert helper.get_attribute_value(next(a for a in d2s.attribute if a.name == "mode")) == b"CRD"
 
 
 def test_mobilenet_covers_strided_depthwise_path(exported):
