@@ -86,8 +86,14 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     if m.labels:
         shown = ", ".join(m.labels[:10]) + (" ..." if len(m.labels) > 10 else "")
         out.print(f"  labels    {shown}")
+    tokens = m.token_layers()
+    if tokens:
+        out.print("  token layers (transformer; pass one with --layer): " + ", ".join(
+            f"{t.tensor} ({t.shape[0]} x {t.shape[1]}x{t.shape[2]} grid{f', {t.prefix} leading' if t.prefix else ''})"
+            for t in tokens))
     if not m.layers:
-        out.print("  layers    none: CAM methods cannot run; use occlusion, rise or a gradient method")
+        out.print("  layers    none: CAM methods need --layer" + (" (a token layer above)" if tokens else
+                  "; use occlusion, rise or a gradient method"))
         return
     table = Table(title="candidate layers (CAM methods)", show_lines=False)
     for col in ("", "tensor", "node", "op", "channels x h x w"):

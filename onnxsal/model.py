@@ -48,10 +48,29 @@ class ImageInput:
 
 @dataclass(frozen=True)
 class Layer:
+    """A tensor a CAM can read: a conv map (N, C, h, w), or a transformer's tokens (N, T, C).
+
+    For tokens, ``prefix`` leading tokens (class, distillation) are dropped and the remaining
+    ``h*w`` are the patch grid, row by row -- pytorch-grad-cam's ``reshape_transform`` for ViTs,
+    decided here from the shapes instead of written by the user.
+    """
+
     tensor: str
     node: str
     op_type: str
     shape: tuple  # (C, h, w)
+    prefix: Optional[int] = None   # token layers only
+
+    @property
+    def tokens(self) -> bool:
+        return self.prefix is not None
+
+    def grid(self, a: np.ndarray) -> np.ndarray:
+        """This layer's values (N, ...) as (N, C, h, w) maps."""
+        if not self.tokens:
+            return a
+        c, h, w = self.shape
+        return np.ascontiguousarray(a[:, self.prefix:, :].reshape(len(a), h, w, c).transpose(0, 3, 1, 2))
 
 
 @dataclass
@@ -123,11 +142,32 @@ class Model:
             tensor = by_node[name].output[0]
         if tensor in producer:
             shape = shapes.get(tensor, (None, None))[1]
+            node = producer[tensor]
             if shape is not None and len(shape) == 4:
-                node = producer[tensor]
                 return Layer(tensor, node.name, node.op_type, tuple(shape[1:]))
-            raise LayerError(f"layer {name!r} is not a 4-D activation (shape {shape}); candidates: {self._candidates()}")
+            grid = token_grid(shape, self.input.size) if shape is not None else None
+            if grid is not None:
+                prefix, h, w = grid
+                return Layer(tensor, node.name, node.op_type, (int(shape[2]), h, w), prefix)
+            raise LayerError(f"layer {name!r} is neither a 4-D activation nor (N, tokens, C) patch tokens "
+                             f"(shape {shape}); candidates: {self._candidates()}")
         raise LayerError(f"unknown layer {name!r}; candidates: {self._candidates()}")
+
+    def token_layers(self) -> list[Layer]:
+        """A transformer's normalised token maps (LayerNormalization outputs on the patch grid), in
+        graph order: where pytorch-grad-cam's ViT recipe reads (the last block's first norm).
+        Never a default: only the class token reaches the head after the last block, so the
+        right one depends on the architecture; give it with ``--layer``."""
+        shapes = tensor_shapes(self.light)
+        found = []
+        for node in self.light.graph.node:
+            if node.op_type != "LayerNormalization":
+                continue
+            shape = shapes.get(node.output[0], (0, None))[1]
+            grid = token_grid(shape, self.input.size) if shape is not None else None
+            if grid is not None:
+                found.append(Layer(node.output[0], node.name, node.op_type, (int(shape[2]),) + grid[1:], grid[0]))
+        return found
 
     def _candidates(self) -> str:
         if not self.layers:
@@ -225,6 +265,20 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
         if shape is not None and int(np.prod([d for d in shape[1:] if d])) == 1:
             return node.input[0], "sigmoid"
     return output, None
+
+
+def token_grid(shape: Sequence, size: tuple[int, int]) -> Optional[tuple[int, int, int]]:
+    """(prefix, h, w) when a (N, T, C) shape is 0-2 leading tokens and an h x w patch grid with the
+    input's aspect ratio (ViT: 1 class token; DeiT: class + distillation), else None."""
+    if len(shape) != 3 or not isinstance(shape[1], int) or not isinstance(shape[2], int):
+        return None
+    height, width = size
+    for prefix in (1, 0, 2):
+        n = shape[1] - prefix
+        h = int(round(np.sqrt(n * height / width))) if n > 0 else 0
+        if h > 1 and n % h == 0 and (n // h) * height == h * width:
+            return prefix, h, n // h
+    return None
 
 
 def _find_layers(proto: onnx.ModelProto) -> list[Layer]:

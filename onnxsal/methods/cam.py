@@ -1,5 +1,8 @@
 """Gradient-weighted CAMs: one forward+VJP run gives the layer's activations A and gradients G.
 
+A and G are (T, K, h, w) maps; a transformer's token layer is laid out as its patch grid first
+(``Layer.grid``), so every formula below serves ViTs unchanged.
+
 Grad-CAM    (Selvaraju et al. 2017): w_k = mean_ij G_k;            map = ReLU(sum_k w_k A_k)
 Grad-CAM++  (Chattopadhay et al. 2018): a = G^2 / (2 G^2 + sum_ij A * G^3); w_k = sum_ij a ReLU(G_k)
 XGrad-CAM   (Fu et al. 2020): w_k = sum_ij (G_k A_k) / (sum_ij A_k + eps)
@@ -35,8 +38,8 @@ def layer_grads(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     g = ctx.engine.layer_gradients(acts, ctx.seeds, name, score=ctx.score, progress=ctx.progress)
     if g is None:
         out = ctx.gradients(np.repeat(ctx.x, t, axis=0), ctx.seeds, wrt=[name], extra=[name])
-        return out[name], out["grad_" + name]
-    return acts, g
+        acts, g = out[name], out["grad_" + name]
+    return ctx.layer.grid(acts), ctx.layer.grid(g)
 
 
 def gradcam_weights(a: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -132,7 +135,7 @@ def projected(maps: np.ndarray) -> np.ndarray:
 @method("eigencam", family="cam", needs_layer=True)
 def eigencam(ctx: Context) -> np.ndarray:
     """Eigen-CAM: the first principal component of the layer's activations (no gradients, class-agnostic)."""
-    a = ctx.activations()
+    a = ctx.layer.grid(ctx.activations())
     return np.repeat(projected(a[:1]), len(ctx.targets), axis=0)
 
 

@@ -32,7 +32,7 @@ def _channel_masks(acts: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray,
 def _score_cam(ctx: Context, channels: Optional[np.ndarray], weighting: str) -> np.ndarray:
     if weighting not in ("softmax", "score"):
         raise MethodError(f"weighting must be 'softmax' or 'score', not {weighting!r}")
-    acts = ctx.activations()[0]                          # (K, h, w)
+    acts = ctx.layer.grid(ctx.activations())[0]          # (K, h, w)
     if channels is not None:
         acts = acts[channels]
     masks, live = _channel_masks(acts, ctx.input_size)
@@ -65,7 +65,7 @@ def fasterscorecam(ctx: Context, max_n: int = 10, weighting: str = "softmax") ->
     """Faster-Score-CAM: Score-CAM over the max_n channels whose activations vary most."""
     if max_n < 1:
         raise MethodError("max_n must be at least 1")
-    acts = ctx.activations()[0]
+    acts = ctx.layer.grid(ctx.activations())[0]
     std = acts.reshape(len(acts), -1).std(axis=1)
     channels = np.sort(np.argsort(-std, kind="stable")[:max_n])
     return _score_cam(ctx, channels, weighting)

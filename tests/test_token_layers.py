@@ -1,0 +1,73 @@
+"""CAMs on a transformer's tokens: the patch grid is recovered from the shapes (class token
+dropped), and each CAM equals its formula on PyTorch's activations and gradients laid out the
+same way (pytorch-grad-cam's ViT ``reshape_transform``)."""
+
+import numpy as np
+import pytest
+import torch
+
+import onnxsal
+from onnxsal.errors import LayerError, MethodError
+from onnxsal.export import export as export_graph
+from onnxsal.model import load, token_grid
+
+from test_autodiff_models import build, export
+from test_gradient_methods import ref_cams
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    net = build("vit")
+    model = export(net, tmp_path_factory.mktemp("vit") / "m.onnx", dynamic=True)
+    ln1 = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    return net, model, ln1
+
+
+def torch_tokens(net, x, target):
+    """ln1's output and its gradient, as (C, h, w) maps: class token dropped, 4x4 grid."""
+    store = {}
+
+    def hook(_, __, out):
+        out.retain_grad()
+        store["a"] = out
+
+    h = net.ln1.register_forward_hook(hook)
+    net(torch.tensor(x))[0, target].backward()
+    h.remove()
+    grid = lambda t: t[0, 1:].reshape(4, 4, -1).permute(2, 0, 1).detach().numpy()  # noqa: E731
+    return grid(store["a"]), grid(store["a"].grad)
+
+
+def test_token_grid_shapes():
+    assert token_grid((None, 197, 768), (224, 224)) == (1, 14, 14)      # ViT-B/16
+    assert token_grid((None, 198, 384), (224, 224)) == (2, 14, 14)      # DeiT, distilled
+    assert token_grid((None, 196, 768), (224, 224)) == (0, 14, 14)      # no class token
+    assert token_grid((None, 281, 64), (224, 320)) == (1, 14, 20)       # the input's aspect ratio
+    assert token_grid((None, 12, 64), (224, 224)) is None               # 12, 11, 10: no square grid
+    assert token_grid((None, 17, 32, 1), (32, 32)) is None
+
+
+def test_cams_on_vit_tokens_match_numpy_formulas(vit):
+    net, model, ln1 = vit
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    for target in (0, 7):
+        a, g = torch_tokens(net, x, target)
+        for name, expected in ref_cams(a, g).items():
+            res = ex.explain(x, name, target=target, layer=ln1.output[0])
+            assert res.raw.shape == (1, 4, 4), name
+            scale = max(np.abs(expected).max(), 1e-6)
+            np.testing.assert_allclose(res.raw[0], expected, atol=1e-4 * scale, rtol=1e-3, err_msg=name)
+    res = ex.explain(x, "scorecam", layer=ln1.name, top_k=2)          # by node name; masked passes
+    assert res.maps.shape == (2, 32, 32) and np.isfinite(res.maps).all()
+
+
+def test_token_layers_are_listed_and_refused_where_unsupported(vit):
+    _, model, ln1 = vit
+    m = load(model)
+    tokens = m.token_layers()
+    assert tokens[0].tensor == ln1.output[0] and tokens[0].prefix == 1 and tokens[0].shape == (32, 4, 4)
+    with pytest.raises(MethodError, match="tokens"):
+        export_graph(model, "gradcam", ln1.output[0])
+    with pytest.raises(LayerError, match="neither a 4-D activation nor"):
+        m.find_layer(m.logits)
