@@ -57,6 +57,20 @@ def ref_cams(a, g):
     return out
 
 
+def ref_weighted(a, g):
+    """Each channel-weighted CAM's (K, h, w) weighted activations, before the channel sum."""
+    eps = 1e-7
+    a64, g64 = a.astype(np.float64), g.astype(np.float64)
+    g2, g3 = g64 ** 2, g64 ** 3
+    alpha = np.where(g64 != 0, g2 / (2 * g2 + a64.sum(axis=(1, 2))[:, None, None] * g3 + eps), 0)
+    weights = {"gradcam": g64.mean(axis=(1, 2)),
+               "gradcam++": (alpha * np.maximum(g64, 0)).sum(axis=(1, 2)),
+               "xgradcam": (g64 * a64).sum(axis=(1, 2)) / (a64.sum(axis=(1, 2)) + eps)}
+    out = {k: w[:, None, None] * a64 for k, w in weights.items()}
+    out.update(layercam=np.maximum(g64, 0) * a64, hirescam=g64 * a64, gradcamelementwise=np.maximum(g64 * a64, 0))
+    return out
+
+
 def ref_principal_projection(m):
     """Scores on the first right singular vector of the centred positions x channels matrix (a full
     SVD; onnxsal takes an eigenpair of the smaller Gram matrix), signed to correlate positively
@@ -102,6 +116,18 @@ def test_cams_match_numpy_formulas_on_torch_gradients(case, layer, index):
             res = ex.explain(x, name, target=target, layer=layer)
             scale = max(np.abs(expected).max(), 1e-6)
             np.testing.assert_allclose(res.raw[0], expected, atol=1e-4 * scale, rtol=1e-3, err_msg=name)
+
+
+def test_eigen_smooth_is_the_principal_component_of_the_weighted_activations(case):
+    model, x, ex, net = case
+    a, g = torch_layer_grads(net, x, 3, 1)
+    for name, m in ref_weighted(a, g).items():
+        expected = np.maximum(ref_principal_projection(m), 0)
+        res = ex.explain(x, name, target=1, layer="relu2", eigen_smooth=True)
+        np.testing.assert_allclose(res.raw[0], expected, atol=1e-4 * max(np.abs(expected).max(), 1e-6), err_msg=name)
+        plain = ex.explain(x, name, target=1, layer="relu2")
+        np.testing.assert_allclose(plain.raw[0], np.maximum(m.sum(axis=0), 0), atol=1e-4 * np.abs(m).sum(axis=0).max(),
+                                   err_msg=name)
 
 
 def test_saliency_and_input_x_gradient(case):

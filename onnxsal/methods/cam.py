@@ -13,6 +13,8 @@ Eigen-CAM   (Muhammad & Yeasin 2020): the first principal component of the layer
             matrix (A, class-agnostic; EigenGrad-CAM: G * A), projected back onto the positions
 Guided Grad-CAM: |Guided Backprop| (max over channels) times the upsampled Grad-CAM.
 The eps = 1e-7 guards follow pytorch-grad-cam, so maps agree with it to float precision.
+``eigen_smooth`` (as pytorch-grad-cam's) replaces each channel sum by the first principal component
+of the weighted activations, as Eigen-CAM does for the plain ones.
 """
 
 from __future__ import annotations
@@ -58,50 +60,58 @@ def xgradcam_weights(a: np.ndarray, g: np.ndarray) -> np.ndarray:
     return (g * a / (a.sum(axis=(2, 3), keepdims=True) + EPS)).sum(axis=(2, 3))
 
 
-def weighted(a: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return np.maximum(np.einsum("tk,tkhw->thw", w, a), 0).astype(np.float32)
+def channel_sum(m: np.ndarray, eigen_smooth: bool) -> np.ndarray:
+    """(T, K, h, w) weighted activations -> (T, h, w) maps: ReLU of the channel sum or, with
+    ``eigen_smooth`` (pytorch-grad-cam's option), of their first principal component."""
+    if eigen_smooth:
+        return projected(m)
+    return np.maximum(m.sum(axis=1), 0).astype(np.float32)
+
+
+def by_channel(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return w[:, :, None, None] * a
 
 
 @method("gradcam", family="cam", needs_layer=True)
-def gradcam(ctx: Context) -> np.ndarray:
+def gradcam(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
     """Grad-CAM: channels weighted by their spatially averaged gradient."""
     a, g = layer_grads(ctx)
-    return weighted(a, gradcam_weights(a, g))
+    return channel_sum(by_channel(a, gradcam_weights(a, g)), eigen_smooth)
 
 
 @method("gradcam++", family="cam", needs_layer=True)
-def gradcampp(ctx: Context) -> np.ndarray:
+def gradcampp(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
     """Grad-CAM++: channels weighted by alpha-weighted positive gradients."""
     a, g = layer_grads(ctx)
-    return weighted(a, gradcampp_weights(a, g))
+    return channel_sum(by_channel(a, gradcampp_weights(a, g)), eigen_smooth)
 
 
 @method("xgradcam", family="cam", needs_layer=True)
-def xgradcam(ctx: Context) -> np.ndarray:
+def xgradcam(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
     """XGrad-CAM: channels weighted by activation-normalised gradient x activation."""
     a, g = layer_grads(ctx)
-    return weighted(a, xgradcam_weights(a, g))
+    return channel_sum(by_channel(a, xgradcam_weights(a, g)), eigen_smooth)
 
 
 @method("layercam", family="cam", needs_layer=True)
-def layercam(ctx: Context) -> np.ndarray:
+def layercam(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
     """LayerCAM: activations weighted element-wise by their positive gradients."""
     a, g = layer_grads(ctx)
-    return np.maximum((np.maximum(g, 0) * a).sum(axis=1), 0).astype(np.float32)
+    return channel_sum(np.maximum(g, 0) * a, eigen_smooth)
 
 
 @method("hirescam", family="cam", needs_layer=True)
-def hirescam(ctx: Context) -> np.ndarray:
+def hirescam(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
     """HiResCAM: activations times their gradients, summed over channels without averaging first."""
     a, g = layer_grads(ctx)
-    return np.maximum((g * a).sum(axis=1), 0).astype(np.float32)
+    return channel_sum(g * a, eigen_smooth)
 
 
 @method("gradcamelementwise", family="cam", needs_layer=True)
-def gradcam_elementwise(ctx: Context) -> np.ndarray:
+def gradcam_elementwise(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
     """Grad-CAM element-wise: the positive part of each activation x gradient product, summed over channels."""
     a, g = layer_grads(ctx)
-    return np.maximum(g * a, 0).sum(axis=1).astype(np.float32)
+    return channel_sum(np.maximum(g * a, 0), eigen_smooth)
 
 
 def first_component(m: np.ndarray) -> np.ndarray:
@@ -152,6 +162,6 @@ def guidedgradcam(ctx: Context) -> np.ndarray:
     from .gradients import guided_grads, reduce_channels
 
     a, g = layer_grads(ctx)
-    cam = normalize(resize(weighted(a, gradcam_weights(a, g)), ctx.input_size))
+    cam = normalize(resize(channel_sum(by_channel(a, gradcam_weights(a, g)), False), ctx.input_size))
     gb = reduce_channels(guided_grads(ctx), "max_abs")
     return (gb * cam).astype(np.float32)
