@@ -130,6 +130,28 @@ def test_eigen_smooth_is_the_principal_component_of_the_weighted_activations(cas
                                    err_msg=name)
 
 
+@pytest.mark.parametrize("name", ["gradcam", "layercam", "eigencam"])
+def test_aug_smooth_averages_mirrored_and_scaled_copies(case, name):
+    from onnxsal.postprocess import normalize, resize
+
+    model, x, ex, net = case
+    size = x.shape[2:]
+    expected = []
+    for flip in (False, True):
+        for factor in (0.9, 1.0, 1.1):
+            xa = x * np.float32(factor)
+            xa = np.ascontiguousarray(xa[..., ::-1]) if flip else xa
+            m = normalize(resize(ex.explain(xa, name, target=2, layer="relu2").raw, size))
+            expected.append(m[..., ::-1] if flip else m)
+    got = ex.explain(x, name, target=2, layer="relu2", aug_smooth=True)
+    np.testing.assert_allclose(got.raw, np.mean(expected, axis=0), atol=1e-5)
+    # the mirror follows the layout: the same network in NHWC gives the same map
+    nhwc = onnxsal.Explainer(tiny.conv_net("NHWC", **MODELS[0]), "cpu")
+    if x.shape[2] == MODELS[0]["size"]:
+        other = nhwc.explain(x.transpose(0, 2, 3, 1), name, target=2, layer="relu2", aug_smooth=True)
+        np.testing.assert_allclose(other.raw, got.raw, atol=1e-5)
+
+
 def test_saliency_and_input_x_gradient(case):
     from captum.attr import InputXGradient, Saliency
 

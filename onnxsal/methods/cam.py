@@ -14,10 +14,14 @@ Eigen-CAM   (Muhammad & Yeasin 2020): the first principal component of the layer
 Guided Grad-CAM: |Guided Backprop| (max over channels) times the upsampled Grad-CAM.
 The eps = 1e-7 guards follow pytorch-grad-cam, so maps agree with it to float precision.
 ``eigen_smooth`` (as pytorch-grad-cam's) replaces each channel sum by the first principal component
-of the weighted activations, as Eigen-CAM does for the plain ones.
+of the weighted activations, as Eigen-CAM does for the plain ones; ``aug_smooth`` averages the maps
+of six mirrored and rescaled copies of the input.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 
@@ -60,6 +64,23 @@ def xgradcam_weights(a: np.ndarray, g: np.ndarray) -> np.ndarray:
     return (g * a / (a.sum(axis=(2, 3), keepdims=True) + EPS)).sum(axis=(2, 3))
 
 
+AUGMENTATIONS = [(flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1)]
+
+
+def augmented(ctx: Context, fn: Callable[[Context], np.ndarray]) -> np.ndarray:
+    """pytorch-grad-cam's ``aug_smooth``: the mean of the normalised maps of the input mirrored or
+    not and scaled by 0.9, 1 and 1.1 (its ttach transforms), each mirrored back; same targets."""
+    axis = 2 if ctx.nhwc else 3
+    maps = []
+    for flip, factor in AUGMENTATIONS:
+        x = ctx.x * np.float32(factor)
+        x = np.ascontiguousarray(np.flip(x, axis)) if flip else x
+        sub = replace(ctx, x=x.astype(np.float32), acts=None, info={})
+        m = normalize(resize(fn(sub), ctx.input_size))
+        maps.append(m[..., ::-1] if flip else m)
+    return np.mean(maps, axis=0).astype(np.float32)
+
+
 def channel_sum(m: np.ndarray, eigen_smooth: bool) -> np.ndarray:
     """(T, K, h, w) weighted activations -> (T, h, w) maps: ReLU of the channel sum or, with
     ``eigen_smooth`` (pytorch-grad-cam's option), of their first principal component."""
@@ -73,43 +94,55 @@ def by_channel(a: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 @method("gradcam", family="cam", needs_layer=True)
-def gradcam(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
+def gradcam(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
     """Grad-CAM: channels weighted by their spatially averaged gradient."""
+    if aug_smooth:
+        return augmented(ctx, lambda c: gradcam(c, eigen_smooth))
     a, g = layer_grads(ctx)
     return channel_sum(by_channel(a, gradcam_weights(a, g)), eigen_smooth)
 
 
 @method("gradcam++", family="cam", needs_layer=True)
-def gradcampp(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
+def gradcampp(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
     """Grad-CAM++: channels weighted by alpha-weighted positive gradients."""
+    if aug_smooth:
+        return augmented(ctx, lambda c: gradcampp(c, eigen_smooth))
     a, g = layer_grads(ctx)
     return channel_sum(by_channel(a, gradcampp_weights(a, g)), eigen_smooth)
 
 
 @method("xgradcam", family="cam", needs_layer=True)
-def xgradcam(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
+def xgradcam(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
     """XGrad-CAM: channels weighted by activation-normalised gradient x activation."""
+    if aug_smooth:
+        return augmented(ctx, lambda c: xgradcam(c, eigen_smooth))
     a, g = layer_grads(ctx)
     return channel_sum(by_channel(a, xgradcam_weights(a, g)), eigen_smooth)
 
 
 @method("layercam", family="cam", needs_layer=True)
-def layercam(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
+def layercam(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
     """LayerCAM: activations weighted element-wise by their positive gradients."""
+    if aug_smooth:
+        return augmented(ctx, lambda c: layercam(c, eigen_smooth))
     a, g = layer_grads(ctx)
     return channel_sum(np.maximum(g, 0) * a, eigen_smooth)
 
 
 @method("hirescam", family="cam", needs_layer=True)
-def hirescam(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
+def hirescam(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
     """HiResCAM: activations times their gradients, summed over channels without averaging first."""
+    if aug_smooth:
+        return augmented(ctx, lambda c: hirescam(c, eigen_smooth))
     a, g = layer_grads(ctx)
     return channel_sum(g * a, eigen_smooth)
 
 
 @method("gradcamelementwise", family="cam", needs_layer=True)
-def gradcam_elementwise(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
+def gradcam_elementwise(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
     """Grad-CAM element-wise: the positive part of each activation x gradient product, summed over channels."""
+    if aug_smooth:
+        return augmented(ctx, lambda c: gradcam_elementwise(c, eigen_smooth))
     a, g = layer_grads(ctx)
     return channel_sum(np.maximum(g * a, 0), eigen_smooth)
 
@@ -143,15 +176,19 @@ def projected(maps: np.ndarray) -> np.ndarray:
 
 
 @method("eigencam", family="cam", needs_layer=True)
-def eigencam(ctx: Context) -> np.ndarray:
+def eigencam(ctx: Context, aug_smooth: bool = False) -> np.ndarray:
     """Eigen-CAM: the first principal component of the layer's activations (no gradients, class-agnostic)."""
+    if aug_smooth:
+        return augmented(ctx, lambda c: eigencam(c))
     a = ctx.layer.grid(ctx.activations())
     return np.repeat(projected(a[:1]), len(ctx.targets), axis=0)
 
 
 @method("eigengradcam", family="cam", needs_layer=True)
-def eigengradcam(ctx: Context) -> np.ndarray:
+def eigengradcam(ctx: Context, aug_smooth: bool = False) -> np.ndarray:
     """EigenGrad-CAM: the first principal component of activations x gradients (class-specific)."""
+    if aug_smooth:
+        return augmented(ctx, lambda c: eigengradcam(c))
     a, g = layer_grads(ctx)
     return projected(g * a)
 
