@@ -186,6 +186,14 @@ class Explainer:
             raise TargetError(f"target {i} is out of range: the model has {n} classes (0..{n - 1})")
         return i
 
+    def _token_layers(self) -> list[Layer]:
+        """The model's transformer token layers that come after every conv candidate (cached)."""
+        if not hasattr(self, "_tokens"):
+            order = {o: k for k, n in enumerate(self.model.light.graph.node) for o in n.output}
+            last_conv = max((order[c.tensor] for c in self.model.layers), default=-1)
+            self._tokens = [t for t in self.model.token_layers() if order[t.tensor] > last_conv]
+        return self._tokens
+
     def explain(self, image: Union[ImageLike, Prepared], method: str = "gradcam", target=None, *, top_k: int = 1,
                 layer: Optional[str] = None, score: str = "logit", smooth: Optional[float] = None,
                 progress: Optional[Progress] = None, **options) -> Explanation:
@@ -211,6 +219,13 @@ class Explainer:
         notes = list(prepared.notes)
         if m.activation is not None and score == "logit":
             notes.append(f"scored the logits before the final {m.activation} ({m.logits!r})")
+        tokens = self._token_layers() if layer is None and the_layer is not None and spec.family == "cam" else []
+        if tokens:
+            # a ViT's norms run norm1, norm2 per block, then a final norm: the last block's norm1 is the
+            # last one whose patch tokens still reach the class token (through the last attention)
+            hint = tokens[-3] if len(tokens) >= 3 else tokens[0]
+            notes.append(f"the default layer {the_layer.tensor!r} comes before this transformer's blocks; "
+                         f"give a token layer with --layer, e.g. {hint.tensor!r}")
         if not np.isfinite(raw).all():
             raise ImageError(f"{spec.name} produced non-finite values on this input")
         settings = dict(opts)

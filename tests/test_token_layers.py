@@ -71,3 +71,12 @@ def test_token_layers_are_listed_and_refused_where_unsupported(vit):
         export_graph(model, "gradcam", ln1.output[0])
     with pytest.raises(LayerError, match="neither a 4-D activation nor"):
         m.find_layer(m.logits)
+
+
+def test_default_layer_on_a_transformer_notes_the_token_layers(vit):
+    _, model, ln1 = vit
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    res = ex.explain(x, "gradcam")
+    assert any(ln1.output[0] in n and "--layer" in n for n in res.notes)
+    assert not any("--layer" in n for n in ex.explain(x, "gradcam", layer=ln1.output[0]).notes)
