@@ -89,62 +89,34 @@ def channel_sum(m: np.ndarray, eigen_smooth: bool) -> np.ndarray:
     return np.maximum(m.sum(axis=1), 0).astype(np.float32)
 
 
-def by_channel(a: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return w[:, :, None, None] * a
+def by_channel(weights: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable:
+    """A weighting of whole channels (Grad-CAM's family) as weighted activations w_k * A_k."""
+    return lambda a, g: weights(a, g)[:, :, None, None] * a
 
 
-@method("gradcam", family="cam", needs_layer=True)
-def gradcam(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
-    """Grad-CAM: channels weighted by their spatially averaged gradient."""
-    if aug_smooth:
-        return augmented(ctx, lambda c: gradcam(c, eigen_smooth))
-    a, g = layer_grads(ctx)
-    return channel_sum(by_channel(a, gradcam_weights(a, g)), eigen_smooth)
+def gradient_cam(name: str, weigh: Callable[[np.ndarray, np.ndarray], np.ndarray], doc: str) -> None:
+    """Register a CAM that sums (or, with eigen_smooth, projects) ``weigh(A, G)`` over channels."""
+    def cam(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
+        if aug_smooth:
+            return augmented(ctx, lambda c: cam(c, eigen_smooth))
+        a, g = layer_grads(ctx)
+        return channel_sum(weigh(a, g), eigen_smooth)
+
+    cam.__doc__ = doc
+    method(name, family="cam", needs_layer=True)(cam)
 
 
-@method("gradcam++", family="cam", needs_layer=True)
-def gradcampp(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
-    """Grad-CAM++: channels weighted by alpha-weighted positive gradients."""
-    if aug_smooth:
-        return augmented(ctx, lambda c: gradcampp(c, eigen_smooth))
-    a, g = layer_grads(ctx)
-    return channel_sum(by_channel(a, gradcampp_weights(a, g)), eigen_smooth)
-
-
-@method("xgradcam", family="cam", needs_layer=True)
-def xgradcam(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
-    """XGrad-CAM: channels weighted by activation-normalised gradient x activation."""
-    if aug_smooth:
-        return augmented(ctx, lambda c: xgradcam(c, eigen_smooth))
-    a, g = layer_grads(ctx)
-    return channel_sum(by_channel(a, xgradcam_weights(a, g)), eigen_smooth)
-
-
-@method("layercam", family="cam", needs_layer=True)
-def layercam(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
-    """LayerCAM: activations weighted element-wise by their positive gradients."""
-    if aug_smooth:
-        return augmented(ctx, lambda c: layercam(c, eigen_smooth))
-    a, g = layer_grads(ctx)
-    return channel_sum(np.maximum(g, 0) * a, eigen_smooth)
-
-
-@method("hirescam", family="cam", needs_layer=True)
-def hirescam(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
-    """HiResCAM: activations times their gradients, summed over channels without averaging first."""
-    if aug_smooth:
-        return augmented(ctx, lambda c: hirescam(c, eigen_smooth))
-    a, g = layer_grads(ctx)
-    return channel_sum(g * a, eigen_smooth)
-
-
-@method("gradcamelementwise", family="cam", needs_layer=True)
-def gradcam_elementwise(ctx: Context, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
-    """Grad-CAM element-wise: the positive part of each activation x gradient product, summed over channels."""
-    if aug_smooth:
-        return augmented(ctx, lambda c: gradcam_elementwise(c, eigen_smooth))
-    a, g = layer_grads(ctx)
-    return channel_sum(np.maximum(g * a, 0), eigen_smooth)
+gradient_cam("gradcam", by_channel(gradcam_weights), "Grad-CAM: channels weighted by their spatially averaged gradient.")
+gradient_cam("gradcam++", by_channel(gradcampp_weights),
+             "Grad-CAM++: channels weighted by alpha-weighted positive gradients.")
+gradient_cam("xgradcam", by_channel(xgradcam_weights),
+             "XGrad-CAM: channels weighted by activation-normalised gradient x activation.")
+gradient_cam("layercam", lambda a, g: np.maximum(g, 0) * a,
+             "LayerCAM: activations weighted element-wise by their positive gradients.")
+gradient_cam("hirescam", lambda a, g: g * a,
+             "HiResCAM: activations times their gradients, summed over channels without averaging first.")
+gradient_cam("gradcamelementwise", lambda a, g: np.maximum(g * a, 0),
+             "Grad-CAM element-wise: the positive part of each activation x gradient product, summed over channels.")
 
 
 def first_component(m: np.ndarray) -> np.ndarray:
@@ -199,6 +171,6 @@ def guidedgradcam(ctx: Context) -> np.ndarray:
     from .gradients import guided_grads, reduce_channels
 
     a, g = layer_grads(ctx)
-    cam = normalize(resize(channel_sum(by_channel(a, gradcam_weights(a, g)), False), ctx.input_size))
+    cam = normalize(resize(channel_sum(by_channel(gradcam_weights)(a, g), False), ctx.input_size))
     gb = reduce_channels(guided_grads(ctx), "max_abs")
     return (gb * cam).astype(np.float32)

@@ -57,6 +57,32 @@ def _normalized_backward(ctx: RuleContext, g: str, xhat: str, rstd: str, axes: l
     return ctx.op("Mul", [inner, rstd])
 
 
+def _wants_data_grad(ctx: RuleContext, gy: list[Optional[str]]) -> bool:
+    """Whether the data input needs a gradient; a weight that needs one is refused first."""
+    if gy[0] is None:
+        return False
+    _refuse_weight_grads(ctx)
+    return ctx.needs_grad(0)
+
+
+def _times_channel_scale(ctx: RuleContext, dy: str, scale: str, rank: int) -> str:
+    """``dy * scale`` with a per-channel scale on axis 1 (folded into a constant when it is one)."""
+    sv = ctx.const_value(scale)
+    if sv is None:
+        return ctx.op("Mul", [dy, _channel_view(ctx, scale, rank)])
+    if np.all(sv == 1):
+        return dy
+    return ctx.op("Mul", [dy, ctx.const(sv.reshape((-1,) + (1,) * (rank - 2)), like=dy)])
+
+
+def _standardized(ctx: RuleContext, x: str, axes: list[int], eps: float) -> tuple[str, str]:
+    """(xhat, rstd) over ``axes``, recomputed from ``x``: mean, centred x, variance, 1/sqrt."""
+    xc = ctx.op("Sub", [x, _reduce_mean(ctx, x, axes)])
+    var = _reduce_mean(ctx, ctx.op("Mul", [xc, xc]), axes)
+    rstd = ctx.op("Reciprocal", [ctx.op("Sqrt", [ctx.op("Add", [var, ctx.const(eps, like=x)])])])
+    return ctx.op("Mul", [xc, rstd]), rstd
+
+
 def _is_ones(ctx: RuleContext, name: str) -> bool:
     v = ctx.const_value(name)
     return v is not None and bool(np.all(v == 1))
@@ -106,29 +132,15 @@ def instance_normalization(ctx: RuleContext, gy: list[Optional[str]]) -> list[Op
     elementwise passes, comparable to the forward op.
     """
     res: list[Optional[str]] = [None] * len(ctx.inputs)
-    dy = gy[0]
-    if dy is None:
+    if not _wants_data_grad(ctx, gy):
         return res
-    _refuse_weight_grads(ctx)
-    if not ctx.needs_grad(0):
-        return res
-    x, scale = ctx.inputs[0], ctx.inputs[1]
-    eps = float(ctx.attr("epsilon", 1e-5))
+    x, scale, dy = ctx.inputs[0], ctx.inputs[1], gy[0]
     rank = ctx.rank(x) or ctx.rank(dy)
     if rank is None:
         raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(unknown input rank)")
     axes = list(range(2, rank))
-    xc = ctx.op("Sub", [x, _reduce_mean(ctx, x, axes)])
-    var = _reduce_mean(ctx, ctx.op("Mul", [xc, xc]), axes)
-    rstd = ctx.op("Reciprocal", [ctx.op("Sqrt", [ctx.op("Add", [var, ctx.const(eps, like=x)])])])
-    xhat = ctx.op("Mul", [xc, rstd])
-    sv = ctx.const_value(scale)
-    if sv is not None:
-        g = dy if np.all(sv == 1) else ctx.op("Mul", [dy, ctx.const(
-            sv.reshape((-1,) + (1,) * (rank - 2)), like=dy)])
-    else:
-        g = ctx.op("Mul", [dy, _channel_view(ctx, scale, rank)])
-    res[0] = _normalized_backward(ctx, g, xhat, rstd, axes)
+    xhat, rstd = _standardized(ctx, x, axes, float(ctx.attr("epsilon", 1e-5)))
+    res[0] = _normalized_backward(ctx, _times_channel_scale(ctx, dy, scale, rank), xhat, rstd, axes)
     return res
 
 
@@ -243,31 +255,18 @@ def group_normalization(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optio
     was withdrawn from ONNX (its checker refuses it) and is refused here too.
     """
     res: list[Optional[str]] = [None] * len(ctx.inputs)
-    dy = gy[0]
-    if dy is None:
+    if not _wants_data_grad(ctx, gy):
         return res
-    _refuse_weight_grads(ctx)
-    if not ctx.needs_grad(0):
-        return res
-    x, scale = ctx.inputs[0], ctx.inputs[1]
+    x, scale, dy = ctx.inputs[0], ctx.inputs[1], gy[0]
     groups = int(ctx.attr("num_groups"))
-    eps = float(ctx.attr("epsilon", 1e-5))
     shape = ctx.shape(x)
     if shape is None or len(shape) < 3 or shape[1] is None:
         raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(needs a known rank and channel count)")
     rank, channels = len(shape), int(shape[1])
     if (ctx.shape(scale) or (channels,))[0] != channels:
         raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(one scale per group: opset 18's withdrawn form)")
-    sv = ctx.const_value(scale)
-    if sv is not None:
-        g = dy if np.all(sv == 1) else ctx.op("Mul", [dy, ctx.const(sv.reshape((-1,) + (1,) * (rank - 2)), like=dy)])
-    else:
-        g = ctx.op("Mul", [dy, _channel_view(ctx, scale, rank)])
     view = ctx.const(np.asarray([0, groups, -1], np.int64))
-    xg, gg = ctx.op("Reshape", [x, view]), ctx.op("Reshape", [g, view])
-    xc = ctx.op("Sub", [xg, _reduce_mean(ctx, xg, [2])])
-    var = _reduce_mean(ctx, ctx.op("Mul", [xc, xc]), [2])
-    rstd = ctx.op("Reciprocal", [ctx.op("Sqrt", [ctx.op("Add", [var, ctx.const(eps, like=x)])])])
-    dx = _normalized_backward(ctx, gg, ctx.op("Mul", [xc, rstd]), rstd, [2])
-    res[0] = ctx.op("Reshape", [dx, ctx.shape_of(x)])
+    g = ctx.op("Reshape", [_times_channel_scale(ctx, dy, scale, rank), view])
+    xhat, rstd = _standardized(ctx, ctx.op("Reshape", [x, view]), [2], float(ctx.attr("epsilon", 1e-5)))
+    res[0] = ctx.op("Reshape", [_normalized_backward(ctx, g, xhat, rstd, [2]), ctx.shape_of(x)])
     return res
