@@ -54,10 +54,12 @@ class Engine:
     # gradients -------------------------------------------------------------------------------
     def gradients(self, x: np.ndarray, seeds: np.ndarray, wrt: Sequence[str], *, score: str = "logit",
                   extra: Sequence[str] = (), rules: Optional[Mapping] = None, rules_name: str = "",
-                  progress: Optional[Progress] = None) -> dict[str, np.ndarray]:
+                  progress: Optional[Progress] = None, whole: bool = False) -> dict[str, np.ndarray]:
         """Forward + VJP for a batch: `seeds` (N, C) are the cotangent rows of the score tensor.
 
         Returns {tensor: value} for the score tensor and `extra`, and {"grad_<x>": value} for `wrt`.
+        `whole` runs the rows as one batch, never in chunks: rules that pair rows (DeepLIFT's
+        input and baseline halves) need them together.
         """
         from .graph.autodiff import vjp
 
@@ -70,7 +72,8 @@ class Engine:
         grad_in = next(i for i in cot if i.name != self.model.input.name)
         seeds = seed_rows(seeds, grad_in.shape)
         results = self.runtime.run_batched(sess, {self.model.input.name: x, grad_in.name: seeds},
-                                           outputs=names, batch_size=self.batch_size, progress=progress)
+                                           outputs=names, batch_size=len(x) if whole else self.batch_size,
+                                           progress=progress)
         return dict(zip(names, results))
 
 

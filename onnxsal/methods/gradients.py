@@ -10,6 +10,9 @@ Integrated Grads  (Sundararajan et al. 2017): (x - x0) * integral of dS/dx along
 Input x Gradient  (Shrikumar et al. 2016).
 Guided Backprop   (Springenberg et al. 2015): ReLUs pass only positive gradients where the input was positive.
 Deconvnet         (Zeiler & Fergus 2014): ReLUs pass only positive gradients, whatever the input was.
+DeepLIFT          (Shrikumar et al. 2017, Rescale rule, as Captum's DeepLift): (x - x0) times the
+                  multipliers of a backward pass where each nonlinearity's derivative is its ratio
+                  of differences between input and baseline; sums to S(x) - S(x0).
 GradientSHAP      (Lundberg & Lee 2017, as Captum's GradientShap): mean over samples of
                   (x + e - b) * dS/dx at b + a (x + e - b), with b drawn from a set of baselines,
                   a ~ U(0, 1) and e the SmoothGrad noise: expected gradients, a stochastic IG.
@@ -223,6 +226,34 @@ def gradient_shap(ctx: Context, n_samples: int = 20, noise_level: float = 0.0, b
         raise MethodError("gradientshap needs n_samples >= 1 and noise_level >= 0")
     attr = gradientshap_attr(ctx, int(n_samples), float(noise_level), baseline, float(blur_sigma), seed)
     return reduce_channels(attr, reduce)
+
+
+def deeplift_attr(ctx: Context, baseline, blur_sigma: float) -> np.ndarray:
+    """(T, C, H, W) DeepLIFT attributions; each target runs input and baseline as one pair of rows."""
+    from ..graph.rules.deeplift import DEEPLIFT_RULES
+
+    x0 = baseline_for(ctx, baseline, blur_sigma)
+    pair = np.concatenate([ctx.x, x0]).astype(np.float32)
+    name = ctx.model.input.name
+    grads = []
+    for row in ctx.seeds:          # both rows get the target's cotangent, as in Captum
+        seeds = np.stack([row, row])
+        out = ctx.engine.gradients(pair, seeds, [name], score=ctx.score, rules=DEEPLIFT_RULES,
+                                   rules_name="deeplift", progress=ctx.progress, whole=True)
+        grads.append(ctx.channels_first(out["grad_" + name][:1])[0])
+    attr = ctx.channels_first(ctx.x - x0) * np.stack(grads)
+    s = ctx.scores(pair)
+    gap = attr.reshape(len(attr), -1).sum(axis=1) - (s[0] - s[1])
+    ctx.info["completeness_gap"] = [float(v) for v in gap]
+    ctx.info["score_difference"] = [float(v) for v in (s[0] - s[1])]
+    return attr
+
+
+@method("deeplift", family="gradient")
+def deeplift(ctx: Context, baseline: Union[str, float] = "zero", blur_sigma: float = 5.0,
+             reduce: str = "sum") -> np.ndarray:
+    """DeepLIFT (Rescale): differences from a baseline pushed back with ratio-of-differences multipliers."""
+    return reduce_channels(deeplift_attr(ctx, baseline, blur_sigma), reduce)
 
 
 @method("inputxgradient", family="gradient")

@@ -1,0 +1,83 @@
+"""DeepLIFT's Rescale rule as swap-in VJP rules (``vjp(..., rules=DEEPLIFT_RULES)``).
+
+The VJP graph runs one batch of ``2N`` rows: the inputs, then their baselines.  Linear ops keep
+their gradients (they are already exact for differences); each nonlinearity replaces its
+derivative by the ratio of differences between the two halves::
+
+    m = (f(z) - f(z0)) / (z - z0)      (the plain gradient where |z - z0| < 1e-10)
+
+applied to both halves alike, and max pooling routes ``dy * (output difference)`` through the
+argmax positions and divides by the input difference (Captum's DeepLift, rule for rule, so
+attributions match it and sum to ``S(x) - S(x0)`` on ReLU/max-pool networks).  Softmax and ops
+without a rule here keep their ordinary gradient, as in Captum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..autodiff import VJP_RULES, RuleContext
+
+EPS = 1e-10
+Grads = list
+
+
+def _halves(ctx: RuleContext, t: str) -> tuple[str, str]:
+    """The first and second half of ``t`` along the batch axis."""
+    n = ctx.op("Div", [ctx.op("Slice", [ctx.shape_of(t), ctx.const([0]), ctx.const([1])]), ctx.const([2])])
+    big = ctx.const([np.iinfo(np.int64).max])
+    zero = ctx.const([0])
+    return ctx.op("Slice", [t, zero, n, zero]), ctx.op("Slice", [t, n, big, zero])
+
+
+def _twice(ctx: RuleContext, t: str) -> str:
+    return ctx.op("Concat", [t, t], axis=0)
+
+
+def _difference(ctx: RuleContext, t: str) -> str:
+    a, b = _halves(ctx, t)
+    return ctx.op("Sub", [a, b])
+
+
+def _rescaled(ctx: RuleContext, gy: Grads, plain: str, out_delta: str, in_delta: str) -> str:
+    """``where(|in_delta| < eps, plain, numerator / in_delta)``, the deltas given for the first half
+    and used for both; ``numerator`` is ``out_delta`` (already multiplied by gy where needed)."""
+    y = ctx.outputs[0]
+    small = ctx.op("Less", [ctx.op("Abs", [in_delta]), ctx.const(EPS, like=y)])
+    safe = ctx.op("Where", [small, ctx.const(1.0, like=y), in_delta])
+    return ctx.op("Where", [_twice(ctx, small), plain, ctx.op("Div", [out_delta, _twice(ctx, safe)])])
+
+
+def rescale(ctx: RuleContext, gy: Grads) -> Grads:
+    """Elementwise nonlinearity y = f(z): gz = gy * (f(z) - f(z0)) / (z - z0), per half."""
+    grads = VJP_RULES[ctx.node.op_type](ctx, gy)
+    if grads[0] is None:
+        return grads
+    dz, dy = _difference(ctx, ctx.inputs[0]), _difference(ctx, ctx.outputs[0])
+    numerator = ctx.op("Mul", [gy[0], _twice(ctx, dy)])
+    return [_rescaled(ctx, gy, grads[0], numerator, dz)] + list(grads[1:])
+
+
+def max_pool(ctx: RuleContext, gy: Grads) -> Grads:
+    """Captum's DeepLift max pooling: with ``m = max(y, y0)``, the output deltas ``m - y0`` (input
+    rows) and ``y - m`` (baseline rows) times gy are routed to each half's argmax positions,
+    summed over the halves, and divided by the input delta."""
+    if len(ctx.outputs) > 1 and ctx.outputs[1]:
+        from ...errors import UnsupportedOpError
+
+        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(DeepLIFT with MaxPool's Indices output)")
+    rule = VJP_RULES["MaxPool"]
+    plain = rule(ctx, gy)[0]
+    if plain is None:
+        return [None]
+    y_in, y_ref = _halves(ctx, ctx.outputs[0])
+    top = ctx.op("Max", [y_in, y_ref])
+    out_delta = ctx.op("Concat", [ctx.op("Sub", [top, y_ref]), ctx.op("Sub", [y_in, top])], axis=0)
+    routed = rule(ctx, [ctx.op("Mul", [gy[0], out_delta])])[0]
+    a, b = _halves(ctx, routed)
+    return [_rescaled(ctx, gy, plain, _twice(ctx, ctx.op("Add", [a, b])), _difference(ctx, ctx.inputs[0]))]
+
+
+NONLINEAR = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "Tanh", "Softplus", "Softsign",
+             "Mish", "Gelu", "HardSigmoid", "HardSwish", "Clip", "ThresholdedRelu", "Erf")
+DEEPLIFT_RULES: dict[str, object] = {op: rescale for op in NONLINEAR} | {"MaxPool": max_pool}
