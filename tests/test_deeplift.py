@@ -105,3 +105,14 @@ def test_deeplift_is_not_the_gradient():
     assert np.abs(dl - ixg).max() > 1e-3 * np.abs(ixg).max()
     with pytest.raises(MethodError, match="baseline"):
         ex.explain(x, "deeplift", baseline="grey")
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
+def test_sums_to_delta_through_residuals_batchnorm_and_relu6(tmp_path, name):
+    """Residual adds and folded BatchNorm are linear; ReLU6 (Clip) takes the Rescale rule."""
+    net = build(name)
+    ex = onnxsal.Explainer(export(net, tmp_path / "m.onnx", dynamic=True), "cpu", preprocess="raw")
+    x = np.random.default_rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    res = ex.explain(x, "deeplift", target=2, baseline="blur")
+    assert abs(res.info["completeness_gap"][0]) < 1e-5 * max(1.0, abs(res.info["score_difference"][0]))
+    assert abs(res.info["score_difference"][0]) > 1e-4        # a real difference, not 0 = 0
