@@ -1,4 +1,4 @@
-"""SmoothGrad, Integrated Gradients and GradientSHAP: onnxsal (ONNX Runtime) against Captum (PyTorch).
+"""SmoothGrad, Integrated Gradients, GradientSHAP and DeepLIFT: onnxsal (ONNX Runtime) against Captum.
 
     .venv-bench/bin/python benchmarks/bench_captum.py [--net resnet50] [--samples 20] [--steps 50]
 
@@ -113,6 +113,24 @@ def main() -> None:
     g = Saliency(net).attribute(torch.tensor(points), target=target, abs=False).detach().numpy()
     ref = (g * (xn - b)).mean(axis=0)
     rows.append([f"GradientSHAP ({args.samples} samples)", t_c, t_o, t_c / t_o, pearson(ours, ref),
+                 pearson(ours.sum(axis=0), ref.sum(axis=0))])
+
+    # DeepLIFT against a zero baseline (one input + baseline pair through the rule-swapped VJP)
+    from captum.attr import DeepLift
+    from onnxsal.methods.gradients import deeplift_attr
+
+    zeros = torch.zeros_like(xt)
+
+    def captum_dl():
+        return DeepLift(net).attribute(xt, baselines=zeros, target=target)
+
+    def onnxsal_dl():
+        return ex.explain(x, "deeplift", target=target)
+
+    t_c, t_o = timeit_side_by_side([captum_dl, onnxsal_dl], args.repeat)
+    ref = captum_dl().detach().numpy()[0]
+    ours = deeplift_attr(ctx, "zero", 5.0)[0]
+    rows.append(["DeepLIFT (zero baseline)", t_c, t_o, t_c / t_o, pearson(ours, ref),
                  pearson(ours.sum(axis=0), ref.sum(axis=0))])
     print(table(["method", "Captum s", "onnxsal s", "speed-up", "Pearson (attr)", "Pearson (map)"], rows))
 

@@ -116,3 +116,21 @@ def test_sums_to_delta_through_residuals_batchnorm_and_relu6(tmp_path, name):
     res = ex.explain(x, "deeplift", target=2, baseline="blur")
     assert abs(res.info["completeness_gap"][0]) < 1e-5 * max(1.0, abs(res.info["score_difference"][0]))
     assert abs(res.info["score_difference"][0]) > 1e-4        # a real difference, not 0 = 0
+
+
+def test_several_baselines_average_like_deepliftshap():
+    from captum.attr import DeepLiftShap
+
+    model = tiny.conv_net(seed=11, size=20, classes=5)
+    net = tiny.torch_module(model)
+    rng = np.random.default_rng(4)
+    x = rng.random((1, 3, 20, 20)).astype(np.float32)
+    bases = rng.random((3, 3, 20, 20)).astype(np.float32) * 0.5
+    ex = onnxsal.Explainer(model, "cpu")
+    res = ex.explain(x, "deeplift", target=2, baseline=bases)
+    ref = DeepLiftShap(net).attribute(torch.tensor(x), baselines=torch.tensor(bases), target=2).detach().numpy()[0]
+    np.testing.assert_allclose(res.raw[0], ref.sum(axis=0), atol=1e-4 * np.abs(ref).max())
+    assert abs(res.info["completeness_gap"][0]) < 1e-4 * max(1.0, abs(res.info["score_difference"][0]))
+    named = ex.explain(x, "deeplift", target=2, baseline="zero,blur")
+    one = [ex.explain(x, "deeplift", target=2, baseline=b).raw for b in ("zero", "blur")]
+    np.testing.assert_allclose(named.raw, (one[0] + one[1]) / 2, atol=1e-6)

@@ -229,23 +229,24 @@ def gradient_shap(ctx: Context, n_samples: int = 20, noise_level: float = 0.0, b
 
 
 def deeplift_attr(ctx: Context, baseline, blur_sigma: float) -> np.ndarray:
-    """(T, C, H, W) DeepLIFT attributions; each target runs input and baseline as one pair of rows."""
+    """(T, C, H, W) DeepLIFT attributions, averaged over the baselines when there are several
+    (Captum's DeepLiftShap); each target and baseline runs as one input + baseline pair of rows."""
     from ..graph.rules.deeplift import DEEPLIFT_RULES
 
-    x0 = baseline_for(ctx, baseline, blur_sigma)
-    pair = np.concatenate([ctx.x, x0]).astype(np.float32)
+    bases = baselines_for(ctx, baseline, blur_sigma)
     name = ctx.model.input.name
-    grads = []
-    for row in ctx.seeds:          # both rows get the target's cotangent, as in Captum
-        seeds = np.stack([row, row])
-        out = ctx.engine.gradients(pair, seeds, [name], score=ctx.score, rules=DEEPLIFT_RULES,
-                                   rules_name="deeplift", progress=ctx.progress, whole=True)
-        grads.append(ctx.channels_first(out["grad_" + name][:1])[0])
-    attr = ctx.channels_first(ctx.x - x0) * np.stack(grads)
-    s = ctx.scores(pair)
-    gap = attr.reshape(len(attr), -1).sum(axis=1) - (s[0] - s[1])
-    ctx.info["completeness_gap"] = [float(v) for v in gap]
-    ctx.info["score_difference"] = [float(v) for v in (s[0] - s[1])]
+    attr = np.zeros((len(ctx.targets),) + _x(ctx).shape[1:], np.float64)
+    for x0 in bases:
+        pair = np.concatenate([ctx.x, x0[None]]).astype(np.float32)
+        for t, row in enumerate(ctx.seeds):      # both rows get the target's cotangent, as in Captum
+            out = ctx.engine.gradients(pair, np.stack([row, row]), [name], score=ctx.score, rules=DEEPLIFT_RULES,
+                                       rules_name="deeplift", progress=ctx.progress, whole=True)
+            attr[t] += ctx.channels_first(ctx.x - x0[None])[0] * ctx.channels_first(out["grad_" + name][:1])[0]
+    attr = (attr / len(bases)).astype(np.float32)
+    s = ctx.scores(np.concatenate([ctx.x, bases]).astype(np.float32))
+    expected = s[0] - s[1:].mean(axis=0)
+    ctx.info["completeness_gap"] = [float(v) for v in attr.reshape(len(attr), -1).sum(axis=1) - expected]
+    ctx.info["score_difference"] = [float(v) for v in expected]
     return attr
 
 
