@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--deeplift-net", default="vgg16")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
     print(f"# {machine()}; torch {torch.__version__}; {args.net} {args.size}x{args.size}; median of {args.repeat} interleaved runs", flush=True)
@@ -115,22 +116,31 @@ def main() -> None:
     rows.append([f"GradientSHAP ({args.samples} samples)", t_c, t_o, t_c / t_o, pearson(ours, ref),
                  pearson(ours.sum(axis=0), ref.sum(axis=0))])
 
-    # DeepLIFT against a zero baseline (one input + baseline pair through the rule-swapped VJP)
+    # DeepLIFT against a zero baseline (one input + baseline pair through the rule-swapped VJP).
+    # Captum's hooks need every ReLU module used once and not in place: torchvision's ResNet reuses
+    # one ReLU per block, so this row runs on --deeplift-net (VGG16) with in-place ReLUs turned off.
     from captum.attr import DeepLift
     from onnxsal.methods.gradients import deeplift_attr
 
+    dl_net = torch_net(args.deeplift_net)
+    for mod in dl_net.modules():
+        if isinstance(mod, torch.nn.ReLU):
+            mod.inplace = False
+    dl_ex = onnxsal.Explainer(onnx_path(args.deeplift_net, args.size), "cpu", preprocess="raw")
+    dl_target = int(dl_net(xt).argmax())
     zeros = torch.zeros_like(xt)
 
     def captum_dl():
-        return DeepLift(net).attribute(xt, baselines=zeros, target=target)
+        return DeepLift(dl_net).attribute(xt, baselines=zeros, target=dl_target)
 
     def onnxsal_dl():
-        return ex.explain(x, "deeplift", target=target)
+        return dl_ex.explain(x, "deeplift", target=dl_target)
 
     t_c, t_o = timeit_side_by_side([captum_dl, onnxsal_dl], args.repeat)
     ref = captum_dl().detach().numpy()[0]
-    ours = deeplift_attr(ctx, "zero", 5.0)[0]
-    rows.append(["DeepLIFT (zero baseline)", t_c, t_o, t_c / t_o, pearson(ours, ref),
+    dl_ctx = Context(dl_ex.engine, x, make_targets(dl_ex.model, [dl_target]), None)
+    ours = deeplift_attr(dl_ctx, "zero", 5.0)[0]
+    rows.append([f"DeepLIFT ({args.deeplift_net}, zero baseline)", t_c, t_o, t_c / t_o, pearson(ours, ref),
                  pearson(ours.sum(axis=0), ref.sum(axis=0))])
     print(table(["method", "Captum s", "onnxsal s", "speed-up", "Pearson (attr)", "Pearson (map)"], rows))
 

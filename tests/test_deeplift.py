@@ -36,6 +36,10 @@ def test_tiny_relu_nets(seed, size):
     ex = onnxsal.Explainer(model, "cpu")
     for target in (0, 3):
         check(ex, tiny.torch_module(model), x, x0, target, "zero")
+    # a baseline equal to the input on half the image: many units have no difference there
+    same = x.copy()
+    same[..., : size // 2] = 0
+    check(ex, tiny.torch_module(model), x, same, 1, same)
 
 
 class OverlapPool(nn.Module):

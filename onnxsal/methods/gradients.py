@@ -234,17 +234,18 @@ def deeplift_attr(ctx: Context, baseline, blur_sigma: float) -> np.ndarray:
     from ..graph.rules.deeplift import DEEPLIFT_RULES
 
     bases = baselines_for(ctx, baseline, blur_sigma)
-    name = ctx.model.input.name
+    name, y = ctx.model.input.name, ctx.model.score_tensor(ctx.score)
     attr = np.zeros((len(ctx.targets),) + _x(ctx).shape[1:], np.float64)
+    expected = np.zeros(len(ctx.targets))
     for x0 in bases:
         pair = np.concatenate([ctx.x, x0[None]]).astype(np.float32)
         for t, row in enumerate(ctx.seeds):      # both rows get the target's cotangent, as in Captum
             out = ctx.engine.gradients(pair, np.stack([row, row]), [name], score=ctx.score, rules=DEEPLIFT_RULES,
                                        rules_name="deeplift", progress=ctx.progress, whole=True)
             attr[t] += ctx.channels_first(ctx.x - x0[None])[0] * ctx.channels_first(out["grad_" + name][:1])[0]
+            scores = out[y].reshape(2, -1) @ row.reshape(-1)      # the pass's own scores: S(x), S(x0)
+            expected[t] += (scores[0] - scores[1]) / len(bases)
     attr = (attr / len(bases)).astype(np.float32)
-    s = ctx.scores(np.concatenate([ctx.x, bases]).astype(np.float32))
-    expected = s[0] - s[1:].mean(axis=0)
     ctx.info["completeness_gap"] = [float(v) for v in attr.reshape(len(attr), -1).sum(axis=1) - expected]
     ctx.info["score_difference"] = [float(v) for v in expected]
     return attr
