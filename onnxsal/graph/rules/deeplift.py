@@ -7,9 +7,11 @@ derivative by the ratio of differences between the two halves::
     m = (f(z) - f(z0)) / (z - z0)      (the plain gradient where |z - z0| < 1e-10)
 
 applied to both halves alike, and max pooling routes ``dy * (output difference)`` through the
-argmax positions and divides by the input difference (Captum's DeepLift, rule for rule, so
-attributions match it and sum to ``S(x) - S(x0)`` on ReLU/max-pool networks).  Softmax and ops
-without a rule here keep their ordinary gradient, as in Captum.
+argmax positions and divides by the input difference: Captum's DeepLift formulas, rule for rule.
+Chained exactly, the multipliers make the attributions sum to ``S(x) - S(x0)`` on networks of
+elementwise activations, max pooling and linear layers (Captum's hooks lose that where a ReLU feeds
+a pool directly; see the README).  Softmax, products of activations and ops without a rule here
+keep their ordinary gradient, as in Captum.
 """
 
 from __future__ import annotations
