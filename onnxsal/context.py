@@ -7,7 +7,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from .engine import Engine, Target
+from .engine import Engine, Target, score_rows
 from .model import Layer, Model
 from .runtime import Progress
 
@@ -22,6 +22,7 @@ class Context:
     progress: Optional[Progress] = None
     info: dict = field(default_factory=dict)   # numbers a method reports back (e.g. IG's completeness gap)
     acts: Optional[np.ndarray] = None          # the layer's activations, when already computed
+    clean: Optional[tuple] = None              # (logits, output) of x itself, when a gradient pass had them
 
     @property
     def model(self) -> Model:
@@ -56,9 +57,13 @@ class Context:
         m = self.spatial(masks.astype(np.float32))
         return (self.x * m + np.asarray(baseline, np.float32) * (1 - m)).astype(np.float32)
 
-    def scores(self, xb: np.ndarray) -> np.ndarray:
-        """(N, T) target scores for a batch of inputs."""
-        return self.engine.scores(xb, self.targets, self.score, self.progress)
+    def scores(self, xb: np.ndarray, clean_row: Optional[int] = None) -> np.ndarray:
+        """(N, T) target scores for a batch of inputs; ``clean_row`` as in ``gradients``."""
+        m = self.model
+        logits, out = self.engine.outputs(xb, [m.logits, m.output], self.progress)
+        if clean_row is not None:
+            self.clean = (logits[clean_row].reshape(-1), out[clean_row].reshape(-1))
+        return score_rows(out if m.score_tensor(self.score) == m.output else logits, self.targets)
 
     def activations(self) -> np.ndarray:
         """(1, K, h, w) activations of the chosen layer for the input (from the first forward pass)."""
@@ -67,9 +72,21 @@ class Context:
         return self.acts
 
     def gradients(self, xb: np.ndarray, seed_rows: np.ndarray, wrt: Sequence[str], extra: Sequence[str] = (),
-                  rules: Optional[Mapping] = None, rules_name: str = "") -> dict[str, np.ndarray]:
-        return self.engine.gradients(xb, seed_rows, wrt, score=self.score, extra=extra, rules=rules,
-                                     rules_name=rules_name, progress=self.progress)
+                  rules: Optional[Mapping] = None, rules_name: str = "", clean_row: Optional[int] = None,
+                  whole: bool = False) -> dict[str, np.ndarray]:
+        """Forward + VJP (see Engine.gradients); the pass also returns the logits and the output.
+
+        ``clean_row``: a row of ``xb`` that is ``x`` itself, whose logits and output the explainer
+        then reports instead of running a forward pass of its own.
+        """
+        m = self.model
+        y = m.score_tensor(self.score)
+        outs = list(extra) + [t for t in dict.fromkeys((m.logits, m.output)) if t != y and t not in extra]
+        res = self.engine.gradients(xb, seed_rows, wrt, score=self.score, extra=outs, rules=rules,
+                                    rules_name=rules_name, progress=self.progress, whole=whole)
+        if clean_row is not None:
+            self.clean = (res[m.logits][clean_row].reshape(-1), res[m.output][clean_row].reshape(-1))
+        return res
 
     def rng(self, seed: Optional[int]) -> np.random.Generator:
         return np.random.default_rng(seed)

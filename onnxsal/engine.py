@@ -1,6 +1,6 @@
 """Derived graphs of one model, built on demand and cached with their sessions.
 
-Methods never touch ONNX Runtime directly: they ask this engine for scores
+Methods never touch ONNX Runtime directly: they ask this engine for the outputs
 of a batch of inputs, for exposed activations, or for gradients seeded by
 cotangent rows. Each request maps to one cached derived graph.
 """
@@ -44,12 +44,6 @@ class Engine:
                                           batch_size=self.batch_size, progress=progress)
         by_name = dict(zip(unique, values))
         return [by_name[t] for t in tensors]
-
-    def scores(self, x: np.ndarray, targets: Sequence[Target], score: str = "logit",
-               progress: Optional[Progress] = None) -> np.ndarray:
-        """(N, T): each target's score on each input."""
-        (out,) = self.outputs(x, [self.model.score_tensor(score)], progress)
-        return score_rows(out, targets)
 
     # gradients -------------------------------------------------------------------------------
     def gradients(self, x: np.ndarray, seeds: np.ndarray, wrt: Sequence[str], *, score: str = "logit",

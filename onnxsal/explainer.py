@@ -206,12 +206,23 @@ class Explainer:
         m = self.model
         the_layer: Optional[Layer] = m.find_layer(layer) if spec.needs_layer or layer is not None and spec.family == "cam" else None
         start = time.perf_counter()
-        wanted = [m.logits, m.output] + ([the_layer.tensor] if the_layer else [])
-        logits, out, *acts = self.engine.outputs(prepared.tensor, wanted)   # one forward pass for all three
-        logits, out = logits.reshape(-1), out.reshape(-1)
-        targets = self.targets(logits if m.activation is None else out, target, top_k, score)
+        # With the targets given, a gradient method's own pass usually has the scores of x (Context.clean),
+        # so the forward pass that would pick the targets is skipped: a third of vanilla saliency's time.
+        lazy = spec.family == "gradient" and target is not None and the_layer is None
+        logits = out = None
+        acts: list = []
+        if not lazy:
+            wanted = [m.logits, m.output] + ([the_layer.tensor] if the_layer else [])
+            logits, out, *acts = self.engine.outputs(prepared.tensor, wanted)   # one forward pass for all three
+            logits, out = logits.reshape(-1), out.reshape(-1)
+        targets = self.targets(None if lazy else logits if m.activation is None else out, target, top_k, score)
         ctx = Context(self.engine, prepared.tensor, targets, the_layer, score, progress, acts=acts[0] if acts else None)
         raw = np.asarray(spec.fn(ctx, **opts), np.float32)
+        if lazy:
+            if ctx.clean is None:
+                logits, out = (v.reshape(-1) for v in self.engine.outputs(prepared.tensor, [m.logits, m.output]))
+            else:
+                logits, out = ctx.clean
         maps = finish(raw, m.input.size, smooth)
         if prepared.display is not None and prepared.display.shape[:2] != tuple(m.input.size):
             maps = np.clip(resize(maps, prepared.display.shape[:2]), 0, 1)

@@ -361,3 +361,20 @@ def test_tail_gradients_equal_whole_model_gradients_and_skip_connections_fall_ba
     sum_acts = ex.engine.outputs(x, ["sum"])[0]
     ref = ex.engine.layer_gradients(sum_acts, ctx.seeds, "sum")
     np.testing.assert_allclose(g, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["saliency", "deeplift", "guidedbackprop", "smoothgrad", "ig"])
+def test_given_target_skips_the_forward_pass_but_not_the_scores(case, name, monkeypatch):
+    """With the target given, single-pass gradient methods report the scores of their own pass
+    (no separate forward pass); the others run one afterwards. Either way: the same scores and maps."""
+    model, x, ex, net = case
+    picked = ex.explain(x, name, top_k=1)
+    calls = []
+    real = ex.engine.outputs
+    monkeypatch.setattr(ex.engine, "outputs", lambda *a, **k: calls.append(a) or real(*a, **k))
+    given = ex.explain(x, name, target=picked.targets[0].index)
+    np.testing.assert_allclose(given.logits, picked.logits, atol=1e-5)
+    np.testing.assert_allclose(given.scores, picked.scores, atol=1e-6)
+    np.testing.assert_allclose(given.raw, picked.raw, atol=1e-6)
+    forward_passes = [c for c in calls if ex.model.logits in c[1]]
+    assert len(forward_passes) == (0 if name in ("saliency", "deeplift", "guidedbackprop") else 1)

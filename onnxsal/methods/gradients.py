@@ -50,7 +50,8 @@ def input_grads(ctx: Context, xs: np.ndarray, rules=None, rules_name: str = "") 
     xb = np.tile(xs, (t,) + (1,) * (xs.ndim - 1))                 # target-major rows
     seeds = np.repeat(ctx.seeds, s, axis=0)
     name = ctx.model.input.name
-    g = ctx.gradients(xb.astype(np.float32), seeds, wrt=[name], rules=rules, rules_name=rules_name)["grad_" + name]
+    g = ctx.gradients(xb.astype(np.float32), seeds, wrt=[name], rules=rules, rules_name=rules_name,
+                      clean_row=0 if xs is ctx.x else None)["grad_" + name]
     g = ctx.channels_first(g)
     return g.reshape((t, s) + g.shape[1:])
 
@@ -176,7 +177,7 @@ def ig_attr(ctx: Context, steps: int, baseline, rule: str, blur_sigma: float) ->
     avg = np.einsum("s,ts...->t...", weights.astype(np.float32), grads)
     attr = ctx.channels_first(ctx.x - x0) * avg
     # completeness: sum(attr) should equal S(x) - S(x0)
-    s = ctx.scores(np.concatenate([ctx.x, x0]))
+    s = ctx.scores(np.concatenate([ctx.x, x0]), clean_row=0)
     gap = attr.reshape(len(attr), -1).sum(axis=1) - (s[0] - s[1])
     ctx.info["completeness_gap"] = [float(v) for v in gap]
     ctx.info["score_difference"] = [float(v) for v in (s[0] - s[1])]
@@ -240,8 +241,8 @@ def deeplift_attr(ctx: Context, baseline, blur_sigma: float) -> np.ndarray:
     for x0 in bases:
         pair = np.concatenate([ctx.x, x0[None]]).astype(np.float32)
         for t, row in enumerate(ctx.seeds):      # both rows get the target's cotangent, as in Captum
-            out = ctx.engine.gradients(pair, np.stack([row, row]), [name], score=ctx.score, rules=DEEPLIFT_RULES,
-                                       rules_name="deeplift", progress=ctx.progress, whole=True)
+            out = ctx.gradients(pair, np.stack([row, row]), [name], rules=DEEPLIFT_RULES, rules_name="deeplift",
+                                clean_row=0, whole=True)
             attr[t] += ctx.channels_first(ctx.x - x0[None])[0] * ctx.channels_first(out["grad_" + name][:1])[0]
             scores = out[y].reshape(2, -1) @ row.reshape(-1)      # the pass's own scores: S(x), S(x0)
             expected[t] += (scores[0] - scores[1]) / len(bases)
