@@ -145,10 +145,9 @@ class Model:
             node = producer[tensor]
             if shape is not None and len(shape) == 4:
                 return Layer(tensor, node.name, node.op_type, tuple(shape[1:]))
-            grid = token_grid(shape, self.input.size) if shape is not None else None
-            if grid is not None:
-                prefix, h, w = grid
-                return Layer(tensor, node.name, node.op_type, (int(shape[2]), h, w), prefix)
+            tokens = _token_layer(tensor, node, shape, self.input.size)
+            if tokens is not None:
+                return tokens
             raise LayerError(f"layer {name!r} is neither a 4-D activation nor (N, tokens, C) patch tokens "
                              f"(shape {shape}); candidates: {self._candidates()}")
         raise LayerError(f"unknown layer {name!r}; candidates: {self._candidates()}")
@@ -159,15 +158,9 @@ class Model:
         Never a default: only the class token reaches the head after the last block, so the
         right one depends on the architecture; give it with ``--layer``."""
         shapes = tensor_shapes(self.light)
-        found = []
-        for node in self.light.graph.node:
-            if node.op_type != "LayerNormalization":
-                continue
-            shape = shapes.get(node.output[0], (0, None))[1]
-            grid = token_grid(shape, self.input.size) if shape is not None else None
-            if grid is not None:
-                found.append(Layer(node.output[0], node.name, node.op_type, (int(shape[2]),) + grid[1:], grid[0]))
-        return found
+        found = (_token_layer(n.output[0], n, shapes.get(n.output[0], (0, None))[1], self.input.size)
+                 for n in self.light.graph.node if n.op_type == "LayerNormalization")
+        return [layer for layer in found if layer is not None]
 
     def _candidates(self) -> str:
         if not self.layers:
@@ -279,6 +272,16 @@ def token_grid(shape: Sequence, size: tuple[int, int]) -> Optional[tuple[int, in
         if h > 1 and n % h == 0 and (n // h) * height == h * width:
             return prefix, h, n // h
     return None
+
+
+def _token_layer(tensor: str, node: onnx.NodeProto, shape: Optional[Sequence],
+                 size: tuple[int, int]) -> Optional[Layer]:
+    """``tensor`` as a token layer when its (N, T, C) shape holds a patch grid, else None."""
+    grid = token_grid(shape, size) if shape is not None else None
+    if grid is None:
+        return None
+    prefix, h, w = grid
+    return Layer(tensor, node.name, node.op_type, (int(shape[2]), h, w), prefix)
 
 
 def _find_layers(proto: onnx.ModelProto) -> list[Layer]:

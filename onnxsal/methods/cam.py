@@ -151,7 +151,7 @@ def projected(maps: np.ndarray) -> np.ndarray:
 def eigencam(ctx: Context, aug_smooth: bool = False) -> np.ndarray:
     """Eigen-CAM: the first principal component of the layer's activations (no gradients, class-agnostic)."""
     if aug_smooth:
-        return augmented(ctx, lambda c: eigencam(c))
+        return augmented(ctx, eigencam)
     a = ctx.layer.grid(ctx.activations())
     return np.repeat(projected(a[:1]), len(ctx.targets), axis=0)
 
@@ -160,7 +160,7 @@ def eigencam(ctx: Context, aug_smooth: bool = False) -> np.ndarray:
 def eigengradcam(ctx: Context, aug_smooth: bool = False) -> np.ndarray:
     """EigenGrad-CAM: the first principal component of activations x gradients (class-specific)."""
     if aug_smooth:
-        return augmented(ctx, lambda c: eigengradcam(c))
+        return augmented(ctx, eigengradcam)
     a, g = layer_grads(ctx)
     return projected(g * a)
 

@@ -64,15 +64,26 @@ def vanilla_attr(ctx: Context) -> np.ndarray:
     return input_grads(ctx, ctx.x)[:, 0]
 
 
+def input_noise(ctx: Context, rng: np.random.Generator, n: int, level: float) -> np.ndarray:
+    """(n, ...) Gaussian noise, sd = level * (max - min) of x, in the model's layout.  Drawn
+    channels-first, so a seed gives the same noise whatever the model's layout."""
+    sigma = level * float(ctx.x.max() - ctx.x.min())
+    return ctx.model_layout(rng.normal(0.0, sigma, (n,) + _x(ctx).shape[1:]).astype(np.float32))
+
+
+def report_completeness(ctx: Context, attr: np.ndarray, difference: np.ndarray) -> None:
+    """Record sum(attr) - (S(x) - S(x0)) per target: 0 for a method that is complete."""
+    ctx.info["completeness_gap"] = [float(v) for v in attr.reshape(len(attr), -1).sum(axis=1) - difference]
+    ctx.info["score_difference"] = [float(v) for v in difference]
+
+
 def smoothgrad_attr(ctx: Context, n_samples: int, noise_level: float, seed: Optional[int],
                     noise: Optional[np.ndarray] = None, nt_type: str = "smoothgrad") -> np.ndarray:
     """(T, C, H, W): the mean, mean square or variance of the gradients at the noisy copies."""
     if nt_type not in NT_TYPES:
         raise MethodError(f"nt_type must be one of {', '.join(NT_TYPES)}, not {nt_type!r}")
-    if noise is None:   # drawn channels-first, so a seed gives the same noise whatever the model's layout
-        sigma = noise_level * float(ctx.x.max() - ctx.x.min())
-        shape = (n_samples,) + _x(ctx).shape[1:]
-        noise = ctx.model_layout(ctx.rng(seed).normal(0.0, sigma, shape).astype(np.float32))
+    if noise is None:
+        noise = input_noise(ctx, ctx.rng(seed), n_samples, noise_level)
     g = input_grads(ctx, ctx.x + noise)
     if nt_type == "smoothgrad":
         return g.mean(axis=1)
@@ -158,8 +169,7 @@ def gradientshap_attr(ctx: Context, n_samples: int, noise_level: float, baseline
     bases = baselines_for(ctx, baseline, blur_sigma)
     if draws is None:
         rng = ctx.rng(seed)
-        sigma = noise_level * float(ctx.x.max() - ctx.x.min())
-        noise = ctx.model_layout(rng.normal(0.0, sigma, (n_samples,) + _x(ctx).shape[1:]).astype(np.float32))
+        noise = input_noise(ctx, rng, n_samples, noise_level)
         draws = noise, rng.integers(0, len(bases), n_samples), rng.random(n_samples)
     noise, rows, alphas = draws
     xn = ctx.x + noise
@@ -178,9 +188,7 @@ def ig_attr(ctx: Context, steps: int, baseline, rule: str, blur_sigma: float) ->
     attr = ctx.channels_first(ctx.x - x0) * avg
     # completeness: sum(attr) should equal S(x) - S(x0)
     s = ctx.scores(np.concatenate([ctx.x, x0]), clean_row=0)
-    gap = attr.reshape(len(attr), -1).sum(axis=1) - (s[0] - s[1])
-    ctx.info["completeness_gap"] = [float(v) for v in gap]
-    ctx.info["score_difference"] = [float(v) for v in (s[0] - s[1])]
+    report_completeness(ctx, attr, s[0] - s[1])
     return attr
 
 
@@ -247,8 +255,7 @@ def deeplift_attr(ctx: Context, baseline, blur_sigma: float) -> np.ndarray:
             scores = out[y].reshape(2, -1) @ row.reshape(-1)      # the pass's own scores: S(x), S(x0)
             expected[t] += (scores[0] - scores[1]) / len(bases)
     attr = (attr / len(bases)).astype(np.float32)
-    ctx.info["completeness_gap"] = [float(v) for v in attr.reshape(len(attr), -1).sum(axis=1) - expected]
-    ctx.info["score_difference"] = [float(v) for v in expected]
+    report_completeness(ctx, attr, expected)
     return attr
 
 

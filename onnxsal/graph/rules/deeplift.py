@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...errors import UnsupportedOpError
 from ..autodiff import VJP_RULES, RuleContext
+from .pool import max_pool_indices, route_to_argmax
 
 EPS = 1e-10
 Grads = list
@@ -77,17 +79,15 @@ def max_pool(ctx: RuleContext, gy: Grads) -> Grads:
     rows) and ``y - m`` (baseline rows) times gy are routed to each half's argmax positions,
     summed over the halves, and divided by the input delta."""
     if len(ctx.outputs) > 1 and ctx.outputs[1]:
-        from ...errors import UnsupportedOpError
-
         raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(DeepLIFT with MaxPool's Indices output)")
-    rule = VJP_RULES["MaxPool"]
-    plain = rule(ctx, gy)[0]
-    if plain is None:
+    if gy[0] is None or not ctx.needs_grad(0):
         return [None]
+    idx = max_pool_indices(ctx)                # one indices pass for both routings
+    plain = route_to_argmax(ctx, gy[0], idx)
     y_in, y_ref = _halves(ctx, ctx.outputs[0])
     top = ctx.op("Max", [y_in, y_ref])
     out_delta = ctx.op("Concat", [ctx.op("Sub", [top, y_ref]), ctx.op("Sub", [y_in, top])], axis=0)
-    routed = _pairs(ctx, rule(ctx, [ctx.op("Mul", [gy[0], out_delta])])[0])
+    routed = _pairs(ctx, route_to_argmax(ctx, ctx.op("Mul", [gy[0], out_delta]), idx))
     summed = ctx.op("ReduceSum", [routed, ctx.const(np.asarray([0], np.int64))], keepdims=1)   # (1, M)
     ratio, small = _ratio(ctx, summed, _difference(ctx, ctx.inputs[0]))
     return [_select(ctx, small, plain, _twice(ctx, ratio), ctx.inputs[0])]

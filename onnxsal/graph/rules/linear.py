@@ -124,8 +124,8 @@ def _einsum_terms(eq: str, n_in: int) -> tuple[list[str], str]:
 
 def _letters(term: str) -> list[str]:
     """The axis labels of a term, "..." counted as one label."""
-    return ["..."] + list(term.replace("...", "")) if term.startswith("...") else (
-        list(term.split("...")[0]) + ["..."] + list(term.split("...")[1]) if "..." in term else list(term))
+    head, ellipsis, tail = term.partition("...")
+    return list(head) + ([ellipsis] if ellipsis else []) + list(tail)
 
 
 @vjp_rule("Einsum")

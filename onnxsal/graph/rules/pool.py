@@ -47,7 +47,7 @@ def _flat(ctx: RuleContext, t: str) -> str:
 # MaxPool.
 
 
-def _max_pool_indices(ctx: RuleContext) -> str:
+def max_pool_indices(ctx: RuleContext) -> str:
     """Flat argmax indices of the forward MaxPool: its own 2nd output, or a re-run that has one.
 
     ORT's indices are row-major offsets into the whole input (batch and channel
@@ -88,9 +88,14 @@ def max_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
     dy = gy[0]
     if dy is None or not ctx.needs_grad(0):
         return [None]
+    return [route_to_argmax(ctx, dy, max_pool_indices(ctx))]
+
+
+def route_to_argmax(ctx: RuleContext, dy: str, idx: str) -> str:
+    """``dx = zeros(x).flat; dx[idx[o]] += dy[o]``: the scatter of the MaxPool rule (see there),
+    for callers that route several tensors through one set of indices (DeepLIFT)."""
     x = ctx.inputs[0]
     n, kernel, strides, dilations = _pool_params(ctx, x)
-    idx = _max_pool_indices(ctx)
     phases = [-(-dilated(k, d) // s) for k, s, d in zip(kernel, strides, dilations)]
     disjoint = all(a == 1 for a in phases)
     explicit = ctx.attr("auto_pad", "NOTSET") in ("NOTSET", "VALID") and not ctx.attr("ceil_mode", 0)
@@ -98,8 +103,8 @@ def max_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
         # Unique indices: MaxUnpool is exactly this scatter, at about a third of its cost on ORT's CPU.
         # ORT refuses an output_shape smaller than (out-1)*s + k - pads, which ceil_mode and auto_pad allow.
         pads = ctx.attr("pads") or [0] * (2 * n)
-        return [ctx.op("MaxUnpool", [dy, idx, ctx.shape_of(x)], kernel_shape=kernel, strides=strides,
-                       pads=[int(p) for p in pads])]
+        return ctx.op("MaxUnpool", [dy, idx, ctx.shape_of(x)], kernel_shape=kernel, strides=strides,
+                      pads=[int(p) for p in pads])
     zeros = _flat(ctx, ctx.zeros_like(x))
     if disjoint:
         dx = ctx.op("ScatterElements", [zeros, _flat(ctx, idx), _flat(ctx, dy)], axis=0)
@@ -116,7 +121,7 @@ def max_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
             g_p = ctx.op("Slice", [dy, starts, ends, axes, steps])
             parts.append(ctx.op("ScatterElements", [zeros, _flat(ctx, i_p), _flat(ctx, g_p)], axis=0))
         dx = parts[0] if len(parts) == 1 else ctx.op("Sum", parts)
-    return [ctx.op("Reshape", [dx, ctx.shape_of(x)])]
+    return ctx.op("Reshape", [dx, ctx.shape_of(x)])
 
 
 @vjp_rule("GlobalMaxPool")

@@ -299,6 +299,13 @@ def _reduce_axes(ctx: RuleContext, r: int) -> Optional[list[int]]:
     return sorted(_norm_axis(int(a), r) for a in axes)
 
 
+def _kept_dims(ctx: RuleContext, axes: list[int], *tensors: str) -> list[str]:
+    """Reduced tensors (gy, y) with the reduced axes back as size 1, so they broadcast against x."""
+    if int(ctx.attr("keepdims", 1)):
+        return list(tensors)
+    return [ctx.unsqueeze(t, axes) for t in tensors]
+
+
 def _expand_back(ctx: RuleContext, gk: str, x: str) -> str:
     """Broadcast a keepdims-shaped gradient to x's shape (the one place a full tensor is built)."""
     return ctx.op("Expand", [gk, ctx.shape_of(x)])
@@ -340,15 +347,10 @@ def reduce_max_min(ctx: RuleContext, gy: Grads) -> Grads:
     (a whole row of zeros after a ReLU is the usual tie).
     """
     x, y = ctx.inputs[0], ctx.outputs[0]
-    r = _rank(ctx, x)
-    axes = _reduce_axes(ctx, r)
-    g = gy[0]
+    axes = _reduce_axes(ctx, _rank(ctx, x))
     if axes is None:
-        return [g] + [None] * (len(ctx.inputs) - 1)
-    yk = y
-    if not int(ctx.attr("keepdims", 1)):
-        g = ctx.unsqueeze(g, axes)
-        yk = ctx.unsqueeze(y, axes)
+        return [gy[0]] + [None] * (len(ctx.inputs) - 1)
+    g, yk = _kept_dims(ctx, axes, gy[0], y)
     m = ctx.op("Cast", [ctx.op("Equal", [x, yk])], to=ctx.elem_type(y))
     share = ctx.op("Div", [g, ctx.reduce_sum(m, axes, keepdims=True)])
     return [ctx.op("Mul", [m, share])] + [None] * (len(ctx.inputs) - 1)
@@ -383,13 +385,10 @@ def reduce_norms(ctx: RuleContext, gy: Grads) -> Grads:
     ReduceSumSquare ``2x``; ReduceLogSumExp ``exp(x - y)``.
     """
     x, y = ctx.inputs[0], ctx.outputs[0]
-    r = _rank(ctx, x)
-    axes = _reduce_axes(ctx, r)
+    axes = _reduce_axes(ctx, _rank(ctx, x))
     if axes is None:
         raise _unsupported(ctx, "noop_with_empty_axes=1 with no axes")
-    g, yk = gy[0], y
-    if not int(ctx.attr("keepdims", 1)):
-        g, yk = ctx.unsqueeze(g, axes), ctx.unsqueeze(y, axes)
+    g, yk = _kept_dims(ctx, axes, gy[0], y)
     op = ctx.node.op_type
     if op == "ReduceL1":
         d = ctx.op("Sign", [x])
