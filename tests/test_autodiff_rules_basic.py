@@ -440,3 +440,17 @@ def test_max_min_ties_share_the_gradient_like_pytorch():
         (fn(at, bt) * torch.tensor(cot)).sum().backward()
         np.testing.assert_allclose(got["grad_a"], at.grad.numpy(), atol=1e-12, err_msg=op)
         np.testing.assert_allclose(got["grad_b"], bt.grad.numpy(), atol=1e-12, err_msg=op)
+
+
+@pytest.mark.parametrize("op,inputs,attrs,inits,opset,why", [
+    ("Einsum", {"a": rnd(3, 3)}, {"equation": "ii->i"}, {}, 13, "repeated label"),
+    ("Einsum", {"a": rnd(2, 3, 4)}, {"equation": "...ij->ij"}, {}, 13, "summed out"),
+    ("GatherElements", {"x": rnd(3, 4)}, {"axis": 1}, {"i": np.array([[0, 0], [1, 2], [3, 3]], I64)}, 13,
+     "repeated indices"),
+    ("ReduceL2", {"x": rnd(2, 3)}, {"noop_with_empty_axes": 1}, {}, 18, "noop_with_empty_axes"),
+])
+def test_new_rules_refuse_what_they_cannot_differentiate(op, inputs, attrs, inits, opset, why):
+    m = one_node_model(op, inputs, attrs, inits, opset=opset)
+    with pytest.raises(UnsupportedOpError, match=why) as ei:
+        vjp(m, "y", list(inputs))
+    assert op in str(ei.value)

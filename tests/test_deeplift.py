@@ -138,3 +138,15 @@ def test_several_baselines_average_like_deepliftshap():
     named = ex.explain(x, "deeplift", target=2, baseline="zero,blur")
     one = [ex.explain(x, "deeplift", target=2, baseline=b).raw for b in ("zero", "blur")]
     np.testing.assert_allclose(named.raw, (one[0] + one[1]) / 2, atol=1e-6)
+
+
+def test_max_pool_with_indices_output_is_refused_by_name():
+    from gradcheck import one_node_model
+    from onnxsal.errors import UnsupportedOpError
+    from onnxsal.graph.autodiff import vjp
+    from onnxsal.graph.rules.deeplift import DEEPLIFT_RULES
+
+    x = np.random.default_rng(0).random((2, 2, 4, 4)).astype(np.float32)
+    m = one_node_model("MaxPool", {"x": x}, {"kernel_shape": [2, 2], "strides": [2, 2]}, n_out=2)
+    with pytest.raises(UnsupportedOpError, match="Indices"):
+        vjp(m, "y0", ["x"], rules=DEEPLIFT_RULES)
