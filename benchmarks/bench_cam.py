@@ -3,7 +3,8 @@
     .venv-bench/bin/python benchmarks/bench_cam.py [--net resnet50] [--scorecam-net mobilenet_v2]
 
 The gradient CAMs (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Grad-CAM element-wise,
-EigenGrad-CAM) and the gradient-free Eigen-CAM run on `--net` at its last block; Score-CAM
+EigenGrad-CAM) and the gradient-free Eigen-CAM run on `--net` at its last block, FullGrad on all
+of `--net`'s biased convolutions and batch norms; Score-CAM
 (one forward pass per channel) runs on the smaller `--scorecam-net`. Prints seconds per map,
 speed-up and the Pearson correlation of the two maps.
 """
@@ -37,8 +38,8 @@ def main() -> None:
     ap.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
-    from pytorch_grad_cam import (EigenCAM, EigenGradCAM, GradCAM, GradCAMElementWise, GradCAMPlusPlus, HiResCAM,
-                                  LayerCAM, ScoreCAM, XGradCAM)
+    from pytorch_grad_cam import (EigenCAM, EigenGradCAM, FullGrad, GradCAM, GradCAMElementWise, GradCAMPlusPlus,
+                                  HiResCAM, LayerCAM, ScoreCAM, XGradCAM)
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     print(f"# {machine()}; torch {torch.__version__}; median of {args.repeat} interleaved runs", flush=True)
@@ -47,7 +48,8 @@ def main() -> None:
     plan = [(args.net, "gradcam", GradCAM), (args.net, "gradcam++", GradCAMPlusPlus), (args.net, "xgradcam", XGradCAM),
             (args.net, "layercam", LayerCAM), (args.net, "hirescam", HiResCAM),
             (args.net, "gradcamelementwise", GradCAMElementWise), (args.net, "eigencam", EigenCAM),
-            (args.net, "eigengradcam", EigenGradCAM), (args.scorecam_net, "scorecam", ScoreCAM)]
+            (args.net, "eigengradcam", EigenGradCAM), (args.net, "fullgrad", FullGrad),
+            (args.scorecam_net, "scorecam", ScoreCAM)]
     if args.methods:
         plan = [p for p in plan if p[1] in args.methods.split(",")]
     cache = {}
@@ -57,7 +59,8 @@ def main() -> None:
         net, ex = cache[name]
         xt = torch.tensor(x)
         target = int(net(xt).argmax())
-        cam = cls(model=net, target_layers=[last_block(net)])
+        # FullGrad takes every biased conv and batch norm instead of a target layer
+        cam = cls(model=net, target_layers=[] if method == "fullgrad" else [last_block(net)])
         targets = [ClassifierOutputTarget(target)]
         repeat = 1 if method == "scorecam" else args.repeat
         ex.explain(x, method, target=target)  # ONNX Runtime sessions are built once, outside the timing
@@ -68,7 +71,8 @@ def main() -> None:
         ours = ex.explain(x, method, target=target).map
         if ref is None:
             ref = cam(input_tensor=xt, targets=targets)[0]
-        rows.append([f"{method} ({name}, {ex.model.default_layer.shape[0]} ch)", t_ref, t_ours, t_ref / t_ours, pearson(ours, ref)])
+        where = "all bias layers" if method == "fullgrad" else f"{ex.model.default_layer.shape[0]} ch"
+        rows.append([f"{method} ({name}, {where})", t_ref, t_ours, t_ref / t_ours, pearson(ours, ref)])
         print(rows[-1], flush=True)
         cam.activations_and_grads.release()
     print(table(["method", "pytorch-grad-cam s", "onnxsal s", "speed-up", "Pearson"], rows))

@@ -85,12 +85,13 @@ class _Consts:
         return self._arrays[name]
 
 
-def _const_arrays(graph: onnx.GraphProto) -> _Consts:
+def constants(graph: onnx.GraphProto) -> _Consts:
+    """Initializer and Constant values of ``graph`` by name, each decoded when first asked for."""
     return _Consts(graph)
 
 
 def _remove_passthrough(graph: onnx.GraphProto, protected: set) -> None:
-    consts = _const_arrays(graph)
+    consts = constants(graph)
     risky = _subgraph_reads(graph)
     graph_inputs = {i.name for i in graph.input} | {i.name for i in graph.initializer}
     keep_nodes = []
@@ -123,7 +124,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 def _fold_bn(graph: onnx.GraphProto, protected: set) -> None:
-    consts = _const_arrays(graph)
+    consts = constants(graph)
     cons = _consumers(graph)
     risky = _subgraph_reads(graph)
     producer = {o: n for n in graph.node for o in n.output}

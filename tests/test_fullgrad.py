@@ -1,0 +1,135 @@
+"""FullGrad against pytorch-grad-cam's formula, recomputed from PyTorch's own gradients.
+
+The reference follows pytorch-grad-cam's ``FullGrad`` step by step: gradients of every
+``Conv2d`` with a bias and every ``BatchNorm2d`` output (module hooks), |bias x gradient| and
+|input x gradient| normalised and resized *one channel at a time* (PyTorch's bilinear resize,
+which equals OpenCV's INTER_LINEAR), summed, normalised.  onnxsal sums each layer's normalised
+channels before a single resize, so the test also checks that shortcut.
+"""
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import onnxsal
+from onnxsal.methods.fullgrad import bias_layers
+
+
+def conv_bn(cin, cout, stride=1, bias=False):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=bias), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Residual(nn.Module):
+    """Bias-free convolutions with batch norms, a strided 1x1 shortcut and a residual add (ResNet's layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.a = conv_bn(8, 16, stride=2)
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.b(self.a(x)) + self.down(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class Plain(nn.Module):
+    """Convolutions with their own biases, one followed by a batch norm (two bias layers), max pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+                                      conv_bn(8, 16, bias=True), nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU())
+        self.head = nn.Linear(16 * 4 * 4, 4)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def randomised(net: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+        if isinstance(m, nn.Conv2d) and m.bias is not None:
+            m.bias.data.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def export(net: nn.Module, path, fold: bool) -> onnx.ModelProto:
+    """``fold``: the exporter folds each BatchNorm into its Conv (as torch.onnx does by default in eval mode)."""
+    mode = torch.onnx.TrainingMode.EVAL if fold else torch.onnx.TrainingMode.PRESERVE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["input"], output_names=["logits"],
+                          opset_version=17, dynamo=False, training=mode, do_constant_folding=fold)
+    return onnx.load(str(path))
+
+
+def reference(net: nn.Module, x: np.ndarray, target: int) -> np.ndarray:
+    """pytorch-grad-cam's FullGrad map, one channel at a time."""
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and m.bias is not None]
+    grads = {}
+
+    def keep(mod, _, out):
+        out.register_hook(lambda g: grads.__setitem__(mod, g.detach().numpy().astype(np.float64)))
+
+    hooks = [m.register_forward_hook(keep) for m in layers]
+    xt = torch.tensor(x, requires_grad=True)
+    net(xt)[0, target].backward()
+    for h in hooks:
+        h.remove()
+
+    def bias_of(m):
+        if isinstance(m, nn.BatchNorm2d):
+            return (m.bias - m.running_mean * m.weight / torch.sqrt(m.running_var + m.eps)).detach().numpy()
+        return m.bias.detach().numpy()
+
+    def scaled(maps):        # (K, h, w) -> (K, H, W), each channel normalised and then resized
+        maps = maps - maps.min(axis=(1, 2), keepdims=True)
+        maps = maps / (1e-7 + maps.max(axis=(1, 2), keepdims=True))
+        return F.interpolate(torch.tensor(maps)[None], size=x.shape[2:], mode="bilinear",
+                             align_corners=False)[0].numpy()
+
+    total = scaled(np.abs(xt.grad.numpy()[0] * x[0]).astype(np.float64)).sum(axis=0)
+    for m in layers:
+        total += scaled(np.abs(bias_of(m)[:, None, None] * grads[m][0])).sum(axis=0)
+    total -= total.min()
+    return total / (1e-7 + total.max())
+
+
+CASES = [(Residual, False), (Residual, True), (Plain, False)]
+
+
+@pytest.mark.parametrize("cls,fold", CASES, ids=["residual", "residual-folded", "plain"])
+def test_fullgrad_matches_reference(tmp_path, cls, fold):
+    net = randomised(cls(), seed=3)
+    ex = onnxsal.Explainer(export(net, tmp_path / "m.onnx", fold), "cpu")
+    rng = np.random.default_rng(0)
+    for target in (0, 2):
+        x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+        ours = ex.explain(x, "fullgrad", target=target).map
+        np.testing.assert_allclose(ours, reference(net, x, target), atol=2e-5)
+
+
+def test_bias_layers_follow_the_modules(tmp_path):
+    """Unfolded: every biased Conv2d and BatchNorm2d is a layer, with pytorch-grad-cam's bias."""
+    net = randomised(Plain(), seed=1)
+    layers = bias_layers(onnxsal.load(export(net, tmp_path / "m.onnx", fold=False)))
+    mods = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    assert len(layers) == len(mods) == 4
+    bn = mods[2]
+    want = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+    np.testing.assert_allclose(layers[2].bias, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layers[1].bias, mods[1].bias.detach().numpy())
