@@ -4,8 +4,8 @@
 
 The gradient CAMs (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Grad-CAM element-wise,
 EigenGrad-CAM) and the gradient-free Eigen-CAM run on `--net` at its last block, FullGrad on all
-of `--net`'s biased convolutions and batch norms; Score-CAM
-(one forward pass per channel) runs on the smaller `--scorecam-net`. Prints seconds per map,
+of `--net`'s biased convolutions and batch norms; Score-CAM and Ablation-CAM (one forward pass
+per channel) run on the smaller `--scorecam-net`. Prints seconds per map,
 speed-up and the Pearson correlation of the two maps.
 """
 
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
-    from pytorch_grad_cam import (EigenCAM, EigenGradCAM, FullGrad, GradCAM, GradCAMElementWise, GradCAMPlusPlus,
+    from pytorch_grad_cam import (AblationCAM, EigenCAM, EigenGradCAM, FullGrad, GradCAM, GradCAMElementWise, GradCAMPlusPlus,
                                   HiResCAM, LayerCAM, ScoreCAM, XGradCAM)
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -49,7 +49,7 @@ def main() -> None:
             (args.net, "layercam", LayerCAM), (args.net, "hirescam", HiResCAM),
             (args.net, "gradcamelementwise", GradCAMElementWise), (args.net, "eigencam", EigenCAM),
             (args.net, "eigengradcam", EigenGradCAM), (args.net, "fullgrad", FullGrad),
-            (args.scorecam_net, "scorecam", ScoreCAM)]
+            (args.scorecam_net, "scorecam", ScoreCAM), (args.scorecam_net, "ablationcam", AblationCAM)]
     if args.methods:
         plan = [p for p in plan if p[1] in args.methods.split(",")]
     cache = {}
@@ -62,12 +62,13 @@ def main() -> None:
         # FullGrad takes every biased conv and batch norm instead of a target layer
         cam = cls(model=net, target_layers=[] if method == "fullgrad" else [last_block(net)])
         targets = [ClassifierOutputTarget(target)]
-        repeat = 1 if method == "scorecam" else args.repeat
+        slow = method in ("scorecam", "ablationcam")     # one masked or ablated pass per channel
+        repeat = 1 if slow else args.repeat
         ex.explain(x, method, target=target)  # ONNX Runtime sessions are built once, outside the timing
         t_ref, t_ours = timeit_side_by_side([lambda: cam(input_tensor=xt, targets=targets),
                                              lambda: ex.explain(x, method, target=target)],
-                                            repeat, warmup=0 if method == "scorecam" else 1)
-        ref = cam(input_tensor=xt, targets=targets)[0] if method != "scorecam" else None
+                                            repeat, warmup=0 if slow else 1)
+        ref = cam(input_tensor=xt, targets=targets)[0] if not slow else None
         ours = ex.explain(x, method, target=target).map
         if ref is None:
             ref = cam(input_tensor=xt, targets=targets)[0]

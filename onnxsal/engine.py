@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from .graph.surgery import expose
+from .graph.surgery import expose, replace
 from .model import Model
 from .runtime import Progress, Runtime
 
@@ -41,6 +41,20 @@ class Engine:
         key = "expose:" + "|".join(unique)
         sess = self.runtime.session(key, lambda: expose(self.model.light, unique))
         values = self.runtime.run_batched(sess, {self.model.input.name: x}, outputs=unique,
+                                          batch_size=self.batch_size, progress=progress)
+        by_name = dict(zip(unique, values))
+        return [by_name[t] for t in tensors]
+
+    def outputs_given(self, layer: str, acts: np.ndarray, x: np.ndarray, tensors: Sequence[str],
+                      progress: Optional[Progress] = None) -> list[np.ndarray]:
+        """Values of `tensors` for a batch of the layer's activations put in place of what the
+        input makes of them; paths around the layer run from `x` (one row, shared by the batch)."""
+        unique = list(dict.fromkeys(tensors))
+        key = f"replace:{layer}|" + "|".join(unique)
+        sess = self.runtime.session(key, lambda: replace(self.model.light, layer, unique))
+        image = self.model.input.name
+        fixed = {image: x} if image in {i.name for i in sess.get_inputs()} else None
+        values = self.runtime.run_batched(sess, {layer: acts}, fixed=fixed, outputs=unique,
                                           batch_size=self.batch_size, progress=progress)
         by_name = dict(zip(unique, values))
         return [by_name[t] for t in tensors]

@@ -1,4 +1,4 @@
-"""Derive models from one model: expose inner tensors, split at a tensor.
+"""Derive models from one model: expose inner tensors, split at a tensor, replace a tensor.
 
 Both keep the original nodes untouched (so exposed activations are bit-for-bit
 those of the model) and prune what the new outputs do not need, so a head or
@@ -114,3 +114,21 @@ def split(model: onnx.ModelProto, at: str, outputs: Sequence[str]) -> tuple[onnx
     shapes = tensor_shapes(model)
     tail = _rebuild(model, nodes, [_value_info(model, at, shapes)], [_value_info(model, o, shapes) for o in outputs])
     return head, tail
+
+
+def replace(model: onnx.ModelProto, at: str, outputs: Sequence[str]) -> onnx.ModelProto:
+    """The model computing `outputs` with tensor `at` given as an input instead of computed.
+
+    Every path through `at` sees the given value; paths around it (a skip connection across
+    it) still run from the model's own inputs, which stay inputs when they are needed.  Where
+    `at` cuts the network in two this is `split`'s tail.
+    """
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    shapes = tensor_shapes(model)
+    given = _value_info(model, at, shapes)
+    nodes, reached = _needed_nodes(g, outputs, {at})
+    if not any(at in n.input for n in nodes):
+        raise LayerError(f"{', '.join(outputs)} do not depend on {at!r}")
+    inputs = [given] + [i for i in g.input if i.name not in inits and i.name in reached and i.name != at]
+    return _rebuild(model, nodes, inputs, [_value_info(model, o, shapes) for o in outputs])

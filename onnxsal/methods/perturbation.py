@@ -3,6 +3,7 @@
 Score-CAM:  Wang et al. 2020, "Score-CAM: Score-Weighted Visual Explanations for CNNs".
 Faster-Score-CAM: the channel-pruned variant of tf-keras-vis (channels of highest
 activation standard deviation).
+Ablation-CAM: Desai & Ramaswamy 2020, with pytorch-grad-cam's ablation value.
 Occlusion:  Zeiler & Fergus 2014, with Captum's averaging over overlapping windows.
 RISE:       Petsiuk et al. 2018, "RISE: Randomized Input Sampling for Explanation".
 """
@@ -14,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from ..context import Context
+from ..engine import score_rows
 from ..errors import MethodError
 from ..postprocess import resize
 from . import method
@@ -69,6 +71,54 @@ def fasterscorecam(ctx: Context, max_n: int = 10, weighting: str = "softmax") ->
     std = acts.reshape(len(acts), -1).std(axis=1)
     channels = np.sort(np.argsort(-std, kind="stable")[:max_n])
     return _score_cam(ctx, channels, weighting)
+
+
+ABLATION_OFFSET = 1e7
+ABLATION_CHUNK_BYTES = 64 << 20
+
+
+def ablated_scores(ctx: Context, value: float) -> tuple[np.ndarray, np.ndarray]:
+    """(T,) target scores with the layer as it is, and (K, T) with each channel in turn set to `value`.
+
+    Only the part of the network after the layer runs (``Engine.outputs_given``), all channels
+    as batches of one cached session; a skip connection around the layer still reads the input.
+    """
+    raw = ctx.activations()                           # (1, K, h, w), or (1, T, C) for tokens
+    axis = raw.ndim - 1 if ctx.layer.tokens else 1
+    k = raw.shape[axis]
+    y = ctx.model.score_tensor(ctx.score)
+    step = max(1, ABLATION_CHUNK_BYTES // max(raw.nbytes, 1))
+    rows = [raw]
+    scores = []
+    for start in range(0, k, step):
+        chans = np.arange(start, min(k, start + step))
+        batch = np.repeat(raw, len(chans), axis=0)
+        np.moveaxis(batch, axis, 1)[np.arange(len(chans)), chans] = value    # a view: writes into batch
+        rows.append(batch)
+        (out,) = ctx.engine.outputs_given(ctx.layer.tensor, np.concatenate(rows), ctx.x, [y], ctx.progress)
+        scores.append(score_rows(out, ctx.targets))
+        rows = []
+    s = np.concatenate(scores)
+    return s[0], s[1:]
+
+
+@method("ablationcam", family="cam", needs_layer=True)
+def ablationcam(ctx: Context) -> np.ndarray:
+    """Ablation-CAM: each channel weighted by the relative drop of the target's score when the channel is switched off.
+
+    w_k = (S - S_k) / S, map = ReLU(sum_k w_k A_k).  A channel is switched off by setting it to 0
+    when the layer's smallest activation is 0 (after a ReLU), else to that minimum minus 1e7: the
+    value pytorch-grad-cam gives the first copy of each batch (each further copy gets 1e7 less,
+    so its weights would depend on its batch size).  A score of exactly 0 divides by 1.
+    """
+    raw = ctx.activations()
+    lo = float(raw.min())
+    value = 0.0 if lo == 0 else lo - ABLATION_OFFSET
+    base, ablated = ablated_scores(ctx, value)
+    denom = np.where(base == 0, 1.0, base)
+    w = (base[None, :] - ablated) / denom[None, :]                  # (K, T)
+    acts = ctx.layer.grid(raw)[0]
+    return np.maximum(np.einsum("kt,khw->thw", w.astype(np.float32), acts), 0)
 
 
 def window_starts(n: int, window: int, stride: int) -> np.ndarray:

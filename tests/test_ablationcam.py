@@ -1,0 +1,80 @@
+"""Ablation-CAM against PyTorch: the same channels switched off by a forward hook, one pass each.
+
+Covers layers after a ReLU (ablated to 0) and before one, a layer inside a residual block (the
+skip connection around it still reads the input), and a transformer's token layer: a LayerNorm
+output, negative in places, so a channel is switched off in every token at its minimum minus 1e7.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import onnxsal
+
+import tiny
+from test_autodiff_models import build, export
+from test_fullgrad import Residual, randomised
+from test_fullgrad import export as export_residual
+
+
+def torch_ablation_cam(net, module, x, target, axis=1, grid=lambda a: a[0]):
+    """ReLU(sum_k (S - S_k) / S * A_k), S_k the target's logit with channel k of module's output switched off."""
+    store = {}
+    h = module.register_forward_hook(lambda m, i, o: store.__setitem__("a", o.detach().clone()))
+    with torch.no_grad():
+        base = float(net(torch.tensor(x))[0, target])
+    h.remove()
+    a = store["a"]
+    lo = float(a.min())
+    value = 0.0 if lo == 0 else lo - 1e7
+    weights = []
+    for k in range(a.shape[axis]):
+        def ablate(m, i, o, k=k):
+            o = o.clone()
+            o.select(axis, k).fill_(value)
+            return o
+
+        h = module.register_forward_hook(ablate)
+        with torch.no_grad():
+            weights.append((base - float(net(torch.tensor(x))[0, target])) / base)
+        h.remove()
+    acts = grid(a.numpy()).astype(np.float64)
+    return np.maximum(np.einsum("k,khw->hw", np.array(weights), acts), 0)
+
+
+def check(ex, net, module, x, layer, targets, **kw):
+    for target in targets:
+        expected = torch_ablation_cam(net, module, x, target, **kw)
+        got = ex.explain(x, "ablationcam", target=target, layer=layer).raw[0]
+        scale = max(np.abs(expected).max(), 1e-6)
+        np.testing.assert_allclose(got, expected, atol=2e-4 * scale, rtol=1e-3)
+
+
+@pytest.mark.parametrize("layer,index", [("relu2", 3), ("relu1", 1), ("conv2", 2)])
+def test_matches_torch_on_tiny_nets(layer, index):
+    for seed, size in ((3, 16), (11, 20)):
+        model = tiny.conv_net(seed=seed, size=size, classes=5)
+        net = tiny.torch_module(model)
+        ex = onnxsal.Explainer(model, "cpu")
+        x = np.random.default_rng(seed).random((1, 3, size, size)).astype(np.float32)
+        check(ex, net, net[index], x, layer, (0, 3))
+
+
+def test_layer_inside_a_residual_block(tmp_path):
+    """net.a's output does not cut the network: the shortcut from the stem goes around it."""
+    net = randomised(Residual(), seed=4)
+    model = export_residual(net, tmp_path / "m.onnx", fold=False)
+    ex = onnxsal.Explainer(model, "cpu")
+    relu_a = [n for n in model.graph.node if n.op_type == "Relu"][1].output[0]     # stem's, then a's
+    x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    check(ex, net, net.a, x, relu_a, (0, 4))
+
+
+def test_transformer_token_layer(tmp_path):
+    net = build("vit")
+    model = export(net, tmp_path / "m.onnx", dynamic=True)
+    ln1 = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    grid = lambda a: a[0, 1:].reshape(4, 4, -1).transpose(2, 0, 1)  # noqa: E731  (class token dropped)
+    check(ex, net, net.ln1, x, ln1.output[0], (0, 7), axis=2, grid=grid)
