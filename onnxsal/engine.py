@@ -32,7 +32,6 @@ class Engine:
         self.model = model
         self.runtime = runtime
         self.batch_size = batch_size
-        self._no_tail: set = set()
 
     # forward ---------------------------------------------------------------------------------
     def outputs(self, x: np.ndarray, tensors: Sequence[str], progress: Optional[Progress] = None) -> list[np.ndarray]:
@@ -85,36 +84,26 @@ class Engine:
         return dict(zip(names, results))
 
 
-    def layer_gradients(self, acts: np.ndarray, seeds: np.ndarray, layer: str, *, score: str = "logit",
-                        progress: Optional[Progress] = None) -> Optional[np.ndarray]:
-        """d score / d layer from the layer's activations alone, through the tail of the network.
+    def layer_gradients(self, acts: np.ndarray, seeds: np.ndarray, layer: str, x: np.ndarray, *,
+                        score: str = "logit", progress: Optional[Progress] = None) -> np.ndarray:
+        """d score / d layer at a batch of the layer's activations, through the network after it.
 
-        The forward pass up to the layer has already run (to pick the targets), so running only
-        the tail's forward + VJP halves a CAM's cost. Returns None when the layer does not cut the
-        network in two (a skip connection crosses it); callers then use the whole-model VJP.
+        Only the nodes after the layer are differentiated: a CAM's forward pass up to the layer has
+        already run (to pick the targets), and Layer IG moves the activations along a path. Paths
+        around the layer (a skip connection across it) run forward from `x` (one row, shared).
         """
-        from .errors import LayerError
         from .graph.autodiff import vjp
-        from .graph.surgery import split
 
         y = self.model.score_tensor(score)
-        key = f"tailvjp:{y}|{layer}"
-        if key in self._no_tail:
-            return None
-
-        def build():
-            _, tail = split(self.model.light, layer, [y])
-            return vjp(tail, y, [layer])
-
-        try:
-            sess = self.runtime.session(key, build)
-        except LayerError:
-            self._no_tail.add(key)
-            return None
+        key = f"replacevjp:{y}|{layer}"
+        sess = self.runtime.session(key, lambda: vjp(replace(self.model.light, layer, [y]), y, [layer]))
         names = [o.name for o in sess.get_outputs()]
-        grad_in = next(i for i in sess.get_inputs() if i.name != layer)
+        inputs = {i.name: i for i in sess.get_inputs()}
+        grad_in = inputs["grad_" + y]
+        image = self.model.input.name
+        fixed = {image: x} if image in inputs else None
         out = self.runtime.run_batched(sess, {layer: acts.astype(np.float32), grad_in.name: seed_rows(seeds, grad_in.shape)},
-                                       outputs=names, batch_size=self.batch_size, progress=progress)
+                                       fixed=fixed, outputs=names, batch_size=self.batch_size, progress=progress)
         return dict(zip(names, out))["grad_" + layer]
 
 

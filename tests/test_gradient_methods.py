@@ -320,8 +320,9 @@ def test_demo_model_gradients_and_cams_against_torch_autograd():
                                        rtol=1e-3, err_msg=method)
 
 
-def test_tail_gradients_equal_whole_model_gradients_and_skip_connections_fall_back():
-    """CAMs differentiate only the tail after the layer; a layer bypassed by a skip uses the whole VJP."""
+def test_tail_gradients_equal_whole_model_gradients_also_across_skip_connections():
+    """CAMs differentiate only the network after the layer; a skip connection around the layer
+    runs forward from the input, so the gradient is the whole model's."""
     from onnx import TensorProto, helper, numpy_helper
     from onnxsal.context import Context
     from onnxsal.engine import make_targets
@@ -355,12 +356,16 @@ def test_tail_gradients_equal_whole_model_gradients_and_skip_connections_fall_ba
     ex = onnxsal.Explainer(res_model, "cpu", preprocess="raw")
     x = rng.random((1, 3, 8, 8)).astype(np.float32)
     ctx = Context(ex.engine, x, make_targets(ex.model, [1]), ex.model.find_layer("c2"))
-    assert ex.engine.layer_gradients(ctx.activations(), ctx.seeds, "c2") is None
-    a, g = layer_grads(ctx)
+    a, g = layer_grads(ctx)       # the skip from r1 around c2 runs forward from the input
+    whole = ctx.gradients(x, ctx.seeds, wrt=["c2"], extra=["c2"])
+    np.testing.assert_allclose(g, whole["grad_c2"], atol=1e-6)
     # d logit / d c2 = d logit / d sum: the tail from "sum" is cut cleanly, so compare with it
     sum_acts = ex.engine.outputs(x, ["sum"])[0]
-    ref = ex.engine.layer_gradients(sum_acts, ctx.seeds, "sum")
+    ref = ex.engine.layer_gradients(sum_acts, ctx.seeds, "sum", x)
     np.testing.assert_allclose(g, ref, atol=1e-6)
+    # the skip's value matters: with another input under the same c2, the gradient changes
+    other = ex.engine.layer_gradients(a, ctx.seeds, "c2", rng.random((1, 3, 8, 8)).astype(np.float32))
+    assert np.abs(other - g).max() > 1e-3
 
 
 @pytest.mark.parametrize("name", ["saliency", "deeplift", "guidedbackprop", "smoothgrad", "ig"])

@@ -36,15 +36,10 @@ def layer_grads(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     """(T, K, h, w) activations and gradients of each target's score w.r.t. the layer.
 
     The activations come from the forward pass that chose the targets; the gradients from the
-    tail of the network alone when the layer cuts it in two, else from the whole model's VJP.
+    VJP of the network after the layer alone (``Engine.layer_gradients``).
     """
-    t = len(ctx.targets)
-    name = ctx.layer.tensor
-    acts = np.repeat(ctx.activations(), t, axis=0)
-    g = ctx.engine.layer_gradients(acts, ctx.seeds, name, score=ctx.score, progress=ctx.progress)
-    if g is None:
-        out = ctx.gradients(np.repeat(ctx.x, t, axis=0), ctx.seeds, wrt=[name], extra=[name])
-        acts, g = out[name], out["grad_" + name]
+    acts = np.repeat(ctx.activations(), len(ctx.targets), axis=0)
+    g = ctx.engine.layer_gradients(acts, ctx.seeds, ctx.layer.tensor, ctx.x, score=ctx.score, progress=ctx.progress)
     return ctx.layer.grid(acts), ctx.layer.grid(g)
 
 
