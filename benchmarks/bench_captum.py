@@ -1,4 +1,4 @@
-"""SmoothGrad, Integrated Gradients, GradientSHAP and DeepLIFT: onnxsal (ONNX Runtime) against Captum.
+"""SmoothGrad, Integrated Gradients, GradientSHAP, Layer IG and DeepLIFT: onnxsal (ONNX Runtime) against Captum.
 
     .venv-bench/bin/python benchmarks/bench_captum.py [--net resnet50] [--samples 20] [--steps 50]
 
@@ -115,6 +115,28 @@ def main() -> None:
     ref = (g * (xn - b)).mean(axis=0)
     rows.append([f"GradientSHAP ({args.samples} samples)", t_c, t_o, t_c / t_o, pearson(ours, ref),
                  pearson(ours.sum(axis=0), ref.sum(axis=0))])
+
+    # Layer IG at the last block (onnxsal's default layer there), zero baseline
+    from captum.attr import LayerIntegratedGradients
+
+    block = net.layer4[-1] if hasattr(net, "layer4") else net.features[-1]
+
+    def captum_lig():
+        return LayerIntegratedGradients(net, block).attribute(xt, target=target, n_steps=args.steps,
+                                                              method="gausslegendre")
+
+    def onnxsal_lig():
+        return ex.explain(x, "layerig", target=target, steps=args.steps)
+
+    t_c, t_o = timeit_side_by_side([captum_lig, onnxsal_lig], args.repeat)
+    ref = captum_lig().detach().numpy()[0]
+    ours = onnxsal_lig()
+    from onnxsal.methods.layer import layer_ig_attr
+
+    lig_ctx = Context(ex.engine, x, make_targets(ex.model, [target]), ex.model.default_layer)
+    attr = layer_ig_attr(lig_ctx, args.steps, "zero", "gausslegendre", 5.0)[0]
+    rows.append([f"Layer IG ({args.steps} steps, last block)", t_c, t_o, t_c / t_o, pearson(attr, ref),
+                 pearson(ours.raw[0], ref.sum(axis=0))])
 
     # DeepLIFT against a zero baseline (one input + baseline pair through the rule-swapped VJP).
     # Captum's hooks need every ReLU module used once and not in place: torchvision's ResNet reuses

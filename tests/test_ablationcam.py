@@ -13,8 +13,7 @@ import onnxsal
 
 import tiny
 from test_autodiff_models import build, export
-from test_fullgrad import Residual, randomised
-from test_fullgrad import export as export_residual
+from test_fullgrad import residual_case
 
 
 def torch_ablation_cam(net, module, x, target, axis=1, grid=lambda a: a[0]):
@@ -62,10 +61,7 @@ def test_matches_torch_on_tiny_nets(layer, index):
 
 def test_layer_inside_a_residual_block(tmp_path):
     """net.a's output does not cut the network: the shortcut from the stem goes around it."""
-    net = randomised(Residual(), seed=4)
-    model = export_residual(net, tmp_path / "m.onnx", fold=False)
-    ex = onnxsal.Explainer(model, "cpu")
-    relu_a = [n for n in model.graph.node if n.op_type == "Relu"][1].output[0]     # stem's, then a's
+    net, ex, relu_a = residual_case(tmp_path, seed=4)
     x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
     check(ex, net, net.a, x, relu_a, (0, 4))
 

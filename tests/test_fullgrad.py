@@ -77,6 +77,15 @@ def export(net: nn.Module, path, fold: bool) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
+def residual_case(tmp_path, seed: int):
+    """A randomised Residual net, its unfolded export's explainer, and the ONNX name of net.a's
+    output: a layer that does not cut the network (the shortcut from the stem goes around it)."""
+    net = randomised(Residual(), seed=seed)
+    model = export(net, tmp_path / "m.onnx", fold=False)
+    relu_a = [n for n in model.graph.node if n.op_type == "Relu"][1].output[0]     # the stem's, then a's
+    return net, onnxsal.Explainer(model, "cpu"), relu_a
+
+
 def reference(net: nn.Module, x: np.ndarray, target: int) -> np.ndarray:
     """pytorch-grad-cam's FullGrad map, one channel at a time."""
     layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and m.bias is not None]

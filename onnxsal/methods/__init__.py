@@ -68,4 +68,4 @@ def check_options(spec: MethodSpec, options: dict) -> dict:
 
 
 def _load() -> None:
-    from . import cam, fullgrad, gradients, perturbation  # noqa: F401  (importing registers them)
+    from . import cam, fullgrad, gradients, layer, perturbation  # noqa: F401  (importing registers them)
