@@ -74,3 +74,20 @@ def test_transformer_token_layer(tmp_path):
     x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
     grid = lambda a: a[0, 1:].reshape(4, 4, -1).transpose(2, 0, 1)  # noqa: E731  (class token dropped)
     check(ex, net, net.ln1, x, ln1.output[0], (0, 7), axis=2, grid=grid)
+
+
+def test_progress_counts_every_row_once(monkeypatch):
+    """Channels run in chunks; the progress callback still sees one count from 0 to K + 1."""
+    import importlib
+
+    pert = importlib.import_module("onnxsal.methods.perturbation")
+
+    monkeypatch.setattr(pert, "ABLATION_CHUNK_BYTES", 1)            # one channel per chunk
+    model = tiny.conv_net(seed=3, size=16)
+    ex = onnxsal.Explainer(model, "cpu")
+    x = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32)
+    seen = []
+    chunked = ex.explain(x, "ablationcam", target=1, layer="relu2", progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (7, 7) and [d for d, _ in seen] == sorted(d for d, _ in seen)     # relu2 has 6 channels
+    monkeypatch.undo()
+    np.testing.assert_allclose(chunked.raw, ex.explain(x, "ablationcam", target=1, layer="relu2").raw, rtol=1e-6)
