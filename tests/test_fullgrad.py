@@ -142,3 +142,43 @@ def test_bias_layers_follow_the_modules(tmp_path):
     want = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
     np.testing.assert_allclose(layers[2].bias, want, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(layers[1].bias, mods[1].bias.detach().numpy())
+
+
+def _bn_model(as_mul_add: bool) -> onnx.ModelProto:
+    """Conv -> batch norm -> Relu -> Conv(bias) -> Relu -> pool -> Gemm, the norm either as a
+    BatchNormalization node or as tf2onnx writes a Keras one: Mul by gamma / sigma, Add of the bias."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(8)
+    arr = lambda a, n: numpy_helper.from_array(np.asarray(a, np.float32), n)  # noqa: E731
+    gamma, beta, mu, var = rng.uniform(0.5, 1.5, 6), rng.uniform(-0.5, 0.5, 6), rng.uniform(-0.3, 0.3, 6), rng.uniform(0.5, 1.5, 6)
+    inits = [arr(rng.normal(0, 0.5, (6, 3, 3, 3)), "w1"), arr(rng.normal(0, 0.3, (8, 6, 3, 3)), "w2"),
+             arr(rng.uniform(-0.5, 0.5, 8), "b2"), arr(rng.normal(0, 1, (4, 8)), "wf")]
+    if as_mul_add:
+        s = gamma / np.sqrt(var + 1e-5)
+        inits += [arr(s.reshape(1, 6, 1, 1), "s"), arr((beta - mu * s).reshape(1, 6, 1, 1), "t")]
+        norm = [helper.make_node("Mul", ["c1", "s"], ["m1"]), helper.make_node("Add", ["m1", "t"], ["n1"])]
+    else:
+        inits += [arr(gamma, "g"), arr(beta, "be"), arr(mu, "mu"), arr(var, "var")]
+        norm = [helper.make_node("BatchNormalization", ["c1", "g", "be", "mu", "var"], ["n1"], epsilon=1e-5)]
+    nodes = [helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1, 1, 1, 1]), *norm,
+             helper.make_node("Relu", ["n1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("GlobalAveragePool", ["r2"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]), helper.make_node("Gemm", ["flat", "wf"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_batch_norm_written_as_mul_and_add_is_the_same_layer():
+    plain, split = (onnxsal.Explainer(_bn_model(f), "cpu", preprocess="raw") for f in (False, True))
+    lp, ls = bias_layers(plain.model), bias_layers(split.model)
+    assert [len(layer.bias) for layer in lp] == [len(layer.bias) for layer in ls] == [6, 8]
+    np.testing.assert_allclose(lp[0].bias, ls[0].bias, rtol=1e-5, atol=1e-6)
+    x = np.random.default_rng(0).standard_normal((1, 3, 12, 12)).astype(np.float32)
+    for target in (0, 3):
+        np.testing.assert_allclose(plain.explain(x, "fullgrad", target=target).map,
+                                   split.explain(x, "fullgrad", target=target).map, atol=1e-5)

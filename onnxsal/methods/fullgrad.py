@@ -2,9 +2,10 @@
 
     map = sum_c psi(|x_c * dS/dx_c|) + sum_l sum_c psi(|b_lc * dS/dz_lc|)
 
-over the input's channels c and every bias layer l: each 2-D convolution with a bias, and each
-batch norm, whose bias is beta - mu * gamma / sqrt(var + eps) (the paper's own extractor); z_l is
-the layer's output. psi min-max normalises one channel's map, (m - min) / (1e-7 + max - min), and
+over the input's channels c and every bias layer l: each 2-D convolution with a bias, each batch
+norm, whose bias is beta - mu * gamma / sqrt(var + eps) (the paper's own extractor), and each Add
+of a per-channel constant to an image tensor (the form tf2onnx gives a Keras batch norm: Mul by
+gamma / sigma, then Add of that same bias); z_l is the layer's output. psi min-max normalises one channel's map, (m - min) / (1e-7 + max - min), and
 resizes it bilinearly to the input size. One forward + VJP run gives dS/dx and every dS/dz_l.
 
 Resizing is linear, so the normalised channels of a layer are summed at the layer's own
@@ -45,9 +46,11 @@ def bias_layers(model: Model) -> list[BiasLayer]:
     shapes = tensor_shapes(model.light)
     out = []
     for node in g.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "BatchNormalization"):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "BatchNormalization", "Add"):
             continue
-        if node.op_type == "Conv":
+        if node.op_type == "Add":
+            bias = _channel_constant(node, consts, shapes)
+        elif node.op_type == "Conv":
             w = shapes.get(node.input[1], (0, None))[1]
             if w is None or len(w) != 4 or len(node.input) < 3 or not node.input[2]:
                 continue
@@ -63,6 +66,20 @@ def bias_layers(model: Model) -> list[BiasLayer]:
         if bias is not None:
             out.append(BiasLayer(node.output[0], np.asarray(bias, np.float64).reshape(-1)))
     return out
+
+
+def _channel_constant(node, consts, shapes) -> "np.ndarray | None":
+    """The constant of ``tensor + c`` when c holds one value per channel of a rank-4 tensor, else None."""
+    shape = shapes.get(node.output[0], (0, None))[1]
+    if shape is None or len(shape) != 4 or not shape[1]:
+        return None
+    values = [consts.get(i) for i in node.input]
+    if sum(v is not None for v in values) != 1:
+        return None
+    c = next(v for v in values if v is not None)
+    if tuple(c.shape) not in ((shape[1], 1, 1), (1, shape[1], 1, 1)):
+        return None
+    return c
 
 
 def scaled_channel_sum(m: np.ndarray) -> np.ndarray:
