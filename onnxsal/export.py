@@ -22,8 +22,8 @@ from .graph.weights import attach
 from .model import Model, load
 
 EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "saliency",
-              "smoothgrad", "ig", "inputxgradient")
-GRADIENT = ("saliency", "smoothgrad", "ig", "inputxgradient")
+              "smoothgrad", "ig", "inputxgradient", "fullgrad")
+GRADIENT = ("saliency", "smoothgrad", "ig", "inputxgradient", "fullgrad")
 EPS = 1e-7
 
 
@@ -108,7 +108,12 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     logits = renamed.get(m.logits, m.logits)
     layer_tensor = renamed.get(lay.tensor, lay.tensor) if cam else None
     wrt = layer_tensor if cam else x_name
-    g_model = vjp(proto, logits, [wrt], outputs=[wrt] if cam else [])
+    biases = []
+    if method == "fullgrad":
+        from .methods.fullgrad import bias_layers
+
+        biases = [(renamed.get(b.tensor, b.tensor), b.bias) for b in bias_layers(m)]
+    g_model = vjp(proto, logits, [wrt] + [t for t, _ in biases], outputs=[wrt] if cam else [])
     e = _Emitter(g_model)
     g = e.g
     grad_y = f"grad_{logits}"
@@ -171,6 +176,18 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
 
     H, W = m.input.size
     c_axis = 1 if m.input.layout == "NCHW" else 3
+
+    def resized(t: str) -> str:
+        """(N, 1, h, w) -> (N, 1, H, W), bilinear with half-pixel centres (onnxsal's resize)."""
+        sizes = e.op("Concat", [e.op("Slice", [e.op("Shape", [t]), e.const([0], np.int64), e.const([2], np.int64)]),
+                                e.const([H, W], np.int64)], axis=0)
+        return e.op("Resize", [t, "", "", sizes], mode="linear", coordinate_transformation_mode="half_pixel")
+
+    def scaled_channel_sum(t: str, spatial: list, channel: int) -> str:
+        """Each channel min-max normalised over its positions, (t - min) / (1e-7 + max - min), then summed."""
+        mn = e.reduce("ReduceMin", t, spatial)
+        span = e.op("Add", [e.op("Sub", [e.reduce("ReduceMax", t, spatial), mn]), e.const(EPS)])
+        return e.reduce("ReduceSum", e.op("Div", [e.op("Sub", [t, mn]), span]), [channel])
     logits_out = logits
     if cam:
         a, gr = layer_tensor, f"grad_{layer_tensor}"
@@ -193,11 +210,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
                 s_a = e.op("Add", [e.reduce("ReduceSum", a, [2, 3]), e.const(EPS)])
                 w = e.op("Div", [e.reduce("ReduceSum", e.op("Mul", [gr, a]), [2, 3]), s_a])
             camv = e.reduce("ReduceSum", e.op("Mul", [w, a]), [1])
-        camv = e.op("Relu", [camv])
-        sizes = e.op("Concat", [e.op("Slice", [e.op("Shape", [camv]), e.const([0], np.int64), e.const([2], np.int64)]),
-                                e.const([H, W], np.int64)], axis=0)
-        up = e.op("Resize", [camv, "", "", sizes], mode="linear", coordinate_transformation_mode="half_pixel")
-        normalize_and_squeeze(up, 1)
+        normalize_and_squeeze(resized(e.op("Relu", [camv])), 1)
     else:
         gx = f"grad_{x_name}"
         if clean is not None:
@@ -208,14 +221,24 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
             tail = e.op("Slice", [e.op("Shape", [gx]), e.const([1], np.int64), e.const([4], np.int64)])
             stacked = e.op("Reshape", [rest, e.op("Concat", [e.const([k], np.int64), e.const([-1], np.int64), tail], axis=0)])
             gx = e.reduce("ReduceSum", e.op("Mul", [stacked, e.const(weights.reshape(k, 1, 1, 1, 1))]), [0], keepdims=0)
-        if method in ("ig", "inputxgradient"):       # (x - 0) * gradient, summed over channels
+        if method == "fullgrad":       # each channel min-max normalised, summed, resized; summed over layers
+            spatial = [2, 3] if c_axis == 1 else [1, 2]
+            parts = [scaled_channel_sum(e.op("Abs", [e.op("Mul", [gx, x_name])]), spatial, c_axis)]
+            if c_axis == 3:
+                parts[0] = e.op("Transpose", [parts[0]], perm=[0, 3, 1, 2])
+            for t, bias in biases:
+                b = e.const(bias.reshape(1, -1, 1, 1).astype(np.float32), hint="bias")
+                parts.append(resized(scaled_channel_sum(e.op("Abs", [e.op("Mul", [f"grad_{t}", b])]), [2, 3], 1)))
+            normalize_and_squeeze(e.op("Sum", parts) if len(parts) > 1 else parts[0], 1)
+        elif method in ("ig", "inputxgradient"):       # (x - 0) * gradient, summed over channels
             attr = e.op("Mul", [gx, x_name])
             mp = e.reduce("ReduceSum", attr, [c_axis])
         else:
             mp = e.reduce("ReduceMax", e.op("Abs", [gx]), [c_axis])
-        if c_axis == 3:
-            mp = e.op("Transpose", [mp], perm=[0, 3, 1, 2])
-        normalize_and_squeeze(mp, 1)
+        if method != "fullgrad":
+            if c_axis == 3:
+                mp = e.op("Transpose", [mp], perm=[0, 3, 1, 2])
+            normalize_and_squeeze(mp, 1)
 
     outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", m.num_classes]),
             helper.make_tensor_value_info("map", TensorProto.FLOAT, ["N", H, W])]

@@ -26,7 +26,7 @@ def run(graph, x, target):
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise",
-                                    "saliency", "ig", "inputxgradient"])
+                                    "saliency", "ig", "inputxgradient", "fullgrad"])
 def test_exported_maps_equal_engine_maps(layout, method):
     model = tiny.conv_net(layout, seed=4)
     ex = onnxsal.Explainer(model, "cpu")
@@ -81,3 +81,14 @@ def test_export_refuses_unknown_method(tmp_path):
 
     with pytest.raises(MethodError, match="export supports"):
         export(tiny.conv_net(), "rise")
+
+
+@pytest.mark.parametrize("as_mul_add", [False, True], ids=["batchnorm", "mul-add"])
+def test_exported_fullgrad_with_batch_norm_layers(as_mul_add):
+    from test_fullgrad import _bn_model
+
+    model = _bn_model(as_mul_add)
+    x = np.random.default_rng(3).standard_normal((1, 3, 12, 12)).astype(np.float32)
+    _, maps = run(export(model, "fullgrad"), x, [2])
+    ref = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, "fullgrad", target=2).map
+    np.testing.assert_allclose(maps[0], ref, atol=1e-5)
