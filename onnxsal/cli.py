@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .export import EXPORTABLE
 from .methods import check_options, get as get_method, methods as method_names
-from .errors import OnnxsalError, MethodError
+from .errors import OnnxsalError, MethodError, TargetError
 from . import cli_options as O
 from .preprocess import parse_size
 
@@ -113,6 +113,8 @@ def explain(
     method: List[str] = typer.Option(["gradcam"], "--method", "-m", help="method name, repeatable: " + "; ".join(method_names())),
     target: List[str] = typer.Option([], "--target", "-t", help="class index or label, repeatable (default: top-1)"),
     top_k: int = typer.Option(1, "--top-k", "-k", help="explain the K highest-scoring classes"),
+    target_weights: Optional[str] = typer.Option(None, "--target-weights",
+                                                 help=".npy of weights shaped like one output row: score = sum(w * output)"),
     layer: Optional[str] = O.LAYER,
     out_dir: str = O.OUT_DIR,
     score: str = O.SCORE,
@@ -143,6 +145,10 @@ def explain(
         raise MethodError(f"no chosen method takes option {', '.join(unknown)}")
     ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size)
     targets = target or None
+    if target_weights is not None:
+        if target:
+            raise TargetError("give --target or --target-weights, not both")
+        targets = _weights(target_weights)
     results = []
     with Progress(console=err, transient=True, disable=quiet) as bar:
         task = bar.add_task("explaining", total=len(images) * len(specs))
@@ -185,6 +191,22 @@ def explain(
             if (res.name, note) not in noted:
                 noted.add((res.name, note))
                 out.print(f"  note: {note}", style="dim")
+
+
+def _weights(path: str) -> "np.ndarray":
+    import numpy as np
+
+    from .errors import MissingFileError
+
+    if not os.path.exists(path):
+        raise MissingFileError(f"target weights file not found: {path}")
+    try:
+        w = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise TargetError(f"cannot read target weights {path}: {type(exc).__name__}: {exc}") from exc
+    if not np.issubdtype(w.dtype, np.number) or w.size == 0:
+        raise TargetError(f"target weights {path} hold no numbers")
+    return np.asarray(w, np.float32)
 
 
 @app.command("export")

@@ -73,6 +73,9 @@ class Explanation:
         }
 
     def _score_of(self, t: Target) -> float:
+        if t.index < 0:      # weights: the score as it was explained
+            row = self.logits if self.options.get("score", "logit") == "logit" else self.scores
+            return float(np.dot(t.seed, row.reshape(-1)) + t.offset)
         row = self.scores.reshape(-1)
         if len(row) == 1:  # binary single unit
             return float(row[0] if t.index == 1 else (1 - row[0] if 0 <= row[0] <= 1 else -row[0]))
@@ -159,6 +162,8 @@ class Explainer:
     def targets(self, scores: np.ndarray, target: Union[int, str, Sequence[Union[int, str]], None],
                 top_k: int, score: str) -> list[Target]:
         m = self.model
+        if isinstance(target, np.ndarray) and target.dtype.kind == "f":
+            return [self._weights_target(target, score)]
         if target is None:
             if m.binary:
                 prob = float(scores.reshape(-1)[0])
@@ -173,6 +178,17 @@ class Explainer:
             items = list(target) if isinstance(target, (list, tuple)) else [target]
             indices = [self._resolve(t) for t in items]
         return make_targets(m, indices, score)
+
+    def _weights_target(self, w: np.ndarray, score: str) -> Target:
+        """Score = sum(w * output row): pytorch-grad-cam's SemanticSegmentationTarget is a class
+        channel's mask, Captum's tuple targets are one-hot arrays."""
+        n = self.model.num_classes
+        if w.size != n:
+            raise TargetError(f"target weights hold {w.size} values (shape {list(w.shape)}); the model's "
+                              f"{'probabilities' if score == 'probability' else 'logits'} per image hold {n}")
+        if not np.isfinite(w).all():
+            raise TargetError("target weights must be finite")
+        return Target(-1, "weights", w.astype(np.float32).reshape(-1))
 
     def _resolve(self, t: Union[int, str, np.integer]) -> int:
         m = self.model
@@ -197,7 +213,8 @@ class Explainer:
     def explain(self, image: Union[ImageLike, Prepared], method: str = "gradcam", target=None, *, top_k: int = 1,
                 layer: Optional[str] = None, score: str = "logit", smooth: Optional[float] = None,
                 progress: Optional[Progress] = None, **options) -> Explanation:
-        """Explain one input. `target`: class index, label or a list of them; default the top `top_k` classes."""
+        """Explain one input. `target`: class index, label or a list of them; default the top `top_k` classes.
+        A float array shaped like one output row is a weighting instead: score = sum(target * output)."""
         spec = get_method(method)
         opts = check_options(spec, options)
         if score not in ("logit", "probability"):

@@ -1,0 +1,116 @@
+"""Weighted targets: score = sum(w * output), e.g. a class channel's mask on a segmentation model
+(pytorch-grad-cam's SemanticSegmentationTarget).
+
+Gradient methods are checked against torch.autograd of the weighted sum; perturbation methods
+against the same model with the weighted sum built into its graph and an ordinary class target.
+"""
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import onnxsal
+from onnxsal.cli import main
+from onnxsal.errors import TargetError
+
+from test_gradient_methods import ref_cams
+
+
+def seg_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 3, 1)).eval()
+
+
+@pytest.fixture(scope="module")
+def seg(tmp_path_factory):
+    net = seg_net()
+    path = tmp_path_factory.mktemp("seg") / "seg.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["image"], output_names=["masks"],
+                          opset_version=17, dynamo=False)
+    weights = np.zeros((3, 16, 16), np.float32)
+    weights[1, 3:9, 5:12] = 1.0                      # class 1 inside a box
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    return net, onnx.load(str(path)), weights, x
+
+
+def with_score_head(model: onnx.ModelProto, weights: np.ndarray) -> onnx.ModelProto:
+    """The model plus an output 'score' (N, 1) = sum(weights * masks), in its own graph."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    g = m.graph
+    g.initializer.extend([numpy_helper.from_array(weights[None], "w_head"),
+                          numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes_head")])
+    g.node.extend([helper.make_node("Mul", ["masks", "w_head"], ["weighted"]),
+                   helper.make_node("ReduceSum", ["weighted", "axes_head"], ["score"], keepdims=0),
+                   helper.make_node("Unsqueeze", ["score", "axes_one"], ["score2"])])
+    g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axes_one"))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("score2", TensorProto.FLOAT, [1, 1]))
+    return m
+
+
+def test_gradients_and_cams_match_torch(seg):
+    net, model, weights, x = seg
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    store = {}
+
+    def keep(_, __, out):
+        out.retain_grad()
+        store["a"] = out
+
+    h = net[3].register_forward_hook(keep)
+    xt = torch.tensor(x, requires_grad=True)
+    (net(xt) * torch.tensor(weights)).sum().backward()
+    h.remove()
+    sal = ex.explain(x, "saliency", target=weights)
+    np.testing.assert_allclose(sal.raw[0], xt.grad.abs().amax(dim=1)[0].numpy(), rtol=1e-4, atol=1e-6)
+    assert sal.targets[0].label == "weights"
+    relu2 = [n for n in model.graph.node if n.op_type == "Relu"][1].output[0]
+    expected = ref_cams(store["a"].detach().numpy()[0], store["a"].grad.numpy()[0])
+    for name in ("gradcam", "layercam", "hirescam"):
+        got = ex.explain(x, name, target=weights, layer=relu2).raw[0]
+        np.testing.assert_allclose(got, expected[name], rtol=1e-3, atol=1e-4 * np.abs(expected[name]).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("method,opts", [("occlusion", {"window": 4}), ("scorecam", {}), ("ablationcam", {}),
+                                         ("ig", {"steps": 8})])
+def test_weights_equal_the_score_built_into_the_graph(seg, method, opts):
+    _, model, weights, x = seg
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    headed = onnxsal.Explainer(with_score_head(model, weights), "cpu", preprocess="raw")
+    relu2 = [n for n in model.graph.node if n.op_type == "Relu"][1].output[0]
+    layer = {"layer": relu2} if method.endswith("cam") else {}
+    ours = ex.explain(x, method, target=weights, **layer, **opts)
+    ref = headed.explain(x, method, target=1, **layer, **opts)      # one output unit: class 1 is +output
+    np.testing.assert_allclose(ours.raw, ref.raw, rtol=1e-4, atol=1e-5 * np.abs(ref.raw).max())
+
+
+def test_bad_weights_are_refused(seg, tmp_path, capsys):
+    _, model, weights, x = seg
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    with pytest.raises(TargetError, match="hold 10 values"):
+        ex.explain(x, "saliency", target=np.ones(10, np.float32))
+    bad = weights.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(TargetError, match="finite"):
+        ex.explain(x, "saliency", target=bad)
+    path = tmp_path / "seg.onnx"
+    onnx.save(model, str(path))
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "w.npy", weights)
+    base = ["explain", str(path), str(tmp_path / "x.npy"), "-m", "saliency", "--out", str(tmp_path / "out")]
+    assert main(base + ["--target-weights", str(tmp_path / "nope.npy")]) != 0
+    assert main(base + ["--target-weights", str(tmp_path / "w.npy"), "--target", "1"]) != 0
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    assert main(base + ["--target-weights", str(tmp_path / "junk.npy")]) != 0
+    err = capsys.readouterr().err
+    assert "not found" in err and "not both" in err and "cannot read" in err and "Traceback" not in err
+    assert main(base + ["--target-weights", str(tmp_path / "w.npy")]) == 0
+    assert (tmp_path / "out" / "x.saliency.png").exists()
