@@ -106,7 +106,10 @@ class Model:
 
     @property
     def default_layer(self) -> Optional[Layer]:
-        return self.layers[-1] if self.layers else None
+        """The last conv layer, unless it is the scored tensor itself (a segmentation model's class
+        maps): a CAM there weighs the scores by their own gradients, so the one before serves."""
+        inner = [la for la in self.layers if la.tensor not in (self.logits, self.output)]
+        return inner[-1] if inner else (self.layers[-1] if self.layers else None)
 
     @property
     def binary(self) -> bool:
@@ -128,7 +131,7 @@ class Model:
                     "this model has no conv layers with a spatial map, so CAM methods cannot run; "
                     "use occlusion, rise or a gradient method such as saliency"
                 )
-            return self.layers[-1]
+            return self.default_layer
         name = self.layer_aliases.get(name, name)
         for layer in self.layers:
             if name in (layer.tensor, layer.node):

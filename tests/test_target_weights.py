@@ -114,3 +114,26 @@ def test_bad_weights_are_refused(seg, tmp_path, capsys):
     assert "not found" in err and "not both" in err and "cannot read" in err and "Traceback" not in err
     assert main(base + ["--target-weights", str(tmp_path / "w.npy")]) == 0
     assert (tmp_path / "out" / "x.saliency.png").exists()
+
+
+def test_default_layer_is_not_the_scored_maps(seg):
+    _, model, weights, x = seg
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    relu2 = [n for n in model.graph.node if n.op_type == "Relu"][1].output[0]
+    assert ex.model.layers[-1].tensor == ex.model.logits          # the 1x1 classifier's output is a candidate
+    assert ex.model.default_layer.tensor == relu2
+    res = ex.explain(x, "gradcam", target=weights)
+    assert res.layer == relu2
+
+
+def test_cams_on_the_scored_maps_themselves(seg):
+    """--layer may name the output tensor: its gradient is the seed itself, so Grad-CAM weighs
+    each class map by the mean of its weights."""
+    _, model, weights, x = seg
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    res = ex.explain(x, "gradcam", target=weights, layer=ex.model.logits)
+    (masks,) = ex.engine.outputs(x, [ex.model.logits])
+    expected = np.maximum(np.einsum("k,khw->hw", weights.mean(axis=(1, 2)), masks[0]), 0)
+    np.testing.assert_allclose(res.raw[0], expected, rtol=1e-5, atol=1e-6)
+    abl = ex.explain(x, "ablationcam", target=weights, layer=ex.model.logits)
+    assert np.isfinite(abl.raw).all()

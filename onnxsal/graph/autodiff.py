@@ -602,7 +602,7 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
             shape = b.shape_of(x)
             b.nodes.append(helper.make_node("ConstantOfShape", [shape], [name], name=b.fresh("zeros_node"),
                                             value=numpy_helper.from_array(np.zeros((1,), _np_dtype(et)))))
-        else:
+        elif gx != name:           # gx == name: x is y itself, and its gradient the cotangent input
             b.nodes.append(helper.make_node("Identity", [gx], [name], name=b.fresh("out_node")))
         grad_outs.append(name)
 

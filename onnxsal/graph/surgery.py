@@ -128,7 +128,7 @@ def replace(model: onnx.ModelProto, at: str, outputs: Sequence[str]) -> onnx.Mod
     shapes = tensor_shapes(model)
     given = _value_info(model, at, shapes)
     nodes, reached = _needed_nodes(g, outputs, {at})
-    if not any(at in n.input for n in nodes):
+    if at not in outputs and not any(at in n.input for n in nodes):
         raise LayerError(f"{', '.join(outputs)} do not depend on {at!r}")
     inputs = [given] + [i for i in g.input if i.name not in inits and i.name in reached and i.name != at]
     return _rebuild(model, nodes, inputs, [_value_info(model, o, shapes) for o in outputs])
