@@ -65,6 +65,13 @@ class Context:
             self.clean = (logits[clean_row].reshape(-1), out[clean_row].reshape(-1))
         return score_rows(out if m.score_tensor(self.score) == m.output else logits, self.targets)
 
+    def logits(self) -> np.ndarray:
+        """(C,) logits of x: from the pass that picked the targets, else from a forward pass now."""
+        if self.clean is None:
+            logits, out = self.engine.outputs(self.x, [self.model.logits, self.model.output])
+            self.clean = (logits.reshape(-1), out.reshape(-1))
+        return self.clean[0]
+
     def activations(self) -> np.ndarray:
         """(1, K, h, w) activations of the chosen layer for the input (from the first forward pass)."""
         if self.acts is None:

@@ -233,7 +233,8 @@ class Explainer:
             logits, out, *acts = self.engine.outputs(prepared.tensor, wanted)   # one forward pass for all three
             logits, out = logits.reshape(-1), out.reshape(-1)
         targets = self.targets(None if lazy else logits if m.activation is None else out, target, top_k, score)
-        ctx = Context(self.engine, prepared.tensor, targets, the_layer, score, progress, acts=acts[0] if acts else None)
+        ctx = Context(self.engine, prepared.tensor, targets, the_layer, score, progress, acts=acts[0] if acts else None,
+                      clean=None if lazy else (logits, out))
         raw = np.asarray(spec.fn(ctx, **opts), np.float32)
         if lazy:
             if ctx.clean is None:

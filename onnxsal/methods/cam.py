@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from ..context import Context
+from ..errors import MethodError
 from ..postprocess import normalize, resize
 from . import method
 
@@ -158,6 +159,51 @@ def eigengradcam(ctx: Context, aug_smooth: bool = False) -> np.ndarray:
         return augmented(ctx, eigengradcam)
     a, g = layer_grads(ctx)
     return projected(g * a)
+
+
+def finer_seed(logits: np.ndarray, main: int, alpha: float, comparison: tuple) -> np.ndarray:
+    """d f / d logits for Finer-CAM's score f = sum_j p_j (o_m - alpha o_j) / (sum_j p_j + 1e-9), p = softmax(o),
+    j over the classes ranked `comparison` by |o - o_m| (rank 0 is m itself; pytorch-grad-cam's
+    FinerWeightedTarget). The VJP only needs this vector, computed here in float64."""
+    o = logits.astype(np.float64)
+    order = np.argsort(np.abs(o - o[main]), kind="stable")
+    js = [int(order[r]) for r in comparison if r < len(o)]
+    p = np.exp(o - o.max())
+    p /= p.sum()
+    inside = np.zeros_like(o)
+    inside[js] = 1.0
+    diff = o[main] - alpha * o                          # o_m - alpha o_j, per j
+    s = float(p[js].sum())
+    n = float((p[js] * diff[js]).sum())
+    # dS/do_k = p_k [k in J] - p_k S;  dN/do_k = p_k [k in J] (diff_k - alpha) - p_k N + [k = m] S
+    ds = p * inside - p * s
+    dn = p * inside * (diff - alpha) - p * n
+    dn[main] += s
+    return ((dn * (s + 1e-9) - n * ds) / (s + 1e-9) ** 2).astype(np.float32)
+
+
+@method("finercam", family="cam", needs_layer=True)
+def finercam(ctx: Context, alpha: float = 1.0, comparison: str = "1,2,3", eigen_smooth: bool = False) -> np.ndarray:
+    """Finer-CAM: Grad-CAM of the target's logit against the classes closest to it, weighted by their probabilities.
+
+    The score is pytorch-grad-cam's FinerWeightedTarget; ``comparison`` ranks classes by how close
+    their logits are to the target's (rank 0 is the target itself), ``alpha`` scales them.
+    """
+    try:
+        ranks = tuple(int(r) for r in str(comparison).split(",") if r.strip())
+    except ValueError:
+        ranks = ()
+    if not ranks or min(ranks) < 0:
+        raise MethodError(f"comparison must be comma-separated ranks >= 0, not {comparison!r}")
+    if ctx.model.binary:
+        raise MethodError("finercam compares classes; this model has a single output unit")
+    if any(t.index < 0 for t in ctx.targets):
+        raise MethodError("finercam builds its own score from a class; give a class index, not weights")
+    seeds = np.stack([finer_seed(ctx.logits(), t.index, float(alpha), ranks) for t in ctx.targets])
+    acts = np.repeat(ctx.activations(), len(ctx.targets), axis=0)
+    g = ctx.engine.layer_gradients(acts, seeds, ctx.layer.tensor, ctx.x, progress=ctx.progress)
+    a, g = ctx.layer.grid(acts), ctx.layer.grid(g)
+    return channel_sum(by_channel(gradcam_weights)(a, g), eigen_smooth)
 
 
 @method("guidedgradcam", family="cam", needs_layer=True)
