@@ -159,7 +159,7 @@ class Explainer:
         (out,) = self.engine.outputs(p.tensor, [self.model.output])
         return out.reshape(-1)
 
-    def targets(self, scores: np.ndarray, target: Union[int, str, Sequence[Union[int, str]], None],
+    def targets(self, scores: np.ndarray, target: Union[int, str, Sequence[Union[int, str]], np.ndarray, None],
                 top_k: int, score: str) -> list[Target]:
         m = self.model
         if isinstance(target, np.ndarray) and target.dtype.kind == "f":

@@ -1,6 +1,6 @@
 """Derive models from one model: expose inner tensors, split at a tensor, replace a tensor.
 
-Both keep the original nodes untouched (so exposed activations are bit-for-bit
+All keep the original nodes untouched (so exposed activations are bit-for-bit
 those of the model) and prune what the new outputs do not need, so a head or
 tail costs only its own share of the forward pass.
 """
