@@ -67,3 +67,20 @@ def test_two_targets_in_one_call_equal_separate_calls():
         one = ex.explain(x, "layerig", target=t, layer="relu1", steps=8)
         np.testing.assert_allclose(both.raw[k], one.raw[0], rtol=1e-5, atol=1e-6)
     assert len(make_targets(ex.model, [1, 4])) == len(both.info["completeness_gap"]) == 2
+
+
+def test_matches_captum_on_transformer_tokens(tmp_path):
+    """A token layer: attributions per token and channel, the class token dropped for the map."""
+    from test_autodiff_models import build
+    from test_autodiff_models import export as export_vit
+
+    net = build("vit")
+    model = export_vit(net, tmp_path / "vit.onnx", dynamic=True)
+    ln1 = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    x = np.random.default_rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    for target in (1, 6):
+        attr, _ = captum_layer_ig(net, net.ln1, x, np.zeros_like(x), target, 16)
+        expected = attr[1:].reshape(4, 4, -1).sum(axis=-1)
+        got = ex.explain(x, "layerig", target=target, layer=ln1.output[0], steps=16).raw[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
