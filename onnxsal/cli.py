@@ -196,14 +196,9 @@ def explain(
 def _weights(path: str) -> "np.ndarray":
     import numpy as np
 
-    from .errors import MissingFileError
+    from .preprocess import read_npy
 
-    if not os.path.exists(path):
-        raise MissingFileError(f"target weights file not found: {path}")
-    try:
-        w = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise TargetError(f"cannot read target weights {path}: {type(exc).__name__}: {exc}") from exc
+    w = read_npy(path, "target weights", TargetError)
     if not np.issubdtype(w.dtype, np.number) or w.size == 0:
         raise TargetError(f"target weights {path} hold no numbers")
     return np.asarray(w, np.float32)

@@ -136,18 +136,23 @@ class Prepared:
     notes: list = field(default_factory=list)
 
 
+def read_npy(path: str, what: str, error: type) -> np.ndarray:
+    """A .npy file's array (no pickles); a missing file or unreadable data is a one-line `error`."""
+    if not os.path.exists(path):
+        raise MissingFileError(f"{what} not found: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise error(f"cannot read {what} {path} as a NumPy array: {type(exc).__name__}: {exc}") from exc
+
+
 def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Optional[Preprocess], *,
             layout: str, channels: int, size: tuple) -> Prepared:
     """Load an image file, a PIL image, or an already preprocessed array into model input."""
     notes: list[str] = []
     if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".npy"):
         path = os.fspath(source)
-        if not os.path.exists(path):
-            raise MissingFileError(f"input not found: {path}")
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            raise ImageError(f"cannot read {path} as a NumPy array: {exc}") from exc
+        arr = read_npy(path, "input", ImageError)
         return Prepared(_check_array(arr, layout, channels, size), None, _stem(path), ["input taken as already preprocessed"])
     if isinstance(source, np.ndarray):
         return Prepared(_check_array(source, layout, channels, size), None, "array", notes)

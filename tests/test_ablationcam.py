@@ -12,7 +12,6 @@ import torch
 import onnxsal
 
 import tiny
-from test_autodiff_models import build, export
 from test_fullgrad import residual_case
 
 
@@ -66,10 +65,8 @@ def test_layer_inside_a_residual_block(tmp_path):
     check(ex, net, net.a, x, relu_a, (0, 4))
 
 
-def test_transformer_token_layer(tmp_path):
-    net = build("vit")
-    model = export(net, tmp_path / "m.onnx", dynamic=True)
-    ln1 = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+def test_transformer_token_layer(vit):
+    net, model, ln1 = vit
     ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
     x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
     grid = lambda a: a[0, 1:].reshape(4, 4, -1).transpose(2, 0, 1)  # noqa: E731  (class token dropped)

@@ -69,14 +69,9 @@ def test_two_targets_in_one_call_equal_separate_calls():
     assert len(make_targets(ex.model, [1, 4])) == len(both.info["completeness_gap"]) == 2
 
 
-def test_matches_captum_on_transformer_tokens(tmp_path):
+def test_matches_captum_on_transformer_tokens(vit):
     """A token layer: attributions per token and channel, the class token dropped for the map."""
-    from test_autodiff_models import build
-    from test_autodiff_models import export as export_vit
-
-    net = build("vit")
-    model = export_vit(net, tmp_path / "vit.onnx", dynamic=True)
-    ln1 = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    net, model, ln1 = vit
     ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
     x = np.random.default_rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)
     for target in (1, 6):

@@ -11,16 +11,7 @@ from onnxsal.errors import LayerError, MethodError
 from onnxsal.export import export as export_graph
 from onnxsal.model import load, token_grid
 
-from test_autodiff_models import build, export
 from test_gradient_methods import ref_cams
-
-
-@pytest.fixture(scope="module")
-def vit(tmp_path_factory):
-    net = build("vit")
-    model = export(net, tmp_path_factory.mktemp("vit") / "m.onnx", dynamic=True)
-    ln1 = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
-    return net, model, ln1
 
 
 def torch_tokens(net, x, target):
