@@ -79,7 +79,12 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     inp = m.input
     out.print(f"[bold]{os.path.basename(m.path)}[/]")
     out.print(f"  input     {inp.name}  {inp.layout}  {inp.channels}x{inp.height}x{inp.width}")
-    out.print(f"  output    {m.output}  ({m.num_classes} {'unit: binary classifier' if m.binary else 'classes'})")
+    if m.dense is not None:
+        d = m.dense
+        out.print(f"  output    {m.output}  ({d.classes} classes per pixel, {d.height}x{d.width}: a class target "
+                  "scores its map over the pixels it wins)")
+    else:
+        out.print(f"  output    {m.output}  ({m.num_classes} {'unit: binary classifier' if m.binary else 'classes'})")
     act = f"before the final {m.activation}" if m.activation else "the output itself (no final activation found)"
     out.print(f"  logits    {m.logits}  ({act})")
     out.print(f"  preprocess {m.preprocess.describe() if m.preprocess else 'none in metadata (give --preprocess)'}")

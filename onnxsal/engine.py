@@ -120,9 +120,27 @@ def score_rows(out: np.ndarray, targets: Sequence[Target]) -> np.ndarray:
     return flat @ seeds.T + offsets
 
 
-def make_targets(model: Model, indices: Sequence[int], score: str = "logit") -> list[Target]:
+def make_targets(model: Model, indices: Sequence[int], score: str = "logit",
+                 row: Optional[np.ndarray] = None) -> list[Target]:
     """Seeds for class indices. Binary single-unit models: class 1 = +output, class 0 = -output
-    (and 1 - p for probabilities, so class 0's probability is scored)."""
+    (and 1 - p for probabilities, so class 0's probability is scored).
+
+    Per-pixel models (``model.dense``): class c scores the sum of its map over the pixels the
+    model assigns to c in ``row`` (its output on the input), pytorch-grad-cam's segmentation
+    recipe; over every pixel when it assigns none.
+    """
+    if model.dense is not None:
+        if row is None:
+            raise ValueError("a per-pixel model's class targets need its output row")
+        maps = model.dense.maps(row)
+        predicted = maps.argmax(axis=0)
+        out = []
+        for i in indices:
+            mask = predicted == i
+            seed = np.zeros(maps.shape, np.float32)
+            seed[int(i)] = mask if mask.any() else 1.0
+            out.append(Target(int(i), model.label(int(i)), model.dense.flat(seed)))
+        return out
     out = []
     for i in indices:
         if model.binary:

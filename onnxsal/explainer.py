@@ -16,7 +16,7 @@ from .methods import check_options, get as get_method, methods as method_names
 from .context import Context
 from .engine import Engine, Target, make_targets
 from .errors import ImageError, TargetError
-from .model import Layer, Model, load
+from .model import DenseOutput, Layer, Model, load
 from .postprocess import finish, resize
 from .preprocess import Prepared, Preprocess, make_spec, prepare
 from .runtime import Progress, Runtime
@@ -44,6 +44,7 @@ class Explanation:
     model_path: str = ""
     input_size: tuple = ()
     labels: Optional[list] = field(default=None, repr=False)
+    dense: Optional[DenseOutput] = field(default=None, repr=False)   # per-pixel models
 
     @property
     def map(self) -> np.ndarray:
@@ -54,9 +55,15 @@ class Explanation:
         return self.targets[0]
 
     def top(self, k: int = 5) -> list[dict]:
-        order = np.argsort(-self.scores, kind="stable")[:k]
+        """The k highest-scoring classes; for a per-pixel model, those covering most pixels, the
+        score being their share of the pixels."""
+        if self.dense is not None:
+            values, order = class_shares(self.dense, self.scores)
+        else:
+            values, order = self.scores, np.argsort(-self.scores, kind="stable")
+        order = order[:k]
         return [{"index": int(i), "label": (self.labels[i] if self.labels and i < len(self.labels) else str(i)),
-                 "score": float(self.scores[i])} for i in order]
+                 "score": float(values[i])} for i in order]
 
     def summary(self) -> dict:
         return {
@@ -73,9 +80,10 @@ class Explanation:
         }
 
     def _score_of(self, t: Target) -> float:
-        if t.index < 0:      # weights: the score as it was explained
+        if t.index < 0 or self.dense is not None:     # the score as explained; per pixel for class maps
             row = self.logits if self.options.get("score", "logit") == "logit" else self.scores
-            return float(np.dot(t.seed, row.reshape(-1)) + t.offset)
+            value = float(np.dot(t.seed, row.reshape(-1)) + t.offset)
+            return value / max(float(t.seed.sum()), 1.0) if self.dense is not None and t.index >= 0 else value
         row = self.scores.reshape(-1)
         if len(row) == 1:  # binary single unit
             return float(row[0] if t.index == 1 else (1 - row[0] if 0 <= row[0] <= 1 else -row[0]))
@@ -111,6 +119,14 @@ class Explanation:
         with open(base + ".json", "w") as f:
             json.dump(summary, f, indent=2)
         return [stem + ".png", stem + ".npy", base + ".json"]
+
+
+def class_shares(dense: DenseOutput, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(C,) the share of pixels each class wins (argmax over the class maps), and the classes in
+    order of that share, ties (classes that win no pixel) by their mean score."""
+    maps = dense.maps(row)
+    shares = np.bincount(maps.argmax(axis=0), minlength=dense.classes) / maps.shape[1]
+    return shares, np.lexsort((-maps.mean(axis=1), -shares))
 
 
 def _jsonable(v: Any) -> Any:
@@ -169,6 +185,8 @@ class Explainer:
                 prob = float(scores.reshape(-1)[0])
                 first = 1 if (prob > (0.5 if m.activation == "sigmoid" else 0.0)) else 0
                 order = [first, 1 - first]
+            elif m.dense is not None:      # the classes covering most pixels first
+                order = list(class_shares(m.dense, scores)[1])
             else:
                 order = list(np.argsort(-scores.reshape(-1), kind="stable"))
             if top_k < 1:
@@ -177,7 +195,7 @@ class Explainer:
         else:
             items = list(target) if isinstance(target, (list, tuple)) else [target]
             indices = [self._resolve(t) for t in items]
-        return make_targets(m, indices, score)
+        return make_targets(m, indices, score, row=scores)
 
     def _weights_target(self, w: np.ndarray, score: str) -> Target:
         """Score = sum(w * output row): pytorch-grad-cam's SemanticSegmentationTarget is a class
@@ -225,7 +243,8 @@ class Explainer:
         start = time.perf_counter()
         # With the targets given, a gradient method's own pass usually has the scores of x (Context.clean),
         # so the forward pass that would pick the targets is skipped (ResNet-50 saliency: 0.26 -> 0.12 s).
-        lazy = spec.family == "gradient" and target is not None and the_layer is None
+        lazy = spec.family == "gradient" and target is not None and the_layer is None and (
+            m.dense is None or isinstance(target, np.ndarray))    # a per-pixel class target needs the output
         logits = out = None
         acts: list = []
         if not lazy:
@@ -263,4 +282,4 @@ class Explainer:
         settings["score"] = score
         return Explanation(maps, raw, targets, spec.name, settings, the_layer.tensor if the_layer else None,
                            out, logits, seconds, prepared.name, prepared.display, notes, ctx.info,
-                           m.path, m.input.size, m.labels if not m.binary else (m.labels or ["0", "1"]))
+                           m.path, m.input.size, m.labels if not m.binary else (m.labels or ["0", "1"]), m.dense)

@@ -98,6 +98,10 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     method = method.lower()
     if method not in EXPORTABLE:
         raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
+    if m.dense is not None:
+        raise MethodError("export builds graphs that take a class index per image for classifiers; this model's "
+                          f"output is a map per class ({m.dense.classes} x {m.dense.height} x {m.dense.width}): "
+                          "use onnxsal explain")
     x_name = m.input.name
     cam = method not in GRADIENT
     lay = m.find_layer(layer) if cam else None     # resolved on the model as given (aliases, node names)

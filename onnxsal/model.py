@@ -73,6 +73,28 @@ class Layer:
         return np.ascontiguousarray(a[:, self.prefix:, :].reshape(len(a), h, w, c).transpose(0, 3, 1, 2))
 
 
+@dataclass(frozen=True)
+class DenseOutput:
+    """A per-pixel output: `classes` maps of height x width (a segmentation model's logits).
+
+    Its axis order follows the input's layout: (C, H, W) for NCHW models, (H, W, C) for NHWC ones.
+    """
+
+    classes: int
+    height: int
+    width: int
+    channels_last: bool
+
+    def maps(self, row: np.ndarray) -> np.ndarray:
+        """A flattened output row as (classes, height * width)."""
+        r = np.asarray(row).reshape(-1)
+        return r.reshape(self.height * self.width, self.classes).T if self.channels_last else r.reshape(self.classes, -1)
+
+    def flat(self, maps: np.ndarray) -> np.ndarray:
+        """(classes, height * width) back to a flattened output row."""
+        return np.ascontiguousarray(maps.T if self.channels_last else maps).reshape(-1)
+
+
 @dataclass
 class Model:
     """A loaded, normalised model and what onnxsal found in it.
@@ -95,6 +117,7 @@ class Model:
     labels: Optional[list[str]]
     metadata: dict = field(default_factory=dict)
     layer_aliases: dict = field(default_factory=dict)
+    dense: Optional[DenseOutput] = None      # set for per-pixel outputs; a class index then names a class map
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -107,8 +130,11 @@ class Model:
     @property
     def default_layer(self) -> Optional[Layer]:
         """The last conv layer, unless it is the scored tensor itself (a segmentation model's class
-        maps): a CAM there weighs the scores by their own gradients, so the one before serves."""
-        inner = [la for la in self.layers if la.tensor not in (self.logits, self.output)]
+        maps, also when only a Transpose to NHWC follows them): a CAM there weighs the scores by their
+        own gradients, so the one before serves."""
+        d = self.dense
+        maps = (d.classes, d.height, d.width) if d is not None else None
+        inner = [la for la in self.layers if la.tensor not in (self.logits, self.output) and tuple(la.shape) != maps]
         return inner[-1] if inner else (self.layers[-1] if self.layers else None)
 
     @property
@@ -118,6 +144,8 @@ class Model:
 
     @property
     def n_targets(self) -> int:
+        if self.dense is not None:
+            return self.dense.classes
         return 2 if self.binary else self.num_classes
 
     def score_tensor(self, score: str) -> str:
@@ -376,6 +404,11 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if out_shape is None or None in out_shape[1:]:
         raise ModelError(f"cannot tell the number of classes: output {graph_out!r} has an unknown shape")
     num_classes = int(np.prod(out_shape[1:]))
+    dense = None
+    if len(out_shape) == 4:       # a map per class: its axes in the input's layout
+        c, h, w = (out_shape[3], out_shape[1], out_shape[2]) if layout == "NHWC" else out_shape[1:]
+        if h * w > 1:
+            dense = DenseOutput(int(c), int(h), int(w), layout == "NHWC")
 
     label_list = list(labels) if labels else None
     if label_list is None and META_LABELS in meta:
@@ -393,4 +426,4 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if spec is not None:
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
-                 spec, label_list, meta, aliases)
+                 spec, label_list, meta, aliases, dense)

@@ -137,3 +137,93 @@ def test_cams_on_the_scored_maps_themselves(seg):
     np.testing.assert_allclose(res.raw[0], expected, rtol=1e-5, atol=1e-6)
     abl = ex.explain(x, "ablationcam", target=weights, layer=ex.model.logits)
     assert np.isfinite(abl.raw).all()
+
+
+def nhwc_twin(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same network taking and giving (N, H, W, C): Transposes around the NCHW graph."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    g = m.graph
+    for node in g.node:
+        node.input[:] = ["image_nchw" if i == "image" else i for i in node.input]
+        node.output[:] = ["masks_nchw" if o == "masks" else o for o in node.output]
+    g.node.insert(0, helper.make_node("Transpose", ["image"], ["image_nchw"], perm=[0, 3, 1, 2]))
+    g.node.append(helper.make_node("Transpose", ["masks_nchw"], ["masks"], perm=[0, 2, 3, 1]))
+    del g.input[:], g.output[:], g.value_info[:]
+    g.input.append(helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 16, 16, 3]))
+    g.output.append(helper.make_tensor_value_info("masks", TensorProto.FLOAT, [1, 16, 16, 3]))
+    return m
+
+
+def test_class_index_on_a_per_pixel_model_scores_its_predicted_pixels(seg):
+    """On a (C, H, W) output a class index is pytorch-grad-cam's SemanticSegmentationTarget with the
+    predicted mask of that class; the default target is the class that wins most pixels."""
+    _, model, _, x = seg
+    ex = onnxsal.Explainer(with_bias(model, class_=2, delta=0.3), "cpu", preprocess="raw")   # class 2 wins a few pixels
+    assert ex.model.dense is not None and ex.model.n_targets == 3
+    out = ex.engine.outputs(x, [ex.model.logits])[0][0]
+    predicted = out.argmax(axis=0)
+    counts = np.bincount(predicted.ravel(), minlength=3)
+    assert counts.min() > 0
+    for c in range(3):
+        w = np.zeros_like(out)
+        w[c] = predicted == c
+        for name in ("saliency", "gradcam"):
+            np.testing.assert_allclose(ex.explain(x, name, target=c).raw, ex.explain(x, name, target=w).raw,
+                                       rtol=1e-5, atol=1e-7, err_msg=name)
+    res = ex.explain(x, "gradcam")
+    assert res.targets[0].index == int(counts.argmax())
+    top = res.top(3)
+    assert [t["index"] for t in top] == list(np.argsort(-counts, kind="stable"))
+    np.testing.assert_allclose([t["score"] for t in top], np.sort(counts)[::-1] / predicted.size)
+    with pytest.raises(TargetError, match="out of range"):
+        ex.explain(x, "gradcam", target=3)
+
+
+def test_a_class_that_wins_no_pixel_scores_its_whole_map(seg):
+    _, model, _, x = seg
+    shifted = with_bias(model, class_=2, delta=-50.0)          # class 2 never wins now
+    ex2 = onnxsal.Explainer(shifted, "cpu", preprocess="raw")
+    assert ex2.explain(x, "gradcam").top(3)[-1] == {"index": 2, "label": "2", "score": 0.0}
+    whole = np.zeros((3, 16, 16), np.float32)
+    whole[2] = 1.0
+    np.testing.assert_allclose(ex2.explain(x, "saliency", target=2).raw, ex2.explain(x, "saliency", target=whole).raw,
+                               rtol=1e-5, atol=1e-7)
+
+
+def with_bias(model: onnx.ModelProto, class_: int, delta: float) -> onnx.ModelProto:
+    """The model with `delta` added to one class's logits (the last Conv's bias)."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    last = [n for n in m.graph.node if n.op_type == "Conv"][-1]
+    init = next(i for i in m.graph.initializer if i.name == last.input[2])
+    b = numpy_helper.to_array(init).copy()
+    b[class_] += delta
+    init.CopyFrom(numpy_helper.from_array(b, init.name))
+    return m
+
+
+def test_per_pixel_targets_do_not_depend_on_the_layout(seg):
+    """The NHWC twin ends in a Transpose after its class maps; its default CAM layer is still the
+    one before them, and its class targets the same pixels."""
+    _, model, _, x = seg
+    a = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    b = onnxsal.Explainer(nhwc_twin(model), "cpu", preprocess="raw")
+    assert b.model.dense.channels_last and b.model.dense.classes == 3
+    xt = x.transpose(0, 2, 3, 1).copy()
+    for name in ("saliency", "gradcam", "occlusion"):
+        opts = {"window": 4} if name == "occlusion" else {}
+        ra, rb = a.explain(x, name, top_k=2, **opts), b.explain(xt, name, top_k=2, **opts)
+        assert [t.index for t in ra.targets] == [t.index for t in rb.targets]
+        np.testing.assert_allclose(ra.maps, rb.maps, atol=1e-4, err_msg=name)
+
+
+def test_export_and_inspect_of_a_per_pixel_model(seg, tmp_path, capsys):
+    from onnxsal.export import export
+    from onnxsal.errors import MethodError
+
+    _, model, _, _ = seg
+    with pytest.raises(MethodError, match="map per class"):
+        export(model, "gradcam")
+    path = tmp_path / "seg.onnx"
+    onnx.save(model, str(path))
+    assert main(["inspect", str(path)]) == 0
+    assert "3 classes per pixel, 16x16" in capsys.readouterr().out
