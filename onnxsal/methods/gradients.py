@@ -21,6 +21,7 @@ Attributions are (T, C, H, W); maps reduce the channels ("max_abs", "sum", "abs_
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Union
 
 import numpy as np
@@ -84,14 +85,36 @@ def smoothgrad_attr(ctx: Context, n_samples: int, noise_level: float, seed: Opti
         raise MethodError(f"nt_type must be one of {', '.join(NT_TYPES)}, not {nt_type!r}")
     if noise is None:
         noise = input_noise(ctx, ctx.rng(seed), n_samples, noise_level)
-    g = input_grads(ctx, ctx.x + noise)
+    return aggregate(input_grads(ctx, ctx.x + noise), nt_type)
+
+
+def aggregate(samples: np.ndarray, nt_type: str) -> np.ndarray:
+    """(T, S, ...) values at S noisy copies -> (T, ...): their mean, mean square or variance (NoiseTunnel's types)."""
+    if nt_type not in NT_TYPES:
+        raise MethodError(f"nt_type must be one of {', '.join(NT_TYPES)}, not {nt_type!r}")
     if nt_type == "smoothgrad":
-        return g.mean(axis=1)
-    g64 = g.astype(np.float64)      # E[g^2] - E[g]^2 cancels; float64 keeps the variance's digits
+        return samples.mean(axis=1)
+    g64 = samples.astype(np.float64)      # E[g^2] - E[g]^2 cancels; float64 keeps the variance's digits
     sq = (g64 * g64).mean(axis=1)
     if nt_type == "smoothgrad_sq":
         return sq.astype(np.float32)
     return np.maximum(sq - g64.mean(axis=1) ** 2, 0).astype(np.float32)
+
+
+def tunnelled(ctx: Context, attr_fn, nt_samples: int, nt_level: float, nt_type: str, seed: Optional[int]) -> np.ndarray:
+    """Captum's NoiseTunnel around any attribution ``attr_fn(ctx) -> (T, C, H, W)``: the attributions
+    of ``nt_samples`` noisy copies of x (SmoothGrad's noise), aggregated by ``nt_type``; 0 samples: none.
+    Baselines stay those of the clean input, as NoiseTunnel perturbs the inputs only."""
+    if nt_samples < 0 or nt_level < 0:
+        raise MethodError("nt_samples and nt_level must be >= 0")
+    if nt_type not in NT_TYPES:
+        raise MethodError(f"nt_type must be one of {', '.join(NT_TYPES)}, not {nt_type!r}")
+    if nt_samples == 0:
+        return attr_fn(ctx)
+    noise = input_noise(ctx, ctx.rng(seed), int(nt_samples), float(nt_level))
+    per = [attr_fn(replace(ctx, x=(ctx.x + noise[i:i + 1]).astype(np.float32), info={}, clean=None))
+           for i in range(int(nt_samples))]
+    return aggregate(np.stack(per, axis=1), nt_type)
 
 
 def ig_path(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
@@ -222,9 +245,13 @@ def smoothgrad(ctx: Context, n_samples: int = 20, noise_level: float = 0.15, see
 
 @method("ig", family="gradient")
 def integrated_gradients(ctx: Context, steps: int = 50, baseline: Union[str, float] = "zero",
-                         rule: str = "gausslegendre", blur_sigma: float = 5.0, reduce: str = "sum") -> np.ndarray:
+                         rule: str = "gausslegendre", blur_sigma: float = 5.0, reduce: str = "sum",
+                         nt_samples: int = 0, nt_level: float = 0.15, nt_type: str = "smoothgrad",
+                         nt_seed: int = 0) -> np.ndarray:
     """Integrated Gradients: (x - x0) times the mean gradient on the straight path from the baseline."""
-    return reduce_channels(ig_attr(ctx, steps, baseline, rule, blur_sigma), reduce)
+    x0 = baseline_for(ctx, baseline, blur_sigma)
+    attr = tunnelled(ctx, lambda c: ig_attr(c, steps, x0, rule, blur_sigma), nt_samples, nt_level, nt_type, nt_seed)
+    return reduce_channels(attr, reduce)
 
 
 @method("gradientshap", family="gradient")
@@ -261,24 +288,31 @@ def deeplift_attr(ctx: Context, baseline, blur_sigma: float) -> np.ndarray:
 
 @method("deeplift", family="gradient")
 def deeplift(ctx: Context, baseline: Union[str, float] = "zero", blur_sigma: float = 5.0,
-             reduce: str = "sum") -> np.ndarray:
+             reduce: str = "sum", nt_samples: int = 0, nt_level: float = 0.15, nt_type: str = "smoothgrad",
+             nt_seed: int = 0) -> np.ndarray:
     """DeepLIFT (Rescale): differences from a baseline pushed back with ratio-of-differences multipliers."""
-    return reduce_channels(deeplift_attr(ctx, baseline, blur_sigma), reduce)
+    bases = baselines_for(ctx, baseline, blur_sigma)
+    attr = tunnelled(ctx, lambda c: deeplift_attr(c, bases, blur_sigma), nt_samples, nt_level, nt_type, nt_seed)
+    return reduce_channels(attr, reduce)
 
 
 @method("inputxgradient", family="gradient")
-def input_x_gradient(ctx: Context, reduce: str = "sum") -> np.ndarray:
+def input_x_gradient(ctx: Context, reduce: str = "sum", nt_samples: int = 0, nt_level: float = 0.15,
+                     nt_type: str = "smoothgrad", nt_seed: int = 0) -> np.ndarray:
     """Input x Gradient: the input times its gradient."""
-    return reduce_channels(_x(ctx) * vanilla_attr(ctx), reduce)
+    attr = tunnelled(ctx, lambda c: _x(c) * vanilla_attr(c), nt_samples, nt_level, nt_type, nt_seed)
+    return reduce_channels(attr, reduce)
 
 
 @method("guidedbackprop", family="gradient")
-def guided_backprop(ctx: Context, reduce: str = "max_abs") -> np.ndarray:
+def guided_backprop(ctx: Context, reduce: str = "max_abs", nt_samples: int = 0, nt_level: float = 0.15,
+                    nt_type: str = "smoothgrad", nt_seed: int = 0) -> np.ndarray:
     """Guided Backprop: gradients through ReLUs that pass only positive signals both ways."""
-    return reduce_channels(guided_grads(ctx), reduce)
+    return reduce_channels(tunnelled(ctx, guided_grads, nt_samples, nt_level, nt_type, nt_seed), reduce)
 
 
 @method("deconvnet", family="gradient")
-def deconvnet(ctx: Context, reduce: str = "max_abs") -> np.ndarray:
+def deconvnet(ctx: Context, reduce: str = "max_abs", nt_samples: int = 0, nt_level: float = 0.15,
+              nt_type: str = "smoothgrad", nt_seed: int = 0) -> np.ndarray:
     """Deconvnet: gradients through ReLUs that pass only positive signals, ignoring the forward mask."""
-    return reduce_channels(deconv_grads(ctx), reduce)
+    return reduce_channels(tunnelled(ctx, deconv_grads, nt_samples, nt_level, nt_type, nt_seed), reduce)
