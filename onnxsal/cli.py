@@ -177,6 +177,9 @@ def explain(
     try:
         written = []
         for res in results:
+            summary = os.path.join(out_dir, res.name + ".json")
+            if os.path.exists(summary) and not os.path.exists(os.path.join(scratch, res.name + ".json")):
+                shutil.copy(summary, scratch)     # an earlier run's methods stay in the summary
             written += res.save(scratch, cmap=cmap, alpha=alpha)
         for path in dict.fromkeys(written):
             shutil.move(path, os.path.join(out_dir, os.path.basename(path)))

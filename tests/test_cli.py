@@ -89,3 +89,14 @@ def test_console_script_runs_in_a_subprocess(files):
     assert (tmp / "s" / "cat.rise.png").exists()
     r = subprocess.run([exe, "inspect", str(tmp / "cat.png")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_later_runs_add_their_methods_to_the_summary(files):
+    """Each run writes through a scratch folder; the summary in --out still gathers every run's methods."""
+    tmp, model = files
+    out = tmp / "results"
+    assert main(["explain", model, str(tmp / "cat.png"), "-m", "gradcam", "--out", str(out), "-q"]) == 0
+    assert main(["explain", model, str(tmp / "cat.png"), "-m", "saliency", "--out", str(out), "-q"]) == 0
+    summary = json.loads((out / "cat.json").read_text())
+    assert sorted(summary["methods"]) == ["gradcam", "saliency"]
+    assert not [p for p in os.listdir(out) if p.startswith(".onnxsal-")]
