@@ -93,15 +93,14 @@ def _free_names(model: onnx.ModelProto, names, keep: str) -> tuple[onnx.ModelPro
 
 def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_samples: int = 20,
            noise_level: float = 0.15, steps: int = 32) -> onnx.ModelProto:
-    """A standalone graph: inputs (image, target int64[N]); outputs (logits [N, C], map [N, H, W] in [0, 1])."""
+    """A standalone graph: inputs (image, target int64[N]); outputs (logits [N, C], map [N, H, W] in [0, 1]).
+
+    For a per-pixel model the logits are its class maps, and a target class scores its map over the
+    pixels the image's output assigns to it, as ``Explainer.explain`` does."""
     m: Model = load(model)
     method = method.lower()
     if method not in EXPORTABLE:
         raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
-    if m.dense is not None:
-        raise MethodError("export builds graphs that take a class index per image for classifiers; this model's "
-                          f"output is a map per class ({m.dense.classes} x {m.dense.height} x {m.dense.width}): "
-                          "use onnxsal explain")
     x_name = m.input.name
     cam = method not in GRADIENT
     lay = m.find_layer(layer) if cam else None     # resolved on the model as given (aliases, node names)
@@ -161,16 +160,31 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         clean = (k, weights)
 
     # cotangent: one-hot rows of the target (zeros for the clean rows when rows are stacked)
-    depth = e.const([m.num_classes], np.int64, "depth")
+    dense = m.dense
+    depth = e.const([dense.classes if dense is not None else m.num_classes], np.int64, "depth")
     onehot = e.op("OneHot", [rows_target, depth, e.const([0.0, 1.0])], axis=-1)
+    n_img = e.op("Gather", [e.op("Shape", [target]), e.const(0, np.int64)])
     if clean is not None:
-        n_img = e.op("Gather", [e.op("Shape", [target]), e.const(0, np.int64)])
         n_rows = e.op("Gather", [e.op("Shape", [rows_target]), e.const(0, np.int64)])
         row = e.op("Range", [e.const(0, np.int64), n_rows, e.const(1, np.int64)])
         extra_row = e.op("Greater", [row, e.op("Sub", [n_img, e.const(1, np.int64)])])   # clean rows get no cotangent
         mask = e.op("Cast", [extra_row], to=TensorProto.FLOAT)
         onehot = e.op("Mul", [onehot, e.op("Unsqueeze", [mask, e.const([1], np.int64)])])
-    e.op("Reshape", [onehot, e.op("Shape", [logits])], out=grad_y)
+    if dense is None:
+        e.op("Reshape", [onehot, e.op("Shape", [logits])], out=grad_y)
+    else:
+        # a class scores its map over the pixels each image's output assigns to it (all of them when none)
+        c_ax = 3 if dense.channels_last else 1
+        first = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
+        own = e.op("Slice", [logits, e.const([0], np.int64), first, e.const([0], np.int64)])     # the images' rows
+        won = e.op("Equal", [e.op("ArgMax", [own], axis=c_ax, keepdims=1),
+                             e.op("Reshape", [target, e.const([-1, 1, 1, 1], np.int64)])])
+        pixels = e.op("Cast", [won], to=TensorProto.FLOAT)
+        pixels = e.op("Add", [pixels, e.op("Sub", [e.const(1.0), e.reduce("ReduceMax", pixels, [1, 2, 3])])])
+        if clean is not None:
+            pixels = e.op("Concat", [pixels, e.op("Tile", [pixels, e.const([clean[0], 1, 1, 1], np.int64)])], axis=0)
+        per_class = [-1, 1, 1, dense.classes] if dense.channels_last else [-1, dense.classes, 1, 1]
+        e.op("Mul", [e.op("Reshape", [onehot, e.const(per_class, np.int64)]), pixels], out=grad_y)
 
     def normalize_and_squeeze(mp: str, axis: int) -> str:
         mn = e.reduce("ReduceMin", mp, [1, 2, 3])
@@ -244,7 +258,10 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
                 mp = e.op("Transpose", [mp], perm=[0, 3, 1, 2])
             normalize_and_squeeze(mp, 1)
 
-    outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", m.num_classes]),
+    d = m.dense
+    logit_dims = ["N", m.num_classes] if d is None else (["N", d.height, d.width, d.classes] if d.channels_last
+                                                          else ["N", d.classes, d.height, d.width])
+    outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, logit_dims),
             helper.make_tensor_value_info("map", TensorProto.FLOAT, ["N", H, W])]
     e.op("Identity", [logits_out], out="logits")
     del g.output[:]

@@ -216,13 +216,32 @@ def test_per_pixel_targets_do_not_depend_on_the_layout(seg):
         np.testing.assert_allclose(ra.maps, rb.maps, atol=1e-4, err_msg=name)
 
 
-def test_export_and_inspect_of_a_per_pixel_model(seg, tmp_path, capsys):
-    from onnxsal.export import export
-    from onnxsal.errors import MethodError
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_exported_graph_of_a_per_pixel_model_equals_explain(seg, layout):
+    """In the exported graph the class mask comes from an in-graph ArgMax of the clean rows."""
+    import onnxruntime as ort
 
+    from onnxsal.export import export
+
+    _, model, _, x = seg
+    model = with_bias(model, class_=2, delta=0.3)               # every class wins some pixels
+    if layout == "NHWC":
+        model, x = nhwc_twin(model), x.transpose(0, 2, 3, 1).copy()
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    for method in ("gradcam", "saliency", "ig", "fullgrad", "smoothgrad"):
+        opts = {"noise_level": 0.0, "n_samples": 2} if method == "smoothgrad" else {}
+        graph = export(model, method, **opts)
+        sess = ort.InferenceSession(graph.SerializeToString())
+        for c in range(3):
+            logits, maps = sess.run(["logits", "map"], {"image": x, "target": np.array([c], np.int64)})
+            ref = ex.explain(x, "saliency" if method == "smoothgrad" else method, target=c,
+                             **({"steps": 32} if method == "ig" else {}))
+            np.testing.assert_allclose(maps[0], ref.map, atol=1e-5, err_msg=f"{method} class {c}")
+            np.testing.assert_allclose(logits.reshape(-1), ref.logits, atol=1e-5)
+
+
+def test_inspect_of_a_per_pixel_model(seg, tmp_path, capsys):
     _, model, _, _ = seg
-    with pytest.raises(MethodError, match="map per class"):
-        export(model, "gradcam")
     path = tmp_path / "seg.onnx"
     onnx.save(model, str(path))
     assert main(["inspect", str(path)]) == 0
