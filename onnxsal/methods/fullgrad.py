@@ -40,7 +40,8 @@ class BiasLayer:
 
 
 def bias_layers(model: Model) -> list[BiasLayer]:
-    """The model's 2-D convolutions with a constant bias and its batch norms, in graph order."""
+    """The model's bias layers in graph order: 2-D convolutions with a constant bias, batch norms,
+    and Adds of a per-channel constant to a (N, C, h, w) tensor."""
     g = model.light.graph
     consts = constants(g)
     shapes = tensor_shapes(model.light)
