@@ -246,3 +246,11 @@ def test_inspect_of_a_per_pixel_model(seg, tmp_path, capsys):
     onnx.save(model, str(path))
     assert main(["inspect", str(path)]) == 0
     assert "3 classes per pixel, 16x16" in capsys.readouterr().out
+
+
+def test_finercam_refuses_a_per_pixel_model(seg):
+    from onnxsal.errors import MethodError
+
+    _, model, _, x = seg
+    with pytest.raises(MethodError, match="map per class"):
+        onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, "finercam")
