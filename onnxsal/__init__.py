@@ -7,7 +7,7 @@
 
 from .errors import OnnxsalError
 from .explainer import Explainer, Explanation
-from .graph.surgery import expose, split
+from .graph.surgery import expose, replace, split
 from .methods import methods
 from .model import Model, load
 from .preprocess import Preprocess
@@ -20,5 +20,6 @@ def vjp(model, y, wrt, **kwargs):
     return _vjp(model, y, wrt, **kwargs)
 
 
-__all__ = ["Explainer", "Explanation", "Model", "OnnxsalError", "Preprocess", "expose", "load", "methods", "split", "vjp"]
+__all__ = ["Explainer", "Explanation", "Model", "OnnxsalError", "Preprocess", "expose", "load", "methods", "replace",
+           "split", "vjp"]
 __version__ = "0.1.0"

@@ -115,6 +115,29 @@ def test_split_refuses_when_a_path_bypasses_the_layer():
         split(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), "c", ["y"])
 
 
+def test_replace_keeps_paths_around_the_layer():
+    """y = conv(x) + x with c replaced: the given c reaches y, the skip still reads the input x."""
+    from onnx import TensorProto, helper
+    import onnxruntime as ort
+
+    w = onnx.numpy_helper.from_array(np.ones((3, 3, 1, 1), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Add", ["c", "x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    replaced = onnxsal.replace(model, "c", ["y"])
+    assert [i.name for i in replaced.graph.input] == ["c", "x"]
+    assert [n.op_type for n in replaced.graph.node] == ["Add"]
+    rng = np.random.default_rng(0)
+    c, x = rng.random((2, 1, 3, 4, 4)).astype(np.float32)
+    (y,) = ort.InferenceSession(replaced.SerializeToString()).run(None, {"c": c, "x": x})
+    np.testing.assert_array_equal(y, c + x)
+    m = load(tiny.conv_net())                      # where the layer cuts the network, no image input is left
+    assert [i.name for i in onnxsal.replace(m.proto, "relu1", ["probs"]).graph.input] == ["relu1"]
+    with pytest.raises(LayerError, match="do not depend"):
+        onnxsal.replace(m.proto, "relu1", ["conv1"])          # conv1 comes before relu1
+
+
 def test_expose_gives_model_activations():
     from onnxsal.graph.surgery import expose
     import onnxruntime as ort
