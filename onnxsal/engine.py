@@ -51,9 +51,7 @@ class Engine:
         unique = list(dict.fromkeys(tensors))
         key = f"replace:{layer}|" + "|".join(unique)
         sess = self.runtime.session(key, lambda: replace(self.model.light, layer, unique))
-        image = self.model.input.name
-        fixed = {image: x} if image in {i.name for i in sess.get_inputs()} else None
-        values = self.runtime.run_batched(sess, {layer: acts}, fixed=fixed, outputs=unique,
+        values = self.runtime.run_batched(sess, {layer: acts}, fixed=self._around(sess, x), outputs=unique,
                                           batch_size=self.batch_size, progress=progress)
         by_name = dict(zip(unique, values))
         return [by_name[t] for t in tensors]
@@ -98,13 +96,16 @@ class Engine:
         key = f"replacevjp:{y}|{layer}"
         sess = self.runtime.session(key, lambda: vjp(replace(self.model.light, layer, [y]), y, [layer]))
         names = [o.name for o in sess.get_outputs()]
-        inputs = {i.name: i for i in sess.get_inputs()}
-        grad_in = inputs["grad_" + y]
-        image = self.model.input.name
-        fixed = {image: x} if image in inputs else None
+        grad_in = next(i for i in sess.get_inputs() if i.name == "grad_" + y)
         out = self.runtime.run_batched(sess, {layer: acts.astype(np.float32), grad_in.name: seed_rows(seeds, grad_in.shape)},
-                                       fixed=fixed, outputs=names, batch_size=self.batch_size, progress=progress)
+                                       fixed=self._around(sess, x), outputs=names, batch_size=self.batch_size,
+                                       progress=progress)
         return dict(zip(names, out))["grad_" + layer]
+
+    def _around(self, sess, x: np.ndarray) -> Optional[dict]:
+        """The image feed of a replaced-layer graph (one row, shared), when a path around the layer needs it."""
+        image = self.model.input.name
+        return {image: x} if any(i.name == image for i in sess.get_inputs()) else None
 
 
 def seed_rows(seeds: np.ndarray, cotangent_shape: Sequence) -> np.ndarray:

@@ -80,10 +80,12 @@ class Explanation:
         }
 
     def _score_of(self, t: Target) -> float:
-        if t.index < 0 or self.dense is not None:     # the score as explained; per pixel for class maps
+        if t.index < 0 or self.dense is not None:     # the score as explained
             row = self.logits if self.options.get("score", "logit") == "logit" else self.scores
             value = float(np.dot(t.seed, row.reshape(-1)) + t.offset)
-            return value / max(float(t.seed.sum()), 1.0) if self.dense is not None and t.index >= 0 else value
+            if t.index >= 0:                          # a class map: its mean over the class's pixels
+                value /= max(float(t.seed.sum()), 1.0)
+            return value
         row = self.scores.reshape(-1)
         if len(row) == 1:  # binary single unit
             return float(row[0] if t.index == 1 else (1 - row[0] if 0 <= row[0] <= 1 else -row[0]))
@@ -256,10 +258,8 @@ class Explainer:
                       clean=None if lazy else (logits, out))
         raw = np.asarray(spec.fn(ctx, **opts), np.float32)
         if lazy:
-            if ctx.clean is None:
-                logits, out = (v.reshape(-1) for v in self.engine.outputs(prepared.tensor, [m.logits, m.output]))
-            else:
-                logits, out = ctx.clean
+            ctx.logits()                  # the method's own pass had them, or a forward pass fills them now
+            logits, out = ctx.clean
         maps = finish(raw, m.input.size, smooth)
         if prepared.display is not None and prepared.display.shape[:2] != tuple(m.input.size):
             maps = np.clip(resize(maps, prepared.display.shape[:2]), 0, 1)

@@ -240,27 +240,24 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
             stacked = e.op("Reshape", [rest, e.op("Concat", [e.const([k], np.int64), e.const([-1], np.int64), tail], axis=0)])
             gx = e.reduce("ReduceSum", e.op("Mul", [stacked, e.const(weights.reshape(k, 1, 1, 1, 1))]), [0], keepdims=0)
         if method == "fullgrad":       # each channel min-max normalised, summed, resized; summed over layers
-            spatial = [2, 3] if c_axis == 1 else [1, 2]
-            parts = [scaled_channel_sum(e.op("Abs", [e.op("Mul", [gx, x_name])]), spatial, c_axis)]
-            if c_axis == 3:
-                parts[0] = e.op("Transpose", [parts[0]], perm=[0, 3, 1, 2])
+            parts = [scaled_channel_sum(e.op("Abs", [e.op("Mul", [gx, x_name])]), [2, 3] if c_axis == 1 else [1, 2], c_axis)]
             for t, bias in biases:
                 b = e.const(bias.reshape(1, -1, 1, 1).astype(np.float32), hint="bias")
                 parts.append(resized(scaled_channel_sum(e.op("Abs", [e.op("Mul", [f"grad_{t}", b])]), [2, 3], 1)))
-            normalize_and_squeeze(e.op("Sum", parts) if len(parts) > 1 else parts[0], 1)
         elif method in ("ig", "inputxgradient"):       # (x - 0) * gradient, summed over channels
-            attr = e.op("Mul", [gx, x_name])
-            mp = e.reduce("ReduceSum", attr, [c_axis])
+            parts = [e.reduce("ReduceSum", e.op("Mul", [gx, x_name]), [c_axis])]
         else:
-            mp = e.reduce("ReduceMax", e.op("Abs", [gx]), [c_axis])
-        if method != "fullgrad":
-            if c_axis == 3:
-                mp = e.op("Transpose", [mp], perm=[0, 3, 1, 2])
-            normalize_and_squeeze(mp, 1)
+            parts = [e.reduce("ReduceMax", e.op("Abs", [gx]), [c_axis])]
+        if c_axis == 3:                 # the input-resolution map, (N, H, W, 1) -> (N, 1, H, W)
+            parts[0] = e.op("Transpose", [parts[0]], perm=[0, 3, 1, 2])
+        normalize_and_squeeze(e.op("Sum", parts) if len(parts) > 1 else parts[0], 1)
 
-    d = m.dense
-    logit_dims = ["N", m.num_classes] if d is None else (["N", d.height, d.width, d.classes] if d.channels_last
-                                                          else ["N", d.classes, d.height, d.width])
+    if dense is None:
+        logit_dims = ["N", m.num_classes]
+    elif dense.channels_last:
+        logit_dims = ["N", dense.height, dense.width, dense.classes]
+    else:
+        logit_dims = ["N", dense.classes, dense.height, dense.width]
     outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, logit_dims),
             helper.make_tensor_value_info("map", TensorProto.FLOAT, ["N", H, W])]
     e.op("Identity", [logits_out], out="logits")

@@ -21,7 +21,7 @@ of six mirrored and rescaled copies of the input.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -33,14 +33,18 @@ from . import method
 EPS = 1e-7
 
 
-def layer_grads(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+def layer_grads(ctx: Context, seeds: Optional[np.ndarray] = None, score: Optional[str] = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(T, K, h, w) activations and gradients of each target's score w.r.t. the layer.
 
     The activations come from the forward pass that chose the targets; the gradients from the
-    VJP of the network after the layer alone (``Engine.layer_gradients``).
+    VJP of the network after the layer alone (``Engine.layer_gradients``). ``seeds``/``score``
+    replace the targets' cotangent rows and the scored tensor (Finer-CAM's own score).
     """
-    acts = np.repeat(ctx.activations(), len(ctx.targets), axis=0)
-    g = ctx.engine.layer_gradients(acts, ctx.seeds, ctx.layer.tensor, ctx.x, score=ctx.score, progress=ctx.progress)
+    seeds = ctx.seeds if seeds is None else seeds
+    acts = np.repeat(ctx.activations(), len(seeds), axis=0)
+    g = ctx.engine.layer_gradients(acts, seeds, ctx.layer.tensor, ctx.x, score=score or ctx.score,
+                                   progress=ctx.progress)
     return ctx.layer.grid(acts), ctx.layer.grid(g)
 
 
@@ -201,9 +205,7 @@ def finercam(ctx: Context, alpha: float = 1.0, comparison: str = "1,2,3", eigen_
     if any(t.index < 0 for t in ctx.targets):
         raise MethodError("finercam builds its own score from a class; give a class index, not weights")
     seeds = np.stack([finer_seed(ctx.logits(), t.index, float(alpha), ranks) for t in ctx.targets])
-    acts = np.repeat(ctx.activations(), len(ctx.targets), axis=0)
-    g = ctx.engine.layer_gradients(acts, seeds, ctx.layer.tensor, ctx.x, progress=ctx.progress)
-    a, g = ctx.layer.grid(acts), ctx.layer.grid(g)
+    a, g = layer_grads(ctx, seeds, score="logit")        # the seeds are gradients w.r.t. the logits
     return channel_sum(by_channel(gradcam_weights)(a, g), eigen_smooth)
 
 

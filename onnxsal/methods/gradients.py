@@ -81,17 +81,21 @@ def report_completeness(ctx: Context, attr: np.ndarray, difference: np.ndarray) 
 def smoothgrad_attr(ctx: Context, n_samples: int, noise_level: float, seed: Optional[int],
                     noise: Optional[np.ndarray] = None, nt_type: str = "smoothgrad") -> np.ndarray:
     """(T, C, H, W): the mean, mean square or variance of the gradients at the noisy copies."""
-    if nt_type not in NT_TYPES:
-        raise MethodError(f"nt_type must be one of {', '.join(NT_TYPES)}, not {nt_type!r}")
+    check_nt_type(nt_type)
     if noise is None:
         noise = input_noise(ctx, ctx.rng(seed), n_samples, noise_level)
     return aggregate(input_grads(ctx, ctx.x + noise), nt_type)
 
 
-def aggregate(samples: np.ndarray, nt_type: str) -> np.ndarray:
-    """(T, S, ...) values at S noisy copies -> (T, ...): their mean, mean square or variance (NoiseTunnel's types)."""
+def check_nt_type(nt_type: str) -> None:
+    """Refuse an unknown aggregation before any gradient is computed."""
     if nt_type not in NT_TYPES:
         raise MethodError(f"nt_type must be one of {', '.join(NT_TYPES)}, not {nt_type!r}")
+
+
+def aggregate(samples: np.ndarray, nt_type: str) -> np.ndarray:
+    """(T, S, ...) values at S noisy copies -> (T, ...): their mean, mean square or variance (NoiseTunnel's types)."""
+    check_nt_type(nt_type)
     if nt_type == "smoothgrad":
         return samples.mean(axis=1)
     g64 = samples.astype(np.float64)      # E[g^2] - E[g]^2 cancels; float64 keeps the variance's digits
@@ -107,8 +111,7 @@ def tunnelled(ctx: Context, attr_fn, nt_samples: int, nt_level: float, nt_type: 
     Baselines stay those of the clean input, as NoiseTunnel perturbs the inputs only."""
     if nt_samples < 0 or nt_level < 0:
         raise MethodError("nt_samples and nt_level must be >= 0")
-    if nt_type not in NT_TYPES:
-        raise MethodError(f"nt_type must be one of {', '.join(NT_TYPES)}, not {nt_type!r}")
+    check_nt_type(nt_type)
     if nt_samples == 0:
         return attr_fn(ctx)
     noise = input_noise(ctx, ctx.rng(seed), int(nt_samples), float(nt_level))

@@ -88,20 +88,19 @@ def ablated_scores(ctx: Context, value: float) -> tuple[np.ndarray, np.ndarray]:
     k = raw.shape[axis]
     y = ctx.model.score_tensor(ctx.score)
     step = max(1, ABLATION_CHUNK_BYTES // max(raw.nbytes, 1))
-    rows = [raw]
     scores = []
     done = 0
     for start in range(0, k, step):
         chans = np.arange(start, min(k, start + step))
         batch = np.repeat(raw, len(chans), axis=0)
         np.moveaxis(batch, axis, 1)[np.arange(len(chans)), chans] = value    # a view: writes into batch
-        rows.append(batch)
+        if start == 0:
+            batch = np.concatenate([raw, batch])         # the layer as it is, first
         # progress over all k + 1 rows, not per chunk
         report = (lambda n, _, base=done: ctx.progress(base + n, k + 1)) if ctx.progress else None
-        (out,) = ctx.engine.outputs_given(ctx.layer.tensor, np.concatenate(rows), ctx.x, [y], report)
+        (out,) = ctx.engine.outputs_given(ctx.layer.tensor, batch, ctx.x, [y], report)
         scores.append(score_rows(out, ctx.targets))
         done += len(out)
-        rows = []
     s = np.concatenate(scores)
     return s[0], s[1:]
 
