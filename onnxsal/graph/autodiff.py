@@ -548,6 +548,8 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
             raise UnsupportedOpError(node.op_type, name,
                                      f"on the path from {src} to {y!r} (node {k + 1} of {len(on_path)})")
 
+    _probe_unknown_ranks(model, b, [g.node[idx] for idx in on_path], live)
+
     grad_y = GRAD_PREFIX + y
     if grad_y in b.used:
         raise LayerError(f"the model already has a tensor named {grad_y!r}; cannot name the cotangent input")
@@ -623,6 +625,28 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
     _prune(ng)
     _declare_shapes(ng, b, declared)
     return new
+
+
+def _probe_unknown_ranks(model: onnx.ModelProto, b: _Builder, nodes: Sequence[onnx.NodeProto], live: set) -> None:
+    """Fill in shapes that inference lost on the path by running the model (see ``probe``).
+
+    A tensor counts as lost when its rank, or a dimension other than the first, is unknown:
+    rules need ranks, and strided windows need static spatial sizes.
+    """
+    def lost(t: str) -> bool:
+        s = b.shape(t)
+        return s is None or any(d is None for d in s[1:])
+
+    unknown = [t for node in nodes for t in [*(i for i in node.input if i in live), *node.output] if t and lost(t)]
+    if not unknown:
+        return
+    from .probe import probe_shapes, type_proto
+
+    for name, (et, shape) in probe_shapes(model, unknown).items():
+        known = b.shape(name)
+        if known is not None and len(known) == len(shape):   # inference's dims stand; fill the gaps
+            shape = tuple(k if k is not None else p for k, p in zip(known, shape))
+        b.types[name] = type_proto(b.elem_type(name) or et, shape)
 
 
 def _declare_shapes(graph: onnx.GraphProto, b: _Builder, names: Sequence[str]) -> None:

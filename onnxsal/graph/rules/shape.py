@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import numpy as np
+from onnx import TensorProto
 
 from ...errors import UnsupportedOpError
 from ..autodiff import INT64_MAX, RuleContext, vjp_rule
@@ -19,7 +20,7 @@ from ..autodiff import INT64_MAX, RuleContext, vjp_rule
 Grads = list
 Dim = Union[int, str]   # a static size, or the name of a runtime 1-D int64 tensor of one element
 
-BIG = 2 ** 62           # ends at or beyond this are "to the end" (exporters use INT64_MAX, 2^31-1...)
+BIG = 2 ** 62           # ends at or beyond this are "to the end" (INT64_MAX); smaller ends past an axis clamp
 
 
 def _unsupported(ctx: RuleContext, why: str) -> UnsupportedOpError:
@@ -38,6 +39,8 @@ def _vec(ctx: RuleContext, parts: list[Dim]) -> str:
     """1-D int64 tensor from static ints and runtime [1]-tensors (one Concat at most)."""
     if all(isinstance(p, (int, np.integer)) for p in parts):
         return ctx.const(np.asarray(parts, dtype=np.int64))
+    if len(parts) == 1:
+        return parts[0]
     names = [ctx.const([int(p)]) if isinstance(p, (int, np.integer)) else p for p in parts]
     return ctx.op("Concat", names, axis=0)
 
@@ -149,25 +152,80 @@ def _scatter_axis(ctx: RuleContext, g: str, axis: int, index: np.ndarray, size: 
     return ctx.op("Gather", [padded, ctx.const(where)], axis=axis)
 
 
+def _runtime_int(ctx: RuleContext, vec: str, j: int) -> str:
+    """Element ``j`` of a run-time int vector as a [1]-shaped int64 tensor."""
+    v = ctx.op("Slice", [vec, ctx.const([j]), ctx.const([j + 1])])
+    return v if ctx.elem_type(vec) == TensorProto.INT64 else ctx.op("Cast", [v], to=TensorProto.INT64)
+
+
+def _slice_begin(ctx: RuleContext, start: Union[int, str], dim: Dim) -> Dim:
+    """Where a unit-step Slice starts: ``start`` (+ dim when negative) clamped to [0, dim]."""
+    if isinstance(start, int) and isinstance(dim, int):
+        return slice(start, None).indices(dim)[0]
+    if isinstance(start, int) and start >= 0:
+        return start if isinstance(dim, int) else ctx.op("Min", [_vec(ctx, [start]), dim])
+    s, d = _vec(ctx, [start]), _vec(ctx, [dim])
+    if isinstance(start, int):                       # negative, from the end of a run-time axis
+        shifted = ctx.op("Add", [s, d])
+    else:
+        neg = ctx.op("Less", [s, ctx.const([0])])
+        shifted = ctx.op("Where", [neg, ctx.op("Add", [s, d]), s])
+    return ctx.op("Min", [ctx.op("Max", [shifted, ctx.const([0])]), d])
+
+
+def _slice_runtime(ctx: RuleContext, g: str, r: int, starts, axes: list[int], steps: list[int]) -> str:
+    """Adjoint of a unit-step Slice whose starts or ends are computed at run time.
+
+    The gradient is ``gy`` padded back: ``begin`` zeros in front (the clamped
+    start) and ``dim - begin - len`` behind, where ``len`` is the slice's own
+    length along the axis.  Ends are never needed, so only the starts are read.
+    """
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    before: dict = {}
+    after: dict = {}
+    for j, (a, st) in enumerate(zip(axes, steps)):
+        if st != 1:
+            raise _unsupported(ctx, f"step {st} with starts or ends computed at run time")
+        a = _norm_axis(a, r)
+        dim = _dim(ctx, x, a)
+        start = int(starts[j]) if starts is not None and not isinstance(starts, str) else \
+            _runtime_int(ctx, ctx.inputs[1], j)
+        begin = _slice_begin(ctx, start, dim)
+        before[a] = begin
+        after[a] = _sub(ctx, _sub(ctx, dim, begin), _dim(ctx, y, a))
+    return _pad(ctx, g, r, before, after)
+
+
 @vjp_rule("Slice")
 def slice_(ctx: RuleContext, gy: Grads) -> Grads:
     """y = x[starts:ends:steps] on some axes: gx = zeros with gy scattered back.
 
-    Unit steps become one Pad (works with run-time sizes); other steps, negative
-    ones included, place each axis with Pad + Gather (static size needed).
+    Unit steps become one Pad (works with run-time sizes, and with starts and
+    ends computed at run time, as exporters emit for ``chunk`` and window
+    partitions); other steps, negative ones included, place each axis with
+    Pad + Gather (static size and constant bounds needed).
     """
     x = ctx.inputs[0]
     r = _rank(ctx, x)
-    starts = _const_input(ctx, 1, "Slice starts")
-    ends = _const_input(ctx, 2, "Slice ends")
+    starts = _const_or_runtime(ctx, 1)
+    ends = _const_or_runtime(ctx, 2)
     axes = _const_input(ctx, 3, "Slice axes")
     steps = _const_input(ctx, 4, "Slice steps")
+    n = len(starts.reshape(-1)) if not isinstance(starts, str) else \
+        (len(ends.reshape(-1)) if not isinstance(ends, str) else None)
+    if n is None and axes is None:
+        n = _static_len(ctx, ctx.inputs[1])
+    if n is None and axes is None:
+        raise _unsupported(ctx, "Slice starts and ends computed at run time, with no axes given")
+    axes = [int(v) for v in axes.reshape(-1)] if axes is not None else list(range(n))
+    steps = [int(v) for v in steps.reshape(-1)] if steps is not None else [1] * len(axes)
+    g = gy[0]
+    if isinstance(starts, str) or isinstance(ends, str):
+        res = _slice_runtime(ctx, g, r, None if isinstance(starts, str) else starts.reshape(-1), axes, steps)
+        return [res] + [None] * (len(ctx.inputs) - 1)
     starts = [int(v) for v in starts.reshape(-1)]
     ends = [int(v) for v in ends.reshape(-1)]
-    axes = [int(v) for v in axes.reshape(-1)] if axes is not None else list(range(len(starts)))
-    steps = [int(v) for v in steps.reshape(-1)] if steps is not None else [1] * len(starts)
     shape = ctx.shape(x) or (None,) * r
-    g = gy[0]
     before: dict = {}
     after: dict = {}
     for s, e, a, st in zip(starts, ends, axes, steps):
@@ -185,14 +243,24 @@ def slice_(ctx: RuleContext, gy: Grads) -> Grads:
         if st != 1:
             raise _unsupported(ctx, f"step {st} on axis {a} whose size is only known at run time")
         dim = _dim(ctx, x, a)
-        before[a] = s if s >= 0 else _sub(ctx, dim, -s)
-        if e >= BIG:
-            after[a] = 0
-        elif e >= 0:
-            after[a] = _sub(ctx, dim, e)
-        else:
-            after[a] = -e
+        if s == 0 and e >= BIG:
+            continue                      # the whole axis
+        # An end past the axis (exporters write INT32_MAX, sizes of other shapes...) clamps, so
+        # the zeros behind are what the slice's own length leaves, not dim - end.
+        before[a] = _slice_begin(ctx, s, dim)
+        after[a] = _sub(ctx, _sub(ctx, dim, before[a]), _dim(ctx, ctx.outputs[0], a))
     return [_pad(ctx, g, r, before, after)] + [None] * (len(ctx.inputs) - 1)
+
+
+def _const_or_runtime(ctx: RuleContext, i: int):
+    """A constant input's value, else its name (computed at run time)."""
+    v = ctx.const_value(ctx.inputs[i])
+    return ctx.inputs[i] if v is None else v
+
+
+def _static_len(ctx: RuleContext, vec: str) -> Optional[int]:
+    s = ctx.shape(vec)
+    return None if s is None or len(s) != 1 or s[0] is None else int(s[0])
 
 
 @vjp_rule("Pad")
@@ -203,11 +271,14 @@ def pad(ctx: RuleContext, gy: Grads) -> Grads:
         raise _unsupported(ctx, f"Pad mode {mode!r}")
     x = ctx.inputs[0]
     r = _rank(ctx, x)
-    pads = [int(v) for v in _const_input(ctx, 1, "Pad pads").reshape(-1)]
     axes = _const_input(ctx, 3, "Pad axes")
     axes = [_norm_axis(int(a), r) for a in axes.reshape(-1)] if axes is not None else list(range(r))
     k = len(axes)
     g = gy[0]
+    pads = _const_or_runtime(ctx, 1)
+    if isinstance(pads, str):
+        return [_unpad_runtime(ctx, g, pads, axes)] + [None] * (len(ctx.inputs) - 1)
+    pads = [int(v) for v in pads.reshape(-1)]
     sl_axes, sl_starts, sl_ends = [], [], []
     neg_before, neg_after = {}, {}
     for j, a in enumerate(axes):
@@ -224,6 +295,30 @@ def pad(ctx: RuleContext, gy: Grads) -> Grads:
         g = ctx.op("Slice", [g, ctx.const(sl_starts), ctx.const(sl_ends), ctx.const(sl_axes)])
     g = _pad(ctx, g, r, neg_before, neg_after)
     return [g] + [None] * (len(ctx.inputs) - 1)
+
+
+def _unpad_runtime(ctx: RuleContext, g: str, pads: str, axes: list[int]) -> str:
+    """Adjoint of a constant Pad whose pads are computed at run time (shifted windows pad this way).
+
+    Slice off the positive pads, then zero-pad back what negative pads cropped:
+    gx = Pad(gy[max(b, 0) : len - max(e, 0)], max(-b, 0), max(-e, 0)) on each padded axis.
+    """
+    k = len(axes)
+    p = pads if ctx.elem_type(pads) == TensorProto.INT64 else ctx.op("Cast", [pads], to=TensorProto.INT64)
+    zero = ctx.const([0])
+    begin = ctx.op("Slice", [p, ctx.const([0]), ctx.const([k])])
+    end = ctx.op("Slice", [p, ctx.const([k]), ctx.const([2 * k])])
+    sizes = ctx.op("Gather", [ctx.shape_of(ctx.outputs[0]), ctx.const(np.asarray(axes, np.int64))], axis=0)
+    starts = ctx.op("Max", [begin, zero])
+    ends = ctx.op("Sub", [sizes, ctx.op("Max", [end, zero])])
+    cut = ctx.op("Slice", [g, starts, ends, ctx.const(np.asarray(axes, np.int64))])
+    crops = ctx.op("Concat", [ctx.op("Max", [ctx.op("Neg", [begin]), zero]),
+                              ctx.op("Max", [ctx.op("Neg", [end]), zero])], axis=0)
+    r = _rank(ctx, g)
+    if axes != list(range(r)):          # Pad takes axes only from opset 18: spread to all axes
+        where = np.asarray(axes + [a + r for a in axes], np.int64)
+        crops = ctx.op("ScatterElements", [ctx.const(np.zeros(2 * r, np.int64)), ctx.const(where), crops], axis=0)
+    return ctx.op("Pad", [cut, crops], mode="constant")
 
 
 def _scatter_runtime(ctx: RuleContext, g: str, x: str, axis: int, flat: np.ndarray, r: int) -> str:

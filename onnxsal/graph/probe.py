@@ -1,0 +1,91 @@
+"""Shapes that static inference leaves unknown, read off two small runs of the model.
+
+Some exporters build reshape targets from ``Shape -> Slice -> Concat`` chains whose
+bounds are themselves computed (torch.onnx's multi-head attention does this); ONNX's
+shape inference, data propagation included, then loses even the rank of every tensor
+after them. A VJP rule needs at least the rank (to build a Pad or a permutation), so
+instead of refusing such a model, the part of it that computes those tensors runs
+once at batch 1 and once at batch 2 on a seeded random input: a dimension equal in
+both runs is static, one that differs follows the batch and stays unknown.
+
+This runs only when a tensor on the differentiated path has no rank, costs two
+forward passes of a single image, and gives up quietly (the rule then reports the
+unknown rank) when an input is not floating point (its values could decide shapes), has
+free dimensions besides the batch, or the model does not run.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .weights import for_session
+
+Shape = tuple[Optional[int], ...]
+
+
+def _feeds(model: onnx.ModelProto, batch: int) -> Optional[dict[str, np.ndarray]]:
+    """A seeded image-like input per graph input at ``batch``; None when that cannot stand in."""
+    inits = {i.name for i in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = []
+        for k, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif k == 0:
+                dims.append(batch)
+            else:
+                return None
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if not np.issubdtype(dtype, np.floating):
+            return None     # an index or size input: a made-up value could change the shapes
+        feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
+    return feeds
+
+
+def probe_shapes(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tuple[int, Shape]]:
+    """Name -> (elem_type, shape with None for batch-dependent dims) for each tensor that runs."""
+    import onnxruntime as ort
+
+    from .surgery import expose
+
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    try:
+        light, arrays = for_session(expose(model, names))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        opts.intra_op_num_threads = 1
+        if arrays:
+            values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays.values()]
+            opts.add_external_initializers(list(arrays), values)
+        sess = ort.InferenceSession(light.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        runs = []
+        for batch in (1, 2):
+            feeds = _feeds(light, batch)
+            if feeds is None:
+                return {}
+            runs.append(sess.run(names, feeds))
+    except Exception:
+        return {}
+    out = {}
+    for name, a, b in zip(names, *runs):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.ndim != b.ndim:
+            continue
+        shape = tuple(int(p) if p == q else None for p, q in zip(a.shape, b.shape))
+        out[name] = (helper.np_dtype_to_tensor_dtype(a.dtype), shape)
+    return out
+
+
+def type_proto(elem_type: int, shape: Shape) -> onnx.TypeProto:
+    return helper.make_tensor_type_proto(elem_type or TensorProto.FLOAT, list(shape))
