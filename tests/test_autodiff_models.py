@@ -189,8 +189,85 @@ class Modern(nn.Module):
         return self.head(torch.amax(mixed, dim=2))
 
 
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: ``chunk`` (Slice bounds read from the shape at run time), channel shuffle."""
+
+    def __init__(self, c=24):
+        super().__init__()
+        h = c // 2
+        self.branch = nn.Sequential(conv_bn(h, h, 1), nn.Conv2d(h, h, 3, padding=1, groups=h), nn.BatchNorm2d(h),
+                                    conv_bn(h, h, 1))
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, self.branch(b)], dim=1)
+        n, c, h, w = x.shape
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 24, 3, 2)
+        self.units = nn.Sequential(ShuffleUnit(), ShuffleUnit())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
+        self.probe = self.stem[0]
+
+    def forward(self, x):
+        return self.head(self.units(self.stem(x)))
+
+
+class WindowNet(nn.Module):
+    """Swin's window attention: pads computed from the shape, a cyclic shift, windows, and a crop back."""
+
+    def __init__(self, d=16, ws=3, heads=2):
+        super().__init__()
+        self.ws, self.h = ws, heads
+        self.patch = nn.Conv2d(3, d, 4, 4)
+        self.ln = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.head = nn.Linear(d, 10)
+        self.probe = self.patch
+
+    def forward(self, x):
+        x = self.patch(x).permute(0, 2, 3, 1)                      # (b, H, W, d)
+        b, hh, ww, d = x.shape
+        ws = self.ws
+        pad_b, pad_r = (ws - hh % ws) % ws, (ws - ww % ws) % ws
+        y = F.pad(self.ln(x), (0, 0, 0, pad_r, 0, pad_b))
+        y = torch.roll(y, shifts=(-1, -1), dims=(1, 2))
+        ph, pw = y.shape[1], y.shape[2]
+        win = y.view(b, ph // ws, ws, pw // ws, ws, d).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, d)
+        q, k, v = self.qkv(win).reshape(win.shape[0], ws * ws, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-2, -1)) * (d // self.h) ** -0.5).softmax(dim=-1)
+        o = self.proj((a @ v).transpose(1, 2).reshape(win.shape[0], ws * ws, d))
+        o = o.view(b, ph // ws, pw // ws, ws, ws, d).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, d)
+        o = torch.roll(o, shifts=(1, 1), dims=(1, 2))[:, :hh, :ww, :]
+        return self.head((x + o).mean(dim=(1, 2)))
+
+
+class TorchMHA(nn.Module):
+    """nn.MultiheadAttention (sequence first, as torchvision's ViT): its export builds reshape
+    targets that ONNX shape inference cannot follow, so the autodiff probes the ranks."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 8, 8)
+        self.ln = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads)
+        self.head = nn.Linear(d, 10)
+        self.probe = self.patch
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).permute(2, 0, 1)              # (tokens, b, d)
+        y = self.ln(t)
+        t = t + self.attn(y, y, y, need_weights=False)[0]
+        return self.head(t.mean(dim=0))
+
+
 NETS = {"vgg": VGGish, "resnet": ResNetish, "mobilenetv2": MobileNetV2ish, "se_hard": SENet, "vit": ViTish,
-        "modern": Modern}
+        "modern": Modern, "shuffle": ShuffleNetish, "window": WindowNet, "mha": TorchMHA}
 OPSET = {"modern": 18}          # Mish is an op from opset 18
 
 
@@ -280,7 +357,7 @@ def exported(tmp_path_factory):
 
 
 CASES = [("vgg", False), ("resnet", False), ("mobilenetv2", False), ("se_hard", False), ("vit", False),
-         ("vit", True), ("resnet", True), ("modern", True)]
+         ("vit", True), ("resnet", True), ("modern", True), ("shuffle", True), ("window", True), ("mha", True)]
 
 
 @pytest.mark.parametrize("name,dynamic", CASES, ids=[f"{n}{'-dyn' if d else ''}" for n, d in CASES])

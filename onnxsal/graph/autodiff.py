@@ -82,6 +82,11 @@ def _dims(tp: Optional[onnx.TypeProto]) -> Optional[tuple]:
     return tuple(out)
 
 
+FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Gather", "Slice", "Add", "Sub", "Mul", "Div",
+            "Neg", "Mod", "Identity", "Min", "Max", "Abs", "Range", "ConstantOfShape", "Expand", "Equal", "Where",
+            "Not", "Less", "Greater"}
+
+
 class _Builder:
     """State shared by every rule during one ``vjp`` call: new nodes, constants, types."""
 
@@ -117,6 +122,7 @@ class _Builder:
             self.used.update(node.input)
             self.used.update(node.output)
             self.used.add(node.name)
+        self._producer = {o: node for node in g.node for o in node.output if o}
         self._counter = 0
         self._shape_cache: dict[str, str] = {}
         self._scalar_cache: dict[tuple, str] = {}
@@ -134,10 +140,48 @@ class _Builder:
             return self.consts[name]
         proto = self._const_protos.get(name)
         if proto is None:
-            return None
+            return self._fold(name)
         arr = weights.array(proto)
         self.consts[name] = arr
         return arr
+
+    def _fold(self, name: str, depth: int = 0) -> Optional[np.ndarray]:
+        """Value of a small integer tensor computed from constants only (``Unsqueeze(Constant)``...).
+
+        Exporters that skip constant folding pass slice axes and pad amounts this way; rules
+        need them as values. Only shape-sized integer arithmetic is folded, by ONNX's
+        reference implementation of the one node.
+        """
+        node = self._producer.get(name)
+        if node is None or node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or depth > 8:
+            return None
+        values = []
+        for i in node.input:
+            v = (self.consts.get(i) if i in self.consts else
+                 (weights.array(self._const_protos[i]) if i in self._const_protos else self._fold(i, depth + 1)))
+            if i and v is None:
+                return None
+            values.append(v)
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            ins = [helper.make_tensor_value_info(f"i{k}", helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                   for k, v in enumerate(values) if v is not None]
+            one = helper.make_node(node.op_type, [f"i{k}" if v is not None else "" for k, v in enumerate(values)],
+                                   [f"o{k}" for k in range(len(node.output))], **{
+                                       a.name: helper.get_attribute_value(a) for a in node.attribute})
+            graph = helper.make_graph([one], "fold", ins, [helper.make_tensor_value_info(
+                f"o{k}", TensorProto.UNDEFINED, None) for k in range(len(node.output))])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+            outs = ReferenceEvaluator(model).run(None, {f"i{k}": v for k, v in enumerate(values) if v is not None})
+        except Exception:
+            return None
+        for o, v in zip(node.output, outs):
+            v = np.asarray(v)
+            if v.dtype.kind not in "iub" or v.size > 4096:
+                return None
+            self.consts[o] = v
+        return self.consts.get(name)
 
     def add_const(self, arr: np.ndarray, hint: str = "const") -> str:
         key = None
