@@ -38,7 +38,8 @@ from onnxsal.graph.weights import attach  # noqa: E402
 TORCHVISION = ("resnet18,resnext50_32x4d,densenet121,squeezenet1_1,googlenet,inception_v3,mobilenet_v3_small,"
                "mobilenet_v3_large,mnasnet0_5,shufflenet_v2_x0_5,efficientnet_b0,efficientnet_v2_s,regnet_y_400mf,"
                "regnet_x_400mf,convnext_tiny,swin_t,swin_v2_t,vit_b_16,maxvit_t")
-KERAS = "MobileNetV3Small,MobileNetV3Large,DenseNet121,Xception,ResNet50V2,NASNetMobile,InceptionResNetV2"
+KERAS = ("MobileNetV3Small,MobileNetV3Large,DenseNet121,Xception,ResNet50V2,NASNetMobile,InceptionResNetV2,"
+         "EfficientNetB0,EfficientNetV2B0,ConvNeXtTiny")
 SEEDS = (0, 1, 2)
 
 

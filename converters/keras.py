@@ -197,6 +197,47 @@ def _export_model(model, layers: bool):
     return wide, [layer.name for layer in chosen]
 
 
+def _erfc_as_erf(proto: onnx.ModelProto) -> None:
+    """Rewrite TensorFlow's ``Erfc`` (its exact GELU), which tf2onnx passes through, as 1 - Erf."""
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type == "Erfc" and node.domain in ("", "ai.onnx"):
+            erf = node.output[0] + "__erf"
+            one = node.output[0] + "__one"
+            nodes.append(onnx.helper.make_node("Constant", [], [one], name=one,
+                                               value=onnx.numpy_helper.from_array(np.array(1.0, np.float32))))
+            nodes.append(onnx.helper.make_node("Erf", [node.input[0]], [erf], name=erf))
+            nodes.append(onnx.helper.make_node("Sub", [one, erf], list(node.output), name=node.name))
+        else:
+            nodes.append(node)
+    if len(nodes) != len(proto.graph.node):
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+
+
+def _allow_inlining(graph_def) -> None:
+    """Let TensorFlow's function inliner flatten calls compiled with XLA.
+
+    Keras 3 runs grouped convolutions on CPU inside ``tf.function(jit_compile=True)``
+    (ConvNeXt's depthwise layers are such convolutions); the frozen graph keeps each as a
+    ``StatefulPartitionedCall`` marked ``_XlaMustCompile``, which the inliner skips and
+    tf2onnx cannot convert. Without the mark the call is inlined like any other.
+    """
+    def clear(nodes) -> None:
+        for node in nodes:
+            if node.op in ("PartitionedCall", "StatefulPartitionedCall"):
+                for key in ("_XlaMustCompile", "_XlaCompile", "_noinline"):
+                    if key in node.attr:
+                        del node.attr[key]
+
+    clear(graph_def.node)
+    for fn in graph_def.library.function:
+        clear(fn.node_def)
+        for key in ("_XlaMustCompile", "_noinline", "_XlaCompile"):
+            if key in fn.attr:
+                del fn.attr[key]
+
+
 def _lift_weights(graph_def, min_bytes: int):
     """Replace big float constants by placeholders; return the new GraphDef and {name: (bytes, shape, dtype)}."""
     import tensorflow as tf
@@ -440,7 +481,10 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
     spec = metadata.preprocess_spec(preprocess, mean, std, scale, bgr, layout="NHWC",
                                     size=shape[:2] if None not in shape[:2] else None, channels=channels)
 
-    inputs = [t.name for t in cf.inputs if t.dtype != tf.resource]
+    # The function's own arguments come first; tensors it captures (a Normalization layer's mean and
+    # variance, say) follow them and are frozen into constants with the variables.
+    n_args = len(tf.nest.flatten(cf.structured_input_signature))
+    inputs = [t.name for t in cf.inputs[:n_args] if t.dtype != tf.resource]
     outputs = [t.name for t in cf.outputs if t.dtype != tf.resource]
     if len(inputs) != 1:
         raise ConversionError(f"the traced model takes {len(inputs)} tensors; expected one image")
@@ -458,6 +502,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
         frozen = tf_loader.fix_freezing_errors_part2(frozen)
         del cf
         graph_def, lifted = _lift_weights(frozen, lift_bytes)
+        _allow_inlining(graph_def)
         del frozen
         weights = [k + ":0" for k in lifted]
         with _quiet_ctx():
@@ -475,6 +520,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
         notes.append(f"{len(roots)} weight tensors of {lift_bytes >> 20} MiB or more kept out of tf2onnx; "
                      f"{n} ops on them folded")
 
+    _erfc_as_erf(proto)
     found, skipped = metadata.strip_outputs(proto, extra, channels_last=True)
     if layers and not extra_names:
         found = match_scopes(proto)

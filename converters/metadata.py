@@ -268,8 +268,15 @@ def run_onnx(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return session.run([proto.graph.output[0].name], {session.get_inputs()[0].name: x})[0]
+    unknown = sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")
+                      and not onnx.defs.has(n.op_type)})
+    if unknown:
+        raise ConversionError(f"the converted graph still holds ops ONNX does not define: {', '.join(unknown)}")
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return session.run([proto.graph.output[0].name], {session.get_inputs()[0].name: x})[0]
+    except Exception as exc:
+        raise ConversionError(f"ONNX Runtime cannot run the converted model: {first_line(exc)}") from exc
 
 
 def compare(got: np.ndarray, want: np.ndarray) -> float:

@@ -389,3 +389,49 @@ def test_keras_application_converts_and_explains(tf, tmp_path, arch):
     assert cam.raw.shape == (1,) + hw and np.ptp(cam.raw) > 0
     sal = ex.explain(images[:1], "saliency")
     assert np.isfinite(sal.raw).all() and sal.raw.max() > 0
+
+
+def test_captured_tensors_xla_grouped_conv_and_exact_gelu_convert(tf, tmp_path):
+    """What Keras 3's EfficientNet and ConvNeXt hold: a Normalization layer (its mean and variance
+    are tensors the traced function captures), a grouped convolution (Keras runs it under
+    ``jit_compile`` on CPU) and the exact GELU (TensorFlow's Erfc). The input gradient matches
+    GradientTape's."""
+    import keras
+
+    from converters.keras import convert
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Normalization(mean=[0.2, 0.4, 0.6], variance=[0.5, 1.0, 2.0])(inp)
+    x = keras.layers.Conv2D(8, 3, padding="same")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", groups=8)(x)
+    x = keras.layers.Activation(lambda t: keras.activations.gelu(t, approximate=False))(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Dense(4)(x))
+    res = convert(model, tmp_path / "m.onnx", preprocess="raw")
+    assert res.check <= 1e-4
+    ops = {n.op_type for n in res.proto.graph.node}
+    assert "Erf" in ops and not ops & {"Erfc", "StatefulPartitionedCall", "PartitionedCall"}
+    ex = onnxsal.Explainer(res.path, "cpu")
+    x0 = np.random.default_rng(3).normal(size=(1, 16, 16, 3)).astype(np.float32)
+    name = ex.model.input.name
+    got = ex.engine.gradients(x0, np.eye(4, dtype=np.float32)[[2]], [name])[f"grad_{name}"]
+    xt = tf.constant(x0)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        score = model(xt, training=False)[:, 2]
+    assert rel_err(got, tape.gradient(score, xt).numpy()) < 1e-4
+
+
+def test_graph_onnx_cannot_run_is_a_conversion_error():
+    """An op tf2onnx passes through without an ONNX definition is named, not a runtime traceback."""
+    from converters.metadata import run_onnx
+    from onnx import TensorProto, helper
+
+    from onnxsal.errors import ConversionError
+
+    g = helper.make_graph([helper.make_node("Erfc", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    with pytest.raises(ConversionError, match="Erfc"):
+        run_onnx(helper.make_model(g), np.zeros(1, np.float32))
