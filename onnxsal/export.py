@@ -106,7 +106,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     lay = m.find_layer(layer) if cam else None     # resolved on the model as given (aliases, node names)
     if lay is not None and lay.tokens:
         raise MethodError(f"export builds CAMs on (N, C, h, w) conv maps; {lay.tensor!r} holds transformer "
-                          "tokens (onnxsal explain handles them)")
+                          "tokens or a channels-last map (onnxsal explain handles them)")
     proto, renamed = _free_names(m.light, ("logits", "map", "target"), keep=x_name)
     logits = renamed.get(m.logits, m.logits)
     layer_tensor = renamed.get(lay.tensor, lay.tensor) if cam else None

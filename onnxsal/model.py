@@ -173,8 +173,17 @@ class Model:
             tensor = by_node[name].output[0]
         if tensor in producer:
             shape = shapes.get(tensor, (None, None))[1]
+            if shape is None or None in shape[1:]:     # lost by shape inference: read it off a run
+                from .graph.probe import probe_shapes
+
+                shape = probe_shapes(self.light, [tensor]).get(tensor, (None, shape))[1]
             node = producer[tensor]
             if shape is not None and len(shape) == 4:
+                if None in shape[1:]:
+                    raise LayerError(f"layer {name!r} has a map of unknown size {tuple(shape[1:])}; "
+                                     f"candidates: {self._candidates()}")
+                if channels_last(shape, self.input.size):
+                    return Layer(tensor, node.name, node.op_type, (int(shape[3]), int(shape[1]), int(shape[2])), 0)
                 return Layer(tensor, node.name, node.op_type, tuple(shape[1:]))
             tokens = _token_layer(tensor, node, shape, self.input.size)
             if tokens is not None:
@@ -305,6 +314,23 @@ def token_grid(shape: Sequence, size: tuple[int, int]) -> Optional[tuple[int, in
     return None
 
 
+def _like_image(h, w, size: tuple[int, int]) -> bool:
+    """Whether an h x w map has the input's aspect ratio (within the rounding of strided layers)."""
+    if not isinstance(h, int) or not isinstance(w, int) or h < 1 or w < 1:
+        return False
+    height, width = size
+    return abs(h / w - height / width) <= 0.2 * height / width
+
+
+def channels_last(shape: Sequence, size: tuple[int, int]) -> bool:
+    """A 4-D activation laid out (N, h, w, C): its axes 1-2, not 2-3, have the input's aspect ratio.
+
+    Swin keeps its features this way (pytorch-grad-cam needs a ``reshape_transform`` there); an
+    NCHW map whose channel count happens to fit is read as NCHW, as before.
+    """
+    return not _like_image(shape[2], shape[3], size) and _like_image(shape[1], shape[2], size)
+
+
 def _token_layer(tensor: str, node: onnx.NodeProto, shape: Optional[Sequence],
                  size: tuple[int, int]) -> Optional[Layer]:
     """``tensor`` as a token layer when its (N, T, C) shape holds a patch grid, else None."""
@@ -351,6 +377,23 @@ def _find_layers(proto: onnx.ModelProto) -> list[Layer]:
             if tensor not in seen:
                 seen.add(tensor)
                 layers.append(Layer(tensor, n.name, n.op_type, shape))
+    # A channels-last model (Swin) transposes its last features to NCHW for the global pool: that
+    # map is the classic CAM layer, and no convolution produces it.
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    for node in proto.graph.node:
+        if node.op_type not in ("GlobalAveragePool", "GlobalMaxPool"):
+            continue
+        t = node.input[0]
+        src = producer.get(t)
+        if src is None or src.op_type != "Transpose" or t in seen:
+            continue
+        if spatial(t) is None:      # shifted windows' run-time pads hide the sizes from inference
+            from .graph.probe import probe_shapes
+
+            shapes.update(probe_shapes(proto, [t]))
+        if spatial(t) is not None:
+            seen.add(t)
+            layers.append(Layer(t, src.name, src.op_type, spatial(t)))
     # keep topological order of producers
     order = {o: k for k, n in enumerate(proto.graph.node) for o in n.output}
     layers.sort(key=lambda layer: order[layer.tensor])

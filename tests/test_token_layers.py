@@ -71,3 +71,57 @@ def test_default_layer_on_a_transformer_notes_the_token_layers(vit):
     res = ex.explain(x, "gradcam")
     assert any(ln1.output[0] in n and "--layer" in n for n in res.notes)
     assert not any("--layer" in n for n in ex.explain(x, "gradcam", layer=ln1.output[0]).notes)
+
+
+class ChannelsLast(torch.nn.Module):
+    """Swin's layout: patch features kept (N, h, w, C) through norm and MLP, transposed to NCHW only
+    for the global pool -- the map pytorch-grad-cam reads with a ``reshape_transform``."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, d, 4, 4)
+        self.norm = torch.nn.LayerNorm(d)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
+        self.head = torch.nn.Linear(d, 5)
+
+    def forward(self, x):
+        t = self.patch(x).permute(0, 2, 3, 1)
+        t = self.norm(t + self.mlp(t))
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(t.permute(0, 3, 1, 2), 1).flatten(1))
+
+
+def test_channels_last_maps_default_and_by_name(tmp_path):
+    """The transposed map before the pool is the default layer, and an (N, h, w, C) map given by name
+    is read channels-last: every CAM equals its formula on PyTorch's tensors permuted to (C, h, w)."""
+    torch.manual_seed(0)
+    net = ChannelsLast().eval()
+    path = tmp_path / "cl.onnx"
+    torch.onnx.export(net, (torch.randn(1, 3, 32, 24),), str(path), input_names=["input"], output_names=["logits"],
+                      opset_version=17, dynamo=False, dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    m = load(str(path))
+    default = m.default_layer
+    assert default.op_type == "Transpose" and default.shape == (16, 8, 6) and not default.tokens
+    norm = next(n for n in m.light.graph.node if n.op_type == "LayerNormalization")
+    by_name = m.find_layer(norm.output[0])
+    assert by_name.prefix == 0 and by_name.shape == (16, 8, 6)
+
+    store = {}
+
+    def hook(_, __, out):
+        out.retain_grad()
+        store["a"] = out
+
+    h = net.norm.register_forward_hook(hook)
+    x = np.random.default_rng(4).standard_normal((1, 3, 32, 24)).astype(np.float32)
+    target = 2
+    net(torch.tensor(x))[0, target].backward()
+    h.remove()
+    a = store["a"][0].permute(2, 0, 1).detach().numpy()
+    g = store["a"].grad[0].permute(2, 0, 1).numpy()
+    ex = onnxsal.Explainer(str(path), "cpu", preprocess="raw")
+    for layer in (None, norm.output[0]):              # both read the same values
+        for name, expected in ref_cams(a, g).items():
+            res = ex.explain(x, name, target=target, layer=layer)
+            assert res.raw.shape == (1, 8, 6), name
+            scale = max(np.abs(expected).max(), 1e-6)
+            np.testing.assert_allclose(res.raw[0], expected, atol=1e-4 * scale, rtol=1e-3, err_msg=f"{name} {layer}")
