@@ -33,11 +33,12 @@ test: $(VENV)/.dev
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # A separate environment for side-by-side speed runs: torchvision (absent from the test environment,
-# it does not import beside torch 2.13), Captum, pytorch-grad-cam and onnx-ad beside onnxsal.
+# it does not import beside torch 2.13), Captum, pytorch-grad-cam, onnx-ad and onnxscript (torch.onnx's
+# dynamo exporter, for zoo_check.py --dynamo) beside onnxsal.
 .venv-bench/.done: pyproject.toml
 	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	.venv-bench/bin/python -m pip install --quiet captum grad-cam onnx-ad -e ".[cpu]"
+	.venv-bench/bin/python -m pip install --quiet captum grad-cam onnx-ad onnxscript -e ".[cpu]"
 	touch $@
 
 bench-env: .venv-bench/.done

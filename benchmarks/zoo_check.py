@@ -1,11 +1,12 @@
 """The input gradient of standard classifiers, onnxsal's VJP graph against the framework's own autodiff.
 
     .venv-bench/bin/python benchmarks/zoo_check.py [--nets resnet18,swin_t,...]      # torchvision
+    .venv-bench/bin/python benchmarks/zoo_check.py --dynamo   # torch.onnx's dynamo exporter (needs onnxscript)
     .venv/bin/python benchmarks/zoo_check.py --keras [--nets MobileNetV3Small,...]   # Keras applications
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
-exporter, dynamic batch) or converted by `converters/keras.py`, and its VJP graph runs in ONNX
+exporter at opset 17, or with ``--dynamo`` the dynamo exporter, torch's default since 2.9; dynamic batch) or converted by `converters/keras.py`, and its VJP graph runs in ONNX
 Runtime on three seeded inputs of batch 2 with a random cotangent on the logits. The printed
 figure is max |onnxsal - reference| / max |reference| per seed.
 
@@ -61,7 +62,7 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def torchvision_errors(name: str, cache: str) -> list[float]:
+def torchvision_errors(name: str, cache: str, dynamo: bool = False) -> list[float]:
     import torch
 
     from common import torch_net
@@ -74,8 +75,12 @@ def torchvision_errors(name: str, cache: str) -> list[float]:
     if hasattr(net, "aux_logits"):
         net.aux_logits = False
     size = 224 if name.startswith(("vit", "maxvit", "swin")) else (160 if "inception" in name else 128)
-    path = os.path.join(cache, f"zoo_{name}_{size}.onnx")
-    if not os.path.exists(path):
+    path = os.path.join(cache, f"zoo_{name}_{size}{'_dynamo' if dynamo else ''}.onnx")
+    if not os.path.exists(path) and dynamo:
+        prog = torch.onnx.export(net, (torch.randn(2, 3, size, size),), dynamo=True, input_names=["image"],
+                                 output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("N", min=1, max=64)},))
+        prog.save(path)
+    elif not os.path.exists(path):
         torch.onnx.export(net, (torch.randn(1, 3, size, size),), path, input_names=["image"],
                           output_names=["logits"], opset_version=17, dynamo=False,
                           dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}})
@@ -128,14 +133,16 @@ def keras_errors(name: str, cache: str) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--keras", action="store_true", help="Keras applications through converters/keras.py")
+    ap.add_argument("--dynamo", action="store_true", help="torchvision through torch.onnx's dynamo exporter")
     ap.add_argument("--nets", default=None)
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     cache = os.path.join(HERE, ".cache")
     os.makedirs(cache, exist_ok=True)
     nets = (args.nets or (KERAS if args.keras else TORCHVISION)).split(",")
-    check = keras_errors if args.keras else torchvision_errors
-    print(f"# {'Keras (tf.GradientTape)' if args.keras else 'torchvision (torch.autograd)'}: "
+    check = keras_errors if args.keras else (lambda n, c: torchvision_errors(n, c, args.dynamo))
+    print(f"# {'Keras (tf.GradientTape)' if args.keras else 'torchvision (torch.autograd)'}"
+          f"{', dynamo exporter' if args.dynamo else ''}: "
           f"max|onnxsal - reference| / max|reference|, seeds {SEEDS}")
     print("| network | " + " | ".join(f"seed {s}" for s in SEEDS) + " | s |")
     print("|---|" + "---|" * (len(SEEDS) + 1))

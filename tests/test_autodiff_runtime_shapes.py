@@ -130,3 +130,22 @@ def test_ranks_lost_by_shape_inference_are_probed():
     shapes = tensor_shapes(infer(m))
     assert shapes.get("r", (0, None))[1] is None        # inference really loses it
     check_vjp(m, "y", ["x"], {"x": rnd(3, 4, 3)})
+
+
+@pytest.mark.parametrize("idx", [np.array([3, 0, 3, -1], I64), np.array([[1, -5], [4, 1]], I64), np.array(2, I64),
+                                 np.array([[0, 2]], np.int32)])
+@pytest.mark.parametrize("axis", [1, 2])
+def test_gather_indices_fed_at_run_time(idx, axis):
+    """torch.onnx's dynamo exporter writes ``as_strided`` as a Gather on indices built from the
+    batch size; repeats add up, negative indices count from the end."""
+    et = TensorProto.INT64 if idx.dtype == np.int64 else TensorProto.INT32
+    m = _model([helper.make_node("Gather", ["x", "i"], ["y"], axis=axis)],
+               [_vi("x", ["N", 5, 5]), _vi("i", list(idx.shape), et)], [_vi("y", None)], opset=18)
+    check_vjp(m, "y", ["x"], {"x": rnd(2, 5, 5), "i": idx})
+
+
+def test_run_time_gather_indices_need_opset_16():
+    m = _model([helper.make_node("Gather", ["x", "i"], ["y"], axis=1, name="take")],
+               [_vi("x", ["N", 5]), _vi("i", [2], TensorProto.INT64)], [_vi("y", None)], opset=13)
+    with pytest.raises(UnsupportedOpError, match="Gather.*take.*opset 16"):
+        vjp(m, "y", ["x"])

@@ -321,33 +321,56 @@ def _unpad_runtime(ctx: RuleContext, g: str, pads: str, axes: list[int]) -> str:
     return ctx.op("Pad", [cut, crops], mode="constant")
 
 
-def _scatter_runtime(ctx: RuleContext, g: str, x: str, axis: int, flat: np.ndarray, r: int) -> str:
-    """Adjoint of Gather along an axis whose size is only known at run time (ScatterND into zeros)."""
-    unique = len(np.unique(flat)) == len(flat)
+def _scatter_runtime(ctx: RuleContext, g: str, x: str, axis: int, flat: Union[np.ndarray, str], r: int) -> str:
+    """Adjoint of Gather (ScatterND into zeros) when the axis size or the indices are only known at
+    run time; ``g`` holds the gathered slices along ``axis``, ``flat`` their indices (a (k, 1)
+    tensor name when computed at run time, which may repeat, so those always add up)."""
+    unique = not isinstance(flat, str) and len(np.unique(flat)) == len(flat)
     if not unique and ctx.opset < 16:
-        raise _unsupported(ctx, "repeated Gather indices on an axis of run-time size need opset 16")
+        raise _unsupported(ctx, "repeated or run-time Gather indices on this axis need opset 16 to add up")
     perm = [axis] + [a for a in range(r) if a != axis]
     inv = [int(v) for v in np.argsort(perm)]
     front = (lambda t: t) if axis == 0 else (lambda t: ctx.op("Transpose", [t], perm=perm))
     zeros = front(ctx.zeros_like(x))
     attrs = {} if unique else {"reduction": "add"}
-    res = ctx.op("ScatterND", [zeros, ctx.const(flat.reshape(-1, 1)), front(g)], **attrs)
+    where = flat if isinstance(flat, str) else ctx.const(flat.reshape(-1, 1))
+    res = ctx.op("ScatterND", [zeros, where, front(g)], **attrs)
     return res if axis == 0 else ctx.op("Transpose", [res], perm=inv)
+
+
+def _gather_runtime(ctx: RuleContext, g: str, x: str, ind: str, axis: int, r: int) -> str:
+    """Adjoint of Gather whose indices are computed at run time (torch.onnx's ``as_strided``).
+
+    The index dims of ``gy`` collapse into one axis of unknown length, negative indices
+    count from the end, and ScatterND adds every slice into zeros shaped like ``x``.
+    """
+    q = ctx.rank(ind)
+    if q is None:
+        raise _unsupported(ctx, f"rank of the run-time Gather indices {ind!r} unknown")
+    i64 = ind if ctx.elem_type(ind) == TensorProto.INT64 else ctx.op("Cast", [ind], to=TensorProto.INT64)
+    dim = _vec(ctx, [_dim(ctx, x, axis)])
+    fixed = ctx.op("Where", [ctx.op("Less", [i64, ctx.const(0)]), ctx.op("Add", [i64, dim]), i64])
+    col = ctx.op("Reshape", [fixed, ctx.const([-1, 1])])
+    if q != 1:
+        g = ctx.op("Reshape", [g, _vec(ctx, [_dim(ctx, x, a) for a in range(axis)] + [-1] +
+                                       [_dim(ctx, x, a) for a in range(axis + 1, r)])])
+    return _scatter_runtime(ctx, g, x, axis, col, r)
 
 
 @vjp_rule("Gather")
 def gather(ctx: RuleContext, gy: Grads) -> Grads:
-    """y = take(x, idx, axis) with constant idx: gx = scatter-add of gy into zeros shaped like x.
+    """y = take(x, idx, axis): gx = scatter-add of gy into zeros shaped like x.
 
-    Scalar and unique indices cost a Pad (+ Gather); repeated indices sum
-    through a one-hot matrix product along the axis.
+    Constant scalar and unique indices cost a Pad (+ Gather); repeated ones sum
+    through a one-hot matrix product along the axis; indices computed at run
+    time scatter-add with ScatterND (opset 16).
     """
     x, ind = ctx.inputs[0], ctx.inputs[1]
     idx = ctx.const_value(ind)
-    if idx is None:
-        raise _unsupported(ctx, "Gather indices computed at run time")
     r = _rank(ctx, x)
     axis = _norm_axis(int(ctx.attr("axis", 0)), r)
+    if idx is None:
+        return [_gather_runtime(ctx, gy[0], x, ind, axis, r), None]
     shape = ctx.shape(x) or (None,) * r
     d = shape[axis]
     g = gy[0]
