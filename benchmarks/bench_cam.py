@@ -3,7 +3,7 @@
     .venv-bench/bin/python benchmarks/bench_cam.py [--net resnet50] [--scorecam-net mobilenet_v2]
 
 The gradient CAMs (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Grad-CAM element-wise,
-EigenGrad-CAM, Finer-CAM) and the gradient-free Eigen-CAM run on `--net` at its last block, FullGrad on all
+EigenGrad-CAM, Finer-CAM) and the gradient-free Eigen-CAM, FEM and KPCA-CAM run on `--net` at its last block, FullGrad on all
 of `--net`'s biased convolutions and batch norms; Score-CAM and Ablation-CAM (one forward pass
 per channel) run on the smaller `--scorecam-net`. Prints seconds per map,
 speed-up and the Pearson correlation of the two maps.
@@ -38,8 +38,8 @@ def main() -> None:
     ap.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
-    from pytorch_grad_cam import (AblationCAM, EigenCAM, EigenGradCAM, FinerCAM, FullGrad, GradCAM, GradCAMElementWise, GradCAMPlusPlus,
-                                  HiResCAM, LayerCAM, ScoreCAM, XGradCAM)
+    from pytorch_grad_cam import (FEM, AblationCAM, EigenCAM, EigenGradCAM, FinerCAM, FullGrad, GradCAM, GradCAMElementWise,
+                                  GradCAMPlusPlus, HiResCAM, KPCA_CAM, LayerCAM, ScoreCAM, XGradCAM)
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     print(f"# {machine()}; torch {torch.__version__}; median of {args.repeat} interleaved runs", flush=True)
@@ -48,7 +48,8 @@ def main() -> None:
     plan = [(args.net, "gradcam", GradCAM), (args.net, "gradcam++", GradCAMPlusPlus), (args.net, "xgradcam", XGradCAM),
             (args.net, "layercam", LayerCAM), (args.net, "hirescam", HiResCAM),
             (args.net, "gradcamelementwise", GradCAMElementWise), (args.net, "eigencam", EigenCAM),
-            (args.net, "eigengradcam", EigenGradCAM), (args.net, "finercam", FinerCAM), (args.net, "fullgrad", FullGrad),
+            (args.net, "eigengradcam", EigenGradCAM), (args.net, "fem", FEM), (args.net, "kpcacam", KPCA_CAM),
+            (args.net, "finercam", FinerCAM), (args.net, "fullgrad", FullGrad),
             (args.scorecam_net, "scorecam", ScoreCAM), (args.scorecam_net, "ablationcam", AblationCAM)]
     if args.methods:
         plan = [p for p in plan if p[1] in args.methods.split(",")]

@@ -383,3 +383,28 @@ def test_given_target_skips_the_forward_pass_but_not_the_scores(case, name, monk
     np.testing.assert_allclose(given.raw, picked.raw, atol=1e-6)
     forward_passes = [c for c in calls if ex.model.logits in c[1]]
     assert len(forward_passes) == (0 if name in ("saliency", "deeplift", "guidedbackprop") else 1)
+
+
+@pytest.mark.parametrize("layer,index", [("relu2", 3), ("relu1", 1)])
+def test_fem_and_kpcacam_match_their_references(case, layer, index):
+    """FEM against pytorch-grad-cam's formula in NumPy; KPCA-CAM against scikit-learn's KernelPCA
+    (what pytorch-grad-cam calls) on PyTorch's activations, for every kernel."""
+    from sklearn.decomposition import KernelPCA
+
+    model, x, ex, net = case
+    a, _ = torch_layer_grads(net, x, index, 0)
+    th = a.mean(axis=(1, 2), keepdims=True) + 2 * a.std(axis=(1, 2), keepdims=True)
+    w = (a > th).mean(axis=(1, 2))
+    expected = np.maximum((w[:, None, None] * a).sum(axis=0), 0)
+    res = ex.explain(x, "fem", target=0, layer=layer)
+    np.testing.assert_allclose(res.raw[0], expected, atol=1e-5 * max(expected.max(), 1e-6))
+    assert ex.explain(x, "fem", target=0, layer=layer, k=0.5).raw.max() > 0
+    rows = a.reshape(a.shape[0], -1).T
+    rows = rows - rows.mean(axis=0)
+    for kernel, gamma in (("sigmoid", None), ("rbf", None), ("poly", 0.01), ("linear", None), ("cosine", None)):
+        ref = KernelPCA(n_components=1, kernel=kernel, gamma=gamma).fit_transform(rows.astype(np.float64))
+        expected = np.maximum(ref[:, 0].reshape(a.shape[1:]), 0)
+        got = ex.explain(x, "kpcacam", target=2, layer=layer, kernel=kernel, gamma=gamma).raw[0]
+        np.testing.assert_allclose(got, expected, atol=1e-4 * max(np.abs(expected).max(), 1e-6), err_msg=kernel)
+    with pytest.raises(onnxsal.errors.MethodError, match="kernel"):
+        ex.explain(x, "kpcacam", layer=layer, kernel="laplacian")

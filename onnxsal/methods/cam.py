@@ -11,6 +11,8 @@ HiResCAM    (Draelos & Carin 2020): map = ReLU(sum_k G_k * A_k), element-wise, n
 Grad-CAM element-wise (pytorch-grad-cam): map = ReLU(sum_k ReLU(G_k * A_k))
 Eigen-CAM   (Muhammad & Yeasin 2020): the first principal component of the layer's positions x channels
             matrix (A, class-agnostic; EigenGrad-CAM: G * A), projected back onto the positions
+FEM         (Fuad et al. 2020): w_k = share of A_k's positions above mean + k std; map = ReLU(sum_k w_k A_k)
+KPCA-CAM    (Karmani et al. 2024): Eigen-CAM with kernel PCA (scikit-learn's KernelPCA, sigmoid kernel)
 Guided Grad-CAM: |Guided Backprop| (max over channels) times the upsampled Grad-CAM.
 The eps = 1e-7 guards follow pytorch-grad-cam, so maps agree with it to float precision.
 ``eigen_smooth`` (as pytorch-grad-cam's) replaces each channel sum by the first principal component
@@ -163,6 +165,77 @@ def eigengradcam(ctx: Context, aug_smooth: bool = False) -> np.ndarray:
         return augmented(ctx, eigengradcam)
     a, g = layer_grads(ctx)
     return projected(g * a)
+
+
+@method("fem", family="cam", needs_layer=True)
+def fem(ctx: Context, k: float = 2.0, aug_smooth: bool = False) -> np.ndarray:
+    """FEM (Fuad et al. 2020): each channel weighted by the share of its positions above its mean + k
+    standard deviations (no gradients, the same map for every class)."""
+    if aug_smooth:
+        return augmented(ctx, lambda c: fem(c, k))
+    a = ctx.layer.grid(ctx.activations())[:1]
+    # float32 statistics, as pytorch-grad-cam's: a threshold computed in float64 can put a
+    # position that sits on it on the other side
+    th = a.mean(axis=(2, 3), keepdims=True) + np.float32(k) * a.std(axis=(2, 3), keepdims=True)
+    w = (a > th).mean(axis=(2, 3))
+    cam = np.maximum(np.einsum("tk,tkhw->thw", w, a.astype(np.float64)), 0)
+    return np.repeat(cam.astype(np.float32), len(ctx.targets), axis=0)
+
+
+KERNELS = ("sigmoid", "rbf", "poly", "linear", "cosine")
+
+
+def kernel_component(m: np.ndarray, kernel: str = "sigmoid", gamma: Optional[float] = None, degree: int = 3,
+                     coef0: float = 1.0) -> np.ndarray:
+    """(K, h, w) -> (h, w): the positions' scores on the first kernel principal component.
+
+    As pytorch-grad-cam's ``get_2d_projection_kernel`` (scikit-learn's ``KernelPCA``, one
+    component): positions are the samples, centred per channel; the kernel matrix is centred
+    in feature space, and its top eigenvector, signed so its largest entry is positive (the
+    ``svd_flip`` rule), times the square root of its eigenvalue is the projection. Written
+    with NumPy's ``eigh`` so that onnxsal does not need scikit-learn; the positions number
+    a few hundred at most, so the dense eigensolver is cheap.
+    """
+    x = m.reshape(m.shape[0], -1).T.astype(np.float64)
+    x = x - x.mean(axis=0)
+    g = 1.0 / x.shape[1] if gamma is None else float(gamma)
+    dot = x @ x.T
+    if kernel == "sigmoid":
+        km = np.tanh(g * dot + coef0)
+    elif kernel == "rbf":
+        sq = np.diag(dot)
+        km = np.exp(-g * np.maximum(sq[:, None] + sq[None, :] - 2 * dot, 0))
+    elif kernel == "poly":
+        km = (g * dot + coef0) ** degree
+    elif kernel == "linear":
+        km = dot
+    else:                                   # cosine
+        norm = np.sqrt(np.diag(dot))
+        norm[norm == 0] = 1.0
+        km = dot / norm[:, None] / norm[None, :]
+    n = len(km)
+    col = km.mean(axis=0)
+    kc = km - col[None, :] - col[:, None] + col.mean()
+    vals, vecs = np.linalg.eigh((kc + kc.T) / 2)
+    top = vecs[:, -1]
+    if top[np.argmax(np.abs(top))] < 0:
+        top = -top
+    return (top * np.sqrt(max(vals[-1], 0.0))).reshape(m.shape[1:]) if n else np.zeros(m.shape[1:])
+
+
+@method("kpcacam", family="cam", needs_layer=True)
+def kpcacam(ctx: Context, kernel: str = "sigmoid", gamma: Optional[float] = None, aug_smooth: bool = False
+            ) -> np.ndarray:
+    """KPCA-CAM (Karmani et al. 2024): Eigen-CAM with kernel PCA (no gradients, the same map for every class)."""
+    if kernel not in KERNELS:
+        raise MethodError(f"kpcacam kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
+    if gamma is not None and not gamma > 0:
+        raise MethodError(f"kpcacam gamma must be positive, not {gamma!r}")
+    if aug_smooth:
+        return augmented(ctx, lambda c: kpcacam(c, kernel, gamma))
+    a = ctx.layer.grid(ctx.activations())[:1]
+    cam = np.maximum(kernel_component(a[0], kernel, gamma), 0)[None].astype(np.float32)
+    return np.repeat(cam, len(ctx.targets), axis=0)
 
 
 def finer_seed(logits: np.ndarray, main: int, alpha: float, comparison: tuple) -> np.ndarray:
