@@ -77,8 +77,9 @@ class ChannelsLast(torch.nn.Module):
     """Swin's layout: patch features kept (N, h, w, C) through norm and MLP, transposed to NCHW only
     for the global pool -- the map pytorch-grad-cam reads with a ``reshape_transform``."""
 
-    def __init__(self, d=16):
+    def __init__(self, d=16, pool="gap"):
         super().__init__()
+        self.pool = pool
         self.patch = torch.nn.Conv2d(3, d, 4, 4)
         self.norm = torch.nn.LayerNorm(d)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
@@ -87,14 +88,19 @@ class ChannelsLast(torch.nn.Module):
     def forward(self, x):
         t = self.patch(x).permute(0, 2, 3, 1)
         t = self.norm(t + self.mlp(t))
-        return self.head(torch.nn.functional.adaptive_avg_pool2d(t.permute(0, 3, 1, 2), 1).flatten(1))
+        maps = t.permute(0, 3, 1, 2)
+        if self.pool == "mean":                     # exported as ReduceMean over axes 2, 3
+            return self.head(maps.mean(dim=(2, 3)))
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(maps, 1).flatten(1))
 
 
-def test_channels_last_maps_default_and_by_name(tmp_path):
-    """The transposed map before the pool is the default layer, and an (N, h, w, C) map given by name
-    is read channels-last: every CAM equals its formula on PyTorch's tensors permuted to (C, h, w)."""
+@pytest.mark.parametrize("pool", ["gap", "mean"])
+def test_channels_last_maps_default_and_by_name(tmp_path, pool):
+    """The transposed map before the pool (GlobalAveragePool, or a ReduceMean over the spatial axes)
+    is the default layer, and an (N, h, w, C) map given by name is read channels-last: every CAM
+    equals its formula on PyTorch's tensors permuted to (C, h, w)."""
     torch.manual_seed(0)
-    net = ChannelsLast().eval()
+    net = ChannelsLast(pool=pool).eval()
     path = tmp_path / "cl.onnx"
     torch.onnx.export(net, (torch.randn(1, 3, 32, 24),), str(path), input_names=["input"], output_names=["logits"],
                       opset_version=17, dynamo=False, dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
