@@ -173,8 +173,10 @@ def _slice_begin(ctx: RuleContext, start: Union[int, str], dim: Dim) -> Dim:
     return ctx.op("Min", [ctx.op("Max", [shifted, ctx.const([0])]), d])
 
 
-def _slice_runtime(ctx: RuleContext, g: str, r: int, starts, axes: list[int], steps: list[int]) -> str:
-    """Adjoint of a unit-step Slice whose starts or ends are computed at run time.
+def _slice_runtime(ctx: RuleContext, g: str, r: int, starts: Optional[np.ndarray], axes: list[int],
+                   steps: list[int]) -> str:
+    """Adjoint of a unit-step Slice whose starts or ends are computed at run time (``starts`` given
+    when they are constant).
 
     The gradient is ``gy`` padded back: ``begin`` zeros in front (the clamped
     start) and ``dim - begin - len`` behind, where ``len`` is the slice's own
@@ -188,8 +190,7 @@ def _slice_runtime(ctx: RuleContext, g: str, r: int, starts, axes: list[int], st
             raise _unsupported(ctx, f"step {st} with starts or ends computed at run time")
         a = _norm_axis(a, r)
         dim = _dim(ctx, x, a)
-        start = int(starts[j]) if starts is not None and not isinstance(starts, str) else \
-            _runtime_int(ctx, ctx.inputs[1], j)
+        start = int(starts[j]) if starts is not None else _runtime_int(ctx, ctx.inputs[1], j)
         begin = _slice_begin(ctx, start, dim)
         before[a] = begin
         after[a] = _sub(ctx, _sub(ctx, dim, begin), _dim(ctx, y, a))
@@ -242,9 +243,9 @@ def slice_(ctx: RuleContext, gy: Grads) -> Grads:
             continue
         if st != 1:
             raise _unsupported(ctx, f"step {st} on axis {a} whose size is only known at run time")
-        dim = _dim(ctx, x, a)
         if s == 0 and e >= BIG:
             continue                      # the whole axis
+        dim = _dim(ctx, x, a)
         # An end past the axis (exporters write INT32_MAX, sizes of other shapes...) clamps, so
         # the zeros behind are what the slice's own length leaves, not dim - end.
         before[a] = _slice_begin(ctx, s, dim)
