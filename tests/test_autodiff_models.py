@@ -488,9 +488,11 @@ def test_simplify_bn_after_shared_conv_weight_is_not_mutated():
 
 # ---- cross-check with the onnx-ad package ------------------------------------------------------
 
-def test_cross_check_onnx_ad(exported):
+@pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenetv2", "se_hard", "vit"])
+def test_cross_check_onnx_ad(exported, name):
+    """onnx-ad's reverse graph, where it can differentiate the network (see the skip reason where not)."""
     onnx_ad = pytest.importorskip("onnx_ad")
-    net, model, probe = exported("vgg")
+    net, model, probe = exported(name)
     x = np.random.default_rng(11).standard_normal((1, 3, 32, 32)).astype(np.float32)
     cot = np.random.default_rng(12).standard_normal((1, 10)).astype(np.float32)
     try:
