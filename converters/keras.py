@@ -223,19 +223,18 @@ def _allow_inlining(graph_def) -> None:
     ``StatefulPartitionedCall`` marked ``_XlaMustCompile``, which the inliner skips and
     tf2onnx cannot convert. Without the mark the call is inlined like any other.
     """
-    def clear(nodes) -> None:
-        for node in nodes:
-            if node.op in ("PartitionedCall", "StatefulPartitionedCall"):
-                for key in ("_XlaMustCompile", "_XlaCompile", "_noinline"):
-                    if key in node.attr:
-                        del node.attr[key]
+    marks = ("_XlaMustCompile", "_XlaCompile", "_noinline")
 
-    clear(graph_def.node)
+    def clear(attrs) -> None:
+        for key in marks:
+            if key in attrs:
+                del attrs[key]
+
+    for node in [*graph_def.node, *(n for fn in graph_def.library.function for n in fn.node_def)]:
+        if node.op in ("PartitionedCall", "StatefulPartitionedCall"):
+            clear(node.attr)
     for fn in graph_def.library.function:
-        clear(fn.node_def)
-        for key in ("_XlaMustCompile", "_noinline", "_XlaCompile"):
-            if key in fn.attr:
-                del fn.attr[key]
+        clear(fn.attr)
 
 
 def _lift_weights(graph_def, min_bytes: int):

@@ -15,10 +15,10 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import infer, normalize, tensor_shapes, upgrade_opset, without_weight_data
+from .graph.simplify import constants
 from .graph.weights import WeightStore, attach, detach
 from .preprocess import Preprocess
 
@@ -342,25 +342,14 @@ def _token_layer(tensor: str, node: onnx.NodeProto, shape: Optional[Sequence],
     return Layer(tensor, node.name, node.op_type, (int(shape[2]), h, w), prefix)
 
 
-def _small_ints(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Integer initializers and Constant outputs of a few elements (reduction axes)."""
-    out = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer
-           if i.data_type == onnx.TensorProto.INT64 and int(np.prod(i.dims)) <= 8}
-    for n in proto.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value" and \
-                n.attribute[0].t.data_type == onnx.TensorProto.INT64:
-            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return out
-
-
-def _spatial_mean(node: onnx.NodeProto, consts: dict) -> bool:
+def _spatial_mean(node: onnx.NodeProto, consts) -> bool:
     """A ReduceMean over the two spatial axes of an NCHW map: how torch.onnx's dynamo exporter
     writes ``adaptive_avg_pool2d(x, 1)``."""
     if node.op_type != "ReduceMean":
         return False
     axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
-    if axes is None and len(node.input) > 1 and node.input[1] in consts:
-        axes = [int(v) for v in np.ravel(consts[node.input[1]])]
+    if axes is None and len(node.input) > 1 and consts.get(node.input[1]) is not None:
+        axes = [int(v) for v in np.ravel(consts.get(node.input[1]))]
     return axes is not None and sorted(a % 4 for a in axes) == [2, 3]
 
 
@@ -403,7 +392,7 @@ def _find_layers(proto: onnx.ModelProto) -> list[Layer]:
     # A channels-last model (Swin) transposes its last features to NCHW for the global pool: that
     # map is the classic CAM layer, and no convolution produces it.
     producer = {o: n for n in proto.graph.node for o in n.output}
-    consts = _small_ints(proto)
+    consts = constants(proto.graph)
     for node in proto.graph.node:
         if not (node.op_type in ("GlobalAveragePool", "GlobalMaxPool") or _spatial_mean(node, consts)):
             continue

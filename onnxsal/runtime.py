@@ -103,16 +103,10 @@ class Runtime:
             opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.log_severity_level = 3
-            # Weights go in as external initializers: ONNX Runtime uses the arrays in place on CPU
-            # instead of parsing a serialised copy; the session keeps them alive.
-            values = [ort.OrtValue.ortvalue_from_numpy(a if a.flags.c_contiguous else a.copy(order="C")) for a in arrays.values()]
-            if values:
-                opts.add_external_initializers(list(arrays), values)
             shapes = tensor_shapes(model)
             if _row_matrix_bytes(model, arrays, shapes) > PREPACK_LIMIT:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
-            sess = ort.InferenceSession(model.SerializeToString(), opts, providers=self._providers)
-            sess._onnxsal_weights = values  # type: ignore[attr-defined]
+            sess = open_session(model, arrays, opts, self._providers)
             sess._onnxsal_per_sample = _bytes_per_sample(model, shapes)  # type: ignore[attr-defined]
             self._sessions[key] = sess
         return sess
@@ -143,6 +137,19 @@ class Runtime:
 
 
 PREPACK_LIMIT = 64 << 20
+
+
+def open_session(model: onnx.ModelProto, arrays: dict[str, np.ndarray], opts: ort.SessionOptions,
+                 providers: list) -> ort.InferenceSession:
+    """A session on a graph split by `weights.for_session`: its large weights `arrays` go in as
+    external initializers, which ONNX Runtime uses in place on CPU instead of parsing a serialised
+    copy; the session keeps them alive."""
+    values = [ort.OrtValue.ortvalue_from_numpy(a if a.flags.c_contiguous else a.copy(order="C")) for a in arrays.values()]
+    if values:
+        opts.add_external_initializers(list(arrays), values)
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    sess._onnxsal_weights = values  # type: ignore[attr-defined]
+    return sess
 
 
 def _row_matrix_bytes(model: onnx.ModelProto, arrays: dict, shapes: Optional[dict] = None) -> int:

@@ -135,30 +135,31 @@ class _Builder:
                 self.used.add(name)
                 return name
 
-    def const_value(self, name: str) -> Optional[np.ndarray]:
+    def const_value(self, name: str, _depth: int = 0) -> Optional[np.ndarray]:
         if name in self.consts:
             return self.consts[name]
         proto = self._const_protos.get(name)
         if proto is None:
-            return self._fold(name)
+            return self._fold(name, _depth)
         arr = weights.array(proto)
         self.consts[name] = arr
         return arr
 
-    def _fold(self, name: str, depth: int = 0) -> Optional[np.ndarray]:
+    def _fold(self, name: str, depth: int) -> Optional[np.ndarray]:
         """Value of a small integer tensor computed from constants only (``Unsqueeze(Constant)``...).
 
         Exporters that skip constant folding pass slice axes and pad amounts this way; rules
         need them as values. Only shape-sized integer arithmetic is folded, by ONNX's
-        reference implementation of the one node.
+        reference implementation of the one node; a float tensor (every activation a rule
+        asks about) is refused at once, without walking back through the network.
         """
         node = self._producer.get(name)
-        if node is None or node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or depth > 8:
+        if (node is None or node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or depth > 8
+                or self.elem_type(name) in FLOAT_TYPES):
             return None
         values = []
         for i in node.input:
-            v = (self.consts.get(i) if i in self.consts else
-                 (weights.array(self._const_protos[i]) if i in self._const_protos else self._fold(i, depth + 1)))
+            v = self.const_value(i, depth + 1) if i else None
             if i and v is None:
                 return None
             values.append(v)

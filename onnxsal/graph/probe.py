@@ -55,6 +55,7 @@ def probe_shapes(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tupl
     """Name -> (elem_type, shape with None for batch-dependent dims) for each tensor that runs."""
     import onnxruntime as ort
 
+    from ..runtime import open_session
     from .surgery import expose
 
     names = list(dict.fromkeys(names))
@@ -65,10 +66,7 @@ def probe_shapes(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tupl
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         opts.intra_op_num_threads = 1
-        if arrays:
-            values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays.values()]
-            opts.add_external_initializers(list(arrays), values)
-        sess = ort.InferenceSession(light.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = open_session(light, arrays, opts, ["CPUExecutionProvider"])
         runs = []
         for batch in (1, 2):
             feeds = _feeds(light, batch)

@@ -154,8 +154,14 @@ def eigencam(ctx: Context, aug_smooth: bool = False) -> np.ndarray:
     """Eigen-CAM: the first principal component of the layer's activations (no gradients, class-agnostic)."""
     if aug_smooth:
         return augmented(ctx, eigencam)
-    a = ctx.layer.grid(ctx.activations())
-    return np.repeat(projected(a[:1]), len(ctx.targets), axis=0)
+    return class_agnostic(ctx, first_component)
+
+
+def class_agnostic(ctx: Context, reduce: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """ReLU of ``reduce`` of the input's (K, h, w) activations, the same map for every target."""
+    a = ctx.layer.grid(ctx.activations())[0]
+    cam = np.maximum(reduce(a), 0).astype(np.float32)
+    return np.repeat(cam[None], len(ctx.targets), axis=0)
 
 
 @method("eigengradcam", family="cam", needs_layer=True)
@@ -173,13 +179,14 @@ def fem(ctx: Context, k: float = 2.0, aug_smooth: bool = False) -> np.ndarray:
     standard deviations (no gradients, the same map for every class)."""
     if aug_smooth:
         return augmented(ctx, lambda c: fem(c, k))
-    a = ctx.layer.grid(ctx.activations())[:1]
-    # float32 statistics, as pytorch-grad-cam's: a threshold computed in float64 can put a
-    # position that sits on it on the other side
-    th = a.mean(axis=(2, 3), keepdims=True) + np.float32(k) * a.std(axis=(2, 3), keepdims=True)
-    w = (a > th).mean(axis=(2, 3))
-    cam = np.maximum(np.einsum("tk,tkhw->thw", w, a.astype(np.float64)), 0)
-    return np.repeat(cam.astype(np.float32), len(ctx.targets), axis=0)
+
+    def weighted(a: np.ndarray) -> np.ndarray:
+        # float32 statistics, as pytorch-grad-cam's: a threshold computed in float64 can put a
+        # position that sits on it on the other side
+        th = a.mean(axis=(1, 2), keepdims=True) + np.float32(k) * a.std(axis=(1, 2), keepdims=True)
+        return np.einsum("k,khw->hw", (a > th).mean(axis=(1, 2)), a.astype(np.float64))
+
+    return class_agnostic(ctx, weighted)
 
 
 KERNELS = ("sigmoid", "rbf", "poly", "linear", "cosine")
@@ -213,14 +220,13 @@ def kernel_component(m: np.ndarray, kernel: str = "sigmoid", gamma: Optional[flo
         norm = np.sqrt(np.diag(dot))
         norm[norm == 0] = 1.0
         km = dot / norm[:, None] / norm[None, :]
-    n = len(km)
     col = km.mean(axis=0)
     kc = km - col[None, :] - col[:, None] + col.mean()
     vals, vecs = np.linalg.eigh((kc + kc.T) / 2)
     top = vecs[:, -1]
     if top[np.argmax(np.abs(top))] < 0:
         top = -top
-    return (top * np.sqrt(max(vals[-1], 0.0))).reshape(m.shape[1:]) if n else np.zeros(m.shape[1:])
+    return (top * np.sqrt(max(vals[-1], 0.0))).reshape(m.shape[1:])
 
 
 @method("kpcacam", family="cam", needs_layer=True)
@@ -233,9 +239,7 @@ def kpcacam(ctx: Context, kernel: str = "sigmoid", gamma: Optional[float] = None
         raise MethodError(f"kpcacam gamma must be positive, not {gamma!r}")
     if aug_smooth:
         return augmented(ctx, lambda c: kpcacam(c, kernel, gamma))
-    a = ctx.layer.grid(ctx.activations())[:1]
-    cam = np.maximum(kernel_component(a[0], kernel, gamma), 0)[None].astype(np.float32)
-    return np.repeat(cam, len(ctx.targets), axis=0)
+    return class_agnostic(ctx, lambda a: kernel_component(a, kernel, gamma))
 
 
 def finer_seed(logits: np.ndarray, main: int, alpha: float, comparison: tuple) -> np.ndarray:

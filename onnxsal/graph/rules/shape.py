@@ -152,10 +152,19 @@ def _scatter_axis(ctx: RuleContext, g: str, axis: int, index: np.ndarray, size: 
     return ctx.op("Gather", [padded, ctx.const(where)], axis=axis)
 
 
+def _int64(ctx: RuleContext, t: str) -> str:
+    """A run-time index tensor as int64 (exporters also write int32)."""
+    return t if ctx.elem_type(t) == TensorProto.INT64 else ctx.op("Cast", [t], to=TensorProto.INT64)
+
+
+def _from_end(ctx: RuleContext, i: str, dim: str) -> str:
+    """Run-time indices with the negative ones counted from the end of an axis of size ``dim``."""
+    return ctx.op("Where", [ctx.op("Less", [i, ctx.const(0)]), ctx.op("Add", [i, dim]), i])
+
+
 def _runtime_int(ctx: RuleContext, vec: str, j: int) -> str:
     """Element ``j`` of a run-time int vector as a [1]-shaped int64 tensor."""
-    v = ctx.op("Slice", [vec, ctx.const([j]), ctx.const([j + 1])])
-    return v if ctx.elem_type(vec) == TensorProto.INT64 else ctx.op("Cast", [v], to=TensorProto.INT64)
+    return _int64(ctx, ctx.op("Slice", [vec, ctx.const([j]), ctx.const([j + 1])]))
 
 
 def _slice_begin(ctx: RuleContext, start: Union[int, str], dim: Dim) -> Dim:
@@ -165,12 +174,16 @@ def _slice_begin(ctx: RuleContext, start: Union[int, str], dim: Dim) -> Dim:
     if isinstance(start, int) and start >= 0:
         return start if isinstance(dim, int) else ctx.op("Min", [_vec(ctx, [start]), dim])
     s, d = _vec(ctx, [start]), _vec(ctx, [dim])
-    if isinstance(start, int):                       # negative, from the end of a run-time axis
-        shifted = ctx.op("Add", [s, d])
-    else:
-        neg = ctx.op("Less", [s, ctx.const([0])])
-        shifted = ctx.op("Where", [neg, ctx.op("Add", [s, d]), s])
+    # a constant start here is negative: from the end of a run-time axis
+    shifted = ctx.op("Add", [s, d]) if isinstance(start, int) else _from_end(ctx, s, d)
     return ctx.op("Min", [ctx.op("Max", [shifted, ctx.const([0])]), d])
+
+
+def _unit_slice_pads(ctx: RuleContext, axis: int, start: Union[int, str], dim: Dim) -> tuple[Dim, Dim]:
+    """Zeros before and after a unit-step slice's gradient on ``axis``: the clamped start, and what
+    the slice's own length leaves (an end past the axis clamps, so it is never read)."""
+    begin = _slice_begin(ctx, start, dim)
+    return begin, _sub(ctx, _sub(ctx, dim, begin), _dim(ctx, ctx.outputs[0], axis))
 
 
 def _slice_runtime(ctx: RuleContext, g: str, r: int, starts: Optional[np.ndarray], axes: list[int],
@@ -182,18 +195,14 @@ def _slice_runtime(ctx: RuleContext, g: str, r: int, starts: Optional[np.ndarray
     start) and ``dim - begin - len`` behind, where ``len`` is the slice's own
     length along the axis.  Ends are never needed, so only the starts are read.
     """
-    x, y = ctx.inputs[0], ctx.outputs[0]
     before: dict = {}
     after: dict = {}
     for j, (a, st) in enumerate(zip(axes, steps)):
         if st != 1:
             raise _unsupported(ctx, f"step {st} with starts or ends computed at run time")
         a = _norm_axis(a, r)
-        dim = _dim(ctx, x, a)
         start = int(starts[j]) if starts is not None else _runtime_int(ctx, ctx.inputs[1], j)
-        begin = _slice_begin(ctx, start, dim)
-        before[a] = begin
-        after[a] = _sub(ctx, _sub(ctx, dim, begin), _dim(ctx, y, a))
+        before[a], after[a] = _unit_slice_pads(ctx, a, start, _dim(ctx, ctx.inputs[0], a))
     return _pad(ctx, g, r, before, after)
 
 
@@ -212,13 +221,13 @@ def slice_(ctx: RuleContext, gy: Grads) -> Grads:
     ends = _const_or_runtime(ctx, 2)
     axes = _const_input(ctx, 3, "Slice axes")
     steps = _const_input(ctx, 4, "Slice steps")
-    n = len(starts.reshape(-1)) if not isinstance(starts, str) else \
-        (len(ends.reshape(-1)) if not isinstance(ends, str) else None)
-    if n is None and axes is None:
-        n = _static_len(ctx, ctx.inputs[1])
-    if n is None and axes is None:
-        raise _unsupported(ctx, "Slice starts and ends computed at run time, with no axes given")
-    axes = [int(v) for v in axes.reshape(-1)] if axes is not None else list(range(n))
+    if axes is None:                  # the bounds' length says how many leading axes are sliced
+        known = [v for v in (starts, ends) if not isinstance(v, str)]
+        n = len(known[0].reshape(-1)) if known else _static_len(ctx, ctx.inputs[1])
+        if n is None:
+            raise _unsupported(ctx, "Slice starts and ends computed at run time, with no axes given")
+        axes = np.arange(n)
+    axes = [int(v) for v in axes.reshape(-1)]
     steps = [int(v) for v in steps.reshape(-1)] if steps is not None else [1] * len(axes)
     g = gy[0]
     if isinstance(starts, str) or isinstance(ends, str):
@@ -245,11 +254,8 @@ def slice_(ctx: RuleContext, gy: Grads) -> Grads:
             raise _unsupported(ctx, f"step {st} on axis {a} whose size is only known at run time")
         if s == 0 and e >= BIG:
             continue                      # the whole axis
-        dim = _dim(ctx, x, a)
-        # An end past the axis (exporters write INT32_MAX, sizes of other shapes...) clamps, so
-        # the zeros behind are what the slice's own length leaves, not dim - end.
-        before[a] = _slice_begin(ctx, s, dim)
-        after[a] = _sub(ctx, _sub(ctx, dim, before[a]), _dim(ctx, ctx.outputs[0], a))
+        # exporters also write ends such as INT32_MAX, which clamp to the run-time size
+        before[a], after[a] = _unit_slice_pads(ctx, a, s, _dim(ctx, x, a))
     return [_pad(ctx, g, r, before, after)] + [None] * (len(ctx.inputs) - 1)
 
 
@@ -305,7 +311,7 @@ def _unpad_runtime(ctx: RuleContext, g: str, pads: str, axes: list[int]) -> str:
     gx = Pad(gy[max(b, 0) : len - max(e, 0)], max(-b, 0), max(-e, 0)) on each padded axis.
     """
     k = len(axes)
-    p = pads if ctx.elem_type(pads) == TensorProto.INT64 else ctx.op("Cast", [pads], to=TensorProto.INT64)
+    p = _int64(ctx, pads)
     zero = ctx.const([0])
     begin = ctx.op("Slice", [p, ctx.const([0]), ctx.const([k])])
     end = ctx.op("Slice", [p, ctx.const([k]), ctx.const([2 * k])])
@@ -348,9 +354,7 @@ def _gather_runtime(ctx: RuleContext, g: str, x: str, ind: str, axis: int, r: in
     q = ctx.rank(ind)
     if q is None:
         raise _unsupported(ctx, f"rank of the run-time Gather indices {ind!r} unknown")
-    i64 = ind if ctx.elem_type(ind) == TensorProto.INT64 else ctx.op("Cast", [ind], to=TensorProto.INT64)
-    dim = _vec(ctx, [_dim(ctx, x, axis)])
-    fixed = ctx.op("Where", [ctx.op("Less", [i64, ctx.const(0)]), ctx.op("Add", [i64, dim]), i64])
+    fixed = _from_end(ctx, _int64(ctx, ind), _vec(ctx, [_dim(ctx, x, axis)]))
     col = ctx.op("Reshape", [fixed, ctx.const([-1, 1])])
     if q != 1:
         g = ctx.op("Reshape", [g, _vec(ctx, [_dim(ctx, x, a) for a in range(axis)] + [-1] +
