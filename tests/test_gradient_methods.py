@@ -408,3 +408,5 @@ def test_fem_and_kpcacam_match_their_references(case, layer, index):
         np.testing.assert_allclose(got, expected, atol=1e-4 * max(np.abs(expected).max(), 1e-6), err_msg=kernel)
     with pytest.raises(onnxsal.errors.MethodError, match="kernel"):
         ex.explain(x, "kpcacam", layer=layer, kernel="laplacian")
+    with pytest.raises(onnxsal.errors.MethodError, match="gamma"):
+        ex.explain(x, "kpcacam", layer=layer, gamma=-1.0)
