@@ -3,10 +3,12 @@
     .venv-bench/bin/python benchmarks/zoo_check.py [--nets resnet18,swin_t,...]      # torchvision
     .venv-bench/bin/python benchmarks/zoo_check.py --dynamo   # torch.onnx's dynamo exporter (needs onnxscript)
     .venv/bin/python benchmarks/zoo_check.py --keras [--nets MobileNetV3Small,...]   # Keras applications
+    .venv-bench/bin/python benchmarks/zoo_check.py --timm [--nets tresnet_m,...]     # timm (pip install timm)
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
-exporter at opset 17, or with ``--dynamo`` the dynamo exporter, torch's default since 2.9; dynamic batch) or converted by `converters/keras.py`, and its VJP graph runs in ONNX
+exporter at opset 17, or with ``--dynamo`` the dynamo exporter, torch's default since 2.9; dynamic batch) or converted by `converters/keras.py`; ``--timm`` takes timm's architectures (10 classes,
+TorchScript exporter, timm's fused attention off since that exporter cannot take it). Its VJP graph runs in ONNX
 Runtime on three seeded inputs of batch 2 with a random cotangent on the logits. The printed
 figure is max |onnxsal - reference| / max |reference| per seed.
 
@@ -50,6 +52,23 @@ TORCHVISION = ("resnet18,resnext50_32x4d,densenet121,squeezenet1_1,googlenet,inc
                "regnet_x_400mf,convnext_tiny,swin_t,swin_v2_t,vit_b_16,maxvit_t")
 KERAS = ("MobileNetV3Small,MobileNetV3Large,DenseNet121,Xception,ResNet50V2,NASNetMobile,InceptionResNetV2,"
          "EfficientNetB0,EfficientNetV2B0,ConvNeXtTiny")
+# timm: architectures whose ops go beyond torchvision's (reflect pads, slice assignment, run-time
+# Tile, relative position biases, outlook/halo/pooling attention...), at the size timm builds them for.
+TIMM = ("ecaresnet26t:128,skresnet18:128,res2net50_14w_8s:128,dla34:128,cspdarknet53:128,rexnet_100:128,"
+        "ghostnetv2_100:128,lcnet_050:128,tresnet_m:224,densenetblur121d:128,resnest14d:128,ese_vovnet19b_dw:128,"
+        "hrnet_w18_small:128,dpn68b:128,inception_v4:160,xception41:160,tf_efficientnet_b0:128,regnetz_005:128,"
+        "dm_nfnet_f0:128,repvgg_a0:128,mobileone_s0:128,resnetv2_50x1_bit:128,efficientnet_b0_gn:128,"
+        "mobilenetv4_hybrid_medium:256,mobilevit_xxs:256,mobilevitv2_050:256,efficientformerv2_s0:224,levit_128s:224,"
+        "deit_tiny_patch16_224:224,cait_xxs24_224:224,xcit_nano_12_p16_224:224,convit_tiny:224,pit_ti_224:224,"
+        "twins_svt_small:224,coat_lite_tiny:224,poolformer_s12:128,botnet26t_256:256,lambda_resnet26t:256,"
+        "edgenext_xx_small:256,mvitv2_tiny:224,focalnet_tiny_srf:224,gcvit_xxtiny:224,mixer_s16_224:224,"
+        "resmlp_12_224:224,convnextv2_atto:128,efficientvit_b0:224,efficientvit_m0:224,fastvit_t8:256,"
+        "tiny_vit_5m_224:224,hiera_tiny_224:224,davit_tiny:224,inception_next_tiny:224,starnet_s1:224,"
+        "mambaout_femto:224,hgnetv2_b0:224,nextvit_small:224,crossvit_tiny_240:240,tnt_s_patch16_224:224,"
+        "beit_base_patch16_224:224,eva02_tiny_patch14_224:224,vit_small_patch16_rope_224:224,"
+        "vit_relpos_small_patch16_224:224,vit_tiny_r_s16_p8_224:224,coatnet_nano_rw_224:224,"
+        "maxxvitv2_nano_rw_256:256,caformer_s18:224,pvt_v2_b0:224,swinv2_cr_tiny_224:224,nest_tiny:224,"
+        "rdnet_tiny:224,vitamin_small_224:224,visformer_tiny:224,sequencer2d_s:224")
 SEEDS = (0, 1, 2)
 
 
@@ -97,6 +116,55 @@ def torchvision_errors(name: str, cache: str, dynamo: bool = False) -> list[floa
     return errs
 
 
+def timm_net(name: str, seed: int = 0):
+    """A timm classifier (10 classes) with random weights, calibrated batch-norm statistics and
+    no all-zero weight matrices; parameters frozen (timm caches some attention biases in eval)."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    net = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
+                mod.running_mean.normal_(0, 0.1, generator=gen)
+                mod.running_var.uniform_(0.5, 1.5, generator=gen)
+                if mod.weight is not None:
+                    mod.weight.uniform_(0.5, 1.5, generator=gen)
+                    mod.bias.normal_(0, 0.1, generator=gen)
+        for p in net.parameters():
+            if p.dim() >= 2 and not p.abs().sum():
+                p.normal_(0, 0.02)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def timm_errors(spec: str, cache: str) -> list[float]:
+    import torch
+
+    name, size = spec.split(":") if ":" in spec else (spec, "224")
+    size = int(size)
+    net = timm_net(name)
+    path = os.path.join(cache, f"zoo_timm_{name}_{size}.onnx")
+    if not os.path.exists(path):
+        torch.onnx.export(net, (torch.randn(1, 3, size, size),), path, input_names=["image"],
+                          output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}})
+    sess = vjp_session(onnx.load(path), "image", "logits")
+    errs = []
+    for seed in SEEDS:
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
+        cot = rng.standard_normal((2, 10)).astype(np.float32)
+        got = sess.run(["grad_image"], {"image": x, "grad_logits": cot})[0]
+        xt = torch.tensor(x, requires_grad=True)
+        (net(xt) * torch.tensor(cot)).sum().backward()
+        errs.append(rel(got, xt.grad.numpy()))
+    return errs
+
+
 def keras_errors(name: str, cache: str) -> list[float]:
     from converters import keras as kc
     from onnxsal.model import load
@@ -134,14 +202,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--keras", action="store_true", help="Keras applications through converters/keras.py")
     ap.add_argument("--dynamo", action="store_true", help="torchvision through torch.onnx's dynamo exporter")
+    ap.add_argument("--timm", action="store_true", help="timm's architectures (name:size in --nets)")
     ap.add_argument("--nets", default=None)
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TIMM_FUSED_ATTN", "0")       # F.scaled_dot_product_attention does not export at opset 17
     cache = os.path.join(HERE, ".cache")
     os.makedirs(cache, exist_ok=True)
-    nets = (args.nets or (KERAS if args.keras else TORCHVISION)).split(",")
-    check = keras_errors if args.keras else (lambda n, c: torchvision_errors(n, c, args.dynamo))
-    print(f"# {'Keras (tf.GradientTape)' if args.keras else 'torchvision (torch.autograd)'}"
+    nets = (args.nets or (KERAS if args.keras else TIMM if args.timm else TORCHVISION)).split(",")
+    check = keras_errors if args.keras else timm_errors if args.timm else (
+        lambda n, c: torchvision_errors(n, c, args.dynamo))
+    source = "Keras (tf.GradientTape)" if args.keras else "timm (torch.autograd)" if args.timm else \
+        "torchvision (torch.autograd)"
+    print(f"# {source}"
           f"{', dynamo exporter' if args.dynamo else ''}: "
           f"max|onnxsal - reference| / max|reference|, seeds {SEEDS}")
     print("| network | " + " | ".join(f"seed {s}" for s in SEEDS) + " | s |")

@@ -266,8 +266,39 @@ class TorchMHA(nn.Module):
         return self.head(t.mean(dim=0))
 
 
+class Copies(nn.Module):
+    """Ops that copy elements by position (timm's TResNet, blur pools, GCViT, MViTv2): reflect,
+    replicate and circular pads (the pads a chain of Concat/Slice/Transpose when exported without
+    constant folding), a Tile whose repeats come from the batch size, and a slice assignment
+    (ScatterND)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.d = d
+        self.c1 = nn.Conv2d(3, d, 3)
+        self.reflect = nn.ReflectionPad2d((1, 2, 2, 1))
+        self.replicate = nn.ReplicationPad2d(1)
+        self.c2 = nn.Conv2d(d, d, 3)
+        self.register_buffer("blur", torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0]))
+                             .div(16).expand(d, 1, 3, 3).contiguous())
+        self.q = nn.Parameter(torch.randn(1, d, 1, 1))
+        self.head = nn.Linear(d, 10)
+        self.probe = self.c1
+
+    def forward(self, x):
+        y = torch.tanh(self.c1(self.reflect(x)))
+        y = self.c2(self.replicate(y))
+        y = F.conv2d(F.pad(y, (1, 1, 1, 1), mode="reflect"), self.blur, stride=2, groups=self.d)
+        y = F.pad(y, (2, 1, 0, 0), mode="circular")
+        y = y * torch.sigmoid(self.q.repeat(y.shape[0], 1, y.shape[2], 1))
+        z = y.clone()
+        z[:, :, 1:, :] = z[:, :, 1:, :] * 2 + y[:, :, :-1, :]
+        return self.head(torch.tanh(z).mean(dim=(2, 3)))
+
+
 NETS = {"vgg": VGGish, "resnet": ResNetish, "mobilenetv2": MobileNetV2ish, "se_hard": SENet, "vit": ViTish,
-        "modern": Modern, "shuffle": ShuffleNetish, "window": WindowNet, "mha": TorchMHA}
+        "modern": Modern, "shuffle": ShuffleNetish, "window": WindowNet, "mha": TorchMHA,
+        "copies": Copies}
 OPSET = {"modern": 18}          # Mish is an op from opset 18
 
 
@@ -357,7 +388,8 @@ def exported(tmp_path_factory):
 
 
 CASES = [("vgg", False), ("resnet", False), ("mobilenetv2", False), ("se_hard", False), ("vit", False),
-         ("vit", True), ("resnet", True), ("modern", True), ("shuffle", True), ("window", True), ("mha", True)]
+         ("vit", True), ("resnet", True), ("modern", True), ("shuffle", True), ("window", True), ("mha", True),
+         ("copies", False), ("copies", True)]
 
 
 @pytest.mark.parametrize("name,dynamic", CASES, ids=[f"{n}{'-dyn' if d else ''}" for n, d in CASES])
@@ -387,6 +419,19 @@ def test_modern_net_exercises_the_newer_rules(exported):
     assert {"Einsum", "DepthToSpace", "ReduceMax", "InstanceNormalization", "Softplus"} <= ops
     d2s = next(n for n in model.graph.node if n.op_type == "DepthToSpace")
     assert helper.get_attribute_value(next(a for a in d2s.attribute if a.name == "mode")) == b"CRD"
+
+
+def test_copies_net_exercises_the_copying_rules(exported):
+    """Its dynamic export has reflect and edge Pads whose amounts only fold through Shape and
+    Transpose, a Tile whose repeats depend on the batch size, and a ScatterND."""
+    _, model, _ = exported("copies", True)
+    modes = {helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "Pad" for a in n.attribute}
+    assert {b"reflect", b"edge"} <= modes
+    inits = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                         for o in n.output}
+    tile = next(n for n in model.graph.node if n.op_type == "Tile")
+    assert tile.input[1] not in inits
+    assert "ScatterND" in {n.op_type for n in model.graph.node}
 
 
 def test_mobilenet_covers_strided_depthwise_path(exported):

@@ -87,6 +87,17 @@ def test_runtime_slice_with_a_step_is_refused_by_name():
         vjp(m, "y", ["x"])
 
 
+@pytest.mark.parametrize("mode,pads,where", [("reflect", [1, 0, 0, 1], "static size on axis 0"),
+                                             ("edge", None, "edge Pad with pads computed at run time")])
+def test_copying_pad_needs_known_sizes(mode, pads, where):
+    """Reflect/edge/wrap pads copy inputs by position, so the rule needs the axis size and the pads."""
+    inits = {"p": np.array(pads, I64)} if pads else {}
+    inputs = [_vi("x", ["N", 4])] + ([] if pads else [_vi("p", [4], TensorProto.INT64)])
+    m = _model([helper.make_node("Pad", ["x", "p"], ["y"], mode=mode, name="mirror")], inputs, [_vi("y", None)], inits)
+    with pytest.raises(UnsupportedOpError, match=f"Pad.*mirror.*{where}"):
+        vjp(m, "y", ["x"])
+
+
 @pytest.mark.parametrize("pads", [[0, 1, 2, 0, 2, 1], [0, -1, 2, 0, 1, -2], [0, 0, 0, 0, 0, 0]])
 def test_pad_amounts_fed_at_run_time(pads):
     m = _model([helper.make_node("Pad", ["x", "p"], ["y"], mode="constant")],

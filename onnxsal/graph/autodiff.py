@@ -84,7 +84,7 @@ def _dims(tp: Optional[onnx.TypeProto]) -> Optional[tuple]:
 
 FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Gather", "Slice", "Add", "Sub", "Mul", "Div",
             "Neg", "Mod", "Identity", "Min", "Max", "Abs", "Range", "ConstantOfShape", "Expand", "Equal", "Where",
-            "Not", "Less", "Greater"}
+            "Not", "Less", "Greater", "Transpose", "Tile", "Flatten", "Shape", "Size"}
 
 
 class _Builder:
@@ -154,7 +154,7 @@ class _Builder:
         asks about) is refused at once, without walking back through the network.
         """
         node = self._producer.get(name)
-        if (node is None or node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or depth > 8
+        if (node is None or node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or depth > 32
                 or self.elem_type(name) in FLOAT_TYPES):
             return None
         values = []

@@ -274,7 +274,7 @@ def _static_len(ctx: RuleContext, vec: str) -> Optional[int]:
 def pad(ctx: RuleContext, gy: Grads) -> Grads:
     """y = pad(x, constant): gx = gy with the padding sliced off (negative pads, i.e. crops, re-padded)."""
     mode = ctx.attr("mode", "constant")
-    if mode != "constant":
+    if mode not in ("constant", "reflect", "edge", "wrap"):
         raise _unsupported(ctx, f"Pad mode {mode!r}")
     x = ctx.inputs[0]
     r = _rank(ctx, x)
@@ -284,8 +284,15 @@ def pad(ctx: RuleContext, gy: Grads) -> Grads:
     g = gy[0]
     pads = _const_or_runtime(ctx, 1)
     if isinstance(pads, str):
+        if mode != "constant":
+            raise _unsupported(ctx, f"{mode} Pad with pads computed at run time")
         return [_unpad_runtime(ctx, g, pads, axes)] + [None] * (len(ctx.inputs) - 1)
     pads = [int(v) for v in pads.reshape(-1)]
+    if mode != "constant":
+        for j in reversed(range(k)):       # separable: undo the axes' pads one at a time
+            if pads[j] or pads[j + k]:
+                g = _unpad_copies(ctx, g, x, axes[j], pads[j], pads[j + k], mode)
+        return [g] + [None] * (len(ctx.inputs) - 1)
     sl_axes, sl_starts, sl_ends = [], [], []
     neg_before, neg_after = {}, {}
     for j, a in enumerate(axes):
@@ -302,6 +309,60 @@ def pad(ctx: RuleContext, gy: Grads) -> Grads:
         g = ctx.op("Slice", [g, ctx.const(sl_starts), ctx.const(sl_ends), ctx.const(sl_axes)])
     g = _pad(ctx, g, r, neg_before, neg_after)
     return [g] + [None] * (len(ctx.inputs) - 1)
+
+
+def _source_runs(source: np.ndarray) -> list[tuple[int, int, int]]:
+    """Split output positions into maximal runs (start, stop, step) whose source index moves by a
+    constant step of +1, -1 or 0; a lone position is a run of step +1."""
+    runs, i, m = [], 0, len(source)
+    while i < m:
+        step = int(source[i + 1] - source[i]) if i + 1 < m else 1
+        if step not in (-1, 0, 1):
+            step = 1
+        j = i + 1
+        while j < m and source[j] - source[j - 1] == step:
+            j += 1
+        if j == i + 1:
+            step = 1
+        runs.append((i, j, step))
+        i = j
+    return runs
+
+
+def _unpad_copies(ctx: RuleContext, g: str, x: str, axis: int, before: int, after: int, mode: str) -> str:
+    """Adjoint of a reflect, edge or wrap Pad along one axis: every input element receives the
+    gradients of all the output positions that copy it.
+
+    The copy map comes from ``np.pad`` on the indices (the ONNX reference pads the same way).
+    Output positions split into runs that copy consecutive, reversed or repeated (edge) inputs;
+    each run becomes a slice of ``g`` (reversed, or summed for an edge run) zero-padded to the
+    input's length at the place it came from, and the runs add up.
+    """
+    shape = ctx.shape(x)
+    n = None if shape is None else shape[axis]
+    if n is None:
+        raise _unsupported(ctx, f"{mode} Pad needs a static size on axis {axis}")
+    n = int(n)
+    source = np.pad(np.arange(n), (max(before, 0), max(after, 0)), mode={"edge": "edge", "reflect": "reflect",
+                                                                         "wrap": "wrap"}[mode])
+    source = source[max(-before, 0): len(source) - max(-after, 0)]
+    r = _rank(ctx, g)
+    total = None
+    for i, j, step in _source_runs(source):
+        length = j - i
+        if step == 1:
+            piece = ctx.op("Slice", [g, ctx.const([i]), ctx.const([j]), ctx.const([axis])])
+            lo = int(source[i])
+        elif step == -1:
+            end = i - 1 if i > 0 else int(np.iinfo(np.int64).min)   # through index 0
+            piece = ctx.op("Slice", [g, ctx.const([j - 1]), ctx.const([end]), ctx.const([axis]), ctx.const([-1])])
+            lo = int(source[j - 1])
+        else:
+            piece = ctx.reduce_sum(ctx.op("Slice", [g, ctx.const([i]), ctx.const([j]), ctx.const([axis])]), [axis])
+            lo, length = int(source[i]), 1
+        part = _pad(ctx, piece, r, {axis: lo}, {axis: n - lo - length})
+        total = part if total is None else ctx.op("Add", [total, part])
+    return total
 
 
 def _unpad_runtime(ctx: RuleContext, g: str, pads: str, axes: list[int]) -> str:
@@ -489,15 +550,40 @@ def expand(ctx: RuleContext, gy: Grads) -> Grads:
 def tile(ctx: RuleContext, gy: Grads) -> Grads:
     """y = tile(x, reps): view gy as [r_0, d_0, r_1, d_1, ...] and sum over the r axes."""
     x = ctx.inputs[0]
-    reps = [int(v) for v in _const_input(ctx, 1, "Tile repeats").reshape(-1)]
-    if all(v == 1 for v in reps):
-        return [gy[0], None]
-    r = len(reps)
-    target: list[Dim] = []
-    for a, rep in enumerate(reps):
-        target += [rep, _dim(ctx, x, a)]
-    g = ctx.op("Reshape", [gy[0], _vec(ctx, target)])
+    reps_value = ctx.const_value(ctx.inputs[1])
+    r = _rank(ctx, x)
+    if reps_value is None:                # repeats computed at run time (GCViT's global queries)
+        pairs = ctx.op("Concat", [ctx.unsqueeze(_int64(ctx, ctx.inputs[1]), [1]),
+                                  ctx.unsqueeze(ctx.shape_of(x), [1])], axis=1)
+        target = ctx.op("Reshape", [pairs, ctx.const([-1])])
+    else:
+        reps = [int(v) for v in reps_value.reshape(-1)]
+        if all(v == 1 for v in reps):
+            return [gy[0], None]
+        parts: list[Dim] = []
+        for a, rep in enumerate(reps):
+            parts += [rep, _dim(ctx, x, a)]
+        target = _vec(ctx, parts)
+    g = ctx.op("Reshape", [gy[0], target])
     return [ctx.reduce_sum(g, [2 * a for a in range(r)], keepdims=False), None]
+
+
+@vjp_rule("ScatterND")
+def scatter_nd(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = data with ``updates`` written (or added) at ``indices``: the updates' gradient is gy
+    read back at the indices (GatherND); the data's is gy, with the overwritten positions zeroed
+    when the scatter replaces rather than adds.  Product and min/max reductions are refused."""
+    reduction = ctx.attr("reduction", "none")
+    if reduction not in ("none", "add"):
+        raise _unsupported(ctx, f"ScatterND reduction {reduction!r}")
+    data, ind, upd = ctx.inputs[:3]
+    g = gy[0]
+    gd = gu = None
+    if ctx.needs_grad(0):
+        gd = g if reduction == "add" else ctx.op("ScatterND", [g, ind, ctx.zeros_like(upd)])
+    if ctx.needs_grad(2):
+        gu = ctx.op("GatherND", [g, ind])
+    return [gd, None, gu]
 
 
 @vjp_rule("ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")
