@@ -788,3 +788,31 @@ def test_resize_other_ranks_and_opset13():
     m = _resize_model(x4, dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"),
                       [1, 1, 2, 2], opset=13)
     check_torch(m, {"x": x4}, lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False))
+
+
+def _col2im_case(image, block, strides, pads, dilations, c=3, batch=2):
+    nsp = len(block)
+    grid = [(image[i] + pads[i] + pads[i + nsp] - dilations[i] * (block[i] - 1) - 1) // strides[i] + 1
+            for i in range(nsp)]
+    x = _rng(len(block) + sum(pads)).standard_normal((batch, c * int(np.prod(block)), int(np.prod(grid))))
+    model = one_node_model("Col2Im", {"x": x.astype(F32)}, dict(strides=strides, pads=pads, dilations=dilations),
+                           {"im": np.array(image, np.int64), "bs": np.array(block, np.int64)},
+                           node_inputs=["x", "im", "bs"], opset=18)
+    return model, x.astype(F32)
+
+
+@pytest.mark.parametrize("image,block,strides,pads,dilations", [
+    ((7, 8), (2, 3), (2, 1), (1, 1, 1, 1), (1, 2)),
+    ((6, 6), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((5, 9), (1, 2), (1, 3), (0, 0, 0, 0), (1, 1)),
+])
+def test_col2im_matches_torch_fold(image, block, strides, pads, dilations):
+    """Col2Im (F.fold, VOLO's outlook attention): its adjoint is unfold as a one-hot grouped conv."""
+    model, x = _col2im_case(image, block, strides, pads, dilations)
+    check_torch(model, {"x": x}, lambda t: F.fold(t, image, block, dilation=dilations, padding=pads[:2],
+                                                  stride=strides))
+
+
+def test_col2im_asymmetric_pads_against_finite_differences():
+    model, x = _col2im_case((6, 7), (3, 2), (2, 2), (1, 0, 2, 1), (1, 1))
+    check_vjp(model, "y", ["x"], {"x": x})

@@ -387,3 +387,32 @@ def conv_transpose(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[s
                               ctx.const(np.asarray([2 + i for i in cut], np.int64))])
     res[0] = dx
     return res
+
+
+@vjp_rule("Col2Im")
+def col2im(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
+    """y = fold(x): blocks of x summed into an image (VOLO's outlook attention, F.fold).
+
+    Its adjoint is unfold (im2col) of gy with the same block shape, pads, strides and
+    dilations, which is a grouped convolution with one-hot kernels: output channel
+    ``c*K + j`` of group ``c`` reads kernel position ``j`` (row-major), the order of
+    Col2Im's ``C*K`` input channels; the output grid flattened row-major is its ``L`` axis.
+    """
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    image = ctx.const_value(ctx.inputs[1])
+    block = ctx.const_value(ctx.inputs[2])
+    if image is None or block is None:
+        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(Col2Im image or block shape computed at run time)")
+    block = [int(v) for v in block.reshape(-1)]
+    nsp, k = len(block), int(np.prod(block))
+    ck = (ctx.shape(x) or (None, None))[1]
+    if ck is None or ck % k:
+        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(Col2Im needs a static channel count)")
+    c = ck // k
+    onehot = np.eye(k, dtype=np.float64).reshape((k, 1) + tuple(block))
+    w = ctx.const(np.tile(onehot, (c,) + (1,) * (nsp + 1)), like=y)
+    cols = ctx.op("Conv", [gy[0], w], kernel_shape=block, group=c, strides=ints_attr(ctx, "strides", nsp, 1),
+                  dilations=ints_attr(ctx, "dilations", nsp, 1), pads=ints_attr(ctx, "pads", 2 * nsp, 0))
+    target = ctx.op("Concat", [ctx.op("Slice", [ctx.shape_of(cols), ctx.const([0]), ctx.const([2])]),
+                               ctx.const([-1])], axis=0)
+    return [ctx.op("Reshape", [cols, target]), None, None]
