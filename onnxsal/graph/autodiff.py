@@ -27,6 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LayerError, UnsupportedOpError
+from . import recurrent
 from .normalize import normalize, opset_of
 from . import weights
 
@@ -567,6 +568,9 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
     if model is original:             # everything below edits the model in place
         model = copy.deepcopy(model)
     _check_names(model.graph, y, wrt, outputs)
+    refused: dict[str, str] = {}
+    if recurrent.has_recurrent(model):
+        model, refused = recurrent.unroll(model)
     if len(set(wrt)) != len(wrt):
         raise LayerError(f"duplicate tensors in gradient inputs {wrt!r}")
     _set_outputs(model, [y, *outputs])   # unrequested model outputs must not block simplification
@@ -590,8 +594,10 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
         if key not in table:
             name = node.name or f"#{idx} ({node.op_type})"
+            why = refused.get(node.name or node.output[0])
             raise UnsupportedOpError(node.op_type, name,
-                                     f"on the path from {src} to {y!r} (node {k + 1} of {len(on_path)})")
+                                     f"on the path from {src} to {y!r} (node {k + 1} of {len(on_path)})"
+                                     + (f": {why}" if why else ""))
 
     _probe_unknown_ranks(model, b, [g.node[idx] for idx in on_path], live)
 

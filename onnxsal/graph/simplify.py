@@ -95,16 +95,27 @@ def _remove_passthrough(graph: onnx.GraphProto, protected: set) -> None:
     risky = _subgraph_reads(graph)
     graph_inputs = {i.name for i in graph.input} | {i.name for i in graph.initializer}
     keep_nodes = []
+    alias: dict[str, str] = {}          # readers of a removed output read its source; applied in one pass
+
+    def flush() -> None:
+        if alias:
+            for other in graph.node:
+                for k, i in enumerate(other.input):
+                    if i in alias:
+                        other.input[k] = alias[i]
+            alias.clear()
+
     for node in list(graph.node):
         if not (node.op_type == "Identity" or _is_inference_dropout(node, consts)):
             keep_nodes.append(node)
             continue
-        src, dst = node.input[0], node.output[0]
+        src, dst = alias.get(node.input[0], node.input[0]), node.output[0]
         if dst in risky or src in risky:
             keep_nodes.append(node)
         elif dst not in protected:
-            _rename_input(graph, dst, src)
+            alias[dst] = src
         elif src not in protected and src not in graph_inputs:
+            flush()
             for other in graph.node:                     # producer and other readers take dst's name
                 for k, o in enumerate(other.output):
                     if o == src:
@@ -112,6 +123,7 @@ def _remove_passthrough(graph: onnx.GraphProto, protected: set) -> None:
             _rename_input(graph, src, dst)
         else:
             keep_nodes.append(node)
+    flush()
     del graph.node[:]
     graph.node.extend(keep_nodes)
 

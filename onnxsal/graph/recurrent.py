@@ -1,0 +1,237 @@
+"""LSTM, GRU and RNN nodes rewritten as the per-step ops they stand for, so the autodiff can
+differentiate them with its ordinary rules.
+
+An ONNX recurrent node runs a whole sequence inside one kernel, so no VJP rule can be written
+for it from outside: its gradient needs every step's gates. Unrolled, each step is a MatMul, a
+few elementwise ops and Splits, all of which have rules; the unrolled graph is exactly the ONNX
+operator's definition (gate order iofc / zrh, both biases, peepholes, reverse and bidirectional
+directions, batch-first layout), so forward values agree with the fused kernel to float rounding.
+
+This needs a sequence length known when the graph is built (an image model's sequence is a
+feature map's width) and constant weights. Variable ``sequence_lens``, ``input_forget``, the
+``clip`` of the cell and activations other than Sigmoid, Tanh and Relu are refused; the reason
+reaches the user through the autodiff's UnsupportedOpError for that node.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import weights
+from .normalize import _infer_inplace, tensor_shapes
+
+RECURRENT = ("LSTM", "GRU", "RNN")
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+ACTIVATIONS = ("Sigmoid", "Tanh", "Relu")
+
+
+class Refused(Exception):
+    """The node cannot be unrolled; the message says why."""
+
+
+class _Emitter:
+    """Appends nodes and constants under one name prefix."""
+
+    def __init__(self, prefix: str, taken: set) -> None:
+        self.prefix, self.taken, self.nodes, self.inits, self.k = prefix, taken, [], [], 0
+
+    def name(self, hint: str) -> str:
+        while True:
+            self.k += 1
+            n = f"{self.prefix}/{self.k}_{hint}"
+            if n not in self.taken:
+                self.taken.add(n)
+                return n
+
+    def const(self, arr: np.ndarray, hint: str = "c") -> str:
+        n = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), n))
+        return n
+
+    def op(self, op_type: str, inputs: list, n_out: int = 1, out: Optional[list] = None, **attrs):
+        outs = out or [self.name(op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type + "_node"), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _unroll(node: onnx.NodeProto, consts: dict, shapes: dict, em: _Emitter) -> None:
+    op = node.op_type
+    a = _attrs(node)
+    hidden = int(a.get("hidden_size", 0))
+    direction = a.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    dirs = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+    layout = int(a.get("layout", 0))
+    if a.get("clip") is not None:
+        raise Refused("a cell clip")
+    if int(a.get("input_forget", 0)):
+        raise Refused("input_forget")
+    acts = [v.decode() if isinstance(v, bytes) else v for v in a.get("activations", [])] or \
+        DEFAULT_ACTS[op] * len(dirs)
+    if any(v not in ACTIVATIONS for v in acts):
+        raise Refused(f"activations {acts} (only {', '.join(ACTIVATIONS)} are unrolled)")
+    per_dir = len(DEFAULT_ACTS[op])
+    ins = list(node.input) + [""] * (8 - len(node.input))
+    x = ins[0]
+    w, r = consts.get(ins[1]), consts.get(ins[2])
+    if w is None or r is None:
+        raise Refused("weights computed at run time")
+    b = consts.get(ins[3]) if ins[3] else None
+    if ins[3] and b is None:
+        raise Refused("a bias computed at run time")
+    if ins[4]:
+        lens = consts.get(ins[4])
+        if lens is None:
+            raise Refused("sequence_lens given at run time")
+    shape = (shapes.get(x) or (None, None))[1]
+    t_axis = 1 if layout else 0
+    if shape is None or len(shape) != 3 or shape[t_axis] is None:
+        raise Refused("a sequence length only known at run time")
+    steps = int(shape[t_axis])
+    if ins[4] and not np.all(lens == steps):
+        raise Refused("sequences of different lengths (sequence_lens)")
+    peep = consts.get(ins[7]) if op == "LSTM" and ins[7] else None
+    if op == "LSTM" and ins[7] and peep is None:
+        raise Refused("peepholes computed at run time")
+    ng, h = GATES[op], hidden
+
+    xs = em.op("Transpose", [x], perm=[1, 0, 2]) if layout else x               # (T, B, I)
+    batch = em.op("Slice", [em.op("Shape", [xs]), em.const(np.array([1])), em.const(np.array([2]))])
+    zeros_bh = em.op("ConstantOfShape", [em.op("Concat", [batch, em.const(np.array([h]))], axis=0)],
+                     value=numpy_helper.from_array(np.zeros(1, w.dtype)))
+
+    def act(name: str, t: str) -> str:
+        return em.op(name, [t])
+
+    def initial(k: int, d: int) -> str:
+        src = ins[5 + k]
+        if not src:
+            return zeros_bh
+        if layout:       # (B, D, H)
+            return em.op("Squeeze", [em.op("Slice", [src, em.const(np.array([d])), em.const(np.array([d + 1])),
+                                                      em.const(np.array([1]))]), em.const(np.array([1]))])
+        return em.op("Squeeze", [em.op("Slice", [src, em.const(np.array([d])), em.const(np.array([d + 1]))]),
+                                 em.const(np.array([0]))])
+
+    ys, hs, cs = [], [], []
+    for d, backwards in enumerate(dirs):
+        f, g2, h2 = (acts[d * per_dir:(d + 1) * per_dir] + [None, None])[:3]
+        wd, rd = w[d], r[d]
+        bw = b[d][:ng * h] if b is not None else np.zeros(ng * h, w.dtype)
+        br = b[d][ng * h:] if b is not None else np.zeros(ng * h, w.dtype)
+        fold = bw + br
+        if op == "GRU":
+            fold[2 * h:] = bw[2 * h:]              # the candidate's recurrent bias stays with the reset gate
+        xw = em.op("Add", [em.op("MatMul", [xs, em.const(wd.T.copy(), "wt")]), em.const(fold, "bias")])
+        parts = em.op("Split", [xw, em.const(np.ones(steps, np.int64))], n_out=steps, axis=0) if steps > 1 else [xw]
+        x_t = [em.op("Squeeze", [p, em.const(np.array([0]))]) for p in parts]
+        h_prev = initial(0, d)
+        c_prev = initial(1, d) if op == "LSTM" else None
+        out = [None] * steps
+        linear_before_reset = int(a.get("linear_before_reset", 0))
+        for t in (reversed(range(steps)) if backwards else range(steps)):
+            if op == "RNN":
+                h_new = act(f, em.op("Add", [x_t[t], em.op("MatMul", [h_prev, em.const(rd.T.copy(), "rt")])]))
+            elif op == "LSTM":
+                gates = em.op("Add", [x_t[t], em.op("MatMul", [h_prev, em.const(rd.T.copy(), "rt")])])
+                gi, go, gf, gc = em.op("Split", [gates, em.const(np.full(4, h, np.int64))], n_out=4, axis=1)
+                if peep is not None:
+                    pi, po, pf = (em.const(peep[d][k * h:(k + 1) * h], "peep") for k in range(3))
+                    gi = em.op("Add", [gi, em.op("Mul", [pi, c_prev])])
+                    gf = em.op("Add", [gf, em.op("Mul", [pf, c_prev])])
+                c_new = em.op("Add", [em.op("Mul", [act(f, gf), c_prev]), em.op("Mul", [act(f, gi), act(g2, gc)])])
+                if peep is not None:
+                    go = em.op("Add", [go, em.op("Mul", [po, c_new])])
+                h_new = em.op("Mul", [act(f, go), act(h2, c_new)])
+                c_prev = c_new
+            else:                                   # GRU, gates z, r, h
+                xz, xr, xh = em.op("Split", [x_t[t], em.const(np.full(3, h, np.int64))], n_out=3, axis=1)
+                if linear_before_reset:
+                    hr_all = em.op("MatMul", [h_prev, em.const(rd.T.copy(), "rt")])
+                    hz, hr, hh = em.op("Split", [hr_all, em.const(np.full(3, h, np.int64))], n_out=3, axis=1)
+                else:
+                    hzr = em.op("MatMul", [h_prev, em.const(rd[:2 * h].T.copy(), "rt")])
+                    hz, hr = em.op("Split", [hzr, em.const(np.full(2, h, np.int64))], n_out=2, axis=1)
+                z = act(f, em.op("Add", [xz, hz]))
+                rg = act(f, em.op("Add", [xr, hr]))
+                rbh = em.const(br[2 * h:], "rbh")
+                if linear_before_reset:
+                    cand = em.op("Add", [xh, em.op("Mul", [rg, em.op("Add", [hh, rbh])])])
+                else:
+                    cand = em.op("Add", [xh, em.op("Add", [em.op("MatMul", [em.op("Mul", [rg, h_prev]),
+                                                                            em.const(rd[2 * h:].T.copy(), "rt")]),
+                                                          rbh])])
+                hc = act(g2, cand)
+                h_new = em.op("Add", [hc, em.op("Mul", [z, em.op("Sub", [h_prev, hc])])])
+            out[t] = h_new
+            h_prev = h_new
+        ys.append(em.op("Concat", [em.op("Unsqueeze", [o, em.const(np.array([0]))]) for o in out], axis=0)
+                  if steps > 1 else em.op("Unsqueeze", [out[0], em.const(np.array([0]))]))
+        hs.append(h_prev)
+        cs.append(c_prev)
+
+    def stack(items: list, axis: int) -> str:
+        us = [em.op("Unsqueeze", [i, em.const(np.array([axis]))]) for i in items]
+        return us[0] if len(us) == 1 else em.op("Concat", us, axis=axis)
+
+    outs = list(node.output) + [""] * (3 - len(node.output))
+    if outs[0]:
+        y = stack(ys, 1)                                                    # (T, D, B, H)
+        em.op("Transpose" if layout else "Identity", [y], out=[outs[0]], **({"perm": [2, 0, 1, 3]} if layout else {}))
+    for k, items in ((1, hs), (2, cs)):
+        if outs[k]:
+            s = stack(items, 0)                                             # (D, B, H)
+            em.op("Transpose" if layout else "Identity", [s], out=[outs[k]], **({"perm": [1, 0, 2]} if layout else {}))
+
+
+def _time_axis_unknown(node: onnx.NodeProto, shapes: dict) -> bool:
+    layout = int(_attrs(node).get("layout", 0))
+    shape = (shapes.get(node.input[0]) or (None, None))[1]
+    return shape is None or len(shape) != 3 or shape[1 if layout else 0] is None
+
+
+def has_recurrent(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in RECURRENT and n.domain in ("", "ai.onnx") for n in model.graph.node)
+
+
+def unroll(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """Rewrite every recurrent node that can be unrolled, in place; returns the model (shapes
+    inferred again) and {node name: reason} for the ones left as they were."""
+    g = model.graph
+    wanted = {i for n in g.node if n.op_type in RECURRENT for i in n.input[1:] if i}
+    consts = {i.name: weights.array(i) for i in g.initializer if i.name in wanted}
+    for n in g.node:
+        if n.op_type == "Constant" and n.output[0] in wanted and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    shapes = tensor_shapes(model)
+    lost = [n.input[0] for n in g.node if n.op_type in RECURRENT and _time_axis_unknown(n, shapes)]
+    if lost:                  # the sequence length is often behind a reshape inference cannot follow
+        from .probe import probe_shapes
+
+        shapes.update(probe_shapes(model, lost))
+    taken = {o for n in g.node for o in n.output} | {i.name for i in g.initializer} | {i.name for i in g.input}
+    new_nodes, refused = [], {}
+    for k, node in enumerate(g.node):
+        if node.op_type in RECURRENT and node.domain in ("", "ai.onnx"):
+            em = _Emitter(f"onnxsal_rnn{k}", taken)
+            try:
+                _unroll(node, consts, shapes, em)
+            except Refused as why:
+                refused[node.name or node.output[0]] = f"{node.op_type} with {why} cannot be unrolled"
+            else:
+                new_nodes += em.nodes
+                g.initializer.extend(em.inits)
+                continue
+        new_nodes.append(node)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return _infer_inplace(model), refused
