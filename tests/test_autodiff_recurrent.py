@@ -217,3 +217,27 @@ def test_run_time_sequence_length_is_refused():
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "T"
     with pytest.raises(UnsupportedOpError, match="GRU.*sequence length only known at run time"):
         vjp(model, "y", ["x"])
+
+
+def test_weights_computed_from_constants_are_folded():
+    """torch.onnx's dynamo exporter reorders PyTorch's gate blocks into ONNX's with Slices and a
+    Concat on the weight initializers; those fold to constants, so the node still unrolls."""
+    model, feeds = _node_model("LSTM", {}, 3)
+    g = model.graph
+    lstm = g.node[-1]
+    h = 3
+    cuts = [(0, h), (2 * h, 3 * h), (h, 2 * h), (3 * h, 4 * h)]
+    nodes = []
+    for k, (a, b) in enumerate(cuts):
+        g.initializer.extend([numpy_helper.from_array(np.array([a], np.int64), f"s{k}"),
+                              numpy_helper.from_array(np.array([b], np.int64), f"e{k}")])
+        nodes.append(helper.make_node("Slice", ["W", f"s{k}", f"e{k}", "ax1"], [f"w{k}"]))
+    g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "ax1"))
+    nodes.append(helper.make_node("Concat", [f"w{k}" for k in range(4)], ["W_onnx"], axis=1))
+    lstm.input[1] = "W_onnx"
+    rest = list(g.node)
+    del g.node[:]
+    g.node.extend(nodes + rest)
+    vm = vjp(model, "y", ["x"])
+    assert "LSTM" not in {n.op_type for n in vm.graph.node}
+    check_vjp(model, "y", ["x"], feeds)

@@ -59,11 +59,58 @@ class _Emitter:
         return outs[0] if n_out == 1 else outs
 
 
+FOLDABLE = {"Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Gather", "Cast", "Identity",
+            "Split", "Add", "Sub", "Mul", "Neg", "Expand", "Tile"}
+
+
+class _Constants:
+    """Values of initializers, Constants, and tensors computed from them alone (the dynamo exporter
+    reorders PyTorch's gate blocks into ONNX's with Slice/Concat on the weights), on demand."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.protos = {i.name: i for i in graph.initializer}
+        for n in graph.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.protos[n.output[0]] = n.attribute[0].t
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.values: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, depth: int = 0) -> Optional[np.ndarray]:
+        if name in self.values:
+            return self.values[name]
+        if name in self.protos:
+            self.values[name] = weights.array(self.protos[name])
+            return self.values[name]
+        node = self.producer.get(name)
+        if node is None or node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or depth > 24:
+            return None
+        vals = [self.get(i, depth + 1) if i else None for i in node.input]
+        if any(i and v is None for i, v in zip(node.input, vals)):
+            return None
+        from onnx.reference import ReferenceEvaluator
+
+        ins = [f"i{k}" if i else "" for k, i in enumerate(node.input)]
+        one = helper.make_node(node.op_type, ins, [f"o{k}" for k in range(len(node.output))],
+                               **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+        graph = helper.make_graph([one], "fold", [helper.make_tensor_value_info(
+            f"i{k}", helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in enumerate(vals) if v is not None],
+            [helper.make_tensor_value_info(f"o{k}", onnx.TensorProto.UNDEFINED, None)
+             for k in range(len(node.output))])
+        try:
+            outs = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])).run(
+                None, {f"i{k}": v for k, v in enumerate(vals) if v is not None})
+        except Exception:
+            return None
+        for o, v in zip(node.output, outs):
+            self.values[o] = np.asarray(v)
+        return self.values.get(name)
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _unroll(node: onnx.NodeProto, consts: dict, shapes: dict, em: _Emitter) -> None:
+def _unroll(node: onnx.NodeProto, consts: "_Constants", shapes: dict, em: _Emitter) -> None:
     op = node.op_type
     a = _attrs(node)
     hidden = int(a.get("hidden_size", 0))
@@ -207,11 +254,7 @@ def unroll(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     """Rewrite every recurrent node that can be unrolled, in place; returns the model (shapes
     inferred again) and {node name: reason} for the ones left as they were."""
     g = model.graph
-    wanted = {i for n in g.node if n.op_type in RECURRENT for i in n.input[1:] if i}
-    consts = {i.name: weights.array(i) for i in g.initializer if i.name in wanted}
-    for n in g.node:
-        if n.op_type == "Constant" and n.output[0] in wanted and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    consts = _Constants(g)
     shapes = tensor_shapes(model)
     lost = [n.input[0] for n in g.node if n.op_type in RECURRENT and _time_axis_unknown(n, shapes)]
     if lost:                  # the sequence length is often behind a reshape inference cannot follow
