@@ -3,7 +3,7 @@
     .venv-bench/bin/python benchmarks/zoo_check.py [--nets resnet18,swin_t,...]      # torchvision
     .venv-bench/bin/python benchmarks/zoo_check.py --dynamo   # torch.onnx's dynamo exporter (needs onnxscript)
     .venv/bin/python benchmarks/zoo_check.py --keras [--nets MobileNetV3Small,...]   # Keras applications
-    .venv-bench/bin/python benchmarks/zoo_check.py --timm [--nets tresnet_m,...]     # timm (pip install timm)
+    .venv-bench/bin/python benchmarks/zoo_check.py --timm [--dynamo] [--nets tresnet_m:224,...]   # timm
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
@@ -141,14 +141,18 @@ def timm_net(name: str, seed: int = 0):
     return net
 
 
-def timm_errors(spec: str, cache: str) -> list[float]:
+def timm_errors(spec: str, cache: str, dynamo: bool = False) -> list[float]:
     import torch
 
     name, size = spec.split(":") if ":" in spec else (spec, "224")
     size = int(size)
     net = timm_net(name)
-    path = os.path.join(cache, f"zoo_timm_{name}_{size}.onnx")
-    if not os.path.exists(path):
+    path = os.path.join(cache, f"zoo_timm_{name}_{size}{'_dynamo' if dynamo else ''}.onnx")
+    if not os.path.exists(path) and dynamo:
+        prog = torch.onnx.export(net, (torch.randn(2, 3, size, size),), dynamo=True, input_names=["image"],
+                                 output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("N", min=1, max=64)},))
+        prog.save(path)
+    elif not os.path.exists(path):
         torch.onnx.export(net, (torch.randn(1, 3, size, size),), path, input_names=["image"],
                           output_names=["logits"], opset_version=17, dynamo=False,
                           dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}})
@@ -210,7 +214,7 @@ def main() -> None:
     cache = os.path.join(HERE, ".cache")
     os.makedirs(cache, exist_ok=True)
     nets = (args.nets or (KERAS if args.keras else TIMM if args.timm else TORCHVISION)).split(",")
-    check = keras_errors if args.keras else timm_errors if args.timm else (
+    check = keras_errors if args.keras else (lambda n, c: timm_errors(n, c, args.dynamo)) if args.timm else (
         lambda n, c: torchvision_errors(n, c, args.dynamo))
     source = "Keras (tf.GradientTape)" if args.keras else "timm (torch.autograd)" if args.timm else \
         "torchvision (torch.autograd)"

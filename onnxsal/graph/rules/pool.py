@@ -222,3 +222,11 @@ def global_average_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optio
     dx = ctx.op("Expand", [ctx.op("Mul", [dy, inv]), ctx.shape_of(x)])
     ctx.set_shape(dx, x)     # Expand's output shape is data-dependent: tell the bridge
     return [blocked.bridge(ctx, dx)]
+
+
+@vjp_rule("MaxUnpool")
+def max_unpool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
+    """y = zeros with x written at the flat (whole-tensor) ``indices``: gx = gy read back there.
+    (The max-pool gradient unpools, so a second derivative passes through here.)"""
+    flat = ctx.op("Reshape", [gy[0], ctx.const(np.asarray([-1], np.int64))])
+    return [ctx.op("Gather", [flat, ctx.inputs[1]], axis=0), None, None]

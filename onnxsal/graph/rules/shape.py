@@ -658,3 +658,33 @@ def gather_elements(ctx: RuleContext, gy: Grads) -> Grads:
         if any(len(np.unique(row)) != row.size for row in moved):
             raise _unsupported(ctx, "repeated indices need opset >= 16 to add up")
     return [ctx.op("ScatterElements", [ctx.zeros_like(x), ind, gy[0]], **attrs), None]
+
+
+@vjp_rule("ScatterElements")
+def scatter_elements(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = data with ``updates`` written (or added) along ``axis`` at ``indices``: the updates'
+    gradient is gy read back there (GatherElements), the data's is gy with the written positions
+    zeroed unless the scatter adds. (Max-pool gradients scatter this way, so a second derivative
+    passes through here.)"""
+    reduction = ctx.attr("reduction", "none")
+    if reduction not in ("none", "add"):
+        raise _unsupported(ctx, f"ScatterElements reduction {reduction!r}")
+    axis = int(ctx.attr("axis", 0))
+    data, ind, upd = ctx.inputs[:3]
+    gd = gu = None
+    if ctx.needs_grad(0):
+        gd = gy[0] if reduction == "add" else ctx.op("ScatterElements", [gy[0], ind, ctx.zeros_like(upd)], axis=axis)
+    if ctx.needs_grad(2):
+        gu = ctx.op("GatherElements", [gy[0], ind], axis=axis)
+    return [gd, None, gu]
+
+
+@vjp_rule("GatherND")
+def gather_nd(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = x read at index tuples: gx = gy scatter-added at them into zeros like x (opset 16)."""
+    if int(ctx.attr("batch_dims", 0)):
+        raise _unsupported(ctx, "GatherND with batch_dims")
+    if ctx.opset < 16:
+        raise _unsupported(ctx, "GatherND needs opset >= 16 to add up repeated indices")
+    x, ind = ctx.inputs[:2]
+    return [ctx.op("ScatterND", [ctx.zeros_like(x), ind, gy[0]], reduction="add"), None]
