@@ -436,7 +436,9 @@ def test_readme_lists_every_rule():
     listed = set(re.findall(r"\b([A-Z][A-Za-z0-9]+)\b", section))
     missing = sorted(set(VJP_RULES) - listed)
     assert not missing, f"README does not list {missing}"
-    unknown = sorted(op for op in listed - set(VJP_RULES) if op in _onnx_ops())
+    from onnxsal.graph.recurrent import RECURRENT     # unrolled before differentiation, not a rule
+
+    unknown = sorted(op for op in listed - set(VJP_RULES) - set(RECURRENT) if op in _onnx_ops())
     assert not unknown, f"README lists ops without a rule: {unknown}"
 
 
