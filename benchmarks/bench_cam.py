@@ -3,7 +3,7 @@
     .venv-bench/bin/python benchmarks/bench_cam.py [--net resnet50] [--scorecam-net mobilenet_v2]
 
 The gradient CAMs (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Grad-CAM element-wise,
-EigenGrad-CAM, Finer-CAM) and the gradient-free Eigen-CAM, FEM and KPCA-CAM run on `--net` at its last block, FullGrad on all
+EigenGrad-CAM, Finer-CAM, ShapleyCAM with its ReST target) and the gradient-free Eigen-CAM, FEM and KPCA-CAM run on `--net` at its last block, FullGrad on all
 of `--net`'s biased convolutions and batch norms; Score-CAM and Ablation-CAM (one forward pass
 per channel) run on the smaller `--scorecam-net`. Prints seconds per map,
 speed-up and the Pearson correlation of the two maps.
@@ -39,8 +39,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
     from pytorch_grad_cam import (FEM, AblationCAM, EigenCAM, EigenGradCAM, FinerCAM, FullGrad, GradCAM, GradCAMElementWise,
-                                  GradCAMPlusPlus, HiResCAM, KPCA_CAM, LayerCAM, ScoreCAM, XGradCAM)
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+                                  GradCAMPlusPlus, HiResCAM, KPCA_CAM, LayerCAM, ScoreCAM, ShapleyCAM, XGradCAM)
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputReST, ClassifierOutputTarget
 
     print(f"# {machine()}; torch {torch.__version__}; median of {args.repeat} interleaved runs", flush=True)
     rows = []
@@ -49,7 +49,7 @@ def main() -> None:
             (args.net, "layercam", LayerCAM), (args.net, "hirescam", HiResCAM),
             (args.net, "gradcamelementwise", GradCAMElementWise), (args.net, "eigencam", EigenCAM),
             (args.net, "eigengradcam", EigenGradCAM), (args.net, "fem", FEM), (args.net, "kpcacam", KPCA_CAM),
-            (args.net, "finercam", FinerCAM), (args.net, "fullgrad", FullGrad),
+            (args.net, "finercam", FinerCAM), (args.net, "shapleycam", ShapleyCAM), (args.net, "fullgrad", FullGrad),
             (args.scorecam_net, "scorecam", ScoreCAM), (args.scorecam_net, "ablationcam", AblationCAM)]
     if args.methods:
         plan = [p for p in plan if p[1] in args.methods.split(",")]
@@ -62,7 +62,7 @@ def main() -> None:
         target = int(net(xt).argmax())
         # FullGrad takes every biased conv and batch norm instead of a target layer
         cam = cls(model=net, target_layers=[] if method == "fullgrad" else [last_block(net)])
-        targets = [ClassifierOutputTarget(target)]
+        targets = [ClassifierOutputReST(target) if method == "shapleycam" else ClassifierOutputTarget(target)]
         slow = method in ("scorecam", "ablationcam")     # one masked or ablated pass per channel
         repeat = 1 if slow else args.repeat
         ex.explain(x, method, target=target)  # ONNX Runtime sessions are built once, outside the timing

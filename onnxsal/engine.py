@@ -102,10 +102,63 @@ class Engine:
                                        progress=progress)
         return dict(zip(names, out))["grad_" + layer]
 
+    def layer_hvp(self, acts: np.ndarray, seeds: np.ndarray, layer: str, x: np.ndarray, *, score: str = "logit",
+                  rest: bool = True, progress: Optional[Progress] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(d S / d layer, H a): the score's gradient at the layer and its Hessian there applied to
+        the activations themselves (ShapleyCAM), through the network after the layer.
+
+        With ``rest`` the score is ShapleyCAM's ReST target, the logit plus its log-softmax
+        (pytorch-grad-cam's ``ClassifierOutputReST``), written into the graph so its curvature is
+        differentiated; otherwise the configured score, whose Hessian is zero on a network that is
+        piecewise linear after the layer.
+        """
+        from .graph.second import first_grad_name, hvp
+
+        y = self.model.logits if rest else self.model.score_tensor(score)
+        key = f"hvp:{y}|{layer}|{rest}"
+
+        def build():
+            tail = replace(self.model.light, layer, [y])
+            target = with_rest_head(tail, y) if rest else y
+            return hvp(tail, target, layer)
+
+        sess = self.runtime.session(key, build)
+        names = [o.name for o in sess.get_outputs()]
+        grad_in = next(i for i in sess.get_inputs() if i.name.startswith("grad_") and not i.name.endswith(
+            first_grad_name(layer)))
+        a = acts.astype(np.float32)
+        out = self.runtime.run_batched(sess, {layer: a, grad_in.name: seed_rows(seeds, grad_in.shape),
+                                              "grad_" + first_grad_name(layer): a},
+                                       fixed=self._around(sess, x), outputs=names, batch_size=self.batch_size,
+                                       progress=progress)
+        res = dict(zip(names, out))
+        return res[first_grad_name(layer)], res["grad_" + layer]
+
     def _around(self, sess, x: np.ndarray) -> Optional[dict]:
         """The image feed of a replaced-layer graph (one row, shared), when a path around the layer needs it."""
         image = self.model.input.name
         return {image: x} if any(i.name == image for i in sess.get_inputs()) else None
+
+
+REST = "onnxsal_rest"
+
+
+def with_rest_head(model, logits: str) -> str:
+    """Append ``logits + LogSoftmax(logits)`` (ShapleyCAM's ReST target: the logit minus the cross
+    entropy) to ``model`` in place, as a new output; returns its name."""
+    import onnx
+    from onnx import helper
+
+    from .errors import MethodError
+
+    shape = next((v.type.tensor_type.shape for v in model.graph.output if v.name == logits), None)
+    if shape is not None and len(shape.dim) not in (0, 2):
+        raise MethodError("the ReST target needs a classifier's (N, classes) logits; use rest=False")
+    ls = REST + "_logsoftmax"
+    model.graph.node.extend([helper.make_node("LogSoftmax", [logits], [ls], axis=-1, name=ls),
+                             helper.make_node("Add", [logits, ls], [REST], name=REST)])
+    model.graph.output.append(helper.make_tensor_value_info(REST, onnx.TensorProto.FLOAT, None))
+    return REST
 
 
 def seed_rows(seeds: np.ndarray, cotangent_shape: Sequence) -> np.ndarray:

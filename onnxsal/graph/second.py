@@ -42,6 +42,6 @@ def hvp(model: onnx.ModelProto, y: str, a: str, outputs=()) -> onnx.ModelProto:
     """Graph with inputs (model inputs, ``grad_<y>``, ``grad_<first_grad_name(a)>``) and outputs
     (``first_grad_name(a)`` = d<grad_y, y>/da, ``outputs``, ``grad_<a>`` = H v), where ``v`` is
     the second cotangent (fed as ``grad_<first_grad_name(a)>``, shaped like ``a``)."""
-    first = vjp(model, y, [a], outputs=[a, *outputs])
+    first = vjp(model, y, [a], outputs=list(outputs))
     _rename(first.graph, GRAD_PREFIX + a, first_grad_name(a))
     return vjp(first, first_grad_name(a), [a], outputs=[y, *outputs], simplify=False)

@@ -13,6 +13,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from ..errors import MethodError
 
 
@@ -64,6 +66,10 @@ def check_options(spec: MethodSpec, options: dict) -> dict:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise MethodError(f"{spec.name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(allowed)) or 'none'}")
+    for key, value in options.items():          # a switch given "maybe" must not silently mean True
+        default = allowed[key]
+        if isinstance(default, bool) and not isinstance(value, (bool, np.bool_)):
+            raise MethodError(f"{spec.name}'s option {key} is true or false, not {value!r}")
     return {**allowed, **options}
 
 

@@ -13,6 +13,9 @@ Eigen-CAM   (Muhammad & Yeasin 2020): the first principal component of the layer
             matrix (A, class-agnostic; EigenGrad-CAM: G * A), projected back onto the positions
 FEM         (Fuad et al. 2020): w_k = share of A_k's positions above mean + k std; map = ReLU(sum_k w_k A_k)
 KPCA-CAM    (Karmani et al. 2024): Eigen-CAM with kernel PCA (scikit-learn's KernelPCA, sigmoid kernel)
+ShapleyCAM  (Cai et al. 2025): w_k = mean_ij (G - H A / 2)_k, H the Hessian of the score w.r.t. the layer
+            (a Hessian-vector product: the VJP graph differentiated again); by default the score is the
+            ReST target, logit + log-softmax, as pytorch-grad-cam's ClassifierOutputReST
 Guided Grad-CAM: |Guided Backprop| (max over channels) times the upsampled Grad-CAM.
 The eps = 1e-7 guards follow pytorch-grad-cam, so maps agree with it to float precision.
 ``eigen_smooth`` (as pytorch-grad-cam's) replaces each channel sum by the first principal component
@@ -119,6 +122,19 @@ gradient_cam("hirescam", lambda a, g: g * a,
              "HiResCAM: activations times their gradients, summed over channels without averaging first.")
 gradient_cam("gradcamelementwise", lambda a, g: np.maximum(g * a, 0),
              "Grad-CAM element-wise: the positive part of each activation x gradient product, summed over channels.")
+
+
+@method("shapleycam", family="cam", needs_layer=True)
+def shapleycam(ctx: Context, rest: bool = True, eigen_smooth: bool = False, aug_smooth: bool = False) -> np.ndarray:
+    """ShapleyCAM: channels weighted by the spatial mean of G - H A / 2, H the score's Hessian at the layer."""
+    if aug_smooth:
+        return augmented(ctx, lambda c: shapleycam(c, rest, eigen_smooth))
+    acts = np.repeat(ctx.activations(), len(ctx.seeds), axis=0)
+    g, hv = ctx.engine.layer_hvp(acts, ctx.seeds, ctx.layer.tensor, ctx.x, score=ctx.score, rest=bool(rest),
+                                 progress=ctx.progress)
+    a, g, hv = ctx.layer.grid(acts), ctx.layer.grid(g), ctx.layer.grid(hv)
+    w = (g - 0.5 * hv).mean(axis=(2, 3))
+    return channel_sum(w[:, :, None, None] * a, eigen_smooth)
 
 
 def first_component(m: np.ndarray) -> np.ndarray:
