@@ -21,8 +21,8 @@ from .graph.normalize import opset_of
 from .graph.weights import attach
 from .model import Model, load
 
-EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "saliency",
-              "smoothgrad", "ig", "inputxgradient", "fullgrad")
+EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam",
+              "saliency", "smoothgrad", "ig", "inputxgradient", "fullgrad")
 GRADIENT = ("saliency", "smoothgrad", "ig", "inputxgradient", "fullgrad")
 EPS = 1e-7
 
@@ -116,11 +116,26 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         from .methods.fullgrad import bias_layers
 
         biases = [(renamed.get(b.tensor, b.tensor), b.bias) for b in bias_layers(m)]
-    g_model = vjp(proto, logits, [wrt] + [t for t, _ in biases], outputs=[wrt] if cam else [])
+    scored = logits
+    if method == "shapleycam":      # the ReST head, then the VJP graph differentiated again (H A)
+        from .engine import with_rest_head
+        from .graph.second import first_grad_name, hvp
+
+        if m.dense is not None:
+            raise MethodError("export builds ShapleyCAM for classifiers; this model outputs per-pixel maps")
+        scored = with_rest_head(proto, logits)
+        g_model = hvp(proto, scored, wrt, outputs=[logits])
+    else:
+        g_model = vjp(proto, logits, [wrt] + [t for t, _ in biases], outputs=[wrt] if cam else [])
     e = _Emitter(g_model)
     g = e.g
-    grad_y = f"grad_{logits}"
-    inputs = [i for i in g.input if i.name != grad_y]
+    grad_y = f"grad_{scored}"
+    fed = {grad_y}
+    if method == "shapleycam":      # the Hessian is applied to the activations themselves
+        v = f"grad_{first_grad_name(wrt)}"
+        fed.add(v)
+        e.op("Identity", [wrt], out=v)
+    inputs = [i for i in g.input if i.name not in fed]
     del g.input[:]
     g.input.extend(inputs)
     target = "target"
@@ -216,7 +231,10 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         elif method == "gradcamelementwise":
             camv = e.reduce("ReduceSum", e.op("Relu", [e.op("Mul", [gr, a])]), [1])
         else:
-            if method == "gradcam":
+            if method == "shapleycam":        # mean of G - H A / 2
+                shifted = e.op("Sub", [first_grad_name(a), e.op("Mul", [gr, e.const(0.5)])])
+                w = e.reduce("ReduceMean", shifted, [2, 3])
+            elif method == "gradcam":
                 w = e.reduce("ReduceMean", gr, [2, 3])
             elif method == "gradcam++":
                 g2 = e.op("Mul", [gr, gr])

@@ -25,7 +25,7 @@ def run(graph, x, target):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise",
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam",
                                     "saliency", "ig", "inputxgradient", "fullgrad"])
 def test_exported_maps_equal_engine_maps(layout, method):
     model = tiny.conv_net(layout, seed=4)
