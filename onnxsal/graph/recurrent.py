@@ -170,53 +170,55 @@ def _unroll(node: onnx.NodeProto, consts: "_Constants", shapes: dict, em: _Emitt
                                  em.const(np.array([0]))])
 
     ys, hs, cs = [], [], []
+    lbr = int(a.get("linear_before_reset", 0))
     for d, backwards in enumerate(dirs):
         f, g2, h2 = (acts[d * per_dir:(d + 1) * per_dir] + [None, None])[:3]
-        wd, rd = w[d], r[d]
+        rd = r[d]
         bw = b[d][:ng * h] if b is not None else np.zeros(ng * h, w.dtype)
         br = b[d][ng * h:] if b is not None else np.zeros(ng * h, w.dtype)
         fold = bw + br
         if op == "GRU":
             fold[2 * h:] = bw[2 * h:]              # the candidate's recurrent bias stays with the reset gate
-        xw = em.op("Add", [em.op("MatMul", [xs, em.const(wd.T.copy(), "wt")]), em.const(fold, "bias")])
+        xw = em.op("Add", [em.op("MatMul", [xs, em.const(w[d].T.copy(), "wt")]), em.const(fold, "bias")])
         parts = em.op("Split", [xw, em.const(np.ones(steps, np.int64))], n_out=steps, axis=0) if steps > 1 else [xw]
         x_t = [em.op("Squeeze", [p, em.const(np.array([0]))]) for p in parts]
+        # per-direction constants, shared by every step
+        if op == "GRU" and not lbr:
+            rt, rt_h = em.const(rd[:2 * h].T.copy(), "rt"), em.const(rd[2 * h:].T.copy(), "rt_h")
+        else:
+            rt, rt_h = em.const(rd.T.copy(), "rt"), None
+        cuts = {k: em.const(np.full(k, h, np.int64)) for k in (2, 3, 4)}
+        peeps = [em.const(peep[d][k * h:(k + 1) * h], "peep") for k in range(3)] if peep is not None else None
+        rbh = em.const(br[2 * h:], "rbh") if op == "GRU" else None
         h_prev = initial(0, d)
         c_prev = initial(1, d) if op == "LSTM" else None
         out = [None] * steps
-        linear_before_reset = int(a.get("linear_before_reset", 0))
         for t in (reversed(range(steps)) if backwards else range(steps)):
+            recur = em.op("MatMul", [h_prev, rt])
             if op == "RNN":
-                h_new = act(f, em.op("Add", [x_t[t], em.op("MatMul", [h_prev, em.const(rd.T.copy(), "rt")])]))
+                h_new = act(f, em.op("Add", [x_t[t], recur]))
             elif op == "LSTM":
-                gates = em.op("Add", [x_t[t], em.op("MatMul", [h_prev, em.const(rd.T.copy(), "rt")])])
-                gi, go, gf, gc = em.op("Split", [gates, em.const(np.full(4, h, np.int64))], n_out=4, axis=1)
-                if peep is not None:
-                    pi, po, pf = (em.const(peep[d][k * h:(k + 1) * h], "peep") for k in range(3))
-                    gi = em.op("Add", [gi, em.op("Mul", [pi, c_prev])])
-                    gf = em.op("Add", [gf, em.op("Mul", [pf, c_prev])])
+                gi, go, gf, gc = em.op("Split", [em.op("Add", [x_t[t], recur]), cuts[4]], n_out=4, axis=1)
+                if peeps is not None:
+                    gi = em.op("Add", [gi, em.op("Mul", [peeps[0], c_prev])])
+                    gf = em.op("Add", [gf, em.op("Mul", [peeps[2], c_prev])])
                 c_new = em.op("Add", [em.op("Mul", [act(f, gf), c_prev]), em.op("Mul", [act(f, gi), act(g2, gc)])])
-                if peep is not None:
-                    go = em.op("Add", [go, em.op("Mul", [po, c_new])])
+                if peeps is not None:
+                    go = em.op("Add", [go, em.op("Mul", [peeps[1], c_new])])
                 h_new = em.op("Mul", [act(f, go), act(h2, c_new)])
                 c_prev = c_new
             else:                                   # GRU, gates z, r, h
-                xz, xr, xh = em.op("Split", [x_t[t], em.const(np.full(3, h, np.int64))], n_out=3, axis=1)
-                if linear_before_reset:
-                    hr_all = em.op("MatMul", [h_prev, em.const(rd.T.copy(), "rt")])
-                    hz, hr, hh = em.op("Split", [hr_all, em.const(np.full(3, h, np.int64))], n_out=3, axis=1)
+                xz, xr, xh = em.op("Split", [x_t[t], cuts[3]], n_out=3, axis=1)
+                if lbr:
+                    hz, hr, hh = em.op("Split", [recur, cuts[3]], n_out=3, axis=1)
                 else:
-                    hzr = em.op("MatMul", [h_prev, em.const(rd[:2 * h].T.copy(), "rt")])
-                    hz, hr = em.op("Split", [hzr, em.const(np.full(2, h, np.int64))], n_out=2, axis=1)
+                    hz, hr = em.op("Split", [recur, cuts[2]], n_out=2, axis=1)
                 z = act(f, em.op("Add", [xz, hz]))
                 rg = act(f, em.op("Add", [xr, hr]))
-                rbh = em.const(br[2 * h:], "rbh")
-                if linear_before_reset:
+                if lbr:
                     cand = em.op("Add", [xh, em.op("Mul", [rg, em.op("Add", [hh, rbh])])])
                 else:
-                    cand = em.op("Add", [xh, em.op("Add", [em.op("MatMul", [em.op("Mul", [rg, h_prev]),
-                                                                            em.const(rd[2 * h:].T.copy(), "rt")]),
-                                                          rbh])])
+                    cand = em.op("Add", [xh, em.op("Add", [em.op("MatMul", [em.op("Mul", [rg, h_prev]), rt_h]), rbh])])
                 hc = act(g2, cand)
                 h_new = em.op("Add", [hc, em.op("Mul", [z, em.op("Sub", [h_prev, hc])])])
             out[t] = h_new
