@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import onnxsal
-from onnxsal.errors import UnsupportedOpError
 from onnxsal.graph.second import first_grad_name, hvp
 from onnxsal.graph.surgery import expose
 
@@ -90,11 +89,37 @@ def test_shapleycam_differs_from_gradcam_with_the_rest_target(net_model):
     assert not np.allclose(s, g, rtol=1e-3, atol=1e-6)
 
 
-def test_second_derivative_through_layer_norm_statistics_is_refused(vit):
-    """A LayerNormalization's Mean/InvStdDev outputs, which its rule reads, have no rule of their own."""
+@pytest.mark.parametrize("target", [0, 6])
+def test_shapleycam_on_transformer_tokens(vit, target):
+    """A ViT block's first LayerNorm output as the layer: the Hessian runs through LayerNorm, GELU and
+    softmax attention. Reference: the same recipe with pytorch-grad-cam's ViT reshape (class token
+    dropped, 4 x 4 grid)."""
+    net, model, ln1 = vit
+    x = np.random.default_rng(9).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    store = {}
+    h = net.ln1.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    z = net(torch.tensor(x))
+    h.remove()
+    a = store["a"]
+    g, = torch.autograd.grad((z + torch.log_softmax(z, dim=-1))[:, target].sum(), a, create_graph=True)
+    hv, = torch.autograd.grad(g, a, grad_outputs=a.detach())
+    grid = lambda t: t[0, 1:].reshape(4, 4, -1).permute(2, 0, 1).detach().numpy()  # noqa: E731
+    assert np.abs(hv.detach().numpy()).max() > 1e-6
+    w = (grid(g) - 0.5 * grid(hv)).mean(axis=(1, 2))
+    ref = np.maximum(np.einsum("k,khw->hw", w, grid(a)), 0)
+    res = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, "shapleycam", target=target,
+                                                                      layer=ln1.output[0])
+    np.testing.assert_allclose(res.raw[0], ref, atol=1e-4 * max(np.abs(ref).max(), 1e-6), rtol=1e-3)
+
+
+def test_first_order_graph_keeps_the_fused_layer_norm(vit):
+    """Only a graph that is differentiated twice pays for the elementwise LayerNorm statistics."""
+    from onnxsal.graph.autodiff import vjp
+
     _, model, ln1 = vit
-    with pytest.raises(UnsupportedOpError, match="LayerNormalization"):
-        hvp(model, "logits", ln1.output[0])
+    once = vjp(model, "logits", [ln1.input[0]])
+    assert sum(n.op_type == "LayerNormalization" for n in once.graph.node) > sum(
+        n.op_type == "LayerNormalization" for n in model.graph.node)
 
 
 def test_switch_options_take_true_or_false(net_model):

@@ -156,6 +156,17 @@ def layer_normalization(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optio
     Gradients flowing into the ``Mean``/``InvStdDev`` outputs themselves are
     refused (no exported model differentiates through them).
     """
+    return _layer_normalization(ctx, gy, primitive=False)
+
+
+def layer_normalization_primitive(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
+    """The same gradient with ``xhat`` and ``rstd`` computed from elementwise ops and reductions
+    only, never from a LayerNormalization's statistics outputs (which have no rule): the form a
+    graph that is differentiated a second time needs (``graph.second``)."""
+    return _layer_normalization(ctx, gy, primitive=True)
+
+
+def _layer_normalization(ctx: RuleContext, gy: list[Optional[str]], primitive: bool) -> list[Optional[str]]:
     res: list[Optional[str]] = [None] * len(ctx.inputs)
     dy = gy[0]
     if any(g is not None for g in gy[1:]):
@@ -177,9 +188,9 @@ def layer_normalization(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optio
     stash = int(ctx.attr("stash_type", 1))
 
     outs = ctx.outputs
-    has_stats = len(outs) > 2 and bool(outs[1]) and bool(outs[2])
+    has_stats = len(outs) > 2 and bool(outs[1]) and bool(outs[2]) and not primitive
     x_shape = ctx.shape(x)
-    norm_shape = None if x_shape is None else x_shape[axis:]
+    norm_shape = None if x_shape is None or primitive else x_shape[axis:]
     if has_stats:
         mean, rstd = outs[1], outs[2]
         xhat = None
