@@ -241,3 +241,27 @@ def test_weights_computed_from_constants_are_folded():
     vm = vjp(model, "y", ["x"])
     assert "LSTM" not in {n.op_type for n in vm.graph.node}
     check_vjp(model, "y", ["x"], feeds)
+
+
+def test_methods_and_export_on_a_recurrent_model(tmp_path):
+    """The explainer and the exported graph on a CRNN: saliency is PyTorch's max |gradient| over
+    channels, and the standalone graph (LSTMs unrolled inside) gives the engine's maps."""
+    import onnxruntime as ort
+
+    import onnxsal
+    from onnxsal.export import export
+
+    torch.manual_seed(2)
+    net = CRNN().eval()
+    _export(net, tmp_path / "crnn.onnx")
+    ex = onnxsal.Explainer(str(tmp_path / "crnn.onnx"), "cpu", preprocess="raw")
+    x = np.random.default_rng(8).standard_normal((1, 3, 32, 32)).astype(F32)
+    xt = torch.tensor(x, requires_grad=True)
+    net(xt)[0, 4].backward()
+    ref = np.abs(xt.grad.numpy()[0]).max(axis=0)
+    res = ex.explain(x, "saliency", target=4)
+    np.testing.assert_allclose(res.raw[0], ref, atol=1e-4 * ref.max(), rtol=1e-3)
+    for method in ("saliency", "gradcam"):
+        sess = ort.InferenceSession(export(str(tmp_path / "crnn.onnx"), method).SerializeToString())
+        _, maps = sess.run(None, {"input": x, "target": np.array([4], np.int64)})
+        np.testing.assert_allclose(maps[0], ex.explain(x, method, target=4).map, atol=1e-5)
