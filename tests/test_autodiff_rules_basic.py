@@ -209,6 +209,8 @@ SHAPE = [
     case("MaxUnpool", {"x": rnd(2, 2, 2, 3, dtype=F32)}, {"kernel_shape": [2, 2], "strides": [2, 2]},
          inits={"i": (np.arange(2 * 2 * 2 * 3).reshape(2, 2, 2, 3) * 4 + R.integers(0, 4, (2, 2, 2, 3))).astype(I64)},
          id="maxunpool"),
+    case("MaxUnpool", {"x": rnd(2, 2, 2, 3, dtype=F32)}, {"kernel_shape": [3, 3], "strides": [2, 2]},
+         inits={"i": R.permutation(2 * 2 * 5 * 7)[:24].reshape(2, 2, 2, 3).astype(I64)}, id="maxunpool-overlapping"),
     case("Gather", {"x": rnd(2, 5, 3)}, {"axis": 1}, inits={"i": np.array(3, I64)}, id="gather-scalar"),
     case("Gather", {"x": rnd(2, 5, 3)}, {"axis": 1}, inits={"i": np.array(-1, I64)}, id="gather-scalar-neg"),
     case("Gather", {"x": rnd(2, 5, 3)}, {"axis": 1}, inits={"i": np.array([4, 0, 2], I64)}, id="gather-unique"),
