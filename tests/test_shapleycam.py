@@ -133,3 +133,21 @@ def test_switch_options_take_true_or_false(net_model):
         ex.explain(x, "shapleycam", layer=layer, rest="no")
     with pytest.raises(MethodError, match="eigen_smooth is true or false"):
         ex.explain(x, "gradcam", layer=layer, eigen_smooth=1)
+
+
+def test_rest_target_needs_a_classifier(tmp_path):
+    """A per-pixel model has no (N, classes) logits for ReST: a clear MethodError; rest=False runs."""
+    import warnings
+
+    from onnxsal.errors import MethodError
+    from test_target_weights import seg_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(seg_net(), (torch.randn(1, 3, 16, 16),), str(tmp_path / "seg.onnx"), input_names=["image"],
+                          output_names=["masks"], opset_version=17, dynamo=False)
+    ex = onnxsal.Explainer(str(tmp_path / "seg.onnx"), "cpu", preprocess="raw")
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    with pytest.raises(MethodError, match="ReST target needs a classifier"):
+        ex.explain(x, "shapleycam")
+    assert np.isfinite(ex.explain(x, "shapleycam", rest=False).map).all()
