@@ -33,8 +33,10 @@ def test_seed_is_the_gradient_of_the_finer_score(alpha, ranks):
         np.testing.assert_allclose(finer_seed(logits, main, alpha, ranks), o.grad.numpy(), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("layer,index", [("relu2", 3), ("relu1", 1)])
-def test_maps_equal_gradcam_of_the_finer_score(layer, index):
+@pytest.mark.parametrize("layer,index,base", [("relu2", 3, "gradcam"), ("relu1", 1, "gradcam"),
+                                              ("relu2", 3, "layercam"), ("relu1", 1, "gradcam++"),
+                                              ("relu2", 3, "xgradcam")])
+def test_maps_equal_the_base_cam_of_the_finer_score(layer, index, base):
     model = tiny.conv_net(seed=11, size=20, classes=6)
     net = tiny.torch_module(model)
     ex = onnxsal.Explainer(model, "cpu")
@@ -51,8 +53,8 @@ def test_maps_equal_gradcam_of_the_finer_score(layer, index):
         main = int(out.argmax()) if target is None else target
         finer_target(out, main, 1.0, (1, 2, 3)).backward()
         h.remove()
-        expected = ref_cams(store["a"].detach().numpy()[0], store["a"].grad.numpy()[0])["gradcam"]
-        res = ex.explain(x, "finercam", target=target, layer=layer)
+        expected = ref_cams(store["a"].detach().numpy()[0], store["a"].grad.numpy()[0])[base]
+        res = ex.explain(x, "finercam", target=target, layer=layer, base=base)
         assert res.targets[0].index == main
         np.testing.assert_allclose(res.raw[0], expected, rtol=1e-3, atol=1e-4 * max(np.abs(expected).max(), 1e-6))
 
@@ -63,5 +65,7 @@ def test_refusals():
     x = np.random.default_rng(4).random((1, 3, 20, 20)).astype(np.float32)
     with pytest.raises(MethodError, match="ranks"):
         ex.explain(x, "finercam", comparison="a,b")
+    with pytest.raises(MethodError, match="base must be one of"):
+        ex.explain(x, "finercam", base="scorecam")
     with pytest.raises(MethodError, match="not weights"):
         ex.explain(x, "finercam", target=np.ones(6, np.float32))

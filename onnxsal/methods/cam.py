@@ -111,17 +111,24 @@ def gradient_cam(name: str, weigh: Callable[[np.ndarray, np.ndarray], np.ndarray
     method(name, family="cam", needs_layer=True)(cam)
 
 
-gradient_cam("gradcam", by_channel(gradcam_weights), "Grad-CAM: channels weighted by their spatially averaged gradient.")
-gradient_cam("gradcam++", by_channel(gradcampp_weights),
-             "Grad-CAM++: channels weighted by alpha-weighted positive gradients.")
-gradient_cam("xgradcam", by_channel(xgradcam_weights),
-             "XGrad-CAM: channels weighted by activation-normalised gradient x activation.")
-gradient_cam("layercam", lambda a, g: np.maximum(g, 0) * a,
-             "LayerCAM: activations weighted element-wise by their positive gradients.")
-gradient_cam("hirescam", lambda a, g: g * a,
-             "HiResCAM: activations times their gradients, summed over channels without averaging first.")
-gradient_cam("gradcamelementwise", lambda a, g: np.maximum(g * a, 0),
-             "Grad-CAM element-wise: the positive part of each activation x gradient product, summed over channels.")
+# (A, G) -> the weighted activations each gradient CAM sums over channels; Finer-CAM reuses them as its base.
+WEIGHINGS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "gradcam": by_channel(gradcam_weights),
+    "gradcam++": by_channel(gradcampp_weights),
+    "xgradcam": by_channel(xgradcam_weights),
+    "layercam": lambda a, g: np.maximum(g, 0) * a,
+    "hirescam": lambda a, g: g * a,
+    "gradcamelementwise": lambda a, g: np.maximum(g * a, 0),
+}
+for _name, _doc in [
+        ("gradcam", "Grad-CAM: channels weighted by their spatially averaged gradient."),
+        ("gradcam++", "Grad-CAM++: channels weighted by alpha-weighted positive gradients."),
+        ("xgradcam", "XGrad-CAM: channels weighted by activation-normalised gradient x activation."),
+        ("layercam", "LayerCAM: activations weighted element-wise by their positive gradients."),
+        ("hirescam", "HiResCAM: activations times their gradients, summed over channels without averaging first."),
+        ("gradcamelementwise", "Grad-CAM element-wise: the positive part of each activation x gradient product, "
+                               "summed over channels.")]:
+    gradient_cam(_name, WEIGHINGS[_name], _doc)
 
 
 @method("shapleycam", family="cam", needs_layer=True)
@@ -280,12 +287,17 @@ def finer_seed(logits: np.ndarray, main: int, alpha: float, comparison: tuple) -
 
 
 @method("finercam", family="cam", needs_layer=True)
-def finercam(ctx: Context, alpha: float = 1.0, comparison: str = "1,2,3", eigen_smooth: bool = False) -> np.ndarray:
-    """Finer-CAM: Grad-CAM of the target's logit against the classes closest to it, weighted by their probabilities.
+def finercam(ctx: Context, alpha: float = 1.0, comparison: str = "1,2,3", base: str = "gradcam",
+             eigen_smooth: bool = False) -> np.ndarray:
+    """Finer-CAM: a gradient CAM (Grad-CAM unless ``base`` names another) of the target's logit against
+    the classes closest to it, weighted by their probabilities.
 
     The score is pytorch-grad-cam's FinerWeightedTarget; ``comparison`` ranks classes by how close
-    their logits are to the target's (rank 0 is the target itself), ``alpha`` scales them.
+    their logits are to the target's (rank 0 is the target itself), ``alpha`` scales them; ``base``
+    is its ``base_method``.
     """
+    if base not in WEIGHINGS:
+        raise MethodError(f"finercam's base must be one of {', '.join(WEIGHINGS)}, not {base!r}")
     try:
         ranks = tuple(int(r) for r in str(comparison).split(",") if r.strip())
     except ValueError:
@@ -299,7 +311,7 @@ def finercam(ctx: Context, alpha: float = 1.0, comparison: str = "1,2,3", eigen_
         raise MethodError("finercam builds its own score from a class; give a class index, not weights")
     seeds = np.stack([finer_seed(ctx.logits(), t.index, float(alpha), ranks) for t in ctx.targets])
     a, g = layer_grads(ctx, seeds, score="logit")        # the seeds are gradients w.r.t. the logits
-    return channel_sum(by_channel(gradcam_weights)(a, g), eigen_smooth)
+    return channel_sum(WEIGHINGS[base](a, g), eigen_smooth)
 
 
 @method("guidedgradcam", family="cam", needs_layer=True)
