@@ -77,21 +77,23 @@ ABLATION_OFFSET = 1e7
 ABLATION_CHUNK_BYTES = 64 << 20
 
 
-def ablated_scores(ctx: Context, value: float) -> tuple[np.ndarray, np.ndarray]:
-    """(T,) target scores with the layer as it is, and (K, T) with each channel in turn set to `value`.
+def ablated_scores(ctx: Context, value: float, channels: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(T,) target scores with the layer as it is, and (K', T) with each of ``channels`` (default:
+    all K) in turn set to `value`.
 
     Only the part of the network after the layer runs (``Engine.outputs_given``), all channels
     as batches of one cached session; a skip connection around the layer still reads the input.
     """
     raw = ctx.activations()                           # (1, K, h, w), or (1, T, C) for tokens
     axis = raw.ndim - 1 if ctx.layer.tokens else 1
-    k = raw.shape[axis]
+    channels = np.arange(raw.shape[axis]) if channels is None else np.asarray(channels, np.int64)
+    k = len(channels)
     y = ctx.model.score_tensor(ctx.score)
     step = max(1, ABLATION_CHUNK_BYTES // max(raw.nbytes, 1))
     scores = []
     done = 0
-    for start in range(0, k, step):
-        chans = np.arange(start, min(k, start + step))
+    for start in range(0, max(k, 1), step):           # one pass at least: the layer as it is
+        chans = channels[start:start + step]
         batch = np.repeat(raw, len(chans), axis=0)
         np.moveaxis(batch, axis, 1)[np.arange(len(chans)), chans] = value    # a view: writes into batch
         if start == 0:
@@ -105,22 +107,52 @@ def ablated_scores(ctx: Context, value: float) -> tuple[np.ndarray, np.ndarray]:
     return s[0], s[1:]
 
 
+def channels_worth_ablating(acts: np.ndarray, ratio: float) -> np.ndarray:
+    """pytorch-grad-cam's experimental ranking for ``ratio_channels_to_ablate`` < 1 on (K, h, w)
+    activations: a mask of the positions where |Eigen-CAM|, min-max scaled, exceeds 0.01; each
+    channel scored by the share of its |activation| - min inside the mask; the int(K * ratio)
+    highest- and as many lowest-scoring channels kept (dead channels score NaN and sort last, as
+    there; ablating one changes nothing)."""
+    from .cam import first_component
+
+    k = acts.shape[0]
+    proj = np.abs(first_component(acts))
+    proj = proj - proj.min()
+    mask = proj / proj.max() > 0.01 if proj.max() > 0 else np.zeros_like(proj, bool)
+    mag = np.abs(acts.astype(np.float32))
+    mag = mag - mag.reshape(k, -1).min(axis=1)[:, None, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mag = mag / mag.reshape(k, -1).max(axis=1)[:, None, None]
+        scores = ((mask * mag).reshape(k, -1).sum(axis=1) / mag.reshape(k, -1).sum(axis=1)).astype(np.float32)
+    order = np.argsort(scores)
+    n = int(k * ratio)
+    return np.unique(np.concatenate([order[::-1][:n], order[:n]]))
+
+
 @method("ablationcam", family="cam", needs_layer=True)
-def ablationcam(ctx: Context) -> np.ndarray:
+def ablationcam(ctx: Context, ratio_channels_to_ablate: float = 1.0) -> np.ndarray:
     """Ablation-CAM: each channel weighted by the relative drop of the target's score when the channel is switched off.
 
     w_k = (S - S_k) / S, map = ReLU(sum_k w_k A_k).  A channel is switched off by setting it to 0
     when the layer's smallest activation is 0 (after a ReLU), else to that minimum minus 1e7: the
     value pytorch-grad-cam gives the first copy of each batch (each further copy gets 1e7 less,
-    so its weights would depend on its batch size).  A score of exactly 0 divides by 1.
+    so its weights would depend on its batch size).  A score of exactly 0 divides by 1.  With
+    ``ratio_channels_to_ablate`` < 1 only the channels pytorch-grad-cam's ranking keeps are ablated
+    (``channels_worth_ablating``); the others weigh 0, as there.
     """
+    ratio = float(ratio_channels_to_ablate)
+    if not 0 < ratio <= 1:
+        raise MethodError(f"ratio_channels_to_ablate must be in (0, 1], not {ratio_channels_to_ablate!r}")
     raw = ctx.activations()
     lo = float(raw.min())
     value = 0.0 if lo == 0 else lo - ABLATION_OFFSET
-    base, ablated = ablated_scores(ctx, value)
-    denom = np.where(base == 0, 1.0, base)
-    w = (base[None, :] - ablated) / denom[None, :]                  # (K, T)
     acts = ctx.layer.grid(raw)[0]
+    chans = None if ratio == 1.0 else channels_worth_ablating(acts, ratio)
+    base, ablated = ablated_scores(ctx, value, chans)
+    denom = np.where(base == 0, 1.0, base)
+    w = np.zeros((acts.shape[0], len(base)), np.float64)
+    w[slice(None) if chans is None else chans] = (base[None, :] - ablated) / denom[None, :]       # (K, T)
+    ctx.info["ablated_channels"] = int(acts.shape[0] if chans is None else len(chans))
     return np.maximum(np.einsum("kt,khw->thw", w.astype(np.float32), acts), 0)
 
 
