@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
+    ap.add_argument("--ablation-ratio", type=float, default=1.0, help="Ablation-CAM's ratio_channels_to_ablate")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
     from pytorch_grad_cam import (FEM, AblationCAM, EigenCAM, EigenGradCAM, FinerCAM, FullGrad, GradCAM, GradCAMElementWise,
@@ -61,19 +62,20 @@ def main() -> None:
         xt = torch.tensor(x)
         target = int(net(xt).argmax())
         # FullGrad takes every biased conv and batch norm instead of a target layer
-        cam = cls(model=net, target_layers=[] if method == "fullgrad" else [last_block(net)])
+        extra = {"ratio_channels_to_ablate": args.ablation_ratio} if method == "ablationcam" else {}
+        cam = cls(model=net, target_layers=[] if method == "fullgrad" else [last_block(net)], **extra)
         targets = [ClassifierOutputReST(target) if method == "shapleycam" else ClassifierOutputTarget(target)]
         slow = method in ("scorecam", "ablationcam")     # one masked or ablated pass per channel
         repeat = 1 if slow else args.repeat
-        ex.explain(x, method, target=target)  # ONNX Runtime sessions are built once, outside the timing
+        ex.explain(x, method, target=target, **extra)  # ONNX Runtime sessions are built once, outside the timing
         if method == "finercam":     # it builds its own target around the main class
             reference = lambda: cam(input_tensor=xt, target_idx=target)  # noqa: E731
         else:
             reference = lambda: cam(input_tensor=xt, targets=targets)  # noqa: E731
-        t_ref, t_ours = timeit_side_by_side([reference, lambda: ex.explain(x, method, target=target)],
+        t_ref, t_ours = timeit_side_by_side([reference, lambda: ex.explain(x, method, target=target, **extra)],
                                             repeat, warmup=0 if slow else 1)
         ref = reference()[0]
-        ours = ex.explain(x, method, target=target).map
+        ours = ex.explain(x, method, target=target, **extra).map
         where = "all bias layers" if method == "fullgrad" else f"{ex.model.default_layer.shape[0]} ch"
         rows.append([f"{method} ({name}, {where})", t_ref, t_ours, t_ref / t_ours, pearson(ours, ref)])
         print(rows[-1], flush=True)
