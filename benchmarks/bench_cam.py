@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import numpy as np
 import torch
 
 from bench_captum import test_image

@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from .methods import check_options, get as get_method, methods as method_names
 from .errors import OnnxsalError, MethodError, TargetError
 from . import cli_options as O
 from .preprocess import parse_size
+
+if TYPE_CHECKING:
+    import numpy as np
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Saliency maps for any ONNX image model, in ONNX Runtime.")

@@ -113,6 +113,7 @@ class Engine:
         piecewise linear after the layer.
         """
         from .graph.second import first_grad_name, hvp
+        from .graph.surgery import with_rest_head
 
         y = self.model.logits if rest else self.model.score_tensor(score)
         key = f"hvp:{y}|{layer}|{rest}"
@@ -138,27 +139,6 @@ class Engine:
         """The image feed of a replaced-layer graph (one row, shared), when a path around the layer needs it."""
         image = self.model.input.name
         return {image: x} if any(i.name == image for i in sess.get_inputs()) else None
-
-
-REST = "onnxsal_rest"
-
-
-def with_rest_head(model, logits: str) -> str:
-    """Append ``logits + LogSoftmax(logits)`` (ShapleyCAM's ReST target: the logit minus the cross
-    entropy) to ``model`` in place, as a new output; returns its name."""
-    import onnx
-    from onnx import helper
-
-    from .errors import MethodError
-
-    shape = next((v.type.tensor_type.shape for v in model.graph.output if v.name == logits), None)
-    if shape is not None and len(shape.dim) not in (0, 2):
-        raise MethodError("the ReST target needs a classifier's (N, classes) logits; use rest=False")
-    ls = REST + "_logsoftmax"
-    model.graph.node.extend([helper.make_node("LogSoftmax", [logits], [ls], axis=-1, name=ls),
-                             helper.make_node("Add", [logits, ls], [REST], name=REST)])
-    model.graph.output.append(helper.make_tensor_value_info(REST, onnx.TensorProto.FLOAT, None))
-    return REST
 
 
 def seed_rows(seeds: np.ndarray, cotangent_shape: Sequence) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from .methods import check_options, get as get_method, methods as method_names
+from .methods import check_options, get as get_method
 from .context import Context
 from .engine import Engine, Target, make_targets
 from .errors import ImageError, TargetError

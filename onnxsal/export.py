@@ -118,7 +118,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         biases = [(renamed.get(b.tensor, b.tensor), b.bias) for b in bias_layers(m)]
     scored = logits
     if method == "shapleycam":      # the ReST head, then the VJP graph differentiated again (H A)
-        from .engine import with_rest_head
+        from .graph.surgery import with_rest_head
         from .graph.second import first_grad_name, hvp
 
         if m.dense is not None:

@@ -24,13 +24,12 @@ def save_overlay(path: str, image: Optional[np.ndarray], maps: np.ndarray, title
     panel_w, panel_h = w * scale / dpi, h * scale / dpi
     fig = Figure(figsize=(panel_w * k + 0.9, panel_h + 0.45), dpi=dpi)
     axes = fig.subplots(1, k, squeeze=False)[0]
-    im = None
     for ax, m, title in zip(axes, maps, titles):
         if image is not None:
             ax.imshow(image)
-            im = ax.imshow(m, cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+            ax.imshow(m, cmap=cmap, alpha=alpha, vmin=0, vmax=1)
         else:
-            im = ax.imshow(m, cmap=cmap, vmin=0, vmax=1)
+            ax.imshow(m, cmap=cmap, vmin=0, vmax=1)
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
     fig.subplots_adjust(left=0.01, right=0.88, top=0.92, bottom=0.02, wspace=0.03)

@@ -5,7 +5,6 @@ Covers the ops of the bundled demo model and the tiny test models; anything else
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F

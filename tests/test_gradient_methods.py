@@ -10,7 +10,6 @@ directions, then the CAM formulas are recomputed from it.
 import os
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 

@@ -1,6 +1,5 @@
 """Loading and inspection: input layout, logits behind the softmax, candidate layers, bad models."""
 
-import json
 
 import numpy as np
 import onnx

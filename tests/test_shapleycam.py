@@ -49,7 +49,7 @@ def test_hessian_vector_product_matches_double_backward(net_model):
     a = run(expose(model, [layer]), {"input": x})[layer]
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    from onnxsal.engine import with_rest_head
+    from onnxsal.graph.surgery import with_rest_head
 
     y = with_rest_head(m, "logits")
     seeds = np.zeros((2, 10), np.float32)

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import onnx
 from onnx import helper
 
-from ..errors import LayerError
+from ..errors import LayerError, MethodError
 from .normalize import BATCH, tensor_shapes
 
 
@@ -132,3 +132,19 @@ def replace(model: onnx.ModelProto, at: str, outputs: Sequence[str]) -> onnx.Mod
         raise LayerError(f"{', '.join(outputs)} do not depend on {at!r}")
     inputs = [given] + [i for i in g.input if i.name not in inits and i.name in reached and i.name != at]
     return _rebuild(model, nodes, inputs, [_value_info(model, o, shapes) for o in outputs])
+
+
+REST = "onnxsal_rest"
+
+
+def with_rest_head(model: onnx.ModelProto, logits: str) -> str:
+    """Append ``logits + LogSoftmax(logits)`` (ShapleyCAM's ReST target: the logit minus the cross
+    entropy) to ``model`` in place, as a new output; returns its name."""
+    shape = next((v.type.tensor_type.shape for v in model.graph.output if v.name == logits), None)
+    if shape is not None and len(shape.dim) not in (0, 2):
+        raise MethodError("the ReST target needs a classifier's (N, classes) logits; use rest=False")
+    ls = REST + "_logsoftmax"
+    model.graph.node.extend([helper.make_node("LogSoftmax", [logits], [ls], axis=-1, name=ls),
+                             helper.make_node("Add", [logits, ls], [REST], name=REST)])
+    model.graph.output.append(helper.make_tensor_value_info(REST, onnx.TensorProto.FLOAT, None))
+    return REST
