@@ -104,9 +104,6 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     x_name = m.input.name
     cam = method not in GRADIENT
     lay = m.find_layer(layer) if cam else None     # resolved on the model as given (aliases, node names)
-    if lay is not None and lay.tokens:
-        raise MethodError(f"export builds CAMs on (N, C, h, w) conv maps; {lay.tensor!r} holds transformer "
-                          "tokens or a channels-last map (onnxsal explain handles them)")
     proto, renamed = _free_names(m.light, ("logits", "map", "target"), keep=x_name)
     logits = renamed.get(m.logits, m.logits)
     layer_tensor = renamed.get(lay.tensor, lay.tensor) if cam else None
@@ -223,7 +220,20 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         return e.reduce("ReduceSum", e.op("Div", [e.op("Sub", [t, mn]), span]), [channel])
     logits_out = logits
     if cam:
-        a, gr = layer_tensor, f"grad_{layer_tensor}"
+        def grid(t: str) -> str:
+            """A token layer (N, T, C) or channels-last map (N, h, w, C) as (N, C, h, w), as ``Layer.grid``."""
+            if not lay.tokens:
+                return t
+            c, h, w = lay.shape
+            if lay.prefix:
+                t = e.op("Slice", [t, e.const([lay.prefix], np.int64), e.const([np.iinfo(np.int64).max], np.int64),
+                                   e.const([1], np.int64)])
+            return e.op("Transpose", [e.op("Reshape", [t, e.const([0, h, w, c], np.int64)])], perm=[0, 3, 1, 2])
+
+        if method == "shapleycam":
+            a, first, gr = grid(layer_tensor), grid(first_grad_name(layer_tensor)), grid(f"grad_{layer_tensor}")
+        else:
+            a, gr = grid(layer_tensor), grid(f"grad_{layer_tensor}")
         if method == "layercam":
             camv = e.reduce("ReduceSum", e.op("Mul", [e.op("Relu", [gr]), a]), [1])
         elif method == "hirescam":
@@ -232,7 +242,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
             camv = e.reduce("ReduceSum", e.op("Relu", [e.op("Mul", [gr, a])]), [1])
         else:
             if method == "shapleycam":        # mean of G - H A / 2
-                shifted = e.op("Sub", [first_grad_name(a), e.op("Mul", [gr, e.const(0.5)])])
+                shifted = e.op("Sub", [first, e.op("Mul", [gr, e.const(0.5)])])
                 w = e.reduce("ReduceMean", shifted, [2, 3])
             elif method == "gradcam":
                 w = e.reduce("ReduceMean", gr, [2, 3])

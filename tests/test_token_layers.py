@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import onnxsal
-from onnxsal.errors import LayerError, MethodError
+from onnxsal.errors import LayerError
 from onnxsal.export import export as export_graph
 from onnxsal.model import load, token_grid
 
@@ -58,10 +58,28 @@ def test_token_layers_are_listed_and_refused_where_unsupported(vit):
     m = load(model)
     tokens = m.token_layers()
     assert tokens[0].tensor == ln1.output[0] and tokens[0].prefix == 1 and tokens[0].shape == (32, 4, 4)
-    with pytest.raises(MethodError, match="tokens"):
-        export_graph(model, "gradcam", ln1.output[0])
     with pytest.raises(LayerError, match="neither a 4-D activation nor"):
         m.find_layer(m.logits)
+
+
+def exported_maps(model, method: str, layer: str, x: np.ndarray, targets) -> tuple:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(export_graph(model, method, layer).SerializeToString())
+    image = sess.get_inputs()[0].name
+    return sess.run(None, {image: x, "target": np.asarray(targets, np.int64)})
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "shapleycam"])
+def test_exported_cams_on_transformer_tokens(vit, method):
+    """The standalone graph lays the tokens out as the patch grid (class token dropped) in-graph."""
+    _, model, ln1 = vit
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    x = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    _, maps = exported_maps(model, method, ln1.output[0], x, [1, 6])
+    for i, t in enumerate((1, 6)):
+        res = ex.explain(x[i:i + 1], method, target=t, layer=ln1.output[0])
+        np.testing.assert_allclose(maps[i], res.map, atol=1e-5)
 
 
 def test_default_layer_on_a_transformer_notes_the_token_layers(vit):
@@ -125,6 +143,8 @@ def test_channels_last_maps_default_and_by_name(tmp_path, pool):
     a = store["a"][0].permute(2, 0, 1).detach().numpy()
     g = store["a"].grad[0].permute(2, 0, 1).numpy()
     ex = onnxsal.Explainer(str(path), "cpu", preprocess="raw")
+    _, maps = exported_maps(str(path), "gradcam", norm.output[0], x, [target])   # channels-last, in-graph
+    np.testing.assert_allclose(maps[0], ex.explain(x, "gradcam", target=target, layer=norm.output[0]).map, atol=1e-5)
     for layer in (None, norm.output[0]):              # both read the same values
         for name, expected in ref_cams(a, g).items():
             res = ex.explain(x, name, target=target, layer=layer)
