@@ -289,8 +289,7 @@ def finer_seed(logits: np.ndarray, main: int, alpha: float, comparison: tuple) -
 @method("finercam", family="cam", needs_layer=True)
 def finercam(ctx: Context, alpha: float = 1.0, comparison: str = "1,2,3", base: str = "gradcam",
              eigen_smooth: bool = False) -> np.ndarray:
-    """Finer-CAM: a gradient CAM (Grad-CAM unless ``base`` names another) of the target's logit against
-    the classes closest to it, weighted by their probabilities.
+    """Finer-CAM: Grad-CAM, or the chosen base CAM, of the target's logit against the classes closest to it, weighted by their probabilities.
 
     The score is pytorch-grad-cam's FinerWeightedTarget; ``comparison`` ranks classes by how close
     their logits are to the target's (rank 0 is the target itself), ``alpha`` scales them; ``base``
