@@ -67,12 +67,12 @@ def randomised(net: nn.Module, seed: int) -> nn.Module:
     return net.eval()
 
 
-def export(net: nn.Module, path, fold: bool) -> onnx.ModelProto:
+def export(net: nn.Module, path, fold: bool, size: tuple = (16, 16)) -> onnx.ModelProto:
     """``fold``: the exporter folds each BatchNorm into its Conv (as torch.onnx does by default in eval mode)."""
     mode = torch.onnx.TrainingMode.EVAL if fold else torch.onnx.TrainingMode.PRESERVE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["input"], output_names=["logits"],
+        torch.onnx.export(net, (torch.randn(1, 3, *size),), str(path), input_names=["input"], output_names=["logits"],
                           opset_version=17, dynamo=False, training=mode, do_constant_folding=fold)
     return onnx.load(str(path))
 
@@ -86,8 +86,9 @@ def residual_case(tmp_path, seed: int):
     return net, onnxsal.Explainer(model, "cpu"), relu_a
 
 
-def reference(net: nn.Module, x: np.ndarray, target: int) -> np.ndarray:
-    """pytorch-grad-cam's FullGrad map, one channel at a time."""
+def reference(net: nn.Module, x: np.ndarray, target: int, eigen_smooth: bool = False) -> np.ndarray:
+    """pytorch-grad-cam's FullGrad map, one channel at a time (with ``eigen_smooth``, its principal
+    component of the component maps at 1/8 size)."""
     layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and m.bias is not None]
     grads = {}
 
@@ -111,9 +112,23 @@ def reference(net: nn.Module, x: np.ndarray, target: int) -> np.ndarray:
         return F.interpolate(torch.tensor(maps)[None], size=x.shape[2:], mode="bilinear",
                              align_corners=False)[0].numpy()
 
-    total = scaled(np.abs(xt.grad.numpy()[0] * x[0]).astype(np.float64)).sum(axis=0)
-    for m in layers:
-        total += scaled(np.abs(bias_of(m)[:, None, None] * grads[m][0])).sum(axis=0)
+    inputs = scaled(np.abs(xt.grad.numpy()[0] * x[0]).astype(np.float64))
+    per_layer = [scaled(np.abs(bias_of(m)[:, None, None] * grads[m][0])).sum(axis=0) for m in layers]
+    if eigen_smooth:        # the components, each scaled to 1/8 size, their first principal component
+        comps = np.concatenate([inputs, np.stack(per_layer)])
+        size = (x.shape[2] // 8, x.shape[3] // 8)
+        comps = comps - comps.min(axis=(1, 2), keepdims=True)
+        comps = comps / (1e-7 + comps.max(axis=(1, 2), keepdims=True))
+        small = F.interpolate(torch.tensor(comps)[None], size=size, mode="bilinear", align_corners=False)[0].numpy()
+        rows = small.reshape(len(small), -1).T
+        rows = rows - rows.mean(axis=0)
+        proj = rows @ np.linalg.svd(rows, full_matrices=False)[2][0]
+        total_small = small.reshape(len(small), -1).sum(axis=0)
+        if np.dot(proj, total_small - total_small.mean()) < 0:      # the sign onnxsal (and Eigen-CAM) picks
+            proj = -proj
+        total = scaled(proj.reshape(size)[None])[0]      # then aggregate_multi_layers scales once more
+    else:
+        total = inputs.sum(axis=0) + sum(per_layer)
     total -= total.min()
     return total / (1e-7 + total.max())
 
@@ -130,6 +145,18 @@ def test_fullgrad_matches_reference(tmp_path, cls, fold):
         x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
         ours = ex.explain(x, "fullgrad", target=target).map
         np.testing.assert_allclose(ours, reference(net, x, target), atol=2e-5)
+
+
+@pytest.mark.parametrize("cls,size", [(Residual, (48, 40)), (Plain, (16, 16))])
+def test_fullgrad_eigen_smooth_matches_reference(tmp_path, cls, size):
+    net = randomised(cls(), seed=5)
+    ex = onnxsal.Explainer(export(net, tmp_path / "m.onnx", False, size), "cpu")
+    rng = np.random.default_rng(1)
+    for target in (1, 2):
+        x = rng.standard_normal((1, 3) + size).astype(np.float32)
+        ours = ex.explain(x, "fullgrad", target=target, eigen_smooth=True).map
+        np.testing.assert_allclose(ours, reference(net, x, target, eigen_smooth=True), atol=1e-4)
+        assert np.abs(ours - ex.explain(x, "fullgrad", target=target).map).max() > 1e-2
 
 
 def test_bias_layers_follow_the_modules(tmp_path):

@@ -90,8 +90,25 @@ def scaled_channel_sum(m: np.ndarray) -> np.ndarray:
     return ((m - lo) / (EPS + span)).sum(axis=1)
 
 
+def _min_max(m: np.ndarray) -> np.ndarray:
+    """Each (h, w) map of (..., h, w) shifted to 0 and divided by 1e-7 + its maximum (pytorch-grad-cam's scale)."""
+    m = m - m.min(axis=(-2, -1), keepdims=True)
+    return m / (EPS + m.max(axis=(-2, -1), keepdims=True))
+
+
+def _eigen_smoothed(parts: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """pytorch-grad-cam's FullGrad ``eigen_smooth``: the (T, M, H, W) component maps (the input term's
+    channels and each layer's sum), each normalised and shrunk to 1/8 of the input size, replaced by
+    their first principal component (oriented as Eigen-CAM's), normalised and resized back."""
+    from .cam import first_component
+
+    small = resize(_min_max(parts), (max(1, size[0] // 8), max(1, size[1] // 8)))
+    proj = np.stack([first_component(m) for m in small.astype(np.float64)])
+    return resize(_min_max(proj).astype(np.float32), size)
+
+
 @method("fullgrad", family="gradient")
-def fullgrad(ctx: Context) -> np.ndarray:
+def fullgrad(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
     """FullGrad: normalised |input x gradient| plus normalised |bias x gradient| of every conv and batch-norm layer."""
     layers = bias_layers(ctx.model)
     name = ctx.model.input.name
@@ -99,6 +116,13 @@ def fullgrad(ctx: Context) -> np.ndarray:
     out = ctx.gradients(xb, ctx.seeds, wrt=[name] + [layer.tensor for layer in layers], clean_row=0)
     x = ctx.channels_first(ctx.x).astype(np.float64)
     gx = ctx.channels_first(out["grad_" + name]).astype(np.float64)
+    if eigen_smooth:
+        parts = [_min_max(np.abs(x * gx))]                                 # the input term: one map per channel
+        for layer in layers:
+            g = out["grad_" + layer.tensor].astype(np.float64)
+            s = scaled_channel_sum(np.abs(layer.bias[None, :, None, None] * g))
+            parts.append(resize(s.astype(np.float32), ctx.input_size)[:, None])
+        return _eigen_smoothed(np.concatenate(parts, axis=1).astype(np.float32), ctx.input_size)
     by_size: dict[tuple, np.ndarray] = {}
     for layer in layers:
         g = out["grad_" + layer.tensor].astype(np.float64)
