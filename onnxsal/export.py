@@ -22,7 +22,7 @@ from .graph.weights import attach
 from .model import Model, load
 
 EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam",
-              "saliency", "smoothgrad", "ig", "inputxgradient", "fullgrad")
+              "layerig", "saliency", "smoothgrad", "ig", "inputxgradient", "fullgrad")
 GRADIENT = ("saliency", "smoothgrad", "ig", "inputxgradient", "fullgrad")
 EPS = 1e-7
 
@@ -91,6 +91,52 @@ def _free_names(model: onnx.ModelProto, names, keep: str) -> tuple[onnx.ModelPro
     return model, renamed
 
 
+LIG = "onnxsal_lig/"
+
+
+def _layer_ig_path(proto: onnx.ModelProto, x_name: str, layer: str, logits: str,
+                   steps: int) -> tuple[str, str, np.ndarray]:
+    """Rewrite ``proto`` in place for Layer IG in one batch: the images and their zero baselines run
+    to ``layer`` (2N rows); the layer's consumers then read P, the images' activations (N rows, whose
+    logits are the output) followed by the Gauss-Legendre path points a0 + alpha (a - a0) (steps x N
+    rows). Returns (P, a - a0, quadrature weights). Refuses a layer a skip connection goes around,
+    whose tail would also need the input's rows."""
+    from .graph.surgery import split
+
+    split(proto, layer, [logits])
+    nodes, w = np.polynomial.legendre.leggauss(int(steps))
+    alphas = np.concatenate([[1.0], 0.5 * (nodes + 1)]).astype(np.float32)
+    g = proto.graph
+    n = lambda s: LIG + s  # noqa: E731
+    consts = {n("one"): np.array([1], np.int64), n("axis0"): np.array([0], np.int64),
+              n("end"): np.array([np.iinfo(np.int64).max], np.int64), n("minus1"): np.array([-1], np.int64)}
+    for k, v in consts.items():
+        g.initializer.append(numpy_helper.from_array(v, k))
+    g.initializer.append(numpy_helper.from_array(alphas.reshape(-1, 1, 1, 1, 1), n("alphas")))
+    for node in g.node:                      # the network now runs on images + baselines, and reads P after the layer
+        node.input[:] = [n("rows") if i == x_name else (n("P") if i == layer else i) for i in node.input]
+    g.node.extend([
+        helper.make_node("Mul", [x_name, n("zero_f")], [n("baseline")]),
+        helper.make_node("Concat", [x_name, n("baseline")], [n("rows")], axis=0),
+        helper.make_node("Shape", [x_name], [n("x_shape")]),
+        helper.make_node("Slice", [n("x_shape"), n("axis0"), n("one")], [n("count")]),
+        helper.make_node("Slice", [layer, n("axis0"), n("count"), n("axis0")], [n("a")]),
+        helper.make_node("Slice", [layer, n("count"), n("end"), n("axis0")], [n("a0")]),
+        helper.make_node("Sub", [n("a"), n("a0")], [n("d")]),
+        helper.make_node("Unsqueeze", [n("a0"), n("axis0")], [n("a0_1")]),
+        helper.make_node("Unsqueeze", [n("d"), n("axis0")], [n("d_1")]),
+        helper.make_node("Mul", [n("d_1"), n("alphas")], [n("steps")]),
+        helper.make_node("Add", [n("a0_1"), n("steps")], [n("path")]),
+        helper.make_node("Shape", [layer], [n("l_shape")]),
+        helper.make_node("Slice", [n("l_shape"), n("one"), n("end")], [n("l_rest")]),
+        helper.make_node("Concat", [n("minus1"), n("l_rest")], [n("p_shape")], axis=0),
+        helper.make_node("Reshape", [n("path"), n("p_shape")], [n("P")]),
+    ])
+    g.initializer.append(numpy_helper.from_array(np.array(0, np.float32), n("zero_f")))
+    _toposort(g)
+    return n("P"), n("d"), (0.5 * w).astype(np.float32)
+
+
 def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_samples: int = 20,
            noise_level: float = 0.15, steps: int = 32) -> onnx.ModelProto:
     """A standalone graph: inputs (image, target int64[N]); outputs (logits [N, C], map [N, H, W] in [0, 1]).
@@ -114,7 +160,10 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
 
         biases = [(renamed.get(b.tensor, b.tensor), b.bias) for b in bias_layers(m)]
     scored = logits
-    if method == "shapleycam":      # the ReST head, then the VJP graph differentiated again (H A)
+    if method == "layerig":         # images and baselines to the layer, then the path through the rest
+        path_t, delta, lig_weights = _layer_ig_path(proto, x_name, layer_tensor, logits, steps)
+        g_model = vjp(proto, logits, [path_t])
+    elif method == "shapleycam":      # the ReST head, then the VJP graph differentiated again (H A)
         from .graph.surgery import with_rest_head
         from .graph.second import first_grad_name, hvp
 
@@ -140,7 +189,11 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
 
     rows_target = target
     clean = None
-    if method in ("smoothgrad", "ig"):
+    if method == "layerig":         # the images' own rows first, then the path points: like IG's rows below
+        k = int(steps)
+        rows_target = e.op("Concat", [target, e.op("Tile", [target, e.const([k], np.int64)])], axis=0)
+        clean = (k, lig_weights)
+    elif method in ("smoothgrad", "ig"):
         rows = e.name("rows")
         for node in g.node:                       # the VJP graph now runs on the stacked rows
             for k, i in enumerate(node.input):
@@ -230,6 +283,21 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
                                    e.const([1], np.int64)])
             return e.op("Transpose", [e.op("Reshape", [t, e.const([0, h, w, c], np.int64)])], perm=[0, 3, 1, 2])
 
+    if method == "layerig":        # (a - a0) times the weighted path gradients, summed over channels
+        from .graph.normalize import tensor_shapes
+
+        layer_rank = len(tensor_shapes(m.light)[lay.tensor][1])
+        k, weights = clean
+        n1 = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
+        logits_out = e.op("Slice", [logits, e.const([0], np.int64), n1, e.const([0], np.int64)])
+        gp = f"grad_{path_t}"
+        rest = e.op("Slice", [gp, n1, e.const([np.iinfo(np.int64).max], np.int64), e.const([0], np.int64)])
+        tail = e.op("Slice", [e.op("Shape", [gp]), e.const([1], np.int64), e.const([np.iinfo(np.int64).max], np.int64)])
+        stacked = e.op("Reshape", [rest, e.op("Concat", [e.const([k, -1], np.int64), tail], axis=0)])
+        mean_g = e.reduce("ReduceSum", e.op("Mul", [stacked, e.const(weights.reshape((-1,) + (1,) * layer_rank))]), [0], keepdims=0)
+        attr = grid(e.op("Mul", [delta, mean_g]))
+        normalize_and_squeeze(resized(e.reduce("ReduceSum", attr, [1])), 1)
+    elif cam:
         if method == "shapleycam":
             a, first, gr = grid(layer_tensor), grid(first_grad_name(layer_tensor)), grid(f"grad_{layer_tensor}")
         else:

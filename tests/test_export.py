@@ -24,7 +24,7 @@ def run(graph, x, target):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam",
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam", "layerig",
                                     "saliency", "ig", "inputxgradient", "fullgrad"])
 def test_exported_maps_equal_engine_maps(layout, method):
     model = tiny.conv_net(layout, seed=4)
@@ -35,7 +35,7 @@ def test_exported_maps_equal_engine_maps(layout, method):
     logits, maps = run(export(model, method), x, [1, 2])
     assert maps.shape == (2, 16, 16) and logits.shape == (2, 3)
     for i, t in enumerate([1, 2]):
-        res = ex.explain(x[i:i + 1], method, target=t, **({"steps": 32} if method == "ig" else {}))
+        res = ex.explain(x[i:i + 1], method, target=t, **({"steps": 32} if method in ("ig", "layerig") else {}))
         np.testing.assert_allclose(maps[i], res.map, atol=1e-5)
         np.testing.assert_allclose(logits[i], res.logits, atol=1e-5)
 
@@ -91,3 +91,13 @@ def test_exported_fullgrad_with_batch_norm_layers(as_mul_add):
     _, maps = run(export(model, "fullgrad"), x, [2])
     ref = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, "fullgrad", target=2).map
     np.testing.assert_allclose(maps[0], ref, atol=1e-5)
+
+
+def test_exported_layer_ig_refuses_a_layer_with_a_skip_connection_around_it(vit):
+    """Layer IG's graph runs images and baselines to the layer and the path points after it, so a tail
+    that also reads the input around the layer (a residual connection) cannot be batched that way."""
+    from onnxsal.errors import LayerError
+
+    _, model, ln1 = vit
+    with pytest.raises(LayerError, match="other paths"):
+        export(model, "layerig", ln1.output[0])
