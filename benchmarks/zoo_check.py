@@ -95,6 +95,14 @@ def torchvision_errors(name: str, cache: str, dynamo: bool = False) -> list[floa
         net.aux_logits = False
     size = 224 if name.startswith(("vit", "maxvit", "swin")) else (160 if "inception" in name else 128)
     path = os.path.join(cache, f"zoo_{name}_{size}{'_dynamo' if dynamo else ''}.onnx")
+    return torch_errors(net, path, size, 1000, dynamo)
+
+
+def torch_errors(net, path: str, size: int, classes: int, dynamo: bool) -> list[float]:
+    """Export ``net`` to ``path`` once (dynamic batch), then its VJP graph's input gradient against
+    torch.autograd's for each seed."""
+    import torch
+
     if not os.path.exists(path) and dynamo:
         prog = torch.onnx.export(net, (torch.randn(2, 3, size, size),), dynamo=True, input_names=["image"],
                                  output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("N", min=1, max=64)},))
@@ -108,7 +116,7 @@ def torchvision_errors(name: str, cache: str, dynamo: bool = False) -> list[floa
     for seed in SEEDS:
         rng = np.random.default_rng(seed)
         x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
-        cot = rng.standard_normal((2, 1000)).astype(np.float32)
+        cot = rng.standard_normal((2, classes)).astype(np.float32)
         got = sess.run(["grad_image"], {"image": x, "grad_logits": cot})[0]
         xt = torch.tensor(x, requires_grad=True)
         (net(xt) * torch.tensor(cot)).sum().backward()
@@ -142,31 +150,10 @@ def timm_net(name: str, seed: int = 0):
 
 
 def timm_errors(spec: str, cache: str, dynamo: bool = False) -> list[float]:
-    import torch
-
     name, size = spec.split(":") if ":" in spec else (spec, "224")
     size = int(size)
-    net = timm_net(name)
     path = os.path.join(cache, f"zoo_timm_{name}_{size}{'_dynamo' if dynamo else ''}.onnx")
-    if not os.path.exists(path) and dynamo:
-        prog = torch.onnx.export(net, (torch.randn(2, 3, size, size),), dynamo=True, input_names=["image"],
-                                 output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("N", min=1, max=64)},))
-        prog.save(path)
-    elif not os.path.exists(path):
-        torch.onnx.export(net, (torch.randn(1, 3, size, size),), path, input_names=["image"],
-                          output_names=["logits"], opset_version=17, dynamo=False,
-                          dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}})
-    sess = vjp_session(onnx.load(path), "image", "logits")
-    errs = []
-    for seed in SEEDS:
-        rng = np.random.default_rng(seed)
-        x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
-        cot = rng.standard_normal((2, 10)).astype(np.float32)
-        got = sess.run(["grad_image"], {"image": x, "grad_logits": cot})[0]
-        xt = torch.tensor(x, requires_grad=True)
-        (net(xt) * torch.tensor(cot)).sum().backward()
-        errs.append(rel(got, xt.grad.numpy()))
-    return errs
+    return torch_errors(timm_net(name), path, size, 10, dynamo)
 
 
 def keras_errors(name: str, cache: str) -> list[float]:

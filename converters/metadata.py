@@ -24,6 +24,7 @@ import onnx
 
 from onnxsal.errors import ConversionError, MissingFileError
 from onnxsal.model import META_LABELS, META_LAYERS, META_PREPROCESS
+from onnxsal.graph.surgery import rename_tensor
 from onnxsal.preprocess import PRESETS, Preprocess, make_spec
 
 META_SOURCE = "onnxsal.source"
@@ -205,20 +206,6 @@ def strip_outputs(proto: onnx.ModelProto, extra: dict[str, str], channels_last: 
                 renamed[tensor] = new
             layers[layer] = renamed[tensor]
     return layers, skipped
-
-
-def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Rename a tensor everywhere it appears in the (top-level) graph."""
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for i, name in enumerate(node.output):
-            if name == old:
-                node.output[i] = new
-    for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
-        if vi.name == old:
-            vi.name = new
 
 
 def name_batch(proto: onnx.ModelProto) -> None:

@@ -113,20 +113,21 @@ class Engine:
         piecewise linear after the layer.
         """
         from .graph.second import first_grad_name, hvp
-        from .graph.surgery import with_rest_head
+        from .graph.surgery import REST, with_rest_head
 
         y = self.model.logits if rest else self.model.score_tensor(score)
+        scored = REST if rest else y
         key = f"hvp:{y}|{layer}|{rest}"
 
         def build():
             tail = replace(self.model.light, layer, [y])
-            target = with_rest_head(tail, y) if rest else y
-            return hvp(tail, target, layer)
+            if rest:
+                with_rest_head(tail, y)
+            return hvp(tail, scored, layer)
 
         sess = self.runtime.session(key, build)
         names = [o.name for o in sess.get_outputs()]
-        grad_in = next(i for i in sess.get_inputs() if i.name.startswith("grad_") and not i.name.endswith(
-            first_grad_name(layer)))
+        grad_in = next(i for i in sess.get_inputs() if i.name == "grad_" + scored)
         a = acts.astype(np.float32)
         out = self.runtime.run_batched(sess, {layer: a, grad_in.name: seed_rows(seeds, grad_in.shape),
                                               "grad_" + first_grad_name(layer): a},

@@ -164,22 +164,12 @@ class _Builder:
             if i and v is None:
                 return None
             values.append(v)
-        try:
-            from onnx.reference import ReferenceEvaluator
+        from .simplify import evaluate_node
 
-            ins = [helper.make_tensor_value_info(f"i{k}", helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-                   for k, v in enumerate(values) if v is not None]
-            one = helper.make_node(node.op_type, [f"i{k}" if v is not None else "" for k, v in enumerate(values)],
-                                   [f"o{k}" for k in range(len(node.output))], **{
-                                       a.name: helper.get_attribute_value(a) for a in node.attribute})
-            graph = helper.make_graph([one], "fold", ins, [helper.make_tensor_value_info(
-                f"o{k}", TensorProto.UNDEFINED, None) for k in range(len(node.output))])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
-            outs = ReferenceEvaluator(model).run(None, {f"i{k}": v for k, v in enumerate(values) if v is not None})
-        except Exception:
+        outs = evaluate_node(node, values, self.opset)
+        if outs is None:
             return None
         for o, v in zip(node.output, outs):
-            v = np.asarray(v)
             if v.dtype.kind not in "iub" or v.size > 4096:
                 return None
             self.consts[o] = v

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import weights
-from .normalize import _infer_inplace, tensor_shapes
+from .normalize import _infer_inplace, opset_of, tensor_shapes
+from .simplify import constants, evaluate_node
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -67,43 +67,29 @@ class _Constants:
     """Values of initializers, Constants, and tensors computed from them alone (the dynamo exporter
     reorders PyTorch's gate blocks into ONNX's with Slice/Concat on the weights), on demand."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.protos = {i.name: i for i in graph.initializer}
-        for n in graph.node:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.protos[n.output[0]] = n.attribute[0].t
+    def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
+        self.leaves = constants(graph)
         self.producer = {o: n for n in graph.node for o in n.output}
-        self.values: dict[str, np.ndarray] = {}
+        self.folded: dict[str, np.ndarray] = {}
+        self.opset = opset
 
     def get(self, name: str, depth: int = 0) -> Optional[np.ndarray]:
-        if name in self.values:
-            return self.values[name]
-        if name in self.protos:
-            self.values[name] = weights.array(self.protos[name])
-            return self.values[name]
+        value = self.folded.get(name)
+        if value is None:
+            value = self.leaves.get(name)
+        if value is not None:
+            return value
         node = self.producer.get(name)
         if node is None or node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or depth > 24:
             return None
         vals = [self.get(i, depth + 1) if i else None for i in node.input]
         if any(i and v is None for i, v in zip(node.input, vals)):
             return None
-        from onnx.reference import ReferenceEvaluator
-
-        ins = [f"i{k}" if i else "" for k, i in enumerate(node.input)]
-        one = helper.make_node(node.op_type, ins, [f"o{k}" for k in range(len(node.output))],
-                               **{a.name: helper.get_attribute_value(a) for a in node.attribute})
-        graph = helper.make_graph([one], "fold", [helper.make_tensor_value_info(
-            f"i{k}", helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in enumerate(vals) if v is not None],
-            [helper.make_tensor_value_info(f"o{k}", onnx.TensorProto.UNDEFINED, None)
-             for k in range(len(node.output))])
-        try:
-            outs = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])).run(
-                None, {f"i{k}": v for k, v in enumerate(vals) if v is not None})
-        except Exception:
+        outs = evaluate_node(node, vals, self.opset)
+        if outs is None:
             return None
-        for o, v in zip(node.output, outs):
-            self.values[o] = np.asarray(v)
-        return self.values.get(name)
+        self.folded.update(zip(node.output, outs))
+        return self.folded.get(name)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -152,6 +138,7 @@ def _unroll(node: onnx.NodeProto, consts: "_Constants", shapes: dict, em: _Emitt
     ng, h = GATES[op], hidden
 
     xs = em.op("Transpose", [x], perm=[1, 0, 2]) if layout else x               # (T, B, I)
+    axis0 = em.const(np.array([0]))                    # the time axis: Squeeze and Unsqueeze of every step
     batch = em.op("Slice", [em.op("Shape", [xs]), em.const(np.array([1])), em.const(np.array([2]))])
     zeros_bh = em.op("ConstantOfShape", [em.op("Concat", [batch, em.const(np.array([h]))], axis=0)],
                      value=numpy_helper.from_array(np.zeros(1, w.dtype)))
@@ -181,7 +168,7 @@ def _unroll(node: onnx.NodeProto, consts: "_Constants", shapes: dict, em: _Emitt
             fold[2 * h:] = bw[2 * h:]              # the candidate's recurrent bias stays with the reset gate
         xw = em.op("Add", [em.op("MatMul", [xs, em.const(w[d].T.copy(), "wt")]), em.const(fold, "bias")])
         parts = em.op("Split", [xw, em.const(np.ones(steps, np.int64))], n_out=steps, axis=0) if steps > 1 else [xw]
-        x_t = [em.op("Squeeze", [p, em.const(np.array([0]))]) for p in parts]
+        x_t = [em.op("Squeeze", [p, axis0]) for p in parts]
         # per-direction constants, shared by every step
         if op == "GRU" and not lbr:
             rt, rt_h = em.const(rd[:2 * h].T.copy(), "rt"), em.const(rd[2 * h:].T.copy(), "rt_h")
@@ -223,8 +210,8 @@ def _unroll(node: onnx.NodeProto, consts: "_Constants", shapes: dict, em: _Emitt
                 h_new = em.op("Add", [hc, em.op("Mul", [z, em.op("Sub", [h_prev, hc])])])
             out[t] = h_new
             h_prev = h_new
-        ys.append(em.op("Concat", [em.op("Unsqueeze", [o, em.const(np.array([0]))]) for o in out], axis=0)
-                  if steps > 1 else em.op("Unsqueeze", [out[0], em.const(np.array([0]))]))
+        ys.append(em.op("Concat", [em.op("Unsqueeze", [o, axis0]) for o in out], axis=0)
+                  if steps > 1 else em.op("Unsqueeze", [out[0], axis0]))
         hs.append(h_prev)
         cs.append(c_prev)
 
@@ -256,7 +243,7 @@ def unroll(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     """Rewrite every recurrent node that can be unrolled, in place; returns the model (shapes
     inferred again) and {node name: reason} for the ones left as they were."""
     g = model.graph
-    consts = _Constants(g)
+    consts = _Constants(g, opset_of(model))
     shapes = tensor_shapes(model)
     lost = [n.input[0] for n in g.node if n.op_type in RECURRENT and _time_axis_unknown(n, shapes)]
     if lost:                  # the sequence length is often behind a reshape inference cannot follow

@@ -18,21 +18,9 @@ from __future__ import annotations
 import onnx
 
 from .autodiff import GRAD_PREFIX, vjp
+from .surgery import rename_tensor
 
 FIRST = "onnxsal_first_grad_"
-
-
-def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        for k, v in enumerate(node.output):
-            if v == old:
-                node.output[k] = new
-        for k, v in enumerate(node.input):
-            if v == old:
-                node.input[k] = new
-    for vi in list(graph.output) + list(graph.value_info):
-        if vi.name == old:
-            vi.name = new
 
 
 def first_grad_name(a: str) -> str:
@@ -47,5 +35,5 @@ def hvp(model: onnx.ModelProto, y: str, a: str, outputs=()) -> onnx.ModelProto:
     from .rules.norm import layer_normalization_primitive
 
     first = vjp(model, y, [a], outputs=list(outputs), rules={"LayerNormalization": layer_normalization_primitive})
-    _rename(first.graph, GRAD_PREFIX + a, first_grad_name(a))
+    rename_tensor(first.graph, GRAD_PREFIX + a, first_grad_name(a))
     return vjp(first, first_grad_name(a), [a], outputs=[y, *outputs], simplify=False)

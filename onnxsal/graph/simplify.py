@@ -90,6 +90,28 @@ def constants(graph: onnx.GraphProto) -> _Consts:
     return _Consts(graph)
 
 
+def evaluate_node(node: onnx.NodeProto, values: list, opset: int) -> Optional[list[np.ndarray]]:
+    """The outputs of one default-domain ``node`` on constant ``values`` (None for an omitted
+    input), by ONNX's reference implementation; None when it cannot run. Constant folding for
+    what exporters leave unfolded: pad amounts, slice axes, reordered recurrent weights."""
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    fed = {f"i{k}": v for k, v in enumerate(values) if v is not None}
+    one = helper.make_node(node.op_type, [f"i{k}" if v is not None else "" for k, v in enumerate(values)],
+                           [f"o{k}" for k in range(len(node.output))],
+                           **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+    graph = helper.make_graph(
+        [one], "fold",
+        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in fed.items()],
+        [helper.make_tensor_value_info(f"o{k}", TensorProto.UNDEFINED, None) for k in range(len(node.output))])
+    try:
+        outs = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])).run(None, fed)
+    except Exception:
+        return None
+    return [np.asarray(v) for v in outs]
+
+
 def _remove_passthrough(graph: onnx.GraphProto, protected: set) -> None:
     consts = constants(graph)
     risky = _subgraph_reads(graph)

@@ -148,3 +148,17 @@ def with_rest_head(model: onnx.ModelProto, logits: str) -> str:
                              helper.make_node("Add", [logits, ls], [REST], name=REST)])
     model.graph.output.append(helper.make_tensor_value_info(REST, onnx.TensorProto.FLOAT, None))
     return REST
+
+
+def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename a tensor everywhere it appears in the (top-level) graph."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
+    for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
+        if vi.name == old:
+            vi.name = new

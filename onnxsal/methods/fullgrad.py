@@ -83,17 +83,15 @@ def _channel_constant(node, consts, shapes) -> "np.ndarray | None":
     return c
 
 
-def scaled_channel_sum(m: np.ndarray) -> np.ndarray:
-    """(T, K, h, w) -> (T, h, w): each channel min-max normalised over its positions, then summed."""
-    lo = m.min(axis=(2, 3), keepdims=True)
-    span = m.max(axis=(2, 3), keepdims=True) - lo
-    return ((m - lo) / (EPS + span)).sum(axis=1)
-
-
 def _min_max(m: np.ndarray) -> np.ndarray:
     """Each (h, w) map of (..., h, w) shifted to 0 and divided by 1e-7 + its maximum (pytorch-grad-cam's scale)."""
     m = m - m.min(axis=(-2, -1), keepdims=True)
     return m / (EPS + m.max(axis=(-2, -1), keepdims=True))
+
+
+def scaled_channel_sum(m: np.ndarray) -> np.ndarray:
+    """(T, K, h, w) -> (T, h, w): each channel min-max normalised over its positions, then summed."""
+    return _min_max(m).sum(axis=1)
 
 
 def _eigen_smoothed(parts: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -116,17 +114,13 @@ def fullgrad(ctx: Context, eigen_smooth: bool = False) -> np.ndarray:
     out = ctx.gradients(xb, ctx.seeds, wrt=[name] + [layer.tensor for layer in layers], clean_row=0)
     x = ctx.channels_first(ctx.x).astype(np.float64)
     gx = ctx.channels_first(out["grad_" + name]).astype(np.float64)
-    if eigen_smooth:
-        parts = [_min_max(np.abs(x * gx))]                                 # the input term: one map per channel
-        for layer in layers:
-            g = out["grad_" + layer.tensor].astype(np.float64)
-            s = scaled_channel_sum(np.abs(layer.bias[None, :, None, None] * g))
-            parts.append(resize(s.astype(np.float32), ctx.input_size)[:, None])
+    per_layer = [scaled_channel_sum(np.abs(layer.bias[None, :, None, None] * out["grad_" + layer.tensor]
+                                           .astype(np.float64))) for layer in layers]
+    if eigen_smooth:                   # the input term keeps one map per channel
+        parts = [_min_max(np.abs(x * gx))] + [resize(s.astype(np.float32), ctx.input_size)[:, None] for s in per_layer]
         return _eigen_smoothed(np.concatenate(parts, axis=1).astype(np.float32), ctx.input_size)
     by_size: dict[tuple, np.ndarray] = {}
-    for layer in layers:
-        g = out["grad_" + layer.tensor].astype(np.float64)
-        s = scaled_channel_sum(np.abs(layer.bias[None, :, None, None] * g))
+    for s in per_layer:
         by_size[s.shape[1:]] = by_size.get(s.shape[1:], 0) + s
     total = scaled_channel_sum(np.abs(x * gx))
     for s in by_size.values():

@@ -343,8 +343,7 @@ def _unpad_copies(ctx: RuleContext, g: str, x: str, axis: int, before: int, afte
     if n is None:
         raise _unsupported(ctx, f"{mode} Pad needs a static size on axis {axis}")
     n = int(n)
-    source = np.pad(np.arange(n), (max(before, 0), max(after, 0)), mode={"edge": "edge", "reflect": "reflect",
-                                                                         "wrap": "wrap"}[mode])
+    source = np.pad(np.arange(n), (max(before, 0), max(after, 0)), mode=mode)    # ONNX's mode names are numpy's
     source = source[max(-before, 0): len(source) - max(-after, 0)]
     r = _rank(ctx, g)
     total = None
@@ -568,22 +567,27 @@ def tile(ctx: RuleContext, gy: Grads) -> Grads:
     return [ctx.reduce_sum(g, [2 * a for a in range(r)], keepdims=False), None]
 
 
-@vjp_rule("ScatterND")
-def scatter_nd(ctx: RuleContext, gy: Grads) -> Grads:
+def _scatter_vjp(ctx: RuleContext, gy: Grads, gather: str, **attrs) -> Grads:
     """y = data with ``updates`` written (or added) at ``indices``: the updates' gradient is gy
-    read back at the indices (GatherND); the data's is gy, with the overwritten positions zeroed
-    when the scatter replaces rather than adds.  Product and min/max reductions are refused."""
+    read back there (``gather``, the scatter's own reading op); the data's is gy, with the written
+    positions zeroed when the scatter replaces rather than adds.  Product and min/max reductions
+    are refused."""
     reduction = ctx.attr("reduction", "none")
     if reduction not in ("none", "add"):
-        raise _unsupported(ctx, f"ScatterND reduction {reduction!r}")
+        raise _unsupported(ctx, f"{ctx.node.op_type} reduction {reduction!r}")
     data, ind, upd = ctx.inputs[:3]
-    g = gy[0]
     gd = gu = None
     if ctx.needs_grad(0):
-        gd = g if reduction == "add" else ctx.op("ScatterND", [g, ind, ctx.zeros_like(upd)])
+        gd = gy[0] if reduction == "add" else ctx.op(ctx.node.op_type, [gy[0], ind, ctx.zeros_like(upd)], **attrs)
     if ctx.needs_grad(2):
-        gu = ctx.op("GatherND", [g, ind])
+        gu = ctx.op(gather, [gy[0], ind], **attrs)
     return [gd, None, gu]
+
+
+@vjp_rule("ScatterND")
+def scatter_nd(ctx: RuleContext, gy: Grads) -> Grads:
+    """ScatterND (a slice assignment such as ``x[:, :, 1:] = ...``): see ``_scatter_vjp``."""
+    return _scatter_vjp(ctx, gy, "GatherND")
 
 
 @vjp_rule("ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")
@@ -662,21 +666,9 @@ def gather_elements(ctx: RuleContext, gy: Grads) -> Grads:
 
 @vjp_rule("ScatterElements")
 def scatter_elements(ctx: RuleContext, gy: Grads) -> Grads:
-    """y = data with ``updates`` written (or added) along ``axis`` at ``indices``: the updates'
-    gradient is gy read back there (GatherElements), the data's is gy with the written positions
-    zeroed unless the scatter adds. (Max-pool gradients scatter this way, so a second derivative
-    passes through here.)"""
-    reduction = ctx.attr("reduction", "none")
-    if reduction not in ("none", "add"):
-        raise _unsupported(ctx, f"ScatterElements reduction {reduction!r}")
-    axis = int(ctx.attr("axis", 0))
-    data, ind, upd = ctx.inputs[:3]
-    gd = gu = None
-    if ctx.needs_grad(0):
-        gd = gy[0] if reduction == "add" else ctx.op("ScatterElements", [gy[0], ind, ctx.zeros_like(upd)], axis=axis)
-    if ctx.needs_grad(2):
-        gu = ctx.op("GatherElements", [gy[0], ind], axis=axis)
-    return [gd, None, gu]
+    """ScatterElements along ``axis`` (max-pool gradients scatter this way, so a second derivative
+    passes through here): see ``_scatter_vjp``."""
+    return _scatter_vjp(ctx, gy, "GatherElements", axis=int(ctx.attr("axis", 0)))
 
 
 @vjp_rule("GatherND")
