@@ -6,6 +6,8 @@ rtol 1e-6) and float32 otherwise (rtol 1e-2); see tests/gradcheck.py.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -484,3 +486,20 @@ def test_new_rules_refuse_what_they_cannot_differentiate(op, inputs, attrs, init
     with pytest.raises(UnsupportedOpError, match=why) as ei:
         vjp(m, "y", list(inputs))
     assert op in str(ei.value)
+
+
+@pytest.mark.parametrize("node,inits,opset,y_shape,why", [
+    (helper.make_node("ScatterND", ["x", "i", "u"], ["y"], reduction="mul", name="n"),
+     {"i": np.array([[1]], I64), "u": np.ones((1, 3))}, 18, [4, 3], "ScatterND reduction 'mul'"),
+    (helper.make_node("ScatterElements", ["x", "i", "u"], ["y"], reduction="max", name="n"),
+     {"i": np.zeros((1, 3), I64), "u": np.ones((1, 3))}, 18, [4, 3], "ScatterElements reduction 'max'"),
+    (helper.make_node("GatherND", ["x", "i"], ["y"], batch_dims=1, name="n"),
+     {"i": np.zeros((4, 1), I64)}, 17, [4], "GatherND with batch_dims"),
+    (helper.make_node("GatherND", ["x", "i"], ["y"], name="n"),
+     {"i": np.zeros((2, 1), I64)}, 13, [2, 3], "opset >= 16"),
+])
+def test_scatter_and_gather_nd_refusals_name_the_reason(node, inits, opset, y_shape, why):
+    m = _graph([node], [_vi("x", [4, 3])], [_vi("y", y_shape)],
+               [numpy_helper.from_array(v, k) for k, v in inits.items()], opset=opset)
+    with pytest.raises(UnsupportedOpError, match=f"'n'.*{re.escape(why)}"):
+        vjp(m, "y", ["x"])

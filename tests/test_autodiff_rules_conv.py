@@ -816,3 +816,16 @@ def test_col2im_matches_torch_fold(image, block, strides, pads, dilations):
 def test_col2im_asymmetric_pads_against_finite_differences():
     model, x = _col2im_case((6, 7), (3, 2), (2, 2), (1, 0, 2, 1), (1, 1))
     check_vjp(model, "y", ["x"], {"x": x})
+
+
+def test_col2im_with_a_run_time_image_shape_is_refused_by_name():
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("Col2Im", ["x", "im", "bs"], ["y"], name="fold")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12, 9]),
+                                        helper.make_tensor_value_info("im", TensorProto.INT64, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.array([2, 2], np.int64), "bs")])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    with pytest.raises(UnsupportedOpError, match="Col2Im.*fold.*image or block shape computed at run time"):
+        vjp(m, "y", ["x"])
