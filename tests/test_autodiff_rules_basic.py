@@ -503,3 +503,20 @@ def test_scatter_and_gather_nd_refusals_name_the_reason(node, inits, opset, y_sh
                [numpy_helper.from_array(v, k) for k, v in inits.items()], opset=opset)
     with pytest.raises(UnsupportedOpError, match=f"'n'.*{re.escape(why)}"):
         vjp(m, "y", ["x"])
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("op, exact", [
+    ("Sigmoid", lambda x: np.exp(x - 2 * np.logaddexp(0, x))),
+    ("Tanh", lambda x: 4 * np.exp(2 * x - 2 * np.logaddexp(0, 2 * x))),
+])
+def test_saturated_sigmoid_and_tanh_keep_their_derivative(op, exact, dtype, rtol):
+    """Far into both tails: ONNX Runtime's float sigmoid is 0 below -18 and off by whole percents
+    below -10 (double: 0 below -37), and y (1 - y) or 1 - y^2 cancels in the upper tail, so a
+    derivative taken from the output loses every digit there. Each entry must match the exact
+    derivative to a few ulps, relative."""
+    x = np.concatenate([np.linspace(-40, 40, 81), [-17.3, -12.5, 9.7, 15.2]]).astype(dtype)
+    m = one_node_model(op, {"x": x})
+    got = derived_grads(m, "y", ["x"], {"x": x}, np.ones_like(x))["grad_x"]
+    want = exact(x.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=0)

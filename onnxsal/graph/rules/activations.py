@@ -170,20 +170,32 @@ def selu(ctx: RuleContext, gy: Grads) -> Grads:
     return [ctx.op("Mul", [gy[0], _select(ctx, _positive(ctx, x), ctx.const(gam, like=y), neg)])]
 
 
+def _logistic_slope(ctx: RuleContext, x: str, tanh: bool) -> str:
+    """sigmoid'(x) = t / (1 + t)^2 with t = e^-|x| (tanh'(x) = 4 t / (1 + t)^2 with t = e^-2|x|).
+
+    Not y (1 - y) or 1 - y^2 from the forward output: ONNX Runtime's sigmoid is accurate in
+    absolute terms only, so below x = -10 its float output is off by whole percents, below -18
+    it is 0 (double: below -20 and -37), and near y = 1 both products cancel. A saturated
+    sigmoid or tanh (a detector's background pixels, a confident gate) then got a derivative
+    wrong by up to 100%. e^-|x| never overflows and nothing here cancels.
+    """
+    a = ctx.op("Abs", [x])
+    t = ctx.op("Exp", [ctx.op("Neg", [ctx.op("Add", [a, a]) if tanh else a])])
+    s = ctx.op("Add", [t, ctx.const(1.0, like=x)])
+    num = ctx.op("Mul", [t, ctx.const(4.0, like=x)]) if tanh else t
+    return ctx.op("Div", [num, ctx.op("Mul", [s, s])])
+
+
 @vjp_rule("Sigmoid")
 def sigmoid(ctx: RuleContext, gy: Grads) -> Grads:
-    """y = 1/(1+e^-x): gx = gy * y * (1 - y)."""
-    y = ctx.outputs[0]
-    d = ctx.op("Mul", [y, ctx.op("Sub", [ctx.const(1.0, like=y), y])])
-    return [ctx.op("Mul", [gy[0], d])]
+    """y = 1/(1+e^-x): gx = gy * y (1 - y), computed from x (see ``_logistic_slope``)."""
+    return [ctx.op("Mul", [gy[0], _logistic_slope(ctx, ctx.inputs[0], tanh=False)])]
 
 
 @vjp_rule("Tanh")
 def tanh(ctx: RuleContext, gy: Grads) -> Grads:
-    """y = tanh(x): gx = gy * (1 - y^2)."""
-    y = ctx.outputs[0]
-    d = ctx.op("Sub", [ctx.const(1.0, like=y), ctx.op("Mul", [y, y])])
-    return [ctx.op("Mul", [gy[0], d])]
+    """y = tanh(x): gx = gy * (1 - y^2), computed from x (see ``_logistic_slope``)."""
+    return [ctx.op("Mul", [gy[0], _logistic_slope(ctx, ctx.inputs[0], tanh=True)])]
 
 
 @vjp_rule("Softplus")
