@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape as esc
 from rich.table import Table
 
 from .export import EXPORTABLE
@@ -29,7 +30,7 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {esc(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -80,24 +81,24 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
 
     m = load(model, size=parse_size(size))
     inp = m.input
-    out.print(f"[bold]{os.path.basename(m.path)}[/]")
-    out.print(f"  input     {inp.name}  {inp.layout}  {inp.channels}x{inp.height}x{inp.width}")
+    out.print(f"[bold]{esc(os.path.basename(m.path))}[/]")
+    out.print(f"  input     {esc(inp.name)}  {inp.layout}  {inp.channels}x{inp.height}x{inp.width}")
     if m.dense is not None:
         d = m.dense
-        out.print(f"  output    {m.output}  ({d.classes} classes per pixel, {d.height}x{d.width}: a class target "
+        out.print(f"  output    {esc(m.output)}  ({d.classes} classes per pixel, {d.height}x{d.width}: a class target "
                   "scores its map over the pixels it wins)")
     else:
-        out.print(f"  output    {m.output}  ({m.num_classes} {'unit: binary classifier' if m.binary else 'classes'})")
+        out.print(f"  output    {esc(m.output)}  ({m.num_classes} {'unit: binary classifier' if m.binary else 'classes'})")
     act = f"before the final {m.activation}" if m.activation else "the output itself (no final activation found)"
-    out.print(f"  logits    {m.logits}  ({act})")
+    out.print(f"  logits    {esc(m.logits)}  ({act})")
     out.print(f"  preprocess {m.preprocess.describe() if m.preprocess else 'none in metadata (give --preprocess)'}")
     if m.labels:
         shown = ", ".join(m.labels[:10]) + (" ..." if len(m.labels) > 10 else "")
-        out.print(f"  labels    {shown}")
+        out.print(f"  labels    {esc(shown)}")
     tokens = m.token_layers()
     if tokens:
         out.print("  token layers (transformer; pass one with --layer): " + ", ".join(
-            f"{t.tensor} ({t.shape[0]} x {t.shape[1]}x{t.shape[2]} grid{f', {t.prefix} leading' if t.prefix else ''})"
+            f"{esc(t.tensor)} ({t.shape[0]} x {t.shape[1]}x{t.shape[2]} grid{f', {t.prefix} leading' if t.prefix else ''})"
             for t in tokens))
     if not m.layers:
         out.print("  layers    none: CAM methods need --layer" + (" (a token layer above)" if tokens else
@@ -109,9 +110,9 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     default = m.default_layer
     for layer in m.layers:
         mark = "*" if layer is default else ""
-        table.add_row(mark, layer.tensor, layer.node, layer.op_type, "x".join(map(str, layer.shape)))
+        table.add_row(mark, esc(layer.tensor), esc(layer.node), layer.op_type, "x".join(map(str, layer.shape)))
     out.print(table)
-    out.print(f"  default layer (*): {default.tensor}")
+    out.print(f"  default layer (*): {esc(default.tensor)}")
 
 
 @app.command()
@@ -196,12 +197,12 @@ def explain(
         tgt = ", ".join(f"{t.label} ({t.index})" for t in res.targets)
         alias = {t: k for k, t in ex.model.layer_aliases.items()}.get(res.layer)
         where = f" at {alias} ({res.layer})" if alias else (f" at {res.layer}" if res.layer else "")
-        out.print(f"{res.name}: {res.method}{where} -> {tgt}  [{res.seconds:.2f}s]  "
-                  f"{os.path.join(out_dir, res.name + '.' + res.method + '.png')}")
+        out.print(esc(f"{res.name}: {res.method}{where} -> {tgt}  [{res.seconds:.2f}s]  "
+                      f"{os.path.join(out_dir, res.name + '.' + res.method + '.png')}"))
         for note in res.notes:
             if (res.name, note) not in noted:
                 noted.add((res.name, note))
-                out.print(f"  note: {note}", style="dim")
+                out.print(f"  note: {esc(note)}", style="dim")
 
 
 def _weights(path: str) -> "np.ndarray":
@@ -238,7 +239,7 @@ def export_cmd(
     onnx.save(graph, tmp)
     os.replace(tmp, output)
     inp = graph.graph.input[0]
-    out.print(f"wrote {output}: inputs {inp.name} + target (int64 class per image) -> logits, map ({method})")
+    out.print(f"wrote {esc(output)}: inputs {esc(inp.name)} + target (int64 class per image) -> logits, map ({method})")
 
 
 @app.command("methods")
@@ -275,7 +276,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except OnnxsalError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {esc(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except typer.Exit as exc:
         return exc.exit_code
@@ -284,9 +285,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     except Exception as exc:  # click usage errors and anything unexpected: still one line
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click usage errors
-            err.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {esc(exc.format_message())}", highlight=False, soft_wrap=True)
             return exc.exit_code
-        err.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {esc(str(exc))}", highlight=False, soft_wrap=True)
         return 3
     return 0
 

@@ -100,3 +100,18 @@ def test_later_runs_add_their_methods_to_the_summary(files):
     summary = json.loads((out / "cat.json").read_text())
     assert sorted(summary["methods"]) == ["gradcam", "saliency"]
     assert not [p for p in os.listdir(out) if p.startswith(".onnxsal-")]
+
+
+def test_bracketed_names_reach_the_terminal_verbatim(tmp_path, capsys):
+    """paddle2onnx names dimensions and tensors like ``p2o.DynamicDimension.0``; printed inside
+    brackets they looked like console markup tags and vanished from the message."""
+    model = tiny.conv_net(metadata=False)
+    for ax in (0, 2, 3):
+        d = model.graph.input[0].type.tensor_type.shape.dim[ax]
+        d.Clear()
+        d.dim_param = f"p2o.DynamicDimension.{ax}"
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert main(["inspect", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "[p2o.DynamicDimension.0,3,p2o.DynamicDimension.2,p2o.DynamicDimension.3]" in err

@@ -13,6 +13,7 @@ import os
 from typing import List, Optional
 
 import typer
+from rich.markup import escape as esc
 
 from onnxsal import cli_options as O
 
@@ -170,7 +171,7 @@ def sanity(
     if quiet:
         return
     print_sanity(rep, out)
-    out.print("wrote " + ", ".join(written[:3]) + (f" (+{len(written) - 3} figures)" if len(written) > 3 else ""))
+    out.print(esc("wrote " + ", ".join(written[:3]) + (f" (+{len(written) - 3} figures)" if len(written) > 3 else "")))
 
 
 def print_sanity(rep, console) -> None:
@@ -180,8 +181,8 @@ def print_sanity(rep, console) -> None:
     from .similarity import MEASURES
 
     n_layers = len(rep.layers)
-    console.print(f"[bold]{os.path.basename(rep.model)}[/]: {n_layers} weight layers, "
-                  f"{len(rep.images)} image(s), targets: " + ", ".join(f"{k}: {v}" for k, v in rep.targets.items()))
+    console.print(f"[bold]{esc(os.path.basename(rep.model))}[/]: {n_layers} weight layers, "
+                  f"{len(rep.images)} image(s), targets: " + esc(", ".join(f"{k}: {v}" for k, v in rep.targets.items())))
     heads = {"spearman": "Spearman", "spearman_abs": "Spearman(abs)", "ssim": "SSIM", "hog": "HOG (Pearson)"}
     for m in rep.methods:
         table = Table(title=f"{m}: similarity to the original map (mean ± std over images)", title_justify="left")
@@ -191,7 +192,7 @@ def print_sanity(rep, console) -> None:
             table.add_column(heads[k], justify="right")
         for k, s in enumerate(rep.steps):
             mu, sd = rep.mean(m, k), rep.std(m, k)
-            table.add_row(s.mode, str(s.index), s.label, *[_pm(mu[x], sd[x], 2) for x in MEASURES])
+            table.add_row(s.mode, str(s.index), esc(s.label), *[_pm(mu[x], sd[x], 2) for x in MEASURES])
         console.print(table)
     verdicts = rep.verdicts()
     if not verdicts:
@@ -283,7 +284,7 @@ def evaluate(
     if quiet:
         return
     print_evaluation(rep, out)
-    out.print("wrote " + ", ".join(paths))
+    out.print(esc("wrote " + ", ".join(paths)))
 
 
 def print_evaluation(rep, console) -> None:
@@ -293,7 +294,7 @@ def print_evaluation(rep, console) -> None:
     from .faithfulness import METRICS
 
     s = rep.settings
-    console.print(f"[bold]{os.path.basename(rep.model)}[/]: {len(rep.images)} image(s); {s['steps']} steps of "
+    console.print(f"[bold]{esc(os.path.basename(rep.model))}[/]: {len(rep.images)} image(s); {s['steps']} steps of "
                   f"{s['step']} pixels; deletion to {s['deletion_substrate']}, insertion from {s['insertion_start']} "
                   f"(sigma {s['blur_sigma']:.3g}); score: {s['score']}")
     stats = {m: rep.stats(m) for m in rep.methods}
