@@ -287,13 +287,25 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
     shapes = tensor_shapes(proto)
     t = output
     node = producer.get(t)
+    restored = set()      # tensors whose shape a Reshape on the way restores (Reshape(y, Shape(x)))
     while node is not None and node.op_type in PASSTHROUGH:
+        if node.op_type == "Reshape" and len(node.input) > 1:
+            src = producer.get(node.input[1])
+            if src is not None and src.op_type == "Shape":
+                restored.add(src.input[0])
         t = node.input[0]
         node = producer.get(t)
     if node is None:
         return output, None
     if node.op_type in ("Softmax", "LogSoftmax"):
-        return node.input[0], "softmax"
+        logits = node.input[0]
+        flat = producer.get(logits)
+        # An old-opset Softmax over the last axis of a (N, T, C) output comes out of the version
+        # converter as Flatten -> Softmax -> Reshape back; the logits are the tensor before the
+        # Flatten, whose first axis is the batch.
+        if flat is not None and flat.op_type == "Flatten" and flat.input[0] in restored:
+            logits = flat.input[0]
+        return logits, "softmax"
     if node.op_type == "Sigmoid":
         shape = shapes.get(node.input[0], (0, None))[1]
         if shape is not None and int(np.prod([d for d in shape[1:] if d])) == 1:
@@ -457,6 +469,12 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if out_shape is None or None in out_shape[1:]:
         proto = infer(proto)
         out_shape = tensor_shapes(proto).get(logits, (0, None))[1]
+    if out_shape is None or None in out_shape[1:]:
+        # a reshape target computed at run time (paddle2onnx's Shape -> Slice -> Concat) hides it from
+        # inference: one small run of the model tells
+        from .graph.probe import probe_shapes
+
+        out_shape = probe_shapes(proto, [logits]).get(logits, (0, None))[1]
     if out_shape is None or None in out_shape[1:]:
         raise ModelError(f"cannot tell the number of classes: output {graph_out!r} has an unknown shape")
     num_classes = int(np.prod(out_shape[1:]))

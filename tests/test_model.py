@@ -154,3 +154,76 @@ def test_model_without_final_activation_explains():
     ex = onnxsal.Explainer(tiny.conv_net(softmax=False), "cpu")
     res = ex.explain(np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32), "gradcam")
     np.testing.assert_array_equal(res.scores, res.logits)
+
+
+def test_class_count_read_off_a_run_when_inference_loses_it():
+    """paddle2onnx flattens the pooled features with a target built from Shape -> Cast(int32) ->
+    Slice -> Cast(int64) -> Concat, where ONNX's shape inference stops; one run of the model tells."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    base = tiny.conv_net(metadata=False, softmax=False)
+    g = base.graph
+    nodes = [n for n in g.node if n.op_type not in ("Flatten", "Gemm")]
+    nodes += [
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "wt"], ["mm"]),
+        helper.make_node("Add", ["mm", "bf"], ["scores"]),
+        helper.make_node("Shape", ["gap"], ["shp"]),
+        helper.make_node("Cast", ["shp"], ["shp32"], to=TensorProto.INT32),
+        helper.make_node("Slice", ["shp32", "zero", "one"], ["n32"]),
+        helper.make_node("Cast", ["n32"], ["n64"], to=TensorProto.INT64),
+        helper.make_node("Concat", ["n64", "minus1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["scores", "target"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    wf = numpy_helper.to_array(next(i for i in g.initializer if i.name == "wf"))
+    inits = [i for i in g.initializer if i.name != "wf"] + [
+        numpy_helper.from_array(wf.T.copy(), "wt"), numpy_helper.from_array(np.array([0], np.int32), "zero"),
+        numpy_helper.from_array(np.array([1], np.int32), "one"), numpy_helper.from_array(np.array([-1], np.int64), "minus1")]
+    graph = helper.make_graph(nodes, "p", list(g.input), [helper.make_tensor_value_info("probs", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    dims = {v.name: v.type.tensor_type.shape.dim for v in inferred.graph.value_info}["logits"]
+    assert not dims[1].HasField("dim_value")
+    m = load(model, preprocess=onnxsal.Preprocess(preset="unit"))
+    assert m.logits == "logits" and m.num_classes == 3
+
+
+def test_old_opset_softmax_over_a_sequence_keeps_its_logits_batched():
+    """A (N, T, C) output with Softmax over C at opset 11 comes out of the version converter as
+    Flatten -> Softmax -> Reshape back (PP-OCR's recogniser). The logits are the (N, T, C) tensor
+    before the Flatten, not the (N*T, C) one after it, so class t*C + c is step t's class c."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    T, C = 4, 5
+    nodes = [helper.make_node("Conv", ["image", "w"], ["feat"], strides=[4, 4]),          # (N, C, 1, T)
+             helper.make_node("Squeeze", ["feat"], ["seq"], axes=[2]),
+             helper.make_node("Transpose", ["seq"], ["tcs"], perm=[0, 2, 1]),           # (N, T, C)
+             # paddle2onnx's reshape to (N, -1, C), with N taken at run time through int32: the
+             # version converter then knows no rank and takes the Flatten path
+             helper.make_node("Shape", ["tcs"], ["shp"]),
+             helper.make_node("Cast", ["shp"], ["shp32"], to=TensorProto.INT32),
+             helper.make_node("Slice", ["shp32", "zero", "one"], ["n32"]),
+             helper.make_node("Cast", ["n32"], ["n64"], to=TensorProto.INT64),
+             helper.make_node("Concat", ["n64", "rest"], ["target"], axis=0),
+             helper.make_node("Reshape", ["tcs", "target"], ["tc"]),
+             helper.make_node("Softmax", ["tc"], ["probs"], axis=2)]
+    graph = helper.make_graph(nodes, "rec", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, 4, 4 * T])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, T, C])],
+                              [numpy_helper.from_array(rng.normal(0, 1, (C, 3, 4, 4)).astype(np.float32), "w"),
+                               numpy_helper.from_array(np.array([0], np.int32), "zero"),
+                               numpy_helper.from_array(np.array([1], np.int32), "one"),
+                               numpy_helper.from_array(np.array([-1, C], np.int64), "rest")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    m = load(model, preprocess=onnxsal.Preprocess(preset="unit"))
+    assert "Flatten" in [n.op_type for n in m.proto.graph.node]
+    assert m.logits == "tc" and m.num_classes == T * C
+    ex = onnxsal.Explainer(model, "cpu", preprocess="unit")
+    x = rng.random((1, 3, 4, 4 * T)).astype(np.float32)
+    res = ex.explain(x, "saliency", target=T * C - 1, reduce="sum")
+    w = numpy_helper.to_array(graph.initializer[0])
+    want = np.zeros_like(x[0])
+    want[:, :, 4 * (T - 1):] = w[C - 1]           # the last step's last class reads the last window
+    np.testing.assert_allclose(res.raw[0], want.sum(axis=0), rtol=1e-5, atol=1e-6)
