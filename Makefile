@@ -34,11 +34,13 @@ test: $(VENV)/.dev
 
 # A separate environment for side-by-side speed runs: torchvision (absent from the test environment,
 # it does not import beside torch 2.13), Captum, pytorch-grad-cam, onnx-ad and onnxscript (torch.onnx's
-# dynamo exporter, for zoo_check.py --dynamo) beside onnxsal.
+# dynamo exporter, for zoo_check.py --dynamo) and timm beside onnxsal; onnx2torch and, without its OpenCV
+# dependencies, the rapidocr-onnxruntime wheel for its trained PP-OCR models (zoo_check.py --ppocr).
 .venv-bench/.done: pyproject.toml
 	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	.venv-bench/bin/python -m pip install --quiet captum grad-cam onnx-ad onnxscript -e ".[cpu]"
+	.venv-bench/bin/python -m pip install --quiet captum grad-cam onnx-ad onnxscript onnx2torch timm -e ".[cpu]"
+	.venv-bench/bin/python -m pip install --quiet --no-deps "rapidocr-onnxruntime==1.4.4"
 	touch $@
 
 bench-env: .venv-bench/.done

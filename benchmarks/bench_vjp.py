@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from common import kernel_ms, machine, onnx_path, table, timeit_side_by_side, torch_net
+from common import PPOCR, kernel_ms, machine, model_size, onnx_path, table, timeit_side_by_side, torch_net
 
 from onnxsal.graph.autodiff import vjp
 from onnxsal.graph.surgery import expose
@@ -91,7 +91,7 @@ def main() -> None:
     header = HEADER[:5] + (KERNEL if args.kernel else []) + HEADER[5:7] + (["onnx-ad kernel ratio"] if args.kernel else []) + HEADER[7:]
     print(f"# {machine()}; {threads} threads; median of {args.repeat} runs", flush=True)
     for net in args.nets.split(","):
-        m = load(onnx_path(net))
+        m = load(onnx_path(net), size=model_size(net))
         x_name, y = m.input.name, m.logits
         fwd_model = expose(m.proto, [y])
         vjp_model = vjp(m.proto, y, [x_name])
@@ -109,8 +109,8 @@ def main() -> None:
                     print(f"onnx-ad failed on {net}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
             shape = (b, 3) + m.input.size if m.input.layout == "NCHW" else (b,) + m.input.size + (3,)
             x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-            seed = np.zeros((b, m.num_classes), np.float32)
-            seed[:, 0] = 1
+            seed = np.zeros_like(fwd.run([y], {x_name: x})[0])     # the logits' own shape (a detector's is a map)
+            seed.reshape(b, -1)[:, 0] = 1
             contenders = [lambda: fwd.run(None, {x_name: x}), lambda: bwd.run(None, {x_name: x, f"grad_{y}": seed})]
             jobs = [(fwd_model, {x_name: x}), (vjp_model, {x_name: x, f"grad_{y}": seed})]
             if ad_model is not None:
@@ -118,7 +118,7 @@ def main() -> None:
                 ad_feeds = {x_name: x}
                 for inp in ad.get_inputs():
                     if inp.name != x_name:
-                        ad_feeds[inp.name] = seed.reshape(seed.shape + (1,))
+                        ad_feeds[inp.name] = seed[..., None]
                 contenders.append(lambda: ad.run(None, ad_feeds))
                 jobs.append((ad_model, ad_feeds))
             times = timeit_side_by_side(contenders, args.repeat)
@@ -135,7 +135,7 @@ def main() -> None:
                 row += [times[2] * 1e3, times[2] / t_f] + ([kernels[2] / kernels[0]] if args.kernel else [])
             else:
                 row += ["-", "-"] + (["-"] if args.kernel else [])
-            if not args.no_torch and net != "demo":
+            if not args.no_torch and net != "demo" and net not in PPOCR:
                 t_tf, t_tb = torch_ratio(net, x, args.repeat)
                 row += [t_tf * 1e3, t_tb * 1e3, t_tb / t_tf]
             else:

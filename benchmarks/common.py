@@ -18,6 +18,28 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, ".cache")
 DEMO = os.path.join(HERE, "..", "models", "demo", "demo_shapes.onnx")
+# Trained PaddlePaddle models (paddle2onnx) that the rapidocr-onnxruntime wheel ships, with the input
+# size each runs at here: PP-OCR's text-angle classifier (a MobileNetV3), its DBNet text detector
+# and its SVTR recogniser. `make bench-env` installs the wheel without its dependencies.
+PPOCR = {"ppocr_cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (48, 192)),
+         "ppocr_det": ("ch_PP-OCRv4_det_infer.onnx", (96, 192)),
+         "ppocr_rec": ("ch_PP-OCRv4_rec_infer.onnx", (48, 320))}
+
+
+def ppocr_path(name: str) -> str:
+    """The file of one of PPOCR's models inside the installed rapidocr-onnxruntime package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("PP-OCR's models come from the rapidocr-onnxruntime wheel: "
+                         "pip install --no-deps rapidocr-onnxruntime==1.4.4 (make bench-env does)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "models", PPOCR[name][0])
+
+
+def model_size(name: str):
+    """The input size to load a benchmark network at: PP-OCR's have dynamic sizes."""
+    return PPOCR[name][1] if name in PPOCR else None
 
 
 def torch_net(name: str, seed: int = 0):
@@ -44,6 +66,8 @@ def onnx_path(name: str, size: int = 224) -> str:
     """Export (once) the torchvision network `name` with a dynamic batch; the demo model is bundled."""
     if name == "demo":
         return DEMO
+    if name in PPOCR:
+        return ppocr_path(name)
     import torch
 
     os.makedirs(CACHE, exist_ok=True)

@@ -4,6 +4,7 @@
     .venv-bench/bin/python benchmarks/zoo_check.py --dynamo   # torch.onnx's dynamo exporter (needs onnxscript)
     .venv/bin/python benchmarks/zoo_check.py --keras [--nets MobileNetV3Small,...]   # Keras applications
     .venv-bench/bin/python benchmarks/zoo_check.py --timm [--dynamo] [--nets tresnet_m:224,...]   # timm
+    .venv-bench/bin/python benchmarks/zoo_check.py --ppocr      # PP-OCR's trained paddle2onnx models
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
@@ -22,6 +23,12 @@ seed. Traced layer by layer: GoogLeNet's gap opens at a 3x3 stride-1 max pool ov
 ONNX Runtime computes exactly tied and PyTorch one ulp apart; Inception-v3's at one stem ReLU whose
 pre-activation is within rounding of zero; on DenseNet-121 PyTorch's float32 gradient is as far from
 its own float64 one (onnxsal's matches float64 to 7e-7 where PyTorch's float32 is 4e-3 off).
+
+``--ppocr`` takes the trained PaddlePaddle models that the rapidocr-onnxruntime wheel ships
+(paddle2onnx, opset 11 and 12): PP-OCR's text-angle classifier, DBNet text detector and SVTR
+recogniser. No framework of theirs runs here, so the reference is onnx2torch's conversion of the
+same file (an independent implementation of each op in PyTorch) and torch.autograd, in float64
+so that the reference itself is exact; the cotangent is on the model's output.
 
 One smooth case: Keras EfficientNetV2-B0 differs by 3-6e-4 on every seed, and the gap opens at
 the swish after ``top_bn``, whose pre-activations are large there. A sigmoid's derivative y(1 - y),
@@ -69,6 +76,7 @@ TIMM = ("ecaresnet26t:128,skresnet18:128,res2net50_14w_8s:128,dla34:128,cspdarkn
         "vit_relpos_small_patch16_224:224,vit_tiny_r_s16_p8_224:224,coatnet_nano_rw_224:224,"
         "maxxvitv2_nano_rw_256:256,caformer_s18:224,pvt_v2_b0:224,swinv2_cr_tiny_224:224,nest_tiny:224,"
         "rdnet_tiny:224,vitamin_small_224:224,visformer_tiny:224,sequencer2d_s:224")
+PPOCR_NETS = "ppocr_cls,ppocr_det,ppocr_rec"
 SEEDS = (0, 1, 2)
 
 
@@ -189,22 +197,70 @@ def keras_errors(name: str, cache: str) -> list[float]:
     return errs
 
 
+def ppocr_errors(name: str, cache: str) -> list[float]:
+    """onnxsal's input gradient of a PP-OCR model's output against torch.autograd on onnx2torch's
+    conversion of the same file, run in float64. onnx2torch wants weights as initializers and a
+    shape on every tensor, which paddle2onnx's files lack (Constant nodes; reshape targets that
+    stop shape inference), so both are supplied, the shapes from one run at batch 2."""
+    import torch
+    from onnx2torch import convert
+
+    from common import PPOCR, ppocr_path
+    from onnxsal.model import load
+
+    m = load(ppocr_path(name), size=PPOCR[name][1])
+    full = attach(m.proto)
+    consts = [n for n in full.graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"]
+    for n in consts:
+        t = onnx.TensorProto()
+        t.CopyFrom(n.attribute[0].t)
+        t.name = n.output[0]
+        full.graph.initializer.append(t)
+        full.graph.node.remove(n)
+    outs = [o for n in full.graph.node for o in n.output]
+    probe = onnx.ModelProto.FromString(full.SerializeToString())
+    del probe.graph.output[:]
+    probe.graph.output.extend([onnx.ValueInfoProto(name=o) for o in outs])
+    shape = (2, 3) + m.input.size
+    vals = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {m.input.name: np.zeros(shape, np.float32)})
+    del full.graph.value_info[:]
+    for o, v in zip(outs, vals):
+        full.graph.value_info.append(onnx.helper.make_tensor_value_info(
+            o, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), ["N"] + list(v.shape[1:])))
+    net = convert(full).eval().double()
+    sess = vjp_session(m.proto, m.input.name, m.output)
+    errs = []
+    for seed in SEEDS:
+        r = np.random.default_rng(seed)
+        x = r.uniform(-1, 1, shape).astype(np.float32)
+        xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        y = net(xt)
+        cot = r.standard_normal(tuple(y.shape)).astype(np.float32)
+        (y * torch.tensor(cot, dtype=torch.float64)).sum().backward()
+        got = sess.run([f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.output}": cot})[0]
+        errs.append(rel(got, xt.grad.numpy()))
+    return errs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--keras", action="store_true", help="Keras applications through converters/keras.py")
     ap.add_argument("--dynamo", action="store_true", help="torchvision through torch.onnx's dynamo exporter")
     ap.add_argument("--timm", action="store_true", help="timm's architectures (name:size in --nets)")
+    ap.add_argument("--ppocr", action="store_true", help="PP-OCR's models from the rapidocr-onnxruntime wheel")
     ap.add_argument("--nets", default=None)
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TIMM_FUSED_ATTN", "0")       # F.scaled_dot_product_attention does not export at opset 17
     cache = os.path.join(HERE, ".cache")
     os.makedirs(cache, exist_ok=True)
-    nets = (args.nets or (KERAS if args.keras else TIMM if args.timm else TORCHVISION)).split(",")
-    check = keras_errors if args.keras else (lambda n, c: timm_errors(n, c, args.dynamo)) if args.timm else (
-        lambda n, c: torchvision_errors(n, c, args.dynamo))
+    nets = (args.nets or (KERAS if args.keras else TIMM if args.timm else PPOCR_NETS if args.ppocr else
+                          TORCHVISION)).split(",")
+    check = keras_errors if args.keras else (lambda n, c: timm_errors(n, c, args.dynamo)) if args.timm else \
+        ppocr_errors if args.ppocr else (lambda n, c: torchvision_errors(n, c, args.dynamo))
     source = "Keras (tf.GradientTape)" if args.keras else "timm (torch.autograd)" if args.timm else \
-        "torchvision (torch.autograd)"
+        "PP-OCR (torch.autograd on onnx2torch, float64)" if args.ppocr else "torchvision (torch.autograd)"
     print(f"# {source}"
           f"{', dynamo exporter' if args.dynamo else ''}: "
           f"max|onnxsal - reference| / max|reference|, seeds {SEEDS}")
