@@ -156,6 +156,24 @@ def test_model_without_final_activation_explains():
     np.testing.assert_array_equal(res.scores, res.logits)
 
 
+def _paddle_reshape(x: str, out: str, rest: list[int]) -> tuple[list, list]:
+    """paddle2onnx's reshape of ``x`` to (N, *rest), with N read at run time through an int32
+    Cast (Shape -> Cast -> Slice -> Cast -> Concat), where ONNX's shape inference stops:
+    the nodes and their constants."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Shape", [x], [out + "_shp"]),
+             helper.make_node("Cast", [out + "_shp"], [out + "_shp32"], to=TensorProto.INT32),
+             helper.make_node("Slice", [out + "_shp32", out + "_zero", out + "_one"], [out + "_n32"]),
+             helper.make_node("Cast", [out + "_n32"], [out + "_n64"], to=TensorProto.INT64),
+             helper.make_node("Concat", [out + "_n64", out + "_rest"], [out + "_target"], axis=0),
+             helper.make_node("Reshape", [x, out + "_target"], [out])]
+    inits = [numpy_helper.from_array(np.array([0], np.int32), out + "_zero"),
+             numpy_helper.from_array(np.array([1], np.int32), out + "_one"),
+             numpy_helper.from_array(np.array(rest, np.int64), out + "_rest")]
+    return nodes, inits
+
+
 def test_class_count_read_off_a_run_when_inference_loses_it():
     """paddle2onnx flattens the pooled features with a target built from Shape -> Cast(int32) ->
     Slice -> Cast(int64) -> Concat, where ONNX's shape inference stops; one run of the model tells."""
@@ -168,18 +186,11 @@ def test_class_count_read_off_a_run_when_inference_loses_it():
         helper.make_node("Flatten", ["gap"], ["flat"]),
         helper.make_node("MatMul", ["flat", "wt"], ["mm"]),
         helper.make_node("Add", ["mm", "bf"], ["scores"]),
-        helper.make_node("Shape", ["gap"], ["shp"]),
-        helper.make_node("Cast", ["shp"], ["shp32"], to=TensorProto.INT32),
-        helper.make_node("Slice", ["shp32", "zero", "one"], ["n32"]),
-        helper.make_node("Cast", ["n32"], ["n64"], to=TensorProto.INT64),
-        helper.make_node("Concat", ["n64", "minus1"], ["target"], axis=0),
-        helper.make_node("Reshape", ["scores", "target"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
     ]
+    reshape, consts = _paddle_reshape("scores", "logits", [-1])
+    nodes += reshape + [helper.make_node("Softmax", ["logits"], ["probs"], axis=1)]
     wf = numpy_helper.to_array(next(i for i in g.initializer if i.name == "wf"))
-    inits = [i for i in g.initializer if i.name != "wf"] + [
-        numpy_helper.from_array(wf.T.copy(), "wt"), numpy_helper.from_array(np.array([0], np.int32), "zero"),
-        numpy_helper.from_array(np.array([1], np.int32), "one"), numpy_helper.from_array(np.array([-1], np.int64), "minus1")]
+    inits = [i for i in g.initializer if i.name != "wf"] + [numpy_helper.from_array(wf.T.copy(), "wt")] + consts
     graph = helper.make_graph(nodes, "p", list(g.input), [helper.make_tensor_value_info("probs", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -199,22 +210,14 @@ def test_old_opset_softmax_over_a_sequence_keeps_its_logits_batched():
     T, C = 4, 5
     nodes = [helper.make_node("Conv", ["image", "w"], ["feat"], strides=[4, 4]),          # (N, C, 1, T)
              helper.make_node("Squeeze", ["feat"], ["seq"], axes=[2]),
-             helper.make_node("Transpose", ["seq"], ["tcs"], perm=[0, 2, 1]),           # (N, T, C)
-             # paddle2onnx's reshape to (N, -1, C), with N taken at run time through int32: the
-             # version converter then knows no rank and takes the Flatten path
-             helper.make_node("Shape", ["tcs"], ["shp"]),
-             helper.make_node("Cast", ["shp"], ["shp32"], to=TensorProto.INT32),
-             helper.make_node("Slice", ["shp32", "zero", "one"], ["n32"]),
-             helper.make_node("Cast", ["n32"], ["n64"], to=TensorProto.INT64),
-             helper.make_node("Concat", ["n64", "rest"], ["target"], axis=0),
-             helper.make_node("Reshape", ["tcs", "target"], ["tc"]),
-             helper.make_node("Softmax", ["tc"], ["probs"], axis=2)]
+             helper.make_node("Transpose", ["seq"], ["tcs"], perm=[0, 2, 1])]           # (N, T, C)
+    # paddle2onnx's reshape to (N, -1, C): the version converter then knows no rank and takes
+    # the Flatten path
+    reshape, consts = _paddle_reshape("tcs", "tc", [-1, C])
+    nodes += reshape + [helper.make_node("Softmax", ["tc"], ["probs"], axis=2)]
     graph = helper.make_graph(nodes, "rec", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, 4, 4 * T])],
                               [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, T, C])],
-                              [numpy_helper.from_array(rng.normal(0, 1, (C, 3, 4, 4)).astype(np.float32), "w"),
-                               numpy_helper.from_array(np.array([0], np.int32), "zero"),
-                               numpy_helper.from_array(np.array([1], np.int32), "one"),
-                               numpy_helper.from_array(np.array([-1, C], np.int64), "rest")])
+                              [numpy_helper.from_array(rng.normal(0, 1, (C, 3, 4, 4)).astype(np.float32), "w")] + consts)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     model.ir_version = 6
     m = load(model, preprocess=onnxsal.Preprocess(preset="unit"))

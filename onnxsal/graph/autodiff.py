@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import LayerError, UnsupportedOpError
 from . import recurrent
 from .normalize import normalize, opset_of
+from .simplify import Folder
 from . import weights
 
 Rule = Callable[["RuleContext", "list[str | None]"], "list[str | None]"]
@@ -83,11 +84,6 @@ def _dims(tp: Optional[onnx.TypeProto]) -> Optional[tuple]:
     return tuple(out)
 
 
-FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Gather", "Slice", "Add", "Sub", "Mul", "Div",
-            "Neg", "Mod", "Identity", "Min", "Max", "Abs", "Range", "ConstantOfShape", "Expand", "Equal", "Where",
-            "Not", "Less", "Greater", "Transpose", "Tile", "Flatten", "Shape", "Size"}
-
-
 class _Builder:
     """State shared by every rule during one ``vjp`` call: new nodes, constants, types."""
 
@@ -123,7 +119,9 @@ class _Builder:
             self.used.update(node.input)
             self.used.update(node.output)
             self.used.add(node.name)
-        self._producer = {o: node for node in g.node for o in node.output if o}
+        self._folder = Folder(g, self.opset, self._leaf, cache=self.consts,
+                              admit=lambda n: self.elem_type(n) not in FLOAT_TYPES,
+                              accept=lambda v: v.dtype.kind in "iub" and v.size <= 4096)
         self._counter = 0
         self._shape_cache: dict[str, str] = {}
         self._scalar_cache: dict[tuple, str] = {}
@@ -136,44 +134,19 @@ class _Builder:
                 self.used.add(name)
                 return name
 
-    def const_value(self, name: str, _depth: int = 0) -> Optional[np.ndarray]:
-        if name in self.consts:
-            return self.consts[name]
+    def const_value(self, name: str) -> Optional[np.ndarray]:
+        """A constant's value, or that of a small integer tensor computed from constants only
+        (exporters that skip constant folding pass slice axes and pad amounts as
+        ``Unsqueeze(Constant)`` and the like; rules need them as values)."""
+        return self._folder.get(name)
+
+    def _leaf(self, name: str) -> Optional[np.ndarray]:
         proto = self._const_protos.get(name)
         if proto is None:
-            return self._fold(name, _depth)
+            return None
         arr = weights.array(proto)
         self.consts[name] = arr
         return arr
-
-    def _fold(self, name: str, depth: int) -> Optional[np.ndarray]:
-        """Value of a small integer tensor computed from constants only (``Unsqueeze(Constant)``...).
-
-        Exporters that skip constant folding pass slice axes and pad amounts this way; rules
-        need them as values. Only shape-sized integer arithmetic is folded, by ONNX's
-        reference implementation of the one node; a float tensor (every activation a rule
-        asks about) is refused at once, without walking back through the network.
-        """
-        node = self._producer.get(name)
-        if (node is None or node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or depth > 32
-                or self.elem_type(name) in FLOAT_TYPES):
-            return None
-        values = []
-        for i in node.input:
-            v = self.const_value(i, depth + 1) if i else None
-            if i and v is None:
-                return None
-            values.append(v)
-        from .simplify import evaluate_node
-
-        outs = evaluate_node(node, values, self.opset)
-        if outs is None:
-            return None
-        for o, v in zip(node.output, outs):
-            if v.dtype.kind not in "iub" or v.size > 4096:
-                return None
-            self.consts[o] = v
-        return self.consts.get(name)
 
     def add_const(self, arr: np.ndarray, hint: str = "const") -> str:
         key = None

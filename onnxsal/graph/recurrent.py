@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .normalize import _infer_inplace, opset_of, tensor_shapes
-from .simplify import constants, evaluate_node
+from .simplify import Folder, constants
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -59,44 +59,11 @@ class _Emitter:
         return outs[0] if n_out == 1 else outs
 
 
-FOLDABLE = {"Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Gather", "Cast", "Identity",
-            "Split", "Add", "Sub", "Mul", "Neg", "Expand", "Tile"}
-
-
-class _Constants:
-    """Values of initializers, Constants, and tensors computed from them alone (the dynamo exporter
-    reorders PyTorch's gate blocks into ONNX's with Slice/Concat on the weights), on demand."""
-
-    def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
-        self.leaves = constants(graph)
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.folded: dict[str, np.ndarray] = {}
-        self.opset = opset
-
-    def get(self, name: str, depth: int = 0) -> Optional[np.ndarray]:
-        value = self.folded.get(name)
-        if value is None:
-            value = self.leaves.get(name)
-        if value is not None:
-            return value
-        node = self.producer.get(name)
-        if node is None or node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or depth > 24:
-            return None
-        vals = [self.get(i, depth + 1) if i else None for i in node.input]
-        if any(i and v is None for i, v in zip(node.input, vals)):
-            return None
-        outs = evaluate_node(node, vals, self.opset)
-        if outs is None:
-            return None
-        self.folded.update(zip(node.output, outs))
-        return self.folded.get(name)
-
-
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _unroll(node: onnx.NodeProto, consts: "_Constants", shapes: dict, em: _Emitter) -> None:
+def _unroll(node: onnx.NodeProto, consts: Folder, shapes: dict, em: _Emitter) -> None:
     op = node.op_type
     a = _attrs(node)
     hidden = int(a.get("hidden_size", 0))
@@ -243,7 +210,9 @@ def unroll(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     """Rewrite every recurrent node that can be unrolled, in place; returns the model (shapes
     inferred again) and {node name: reason} for the ones left as they were."""
     g = model.graph
-    consts = _Constants(g, opset_of(model))
+    # weights may be computed from constants: the dynamo exporter reorders PyTorch's gate blocks
+    # into ONNX's with Slice/Concat
+    consts = Folder(g, opset_of(model), constants(g).get)
     shapes = tensor_shapes(model)
     lost = [n.input[0] for n in g.node if n.op_type in RECURRENT and _time_axis_unknown(n, shapes)]
     if lost:                  # the sequence length is often behind a reshape inference cannot follow

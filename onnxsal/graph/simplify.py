@@ -15,13 +15,14 @@ activation keeps its name), and a kept pre-BN Conv output blocks the fold.
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from . import weights
+from .surgery import rename_tensor
 
 PREFIX = "onnxsal_fold/"
 
@@ -46,13 +47,6 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set:
                     names.update(sn.input)
                 names |= _subgraph_reads(sg)
     return names
-
-
-def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        for k, i in enumerate(node.input):
-            if i == old:
-                node.input[k] = new
 
 
 def _is_inference_dropout(node: onnx.NodeProto, consts: dict) -> bool:
@@ -112,6 +106,53 @@ def evaluate_node(node: onnx.NodeProto, values: list, opset: int) -> Optional[li
     return [np.asarray(v) for v in outs]
 
 
+# Ops that shape- and weight-sized arithmetic goes through when an exporter skips constant folding
+FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Gather", "Slice", "Split", "Add", "Sub", "Mul", "Div",
+            "Neg", "Mod", "Identity", "Min", "Max", "Abs", "Range", "ConstantOfShape", "Expand", "Equal", "Where",
+            "Not", "Less", "Greater", "Transpose", "Tile", "Flatten", "Shape", "Size"}
+MAX_FOLD_DEPTH = 32
+
+
+class Folder:
+    """Values of tensors computed from constants alone, found on demand by walking back through
+    FOLDABLE producers and evaluating one node at a time (``evaluate_node``), memoised in ``cache``.
+
+    ``leaf(name)`` gives a constant's value (None for anything else); ``admit(name)`` may refuse
+    a tensor before its producer is visited, and ``accept(value)`` an evaluated output, which is
+    then not kept. The VJP builder folds small integer tensors (pad amounts, slice axes) and
+    refuses floats at once; the recurrent unrolling folds reordered weights.
+    """
+
+    def __init__(self, graph: onnx.GraphProto, opset: int, leaf: Callable[[str], Optional[np.ndarray]],
+                 cache: Optional[dict] = None, admit: Optional[Callable[[str], bool]] = None,
+                 accept: Optional[Callable[[np.ndarray], bool]] = None) -> None:
+        self.producer = {o: n for n in graph.node for o in n.output if o}
+        self.opset, self.leaf, self.admit, self.accept = opset, leaf, admit, accept
+        self.cache: dict[str, np.ndarray] = {} if cache is None else cache
+
+    def get(self, name: str, depth: int = 0) -> Optional[np.ndarray]:
+        value = self.cache.get(name)
+        if value is None:
+            value = self.leaf(name)
+        if value is not None:
+            return value
+        node = self.producer.get(name)
+        if (node is None or node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx")
+                or depth > MAX_FOLD_DEPTH or (self.admit is not None and not self.admit(name))):
+            return None
+        values = []
+        for i in node.input:
+            v = self.get(i, depth + 1) if i else None
+            if i and v is None:
+                return None
+            values.append(v)
+        outs = evaluate_node(node, values, self.opset)
+        if outs is None or (self.accept is not None and not all(self.accept(v) for v in outs)):
+            return None
+        self.cache.update(zip(node.output, outs))
+        return self.cache.get(name)
+
+
 def _remove_passthrough(graph: onnx.GraphProto, protected: set) -> None:
     consts = constants(graph)
     risky = _subgraph_reads(graph)
@@ -138,11 +179,7 @@ def _remove_passthrough(graph: onnx.GraphProto, protected: set) -> None:
             alias[dst] = src
         elif src not in protected and src not in graph_inputs:
             flush()
-            for other in graph.node:                     # producer and other readers take dst's name
-                for k, o in enumerate(other.output):
-                    if o == src:
-                        other.output[k] = dst
-            _rename_input(graph, src, dst)
+            rename_tensor(graph, src, dst)               # producer and other readers take dst's name
         else:
             keep_nodes.append(node)
     flush()
