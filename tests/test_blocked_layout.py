@@ -90,6 +90,25 @@ def test_clip_mask_is_exact_on_aligned_channels(lo, hi):
     np.testing.assert_array_equal(g, cot * inside)
 
 
+def test_hard_swish_slope_is_exact_on_aligned_channels():
+    """PyTorch's convention: 0 below -3, x/3 + 1/2 on [-3, 3] (so -1/2 and 3/2 at the ends), 1 above."""
+    rng = np.random.default_rng(7)
+    f32 = np.float32
+    edge = [0.0, -0.0, TINY, 1e30, -1e30, np.inf, -np.inf, 1.5, -1.5]
+    for b in (-3.0, 3.0):
+        edge += [b, np.nextafter(f32(b), f32(np.inf)), np.nextafter(f32(b), f32(-np.inf))]
+    x = _probe(edge, 16, rng) * f32(2)
+    x.reshape(-1)[: len(edge)] = np.asarray(edge, f32)
+    model = one_node_model("HardSwish", {"x": x}, opset=17)
+    cot = rng.standard_normal(x.shape).astype(np.float32)
+    g, vm = _vjp_of(model, x, cot)
+    assert "Less" not in _ops(vm) and "Greater" not in _ops(vm)
+    x64 = x.astype(np.float64)
+    slope = np.where(x64 < -3, 0.0, np.where(x64 <= 3, x64 / 3 + 0.5, 1.0))
+    # float32 rounding of x/3 + 1/2 (a few 1e-8), far below the jumps of 1/2 at the kinks
+    np.testing.assert_allclose(g, cot * slope, rtol=1e-6, atol=2e-7 * np.abs(cot).max())
+
+
 def test_positive_subnormals_get_a_partial_mask():
     """The documented limit of the scaled step: 0 < t < 2^-126 gives t * 2^126, not 1."""
     rng = np.random.default_rng(6)

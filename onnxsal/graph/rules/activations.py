@@ -220,9 +220,19 @@ def hard_swish(ctx: RuleContext, gy: Grads) -> Grads:
     """y = x * max(0, min(1, x/6 + 1/2)): gx = gy * (0 if x < -3; x/3 + 1/2 if x <= 3; 1 otherwise).
 
     The boundaries follow the usual training-framework convention (the
-    derivative is discontinuous at x = +-3).
+    derivative is discontinuous at x = +-3).  On image tensors the slope is
+    three blocked depthwise convolutions: the ramp clipped to [-1/2, 3/2] plus
+    the two half-steps that bring its ends to 0 and 1.
     """
     x, y = ctx.inputs[0], ctx.outputs[0]
+    c = blocked.channels(ctx, x)
+    if c is not None:
+        below = blocked.step(ctx, x, c, sign=-1.0, at=-3.0, height=0.5)
+        above = blocked.step(ctx, x, c, at=3.0, height=0.5)
+        if below is not None and above is not None:
+            ramp = blocked.ramp(ctx, x, c, 1.0 / 3.0, 0.5, -0.5, 1.5)
+            d = ctx.op("Sub", [ctx.op("Add", [ramp, below]), above])
+            return [ctx.op("Mul", [gy[0], d])]
     lin = ctx.op("Add", [ctx.op("Mul", [x, ctx.const(1.0 / 3.0, like=y)]), ctx.const(0.5, like=y)])
     above = ctx.op("Greater", [x, ctx.const(3.0, like=y)])
     below = ctx.op("Less", [x, ctx.const(-3.0, like=y)])

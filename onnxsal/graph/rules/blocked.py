@@ -67,14 +67,16 @@ def _scale_exponent(gap: float) -> int:
     return min(126, int(np.ceil(-np.log2(gap))))
 
 
-def step(ctx: RuleContext, t: str, c: int, *, sign: float = 1.0, at: float = 0.0) -> Optional[str]:
-    """``[sign * (t - at) > 0]`` as 0/1 float32, blocked; None when no exact scale exists.
+def step(ctx: RuleContext, t: str, c: int, *, sign: float = 1.0, at: float = 0.0,
+         height: float = 1.0) -> Optional[str]:
+    """``height * [sign * (t - at) > 0]`` as float32, blocked; None when no exact scale exists.
 
     ``gap`` is the distance from ``at`` to the nearest float32 on the positive
     side; every ``t`` with ``sign*(t - at) > 0`` is at least that far, so a scale
     of ``1/gap`` lifts it to 1 or more (rounding cannot push it below a
     representable 1).  A product that overflows to +-inf still clips to 1 or 0;
-    only the bias ``-sign*at*2^k`` must stay finite.
+    only the bias ``-sign*at*2^k`` must stay finite.  A ``height`` of at most 1
+    is the Clip's upper bound, so a scaled step costs nothing more.
     """
     at32 = np.float32(at)
     nxt = np.nextafter(at32, np.float32(np.inf if sign > 0 else -np.inf))
@@ -84,7 +86,12 @@ def step(ctx: RuleContext, t: str, c: int, *, sign: float = 1.0, at: float = 0.0
     if abs(at) * s >= _F32_MAX / 4:
         return None
     z = _depthwise(ctx, t, c, sign * s, -sign * at * s)
-    return ctx.op("Clip", [z, ctx.const(0.0, like=t), ctx.const(1.0, like=t)])
+    return ctx.op("Clip", [z, ctx.const(0.0, like=t), ctx.const(height, like=t)])
+
+
+def ramp(ctx: RuleContext, t: str, c: int, scale: float, offset: float, lo: float, hi: float) -> str:
+    """``Clip(scale * t + offset, lo, hi)`` as one blocked depthwise convolution with a fused Clip."""
+    return ctx.op("Clip", [_depthwise(ctx, t, c, scale, offset), ctx.const(lo, like=t), ctx.const(hi, like=t)])
 
 
 def bridge(ctx: RuleContext, g: str) -> str:
