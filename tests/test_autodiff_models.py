@@ -128,6 +128,46 @@ class SENet(nn.Module):
         return self.head(self.conv(self.se(self.stem(x))))
 
 
+class SpelledHardswish(nn.Module):
+    """Hard-swish as paddle2onnx writes it: x * Clip(x + 3, 0, 6) / 6."""
+
+    def forward(self, x):
+        return x * F.relu6(x + 3) / 6
+
+
+class KerasHardswish(nn.Module):
+    """Hard-swish as tf2onnx writes Keras's: x * (Clip(x + 3, 0, 6) * (1/6))."""
+
+    def forward(self, x):
+        return x * (F.relu6(x + 3) * (1 / 6))
+
+
+class SpelledSE(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x):
+        s = self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3), keepdim=True))))
+        return x * (F.relu6(s + 3) / 6)                      # a hard-sigmoid gate, spelled out
+
+
+class SpelledHardNet(nn.Module):
+    """MobileNetV3-style blocks whose hard activations are spelled out in elementwise ops, as
+    exporters without a hard-swish op write them; onnxsal fuses each into a HardSigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16, s=2, act=SpelledHardswish)
+        self.se = SpelledSE(16)
+        self.conv = conv_bn(16, 16, groups=16, act=KerasHardswish)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        self.probe = self.conv[0]
+
+    def forward(self, x):
+        return self.head(self.conv(self.se(self.stem(x))))
+
+
 class Attention(nn.Module):
     def __init__(self, d, heads):
         super().__init__()
@@ -298,7 +338,7 @@ class Copies(nn.Module):
 
 NETS = {"vgg": VGGish, "resnet": ResNetish, "mobilenetv2": MobileNetV2ish, "se_hard": SENet, "vit": ViTish,
         "modern": Modern, "shuffle": ShuffleNetish, "window": WindowNet, "mha": TorchMHA,
-        "copies": Copies}
+        "copies": Copies, "spelled_hard": SpelledHardNet}
 OPSET = {"modern": 18}          # Mish is an op from opset 18
 
 
@@ -388,7 +428,7 @@ def exported(tmp_path_factory):
 
 
 CASES = [("vgg", False), ("resnet", False), ("mobilenetv2", False), ("se_hard", False), ("vit", False),
-         ("vit", True), ("resnet", True), ("modern", True), ("shuffle", True), ("window", True), ("mha", True),
+         ("vit", True), ("resnet", True), ("spelled_hard", False), ("modern", True), ("shuffle", True), ("window", True), ("mha", True),
          ("copies", False), ("copies", True)]
 
 
@@ -529,6 +569,85 @@ def test_simplify_bn_after_shared_conv_weight_is_not_mutated():
     assert "BatchNormalization" not in _ops(s)
     x = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)
     assert rel_err(run(s, {"x": x})["y"], run(m, {"x": x})["y"]) < 1e-5
+
+
+def test_simplify_fuses_spelled_out_hard_activations(exported):
+    """The three spelled-out hard activations (paddle's and Keras's hard-swish, a hard-sigmoid
+    gate) each become one HardSigmoid; the values change only by float rounding."""
+    from onnxsal.graph.normalize import normalize
+
+    net, model, probe = exported("spelled_hard")
+    m = normalize(model)
+    s = simplify(m)
+    assert _ops(m).count("Clip") == 3 and "HardSigmoid" not in _ops(m)
+    assert _ops(s).count("HardSigmoid") == 3 and not {"Clip", "Div"} & set(_ops(s))
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert rel_err(run(s, {"input": x})["logits"], run(m, {"input": x})["logits"]) < 1e-5
+    assert "HardSigmoid" in _ops(vjp(model, "logits", ["input"]))
+
+
+def test_engine_forward_graphs_are_simplified(exported):
+    """Plain forward passes (Score-CAM, RISE, occlusion, target picking) run the fused graph too,
+    and give the raw model's values to float rounding."""
+    from onnxsal.engine import Engine
+    from onnxsal.model import load
+    from onnxsal.runtime import Runtime
+
+    net, model, probe = exported("spelled_hard")
+    rt = Runtime("cpu")
+    built = []
+    session = rt.session
+    rt.session = lambda key, build: session(key, lambda: built.append(build()) or built[-1])
+    m = load(model)
+    engine = Engine(m, rt)
+    x = np.random.default_rng(8).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    logits, acts = engine.outputs(x, [m.logits, probe])
+    again, = engine.outputs_given(probe, acts, x[:1], [m.logits])
+    assert all(_ops(g).count("HardSigmoid") >= 1 and "Clip" not in _ops(g) for g in built) and len(built) == 2
+    with torch.no_grad():
+        ref = net(torch.tensor(x)).numpy()
+    assert rel_err(logits, ref) < 1e-5 and rel_err(again, ref) < 1e-5
+
+
+def _consts(**values):
+    return [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in values.items()]
+
+
+SPELLED_SWISH = [helper.make_node("Add", ["x", "three"], ["a"]), helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
+                 helper.make_node("Mul", ["x", "c"], ["m"]), helper.make_node("Div", ["m", "six"], ["y"])]
+
+
+def test_spelled_hard_swish_keeps_its_derivative_at_the_kinks():
+    """x * Clip(x + 3, 0, 6) / 6, fused, against its exact derivative: 0 up to x = -3, (2x + 3)/6
+    strictly inside, 1 from x = 3 on (a Clip's one-sided values, as the unfused rules give)."""
+    m = _tiny(SPELLED_SWISH, _consts(three=3.0, zero=0.0, six=6.0))
+    x = np.random.default_rng(1).uniform(-5, 5, (2, 2, 4, 4)).astype(np.float32)
+    x.flat[:6] = [-3.0, 3.0, 0.0, -2.5, 2.5, -6.0]
+    g = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
+    vm = vjp(m, "y", ["x"])
+    assert "HardSigmoid" in _ops(vm) and "Clip" not in _ops(vm)
+    out = run(vm, {"x": x, "grad_y": g})
+    x64 = x.astype(np.float64)
+    slope = np.where(x64 <= -3, 0.0, np.where(x64 >= 3, 1.0, (2 * x64 + 3) / 6))
+    np.testing.assert_allclose(out["grad_x"], g * slope, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out["y"], x64 * np.clip(x64 + 3, 0, 6) / 6, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["kept", "bounds", "shared", "other_factor"])
+def test_simplify_leaves_hard_activations_it_cannot_fuse(case):
+    """A kept or shared intermediate, other bounds, or a product with another tensor stay as written."""
+    nodes, inits = [n for n in SPELLED_SWISH], _consts(three=3.0, zero=0.0, six=6.0, five=5.0)
+    keep = ["c"] if case == "kept" else []
+    if case == "bounds":
+        nodes[1] = helper.make_node("Clip", ["a", "zero", "five"], ["c"])
+    if case == "shared":
+        nodes[3] = helper.make_node("Div", ["m", "six"], ["d"])
+        nodes.append(helper.make_node("Add", ["d", "a"], ["y"]))
+    if case == "other_factor":
+        nodes[2] = helper.make_node("Mul", ["c", "c"], ["m"])
+    m = _tiny(nodes, inits)
+    s = simplify(m, keep=keep)
+    assert "HardSigmoid" not in _ops(s) and "Clip" in _ops(s)
 
 
 # ---- cross-check with the onnx-ad package ------------------------------------------------------

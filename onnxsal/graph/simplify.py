@@ -4,7 +4,10 @@ Every forward node on the differentiable path costs backward nodes too.
 Identity and inference Dropout cost nothing forward but add bookkeeping;
 a BatchNormalization right after a Conv is an affine map per channel that can
 live inside the Conv's weights, so folding it removes a full-size elementwise
-pass in both directions (most of a ResNet's non-conv backward work).
+pass in both directions (most of a ResNet's non-conv backward work).  A
+hard-sigmoid or hard-swish that an exporter spelled out in four elementwise
+ops becomes one HardSigmoid (and the Mul of hard-swish), which also makes
+plain forward passes faster: the engine's forward graphs go through here too.
 
 Tensor names the caller wants to keep (``keep``, plus graph inputs and
 outputs) survive: a removed Identity whose output is kept renames its producer
@@ -22,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import weights
+from .normalize import opset_of
 from .surgery import rename_tensor
 
 PREFIX = "onnxsal_fold/"
@@ -252,6 +256,117 @@ def _fold_bn(graph: onnx.GraphProto, protected: set) -> None:
     graph.initializer.extend(new_inits)
 
 
+def _scalar(consts: Folder, name: str) -> Optional[float]:
+    v = consts.get(name) if name else None
+    return float(v.reshape(())) if v is not None and v.size == 1 and v.dtype.kind == "f" else None
+
+
+def _scalar_folder(graph: onnx.GraphProto, opset: int) -> Folder:
+    """Scalar constants, folded through the Cast/Identity chains that unfolded exports leave.
+
+    Only tensors that shape inference knows to hold one element are followed, so
+    a walk never wanders up a chain of activations."""
+    single = {vi.name for vi in graph.value_info
+              if vi.type.tensor_type.HasField("shape")
+              and all(d.HasField("dim_value") and d.dim_value == 1 for d in vi.type.tensor_type.shape.dim)}
+    return Folder(graph, opset, constants(graph).get, admit=single.__contains__, accept=lambda v: v.size == 1)
+
+
+def _scaled_by_sixth(node: onnx.NodeProto, t: str, consts: Folder) -> bool:
+    """``node`` is ``t / 6`` or ``t * (1/6)`` (either operand order for the product)."""
+    if node.op_type == "Div" and list(node.input[:1]) == [t]:
+        return _scalar(consts, node.input[1]) == 6.0
+    if node.op_type == "Mul" and t in node.input:
+        other = node.input[1] if node.input[0] == t else node.input[0]
+        c = _scalar(consts, other)
+        return c is not None and abs(c * 6.0 - 1.0) < 1e-6
+    return False
+
+
+def _fuse_hard_sigmoid(graph: onnx.GraphProto, opset: int, protected: set) -> None:
+    """``Clip(x + 3, 0, 6) / 6`` becomes ``HardSigmoid(x; 1/6, 1/2)``, also inside ``x * Clip(x + 3, 0, 6) / 6``.
+
+    Exporters that know no hard-swish op (paddle2onnx, tf2onnx for Keras's
+    MobileNetV3) spell it out in four elementwise ops.  Each one costs a pass
+    forward and more backward, and none of them stays in ONNX Runtime's blocked
+    CPU layout, so every one adds layout conversions around it.  One
+    HardSigmoid (an opset-6 op, so any model can take it) and one Mul replace
+    them; their rules give the same derivative, with the same one-sided values
+    at x = +-3, and the values differ from the original only by float rounding
+    (x/6 + 1/2 against (x + 3)/6).
+    """
+    consts = _scalar_folder(graph, opset)
+    cons = _consumers(graph)
+    risky = _subgraph_reads(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    shapes = {vi.name: vi for vi in graph.value_info}
+    used = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+
+    def private(t: str) -> Optional[onnx.NodeProto]:
+        """The one consumer of ``t``, when nothing else may see ``t``."""
+        readers = cons.get(t, [])
+        return readers[0] if len(readers) == 1 and t not in protected and t not in risky else None
+
+    dead: set = set()
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    for clip in graph.node:
+        if clip.op_type != "Clip" or clip.domain not in ("", "ai.onnx") or len(clip.input) != 3:
+            continue
+        if _scalar(consts, clip.input[1]) != 0.0 or _scalar(consts, clip.input[2]) != 6.0:
+            continue
+        add = producer.get(clip.input[0])
+        if add is None or add.op_type != "Add" or private(clip.input[0]) is not clip or id(add) in dead:
+            continue
+        three = [k for k, i in enumerate(add.input) if _scalar(consts, i) == 3.0]
+        if len(three) != 1:
+            continue
+        x = add.input[1 - three[0]]
+        nxt = private(clip.output[0])
+        if nxt is None or id(nxt) in dead:
+            continue
+        if _scaled_by_sixth(nxt, clip.output[0], consts):          # h = Clip(x + 3, 0, 6) / 6
+            gone, h, prod = [add, clip, nxt], nxt.output[0], private(nxt.output[0])
+            swish = prod is not None and prod.op_type == "Mul" and sorted(prod.input) == sorted([x, h])
+            out = prod.output[0] if swish else h
+        elif nxt.op_type == "Mul" and sorted(nxt.input) == sorted([x, clip.output[0]]):
+            div = private(nxt.output[0])                              # x * Clip(x + 3, 0, 6) / 6
+            if div is None or not _scaled_by_sixth(div, nxt.output[0], consts):
+                continue
+            gone, h, prod, swish, out = [add, clip, nxt], None, div, True, div.output[0]
+        else:
+            continue
+        if swish:
+            if id(prod) in dead:
+                continue
+            gone.append(prod)
+            if h is None:
+                k = 0
+                while f"{PREFIX}hard_sigmoid_{k}" in used:
+                    k += 1
+                h = f"{PREFIX}hard_sigmoid_{k}"
+                used.add(h)
+                if x in shapes:                       # h is shaped like x: keep what the rules read off it
+                    vi = copy.deepcopy(shapes[x])
+                    vi.name = h
+                    graph.value_info.append(vi)
+            fused = [onnx.helper.make_node("HardSigmoid", [x], [h], alpha=1.0 / 6.0, beta=0.5),
+                     onnx.helper.make_node("Mul", [x, h], [out])]
+        else:
+            fused = [onnx.helper.make_node("HardSigmoid", [x], [out], alpha=1.0 / 6.0, beta=0.5)]
+        dead.update(id(n) for n in gone)
+        replace[id(gone[-1])] = fused             # in the last one's place: x and the consts come earlier
+    if not dead:
+        return
+    nodes = []
+    for n in graph.node:
+        if id(n) in replace:
+            nodes.extend(replace[id(n)])
+        elif id(n) not in dead:
+            nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def _drop_unused(graph: onnx.GraphProto) -> None:
     read = {i for n in graph.node for i in n.input} | _subgraph_reads(graph) | {o.name for o in graph.output}
     inputs = {i.name for i in graph.input}
@@ -265,7 +380,8 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
 
 
 def simplify(model: onnx.ModelProto, keep: Optional[Iterable[str]] = ()) -> onnx.ModelProto:
-    """Copy of ``model`` without Identity/inference Dropout and with Conv+BatchNorm folded.
+    """Copy of ``model`` without Identity/inference Dropout, with Conv+BatchNorm folded and
+    spelled-out hard activations fused.
 
     Graph inputs, graph outputs and ``keep`` keep their names and values
     (folding is exact up to float rounding of the new weights).
@@ -279,5 +395,6 @@ def simplify_inplace(model: onnx.ModelProto, keep: Optional[Iterable[str]] = ())
     protected = set(keep or ()) | {o.name for o in g.output} | {i.name for i in g.input}
     _remove_passthrough(g, protected)
     _fold_bn(g, protected)
+    _fuse_hard_sigmoid(g, opset_of(model), protected)
     _drop_unused(g)
     return model
