@@ -51,6 +51,7 @@ bench: .venv-bench/.done
 	cd benchmarks && ../.venv-bench/bin/python bench_captum.py
 	cd benchmarks && ../.venv-bench/bin/python bench_cam.py
 	cd benchmarks && ../.venv-bench/bin/python bench_cold.py
+	cd benchmarks && ../.venv-bench/bin/python bench_simplify.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

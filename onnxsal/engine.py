@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+import onnx
 
 from .graph.simplify import simplify_inplace
 from .graph.surgery import expose, replace
@@ -31,17 +32,22 @@ class Target:
 
 
 class Engine:
-    def __init__(self, model: Model, runtime: Runtime, batch_size: Optional[int] = None) -> None:
+    def __init__(self, model: Model, runtime: Runtime, batch_size: Optional[int] = None,
+                 simplify: bool = True) -> None:
         self.model = model
         self.runtime = runtime
         self.batch_size = batch_size
+        self.simplify = simplify          # False: forward passes run the model's own graph (benchmarks compare)
+
+    def _forward_graph(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return simplify_inplace(model) if self.simplify else model
 
     # forward ---------------------------------------------------------------------------------
     def outputs(self, x: np.ndarray, tensors: Sequence[str], progress: Optional[Progress] = None) -> list[np.ndarray]:
         """Values of `tensors` for a batch of inputs (run in chunks), one per requested name."""
         unique = list(dict.fromkeys(tensors))
         key = "expose:" + "|".join(unique)
-        sess = self.runtime.session(key, lambda: simplify_inplace(expose(self.model.light, unique)))
+        sess = self.runtime.session(key, lambda: self._forward_graph(expose(self.model.light, unique)))
         values = self.runtime.run_batched(sess, {self.model.input.name: x}, outputs=unique,
                                           batch_size=self.batch_size, progress=progress)
         by_name = dict(zip(unique, values))
@@ -53,7 +59,7 @@ class Engine:
         input makes of them; paths around the layer run from `x` (one row, shared by the batch)."""
         unique = list(dict.fromkeys(tensors))
         key = f"replace:{layer}|" + "|".join(unique)
-        sess = self.runtime.session(key, lambda: simplify_inplace(replace(self.model.light, layer, unique)))
+        sess = self.runtime.session(key, lambda: self._forward_graph(replace(self.model.light, layer, unique)))
         values = self.runtime.run_batched(sess, {layer: acts}, fixed=self._around(sess, x), outputs=unique,
                                           batch_size=self.batch_size, progress=progress)
         by_name = dict(zip(unique, values))
