@@ -633,10 +633,13 @@ def test_spelled_hard_swish_keeps_its_derivative_at_the_kinks():
     np.testing.assert_allclose(out["y"], x64 * np.clip(x64 + 3, 0, 6) / 6, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", ["kept", "bounds", "shared", "other_factor"])
+@pytest.mark.parametrize("case", ["kept", "bounds", "shared", "other_factor", "rank"])
 def test_simplify_leaves_hard_activations_it_cannot_fuse(case):
-    """A kept or shared intermediate, other bounds, or a product with another tensor stay as written."""
+    """A kept or shared intermediate, other bounds, a product with another tensor, or a constant
+    that raises the rank by broadcasting stay as written."""
     nodes, inits = [n for n in SPELLED_SWISH], _consts(three=3.0, zero=0.0, six=6.0, five=5.0)
+    if case == "rank":
+        inits[0] = numpy_helper.from_array(np.full((1, 1, 1, 1, 1), 3.0, np.float32), "three")
     keep = ["c"] if case == "kept" else []
     if case == "bounds":
         nodes[1] = helper.make_node("Clip", ["a", "zero", "five"], ["c"])

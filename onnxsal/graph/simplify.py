@@ -198,21 +198,29 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
+class _Names:
+    """Fresh tensor names under PREFIX that nothing in the graph uses yet."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.used = ({i.name for i in graph.initializer} | {i.name for i in graph.input}
+                     | {o for n in graph.node for o in n.output})
+        self.count = 0
+
+    def __call__(self, hint: str) -> str:
+        while True:
+            self.count += 1
+            name = f"{PREFIX}{self.count}_{hint}"
+            if name not in self.used:
+                self.used.add(name)
+                return name
+
+
 def _fold_bn(graph: onnx.GraphProto, protected: set) -> None:
     consts = constants(graph)
     cons = _consumers(graph)
     risky = _subgraph_reads(graph)
     producer = {o: n for n in graph.node for o in n.output}
-    used = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
-    counter = [0]
-
-    def fresh(hint: str) -> str:
-        while True:
-            counter[0] += 1
-            name = f"{PREFIX}{counter[0]}_{hint}"
-            if name not in used:
-                used.add(name)
-                return name
+    fresh = _Names(graph)
 
     dead = set()
     new_inits = []
@@ -256,9 +264,12 @@ def _fold_bn(graph: onnx.GraphProto, protected: set) -> None:
     graph.initializer.extend(new_inits)
 
 
-def _scalar(consts: Folder, name: str) -> Optional[float]:
+def _scalar(consts: Folder, name: str, rank: int = 0) -> Optional[float]:
+    """The float value of a one-element constant of at most ``rank`` dimensions (more would
+    broadcast its partner to a higher rank), else None."""
     v = consts.get(name) if name else None
-    return float(v.reshape(())) if v is not None and v.size == 1 and v.dtype.kind == "f" else None
+    ok = v is not None and v.size == 1 and v.dtype.kind == "f" and v.ndim <= rank
+    return float(v.reshape(())) if ok else None
 
 
 def _scalar_folder(graph: onnx.GraphProto, opset: int) -> Folder:
@@ -272,13 +283,13 @@ def _scalar_folder(graph: onnx.GraphProto, opset: int) -> Folder:
     return Folder(graph, opset, constants(graph).get, admit=single.__contains__, accept=lambda v: v.size == 1)
 
 
-def _scaled_by_sixth(node: onnx.NodeProto, t: str, consts: Folder) -> bool:
+def _scaled_by_sixth(node: onnx.NodeProto, t: str, consts: Folder, rank: int) -> bool:
     """``node`` is ``t / 6`` or ``t * (1/6)`` (either operand order for the product)."""
     if node.op_type == "Div" and list(node.input[:1]) == [t]:
-        return _scalar(consts, node.input[1]) == 6.0
+        return _scalar(consts, node.input[1], rank) == 6.0
     if node.op_type == "Mul" and t in node.input:
         other = node.input[1] if node.input[0] == t else node.input[0]
-        c = _scalar(consts, other)
+        c = _scalar(consts, other, rank)
         return c is not None and abs(c * 6.0 - 1.0) < 1e-6
     return False
 
@@ -299,8 +310,14 @@ def _fuse_hard_sigmoid(graph: onnx.GraphProto, opset: int, protected: set) -> No
     cons = _consumers(graph)
     risky = _subgraph_reads(graph)
     producer = {o: n for n in graph.node for o in n.output}
-    shapes = {vi.name: vi for vi in graph.value_info}
-    used = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.input)}
+    fresh = _Names(graph)
+
+    def rank(t: str) -> int:
+        """x's known rank (0 when unknown: then only rank-0 constants qualify)."""
+        vi = shapes.get(t)
+        known = vi is not None and vi.type.tensor_type.HasField("shape")
+        return len(vi.type.tensor_type.shape.dim) if known else 0
 
     def private(t: str) -> Optional[onnx.NodeProto]:
         """The one consumer of ``t``, when nothing else may see ``t``."""
@@ -317,20 +334,21 @@ def _fuse_hard_sigmoid(graph: onnx.GraphProto, opset: int, protected: set) -> No
         add = producer.get(clip.input[0])
         if add is None or add.op_type != "Add" or private(clip.input[0]) is not clip or id(add) in dead:
             continue
-        three = [k for k, i in enumerate(add.input) if _scalar(consts, i) == 3.0]
+        three = [k for k, i in enumerate(add.input) if _scalar(consts, i, rank(add.input[1 - k])) == 3.0]
         if len(three) != 1:
             continue
         x = add.input[1 - three[0]]
+        r = rank(x)
         nxt = private(clip.output[0])
         if nxt is None or id(nxt) in dead:
             continue
-        if _scaled_by_sixth(nxt, clip.output[0], consts):          # h = Clip(x + 3, 0, 6) / 6
+        if _scaled_by_sixth(nxt, clip.output[0], consts, r):          # h = Clip(x + 3, 0, 6) / 6
             gone, h, prod = [add, clip, nxt], nxt.output[0], private(nxt.output[0])
             swish = prod is not None and prod.op_type == "Mul" and sorted(prod.input) == sorted([x, h])
             out = prod.output[0] if swish else h
         elif nxt.op_type == "Mul" and sorted(nxt.input) == sorted([x, clip.output[0]]):
             div = private(nxt.output[0])                              # x * Clip(x + 3, 0, 6) / 6
-            if div is None or not _scaled_by_sixth(div, nxt.output[0], consts):
+            if div is None or not _scaled_by_sixth(div, nxt.output[0], consts, r):
                 continue
             gone, h, prod, swish, out = [add, clip, nxt], None, div, True, div.output[0]
         else:
@@ -340,11 +358,7 @@ def _fuse_hard_sigmoid(graph: onnx.GraphProto, opset: int, protected: set) -> No
                 continue
             gone.append(prod)
             if h is None:
-                k = 0
-                while f"{PREFIX}hard_sigmoid_{k}" in used:
-                    k += 1
-                h = f"{PREFIX}hard_sigmoid_{k}"
-                used.add(h)
+                h = fresh("hard_sigmoid")
                 if x in shapes:                       # h is shaped like x: keep what the rules read off it
                     vi = copy.deepcopy(shapes[x])
                     vi.name = h
