@@ -633,10 +633,11 @@ def test_spelled_hard_swish_keeps_its_derivative_at_the_kinks():
     np.testing.assert_allclose(out["y"], x64 * np.clip(x64 + 3, 0, 6) / 6, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", ["kept", "bounds", "shared", "other_factor", "rank"])
+@pytest.mark.parametrize("case", ["kept", "bounds", "shared", "other_factor", "rank", "double"])
 def test_simplify_leaves_hard_activations_it_cannot_fuse(case):
-    """A kept or shared intermediate, other bounds, a product with another tensor, or a constant
-    that raises the rank by broadcasting stay as written."""
+    """A kept or shared intermediate, other bounds, a product with another tensor, a constant
+    that raises the rank by broadcasting, or a double tensor (ONNX Runtime has no double
+    HardSigmoid) stay as written."""
     nodes, inits = [n for n in SPELLED_SWISH], _consts(three=3.0, zero=0.0, six=6.0, five=5.0)
     if case == "rank":
         inits[0] = numpy_helper.from_array(np.full((1, 1, 1, 1, 1), 3.0, np.float32), "three")
@@ -649,8 +650,19 @@ def test_simplify_leaves_hard_activations_it_cannot_fuse(case):
     if case == "other_factor":
         nodes[2] = helper.make_node("Mul", ["c", "c"], ["m"])
     m = _tiny(nodes, inits)
+    if case == "double":
+        for t in list(m.graph.input) + list(m.graph.output):
+            t.type.tensor_type.elem_type = TensorProto.DOUBLE
+        for k, init in enumerate(m.graph.initializer):
+            m.graph.initializer[k].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+        from onnxsal.graph.normalize import normalize
+        m = normalize(m)
     s = simplify(m, keep=keep)
     assert "HardSigmoid" not in _ops(s) and "Clip" in _ops(s)
+    if case == "double":
+        x = np.random.default_rng(3).uniform(-5, 5, (1, 2, 4, 4))
+        out = run(vjp(m, "y", ["x"]), {"x": x, "grad_y": np.ones_like(x)})
+        np.testing.assert_allclose(out["y"], x * np.clip(x + 3, 0, 6) / 6, rtol=1e-12)
 
 
 # ---- cross-check with the onnx-ad package ------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from . import weights
 from .normalize import opset_of
@@ -319,6 +319,11 @@ def _fuse_hard_sigmoid(graph: onnx.GraphProto, opset: int, protected: set) -> No
         known = vi is not None and vi.type.tensor_type.HasField("shape")
         return len(vi.type.tensor_type.shape.dim) if known else 0
 
+    def takes_hard_sigmoid(t: str) -> bool:
+        """ONNX Runtime's CPU build has HardSigmoid for float and float16 only (not double)."""
+        vi = shapes.get(t)
+        return vi is not None and vi.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
+
     def private(t: str) -> Optional[onnx.NodeProto]:
         """The one consumer of ``t``, when nothing else may see ``t``."""
         readers = cons.get(t, [])
@@ -338,6 +343,8 @@ def _fuse_hard_sigmoid(graph: onnx.GraphProto, opset: int, protected: set) -> No
         if len(three) != 1:
             continue
         x = add.input[1 - three[0]]
+        if not takes_hard_sigmoid(x):
+            continue
         r = rank(x)
         nxt = private(clip.output[0])
         if nxt is None or id(nxt) in dead:
