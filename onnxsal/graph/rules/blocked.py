@@ -10,7 +10,7 @@ between two convolutions, so a Greater/Cast mask costs three conversions per
 layer: measured on ResNet-50 they took as long as the masks themselves, and the
 residual gradient sums fell out of the blocked layout for good.
 
-Two pieces, both depthwise 1x1 convolutions (which ORT blocks, fusing a Clip):
+Three pieces, all depthwise 1x1 convolutions (which ORT blocks, fusing a Clip):
 
 * :func:`step` gives ``[a*t + b > 0]`` as ``Clip((a*t + b) * 2^k, 0, 1)``.  With
   ``k`` large enough that the smallest positive value ``a*t + b`` can take,
@@ -19,12 +19,13 @@ Two pieces, both depthwise 1x1 convolutions (which ORT blocks, fusing a Clip):
   subnormal (``2^-149``), beyond any float32 scale, so ``k = 126`` covers every
   normal float and a positive subnormal ``t`` (below 1.2e-38) gets the partial
   mask ``t * 2^126`` instead of 1.
+* :func:`ramp` is ``Clip(a*t + b, lo, hi)``, a piecewise-linear slope (HardSwish's).
 * :func:`bridge` is an exact identity (unit weights, no bias) that moves a
   gradient made by a non-blocked op (ConvTranspose, Expand) into the blocked
   layout, so the sums and masks downstream of it stay blocked.
 
 ORT blocks a convolution only when the channel count is a multiple of its block
-size, so both apply to float32 rank-4 tensors with a static channel count that
+size, so all three apply to float32 rank-4 tensors with a static channel count that
 is a multiple of 8 (the smallest block size); elsewhere callers keep the plain
 form.  On other execution providers each costs one light elementwise pass,
 like the ops it replaces.  The autodiff declares every gradient's shape (equal
