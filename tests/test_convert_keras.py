@@ -423,6 +423,47 @@ def test_captured_tensors_xla_grouped_conv_and_exact_gelu_convert(tf, tmp_path):
     assert rel_err(got, tape.gradient(score, xt).numpy()) < 1e-4
 
 
+def test_keras_hard_swish_is_fused_and_matches_gradient_tape(tf, tmp_path):
+    """Keras's MobileNetV3 writes hard-swish and its squeeze-excitation gate out in layers
+    (ReLU(6)(x + 3) * (1/6)); tf2onnx keeps them as Add, Clip and Mul. onnxsal's gradient graph
+    fuses each into a HardSigmoid, and the input gradient still matches GradientTape's."""
+    import keras
+
+    from converters.keras import convert
+    from onnxsal.graph.autodiff import vjp
+    from onnxsal.graph.normalize import normalize
+    from onnxsal.graph.simplify import simplify
+
+    def hard_sigmoid(t):
+        return keras.layers.ReLU(6.0)(t + 3.0) * (1.0 / 6.0)
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(16, 3, padding="same")(inp)
+    x = keras.layers.Multiply()([x, hard_sigmoid(x)])                 # hard-swish, as MobileNetV3 has it
+    gate = keras.layers.GlobalAveragePooling2D(keepdims=True)(x)
+    gate = hard_sigmoid(keras.layers.Conv2D(16, 1)(keras.layers.Conv2D(4, 1, activation="relu")(gate)))
+    x = keras.layers.Multiply()([x, gate])
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Dense(4)(x))
+    res = convert(model, tmp_path / "m.onnx", preprocess="raw")
+    assert res.check <= 1e-4
+    assert sum(n.op_type == "Clip" for n in res.proto.graph.node) == 2
+    ex = onnxsal.Explainer(res.path, "cpu")
+    name = ex.model.input.name
+    forward = [n.op_type for n in simplify(normalize(ex.model.proto)).graph.node]
+    assert forward.count("HardSigmoid") == 2 and "Clip" not in forward
+    assert [n.op_type for n in vjp(ex.model.proto, ex.model.logits, [name]).graph.node].count("HardSigmoid") == 2
+    x0 = np.random.default_rng(4).normal(size=(2, 16, 16, 3)).astype(np.float32) * 2
+    got = ex.engine.gradients(x0, np.eye(4, dtype=np.float32)[[1, 3]], [name])[f"grad_{name}"]
+    xt = tf.constant(x0)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        out = model(xt, training=False)
+        score = tf.reduce_sum(out * tf.constant(np.eye(4, dtype=np.float32)[[1, 3]]))
+    assert rel_err(got, tape.gradient(score, xt).numpy()) < 1e-4
+
+
 def test_graph_onnx_cannot_run_is_a_conversion_error():
     """An op tf2onnx passes through without an ONNX definition is named, not a runtime traceback."""
     from converters.metadata import run_onnx
