@@ -30,6 +30,7 @@ from ..errors import LayerError, UnsupportedOpError
 from . import recurrent
 from .normalize import normalize, opset_of
 from .simplify import Folder
+from .surgery import FreshNames
 from . import weights
 
 Rule = Callable[["RuleContext", "list[str | None]"], "list[str | None]"]
@@ -122,17 +123,9 @@ class _Builder:
         self._folder = Folder(g, self.opset, self._leaf, cache=self.consts,
                               admit=lambda n: self.elem_type(n) not in FLOAT_TYPES,
                               accept=lambda v: v.dtype.kind in "iub" and v.size <= 4096)
-        self._counter = 0
+        self.fresh = FreshNames(self.used, PREFIX)
         self._shape_cache: dict[str, str] = {}
         self._scalar_cache: dict[tuple, str] = {}
-
-    def fresh(self, hint: str) -> str:
-        while True:
-            self._counter += 1
-            name = f"{PREFIX}{self._counter}_{hint}"
-            if name not in self.used:
-                self.used.add(name)
-                return name
 
     def const_value(self, name: str) -> Optional[np.ndarray]:
         """A constant's value, or that of a small integer tensor computed from constants only

@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from .normalize import _infer_inplace, opset_of, tensor_shapes
 from .simplify import Folder, constants
+from .surgery import FreshNames, tensor_names
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -38,15 +39,7 @@ class _Emitter:
     """Appends nodes and constants under one name prefix."""
 
     def __init__(self, prefix: str, taken: set) -> None:
-        self.prefix, self.taken, self.nodes, self.inits, self.k = prefix, taken, [], [], 0
-
-    def name(self, hint: str) -> str:
-        while True:
-            self.k += 1
-            n = f"{self.prefix}/{self.k}_{hint}"
-            if n not in self.taken:
-                self.taken.add(n)
-                return n
+        self.name, self.nodes, self.inits = FreshNames(taken, prefix + "/"), [], []
 
     def const(self, arr: np.ndarray, hint: str = "c") -> str:
         n = self.name(hint)
@@ -219,7 +212,7 @@ def unroll(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
         from .probe import probe_shapes
 
         shapes.update(probe_shapes(model, lost))
-    taken = {o for n in g.node for o in n.output} | {i.name for i in g.initializer} | {i.name for i in g.input}
+    taken = tensor_names(g)
     new_nodes, refused = [], {}
     for k, node in enumerate(g.node):
         if node.op_type in RECURRENT and node.domain in ("", "ai.onnx"):

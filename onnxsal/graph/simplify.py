@@ -26,7 +26,7 @@ from onnx import TensorProto, numpy_helper
 
 from . import weights
 from .normalize import opset_of
-from .surgery import rename_tensor
+from .surgery import FreshNames, rename_tensor, tensor_names
 
 PREFIX = "onnxsal_fold/"
 
@@ -198,29 +198,12 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-class _Names:
-    """Fresh tensor names under PREFIX that nothing in the graph uses yet."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.used = ({i.name for i in graph.initializer} | {i.name for i in graph.input}
-                     | {o for n in graph.node for o in n.output})
-        self.count = 0
-
-    def __call__(self, hint: str) -> str:
-        while True:
-            self.count += 1
-            name = f"{PREFIX}{self.count}_{hint}"
-            if name not in self.used:
-                self.used.add(name)
-                return name
-
-
 def _fold_bn(graph: onnx.GraphProto, protected: set) -> None:
     consts = constants(graph)
     cons = _consumers(graph)
     risky = _subgraph_reads(graph)
     producer = {o: n for n in graph.node for o in n.output}
-    fresh = _Names(graph)
+    fresh = FreshNames(tensor_names(graph), PREFIX)
 
     dead = set()
     new_inits = []
@@ -311,7 +294,7 @@ def _fuse_hard_sigmoid(graph: onnx.GraphProto, opset: int, protected: set) -> No
     risky = _subgraph_reads(graph)
     producer = {o: n for n in graph.node for o in n.output}
     shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.input)}
-    fresh = _Names(graph)
+    fresh = FreshNames(tensor_names(graph), PREFIX)
 
     def rank(t: str) -> int:
         """x's known rank (0 when unknown: then only rank-0 constants qualify)."""

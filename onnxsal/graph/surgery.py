@@ -150,6 +150,27 @@ def with_rest_head(model: onnx.ModelProto, logits: str) -> str:
     return REST
 
 
+def tensor_names(graph: onnx.GraphProto) -> set:
+    """Every name a new tensor must not take: inputs, initializers and node outputs."""
+    return {i.name for i in graph.input} | {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+
+
+class FreshNames:
+    """``<prefix><k>_<hint>`` names that nothing in ``used`` has; each one handed out joins ``used``
+    (pass one set to several of these to keep their names apart)."""
+
+    def __init__(self, used: set, prefix: str) -> None:
+        self.used, self.prefix, self.count = used, prefix, 0
+
+    def __call__(self, hint: str) -> str:
+        while True:
+            self.count += 1
+            name = f"{self.prefix}{self.count}_{hint}"
+            if name not in self.used:
+                self.used.add(name)
+                return name
+
+
 def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Rename a tensor everywhere it appears in the (top-level) graph."""
     for node in graph.node:
