@@ -52,6 +52,7 @@ bench: .venv-bench/.done
 	cd benchmarks && ../.venv-bench/bin/python bench_cam.py
 	cd benchmarks && ../.venv-bench/bin/python bench_cold.py
 	cd benchmarks && ../.venv-bench/bin/python bench_simplify.py
+	cd benchmarks && ../.venv-bench/bin/python bench_chunks.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

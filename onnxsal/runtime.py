@@ -104,18 +104,27 @@ class Runtime:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.log_severity_level = 3
             shapes = tensor_shapes(model)
-            if _row_matrix_bytes(model, arrays, shapes) > PREPACK_LIMIT:
+            dense = _row_matrix_bytes(model, arrays, shapes) > PREPACK_LIMIT
+            if dense:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
             sess = open_session(model, arrays, opts, self._providers)
             sess._onnxsal_per_sample = _bytes_per_sample(model, shapes)  # type: ignore[attr-defined]
+            # Large dense layers are read once per run: fewer, fuller runs beat cache locality there.
+            sess._onnxsal_largest_row = 0 if dense else _largest_row_bytes(model, shapes)  # type: ignore[attr-defined]
             self._sessions[key] = sess
         return sess
 
     def batch_size(self, sess: ort.InferenceSession, requested: Optional[int] = None) -> int:
+        """Rows per run: `requested`, else what the memory budget allows, and on CPU no more than
+        keeps the largest activation of a run within CPU_CHUNK_BYTES (see there)."""
         if requested:
             return max(1, int(requested))
         per = getattr(sess, "_onnxsal_per_sample", 0) or 1
-        return int(max(1, min(64, (self.memory_mb * 2**20) // per)))
+        rows = max(1, min(64, (self.memory_mb * 2**20) // per))
+        largest = getattr(sess, "_onnxsal_largest_row", 0)
+        if self.device == "cpu" and largest:
+            rows = min(rows, max(CPU_CHUNK_MIN_ROWS, CPU_CHUNK_BYTES // largest))
+        return int(rows)
 
     def run_batched(self, sess: ort.InferenceSession, batched: dict, fixed: Optional[dict] = None,
                     outputs: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
@@ -137,6 +146,18 @@ class Runtime:
 
 
 PREPACK_LIMIT = 64 << 20
+
+# On CPU a run's rows are capped so that its largest activation stays near 16 MiB: a layer's output
+# is then still in the processor's cache when the next layer reads it. Measured on 2 cores (forward
+# + VJP, per map, against one run of all rows): SmoothGrad (20 samples) on MobileNetV2 ran 25-30 %
+# faster in chunks of 2-4 rows than in one run of 20, ResNet-50's forward + VJP 5-10 % faster in
+# chunks of 4 than of 16, and 8 rows were slower than 4 on both (activations of 3.2 and 4.8 MB a
+# row). The floor keeps a few rows per run where one row alone is that large. Graphs with more than
+# PREPACK_LIMIT of dense weights that multiply one row per sample are left uncapped: each run reads
+# them once, and VGG16 (480 MB of them) ran its SmoothGrad 8 % slower at 4 rows than at 7.
+# GPUs keep the memory budget's batches.
+CPU_CHUNK_BYTES = 16 << 20
+CPU_CHUNK_MIN_ROWS = 4
 
 
 def open_session(model: onnx.ModelProto, arrays: dict[str, np.ndarray], opts: ort.SessionOptions,
@@ -169,6 +190,14 @@ def _row_matrix_bytes(model: onnx.ModelProto, arrays: dict, shapes: Optional[dic
             if n.op_type == "Gemm" or (a_shape is not None and len(a_shape) == 2):
                 total += arrays[n.input[1]].nbytes
     return total
+
+
+def _largest_row_bytes(model: onnx.ModelProto, shapes: dict) -> int:
+    """The largest intermediate tensor's size per sample (what a run streams through the cache)."""
+    inits = {i.name for i in model.graph.initializer}
+    sizes = [int(np.prod([d or 1 for d in shape[1:]])) * 4
+             for name, (_, shape) in shapes.items() if name not in inits and shape]
+    return max(sizes, default=1)
 
 
 def _bytes_per_sample(model: onnx.ModelProto, shapes: Optional[dict] = None) -> int:
