@@ -77,12 +77,15 @@ def _explainer(model: str, device: str, size: Optional[str], preprocess: Optiona
 def inspect(model: str = typer.Argument(..., help="ONNX model file"),
             size: Optional[str] = O.SIZE) -> None:
     """Show the model's input, outputs, logits, preprocessing and candidate layers."""
+    from .graph.precision import LIFTED_NAMES
     from .model import load
 
     m = load(model, size=parse_size(size))
     inp = m.input
     out.print(f"[bold]{esc(os.path.basename(m.path))}[/]")
-    out.print(f"  input     {esc(inp.name)}  {inp.layout}  {inp.channels}x{inp.height}x{inp.width}")
+    lifted = LIFTED_NAMES.get(inp.elem_type)
+    precision = f"  {lifted}, explained in float32" if lifted else ""
+    out.print(f"  input     {esc(inp.name)}  {inp.layout}  {inp.channels}x{inp.height}x{inp.width}{precision}")
     if m.dense is not None:
         d = m.dense
         out.print(f"  output    {esc(m.output)}  ({d.classes} classes per pixel, {d.height}x{d.width}: a class target "

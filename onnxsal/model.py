@@ -18,6 +18,7 @@ import onnx
 
 from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import infer, normalize, tensor_shapes, upgrade_opset, without_weight_data
+from .graph.precision import source_types, to_float32
 from .graph.simplify import constants
 from .graph.weights import WeightStore, attach, detach
 from .preprocess import Preprocess
@@ -245,7 +246,8 @@ def _find_image_input(proto: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, str]
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
-        if tt.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+        if tt.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                                onnx.TensorProto.BFLOAT16):
             continue
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         if len(dims) != 4:
@@ -443,6 +445,12 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     vi, layout = _find_image_input(proto)
     dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     channels = dims[1] if layout == "NCHW" else dims[3]
+    elem_type = vi.type.tensor_type.elem_type
+    lift = source_types(proto, elem_type)
+    if lift:                                        # a half-precision model runs in float32 (graph/precision.py)
+        proto, original = onnx.ModelProto(), proto
+        proto.CopyFrom(original)
+        to_float32(proto, lift)
     light, store = detach(upgrade_opset(proto))     # the weights leave the graph once, here
 
     spec = preprocess
@@ -496,7 +504,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
             aliases = dict(json.loads(meta[META_LAYERS]))
         except Exception:
             aliases = {}
-    image = ImageInput(vi.name, layout, int(channels), int(hw[0]), int(hw[1]), vi.type.tensor_type.elem_type)
+    image = ImageInput(vi.name, layout, int(channels), int(hw[0]), int(hw[1]), elem_type)
     if spec is not None:
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
