@@ -1,4 +1,4 @@
-"""Seconds per map of the batched gradient methods, with the engine's CPU row cap and without it.
+"""Seconds per map of batched methods, with the engine's CPU row cap and without it.
 
     .venv-bench/bin/python benchmarks/bench_chunks.py [--nets resnet50,mobilenet_v2,vgg16,demo]
 
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--nets", default="resnet50,mobilenet_v2,vgg16,demo")
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--masks", type=int, default=256, help="RISE masks (forward passes only)")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     print(f"# {machine()}; median of {args.repeat} interleaved runs", flush=True)
@@ -48,13 +49,14 @@ def main() -> None:
         ex = onnxsal.Explainer(onnx_path(net), "cpu", preprocess="raw")
         x = np.random.default_rng(0).random((1, 3) + ex.model.input.size, dtype=np.float32)
         rt = ex.engine.runtime
-        for method, opts, n in (("smoothgrad", {"n_samples": args.samples, "seed": 0}, args.samples),
-                                ("ig", {"steps": args.steps}, args.steps)):
+        for method, opts, n, graph in (("smoothgrad", {"n_samples": args.samples, "seed": 0}, args.samples, "vjp:"),
+                                       ("ig", {"steps": args.steps}, args.steps, "vjp:"),
+                                       ("rise", {"n_masks": args.masks}, args.masks, "expose:")):
             def capped(method=method, opts=opts):
                 return ex.explain(x, method, target=0, **opts).raw
             a, b = capped(), uncapped(capped)()
             t_cap, t_unc = timeit_side_by_side([capped, uncapped(capped)], args.repeat)
-            sess = next(s for k, s in rt._sessions.items() if k.startswith("vjp:"))
+            sess = next(s for k, s in rt._sessions.items() if k.startswith(graph))
             per = rt.batch_size(sess)
             whole = uncapped(lambda: rt.batch_size(sess))()
             split = lambda cap: -(-n // -(-n // cap))              # noqa: E731  (run_batched's equal chunks)

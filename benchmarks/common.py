@@ -90,16 +90,19 @@ def timeit_side_by_side(fns: list[Callable[[], object]], repeat: int = 5, warmup
 
     On a shared machine the load drifts over seconds; alternating the contenders gives each
     the same drift, so their ratio is steadier than with one block of runs after the other.
+    Every other round runs them in reverse order, so that none always runs first (after the
+    Python-side work between rounds) or always right after the same neighbour.
     """
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeat):
-        for fn, ts in zip(fns, times):
+    for r in range(repeat):
+        order = list(range(len(fns)))
+        for i in order if r % 2 == 0 else order[::-1]:
             t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
+            fns[i]()
+            times[i].append(time.perf_counter() - t)
     return [statistics.median(ts) for ts in times]
 
 

@@ -148,14 +148,14 @@ class Runtime:
 PREPACK_LIMIT = 64 << 20
 
 # On CPU a run's rows are capped so that its largest activation stays near 16 MiB: a layer's output
-# is then still in the processor's cache when the next layer reads it. Measured on 2 cores (forward
-# + VJP, per map, against one run of all rows): SmoothGrad (20 samples) on MobileNetV2 ran 25-30 %
-# faster in chunks of 2-4 rows than in one run of 20, ResNet-50's forward + VJP 5-10 % faster in
-# chunks of 4 than of 16, and 8 rows were slower than 4 on both (activations of 3.2 and 4.8 MB a
-# row). The floor keeps a few rows per run where one row alone is that large. Graphs with more than
-# PREPACK_LIMIT of dense weights that multiply one row per sample are left uncapped: each run reads
-# them once, and VGG16 (480 MB of them) ran its SmoothGrad 8 % slower at 4 rows than at 7.
-# GPUs keep the memory budget's batches.
+# is then still in the processor's cache when the next layer reads it. Measured on 2 cores, per map,
+# against runs of every row the memory budget allows (benchmarks/bench_chunks.py): MobileNetV2's
+# SmoothGrad, IG and RISE ran 1.02-1.34x faster at 4 rows a run across four runs (its expanded
+# activations are 4.8 MB a row), ResNet-50's the same within noise at 5 rows (3.2 MB a row); on raw
+# sessions 8 rows were slower than 4 on both. The floor keeps a few rows per run where one row alone is that large.
+# Graphs with more than PREPACK_LIMIT of dense weights that multiply one row per sample are left
+# uncapped: each run reads them once, and VGG16 (480 MB of them) ran its SmoothGrad 8 % slower at
+# 4 rows than at 7. GPUs keep the memory budget's batches.
 CPU_CHUNK_BYTES = 16 << 20
 CPU_CHUNK_MIN_ROWS = 4
 
