@@ -77,14 +77,12 @@ def _explainer(model: str, device: str, size: Optional[str], preprocess: Optiona
 def inspect(model: str = typer.Argument(..., help="ONNX model file"),
             size: Optional[str] = O.SIZE) -> None:
     """Show the model's input, outputs, logits, preprocessing and candidate layers."""
-    from .graph.precision import LIFTED_NAMES
     from .model import load
 
     m = load(model, size=parse_size(size))
     inp = m.input
     out.print(f"[bold]{esc(os.path.basename(m.path))}[/]")
-    lifted = LIFTED_NAMES.get(inp.elem_type)
-    precision = f"  {lifted}, explained in float32" if lifted else ""
+    precision = f"  {', '.join(m.lifted_from)}, explained in float32" if m.lifted_from else ""
     out.print(f"  input     {esc(inp.name)}  {inp.layout}  {inp.channels}x{inp.height}x{inp.width}{precision}")
     if m.dense is not None:
         d = m.dense

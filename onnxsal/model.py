@@ -18,7 +18,7 @@ import onnx
 
 from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import infer, normalize, tensor_shapes, upgrade_opset, without_weight_data
-from .graph.precision import source_types, to_float32
+from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.simplify import constants
 from .graph.weights import WeightStore, attach, detach
 from .preprocess import Preprocess
@@ -120,6 +120,7 @@ class Model:
     metadata: dict = field(default_factory=dict)
     layer_aliases: dict = field(default_factory=dict)
     dense: Optional[DenseOutput] = None      # set for per-pixel outputs; a class index then names a class map
+    lifted_from: tuple[str, ...] = ()        # the file's float types that run in float32 here (graph/precision.py)
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -508,4 +509,4 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if spec is not None:
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
-                 spec, label_list, meta, aliases, dense)
+                 spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)))

@@ -8,6 +8,8 @@ longer be the same function."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -134,3 +136,18 @@ def test_cli_explains_a_float16_file_and_inspect_says_so(tmp_path, capsys):
     assert "float16, explained in float32" in capsys.readouterr().out
     assert main(["explain", path, str(tmp_path / "x.png"), "-m", "gradcam", "-m", "saliency", "-o", str(tmp_path / "out"), "-q"]) == 0
     assert np.isfinite(np.load(tmp_path / "out" / "x.saliency.npy")).all()
+    summary = json.loads((tmp_path / "out" / "x.json").read_text())
+    assert "the model computes in float16; explained in float32" in summary["notes"]
+
+
+def test_keep_io_types_conversion_is_named_too(converted, capsys, tmp_path):
+    """A float32 input in front of a float16 network: inspect and the notes still say what runs."""
+    from onnxsal.cli import main
+
+    _, model16 = converted("resnet", True)
+    path = str(tmp_path / "keep_io.onnx")
+    onnx.save(model16, path)
+    assert load(path).lifted_from == ("float16",)
+    assert main(["inspect", path]) == 0
+    assert "float16, explained in float32" in capsys.readouterr().out
+    assert load(tiny.conv_net(size=16)).lifted_from == ()
