@@ -39,7 +39,7 @@ test: $(VENV)/.dev
 .venv-bench/.done: pyproject.toml
 	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	.venv-bench/bin/python -m pip install --quiet captum grad-cam onnx-ad onnxscript onnx2torch timm -e ".[cpu]"
+	.venv-bench/bin/python -m pip install --quiet captum grad-cam onnx-ad onnxscript onnx2torch timm "onnxconverter-common==1.16.0" -e ".[cpu]"
 	.venv-bench/bin/python -m pip install --quiet --no-deps "rapidocr-onnxruntime==1.4.4"
 	touch $@
 

@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/zoo_check.py --keras [--nets MobileNetV3Small,...]   # Keras applications
     .venv-bench/bin/python benchmarks/zoo_check.py --timm [--dynamo] [--nets tresnet_m:224,...]   # timm
     .venv-bench/bin/python benchmarks/zoo_check.py --ppocr      # PP-OCR's trained paddle2onnx models
+    .venv-bench/bin/python benchmarks/zoo_check.py --half [--nets ...]   # torchvision, converted to float16
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
@@ -30,6 +31,13 @@ recogniser. No framework of theirs runs here, so the reference is onnx2torch's c
 same file (an independent implementation of each op in PyTorch) and torch.autograd, in float64
 so that the reference itself is exact; the cotangent is on the model's output.
 
+``--half`` converts each torchvision export with onnxconverter-common's ``convert_float_to_float16``
+(the whole network, input and output included), which onnxsal explains in float32. Its gradient is
+then that of the network with float16-rounded weights, not of torch's own, so the table gives three
+figures per seed: the largest difference of the lifted model's logits from ONNX Runtime running the
+float16 file (is it the same model?), the relative difference of its input gradient from
+torch.autograd's on the float32 network, and the Pearson correlation of the two gradients.
+
 One smooth case: Keras EfficientNetV2-B0 differs by 3-6e-4 on every seed, and the gap opens at
 the swish after ``top_bn``, whose pre-activations are large there. A sigmoid's derivative y(1 - y),
 the formula PyTorch's and TensorFlow's own backward passes use too, loses precision to cancellation
@@ -43,6 +51,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import onnx
@@ -130,6 +139,50 @@ def torch_errors(net, path: str, size: int, classes: int, dynamo: bool) -> list[
         (net(xt) * torch.tensor(cot)).sum().backward()
         errs.append(rel(got, xt.grad.numpy()))
     return errs
+
+
+def half_errors(name: str, cache: str) -> list[str]:
+    """The float16 conversion of a torchvision export (see the module docstring), per seed:
+    logits against ONNX Runtime on the float16 file / gradient against torch / Pearson."""
+    import torch
+    from onnxconverter_common import float16
+
+    from common import torch_net
+    from onnxsal.model import load
+
+    torchvision_errors(name, cache)                   # exports the float32 file once, if not cached
+    size = 224 if name.startswith(("vit", "maxvit", "swin")) else (160 if "inception" in name else 128)
+    with warnings.catch_warnings():                   # it reports each weight it clamps to 1e-7 or 1e4
+        warnings.simplefilter("ignore")
+        half = float16.convert_float_to_float16(onnx.load(os.path.join(cache, f"zoo_{name}_{size}.onnx")))
+    m = load(half)
+    assert m.lifted_from == ("float16",), m.lifted_from
+    sess = vjp_session(m.proto, m.input.name, m.logits)
+    try:        # the float16 file itself may not run (a Cast the converter left typed wrong, see the README)
+        ref16 = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:
+        ref16 = None
+    net = torch_net(name)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() >= 2 and not p.abs().sum():
+                p.normal_(0, 0.02)
+    if hasattr(net, "aux_logits"):
+        net.aux_logits = False
+    cells = []
+    for seed in SEEDS:
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
+        cot = rng.standard_normal((2, 1000)).astype(np.float32)
+        logits, got = sess.run([m.logits, f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.logits}": cot})
+        own = ref16.run(None, {m.input.name: x.astype(np.float16)})[0].astype(np.float32) if ref16 else None
+        xt = torch.tensor(x, requires_grad=True)
+        (net(xt) * torch.tensor(cot)).sum().backward()
+        ref = xt.grad.numpy()
+        r = float(np.corrcoef(got.ravel().astype(np.float64), ref.ravel().astype(np.float64))[0, 1])
+        same = "file fails" if own is None else "inf in file" if not np.isfinite(own).all() else f"{rel(logits, own):.1e}"
+        cells.append(f"{same} / {rel(got, ref):.1e} / {r:.4f}")
+    return cells
 
 
 def timm_net(name: str, seed: int = 0):
@@ -249,6 +302,7 @@ def main() -> None:
     ap.add_argument("--dynamo", action="store_true", help="torchvision through torch.onnx's dynamo exporter")
     ap.add_argument("--timm", action="store_true", help="timm's architectures (name:size in --nets)")
     ap.add_argument("--ppocr", action="store_true", help="PP-OCR's models from the rapidocr-onnxruntime wheel")
+    ap.add_argument("--half", action="store_true", help="torchvision, converted to float16 (onnxconverter-common)")
     ap.add_argument("--nets", default=None)
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -258,9 +312,11 @@ def main() -> None:
     nets = (args.nets or (KERAS if args.keras else TIMM if args.timm else PPOCR_NETS if args.ppocr else
                           TORCHVISION)).split(",")
     check = keras_errors if args.keras else (lambda n, c: timm_errors(n, c, args.dynamo)) if args.timm else \
-        ppocr_errors if args.ppocr else (lambda n, c: torchvision_errors(n, c, args.dynamo))
+        ppocr_errors if args.ppocr else half_errors if args.half else (lambda n, c: torchvision_errors(n, c, args.dynamo))
     source = "Keras (tf.GradientTape)" if args.keras else "timm (torch.autograd)" if args.timm else \
-        "PP-OCR (torch.autograd on onnx2torch, float64)" if args.ppocr else "torchvision (torch.autograd)"
+        "PP-OCR (torch.autograd on onnx2torch, float64)" if args.ppocr else \
+        "torchvision as float16 (logits vs ONNX Runtime on the float16 file / gradient vs torch.autograd in float32 / "\
+        "Pearson)" if args.half else "torchvision (torch.autograd)"
     print(f"# {source}"
           f"{', dynamo exporter' if args.dynamo else ''}: "
           f"max|onnxsal - reference| / max|reference|, seeds {SEEDS}")
@@ -270,7 +326,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             errs = check(name, cache)
-            cells = " | ".join(f"{e:.1e}" for e in errs)
+            cells = " | ".join(e if isinstance(e, str) else f"{e:.1e}" for e in errs)
         except Exception as exc:      # report and go on: the table is the point
             cells = f"failed: {type(exc).__name__}: {str(exc)[:160]}" + " |" * (len(SEEDS) - 1)
         print(f"| {name} | {cells} | {time.perf_counter() - t0:.0f} |", flush=True)
