@@ -152,10 +152,10 @@ PREPACK_LIMIT = 64 << 20
 # against runs of every row the memory budget allows (benchmarks/bench_chunks.py): MobileNetV2's
 # SmoothGrad, IG and RISE ran 1.02-1.34x faster at 4 rows a run across four runs (its expanded
 # activations are 4.8 MB a row), ResNet-50's the same within noise at 5 rows (3.2 MB a row); on raw
-# sessions 8 rows were slower than 4 on both. The floor keeps a few rows per run where one row alone is that large.
-# Graphs with more than PREPACK_LIMIT of dense weights that multiply one row per sample are left
-# uncapped: each run reads them once, and VGG16 (480 MB of them) ran its SmoothGrad 8 % slower at
-# 4 rows than at 7. GPUs keep the memory budget's batches.
+# sessions 8 rows were slower than 4 on both. The floor keeps a few rows per run where one row alone
+# is that large. Graphs with more than PREPACK_LIMIT of dense weights that multiply one row per
+# sample are left uncapped: each run reads them once, and VGG16 (480 MB of them) ran its SmoothGrad
+# 8 % slower at 4 rows than at 7. GPUs keep the memory budget's batches.
 CPU_CHUNK_BYTES = 16 << 20
 CPU_CHUNK_MIN_ROWS = 4
 
