@@ -82,7 +82,7 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     m = load(model, size=parse_size(size))
     inp = m.input
     out.print(f"[bold]{esc(os.path.basename(m.path))}[/]")
-    precision = f"  {', '.join(m.lifted_from)}, explained in float32" if m.lifted_from else ""
+    precision = f"  {', '.join(m.lifted_from)} tensors, run in float32" if m.lifted_from else ""
     out.print(f"  input     {esc(inp.name)}  {inp.layout}  {inp.channels}x{inp.height}x{inp.width}{precision}")
     if m.dense is not None:
         d = m.dense

@@ -268,7 +268,7 @@ class Explainer:
         if m.activation is not None and score == "logit":
             notes.append(f"scored the logits before the final {m.activation} ({m.logits!r})")
         if m.lifted_from:
-            notes.append(f"the model computes in {' and '.join(m.lifted_from)}; explained in float32")
+            notes.append(f"the model's {' and '.join(m.lifted_from)} tensors run in float32 here")
         tokens = self._token_layers if layer is None and the_layer is not None and spec.family == "cam" else []
         if tokens:
             # a ViT's norms run norm1, norm2 per block, then a final norm: the last block's norm1 is the

@@ -133,11 +133,11 @@ def test_cli_explains_a_float16_file_and_inspect_says_so(tmp_path, capsys):
     onnx.save(float16.convert_float_to_float16(tiny.conv_net(size=16)), path)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "x.png")
     assert main(["inspect", path]) == 0
-    assert "float16, explained in float32" in capsys.readouterr().out
+    assert "float16 tensors, run in float32" in capsys.readouterr().out
     assert main(["explain", path, str(tmp_path / "x.png"), "-m", "gradcam", "-m", "saliency", "-o", str(tmp_path / "out"), "-q"]) == 0
     assert np.isfinite(np.load(tmp_path / "out" / "x.saliency.npy")).all()
     summary = json.loads((tmp_path / "out" / "x.json").read_text())
-    assert "the model computes in float16; explained in float32" in summary["notes"]
+    assert "the model's float16 tensors run in float32 here" in summary["notes"]
 
 
 def test_keep_io_types_conversion_is_named_too(converted, capsys, tmp_path):
@@ -149,5 +149,25 @@ def test_keep_io_types_conversion_is_named_too(converted, capsys, tmp_path):
     onnx.save(model16, path)
     assert load(path).lifted_from == ("float16",)
     assert main(["inspect", path]) == 0
-    assert "float16, explained in float32" in capsys.readouterr().out
+    assert "float16 tensors, run in float32" in capsys.readouterr().out
     assert load(tiny.conv_net(size=16)).lifted_from == ()
+
+
+def test_float16_weights_behind_casts():
+    """A float32 network storing its weights in float16, each behind a Cast to float: the same maps
+    as the float32 network with the rounded weights, and the note names the float16 tensors."""
+    base = tiny.conv_net(size=16)
+    stored = onnx.ModelProto()
+    stored.CopyFrom(base)
+    casts = []
+    for t in stored.graph.initializer:
+        casts.append(onnx.helper.make_node("Cast", [t.name + "_h"], [t.name], to=TensorProto.FLOAT))
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name + "_h"))
+    nodes = casts + list(stored.graph.node)
+    del stored.graph.node[:]
+    stored.graph.node.extend(nodes)
+    rounded = _retyped(_retyped(base, np.float16, TensorProto.FLOAT16), np.float32, TensorProto.FLOAT)
+    x = np.random.default_rng(2).random((1, 3, 16, 16), dtype=np.float32)
+    a, b = (onnxsal.Explainer(m, "cpu", preprocess="raw").explain(x, "gradcam", target=0) for m in (stored, rounded))
+    np.testing.assert_allclose(a.raw, b.raw, rtol=1e-6, atol=1e-7)
+    assert "the model's float16 tensors run in float32 here" in a.notes
