@@ -59,9 +59,9 @@ def main() -> None:
             sess = next(s for k, s in rt._sessions.items() if k.startswith(graph))
             per = rt.batch_size(sess)
             whole = uncapped(lambda: rt.batch_size(sess))()
-            split = lambda cap: -(-n // -(-n // cap))              # noqa: E731  (run_batched's equal chunks)
             diff = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-            rows.append([net, f"{method} ({n})", split(per), split(whole), t_cap, t_unc, t_unc / t_cap, diff])
+            rows.append([net, f"{method} ({n})", runtime.equal_chunks(n, per), runtime.equal_chunks(n, whole),
+                         t_cap, t_unc, t_unc / t_cap, diff])
             print(table(header, rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(header, rows))

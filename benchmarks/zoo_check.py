@@ -98,7 +98,8 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def torchvision_errors(name: str, cache: str, dynamo: bool = False) -> list[float]:
+def torchvision_net(name: str):
+    """A torchvision classifier as the zoo check takes it: random weights, no zero head, no aux logits."""
     import torch
 
     from common import torch_net
@@ -110,14 +111,21 @@ def torchvision_errors(name: str, cache: str, dynamo: bool = False) -> list[floa
                 p.normal_(0, 0.02)
     if hasattr(net, "aux_logits"):
         net.aux_logits = False
-    size = 224 if name.startswith(("vit", "maxvit", "swin")) else (160 if "inception" in name else 128)
+    return net
+
+
+def torchvision_size(name: str) -> int:
+    return 224 if name.startswith(("vit", "maxvit", "swin")) else (160 if "inception" in name else 128)
+
+
+def torchvision_errors(name: str, cache: str, dynamo: bool = False) -> list[float]:
+    size = torchvision_size(name)
     path = os.path.join(cache, f"zoo_{name}_{size}{'_dynamo' if dynamo else ''}.onnx")
-    return torch_errors(net, path, size, 1000, dynamo)
+    return torch_errors(torchvision_net(name), path, size, 1000, dynamo)
 
 
-def torch_errors(net, path: str, size: int, classes: int, dynamo: bool) -> list[float]:
-    """Export ``net`` to ``path`` once (dynamic batch), then its VJP graph's input gradient against
-    torch.autograd's for each seed."""
+def export_once(net, path: str, size: int, dynamo: bool) -> str:
+    """Export ``net`` to ``path`` (dynamic batch) unless the file is there already."""
     import torch
 
     if not os.path.exists(path) and dynamo:
@@ -128,7 +136,15 @@ def torch_errors(net, path: str, size: int, classes: int, dynamo: bool) -> list[
         torch.onnx.export(net, (torch.randn(1, 3, size, size),), path, input_names=["image"],
                           output_names=["logits"], opset_version=17, dynamo=False,
                           dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}})
-    sess = vjp_session(onnx.load(path), "image", "logits")
+    return path
+
+
+def torch_errors(net, path: str, size: int, classes: int, dynamo: bool) -> list[float]:
+    """Export ``net`` to ``path`` once, then its VJP graph's input gradient against torch.autograd's
+    for each seed."""
+    import torch
+
+    sess = vjp_session(onnx.load(export_once(net, path, size, dynamo)), "image", "logits")
     errs = []
     for seed in SEEDS:
         rng = np.random.default_rng(seed)
@@ -147,14 +163,14 @@ def half_errors(name: str, cache: str) -> list[str]:
     import torch
     from onnxconverter_common import float16
 
-    from common import torch_net
     from onnxsal.model import load
 
-    torchvision_errors(name, cache)                   # exports the float32 file once, if not cached
-    size = 224 if name.startswith(("vit", "maxvit", "swin")) else (160 if "inception" in name else 128)
+    size = torchvision_size(name)
+    net = torchvision_net(name)
+    path = export_once(net, os.path.join(cache, f"zoo_{name}_{size}.onnx"), size, dynamo=False)
     with warnings.catch_warnings():                   # it reports each weight it clamps to 1e-7 or 1e4
         warnings.simplefilter("ignore")
-        half = float16.convert_float_to_float16(onnx.load(os.path.join(cache, f"zoo_{name}_{size}.onnx")))
+        half = float16.convert_float_to_float16(onnx.load(path))
     m = load(half)
     assert m.lifted_from == ("float16",), m.lifted_from
     sess = vjp_session(m.proto, m.input.name, m.logits)
@@ -162,13 +178,6 @@ def half_errors(name: str, cache: str) -> list[str]:
         ref16 = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception:
         ref16 = None
-    net = torch_net(name)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.dim() >= 2 and not p.abs().sum():
-                p.normal_(0, 0.02)
-    if hasattr(net, "aux_logits"):
-        net.aux_logits = False
     cells = []
     for seed in SEEDS:
         rng = np.random.default_rng(seed)

@@ -449,8 +449,9 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     elem_type = vi.type.tensor_type.elem_type
     lift = source_types(proto, elem_type)
     if lift:                                        # a half-precision model runs in float32 (graph/precision.py)
-        proto, original = onnx.ModelProto(), proto
-        proto.CopyFrom(original)
+        if proto is model:                          # the caller's own proto stays as it was
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model)
         to_float32(proto, lift)
     light, store = detach(upgrade_opset(proto))     # the weights leave the graph once, here
 

@@ -108,9 +108,10 @@ class Runtime:
             if dense:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
             sess = open_session(model, arrays, opts, self._providers)
-            sess._onnxsal_per_sample = _bytes_per_sample(model, shapes)  # type: ignore[attr-defined]
+            rows = _row_bytes(model, shapes)
+            sess._onnxsal_per_sample = max(sum(rows), 1)  # type: ignore[attr-defined]
             # Large dense layers are read once per run: fewer, fuller runs beat cache locality there.
-            sess._onnxsal_largest_row = 0 if dense else _largest_row_bytes(model, shapes)  # type: ignore[attr-defined]
+            sess._onnxsal_largest_row = 0 if dense else max(rows, default=1)  # type: ignore[attr-defined]
             self._sessions[key] = sess
         return sess
 
@@ -131,8 +132,7 @@ class Runtime:
                     progress: Optional[Progress] = None) -> list[np.ndarray]:
         """Run `batched` feeds (same leading size) in chunks; `fixed` feeds are broadcast to each chunk."""
         n = len(next(iter(batched.values())))
-        cap = self.batch_size(sess, batch_size)
-        bs = -(-n // -(-n // cap))   # equal chunks under the cap: 20 rows at cap 16 run as 10 + 10, not 16 + 4
+        bs = equal_chunks(n, self.batch_size(sess, batch_size))
         parts: list[list[np.ndarray]] = []
         for start in range(0, n, bs):
             stop = min(n, start + bs)
@@ -192,20 +192,14 @@ def _row_matrix_bytes(model: onnx.ModelProto, arrays: dict, shapes: Optional[dic
     return total
 
 
-def _largest_row_bytes(model: onnx.ModelProto, shapes: dict) -> int:
-    """The largest intermediate tensor's size per sample (what a run streams through the cache)."""
+def _row_bytes(model: onnx.ModelProto, shapes: dict) -> list[int]:
+    """Each intermediate tensor's size per sample. Their sum is a rough peak-memory bound for one
+    batch row; the largest is what a run streams through the cache."""
     inits = {i.name for i in model.graph.initializer}
-    sizes = [int(np.prod([d or 1 for d in shape[1:]])) * 4
-             for name, (_, shape) in shapes.items() if name not in inits and shape]
-    return max(sizes, default=1)
+    return [int(np.prod([d or 1 for d in shape[1:]])) * 4
+            for name, (_, shape) in shapes.items() if name not in inits and shape]
 
 
-def _bytes_per_sample(model: onnx.ModelProto, shapes: Optional[dict] = None) -> int:
-    """Sum of every intermediate tensor's size per sample: a rough peak-memory bound for one batch row."""
-    total = 0
-    inits = {i.name for i in model.graph.initializer}
-    for name, (_, shape) in (tensor_shapes(model) if shapes is None else shapes).items():
-        if name in inits or not shape:
-            continue
-        total += int(np.prod([d or 1 for d in shape[1:]])) * 4
-    return max(total, 1)
+def equal_chunks(n: int, cap: int) -> int:
+    """Rows per run for ``n`` rows in equal runs under ``cap``: 20 rows at cap 16 run as 10 + 10, not 16 + 4."""
+    return -(-n // -(-n // cap))

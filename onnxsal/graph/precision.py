@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .surgery import subgraphs
 from .weights import array
 
 HALF = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -35,12 +36,7 @@ def source_types(model: onnx.ModelProto, image_type: int) -> set[int]:
         found.add(image_type)
     for g in _graphs(model.graph):
         found.update(t.data_type for t in g.initializer if t.data_type in HALF)
-        for n in g.node:
-            for a in n.attribute:
-                if a.name == _DTYPE_ATTRS.get(n.op_type) and a.i in HALF:
-                    found.add(a.i)
-                elif a.name == _TENSOR_ATTRS.get(n.op_type) and a.t.data_type in HALF:
-                    found.add(a.t.data_type)
+        found.update(t for _, t in _typed_attributes(g) if t in HALF)
     return found
 
 
@@ -54,12 +50,23 @@ def to_float32(model: onnx.ModelProto, types: set[int]) -> None:
             tt = vi.type.tensor_type
             if tt.elem_type in types:
                 tt.elem_type = TensorProto.FLOAT
-        for n in g.node:
-            for a in n.attribute:
-                if a.name == _DTYPE_ATTRS.get(n.op_type) and a.i in types:
-                    a.i = TensorProto.FLOAT
-                elif a.name == _TENSOR_ATTRS.get(n.op_type) and a.t.data_type in types:
-                    a.t.CopyFrom(_lifted(a.t))
+        for a, t in list(_typed_attributes(g)):
+            if t not in types:
+                continue
+            if a.type == onnx.AttributeProto.INT:
+                a.i = TensorProto.FLOAT
+            else:
+                a.t.CopyFrom(_lifted(a.t))
+
+
+def _typed_attributes(graph: onnx.GraphProto):
+    """(attribute, the tensor type it sets) for each node attribute that sets one: a dtype or a value."""
+    for n in graph.node:
+        for a in n.attribute:
+            if a.name == _DTYPE_ATTRS.get(n.op_type):
+                yield a, a.i
+            elif a.name == _TENSOR_ATTRS.get(n.op_type):
+                yield a, a.t.data_type
 
 
 def _lifted(t: onnx.TensorProto) -> onnx.TensorProto:
@@ -69,10 +76,4 @@ def _lifted(t: onnx.TensorProto) -> onnx.TensorProto:
 def _graphs(graph: onnx.GraphProto):
     """The graph and every subgraph (If, Loop, Scan bodies) inside it."""
     yield graph
-    for n in graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    yield from _graphs(sub)
+    yield from subgraphs(graph)

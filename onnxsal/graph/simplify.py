@@ -26,7 +26,7 @@ from onnx import TensorProto, numpy_helper
 
 from . import weights
 from .normalize import opset_of
-from .surgery import FreshNames, rename_tensor, tensor_names
+from .surgery import FreshNames, rename_tensor, subgraphs, tensor_names
 
 PREFIX = "onnxsal_fold/"
 
@@ -42,15 +42,7 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 def _subgraph_reads(graph: onnx.GraphProto) -> set:
     """Names read inside If/Loop/Scan bodies: renaming them is not worth the risk."""
-    names: set = set()
-    for node in graph.node:
-        for a in node.attribute:
-            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-            for sg in subs:
-                for sn in sg.node:
-                    names.update(sn.input)
-                names |= _subgraph_reads(sg)
-    return names
+    return {i for sg in subgraphs(graph) for n in sg.node for i in n.input}
 
 
 def _is_inference_dropout(node: onnx.NodeProto, consts: dict) -> bool:
@@ -292,7 +284,7 @@ def _fuse_hard_sigmoid(graph: onnx.GraphProto, opset: int, protected: set) -> No
     consts = _scalar_folder(graph, opset)
     cons = _consumers(graph)
     risky = _subgraph_reads(graph)
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = consts.producer
     shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.input)}
     fresh = FreshNames(tensor_names(graph), PREFIX)
 

@@ -150,6 +150,15 @@ def with_rest_head(model: onnx.ModelProto, logits: str) -> str:
     return REST
 
 
+def subgraphs(graph: onnx.GraphProto):
+    """Every If/Loop/Scan body inside ``graph``, nested ones included."""
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+                yield sub
+                yield from subgraphs(sub)
+
+
 def tensor_names(graph: onnx.GraphProto) -> set:
     """Every name a new tensor must not take: inputs, initializers and node outputs."""
     return {i.name for i in graph.input} | {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
