@@ -89,7 +89,7 @@ class Preprocess:
 
     def to_tensor(self, image: Image.Image) -> np.ndarray:
         """(1, C, H, W) or (1, H, W, C) float32 from a PIL image (resized to the model size)."""
-        img = image.convert("L" if self.color == "L" else "RGB")
+        img = image if image.mode == "F" else image.convert("L" if self.color == "L" else "RGB")
         if self.size is not None:
             h, w = self.size
             if img.size != (w, h):
@@ -97,6 +97,8 @@ class Preprocess:
         x = np.asarray(img, dtype=np.float32)
         if x.ndim == 2:
             x = x[:, :, None]
+        if x.shape[2] == 1 and self.color != "L":
+            x = np.repeat(x, 3, axis=2)
         if self.color == "BGR":
             x = x[:, :, ::-1]
         x = (x * np.float32(self.scale) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
@@ -106,7 +108,7 @@ class Preprocess:
 
 
 def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Decode any format Pillow reads, honour EXIF orientation, flatten alpha onto white."""
+    """Decode any format Pillow reads and honour EXIF orientation; the modes as `displayable`."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MissingFileError(f"image not found: {path}")
@@ -117,6 +119,13 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
             img = img.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"cannot read {path} as an image ({type(exc).__name__}: {str(exc)[:80]})") from exc
+    return displayable(img, path)
+
+
+def displayable(img: Image.Image, what: str = "the image") -> Image.Image:
+    """RGB, L, or F on the 0-255 scale: alpha flattened onto white, deep greyscale as `_grey_levels`."""
+    if img.mode.startswith(("I", "F")):
+        return _grey_levels(img, what)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -124,6 +133,29 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
     if img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     return img
+
+
+def _grey_levels(img: Image.Image, what: str) -> Image.Image:
+    """A 16-bit, 32-bit integer or float greyscale image as an ``F`` image on the 0-255 scale.
+
+    Pillow's own ``convert`` clips these modes to 255 instead of scaling them, which would turn
+    a 16-bit X-ray into a white square; ``F`` keeps the extra depth through the resize. Only a
+    range that says its own scale is taken: 0-65535 for integers, 0-1 for floats.
+    """
+    levels = np.asarray(img, dtype=np.float64)
+    lo, hi = (float(levels.min()), float(levels.max())) if levels.size else (0.0, 0.0)
+    if img.mode == "F":
+        full = 1.0
+    elif img.mode.startswith("I;16") or (lo >= 0 and hi <= 65535):
+        full = 65535.0
+    else:
+        full = None
+    if full is None or not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > full:
+        kind = "floating-point" if img.mode == "F" else "32-bit integer"
+        want = "0 to 1" if img.mode == "F" else "0 to 65535"
+        raise ImageError(f"{what} is a {kind} image with values from {lo:g} to {hi:g}, outside {want}, so its "
+                         "brightness scale is unknown; save it as an 8- or 16-bit image or give a preprocessed .npy")
+    return Image.fromarray((levels * (255.0 / full)).astype(np.float32), mode="F")
 
 
 @dataclass
@@ -157,17 +189,20 @@ def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Opti
     if isinstance(source, np.ndarray):
         return Prepared(_check_array(source, layout, channels, size), None, "array", notes)
     if isinstance(source, Image.Image):
-        img, name = source, "image"
+        img, name = displayable(source), "image"
     else:
         img, name = load_image(source), _stem(os.fspath(source))
     if spec is None:
         raise ImageError("the model carries no preprocessing metadata; give --preprocess (imagenet, caffe, tf, unit, raw) "
                          "or explicit --mean/--std/--scale")
-    if channels == 1 and img.mode != "L":
+    grey = img.mode in ("L", "F")
+    if img.mode == "F":
+        notes.append("read the image's full depth and scaled it to 0-255")
+    if channels == 1 and not grey:
         notes.append("converted the RGB image to grayscale for this 1-channel model")
-    elif channels == 3 and img.mode == "L":
+    elif channels == 3 and grey:
         notes.append("converted the grayscale image to RGB for this 3-channel model")
-    display = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    display = np.asarray((img.convert("L") if img.mode == "F" else img).convert("RGB"), dtype=np.uint8)
     return Prepared(spec.to_tensor(img), display, name, notes)
 
 

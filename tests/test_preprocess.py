@@ -84,3 +84,44 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ImageError):
         parse_size("big")
     assert parse_size("224x200") == (224, 200) and parse_size("96") == (96, 96)
+
+
+def test_deep_greyscale_is_scaled_not_clipped(tmp_path):
+    """16-bit PNG/TIFF, 32-bit integer and float images: Pillow's own convert clips them at 255."""
+    deep = (np.arange(4 * 5).reshape(4, 5) * 3000 + 7).astype(np.uint16)  # 7 .. 57007, most above 255
+    Image.fromarray(deep).save(tmp_path / "d16.png")
+    Image.fromarray(deep).save(tmp_path / "d16.tif")
+    Image.fromarray(deep.astype(np.int32), "I").save(tmp_path / "d32.tif")
+    Image.fromarray(deep.astype(np.float32) / 65535).save(tmp_path / "df.tif")
+    want = deep / 65535
+    for name in ("d16.png", "d16.tif", "d32.tif", "df.tif"):
+        for channels in (1, 3):
+            spec = Preprocess.from_preset("unit").fitted("NCHW", (4, 5), channels)
+            prep = prepare(tmp_path / name, spec, layout="NCHW", channels=channels, size=(4, 5))
+            assert prep.tensor.shape == (1, channels, 4, 5)
+            for c in range(channels):   # the full depth survives: steps of 3000/65535, finer than 1/255 apart
+                np.testing.assert_allclose(prep.tensor[0, c], want, rtol=0, atol=1e-6)
+            assert "full depth" in prep.notes[0]
+            assert prep.display.shape == (4, 5, 3)
+            np.testing.assert_allclose(prep.display[..., 0], np.round(want * 255), atol=1)
+    from_pil = prepare(Image.fromarray(deep), spec, layout="NCHW", channels=3, size=(4, 5))   # the API's PIL input
+    np.testing.assert_allclose(from_pil.tensor[0, 2], want, rtol=0, atol=1e-6)
+    # resized at full depth: a 16-bit ramp halves to the mean of neighbours, not to 255
+    ramp = np.tile((np.arange(8) * 8000).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    spec = Preprocess.from_preset("raw").fitted("NCHW", (4, 4), 1)
+    x = prepare(tmp_path / "ramp.png", spec, layout="NCHW", channels=1, size=(4, 4)).tensor[0, 0]
+    expect = Preprocess.from_preset("raw").fitted("NCHW", (4, 4), 1).to_tensor(
+        Image.fromarray((ramp * (255 / 65535)).astype(np.float32), "F"))[0, 0]
+    np.testing.assert_allclose(x, expect, rtol=1e-6)
+    assert x.max() < 255 and x.min() > 0
+
+
+def test_deep_images_without_a_known_scale_are_refused(tmp_path):
+    Image.fromarray(np.full((4, 5), 3.5, np.float32)).save(tmp_path / "hu.tif")
+    Image.fromarray(np.full((4, 5), -1000, np.int32), "I").save(tmp_path / "neg.tif")
+    spec = Preprocess.from_preset("unit").fitted("NCHW", (4, 5), 1)
+    with pytest.raises(ImageError, match=r"floating-point image with values from 3.5 to 3.5, outside 0 to 1"):
+        prepare(tmp_path / "hu.tif", spec, layout="NCHW", channels=1, size=(4, 5))
+    with pytest.raises(ImageError, match=r"32-bit integer image .* outside 0 to 65535"):
+        prepare(tmp_path / "neg.tif", spec, layout="NCHW", channels=1, size=(4, 5))
