@@ -173,6 +173,19 @@ def test_load_mask_png_and_npy(tmp_path):
     np.save(tmp_path / "m.npy", mask.astype(np.uint8))
     assert np.array_equal(load_mask(tmp_path / "m.png"), mask)
     assert np.array_equal(load_mask(tmp_path / "m.npy"), mask)
+    # 0/1, 16-bit 0/65535 and 16-bit 0/1 label masks, a red object on black, a JPEG's noise around black
+    Image.fromarray(mask.astype(np.uint8)).save(tmp_path / "m01.png")
+    Image.fromarray(mask.astype(np.uint16) * 65535).save(tmp_path / "m16.png")
+    Image.fromarray(mask.astype(np.uint16)).save(tmp_path / "m16_01.png")
+    red = np.zeros(mask.shape + (3,), np.uint8)
+    red[mask] = (255, 0, 0)
+    Image.fromarray(red).save(tmp_path / "red.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "m.jpg", quality=60)
+    for name in ("m01.png", "m16.png", "m16_01.png", "red.png"):
+        assert np.array_equal(load_mask(tmp_path / name), mask), name
+    assert (load_mask(tmp_path / "m.jpg") != mask).mean() < 0.01
+    Image.fromarray(np.zeros(mask.shape, np.uint8)).save(tmp_path / "black.png")
+    assert not load_mask(tmp_path / "black.png").any()
 
 
 # the whole evaluation and the command -------------------------------------------------------

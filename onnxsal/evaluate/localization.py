@@ -59,7 +59,12 @@ def _check(saliency: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def load_mask(path: Union[str, os.PathLike]) -> np.ndarray:
-    """A binary mask from an image (any non-black pixel, > 127 in grayscale) or a .npy array (non-zero)."""
+    """A binary mask from an image (brighter than half its brightest pixel, in greyscale) or a .npy array (non-zero).
+
+    Half the brightest pixel, not a fixed 127, so that masks stored as 0/1 (as segmentation
+    datasets often are) or as 16-bit 0/65535 read the same as 0/255 ones; a JPEG's
+    compression noise around black stays below it.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MissingFileError(f"mask not found: {path}")
@@ -76,9 +81,13 @@ def load_mask(path: Union[str, os.PathLike]) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("L")) > 127
+            levels = np.asarray(im if im.mode.startswith(("I", "F")) else im.convert("L"), dtype=np.float64)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageError(f"cannot read mask {path} as an image ({type(exc).__name__})") from exc
+    if levels.ndim != 2 or not np.isfinite(levels).all():
+        raise ImageError(f"mask {path} is not a finite greyscale image")
+    top = levels.max() if levels.size else 0.0
+    return levels > top / 2 if top > 0 else np.zeros(levels.shape, bool)
 
 
 def find_mask(folder: Union[str, os.PathLike], name: str) -> Optional[str]:
