@@ -6,6 +6,7 @@
     .venv-bench/bin/python benchmarks/zoo_check.py --timm [--dynamo] [--nets tresnet_m:224,...]   # timm
     .venv-bench/bin/python benchmarks/zoo_check.py --ppocr      # PP-OCR's trained paddle2onnx models
     .venv-bench/bin/python benchmarks/zoo_check.py --half [--nets ...]   # torchvision, converted to float16
+    .venv-bench/bin/python benchmarks/zoo_check.py [--timm] [--dynamo] --ort-optimized   # as ONNX Runtime saves them
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
@@ -37,6 +38,13 @@ then that of the network with float16-rounded weights, not of torch's own, so th
 figures per seed: the largest difference of the lifted model's logits from ONNX Runtime running the
 float16 file (is it the same model?), the relative difference of its input gradient from
 torch.autograd's on the float32 network, and the Pearson correlation of the two gradients.
+
+``--ort-optimized`` takes each torchvision or timm export as ONNX Runtime saves it from a session at
+the extended optimisation level (``optimized_model_filepath``): convolutions fused with their
+activations into ``com.microsoft`` ``FusedConv``, SiLU into ``QuickGelu``, GELU into ``Gelu`` or
+``BiasGelu``, scaled and transposed products into ``FusedMatMul``, residual layer norms into
+``SkipLayerNormalization``. onnxsal writes those back as standard ops when it loads the file
+(``onnxsal/graph/contrib.py``); the reference is still torch.autograd on the network.
 
 One smooth case: Keras EfficientNetV2-B0 differs by 3-6e-4 on every seed, and the gap opens at
 the swish after ``top_bn``, whose pre-activations are large there. A sigmoid's derivative y(1 - y),
@@ -87,6 +95,7 @@ TIMM = ("ecaresnet26t:128,skresnet18:128,res2net50_14w_8s:128,dla34:128,cspdarkn
         "rdnet_tiny:224,vitamin_small_224:224,visformer_tiny:224,sequencer2d_s:224")
 PPOCR_NETS = "ppocr_cls,ppocr_det,ppocr_rec"
 SEEDS = (0, 1, 2)
+ORT_OPTIMIZED = False     # --ort-optimized
 
 
 def vjp_session(model: onnx.ModelProto, x_name: str, y_name: str) -> ort.InferenceSession:
@@ -139,12 +148,28 @@ def export_once(net, path: str, size: int, dynamo: bool) -> str:
     return path
 
 
+def ort_optimized(path: str) -> onnx.ModelProto:
+    """The file as ONNX Runtime's optimiser saves it (extended level: com.microsoft fused ops), loaded by onnxsal."""
+    from onnxsal.model import load
+
+    out = path[:-len(".onnx")] + "_ortopt.onnx"
+    if not os.path.exists(out):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = out
+        ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    m = load(out)
+    assert m.expanded, f"{out} has no fused ops"
+    return m.proto
+
+
 def torch_errors(net, path: str, size: int, classes: int, dynamo: bool) -> list[float]:
     """Export ``net`` to ``path`` once, then its VJP graph's input gradient against torch.autograd's
-    for each seed."""
+    for each seed (with ``--ort-optimized``, of the file as ONNX Runtime's optimiser saves it)."""
     import torch
 
-    sess = vjp_session(onnx.load(export_once(net, path, size, dynamo)), "image", "logits")
+    path = export_once(net, path, size, dynamo)
+    sess = vjp_session(ort_optimized(path) if ORT_OPTIMIZED else onnx.load(path), "image", "logits")
     errs = []
     for seed in SEEDS:
         rng = np.random.default_rng(seed)
@@ -312,8 +337,12 @@ def main() -> None:
     ap.add_argument("--timm", action="store_true", help="timm's architectures (name:size in --nets)")
     ap.add_argument("--ppocr", action="store_true", help="PP-OCR's models from the rapidocr-onnxruntime wheel")
     ap.add_argument("--half", action="store_true", help="torchvision, converted to float16 (onnxconverter-common)")
+    ap.add_argument("--ort-optimized", action="store_true",
+                    help="torchvision or timm exports as ONNX Runtime's optimiser saves them (FusedConv, QuickGelu...)")
     ap.add_argument("--nets", default=None)
     args = ap.parse_args()
+    global ORT_OPTIMIZED
+    ORT_OPTIMIZED = args.ort_optimized
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TIMM_FUSED_ATTN", "0")       # F.scaled_dot_product_attention does not export at opset 17
     cache = os.path.join(HERE, ".cache")
@@ -327,7 +356,8 @@ def main() -> None:
         "torchvision as float16 (logits vs ONNX Runtime on the float16 file / gradient vs torch.autograd in float32 / "\
         "Pearson)" if args.half else "torchvision (torch.autograd)"
     print(f"# {source}"
-          f"{', dynamo exporter' if args.dynamo else ''}: "
+          f"{', dynamo exporter' if args.dynamo else ''}"
+          f"{', saved by ONNX Runtime at the extended optimisation level' if args.ort_optimized else ''}: "
           f"max|onnxsal - reference| / max|reference|, seeds {SEEDS}")
     print("| network | " + " | ".join(f"seed {s}" for s in SEEDS) + " | s |")
     print("|---|" + "---|" * (len(SEEDS) + 1))

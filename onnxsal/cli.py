@@ -93,6 +93,8 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     act = f"before the final {m.activation}" if m.activation else "the output itself (no final activation found)"
     out.print(f"  logits    {esc(m.logits)}  ({act})")
     out.print(f"  preprocess {m.preprocess.describe() if m.preprocess else 'none in metadata (give --preprocess)'}")
+    if m.expanded:
+        out.print(f"  fused ops {esc(', '.join(m.expanded))} (ONNX Runtime's), run as the standard ops they fuse")
     if m.labels:
         shown = ", ".join(m.labels[:10]) + (" ..." if len(m.labels) > 10 else "")
         out.print(f"  labels    {esc(shown)}")

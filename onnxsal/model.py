@@ -18,6 +18,7 @@ import onnx
 
 from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import infer, normalize, tensor_shapes, upgrade_opset, without_weight_data
+from .graph.contrib import expand, fused_ops
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.simplify import constants
 from .graph.weights import WeightStore, attach, detach
@@ -121,6 +122,7 @@ class Model:
     layer_aliases: dict = field(default_factory=dict)
     dense: Optional[DenseOutput] = None      # set for per-pixel outputs; a class index then names a class map
     lifted_from: tuple[str, ...] = ()        # the file's float types that run in float32 here (graph/precision.py)
+    expanded: tuple[str, ...] = ()           # ONNX Runtime fused op types written as standard ops (graph/contrib.py)
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -453,7 +455,8 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
             proto = onnx.ModelProto()
             proto.CopyFrom(model)
         to_float32(proto, lift)
-    light, store = detach(upgrade_opset(proto))     # the weights leave the graph once, here
+    fused = fused_ops(proto)                        # ONNX Runtime's fused ops, as standard ops (graph/contrib.py)
+    light, store = detach(expand(upgrade_opset(proto)))   # the weights leave the graph once, here
 
     spec = preprocess
     if spec is None and META_PREPROCESS in meta:
@@ -510,4 +513,4 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if spec is not None:
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
-                 spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)))
+                 spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused))

@@ -551,7 +551,7 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
         if key not in table:
             name = node.name or f"#{idx} ({node.op_type})"
             why = refused.get(node.name or node.output[0])
-            raise UnsupportedOpError(node.op_type, name,
+            raise UnsupportedOpError(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}", name,
                                      f"on the path from {src} to {y!r} (node {k + 1} of {len(on_path)})"
                                      + (f": {why}" if why else ""))
 
