@@ -230,3 +230,32 @@ def test_old_opset_softmax_over_a_sequence_keeps_its_logits_batched():
     want = np.zeros_like(x[0])
     want[:, :, 4 * (T - 1):] = w[C - 1]           # the last step's last class reads the last window
     np.testing.assert_allclose(res.raw[0], want.sum(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_freed_only_where_a_tensor_carries_it():
+    """A leading 1 in a Reshape target is the batch only for tensors computed from the input: ONNX
+    Runtime's dynamic quantiser reshapes each bias to (1, C, 1, 1), a broadcast axis."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = {"W": rng.standard_normal((2, 3, 3, 3)), "b": rng.standard_normal(2), "bshape": np.array([1, 2, 1, 1]),
+             "flat": np.array([1, -1]), "Wfc": rng.standard_normal((2 * 16 * 16, 5))}
+    nodes = [helper.make_node("Conv", ["image", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["b", "bshape"], ["b4"]),
+             helper.make_node("Add", ["c", "b4"], ["cb"]),
+             helper.make_node("Relu", ["cb"], ["r"]),
+             helper.make_node("Reshape", ["r", "flat"], ["f"]),
+             helper.make_node("MatMul", ["f", "Wfc"], ["logits"])]
+    g = helper.make_graph(nodes, "fixed", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])],
+                          [numpy_helper.from_array(v.astype(np.int64 if v.dtype.kind == "i" else np.float32), k)
+                           for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    m = load(model)
+    x = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    batched = ort.InferenceSession(m.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    one = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = batched.run(None, {"image": x})[0]
+    want = np.concatenate([one.run(None, {"image": x[i:i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -56,7 +56,9 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     Exporters often bake a batch of 1 into the graph (``Reshape(x, [1, -1])``).
     Replacing that leading 1 by 0 ("copy this dim from the input", the default
     ``allowzero=0`` meaning) keeps the graph identical at batch 1 and correct at
-    any other batch.
+    any other batch. Only tensors computed from the graph's inputs carry a batch:
+    a constant's leading 1 (ONNX Runtime's dynamic quantiser reshapes each bias to
+    ``(1, C, 1, 1)``) is a broadcast axis and stays.
     """
     model = copy.deepcopy(model)
     g = model.graph
@@ -78,9 +80,12 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     if fixed is None:
         return model
     consts = _const_values(g)
+    batched = {vi.name for vi in g.input if vi.name not in init_names}   # tensors computed from the inputs
     for node in g.node:
-        if node.op_type != "Reshape" or len(node.input) < 2:
-            continue
+        if any(i in batched for i in node.input):
+            batched.update(node.output)
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[0] not in batched:
+            continue                # a bias reshaped to (1, C, 1, 1) has no batch to copy
         allowzero = any(a.name == "allowzero" and a.i == 1 for a in node.attribute)
         t = consts.get(node.input[1])
         if t is None or allowzero:
