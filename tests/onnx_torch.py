@@ -44,7 +44,32 @@ def run(model: onnx.ModelProto, feeds: dict[str, torch.Tensor]) -> dict[str, tor
             y = torch.softmax(x[0], dim=a.get("axis", -1))
         elif op == "Transpose":
             y = x[0].permute(*a["perm"])
+        elif op == "QuantizeLinear":            # rounding with the straight-through gradient, as fake quantisation
+            zp = x[2] if len(x) > 2 and x[2] is not None else torch.tensor(0, dtype=torch.uint8)
+            lo, hi = (0, 255) if zp.dtype == torch.uint8 else (-128, 127)
+            y = _StraightThrough.apply(x[0], x[1].float(), zp.float(), lo, hi)
+        elif op == "DequantizeLinear":
+            zp = x[2].float() if len(x) > 2 and x[2] is not None else 0.0
+            y = (x[0].float() - zp) * x[1]
         else:
             raise NotImplementedError(op)
         env[node.output[0]] = y
     return env
+
+
+class _StraightThrough(torch.autograd.Function):
+    """round(x / s) + z clamped to [lo, hi]; backward: g / s where the unclamped value is within range.
+
+    Per-tensor scale and zero point only. The quantised values stay float here (their integer
+    type is irrelevant to the arithmetic that follows)."""
+
+    @staticmethod
+    def forward(ctx, x, s, z, lo, hi):
+        grid = torch.round(x / s) + z
+        ctx.save_for_backward(((grid >= lo) & (grid <= hi)).float(), s)
+        return grid.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, g):
+        inside, s = ctx.saved_tensors
+        return g * inside / s, None, None, None, None

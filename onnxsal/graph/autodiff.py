@@ -53,6 +53,8 @@ NON_DIFFERENTIABLE = {
     "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor",
     "OneHot", "Range",
 }
+# Ops whose integer outputs still carry a gradient: a quantiser's, passed straight through (rules/quant.py).
+INTEGER_CARRIERS = {"QuantizeLinear"}
 
 
 def vjp_rule(*op_types: str) -> Callable[[Rule], Rule]:
@@ -428,7 +430,7 @@ def _path(graph: onnx.GraphProto, builder: _Builder, y: str, wrt: Sequence[str])
             continue
         if any(i in reach for i in node.input if i):
             for o in node.output:
-                if o and _is_float(builder, o):
+                if o and (_is_float(builder, o) or node.op_type in INTEGER_CARRIERS):
                     reach.add(o)
     live = {y} & reach
     on_path: list[int] = []
@@ -445,6 +447,46 @@ def _path(graph: onnx.GraphProto, builder: _Builder, y: str, wrt: Sequence[str])
         live.update(ins)
     on_path.reverse()
     return on_path, live
+
+
+def _float_type(tp: onnx.TypeProto) -> onnx.TypeProto:
+    """A gradient's type: its tensor's, in float32 where the tensor holds a quantiser's integers."""
+    if not tp.HasField("tensor_type") or tp.tensor_type.elem_type in FLOAT_TYPES:
+        return tp
+    out = onnx.TypeProto()
+    out.CopyFrom(tp)
+    out.tensor_type.elem_type = TensorProto.FLOAT
+    return out
+
+
+def _integer_break(graph: onnx.GraphProto, builder: _Builder, y: str, wrt: Sequence[str]) -> Optional[tuple]:
+    """(node, input) where the only value path from ``wrt`` to ``y`` turns into integers, if it does.
+
+    A score that depends on the input only through integer tensors (a QOperator-quantised
+    model's ``QLinearConv``, a ``Cast`` to uint8) would get a gradient of zeros: an answer that
+    looks like a map and says nothing. Shape computations and the comparison ops of
+    ``NON_DIFFERENTIABLE`` are not value paths.
+    """
+    floats, any_kind = set(wrt), set(wrt)
+    for node in graph.node:
+        if node.op_type in NON_DIFFERENTIABLE or not any(i in any_kind for i in node.input if i):
+            continue
+        any_kind.update(o for o in node.output if o)
+        if any(i in floats for i in node.input if i):
+            floats.update(o for o in node.output if o and (_is_float(builder, o) or node.op_type in INTEGER_CARRIERS))
+    if y not in any_kind:
+        return None
+    ancestors = {y}
+    for node in reversed(graph.node):
+        if any(o in ancestors for o in node.output if o) and node.op_type not in NON_DIFFERENTIABLE:
+            ancestors.update(i for i in node.input if i in any_kind)
+    for node in graph.node:
+        if node.op_type in NON_DIFFERENTIABLE:
+            continue
+        src = next((i for i in node.input if i in floats), None)
+        if src is not None and any(o in ancestors and o not in floats for o in node.output if o):
+            return node, src
+    return None
 
 
 def _value_info(name: str, tp: Optional[onnx.TypeProto], fallback_elem: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
@@ -543,6 +585,20 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
     if not _is_float(b, y):
         raise LayerError(f"tensor {y!r} is not floating point; cannot differentiate it")
     on_path, live = _path(g, b, y, wrt)
+    if y not in live:
+        broken = _integer_break(g, b, y, wrt)
+        if broken is not None:
+            node, src = broken
+            kind = helper.tensor_dtype_to_np_dtype(b.elem_type(next(o for o in node.output if o))).name
+            raise UnsupportedOpError(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}",
+                                     node.name or node.output[0],
+                                     f"on the path from {', '.join(repr(w) for w in wrt)} to {y!r}: it turns {src!r} "
+                                     f"into {kind} values, and the score depends on the input only through them, so "
+                                     "every gradient would be zero; perturbation methods (occlusion, rise, scorecam) "
+                                     "still explain this model"
+                                     + ("; a model quantised in QDQ form (QuantizeLinear/DequantizeLinear around float "
+                                        "ops) keeps its gradients" if node.op_type.startswith(("QLinear", "QGemm"))
+                                        or node.op_type.endswith("Integer") else ""))
 
     src = ", ".join(repr(w) for w in wrt)
     for k, idx in enumerate(on_path):
@@ -584,7 +640,7 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
         for o in node.output:
             t = total(o) if o in live else None
             if t is not None and o in b.types:
-                b.types[t] = b.types[o]   # a gradient has its tensor's shape: keep the better-known dims
+                b.types[t] = _float_type(b.types[o])   # a gradient has its tensor's shape: keep the better-known dims
                 declared.append(t)
             gys.append(t)
         if all(t is None for t in gys):

@@ -1,0 +1,86 @@
+"""QuantizeLinear and DequantizeLinear: the gradient passed straight through the rounding.
+
+A quantised model in QDQ form (ONNX Runtime's static quantiser, torch.onnx's export of fake
+quantisation) rounds each quantised activation to its grid: ``q = saturate(round(x / s) + z)``
+and back, ``x' = (q - z) · s``. Rounding is a step function, so its derivative is zero wherever
+it exists, and a saliency map of it would be zeros. Quantisation-aware training has the same
+problem and passes the gradient straight through instead, inside the range the integer type can
+hold and zero outside it (PyTorch's ``fake_quantize`` backward; Bengio et al. 2013). These rules
+do the same: the pair's gradient is the upstream gradient times ``[qmin <= round(x / s) + z <=
+qmax]``, and a quantised model is explained as its float network with the quantised weights
+(which are constants, so never differentiated) and its clipped activations passing nothing. A
+ReLU that the quantiser folded into a uint8 range with zero point 0 thus keeps its mask.
+
+The integer tensor between the two is treated as the real number it stands for: the builder
+gives its gradient a float type (``INTEGER_CARRIERS`` in autodiff.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from onnx import TensorProto
+
+from ..autodiff import RuleContext, vjp_rule
+from .shape import _unsupported
+
+Grads = list
+
+# integer type -> (qmin, qmax) it saturates to
+RANGES = {
+    TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.UINT16: (0, 65535),
+    TensorProto.INT16: (-32768, 32767), TensorProto.UINT4: (0, 15), TensorProto.INT4: (-8, 7),
+}
+
+
+def _along(ctx: RuleContext, t: str, like: str) -> str:
+    """A scale or zero point shaped to broadcast against ``like``: a scalar as it is, a 1-D
+    per-channel tensor along the node's ``axis`` (default 1)."""
+    shape = ctx.shape(t)
+    if shape is not None and len(shape) == 0:
+        return t
+    if shape is not None and len(shape) == 1 and shape[0] == 1 and ctx.attr("axis") is None:
+        return t
+    rank = ctx.rank(like)
+    if rank is None or shape is None or len(shape) != 1:
+        raise _unsupported(ctx, "per-channel quantisation needs the ranks of its tensor and a 1-D scale")
+    axis = int(ctx.attr("axis", 1)) % rank
+    return ctx.unsqueeze(t, [k for k in range(rank) if k != axis])
+
+
+def _quantised_type(ctx: RuleContext, zero_point: Optional[str]) -> int:
+    if zero_point:
+        return ctx.elem_type(zero_point)
+    return int(ctx.attr("output_dtype", 0)) or TensorProto.UINT8
+
+
+@vjp_rule("DequantizeLinear")
+def dequantize_linear(ctx: RuleContext, gy: Grads) -> Grads:
+    """x = (q - z) · s, so the gradient reaching q (as a real number) is g · s."""
+    if ctx.attr("block_size"):
+        raise _unsupported(ctx, "blocked quantisation")
+    scale = _along(ctx, ctx.inputs[1], ctx.inputs[0])
+    return [ctx.op("Mul", [gy[0], scale]), None, None]
+
+
+@vjp_rule("QuantizeLinear")
+def quantize_linear(ctx: RuleContext, gy: Grads) -> Grads:
+    """q = saturate(round(x / s) + z): g / s where round(x / s) + z lies within the type's range, else 0."""
+    if ctx.attr("block_size"):
+        raise _unsupported(ctx, "blocked quantisation")
+    x = ctx.inputs[0]
+    zero_point = ctx.inputs[2] if len(ctx.inputs) > 2 and ctx.inputs[2] else None
+    qtype = _quantised_type(ctx, zero_point)
+    if qtype not in RANGES:
+        raise _unsupported(ctx, f"quantisation to {TensorProto.DataType.Name(qtype)}")
+    qmin, qmax = RANGES[qtype]
+    scale = _along(ctx, ctx.inputs[1], x)
+    grid = ctx.op("Round", [ctx.op("Div", [x, scale])])
+    if zero_point:
+        z = ctx.op("Cast", [_along(ctx, zero_point, x)], to=ctx.elem_type(x))
+        grid = ctx.op("Add", [grid, z])
+    inside = ctx.op("And", [ctx.op("GreaterOrEqual", [grid, ctx.const(np.float32(qmin), like=x)]),
+                            ctx.op("LessOrEqual", [grid, ctx.const(np.float32(qmax), like=x)])])
+    passed = ctx.op("Div", [gy[0], scale])
+    return [ctx.op("Mul", [passed, ctx.op("Cast", [inside], to=ctx.elem_type(x))]), None, None]

@@ -1,0 +1,183 @@
+"""Quantised models: QDQ form differentiates straight through its rounding; integer-only paths refuse.
+
+References: torch.autograd through PyTorch's own fake quantisation (whose backward is the
+straight-through estimator) for networks that torch.onnx exports to QuantizeLinear /
+DequantizeLinear pairs; for a model quantised by ONNX Runtime's static quantiser, the same graph
+run in PyTorch ops with a straight-through rounding (tests/onnx_torch.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_torch
+from gradcheck import run
+from onnxsal import Explainer
+from onnxsal.errors import UnsupportedOpError
+from onnxsal.graph.autodiff import vjp
+from onnxsal.model import load
+
+TOL = 1e-4
+
+
+class FakeQuantNet(nn.Module):
+    """Conv -> uint8 fake quantisation with zero point 0 (a ReLU that also clips at 255 steps) ->
+    depthwise conv -> int8 per-channel fake quantisation -> pool -> linear -> int8 logits grid."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 5)
+        self.register_buffer("ch_scale", torch.linspace(0.01, 0.03, 8))
+        self.register_buffer("ch_zero", torch.tensor([0, 3, -5, 0, 1, 0, -2, 4], dtype=torch.int32))
+
+    def forward(self, x):
+        x = torch.fake_quantize_per_tensor_affine(self.conv(x), 0.004, 0, 0, 255)   # clips above 1.02
+        x = torch.fake_quantize_per_channel_affine(self.dw(x), self.ch_scale, self.ch_zero, 1, -128, 127)
+        x = self.fc(x.mean((2, 3)))
+        return torch.fake_quantize_per_tensor_affine(x, 0.02, 3, -128, 127)
+
+
+def torch_grad(net, x, cot):
+    xt = torch.tensor(x, requires_grad=True)
+    y = net(xt)
+    (y * torch.tensor(cot)).sum().backward()
+    return y.detach().numpy(), xt.grad.numpy()
+
+
+@pytest.fixture(scope="module")
+def fake_quant(tmp_path_factory):
+    net = FakeQuantNet().eval()
+    path = tmp_path_factory.mktemp("fq") / "fq.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["image"], output_names=["logits"],
+                          opset_version=17, dynamo=False, dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}})
+    return net, onnx.load(str(path))
+
+
+def test_fake_quantised_network_matches_torch_straight_through(fake_quant):
+    net, model = fake_quant
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert any(a.name == "axis" for n in model.graph.node if n.op_type == "QuantizeLinear" for a in n.attribute)
+    vm = vjp(model, "logits", ["image"])
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((3, 3, 16, 16)) * 2).astype(np.float32)
+    cot = rng.standard_normal((3, 5)).astype(np.float32)
+    y_t, g_t = torch_grad(net, x, cot)
+    out = run(vm, {"image": x, "grad_logits": cot})
+    assert np.abs(out["logits"] - y_t).max() < 1e-5
+    assert np.abs(out["grad_image"] - g_t).max() / np.abs(g_t).max() < TOL
+    # the masks matter: the first quantiser clips some activations at both ends, so the
+    # gradient differs from that of the float network without quantisation
+    with torch.no_grad():
+        pre = net.conv(torch.tensor(x))
+    assert (pre < 0).any() and (pre > 255 * 0.004).any()
+
+
+def _quantised_by_onnxruntime(tmp_path) -> str:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from tiny import conv_net
+
+    float_path, q_path = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(conv_net(batch=1, softmax=False), float_path)
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.it = iter([{"image": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(8)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(float_path), str(q_path), Images(), quant_format=QuantFormat.QDQ)
+    return str(q_path)
+
+
+def test_model_quantised_by_onnxruntime_matches_straight_through_reference(tmp_path):
+    path = _quantised_by_onnxruntime(tmp_path)
+    model = onnx.load(path)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+    m = load(path)
+    vm = vjp(m.proto, m.logits, [m.input.name])
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    cot = rng.standard_normal((1, m.num_classes)).astype(np.float32)
+    out = run(vm, {m.input.name: x, f"grad_{m.logits}": cot})
+    xt = torch.tensor(x, requires_grad=True)
+    ref = onnx_torch.run(model, {m.input.name: xt})[m.logits]
+    np.testing.assert_allclose(out[m.logits], ref.detach().numpy(), atol=1e-5)
+    (ref * torch.tensor(cot)).sum().backward()
+    g_t = xt.grad.numpy()
+    assert np.abs(g_t).max() > 0
+    assert np.abs(out[f"grad_{m.input.name}"] - g_t).max() / np.abs(g_t).max() < TOL
+
+
+def test_quantised_model_explains_with_gradient_methods(tmp_path):
+    ex = Explainer(_quantised_by_onnxruntime(tmp_path), preprocess="raw")
+    image = np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    for method in ("saliency", "gradcam", "ig"):
+        res = ex.explain(image, method=method)
+        assert np.ptp(res.map) > 0, method
+
+
+def _graph(nodes, inits, out_type=TensorProto.FLOAT):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("logits", out_type, ["N", 2])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_integer_only_paths_are_refused_by_name():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3 * 64, 2)).astype(np.float32)
+    cast = _graph([helper.make_node("Cast", ["image"], ["u8"], to=TensorProto.UINT8, name="to_bytes"),
+                   helper.make_node("Cast", ["u8"], ["f"], to=TensorProto.FLOAT),
+                   helper.make_node("Flatten", ["f"], ["flat"]),
+                   helper.make_node("MatMul", ["flat", "w"], ["logits"])], {"w": w})
+    with pytest.raises(UnsupportedOpError, match=r"'Cast' \(node 'to_bytes'\).*into uint8 values.*zero"):
+        vjp(cast, "logits", ["image"])
+    # a score that depends on the image only through its shape has a zero gradient, rightly
+    shape = _graph([helper.make_node("Shape", ["image"], ["s"]),
+                    helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+                    helper.make_node("Slice", ["sf", "b", "e"], ["two"]),
+                    helper.make_node("Unsqueeze", ["two", "ax"], ["t2"]),
+                    helper.make_node("Expand", ["t2", "shp"], ["logits"])],
+                   {"b": np.array([0], np.int64), "e": np.array([2], np.int64), "ax": np.array([0], np.int64),
+                    "shp": np.array([1, 2], np.int64)})
+    vm = vjp(shape, "logits", ["image"])
+    out = run(vm, {"image": np.ones((1, 3, 8, 8), np.float32), "grad_logits": np.ones((1, 2), np.float32)})
+    assert not out["grad_image"].any()
+
+
+def test_qoperator_model_is_refused_naming_its_integer_op(tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from tiny import conv_net
+
+    float_path, q_path = tmp_path / "float.onnx", tmp_path / "qop.onnx"
+    onnx.save(conv_net(batch=1, softmax=False), float_path)
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"image": np.random.default_rng(k).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+                            for k in range(4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(float_path), str(q_path), Images(), quant_format=QuantFormat.QOperator)
+    m = load(str(q_path))
+    with pytest.raises(UnsupportedOpError, match=r"'QLinearConv'.*QDQ form"):
+        vjp(m.proto, m.logits, [m.input.name])
