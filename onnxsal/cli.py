@@ -93,6 +93,9 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     act = f"before the final {m.activation}" if m.activation else "the output itself (no final activation found)"
     out.print(f"  logits    {esc(m.logits)}  ({act})")
     out.print(f"  preprocess {m.preprocess.describe() if m.preprocess else 'none in metadata (give --preprocess)'}")
+    if m.quantisers:
+        out.print(f"  quantised {m.quantisers} QuantizeLinear on activations (QDQ): gradients pass straight through "
+                  "them within their range")
     if m.expanded:
         out.print(f"  fused ops {esc(', '.join(m.expanded))} (ONNX Runtime's), run as the standard ops they fuse")
     if m.labels:

@@ -123,6 +123,7 @@ class Model:
     dense: Optional[DenseOutput] = None      # set for per-pixel outputs; a class index then names a class map
     lifted_from: tuple[str, ...] = ()        # the file's float types that run in float32 here (graph/precision.py)
     expanded: tuple[str, ...] = ()           # ONNX Runtime fused op types written as standard ops (graph/contrib.py)
+    quantisers: int = 0                      # QuantizeLinear nodes on activations (QDQ form; graph/rules/quant.py)
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -430,6 +431,13 @@ def _find_layers(proto: onnx.ModelProto) -> list[Layer]:
     return layers
 
 
+def _activation_quantisers(proto: onnx.ModelProto) -> int:
+    """QuantizeLinear nodes whose input is computed, not a stored weight."""
+    stored = {i.name for i in proto.graph.initializer}
+    stored.update(n.output[0] for n in proto.graph.node if n.op_type == "Constant")
+    return sum(n.op_type == "QuantizeLinear" and n.input[0] not in stored for n in proto.graph.node)
+
+
 def _metadata(proto: onnx.ModelProto) -> dict:
     return {p.key: p.value for p in proto.metadata_props}
 
@@ -513,4 +521,5 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if spec is not None:
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
-                 spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused))
+                 spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused),
+                 _activation_quantisers(proto))

@@ -125,7 +125,14 @@ def test_model_quantised_by_onnxruntime_matches_straight_through_reference(tmp_p
 
 
 def test_quantised_model_explains_with_gradient_methods(tmp_path):
-    ex = Explainer(_quantised_by_onnxruntime(tmp_path), preprocess="raw")
+    from typer.testing import CliRunner
+
+    from onnxsal.cli import app
+
+    path = _quantised_by_onnxruntime(tmp_path)
+    res = CliRunner().invoke(app, ["inspect", path])
+    assert res.exit_code == 0 and "QuantizeLinear on activations (QDQ)" in res.output, res.output
+    ex = Explainer(path, preprocess="raw")
     image = np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)
     for method in ("saliency", "gradcam", "ig"):
         res = ex.explain(image, method=method)
