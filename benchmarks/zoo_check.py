@@ -7,6 +7,7 @@
     .venv-bench/bin/python benchmarks/zoo_check.py --ppocr      # PP-OCR's trained paddle2onnx models
     .venv-bench/bin/python benchmarks/zoo_check.py --half [--nets ...]   # torchvision, converted to float16
     .venv-bench/bin/python benchmarks/zoo_check.py [--timm] [--dynamo] --ort-optimized   # as ONNX Runtime saves them
+    .venv-bench/bin/python benchmarks/zoo_check.py --qdq [--nets ...]   # torchvision, quantised to int8 (QDQ)
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
@@ -45,6 +46,12 @@ activations into ``com.microsoft`` ``FusedConv``, SiLU into ``QuickGelu``, GELU 
 ``BiasGelu``, scaled and transposed products into ``FusedMatMul``, residual layer norms into
 ``SkipLayerNormalization``. onnxsal writes those back as standard ops when it loads the file
 (``onnxsal/graph/contrib.py``); the reference is still torch.autograd on the network.
+
+``--qdq`` quantises each torchvision export to int8 with ONNX Runtime's static quantiser (QDQ form,
+calibrated on eight seeded random images), which onnxsal differentiates straight through its
+quantisers. Its gradient is that of a different function from torch's float network, so the table
+gives the largest difference of onnxsal's logits from ONNX Runtime running the quantised file (is it
+the same model?) and the Pearson correlation of the two input gradients.
 
 One smooth case: Keras EfficientNetV2-B0 differs by 3-6e-4 on every seed, and the gap opens at
 the swish after ``top_bn``, whose pre-activations are large there. A sigmoid's derivative y(1 - y),
@@ -158,9 +165,7 @@ def ort_optimized(path: str) -> onnx.ModelProto:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         opts.optimized_model_filepath = out
         ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    m = load(out)
-    assert m.expanded, f"{out} has no fused ops"
-    return m.proto
+    return load(out).proto     # a network the optimiser fuses nothing in (RepVGG's adds before each ReLU) stays plain
 
 
 def torch_errors(net, path: str, size: int, classes: int, dynamo: bool) -> list[float]:
@@ -216,6 +221,47 @@ def half_errors(name: str, cache: str) -> list[str]:
         r = float(np.corrcoef(got.ravel().astype(np.float64), ref.ravel().astype(np.float64))[0, 1])
         same = "file fails" if own is None else "inf in file" if not np.isfinite(own).all() else f"{rel(logits, own):.1e}"
         cells.append(f"{same} / {rel(got, ref):.1e} / {r:.4f}")
+    return cells
+
+
+def qdq_errors(name: str, cache: str) -> list[str]:
+    """The QDQ quantisation of a torchvision export (see the module docstring), per seed: logits
+    against ONNX Runtime on the quantised file / Pearson of the straight-through input gradient
+    with torch.autograd's on the float network."""
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from onnxsal.model import load
+
+    size = torchvision_size(name)
+    net = torchvision_net(name)
+    path = export_once(net, os.path.join(cache, f"zoo_{name}_{size}.onnx"), size, dynamo=False)
+    qpath = path[:-len(".onnx")] + "_qdq.onnx"
+    if not os.path.exists(qpath):
+        class Images(CalibrationDataReader):
+            def __init__(self):
+                rng = np.random.default_rng(100)
+                self.it = iter([{"image": rng.standard_normal((1, 3, size, size)).astype(np.float32)} for _ in range(8)])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        quantize_static(path, qpath, Images(), quant_format=QuantFormat.QDQ)
+    m = load(qpath)
+    assert m.quantisers, qpath
+    sess = vjp_session(m.proto, m.input.name, m.logits)
+    ref = ort.InferenceSession(qpath, providers=["CPUExecutionProvider"])
+    cells = []
+    for seed in SEEDS:
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
+        cot = rng.standard_normal((2, 1000)).astype(np.float32)
+        logits, got = sess.run([m.logits, f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.logits}": cot})
+        own = ref.run(None, {m.input.name: x})[0]
+        xt = torch.tensor(x, requires_grad=True)
+        (net(xt) * torch.tensor(cot)).sum().backward()
+        r = float(np.corrcoef(got.ravel().astype(np.float64), xt.grad.numpy().ravel().astype(np.float64))[0, 1])
+        cells.append(f"{rel(logits, own):.1e} / {r:.3f}")
     return cells
 
 
@@ -337,6 +383,7 @@ def main() -> None:
     ap.add_argument("--timm", action="store_true", help="timm's architectures (name:size in --nets)")
     ap.add_argument("--ppocr", action="store_true", help="PP-OCR's models from the rapidocr-onnxruntime wheel")
     ap.add_argument("--half", action="store_true", help="torchvision, converted to float16 (onnxconverter-common)")
+    ap.add_argument("--qdq", action="store_true", help="torchvision, quantised to int8 by ONNX Runtime (QDQ form)")
     ap.add_argument("--ort-optimized", action="store_true",
                     help="torchvision or timm exports as ONNX Runtime's optimiser saves them (FusedConv, QuickGelu...)")
     ap.add_argument("--nets", default=None)
@@ -350,11 +397,14 @@ def main() -> None:
     nets = (args.nets or (KERAS if args.keras else TIMM if args.timm else PPOCR_NETS if args.ppocr else
                           TORCHVISION)).split(",")
     check = keras_errors if args.keras else (lambda n, c: timm_errors(n, c, args.dynamo)) if args.timm else \
-        ppocr_errors if args.ppocr else half_errors if args.half else (lambda n, c: torchvision_errors(n, c, args.dynamo))
+        ppocr_errors if args.ppocr else half_errors if args.half else qdq_errors if args.qdq else \
+        (lambda n, c: torchvision_errors(n, c, args.dynamo))
     source = "Keras (tf.GradientTape)" if args.keras else "timm (torch.autograd)" if args.timm else \
         "PP-OCR (torch.autograd on onnx2torch, float64)" if args.ppocr else \
         "torchvision as float16 (logits vs ONNX Runtime on the float16 file / gradient vs torch.autograd in float32 / "\
-        "Pearson)" if args.half else "torchvision (torch.autograd)"
+        "Pearson)" if args.half else \
+        "torchvision quantised to QDQ int8 (logits vs ONNX Runtime on the quantised file / Pearson of the "\
+        "straight-through gradient with torch.autograd on the float network)" if args.qdq else "torchvision (torch.autograd)"
     print(f"# {source}"
           f"{', dynamo exporter' if args.dynamo else ''}"
           f"{', saved by ONNX Runtime at the extended optimisation level' if args.ort_optimized else ''}: "
