@@ -396,7 +396,13 @@ def _find_layers(proto: onnx.ModelProto) -> list[Layer]:
         chain = [(t, node)]
         while True:  # follow single-consumer elementwise followers (BN, ReLU) that keep the shape
             users = consumers.get(t, [])
-            if len(users) != 1 or users[0].op_type not in FOLLOWERS:
+            if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+                # a QDQ pair: its float output is the activation the network carries on (with a ReLU
+                # that the quantiser absorbed, the conv's own output is the pre-activation)
+                users = consumers.get(users[0].output[0], [])
+                if len(users) != 1 or users[0].op_type != "DequantizeLinear":
+                    break
+            elif len(users) != 1 or users[0].op_type not in FOLLOWERS:
                 break
             nxt = users[0].output[0]
             if spatial(nxt) != shape:

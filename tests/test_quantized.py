@@ -188,3 +188,19 @@ def test_qoperator_model_is_refused_naming_its_integer_op(tmp_path):
     m = load(str(q_path))
     with pytest.raises(UnsupportedOpError, match=r"'QLinearConv'.*QDQ form"):
         vjp(m.proto, m.logits, [m.input.name])
+
+
+def test_cam_layer_of_a_quantised_model_is_its_dequantised_activation(tmp_path):
+    """ONNX Runtime's quantiser folds each ReLU into a uint8 quantiser and gives the conv's output
+    the ReLU's name; the CAM layer is the activation after the QDQ pair, as in the float model."""
+    path = _quantised_by_onnxruntime(tmp_path)
+    eq, ef = Explainer(path, preprocess="raw"), Explainer(str(tmp_path / "float.onnx"), preprocess="raw")
+    layer = eq.model.default_layer
+    assert layer.op_type == "DequantizeLinear" and ef.model.default_layer.tensor == "relu2"
+    for seed in range(3):
+        image = np.random.default_rng(10 + seed).standard_normal((1, 3, 16, 16)).astype(np.float32)
+        target = ef.explain(image, method="saliency").targets[0].index
+        acts = onnx_torch.run(onnx.load(path), {"image": torch.tensor(image)})[layer.tensor]
+        assert float(acts.min()) >= 0          # the folded ReLU's clip is in it
+        q, f = eq.explain(image, method="gradcam", target=target), ef.explain(image, method="gradcam", target=target)
+        assert np.corrcoef(q.map.ravel(), f.map.ravel())[0, 1] > 0.99
