@@ -204,3 +204,17 @@ def test_cam_layer_of_a_quantised_model_is_its_dequantised_activation(tmp_path):
         assert float(acts.min()) >= 0          # the folded ReLU's clip is in it
         q, f = eq.explain(image, method="gradcam", target=target), ef.explain(image, method="gradcam", target=target)
         assert np.corrcoef(q.map.ravel(), f.map.ravel())[0, 1] > 0.99
+
+
+def test_guided_backprop_finds_the_relus_a_quantiser_absorbed(tmp_path):
+    """A uint8 quantiser with zero point 0 clips negatives: Guided Backprop and the deconvnet treat it
+    as the ReLU it replaced, so their maps follow the float model's (0.65 and 0.4 without)."""
+    path = _quantised_by_onnxruntime(tmp_path)
+    assert "Relu" not in {n.op_type for n in onnx.load(path).graph.node}
+    eq, ef = Explainer(path, preprocess="raw"), Explainer(str(tmp_path / "float.onnx"), preprocess="raw")
+    for seed in range(3):
+        image = np.random.default_rng(10 + seed).standard_normal((1, 3, 16, 16)).astype(np.float32)
+        target = ef.explain(image, method="saliency").targets[0].index
+        for method in ("guidedbackprop", "deconvnet"):
+            q, f = eq.explain(image, method=method, target=target), ef.explain(image, method=method, target=target)
+            assert np.corrcoef(q.map.ravel(), f.map.ravel())[0, 1] > 0.95, (seed, method)

@@ -23,6 +23,7 @@ import numpy as np
 from onnx import TensorProto
 
 from ..autodiff import RuleContext, vjp_rule
+from .activations import DECONV_RULES, GUIDED_RULES
 from .shape import _unsupported
 
 Grads = list
@@ -67,6 +68,40 @@ def dequantize_linear(ctx: RuleContext, gy: Grads) -> Grads:
 @vjp_rule("QuantizeLinear")
 def quantize_linear(ctx: RuleContext, gy: Grads) -> Grads:
     """q = saturate(round(x / s) + z): g / s where round(x / s) + z lies within the type's range, else 0."""
+    return _straight_through(ctx, gy[0], masked=True)
+
+
+def _relu_like(ctx: RuleContext) -> bool:
+    """The quantiser maps real 0 to its smallest integer, so it clips every negative input to 0: a ReLU.
+
+    ONNX Runtime's quantiser removes a ReLU (or a Clip at 0) in front of such a quantiser, since the
+    quantiser does its work; Guided Backprop and the deconvnet then have to find it here.
+    """
+    zero_point = ctx.inputs[2] if len(ctx.inputs) > 2 and ctx.inputs[2] else None
+    qtype = _quantised_type(ctx, zero_point)
+    z = ctx.const_value(zero_point) if zero_point else np.zeros(1)
+    return qtype in RANGES and z is not None and bool(np.all(np.asarray(z) == RANGES[qtype][0]))
+
+
+def guided_quantize_linear(ctx: RuleContext, gy: Grads) -> Grads:
+    """Guided Backprop: a ReLU-like quantiser passes only positive gradients, inside its range."""
+    g = ctx.op("Relu", [gy[0]]) if _relu_like(ctx) else gy[0]
+    return _straight_through(ctx, g, masked=True)
+
+
+def deconv_quantize_linear(ctx: RuleContext, gy: Grads) -> Grads:
+    """Deconvnet: a ReLU-like quantiser passes the positive gradients, ignoring the forward values."""
+    if not _relu_like(ctx):
+        return _straight_through(ctx, gy[0], masked=True)
+    return _straight_through(ctx, ctx.op("Relu", [gy[0]]), masked=False)
+
+
+GUIDED_RULES["QuantizeLinear"] = guided_quantize_linear
+DECONV_RULES["QuantizeLinear"] = deconv_quantize_linear
+
+
+def _straight_through(ctx: RuleContext, g: str, masked: bool) -> Grads:
+    """g / s, times the in-range mask when ``masked``."""
     if ctx.attr("block_size"):
         raise _unsupported(ctx, "blocked quantisation")
     x = ctx.inputs[0]
@@ -76,11 +111,13 @@ def quantize_linear(ctx: RuleContext, gy: Grads) -> Grads:
         raise _unsupported(ctx, f"quantisation to {TensorProto.DataType.Name(qtype)}")
     qmin, qmax = RANGES[qtype]
     scale = _along(ctx, ctx.inputs[1], x)
+    passed = ctx.op("Div", [g, scale])
+    if not masked:
+        return [passed, None, None]
     grid = ctx.op("Round", [ctx.op("Div", [x, scale])])
     if zero_point:
         z = ctx.op("Cast", [_along(ctx, zero_point, x)], to=ctx.elem_type(x))
         grid = ctx.op("Add", [grid, z])
     inside = ctx.op("And", [ctx.op("GreaterOrEqual", [grid, ctx.const(np.float32(qmin), like=x)]),
                             ctx.op("LessOrEqual", [grid, ctx.const(np.float32(qmax), like=x)])])
-    passed = ctx.op("Div", [gy[0], scale])
     return [ctx.op("Mul", [passed, ctx.op("Cast", [inside], to=ctx.elem_type(x))]), None, None]
