@@ -94,8 +94,9 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     out.print(f"  logits    {esc(m.logits)}  ({act})")
     out.print(f"  preprocess {m.preprocess.describe() if m.preprocess else 'none in metadata (give --preprocess)'}")
     if m.quantisers:
-        out.print(f"  quantised {m.quantisers} QuantizeLinear on activations (QDQ): gradients pass straight through "
-                  "them within their range")
+        form = f"QOperator form ({', '.join(m.qoperator)}) run as QDQ" if m.qoperator else "QDQ"
+        out.print(f"  quantised {m.quantisers} QuantizeLinear on activations ({esc(form)}): gradients pass straight "
+                  "through them within their range")
     if m.expanded:
         out.print(f"  fused ops {esc(', '.join(m.expanded))} (ONNX Runtime's), run as the standard ops they fuse")
     if m.labels:

@@ -20,6 +20,7 @@ from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import infer, normalize, tensor_shapes, upgrade_opset, without_weight_data
 from .graph.contrib import expand, fused_ops
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
+from .graph.qoperator import qoperator_ops, to_qdq
 from .graph.simplify import constants
 from .graph.weights import WeightStore, attach, detach
 from .preprocess import Preprocess
@@ -124,6 +125,7 @@ class Model:
     lifted_from: tuple[str, ...] = ()        # the file's float types that run in float32 here (graph/precision.py)
     expanded: tuple[str, ...] = ()           # ONNX Runtime fused op types written as standard ops (graph/contrib.py)
     quantisers: int = 0                      # QuantizeLinear nodes on activations (QDQ form; graph/rules/quant.py)
+    qoperator: tuple[str, ...] = ()          # QOperator op types rewritten into QDQ form (graph/qoperator.py)
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -470,7 +472,8 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
             proto.CopyFrom(model)
         to_float32(proto, lift)
     fused = fused_ops(proto)                        # ONNX Runtime's fused ops, as standard ops (graph/contrib.py)
-    light, store = detach(expand(upgrade_opset(proto)))   # the weights leave the graph once, here
+    qoperator = qoperator_ops(proto)                # integer ops, as float ops between quantisers (graph/qoperator.py)
+    light, store = detach(to_qdq(expand(upgrade_opset(proto))))   # the weights leave the graph once, here
 
     spec = preprocess
     if spec is None and META_PREPROCESS in meta:
@@ -528,4 +531,4 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
                  spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused),
-                 _activation_quantisers(proto))
+                 _activation_quantisers(light), tuple(qoperator))
