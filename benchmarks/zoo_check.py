@@ -8,6 +8,7 @@
     .venv-bench/bin/python benchmarks/zoo_check.py --half [--nets ...]   # torchvision, converted to float16
     .venv-bench/bin/python benchmarks/zoo_check.py [--timm] [--dynamo] --ort-optimized   # as ONNX Runtime saves them
     .venv-bench/bin/python benchmarks/zoo_check.py --qdq [--nets ...]   # torchvision, quantised to int8 (QDQ)
+    .venv-bench/bin/python benchmarks/zoo_check.py --qoperator [--nets ...]   # the same, QOperator form
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
@@ -49,9 +50,13 @@ activations into ``com.microsoft`` ``FusedConv``, SiLU into ``QuickGelu``, GELU 
 
 ``--qdq`` quantises each torchvision export to int8 with ONNX Runtime's static quantiser (QDQ form,
 calibrated on eight seeded random images), which onnxsal differentiates straight through its
-quantisers. Its gradient is that of a different function from torch's float network, so the table
-gives the largest difference of onnxsal's logits from ONNX Runtime running the quantised file (is it
-the same model?) and the Pearson correlation of the two input gradients.
+quantisers. The table gives three figures per seed: the largest difference of onnxsal's logits
+(the VJP graph's) from ONNX Runtime running the quantised file with its optimiser off, where each
+QuantizeLinear and DequantizeLinear computes what the ONNX spec says (is it the same model?); the
+difference of ONNX Runtime's default run, whose fused integer kernels round differently, from the
+same (how far the deployed model is from its own spec); and the Pearson correlation of the
+straight-through input gradient with torch.autograd's on the float network, a different function. ``--qoperator`` quantises to
+the QOperator form (``QLinearConv``...), which onnxsal rewrites into QDQ form at load.
 
 One smooth case: Keras EfficientNetV2-B0 differs by 3-6e-4 on every seed, and the gap opens at
 the swish after ``top_bn``, whose pre-activations are large there. A sigmoid's derivative y(1 - y),
@@ -224,10 +229,11 @@ def half_errors(name: str, cache: str) -> list[str]:
     return cells
 
 
-def qdq_errors(name: str, cache: str) -> list[str]:
-    """The QDQ quantisation of a torchvision export (see the module docstring), per seed: logits
-    against ONNX Runtime on the quantised file / Pearson of the straight-through input gradient
-    with torch.autograd's on the float network."""
+def qdq_errors(name: str, cache: str, fmt: str = "QDQ") -> list[str]:
+    """The int8 quantisation of a torchvision export (see the module docstring), per seed: onnxsal's
+    logits against ONNX Runtime running the file unfused / ONNX Runtime's fused integer kernels
+    against the same / Pearson of the straight-through input gradient with torch.autograd's on the
+    float network."""
     import torch
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
@@ -236,7 +242,7 @@ def qdq_errors(name: str, cache: str) -> list[str]:
     size = torchvision_size(name)
     net = torchvision_net(name)
     path = export_once(net, os.path.join(cache, f"zoo_{name}_{size}.onnx"), size, dynamo=False)
-    qpath = path[:-len(".onnx")] + "_qdq.onnx"
+    qpath = path[:-len(".onnx")] + f"_{fmt.lower()}.onnx"
     if not os.path.exists(qpath):
         class Images(CalibrationDataReader):
             def __init__(self):
@@ -246,22 +252,26 @@ def qdq_errors(name: str, cache: str) -> list[str]:
             def get_next(self):
                 return next(self.it, None)
 
-        quantize_static(path, qpath, Images(), quant_format=QuantFormat.QDQ)
+        quantize_static(path, qpath, Images(), quant_format=getattr(QuantFormat, fmt))
     m = load(qpath)
-    assert m.quantisers, qpath
+    assert m.quantisers and (fmt == "QDQ" or m.qoperator), qpath
     sess = vjp_session(m.proto, m.input.name, m.logits)
-    ref = ort.InferenceSession(qpath, providers=["CPUExecutionProvider"])
+    spec_opts = ort.SessionOptions()        # no fusion: each QuantizeLinear / DequantizeLinear as the spec says
+    spec_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    spec = ort.InferenceSession(qpath, spec_opts, providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(qpath, providers=["CPUExecutionProvider"])     # its integer kernels, as deployed
     cells = []
     for seed in SEEDS:
         rng = np.random.default_rng(seed)
         x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
         cot = rng.standard_normal((2, 1000)).astype(np.float32)
         logits, got = sess.run([m.logits, f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.logits}": cot})
-        own = ref.run(None, {m.input.name: x})[0]
+        as_spec = spec.run(None, {m.input.name: x})[0]
+        deployed = fused.run(None, {m.input.name: x})[0]
         xt = torch.tensor(x, requires_grad=True)
         (net(xt) * torch.tensor(cot)).sum().backward()
         r = float(np.corrcoef(got.ravel().astype(np.float64), xt.grad.numpy().ravel().astype(np.float64))[0, 1])
-        cells.append(f"{rel(logits, own):.1e} / {r:.3f}")
+        cells.append(f"{rel(logits, as_spec):.1e} / {rel(deployed, as_spec):.1e} / {r:.3f}")
     return cells
 
 
@@ -384,6 +394,7 @@ def main() -> None:
     ap.add_argument("--ppocr", action="store_true", help="PP-OCR's models from the rapidocr-onnxruntime wheel")
     ap.add_argument("--half", action="store_true", help="torchvision, converted to float16 (onnxconverter-common)")
     ap.add_argument("--qdq", action="store_true", help="torchvision, quantised to int8 by ONNX Runtime (QDQ form)")
+    ap.add_argument("--qoperator", action="store_true", help="the same in the QOperator form (QLinearConv...)")
     ap.add_argument("--ort-optimized", action="store_true",
                     help="torchvision or timm exports as ONNX Runtime's optimiser saves them (FusedConv, QuickGelu...)")
     ap.add_argument("--nets", default=None)
@@ -398,13 +409,16 @@ def main() -> None:
                           TORCHVISION)).split(",")
     check = keras_errors if args.keras else (lambda n, c: timm_errors(n, c, args.dynamo)) if args.timm else \
         ppocr_errors if args.ppocr else half_errors if args.half else qdq_errors if args.qdq else \
+        (lambda n, c: qdq_errors(n, c, "QOperator")) if args.qoperator else \
         (lambda n, c: torchvision_errors(n, c, args.dynamo))
     source = "Keras (tf.GradientTape)" if args.keras else "timm (torch.autograd)" if args.timm else \
         "PP-OCR (torch.autograd on onnx2torch, float64)" if args.ppocr else \
         "torchvision as float16 (logits vs ONNX Runtime on the float16 file / gradient vs torch.autograd in float32 / "\
         "Pearson)" if args.half else \
-        "torchvision quantised to QDQ int8 (logits vs ONNX Runtime on the quantised file / Pearson of the "\
-        "straight-through gradient with torch.autograd on the float network)" if args.qdq else "torchvision (torch.autograd)"
+        "torchvision quantised to QDQ int8 (logits vs ONNX Runtime on the file, unfused / ONNX Runtime fused vs "\
+        "unfused / Pearson of the straight-through gradient with torch.autograd on the float network)" if args.qdq else \
+        "torchvision quantised to int8 in QOperator form, run as QDQ (figures as for --qdq)" if args.qoperator else \
+        "torchvision (torch.autograd)"
     print(f"# {source}"
           f"{', dynamo exporter' if args.dynamo else ''}"
           f"{', saved by ONNX Runtime at the extended optimisation level' if args.ort_optimized else ''}: "
