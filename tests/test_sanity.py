@@ -180,6 +180,37 @@ def test_new_weights_follow_each_tensors_mean_and_std():
     assert np.ptp(const) > 0   # a constant tensor still changes
 
 
+def test_quantised_weights_are_layers_and_are_drawn_on_their_grid(tmp_path):
+    """A QDQ model's weights are integers behind DequantizeLinear: they are its layers' weights."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    onnx.save(tiny.conv_net(batch=1, softmax=False), tmp_path / "float.onnx")
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"image": np.random.default_rng(k).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+                            for k in range(4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"), Images(), quant_format=QuantFormat.QDQ)
+    model = onnx.load(tmp_path / "q.onnx")
+    layers = weight_layers(model)
+    assert [x.op_type for x in layers] == ["Conv", "Conv", "Gemm"]
+    old = inits(model)
+    assert all(old[w].dtype.kind in "iu" for x in layers for w in x.initializers)
+    new = inits(randomize(model, layers[-1:], seed=1))
+    for w in layers[-1].initializers:
+        info = np.iinfo(old[w].dtype)
+        assert new[w].dtype == old[w].dtype and not np.array_equal(new[w], old[w])
+        assert new[w].min() >= info.min and new[w].max() <= info.max
+    assert all(np.array_equal(new[w], old[w]) for x in layers[:-1] for w in x.initializers)
+    weights8 = np.random.default_rng(0).integers(-100, 100, 4096).astype(np.int8)
+    drawn = draw_like(weights8, np.random.default_rng(2))
+    assert drawn.dtype == np.int8 and drawn.std() == pytest.approx(weights8.std(), rel=0.05)
+
+
 def test_blocks_keep_order_and_cover_every_layer():
     layers = list(range(10))
     blocks = blocks_of(layers, 4)

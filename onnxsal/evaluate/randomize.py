@@ -38,8 +38,9 @@ WEIGHT_INPUTS: dict[str, Optional[tuple[int, ...]]] = {
 }
 # ops that join the layer they directly follow (its bias, scale or normalisation)
 FOLLOWERS = {"Add", "Mul", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
-# single-input ops between an initializer and the node that uses it (exporters transpose or cast weights)
-WEIGHT_PATH = {"Identity", "Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+# single-input ops between an initializer and the node that uses it (exporters transpose or cast weights;
+# a quantised model dequantises its integer weights)
+WEIGHT_PATH = {"Identity", "Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "DequantizeLinear"}
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
@@ -67,7 +68,8 @@ def _node_name(node: onnx.NodeProto, index: int) -> str:
 def weight_layers(proto: onnx.ModelProto) -> list[WeightLayer]:
     """The model's weight layers in topological order (input side first)."""
     g = proto.graph
-    inits = {i.name: i for i in g.initializer if i.data_type in FLOAT_TYPES}
+    quantised = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear"}
+    inits = {i.name: i for i in g.initializer if i.data_type in FLOAT_TYPES or i.name in quantised}
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
@@ -124,14 +126,19 @@ def draw_like(tensor: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """New values from N(mean, std) of the tensor itself, in its dtype and shape.
 
     A constant tensor (std 0, e.g. an untouched bias) gets std |mean|, or 0.01 when that is 0
-    too, so that randomising it still changes it.
+    too, so that randomising it still changes it. A quantised model's integer weights are drawn the
+    same way on their own grid (rounded, within the type's range; their scale stays).
     """
     t = np.asarray(tensor, np.float64)
     mean = float(t.mean()) if t.size else 0.0
     std = float(t.std()) if t.size > 1 else 0.0
     if std == 0.0:
-        std = abs(mean) or 0.01
-    return rng.normal(mean, std, t.shape).astype(tensor.dtype)
+        std = abs(mean) or (0.01 if tensor.dtype.kind == "f" else 1.0)
+    drawn = rng.normal(mean, std, t.shape)
+    if tensor.dtype.kind in "iu":
+        info = np.iinfo(tensor.dtype)
+        drawn = np.clip(np.round(drawn), info.min, info.max)
+    return drawn.astype(tensor.dtype)
 
 
 def randomize(proto: onnx.ModelProto, layers: Iterable[WeightLayer], seed: int = 0,
