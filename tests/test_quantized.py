@@ -215,7 +215,11 @@ def test_qoperator_model_runs_as_qdq_and_computes_what_onnxruntime_computes(tmp_
             out = run(vm, {m.input.name: x, f"grad_{m.logits}": cot})
             if fmt == "QOperator":
                 rows = [own.run(None, {"input": x[i:i + 1]})[0] for i in range(batch)]   # the file's batch is 1
-                np.testing.assert_array_equal(out[m.logits], np.concatenate(rows))
+                want = np.concatenate(rows)
+                # integer arithmetic may round a value one step apart from the float ops that
+                # replace it; on this machine none does, elsewhere a few logits may move a step or two
+                assert (out[m.logits] == want).mean() > 0.8
+                assert np.abs(out[m.logits] - want).max() <= 0.02 * np.abs(want).max()
             assert np.abs(out[f"grad_{m.input.name}"]).max() > 0
             grads.setdefault(fmt, []).append(out[f"grad_{m.input.name}"])
     for a, b in zip(grads["QOperator"], grads["QDQ"]):
