@@ -192,10 +192,29 @@ def torch_errors(net, path: str, size: int, classes: int, dynamo: bool) -> list[
     return errs
 
 
+def against_torch(m, net, size: int):
+    """Per seed: the input batch, onnxsal's logits and input gradient (a random cotangent on the
+    logits), and torch.autograd's gradient of ``net`` for the same cotangent."""
+    import torch
+
+    sess = vjp_session(m.proto, m.input.name, m.logits)
+    for seed in SEEDS:
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
+        cot = rng.standard_normal((2, 1000)).astype(np.float32)
+        logits, got = sess.run([m.logits, f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.logits}": cot})
+        xt = torch.tensor(x, requires_grad=True)
+        (net(xt) * torch.tensor(cot)).sum().backward()
+        yield x, logits, got, xt.grad.numpy()
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
+
+
 def half_errors(name: str, cache: str) -> list[str]:
     """The float16 conversion of a torchvision export (see the module docstring), per seed:
     logits against ONNX Runtime on the float16 file / gradient against torch / Pearson."""
-    import torch
     from onnxconverter_common import float16
 
     from onnxsal.model import load
@@ -208,24 +227,15 @@ def half_errors(name: str, cache: str) -> list[str]:
         half = float16.convert_float_to_float16(onnx.load(path))
     m = load(half)
     assert m.lifted_from == ("float16",), m.lifted_from
-    sess = vjp_session(m.proto, m.input.name, m.logits)
     try:        # the float16 file itself may not run (a Cast the converter left typed wrong, see the README)
         ref16 = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception:
         ref16 = None
     cells = []
-    for seed in SEEDS:
-        rng = np.random.default_rng(seed)
-        x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
-        cot = rng.standard_normal((2, 1000)).astype(np.float32)
-        logits, got = sess.run([m.logits, f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.logits}": cot})
+    for x, logits, got, ref in against_torch(m, net, size):
         own = ref16.run(None, {m.input.name: x.astype(np.float16)})[0].astype(np.float32) if ref16 else None
-        xt = torch.tensor(x, requires_grad=True)
-        (net(xt) * torch.tensor(cot)).sum().backward()
-        ref = xt.grad.numpy()
-        r = float(np.corrcoef(got.ravel().astype(np.float64), ref.ravel().astype(np.float64))[0, 1])
         same = "file fails" if own is None else "inf in file" if not np.isfinite(own).all() else f"{rel(logits, own):.1e}"
-        cells.append(f"{same} / {rel(got, ref):.1e} / {r:.4f}")
+        cells.append(f"{same} / {rel(got, ref):.1e} / {pearson(got, ref):.4f}")
     return cells
 
 
@@ -234,7 +244,6 @@ def qdq_errors(name: str, cache: str, fmt: str = "QDQ") -> list[str]:
     logits against ONNX Runtime running the file unfused / ONNX Runtime's fused integer kernels
     against the same / Pearson of the straight-through input gradient with torch.autograd's on the
     float network."""
-    import torch
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     from onnxsal.model import load
@@ -255,23 +264,15 @@ def qdq_errors(name: str, cache: str, fmt: str = "QDQ") -> list[str]:
         quantize_static(path, qpath, Images(), quant_format=getattr(QuantFormat, fmt))
     m = load(qpath)
     assert m.quantisers and (fmt == "QDQ" or m.qoperator), qpath
-    sess = vjp_session(m.proto, m.input.name, m.logits)
     spec_opts = ort.SessionOptions()        # no fusion: each QuantizeLinear / DequantizeLinear as the spec says
     spec_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     spec = ort.InferenceSession(qpath, spec_opts, providers=["CPUExecutionProvider"])
     fused = ort.InferenceSession(qpath, providers=["CPUExecutionProvider"])     # its integer kernels, as deployed
     cells = []
-    for seed in SEEDS:
-        rng = np.random.default_rng(seed)
-        x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
-        cot = rng.standard_normal((2, 1000)).astype(np.float32)
-        logits, got = sess.run([m.logits, f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.logits}": cot})
+    for x, logits, got, ref in against_torch(m, net, size):
         as_spec = spec.run(None, {m.input.name: x})[0]
         deployed = fused.run(None, {m.input.name: x})[0]
-        xt = torch.tensor(x, requires_grad=True)
-        (net(xt) * torch.tensor(cot)).sum().backward()
-        r = float(np.corrcoef(got.ravel().astype(np.float64), xt.grad.numpy().ravel().astype(np.float64))[0, 1])
-        cells.append(f"{rel(logits, as_spec):.1e} / {rel(deployed, as_spec):.1e} / {r:.3f}")
+        cells.append(f"{rel(logits, as_spec):.1e} / {rel(deployed, as_spec):.1e} / {pearson(got, ref):.3f}")
     return cells
 
 

@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import ModelError
 from .normalize import opset_of, without_weight_data
-from .surgery import FreshNames, tensor_names
+from .surgery import FreshNames, ReadableNames, node_attrs
 
 MS = "com.microsoft"
 EXPANDED = ("BiasGelu", "FastGelu", "FusedConv", "FusedGemm", "FusedMatMul", "Gelu", "QuickGelu",
@@ -81,20 +81,11 @@ class _Emitter:
     """Collects the replacement nodes and their scalar constants, with names nothing else has."""
 
     def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
-        self.used = tensor_names(graph) | {n.name for n in graph.node}
-        self.fresh = FreshNames(self.used, "onnxsal_ms/")
+        self.unique = ReadableNames(graph)
+        self.fresh = FreshNames(self.unique.used, "onnxsal_ms/")
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-
-    def unique(self, name: str) -> str:
-        """``name``, or ``name_2``, ``name_3``... when it is taken."""
-        k, out = 1, name
-        while out in self.used:
-            k += 1
-            out = f"{name}_{k}"
-        self.used.add(out)
-        return out
 
     def const(self, value: float, hint: str) -> str:
         name = self.fresh(hint)
@@ -109,10 +100,6 @@ class _Emitter:
         out = output or self.unique(base + "_output_0")
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=self.unique(base), **attrs))
         return out
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _text(value) -> str:
@@ -139,7 +126,7 @@ def _activation(e: _Emitter, node: onnx.NodeProto, kind: str, params: list[float
 
 def _fused_conv(e: _Emitter, node: onnx.NodeProto, ranks: dict) -> None:
     """``act(Conv(X, W, B) + Z)``: the optional fourth input is a tensor summed in before the activation."""
-    a = _attrs(node)
+    a = node_attrs(node)
     kind, params = _text(a.pop("activation", "")), list(a.pop("activation_params", []))
     ins = list(node.input)
     z = ins[3] if len(ins) > 3 and ins[3] else None
@@ -150,7 +137,7 @@ def _fused_conv(e: _Emitter, node: onnx.NodeProto, ranks: dict) -> None:
 
 
 def _fused_gemm(e: _Emitter, node: onnx.NodeProto, ranks: dict) -> None:
-    a = _attrs(node)
+    a = node_attrs(node)
     kind = _text(a.pop("activation", ""))
     params = [a.pop(k) for k in ("activation_alpha", "activation_beta", "activation_gamma") if k in a]
     _activation(e, node, kind, params, e.op("Gemm", list(node.input), node, None, **a), node.output[0])
@@ -159,7 +146,7 @@ def _fused_gemm(e: _Emitter, node: onnx.NodeProto, ranks: dict) -> None:
 def _fused_matmul(e: _Emitter, node: onnx.NodeProto, ranks: dict) -> None:
     """``alpha · op(A) @ op(B)``: op moves the first (batch) axis before the last two
     (``transBatch*``), then swaps the last two (``trans*``)."""
-    a = _attrs(node)
+    a = node_attrs(node)
     alpha = float(a.get("alpha", 1.0))
     operands = []
     for x, tb, t in ((node.input[0], a.get("transBatchA", 0), a.get("transA", 0)),
@@ -215,7 +202,7 @@ def _fast_gelu(e: _Emitter, node: onnx.NodeProto, ranks: dict) -> None:
 def _quick_gelu(e: _Emitter, node: onnx.NodeProto, ranks: dict) -> None:
     """x · sigmoid(alpha · x); ONNX Runtime writes SiLU as alpha = 1."""
     x = node.input[0]
-    alpha = float(_attrs(node).get("alpha", 1.702))
+    alpha = float(node_attrs(node).get("alpha", 1.702))
     scaled = x if alpha == 1.0 else e.op("Mul", [x, e.const(alpha, "alpha")], node)
     e.op("Mul", [x, e.op("Sigmoid", [scaled], node)], node, node.output[0])
 
@@ -228,7 +215,7 @@ def _skip_layer_norm(e: _Emitter, node: onnx.NodeProto, ranks: dict) -> None:
     """
     ins = list(node.input) + [""] * (5 - len(node.input))
     x, skip, gamma, beta, bias = ins[:5]
-    eps = float(_attrs(node).get("epsilon", 1e-12))
+    eps = float(node_attrs(node).get("epsilon", 1e-12))
     outs = list(node.output) + [""] * (4 - len(node.output))
     s = e.op("Add", [x, skip], node, None if (bias or not outs[3]) else outs[3])
     if bias:

@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import ModelError
-from .surgery import tensor_names
+from .surgery import ReadableNames, node_attrs
 
 MS = "com.microsoft"
 # Ops on quantised tensors that only move or select values: op(q) == Q(op(DQ(q))) exactly.
@@ -65,18 +65,10 @@ class _Writer:
     """The rewritten node list, and the (scale, zero point) names of every quantised tensor."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
-        self.used = tensor_names(graph) | {n.name for n in graph.node}
+        self.unique = ReadableNames(graph)
         self.nodes: list[onnx.NodeProto] = []
         self.grid: dict[str, tuple[str, str]] = {}
         self.dequantised: dict[tuple, str] = {}
-
-    def unique(self, name: str) -> str:
-        k, out = 1, name
-        while out in self.used:
-            k += 1
-            out = f"{name}_{k}"
-        self.used.add(out)
-        return out
 
     def add(self, op_type: str, inputs: list, outputs: Optional[list] = None, hint: str = "", **attrs) -> str:
         """One node; its output is ``outputs`` or a name made from ``hint``."""
@@ -112,16 +104,12 @@ def _opt(node: onnx.NodeProto, i: int) -> str:
     return node.input[i] if len(node.input) > i else ""
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _qlinear_conv(w: _Writer, n: onnx.NodeProto) -> None:
     """QLinearConv(x, xs, xz, W, Ws, Wz, ys, yz, B) = Q(Conv(DQ(x), DQ(W) per output channel, B · xs · Ws))."""
     x = w.dq(n.input[0], n.input[1], n.input[2])
     wt = w.dq(n.input[3], n.input[4], n.input[5], axis=0)
     ins = [x, wt] + ([w.bias(n.input[8], n.input[1], n.input[4])] if _opt(n, 8) else [])
-    w.q(w.add("Conv", ins, outputs=[w.float_name(n.output[0])], **_attrs(n)), n.input[6], n.input[7], n.output[0])
+    w.q(w.add("Conv", ins, outputs=[w.float_name(n.output[0])], **node_attrs(n)), n.input[6], n.input[7], n.output[0])
 
 
 def _qlinear_matmul(w: _Writer, n: onnx.NodeProto) -> None:
@@ -132,7 +120,7 @@ def _qlinear_matmul(w: _Writer, n: onnx.NodeProto) -> None:
 
 def _qgemm(w: _Writer, n: onnx.NodeProto) -> None:
     """com.microsoft QGemm(A, As, Az, B, Bs, Bz, C, ys, yz): a float output when ys is absent."""
-    at = _attrs(n)
+    at = node_attrs(n)
     a = w.dq(n.input[0], n.input[1], n.input[2])
     b = w.dq(n.input[3], n.input[4], n.input[5], axis=0 if at.get("transB", 0) else 1)
     ins = [a, b] + ([w.bias(n.input[6], n.input[1], n.input[4])] if _opt(n, 6) else [])
@@ -155,14 +143,14 @@ def _binary(op: str):
 def _unary(op: str, keep: tuple = ()):
     def rewrite(w: _Writer, n: onnx.NodeProto) -> None:
         """com.microsoft QLinear{op}(X, Xs, Xz, Ys, Yz) with the float op's attributes."""
-        attrs = {k: v for k, v in _attrs(n).items() if k in keep}
+        attrs = {k: v for k, v in node_attrs(n).items() if k in keep}
         x = w.dq(n.input[0], n.input[1], _opt(n, 2))
         w.q(w.add(op, [x], outputs=[w.float_name(n.output[0])], **attrs), n.input[3], _opt(n, 4), n.output[0])
     return rewrite
 
 
 def _global_average_pool(w: _Writer, n: onnx.NodeProto) -> None:
-    if _attrs(n).get("channels_last", 0):
+    if node_attrs(n).get("channels_last", 0):
         raise ModelError(f"node {n.name!r}: a channels-last QLinearGlobalAveragePool is not one onnxsal can rewrite")
     _unary("GlobalAveragePool")(w, n)
 
@@ -170,7 +158,7 @@ def _global_average_pool(w: _Writer, n: onnx.NodeProto) -> None:
 def _concat(w: _Writer, n: onnx.NodeProto) -> None:
     """com.microsoft QLinearConcat(Ys, Yz, X1, X1s, X1z, X2, ...)."""
     parts = [w.dq(n.input[k], n.input[k + 1], n.input[k + 2]) for k in range(2, len(n.input), 3)]
-    w.q(w.add("Concat", parts, outputs=[w.float_name(n.output[0])], axis=_attrs(n)["axis"]), n.input[0], n.input[1], n.output[0])
+    w.q(w.add("Concat", parts, outputs=[w.float_name(n.output[0])], axis=node_attrs(n)["axis"]), n.input[0], n.input[1], n.output[0])
 
 
 def _mover(w: _Writer, n: onnx.NodeProto) -> None:
@@ -179,9 +167,9 @@ def _mover(w: _Writer, n: onnx.NodeProto) -> None:
     x = w.dq(n.input[0], scale, zero)
     if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]:
         f = w.float_name(n.output[0])
-        w.add("MaxPool", [x], [f, n.output[1]], **_attrs(n))
+        w.add("MaxPool", [x], [f, n.output[1]], **node_attrs(n))
     else:
-        f = w.add(n.op_type, [x] + list(n.input[1:]), outputs=[w.float_name(n.output[0])], **_attrs(n))
+        f = w.add(n.op_type, [x] + list(n.input[1:]), outputs=[w.float_name(n.output[0])], **node_attrs(n))
     w.q(f, scale, zero, n.output[0])
 
 

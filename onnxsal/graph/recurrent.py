@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 
 from .normalize import _infer_inplace, opset_of, tensor_shapes
 from .simplify import Folder, constants
-from .surgery import FreshNames, tensor_names
+from .surgery import FreshNames, node_attrs, tensor_names
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -52,13 +52,9 @@ class _Emitter:
         return outs[0] if n_out == 1 else outs
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _unroll(node: onnx.NodeProto, consts: Folder, shapes: dict, em: _Emitter) -> None:
     op = node.op_type
-    a = _attrs(node)
+    a = node_attrs(node)
     hidden = int(a.get("hidden_size", 0))
     direction = a.get("direction", b"forward")
     direction = direction.decode() if isinstance(direction, bytes) else direction
@@ -190,7 +186,7 @@ def _unroll(node: onnx.NodeProto, consts: Folder, shapes: dict, em: _Emitter) ->
 
 
 def _time_axis_unknown(node: onnx.NodeProto, shapes: dict) -> bool:
-    layout = int(_attrs(node).get("layout", 0))
+    layout = int(node_attrs(node).get("layout", 0))
     shape = (shapes.get(node.input[0]) or (None, None))[1]
     return shape is None or len(shape) != 3 or shape[1 if layout else 0] is None
 

@@ -180,6 +180,27 @@ class FreshNames:
                 return name
 
 
+class ReadableNames:
+    """``name`` itself, or ``name_2``, ``name_3``... when it is taken: for nodes written in place of
+    others, whose names should still read like the model's own. Node names count as taken too."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.used = tensor_names(graph) | {n.name for n in graph.node}
+
+    def __call__(self, name: str) -> str:
+        k, out = 1, name
+        while out in self.used:
+            k += 1
+            out = f"{name}_{k}"
+        self.used.add(out)
+        return out
+
+
+def node_attrs(node: onnx.NodeProto) -> dict:
+    """A node's attributes as Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
 def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Rename a tensor everywhere it appears in the (top-level) graph."""
     for node in graph.node:
