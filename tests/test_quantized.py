@@ -271,3 +271,49 @@ def test_guided_backprop_finds_the_relus_a_quantiser_absorbed(tmp_path):
         for method in ("guidedbackprop", "deconvnet"):
             q, f = eq.explain(image, method=method, target=target), ef.explain(image, method=method, target=target)
             assert np.corrcoef(q.map.ravel(), f.map.ravel())[0, 1] > 0.95, (seed, method)
+
+
+MOVER_CASES = {
+    "pad_fill": ("Pad", [("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)), ("fill", np.array(3, np.uint8))], {}),
+    "pad_zero": ("Pad", [("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))], {}),
+    "pad_edge": ("Pad", [("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))], {"mode": "edge"}),
+    "split": ("Split", [("parts", np.array([1, 3], np.int64))], {"axis": 2}),
+    "resize": ("Resize", [("", None), ("scales", np.array([1, 1, 2, 2], np.float32))], {"mode": "nearest"}),
+    "reduce_max": ("ReduceMax", [], {"axes": [2, 3], "keepdims": 1}),
+    "max_pool": ("MaxPool", [], {"kernel_shape": [2, 2], "strides": [2, 2]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOVER_CASES))
+@pytest.mark.parametrize("zero_point", [0, 10])
+def test_integer_movers_keep_their_values_on_the_float_grid(case, zero_point):
+    """Between quantisers, an op that moves integers gives the same integers when run on their floats."""
+    from onnxsal.graph.qoperator import to_qdq
+
+    op, extra, attrs = MOVER_CASES[case]
+    inits = {"s": np.array(0.05, np.float32), "z": np.array(zero_point, np.uint8)}
+    names = ["q"]
+    for name, value in extra:
+        names.append(name)
+        if value is not None:
+            inits[name] = value
+    n_out = 2 if op == "Split" else 1
+    outs = [f"m{k}" for k in range(n_out)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node(op, names, outs, **attrs),
+             helper.make_node("QLinearConv", [outs[0], "s", "z", "w", "ws", "wz", "s", "z"], ["c"]),
+             helper.make_node("DequantizeLinear", ["c", "s", "z"], ["y"])]
+    inits.update(w=np.random.default_rng(0).integers(-20, 20, (2, 2, 1, 1)).astype(np.int8),
+                 ws=np.array(0.1, np.float32), wz=np.array(0, np.int8))
+    g = helper.make_graph(nodes, "movers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    if op == "Split":       # the second part goes on as well, so both outputs are checked
+        g.node.append(helper.make_node("DequantizeLinear", [outs[1], "s", "z"], ["y1"]))
+        g.output.append(helper.make_tensor_value_info("y1", TensorProto.FLOAT, None))
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    rewritten = to_qdq(model)
+    assert not [n for n in rewritten.graph.node if n.op_type == op and n.input[0] == "q"]   # it runs on floats
+    x = (np.random.default_rng(1).standard_normal((1, 2, 4, 4)) * 2).astype(np.float32)
+    for got, want in zip(run(rewritten, {"x": x}).values(), run(model, {"x": x}).values()):
+        np.testing.assert_array_equal(got, want)

@@ -25,8 +25,11 @@ from .surgery import ReadableNames, node_attrs
 
 MS = "com.microsoft"
 # Ops on quantised tensors that only move or select values: op(q) == Q(op(DQ(q))) exactly.
+# Pad fills with its constant, moved to the float grid; Resize (nearest; a linear one rounds its
+# interpolation once, as the integer kernel does) and Split's several outputs keep the input's grid.
 MOVERS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity",
-          "DepthToSpace", "SpaceToDepth", "Gather", "Expand", "Tile"}
+          "DepthToSpace", "SpaceToDepth", "Gather", "Expand", "Tile", "Pad", "Split", "Resize",
+          "ReduceMax", "ReduceMin"}
 
 
 def qoperator_ops(model: onnx.ModelProto) -> list[str]:
@@ -164,13 +167,25 @@ def _concat(w: _Writer, n: onnx.NodeProto) -> None:
 def _mover(w: _Writer, n: onnx.NodeProto) -> None:
     """A node that only moves integers, run on their float values and requantised on the same grid."""
     scale, zero = w.grid[n.input[0]]
+    rest = list(n.input[1:])
+    if n.op_type == "Pad" and (not n.attribute or node_attrs(n).get("mode", b"constant") in (b"constant", "constant")):
+        fill = rest[1] if len(rest) > 1 and rest[1] else None      # the integer it pads with, 0 when absent
+        filled = w.add("Cast", [fill], hint=n.output[0] + "_fill", to=TensorProto.FLOAT) if fill else None
+        if zero:
+            zf = w.add("Cast", [zero], hint=n.output[0] + "_zero", to=TensorProto.FLOAT)
+            filled = w.add("Sub", [filled, zf], hint=n.output[0] + "_fill") if filled else \
+                w.add("Neg", [zf], hint=n.output[0] + "_fill")
+        if filled is not None:
+            rest = [rest[0], w.add("Mul", [filled, scale], hint=n.output[0] + "_fill")] + rest[2:]
     x = w.dq(n.input[0], scale, zero)
     if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]:
-        f = w.float_name(n.output[0])
-        w.add("MaxPool", [x], [f, n.output[1]], **node_attrs(n))
+        floats = [w.float_name(n.output[0]), n.output[1]]           # the indices stay as they are
     else:
-        f = w.add(n.op_type, [x] + list(n.input[1:]), outputs=[w.float_name(n.output[0])], **node_attrs(n))
-    w.q(f, scale, zero, n.output[0])
+        floats = [w.float_name(o) if o else "" for o in n.output]
+    w.add(n.op_type, [x] + rest, outputs=floats, **node_attrs(n))
+    for f, o in zip(floats, n.output):
+        if o and f != o:
+            w.q(f, scale, zero, o)
 
 
 _REWRITES = {
