@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .export import EXPORTABLE
 from .methods import check_options, get as get_method, methods as method_names
-from .errors import OnnxsalError, MethodError, TargetError
+from .errors import MethodError, ModelError, OnnxsalError, TargetError
 from . import cli_options as O
 from .preprocess import parse_size
 
@@ -64,22 +64,36 @@ def _option(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
+def _feeds(feed: Optional[List[str]]) -> Optional[dict]:
+    """--feed NAME=VALUE pairs; the values are parsed when the model's inputs are known (graph/fixed.py)."""
+    if not feed:
+        return None
+    pairs = {}
+    for text in feed:
+        if "=" not in text:
+            raise ModelError(f"--feed takes NAME=VALUE, not {text!r}")
+        name, value = text.split("=", 1)
+        pairs[name.strip()] = value.strip()
+    return pairs
+
+
 def _explainer(model: str, device: str, size: Optional[str], preprocess: Optional[str], mean: Optional[str],
                std: Optional[str], scale: Optional[float], bgr: Optional[bool], labels: Optional[str],
-               batch_size: Optional[int]):
+               batch_size: Optional[int], feed: Optional[List[str]] = None):
     from .explainer import Explainer
 
     return Explainer(model, device, preprocess=preprocess, size=parse_size(size), labels=_labels(labels),
-                     mean=_floats(mean), std=_floats(std), scale=scale, bgr=bgr, batch_size=batch_size)
+                     mean=_floats(mean), std=_floats(std), scale=scale, bgr=bgr, batch_size=batch_size,
+                     fixed_inputs=_feeds(feed))
 
 
 @app.command()
 def inspect(model: str = typer.Argument(..., help="ONNX model file"),
-            size: Optional[str] = O.SIZE) -> None:
+            size: Optional[str] = O.SIZE, feed: List[str] = O.FEED) -> None:
     """Show the model's input, outputs, logits, preprocessing and candidate layers."""
     from .model import load
 
-    m = load(model, size=parse_size(size))
+    m = load(model, size=parse_size(size), fixed_inputs=_feeds(feed))
     inp = m.input
     out.print(f"[bold]{esc(os.path.basename(m.path))}[/]")
     precision = f"  {', '.join(m.lifted_from)} tensors, run in float32" if m.lifted_from else ""
@@ -145,6 +159,7 @@ def explain(
     labels: Optional[str] = O.LABELS,
     device: str = O.DEVICE,
     batch_size: Optional[int] = O.BATCH_SIZE,
+    feed: List[str] = O.FEED,
     cmap: str = typer.Option("jet", help="matplotlib colormap"),
     alpha: float = typer.Option(0.5, help="overlay opacity"),
     quiet: bool = O.QUIET,
@@ -159,7 +174,7 @@ def explain(
     unknown = [k for k in opts if not any(k in s.defaults for s in specs)]
     if unknown:
         raise MethodError(f"no chosen method takes option {', '.join(unknown)}")
-    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size)
+    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed)
     targets = target or None
     if target_weights is not None:
         if target:
@@ -233,6 +248,7 @@ def export_cmd(
     n_samples: int = typer.Option(20, help="smoothgrad: noisy copies per image"),
     noise_level: float = typer.Option(0.15, help="smoothgrad: noise sd as a fraction of the input range"),
     steps: int = typer.Option(32, help="ig: Gauss-Legendre steps from a zero baseline"),
+    feed: List[str] = O.FEED,
 ) -> None:
     """Write one ONNX graph: inputs (image, target int64[N]) -> outputs (logits, map [N, H, W] in [0, 1])."""
     import onnx
@@ -240,7 +256,7 @@ def export_cmd(
     from .export import export
     from .model import load
 
-    graph = export(load(model, size=parse_size(size)), method, layer, n_samples=n_samples,
+    graph = export(load(model, size=parse_size(size), fixed_inputs=_feeds(feed)), method, layer, n_samples=n_samples,
                    noise_level=noise_level, steps=steps)
     tmp = output + ".part"
     onnx.save(graph, tmp)

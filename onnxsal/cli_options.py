@@ -12,6 +12,8 @@ TARGET = typer.Option(None, "--target", "-t", help="class index or label (defaul
 LAYER = typer.Option(None, "--layer", "-l", help="layer tensor, node or framework layer name for CAM methods")
 SCORE = typer.Option("logit", help="logit (final softmax/sigmoid removed) or probability")
 OPTION = typer.Option([], "--option", "-O", help="method option key=value, e.g. -O window=16")
+FEED = typer.Option([], "--feed", help="a model input besides the image, held at a value: NAME=1.5,2 or NAME=file.npy; "
+                    "repeatable")
 OUT_DIR = typer.Option("out", "--out", "-o", help="output folder")
 PREPROCESS = typer.Option(None, help="preset: imagenet, caffe, tf, unit, raw (overrides metadata)")
 MEAN = typer.Option(None, help="per-channel mean, e.g. 0.485,0.456,0.406")

@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -145,16 +145,18 @@ class Explainer:
     """Loads a model once; explains any number of inputs with any method.
 
     `preprocess` is a preset name, a Preprocess, or None to use the model's metadata;
-    `mean`/`std`/`scale`/`bgr` override single fields of it.
+    `mean`/`std`/`scale`/`bgr` override single fields of it. `fixed_inputs` gives values to a
+    model's inputs besides the image, held constant (Captum's ``additional_forward_args``).
     """
 
     def __init__(self, model: Union[str, os.PathLike, onnx.ModelProto, Model], device: str = "auto", *,
                  preprocess: Union[str, Preprocess, None] = None, size: Optional[Sequence[int]] = None,
                  labels: Optional[Sequence[str]] = None, mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None, scale: Optional[float] = None, bgr: Optional[bool] = None,
-                 batch_size: Optional[int] = None, memory_mb: int = 2048, threads: Optional[int] = None) -> None:
+                 batch_size: Optional[int] = None, memory_mb: int = 2048, threads: Optional[int] = None,
+                 fixed_inputs: Optional[Mapping[str, Any]] = None) -> None:
         self.runtime = Runtime(device, threads=threads, memory_mb=memory_mb)
-        self.model = load(model, size=size, labels=labels)
+        self.model = load(model, size=size, labels=labels, fixed_inputs=fixed_inputs)
         base = preprocess if isinstance(preprocess, Preprocess) else self.model.preprocess
         spec = make_spec(preprocess if isinstance(preprocess, str) else None, mean, std, scale, bgr, base=base)
         if spec is not None:

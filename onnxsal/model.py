@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -19,6 +19,7 @@ import onnx
 from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import infer, normalize, tensor_shapes, upgrade_opset, without_weight_data
 from .graph.contrib import expand, fused_ops
+from .graph.fixed import Value, hold
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.qoperator import qoperator_ops, to_qdq
 from .graph.simplify import constants
@@ -270,7 +271,8 @@ def _find_image_input(proto: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, str]
         raise ModelError(f"no image-like input (4-D float with 1 or 3 channels) in the model; inputs: {desc}")
     if len(candidates) > 1 or others:
         names = [c[0].name for c in candidates] + others
-        raise ModelError(f"the model has several inputs ({', '.join(names)}); onnxsal explains single-image-input models")
+        raise ModelError(f"the model has several inputs ({', '.join(names)}); onnxsal explains one image input and "
+                         "holds the others at values you give: --feed NAME=VALUE (API: fixed_inputs={NAME: value})")
     return candidates[0]
 
 
@@ -451,8 +453,10 @@ def _metadata(proto: onnx.ModelProto) -> dict:
 
 
 def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optional[Sequence[int]] = None,
-         preprocess: Optional[Preprocess] = None, labels: Optional[Sequence[str]] = None) -> Model:
-    """Read, check, normalise and describe a model. `size` fixes a dynamic H, W."""
+         preprocess: Optional[Preprocess] = None, labels: Optional[Sequence[str]] = None,
+         fixed_inputs: Optional[Mapping[str, Value]] = None) -> Model:
+    """Read, check, normalise and describe a model. `size` fixes a dynamic H, W; `fixed_inputs` holds
+    inputs besides the image at given values (graph/fixed.py)."""
     if isinstance(model, Model):
         return model
     if isinstance(model, onnx.ModelProto):
@@ -460,6 +464,8 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     else:
         path = os.fspath(model)
         proto = read_proto(path)
+    if fixed_inputs:
+        proto = hold(proto, fixed_inputs)      # a copy: the caller's proto stays as it was
     meta = _metadata(proto)
     vi, layout = _find_image_input(proto)
     dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]

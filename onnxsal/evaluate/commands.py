@@ -124,6 +124,7 @@ def sanity(
     labels: Optional[str] = O.LABELS,
     device: str = O.DEVICE,
     batch_size: Optional[int] = O.BATCH_SIZE,
+    feed: List[str] = O.FEED,
     quiet: bool = O.QUIET,
 ) -> None:
     """Randomisation sanity check (Adebayo et al. 2018): do the maps change with the weights?
@@ -131,7 +132,7 @@ def sanity(
     Writes sanity.csv, sanity.json and sanity_<image>.png (one row per method: the original map,
     then the map after each cascading step) into --out.
     """
-    from ..cli import _explainer, out
+    from ..cli import _explainer, _feeds, out
     from .sanity import figure, sanity_check
 
     modes = {"both": ("cascading", "independent"), "cascading": ("cascading",), "independent": ("independent",)}
@@ -140,13 +141,13 @@ def sanity(
     methods = _method_names(method)
     options = _method_options(methods, option)
     files = _collect_images(images)
-    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size)
+    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed)
     perm = None
     if permuted:
         from ..explainer import Explainer
 
         perm = Explainer(permuted, ex.device, preprocess=ex.model.preprocess, labels=ex.model.labels,
-                         batch_size=batch_size)
+                         batch_size=batch_size, fixed_inputs=_feeds(feed))
         if perm.model.input.size != ex.model.input.size or perm.model.num_classes != ex.model.num_classes:
             raise MethodError(f"{permuted} does not match the model (input {perm.model.input.size}, "
                               f"{perm.model.num_classes} classes): the data randomisation test needs the same architecture")
@@ -235,6 +236,7 @@ def evaluate(
     labels: Optional[str] = O.LABELS,
     device: str = O.DEVICE,
     batch_size: Optional[int] = O.BATCH_SIZE,
+    feed: List[str] = O.FEED,
     quiet: bool = O.QUIET,
 ) -> None:
     """Deletion/insertion AUC (RISE) and, with --masks, the pointing games, per method.
@@ -265,7 +267,7 @@ def evaluate(
             if path is None:
                 raise MissingFileError(f"no mask for {os.path.basename(f)} in {masks} (expected {stem}.png or similar)")
             mask_arrays.append(load_mask(path))
-    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size)
+    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed)
     with _progress(quiet) as bar:
         task = bar.add_task("evaluate", total=None)
 
