@@ -441,6 +441,17 @@ def _find_layers(proto: onnx.ModelProto) -> list[Layer]:
     return layers
 
 
+def _scored_output(proto: onnx.ModelProto) -> str:
+    """The first floating-point output: classifiers often list an integer label (an ArgMax) first."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    for vi in proto.graph.output:
+        if not vi.type.HasField("tensor_type") or vi.type.tensor_type.elem_type in floats:
+            return vi.name
+    names = ", ".join(f"{vi.name} ({onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name})"
+                      for vi in proto.graph.output)
+    raise ModelError(f"the model has no floating-point output to score; its outputs: {names}")
+
+
 def _activation_quantisers(proto: onnx.ModelProto) -> int:
     """QuantizeLinear nodes whose input is computed, not a stored weight."""
     stored = {i.name for i in proto.graph.initializer}
@@ -498,7 +509,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         raise SizeError(f"the model's input is fixed at {hw[0]}x{hw[1]}, not {size[0]}x{size[1]}")
 
     proto = normalize(light)
-    graph_out = proto.graph.output[0].name
+    graph_out = _scored_output(proto)
     logits, activation = _find_logits(proto, graph_out)
     shapes = tensor_shapes(proto)
     out_shape = shapes.get(logits, (0, None))[1]

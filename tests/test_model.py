@@ -259,3 +259,31 @@ def test_batch_freed_only_where_a_tensor_carries_it():
     got = batched.run(None, {"image": x})[0]
     want = np.concatenate([one.run(None, {"image": x[i:i + 1]})[0] for i in range(3)])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_integer_label_output_listed_first_is_not_scored():
+    """Exports that list an ArgMax label before the probabilities: the probabilities are the output."""
+    from onnx import TensorProto, helper
+
+    from onnxsal import Explainer
+
+    plain = tiny.conv_net()
+    labelled = tiny.conv_net()
+    g = labelled.graph
+    g.node.append(helper.make_node("ArgMax", ["probs"], ["label"], axis=1, keepdims=0))
+    outs = [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])] + list(g.output)
+    del g.output[:]
+    g.output.extend(outs)
+    m = load(labelled)
+    assert (m.output, m.logits, m.num_classes) == ("probs", "logits", 3)
+    image = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    for method in ("saliency", "scorecam", "rise"):
+        a = Explainer(labelled).explain(image, method=method).map
+        b = Explainer(plain).explain(image, method=method).map
+        np.testing.assert_array_equal(a, b)
+    only_label = tiny.conv_net()
+    only_label.graph.node.append(helper.make_node("ArgMax", ["probs"], ["label"], axis=1, keepdims=0))
+    del only_label.graph.output[:]
+    only_label.graph.output.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
+    with pytest.raises(ModelError, match=r"no floating-point output to score; its outputs: label \(int64\)"):
+        load(only_label)
