@@ -98,6 +98,8 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     out.print(f"[bold]{esc(os.path.basename(m.path))}[/]")
     precision = f"  {', '.join(m.lifted_from)} tensors, run in float32" if m.lifted_from else ""
     out.print(f"  input     {esc(inp.name)}  {inp.layout}  {inp.channels}x{inp.height}x{inp.width}{precision}")
+    if m.read_as:
+        out.print(f"            ({esc(m.read_as)})")
     if m.dense is not None:
         d = m.dense
         out.print(f"  output    {esc(m.output)}  ({d.classes} classes per pixel, {d.height}x{d.width}: a class target "

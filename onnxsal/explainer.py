@@ -271,6 +271,8 @@ class Explainer:
             notes.append(f"scored the logits before the final {m.activation} ({m.logits!r})")
         if m.lifted_from:
             notes.append(f"the model's {' and '.join(m.lifted_from)} tensors run in float32 here")
+        if m.read_as:
+            notes.append(m.read_as)
         tokens = self._token_layers if layer is None and the_layer is not None and spec.family == "cam" else []
         if tokens:
             # a ViT's norms run norm1, norm2 per block, then a final norm: the last block's norm1 is the

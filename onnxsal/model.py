@@ -20,6 +20,7 @@ from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import infer, normalize, tensor_shapes, upgrade_opset, without_weight_data
 from .graph.contrib import expand, fused_ops
 from .graph.fixed import Value, hold
+from .graph.image_input import as_image, needs_image_input
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.qoperator import qoperator_ops, to_qdq
 from .graph.simplify import constants
@@ -127,6 +128,7 @@ class Model:
     expanded: tuple[str, ...] = ()           # ONNX Runtime fused op types written as standard ops (graph/contrib.py)
     quantisers: int = 0                      # QuantizeLinear nodes on activations (QDQ form; graph/rules/quant.py)
     qoperator: tuple[str, ...] = ()          # QOperator op types rewritten into QDQ form (graph/qoperator.py)
+    read_as: str = ""                        # how a flat or channel-less input is read as an image (graph/image_input.py)
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -477,6 +479,9 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         proto = read_proto(path)
     if fixed_inputs:
         proto = hold(proto, fixed_inputs)      # a copy: the caller's proto stays as it was
+    read_as = ""
+    if needs_image_input(proto) is not None:   # (N, 784) or (N, 28, 28): an NCHW input in front (graph/image_input.py)
+        proto, read_as = as_image(proto, size)
     meta = _metadata(proto)
     vi, layout = _find_image_input(proto)
     dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
@@ -548,4 +553,4 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
                  spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused),
-                 _activation_quantisers(light), tuple(qoperator))
+                 _activation_quantisers(light), tuple(qoperator), read_as)
