@@ -26,12 +26,9 @@ Value = Union[np.ndarray, float, int, list, str, os.PathLike]
 def parse_value(text: str) -> np.ndarray:
     """A command-line value: a .npy file, or numbers separated by commas."""
     if text.endswith(".npy"):
-        if not os.path.exists(text):
-            raise ModelError(f"input value file not found: {text}")
-        try:
-            return np.load(text, allow_pickle=False)
-        except Exception as exc:
-            raise ModelError(f"cannot read {text} as a NumPy array: {exc}") from exc
+        from ..preprocess import read_npy
+
+        return read_npy(text, "input value", ModelError)
     try:
         return np.array([float(v) for v in text.split(",")])
     except ValueError:
