@@ -27,6 +27,7 @@ from .graph.simplify import constants
 from .graph.weights import WeightStore, attach, detach
 from .preprocess import Preprocess
 
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 CONV_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv"}
 # Ops that keep a conv's spatial map and are commonly fused with it; their output is also a candidate.
 FOLLOWERS = {"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish",
@@ -255,8 +256,7 @@ def _find_image_input(proto: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, str]
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
-        if tt.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                                onnx.TensorProto.BFLOAT16):
+        if tt.elem_type not in FLOAT_TYPES:
             continue
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         if len(dims) != 4:
@@ -268,6 +268,16 @@ def _find_image_input(proto: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, str]
         elif dims[1] in (1, 3):
             candidates.append((vi, "NCHW"))
     others = [vi.name for vi in proto.graph.input if vi.name not in inits and vi.name not in {c[0].name for c in candidates}]
+    if not candidates and len(others) == 1:
+        # one 4-D float input with another channel count (RGBA, multispectral bands): the smaller of
+        # axes 1 and 3 is the channels; such a model takes preprocessed .npy input, not image files
+        vi = next(v for v in proto.graph.input if v.name == others[0])
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if tt.elem_type in FLOAT_TYPES and len(dims) == 4:
+            layout = _channel_axis(dims)
+            if layout is not None:
+                return vi, layout
     if not candidates:
         desc = ", ".join(f"{vi.name}{_dims(vi)}" for vi in proto.graph.input if vi.name not in inits)
         raise ModelError(f"no image-like input (4-D float with 1 or 3 channels) in the model; inputs: {desc}")
@@ -276,6 +286,15 @@ def _find_image_input(proto: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, str]
         raise ModelError(f"the model has several inputs ({', '.join(names)}); onnxsal explains one image input and "
                          "holds the others at values you give: --feed NAME=VALUE (API: fixed_inputs={NAME: value})")
     return candidates[0]
+
+
+def _channel_axis(dims: list) -> Optional[str]:
+    """NCHW or NHWC when one of axes 1 and 3 is known and smaller than the other two; else None."""
+    def smaller(axis: int) -> bool:
+        c = dims[axis]
+        return c is not None and all(d is None or c < d for k, d in enumerate(dims[1:], 1) if k != axis)
+
+    return "NCHW" if smaller(1) else "NHWC" if smaller(3) else None
 
 
 def _dims(vi: onnx.ValueInfoProto) -> str:
@@ -445,9 +464,8 @@ def _find_layers(proto: onnx.ModelProto) -> list[Layer]:
 
 def _scored_output(proto: onnx.ModelProto) -> str:
     """The first floating-point output: classifiers often list an integer label (an ArgMax) first."""
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
     for vi in proto.graph.output:
-        if not vi.type.HasField("tensor_type") or vi.type.tensor_type.elem_type in floats:
+        if not vi.type.HasField("tensor_type") or vi.type.tensor_type.elem_type in FLOAT_TYPES:
             return vi.name
     names = ", ".join(f"{vi.name} ({onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name})"
                       for vi in proto.graph.output)

@@ -188,6 +188,9 @@ def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Opti
         return Prepared(_check_array(arr, layout, channels, size), None, _stem(path), ["input taken as already preprocessed"])
     if isinstance(source, np.ndarray):
         return Prepared(_check_array(source, layout, channels, size), None, "array", notes)
+    if channels not in (1, 3):
+        raise ImageError(f"this model takes {channels} channels and an image file gives 1 or 3; give the input "
+                         f"as a preprocessed .npy (or array) of shape {_wanted(layout, channels, size)}")
     if isinstance(source, Image.Image):
         img, name = displayable(source), "image"
     else:
@@ -211,12 +214,16 @@ def _stem(path: str) -> str:
     return base.rsplit(".", 1)[0] if "." in base else base
 
 
+def _wanted(layout: str, channels: int, size: tuple) -> tuple:
+    h, w = size
+    return (1, channels, h, w) if layout == "NCHW" else (1, h, w, channels)
+
+
 def _check_array(arr: np.ndarray, layout: str, channels: int, size: tuple) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.dtype.kind not in "fiu":
         raise ImageError(f"array input has dtype {arr.dtype}; expected numbers")
-    h, w = size
-    want = (channels, h, w) if layout == "NCHW" else (h, w, channels)
+    want = _wanted(layout, channels, size)[1:]
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[0] != 1 or tuple(arr.shape[1:]) != want:
