@@ -79,21 +79,21 @@ def _feeds(feed: Optional[List[str]]) -> Optional[dict]:
 
 def _explainer(model: str, device: str, size: Optional[str], preprocess: Optional[str], mean: Optional[str],
                std: Optional[str], scale: Optional[float], bgr: Optional[bool], labels: Optional[str],
-               batch_size: Optional[int], feed: Optional[List[str]] = None):
+               batch_size: Optional[int], feed: Optional[List[str]] = None, head: Optional[str] = None):
     from .explainer import Explainer
 
     return Explainer(model, device, preprocess=preprocess, size=parse_size(size), labels=_labels(labels),
                      mean=_floats(mean), std=_floats(std), scale=scale, bgr=bgr, batch_size=batch_size,
-                     fixed_inputs=_feeds(feed))
+                     fixed_inputs=_feeds(feed), head=head)
 
 
 @app.command()
 def inspect(model: str = typer.Argument(..., help="ONNX model file"),
-            size: Optional[str] = O.SIZE, feed: List[str] = O.FEED) -> None:
+            size: Optional[str] = O.SIZE, feed: List[str] = O.FEED, head: Optional[str] = O.HEAD) -> None:
     """Show the model's input, outputs, logits, preprocessing and candidate layers."""
     from .model import load
 
-    m = load(model, size=parse_size(size), fixed_inputs=_feeds(feed))
+    m = load(model, size=parse_size(size), fixed_inputs=_feeds(feed), head=head)
     inp = m.input
     out.print(f"[bold]{esc(os.path.basename(m.path))}[/]")
     precision = f"  {', '.join(m.lifted_from)} tensors, run in float32" if m.lifted_from else ""
@@ -162,6 +162,7 @@ def explain(
     device: str = O.DEVICE,
     batch_size: Optional[int] = O.BATCH_SIZE,
     feed: List[str] = O.FEED,
+    head: Optional[str] = O.HEAD,
     cmap: str = typer.Option("jet", help="matplotlib colormap"),
     alpha: float = typer.Option(0.5, help="overlay opacity"),
     quiet: bool = O.QUIET,
@@ -176,7 +177,7 @@ def explain(
     unknown = [k for k in opts if not any(k in s.defaults for s in specs)]
     if unknown:
         raise MethodError(f"no chosen method takes option {', '.join(unknown)}")
-    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed)
+    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
     targets = target or None
     if target_weights is not None:
         if target:
@@ -251,6 +252,7 @@ def export_cmd(
     noise_level: float = typer.Option(0.15, help="smoothgrad: noise sd as a fraction of the input range"),
     steps: int = typer.Option(32, help="ig: Gauss-Legendre steps from a zero baseline"),
     feed: List[str] = O.FEED,
+    head: Optional[str] = O.HEAD,
 ) -> None:
     """Write one ONNX graph: inputs (image, target int64[N]) -> outputs (logits, map [N, H, W] in [0, 1])."""
     import onnx
@@ -258,8 +260,8 @@ def export_cmd(
     from .export import export
     from .model import load
 
-    graph = export(load(model, size=parse_size(size), fixed_inputs=_feeds(feed)), method, layer, n_samples=n_samples,
-                   noise_level=noise_level, steps=steps)
+    graph = export(load(model, size=parse_size(size), fixed_inputs=_feeds(feed), head=head), method, layer,
+                   n_samples=n_samples, noise_level=noise_level, steps=steps)
     tmp = output + ".part"
     onnx.save(graph, tmp)
     os.replace(tmp, output)

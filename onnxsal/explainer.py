@@ -146,7 +146,8 @@ class Explainer:
 
     `preprocess` is a preset name, a Preprocess, or None to use the model's metadata;
     `mean`/`std`/`scale`/`bgr` override single fields of it. `fixed_inputs` gives values to a
-    model's inputs besides the image, held constant (Captum's ``additional_forward_args``).
+    model's inputs besides the image, held constant (Captum's ``additional_forward_args``); `head`
+    names the output to score in a model with several.
     """
 
     def __init__(self, model: Union[str, os.PathLike, onnx.ModelProto, Model], device: str = "auto", *,
@@ -154,9 +155,9 @@ class Explainer:
                  labels: Optional[Sequence[str]] = None, mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None, scale: Optional[float] = None, bgr: Optional[bool] = None,
                  batch_size: Optional[int] = None, memory_mb: int = 2048, threads: Optional[int] = None,
-                 fixed_inputs: Optional[Mapping[str, Any]] = None) -> None:
+                 fixed_inputs: Optional[Mapping[str, Any]] = None, head: Optional[str] = None) -> None:
         self.runtime = Runtime(device, threads=threads, memory_mb=memory_mb)
-        self.model = load(model, size=size, labels=labels, fixed_inputs=fixed_inputs)
+        self.model = load(model, size=size, labels=labels, fixed_inputs=fixed_inputs, head=head)
         base = preprocess if isinstance(preprocess, Preprocess) else self.model.preprocess
         spec = make_spec(preprocess if isinstance(preprocess, str) else None, mean, std, scale, bgr, base=base)
         if spec is not None:

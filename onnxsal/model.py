@@ -462,8 +462,16 @@ def _find_layers(proto: onnx.ModelProto) -> list[Layer]:
     return layers
 
 
-def _scored_output(proto: onnx.ModelProto) -> str:
-    """The first floating-point output: classifiers often list an integer label (an ArgMax) first."""
+def _scored_output(proto: onnx.ModelProto, head: Optional[str] = None) -> str:
+    """``head`` when given (a multi-task model's outputs), else the first floating-point output:
+    classifiers often list an integer label (an ArgMax) first."""
+    if head is not None:
+        outputs = {vi.name: vi for vi in proto.graph.output}
+        if head not in outputs:
+            raise ModelError(f"the model has no output {head!r}; its outputs: {', '.join(outputs)}")
+        if outputs[head].type.tensor_type.elem_type not in FLOAT_TYPES:
+            raise ModelError(f"output {head!r} is not floating point; it cannot be scored")
+        return head
     for vi in proto.graph.output:
         if not vi.type.HasField("tensor_type") or vi.type.tensor_type.elem_type in FLOAT_TYPES:
             return vi.name
@@ -485,9 +493,9 @@ def _metadata(proto: onnx.ModelProto) -> dict:
 
 def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optional[Sequence[int]] = None,
          preprocess: Optional[Preprocess] = None, labels: Optional[Sequence[str]] = None,
-         fixed_inputs: Optional[Mapping[str, Value]] = None) -> Model:
+         fixed_inputs: Optional[Mapping[str, Value]] = None, head: Optional[str] = None) -> Model:
     """Read, check, normalise and describe a model. `size` fixes a dynamic H, W; `fixed_inputs` holds
-    inputs besides the image at given values (graph/fixed.py)."""
+    inputs besides the image at given values (graph/fixed.py); `head` names the output to score."""
     if isinstance(model, Model):
         return model
     if isinstance(model, onnx.ModelProto):
@@ -532,7 +540,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         raise SizeError(f"the model's input is fixed at {hw[0]}x{hw[1]}, not {size[0]}x{size[1]}")
 
     proto = normalize(light)
-    graph_out = _scored_output(proto)
+    graph_out = _scored_output(proto, head)
     logits, activation = _find_logits(proto, graph_out)
     shapes = tensor_shapes(proto)
     out_shape = shapes.get(logits, (0, None))[1]

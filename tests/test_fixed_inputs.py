@@ -105,3 +105,44 @@ def test_cli_feed_from_numbers_and_npy(exported, tmp_path, capsys):
     assert [i.name for i in onnx.load(tmp_path / "x.onnx").graph.input] == ["image", "target"]
     assert main(["inspect", path, "--feed", "meta=1,2", "--feed", "temperature=1"]) == 2
     assert "the input is [?, 4]" in capsys.readouterr().err
+
+
+class TwoHeads(nn.Module):
+    """A multi-task network: an age regression first, then gender logits behind a softmax."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.age = nn.Linear(8, 1)
+        self.gender = nn.Linear(8, 2)
+
+    def forward(self, image):
+        f = torch.relu(self.conv(image)).mean((2, 3))
+        return self.age(f), torch.softmax(self.gender(f), 1)
+
+
+def test_head_picks_the_output_to_score(tmp_path):
+    from onnxsal.cli import main
+
+    net = TwoHeads().eval()
+    path = str(tmp_path / "heads.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), path, input_names=["image"], output_names=["age", "gender"],
+                          opset_version=17, dynamo=False, dynamic_axes={"image": {0: "N"}})
+    assert load(path).output == "age"
+    m = load(path, head="gender")
+    assert m.output == "gender" and m.activation == "softmax" and m.num_classes == 2
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    cot = np.random.default_rng(1).standard_normal((2, 2)).astype(np.float32)
+    out = run(vjp(m.proto, m.logits, ["image"]), {"image": x, f"grad_{m.logits}": cot})
+    xt = torch.tensor(x, requires_grad=True)
+    f = torch.relu(net.conv(xt)).mean((2, 3))
+    (net.gender(f) * torch.tensor(cot)).sum().backward()       # the logits before the softmax
+    np.testing.assert_allclose(out["grad_image"], xt.grad.numpy(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ModelError, match="no output 'sex'; its outputs: age, gender"):
+        load(path, head="sex")
+    np.save(tmp_path / "x.npy", x[:1])
+    assert main(["explain", path, str(tmp_path / "x.npy"), "--head", "gender", "-m", "gradcam", "--target", "1",
+                 "--out", str(tmp_path / "out"), "-q"]) == 0

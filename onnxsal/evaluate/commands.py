@@ -125,6 +125,7 @@ def sanity(
     device: str = O.DEVICE,
     batch_size: Optional[int] = O.BATCH_SIZE,
     feed: List[str] = O.FEED,
+    head: Optional[str] = O.HEAD,
     quiet: bool = O.QUIET,
 ) -> None:
     """Randomisation sanity check (Adebayo et al. 2018): do the maps change with the weights?
@@ -141,13 +142,13 @@ def sanity(
     methods = _method_names(method)
     options = _method_options(methods, option)
     files = _collect_images(images)
-    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed)
+    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
     perm = None
     if permuted:
         from ..explainer import Explainer
 
         perm = Explainer(permuted, ex.device, preprocess=ex.model.preprocess, labels=ex.model.labels,
-                         batch_size=batch_size, fixed_inputs=_feeds(feed))
+                         batch_size=batch_size, fixed_inputs=_feeds(feed), head=head)
         if perm.model.input.size != ex.model.input.size or perm.model.num_classes != ex.model.num_classes:
             raise MethodError(f"{permuted} does not match the model (input {perm.model.input.size}, "
                               f"{perm.model.num_classes} classes): the data randomisation test needs the same architecture")
@@ -237,6 +238,7 @@ def evaluate(
     device: str = O.DEVICE,
     batch_size: Optional[int] = O.BATCH_SIZE,
     feed: List[str] = O.FEED,
+    head: Optional[str] = O.HEAD,
     quiet: bool = O.QUIET,
 ) -> None:
     """Deletion/insertion AUC (RISE) and, with --masks, the pointing games, per method.
@@ -267,7 +269,7 @@ def evaluate(
             if path is None:
                 raise MissingFileError(f"no mask for {os.path.basename(f)} in {masks} (expected {stem}.png or similar)")
             mask_arrays.append(load_mask(path))
-    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed)
+    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
     with _progress(quiet) as bar:
         task = bar.add_task("evaluate", total=None)
 
