@@ -237,9 +237,10 @@ def read_proto(path: Union[str, os.PathLike]) -> onnx.ModelProto:
     if os.path.isdir(path):
         raise ModelError(f"{path} is a directory, not an ONNX file")
     try:
-        proto = onnx.load(path)
+        proto = onnx.load(path, load_external_data=False)
     except Exception as exc:
         raise ModelError(f"{path} is not a readable ONNX model (corrupt or truncated protobuf): {type(exc).__name__}") from exc
+    _load_external_weights(proto, path)
     if not proto.graph.node:
         raise ModelError(f"{path} is not an ONNX model (no graph nodes found)")
     try:   # large weights are checked when detach decodes them; here they would be serialised once more
@@ -247,6 +248,30 @@ def read_proto(path: Union[str, os.PathLike]) -> onnx.ModelProto:
     except Exception as exc:
         raise ModelError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
     return proto
+
+
+def _load_external_weights(proto: onnx.ModelProto, path: str) -> None:
+    """Weights saved beside the model (``save_as_external_data``, as models over 2 GB must be): a
+    missing or short data file is named, not reported as a corrupt model."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    external = [t for t in proto.graph.initializer if uses_external_data(t)]
+    if not external:
+        return
+    base = os.path.dirname(os.path.abspath(path))
+    for t in external:
+        info = {e.key: e.value for e in t.external_data}
+        data = os.path.join(base, info.get("location", ""))
+        if not os.path.isfile(data):
+            raise MissingFileError(f"the weights of {path} are in {info.get('location')!r}, which is not next to it")
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > os.path.getsize(data):
+            raise ModelError(f"{data} is shorter than the weights {path} expects in it ({os.path.getsize(data)} bytes, "
+                             f"{end} needed): truncated")
+    try:
+        load_external_data_for_model(proto, base)
+    except Exception as exc:
+        raise ModelError(f"cannot read the weights of {path} from their external file: {type(exc).__name__}: {exc}") from exc
 
 
 def _find_image_input(proto: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, str]:

@@ -287,3 +287,24 @@ def test_an_integer_label_output_listed_first_is_not_scored():
     only_label.graph.output.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
     with pytest.raises(ModelError, match=r"no floating-point output to score; its outputs: label \(int64\)"):
         load(only_label)
+
+
+def test_weights_in_an_external_file(tmp_path):
+    """Models over 2 GB must keep their weights beside them: read them, and name a missing or short file."""
+    import onnxruntime as ort
+
+    model = tiny.conv_net()
+    onnx.save(tiny.conv_net(), tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.weights", size_threshold=0)      # (saving this way moves a proto's weights out)
+    m = load(tmp_path / "ext.onnx")
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    inline = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    loaded = ort.InferenceSession(m.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(loaded.run(["probs"], {"image": x})[0], inline.run(["probs"], {"image": x})[0])
+    data = (tmp_path / "ext.weights").read_bytes()
+    (tmp_path / "ext.weights").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="shorter than the weights .* truncated"):
+        load(tmp_path / "ext.onnx")
+    (tmp_path / "ext.weights").unlink()
+    with pytest.raises(MissingFileError, match="are in 'ext.weights', which is not next to it"):
+        load(tmp_path / "ext.onnx")
