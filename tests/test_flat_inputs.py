@@ -57,3 +57,28 @@ def test_flat_inputs_without_a_size_that_fits_are_size_errors(tmp_path):
         load(path)
     with pytest.raises(SizeError, match="has 301 values, not 10x30 = 300"):
         load(path, size=(10, 30))
+
+
+@pytest.mark.parametrize("dims", [[3, 224, 224], [224, 224, 3], [224, 224], [None, 28, 3]])
+def test_inputs_without_a_batch_axis_are_refused(dims):
+    from onnx import TensorProto, helper
+
+    from onnxsal.errors import ModelError
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)])
+    with pytest.raises(ModelError, match="no batch axis that onnxsal can tell"):
+        load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_a_few_features_per_row_are_no_image():
+    from onnx import TensorProto, helper
+
+    from onnxsal.errors import ModelError
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])])
+    with pytest.raises(ModelError, match=r"no image-like input .*x\[\?,4\]"):
+        load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))

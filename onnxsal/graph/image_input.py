@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import SizeError
+from ..errors import ModelError, SizeError
 from .surgery import ReadableNames
 
 FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -32,6 +32,13 @@ def needs_image_input(model: onnx.ModelProto) -> Optional[onnx.ValueInfoProto]:
     tt = inputs[0].type.tensor_type
     if tt.elem_type not in FLOATS or not tt.HasField("shape") or len(tt.shape.dim) not in (2, 3):
         return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    if len(dims) == 2 and dims[0] in (None, 1) and dims[1] is not None and dims[1] < 16:
+        return None          # a few features per row: not an image
+    if dims[0] not in (None, 1) or any(d is not None and d <= 4 for d in dims[1:]):
+        # (3, 224, 224) or (224, 224, 3): an image without a batch axis, not a batch of grey images
+        raise ModelError(f"input {inputs[0].name!r} {dims} has no batch axis that onnxsal can tell; it needs "
+                         "(N, C, H, W), (N, H, W, C), (N, H, W) or (N, H*W): re-export the model with a batch axis")
     return inputs[0]
 
 
