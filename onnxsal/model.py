@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 
 from .errors import LayerError, MissingFileError, ModelError, SizeError
-from .graph.normalize import infer, normalize, tensor_shapes, upgrade_opset, without_weight_data
+from .graph.normalize import (FLOAT_TYPES, infer, normalize, static_dims, tensor_shapes, upgrade_opset,
+                              without_weight_data)
 from .graph.contrib import expand, fused_ops
 from .graph.fixed import Value, hold
 from .graph.image_input import as_image, needs_image_input
@@ -27,7 +28,6 @@ from .graph.simplify import constants
 from .graph.weights import WeightStore, attach, detach
 from .preprocess import Preprocess
 
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 CONV_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv"}
 # Ops that keep a conv's spatial map and are commonly fused with it; their output is also a candidate.
 FOLLOWERS = {"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish",
@@ -283,7 +283,7 @@ def _find_image_input(proto: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, str]
         tt = vi.type.tensor_type
         if tt.elem_type not in FLOAT_TYPES:
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        dims = static_dims(vi) or []
         if len(dims) != 4:
             continue
         if dims[1] in (1, 3) and dims[3] not in (1, 3):
@@ -297,9 +297,8 @@ def _find_image_input(proto: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, str]
         # one 4-D float input with another channel count (RGBA, multispectral bands): the smaller of
         # axes 1 and 3 is the channels; such a model takes preprocessed .npy input, not image files
         vi = next(v for v in proto.graph.input if v.name == others[0])
-        tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        if tt.elem_type in FLOAT_TYPES and len(dims) == 4:
+        dims = static_dims(vi) or []
+        if vi.type.tensor_type.elem_type in FLOAT_TYPES and len(dims) == 4:
             layout = _channel_axis(dims)
             if layout is not None:
                 return vi, layout
@@ -531,11 +530,12 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if fixed_inputs:
         proto = hold(proto, fixed_inputs)      # a copy: the caller's proto stays as it was
     read_as = ""
-    if needs_image_input(proto) is not None:   # (N, 784) or (N, 28, 28): an NCHW input in front (graph/image_input.py)
-        proto, read_as = as_image(proto, size)
+    flat = needs_image_input(proto)
+    if flat is not None:                       # (N, 784) or (N, 28, 28): an NCHW input in front (graph/image_input.py)
+        proto, read_as = as_image(proto, flat, size)
     meta = _metadata(proto)
     vi, layout = _find_image_input(proto)
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    dims = static_dims(vi)
     channels = dims[1] if layout == "NCHW" else dims[3]
     elem_type = vi.type.tensor_type.elem_type
     lift = source_types(proto, elem_type)

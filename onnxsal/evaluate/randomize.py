@@ -25,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import ModelError
+from ..graph.normalize import FLOAT_TYPES
 from ..graph.weights import array as tensor_value
 
 # op type -> input positions that hold trained parameters (None: any initializer input)
@@ -41,7 +42,6 @@ FOLLOWERS = {"Add", "Mul", "BatchNormalization", "InstanceNormalization", "Layer
 # single-input ops between an initializer and the node that uses it (exporters transpose or cast weights;
 # a quantised model dequantises its integer weights)
 WEIGHT_PATH = {"Identity", "Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "DequantizeLinear"}
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
 @dataclass(frozen=True)

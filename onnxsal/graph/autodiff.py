@@ -28,9 +28,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LayerError, UnsupportedOpError
 from . import recurrent
-from .normalize import normalize, opset_of
+from .normalize import FLOAT_TYPES, normalize, opset_of
 from .simplify import Folder
-from .surgery import FreshNames
+from .surgery import FreshNames, op_key
 from . import weights
 
 Rule = Callable[["RuleContext", "list[str | None]"], "list[str | None]"]
@@ -41,7 +41,6 @@ PREFIX = "onnxsal_bw/"
 GRAD_PREFIX = "grad_"
 INT64_MAX = np.iinfo(np.int64).max
 
-FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 # Ops whose outputs never carry gradient even when fed by a differentiable
 # tensor: shape queries, constants, random draws and piecewise-constant maps
@@ -590,7 +589,7 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
         if broken is not None:
             node, src = broken
             kind = helper.tensor_dtype_to_np_dtype(b.elem_type(next(o for o in node.output if o))).name
-            raise UnsupportedOpError(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}",
+            raise UnsupportedOpError(op_key(node, "."),
                                      node.name or node.output[0],
                                      f"on the path from {', '.join(repr(w) for w in wrt)} to {y!r}: it turns {src!r} "
                                      f"into {kind} values, and the score depends on the input only through them, so "
@@ -603,11 +602,11 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
     src = ", ".join(repr(w) for w in wrt)
     for k, idx in enumerate(on_path):
         node = g.node[idx]
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+        key = op_key(node)
         if key not in table:
             name = node.name or f"#{idx} ({node.op_type})"
             why = refused.get(node.name or node.output[0])
-            raise UnsupportedOpError(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}", name,
+            raise UnsupportedOpError(op_key(node, "."), name,
                                      f"on the path from {src} to {y!r} (node {k + 1} of {len(on_path)})"
                                      + (f": {why}" if why else ""))
 
@@ -645,7 +644,7 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
             gys.append(t)
         if all(t is None for t in gys):
             continue
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+        key = op_key(node)
         ctx = RuleContext(b, node, live)
         res = table[key](ctx, gys)
         if len(res) < len(node.input):

@@ -22,9 +22,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import ModelError
 from .normalize import opset_of, without_weight_data
-from .surgery import FreshNames, ReadableNames, node_attrs
-
-MS = "com.microsoft"
+from .surgery import MS, FreshNames, ReadableNames, node_attrs
 EXPANDED = ("BiasGelu", "FastGelu", "FusedConv", "FusedGemm", "FusedMatMul", "Gelu", "QuickGelu",
             "SkipLayerNormalization")
 

@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ModelError
+from .normalize import static_dims
 from .surgery import ReadableNames
 
 Value = Union[np.ndarray, float, int, list, str, os.PathLike]
@@ -51,18 +52,17 @@ def hold(model: onnx.ModelProto, values: Mapping[str, Value]) -> onnx.ModelProto
                          "onnxsal explains exactly one image input")
     image = left[0]
     names = ReadableNames(g)
-    batch_dim = list(declared[image].type.tensor_type.shape.dim)[0] if declared[image].type.tensor_type.shape.dim else None
+    image_dims = static_dims(declared[image]) or [None]
     front: list[onnx.NodeProto] = []
     for name, raw in values.items():
         vi = declared[name]
         tt = vi.type.tensor_type
         array = parse_value(os.fspath(raw)) if isinstance(raw, (str, os.PathLike)) else np.asarray(raw)
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] if tt.HasField("shape") else None
+        dims = static_dims(vi)
         array = _shaped(name, array.astype(dtype), dims)
         per_image = (dims is not None and len(dims) >= 2 and array.shape[0] == 1
-                     and (dims[0] is None or (batch_dim is not None and batch_dim.HasField("dim_value")
-                                              and dims[0] == batch_dim.dim_value)))
+                     and (dims[0] is None or dims[0] == image_dims[0]))
         g.input.remove(vi)
         if not per_image:
             g.initializer.append(numpy_helper.from_array(array, name))

@@ -18,9 +18,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ModelError, SizeError
+from .normalize import FLOAT_TYPES, static_dims
 from .surgery import ReadableNames
-
-FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 def needs_image_input(model: onnx.ModelProto) -> Optional[onnx.ValueInfoProto]:
@@ -29,10 +28,9 @@ def needs_image_input(model: onnx.ModelProto) -> Optional[onnx.ValueInfoProto]:
     inputs = [vi for vi in model.graph.input if vi.name not in stored]
     if len(inputs) != 1:
         return None
-    tt = inputs[0].type.tensor_type
-    if tt.elem_type not in FLOATS or not tt.HasField("shape") or len(tt.shape.dim) not in (2, 3):
+    dims = static_dims(inputs[0])
+    if inputs[0].type.tensor_type.elem_type not in FLOAT_TYPES or dims is None or len(dims) not in (2, 3):
         return None
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
     if len(dims) == 2 and dims[0] in (None, 1) and dims[1] is not None and dims[1] < 16:
         return None          # a few features per row: not an image
     if dims[0] not in (None, 1) or any(d is not None and d <= 4 for d in dims[1:]):
@@ -42,12 +40,11 @@ def needs_image_input(model: onnx.ModelProto) -> Optional[onnx.ValueInfoProto]:
     return inputs[0]
 
 
-def as_image(model: onnx.ModelProto, size: Optional[Sequence[int]]) -> tuple[onnx.ModelProto, str]:
-    """A copy of ``model`` with a ``(N, 1, H, W)`` input in front of its flat or channel-less one,
-    and a note that says how it was read."""
-    vi = needs_image_input(model)
-    assert vi is not None
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+def as_image(model: onnx.ModelProto, vi: onnx.ValueInfoProto,
+             size: Optional[Sequence[int]]) -> tuple[onnx.ModelProto, str]:
+    """A copy of ``model`` with a ``(N, 1, H, W)`` input in front of ``vi``, its flat or channel-less
+    one (`needs_image_input`), and a note that says how it was read."""
+    dims = static_dims(vi)
     if len(dims) == 3:
         h, w = (dims[1], dims[2]) if None not in dims[1:] else (tuple(size) if size else (None, None))
         if h is None:

@@ -21,6 +21,7 @@ from . import weights
 
 MIN_OPSET = 13
 BATCH = "N"
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 Shape = tuple  # tuple of int | None
 
@@ -147,6 +148,12 @@ def infer(model: onnx.ModelProto) -> onnx.ModelProto:
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Upgrade the opset, free the batch dimension, infer shapes. Idempotent."""
     return _infer_inplace(dynamic_batch(upgrade_opset(model)))   # dynamic_batch already copied
+
+
+def static_dims(vi: onnx.ValueInfoProto) -> Optional[list]:
+    """A value's declared dims, None for a free one; None when it declares no shape."""
+    tt = vi.type.tensor_type
+    return [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] if tt.HasField("shape") else None
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, Shape]]:

@@ -21,9 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import ModelError
-from .surgery import ReadableNames, node_attrs
-
-MS = "com.microsoft"
+from .surgery import MS, ReadableNames, node_attrs, op_key
 # Ops on quantised tensors that only move or select values: op(q) == Q(op(DQ(q))) exactly.
 # Pad fills with its constant, moved to the float grid; Resize (nearest; a linear one rounds its
 # interpolation once, as the integer kernel does) and Split's several outputs keep the input's grid.
@@ -34,7 +32,7 @@ MOVERS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", 
 
 def qoperator_ops(model: onnx.ModelProto) -> list[str]:
     """The QOperator op types in the top-level graph that `to_qdq` rewrites, sorted."""
-    return sorted({n.op_type for n in model.graph.node if _key(n) in _REWRITES})
+    return sorted({n.op_type for n in model.graph.node if op_key(n) in _REWRITES})
 
 
 def to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -46,7 +44,7 @@ def to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     g = out.graph
     w = _Writer(g)
     for node in g.node:
-        rewrite = _REWRITES.get(_key(node))
+        rewrite = _REWRITES.get(op_key(node))
         if rewrite is not None:
             rewrite(w, node)
         elif node.op_type in MOVERS and node.domain in ("", "ai.onnx") and node.input and node.input[0] in w.grid:
@@ -58,10 +56,6 @@ def to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     del g.node[:]
     g.node.extend(w.nodes)
     return out
-
-
-def _key(node: onnx.NodeProto) -> str:
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
 
 
 class _Writer:

@@ -196,6 +196,14 @@ class ReadableNames:
         return out
 
 
+MS = "com.microsoft"      # ONNX Runtime's own op domain
+
+
+def op_key(node: onnx.NodeProto, sep: str = ":") -> str:
+    """``Conv`` for a default-domain op, ``com.microsoft<sep>FusedConv`` for another domain's."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}{sep}{node.op_type}"
+
+
 def node_attrs(node: onnx.NodeProto) -> dict:
     """A node's attributes as Python values."""
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

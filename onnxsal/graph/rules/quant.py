@@ -50,10 +50,11 @@ def _along(ctx: RuleContext, t: str, like: str) -> str:
     return ctx.unsqueeze(t, [k for k in range(rank) if k != axis])
 
 
-def _quantised_type(ctx: RuleContext, zero_point: Optional[str]) -> int:
-    if zero_point:
-        return ctx.elem_type(zero_point)
-    return int(ctx.attr("output_dtype", 0)) or TensorProto.UINT8
+def _zero_point(ctx: RuleContext) -> tuple[Optional[str], int]:
+    """The node's zero point (None when absent) and the integer type it quantises to."""
+    zero_point = ctx.inputs[2] if len(ctx.inputs) > 2 and ctx.inputs[2] else None
+    qtype = ctx.elem_type(zero_point) if zero_point else int(ctx.attr("output_dtype", 0)) or TensorProto.UINT8
+    return zero_point, qtype
 
 
 @vjp_rule("DequantizeLinear")
@@ -77,8 +78,7 @@ def _relu_like(ctx: RuleContext) -> bool:
     ONNX Runtime's quantiser removes a ReLU (or a Clip at 0) in front of such a quantiser, since the
     quantiser does its work; Guided Backprop and the deconvnet then have to find it here.
     """
-    zero_point = ctx.inputs[2] if len(ctx.inputs) > 2 and ctx.inputs[2] else None
-    qtype = _quantised_type(ctx, zero_point)
+    zero_point, qtype = _zero_point(ctx)
     z = ctx.const_value(zero_point) if zero_point else np.zeros(1)
     return qtype in RANGES and z is not None and bool(np.all(np.asarray(z) == RANGES[qtype][0]))
 
@@ -105,8 +105,7 @@ def _straight_through(ctx: RuleContext, g: str, masked: bool) -> Grads:
     if ctx.attr("block_size"):
         raise _unsupported(ctx, "blocked quantisation")
     x = ctx.inputs[0]
-    zero_point = ctx.inputs[2] if len(ctx.inputs) > 2 and ctx.inputs[2] else None
-    qtype = _quantised_type(ctx, zero_point)
+    zero_point, qtype = _zero_point(ctx)
     if qtype not in RANGES:
         raise _unsupported(ctx, f"quantisation to {TensorProto.DataType.Name(qtype)}")
     qmin, qmax = RANGES[qtype]
