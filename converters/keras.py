@@ -43,6 +43,7 @@ from . import metadata
 
 OPSET = 17
 LIFT_BYTES = 1 << 20       # float constants at least this large travel around tf2onnx (step 2)
+PIXEL_DTYPES = {np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16)}   # image inputs taken as integers
 LAYER_PREFIX = "onnxsal_layer:"
 KERAS_EXTS = (".keras", ".h5", ".hdf5")
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "numpy", "protobuf")
@@ -384,8 +385,8 @@ def match_scopes(proto: onnx.ModelProto) -> dict[str, str]:
     return scopes
 
 
-def _concrete(tf, model, shape: tuple, input_name: str):
-    spec = tf.TensorSpec((None,) + tuple(shape), tf.float32, name=input_name)
+def _concrete(tf, model, shape: tuple, input_name: str, dtype: np.dtype):
+    spec = tf.TensorSpec((None,) + tuple(shape), tf.as_dtype(dtype), name=input_name)
     fn = tf.function(lambda x: model(x, training=False))
     with _quiet_ctx():
         return fn.get_concrete_function(spec)
@@ -419,10 +420,27 @@ def _signature(loaded, shape: Optional[tuple]):
     return fn, dims, call
 
 
-def _check_input(shape: tuple, spec) -> np.ndarray:
-    """Two random images in pixel range, preprocessed as the metadata says (or in [-1, 1] without it)."""
+def _pixel_dtype(dtype) -> np.dtype:
+    """The input's integer pixel type when it takes one (``Input(dtype="uint8")``), else float32.
+
+    A model of uint8 pixels traced with a float32 signature would cast its input to uint8 inside the
+    graph, and no gradient crosses that cast; traced with its own type, onnxsal reads the pixels as
+    real values (onnxsal/graph/integer_input.py)."""
+    try:
+        found = np.dtype(getattr(dtype, "as_numpy_dtype", dtype))
+    except TypeError:
+        return np.dtype(np.float32)
+    return found if found in PIXEL_DTYPES else np.dtype(np.float32)
+
+
+def _check_input(shape: tuple, spec, dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
+    """Two random images in pixel range, preprocessed as the metadata says (or in [-1, 1] without it);
+    for a model of integer pixels, two images of them over the type's range."""
     rng = np.random.default_rng(0)
     h, w, c = (d or 32 for d in shape)
+    if dtype != np.float32:
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, int(info.max) + 1, (2, h, w, c)).astype(dtype)
     if spec is None:
         return rng.uniform(-1, 1, (2, h, w, c)).astype(np.float32)
     pixels = rng.uniform(0, 255, (2, h, w, c)).astype(np.float32)
@@ -467,11 +485,14 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
         shape = _image_shape(model, shape)
         wide, extra_names = _export_model(model, layers)
         input_name = _input_name(model)
-        cf = _concrete(tf, wide, shape, input_name)
+        dtype = _pixel_dtype(model.inputs[0].dtype if getattr(model, "inputs", None) else None)
+        cf = _concrete(tf, wide, shape, input_name, dtype)
         call = lambda x: _keras_predict(model, x)  # noqa: E731
         name = model.name
     else:
         cf, shape, call = _signature(model, shape)
+        dtype = _pixel_dtype(cf.structured_input_signature[0][0].dtype if cf.structured_input_signature[0]
+                             else next(iter(cf.structured_input_signature[1].values())).dtype)
         input_name = "input"
         name = os.path.basename(os.path.normpath(source_path)) if source_path else "saved_model"
     channels = shape[2]
@@ -531,9 +552,9 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
 
     diff = None
     if check:
-        x = _check_input(shape, spec)
+        x = _check_input(shape, spec, dtype)
         if check_inputs is not None:
-            x = np.concatenate([x, np.asarray(check_inputs, np.float32).reshape((-1,) + x.shape[1:])])
+            x = np.concatenate([x, np.asarray(check_inputs).astype(dtype).reshape((-1,) + x.shape[1:])])
         diff = metadata.compare(metadata.run_onnx(proto, x), call(x))
         if diff > metadata.CHECK_TOLERANCE:
             raise ConversionError(f"ONNX Runtime and TensorFlow disagree by {diff:.3g} (relative) on the check input")

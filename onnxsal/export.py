@@ -17,7 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import MethodError
 from .graph.autodiff import vjp
+from .graph.integer_input import PIXEL_TYPES
 from .graph.normalize import opset_of
+from .graph.surgery import rename_tensor
 from .graph.weights import attach
 from .model import Model, load
 
@@ -92,6 +94,14 @@ def _free_names(model: onnx.ModelProto, names, keep: str) -> tuple[onnx.ModelPro
 
 
 LIG = "onnxsal_lig/"
+
+
+def _take_pixels(g: onnx.GraphProto, x_name: str, elem_type: int, real: str) -> None:
+    """Input ``x_name`` as the model file's integer pixels, cast to the float image the graph reads."""
+    rename_tensor(g, x_name, real)
+    vi = next(i for i in g.input if i.name == real)
+    vi.name, vi.type.tensor_type.elem_type = x_name, elem_type
+    g.node.insert(0, helper.make_node("Cast", [x_name], [real], name=f"{real}/Cast", to=TensorProto.FLOAT))
 
 
 def _layer_ig_path(proto: onnx.ModelProto, x_name: str, layer: str, logits: str,
@@ -360,6 +370,8 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     del g.output[:]
     g.output.extend(outs)
     g_model.metadata_props.add(key="onnxsal.export", value=method)
+    if m.input.elem_type in PIXEL_TYPES:      # a model of integer pixels takes them here too
+        _take_pixels(g, x_name, m.input.elem_type, e.name(f"{x_name}_real"))
     _toposort(g)
     g_model = attach(g_model)
     onnx.checker.check_model(g_model)

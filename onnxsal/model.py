@@ -22,6 +22,7 @@ from .graph.normalize import (FLOAT_TYPES, infer, normalize, static_dims, tensor
 from .graph.contrib import expand, fused_ops
 from .graph.fixed import Value, hold
 from .graph.image_input import as_image, needs_image_input
+from .graph.integer_input import as_real, integer_image_input
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.qoperator import qoperator_ops, to_qdq
 from .graph.simplify import constants
@@ -129,7 +130,7 @@ class Model:
     expanded: tuple[str, ...] = ()           # ONNX Runtime fused op types written as standard ops (graph/contrib.py)
     quantisers: int = 0                      # QuantizeLinear nodes on activations (QDQ form; graph/rules/quant.py)
     qoperator: tuple[str, ...] = ()          # QOperator op types rewritten into QDQ form (graph/qoperator.py)
-    read_as: str = ""                        # how a flat or channel-less input is read as an image (graph/image_input.py)
+    read_as: str = ""                        # how an integer, flat or channel-less input is read (graph/integer_input.py, image_input.py)
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -529,16 +530,23 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         proto = read_proto(path)
     if fixed_inputs:
         proto = hold(proto, fixed_inputs)      # a copy: the caller's proto stays as it was
-    read_as = ""
+    read_as = []
+    pixels = integer_image_input(proto)
+    if pixels is not None:                     # uint8 pixels: a float input of real values (graph/integer_input.py)
+        proto, how = as_real(proto, pixels)
+        read_as.append(how)
     flat = needs_image_input(proto)
     if flat is not None:                       # (N, 784) or (N, 28, 28): an NCHW input in front (graph/image_input.py)
-        proto, read_as = as_image(proto, flat, size)
+        proto, how = as_image(proto, flat, size)
+        read_as.append(how)
     meta = _metadata(proto)
     vi, layout = _find_image_input(proto)
     dims = static_dims(vi)
     channels = dims[1] if layout == "NCHW" else dims[3]
     elem_type = vi.type.tensor_type.elem_type
     lift = source_types(proto, elem_type)
+    if pixels is not None:                          # the file's own input type, for export to take again
+        elem_type = pixels.type.tensor_type.elem_type
     if lift:                                        # a half-precision model runs in float32 (graph/precision.py)
         if proto is model:                          # the caller's own proto stays as it was
             proto = onnx.ModelProto()
@@ -554,6 +562,8 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
             spec = Preprocess.from_json(meta[META_PREPROCESS])
         except Exception as exc:
             raise ModelError(f"the model's {META_PREPROCESS} metadata is not valid: {exc}") from exc
+    if spec is None and pixels is not None and pixels.type.tensor_type.elem_type == onnx.TensorProto.UINT8:
+        spec = Preprocess.from_preset("raw")        # it takes the decoded image's own 0-255 values
     hw = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
     if None in hw:
         want = tuple(size) if size else (tuple(spec.size) if spec is not None and spec.size else None)
@@ -604,4 +614,4 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
                  spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused),
-                 _activation_quantisers(light), tuple(qoperator), read_as)
+                 _activation_quantisers(light), tuple(qoperator), "; ".join(read_as))

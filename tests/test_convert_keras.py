@@ -464,6 +464,40 @@ def test_keras_hard_swish_is_fused_and_matches_gradient_tape(tf, tmp_path):
     assert rel_err(got, tape.gradient(score, xt).numpy()) < 1e-4
 
 
+def test_keras_model_of_uint8_pixels_keeps_its_input_type(tf, tmp_path):
+    """An Input(dtype="uint8") model traced with float32 would cast inside the graph and have no
+    gradient; traced with its own type, onnxsal reads the pixels as real values."""
+    import keras
+
+    from converters.keras import convert
+    from onnx import TensorProto
+
+    def build(dtype):
+        inp = keras.Input((12, 10, 3), dtype=dtype)
+        x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inp)
+        x = keras.layers.Conv2D(6, 3, activation="relu")(x)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        return keras.Model(inp, keras.layers.Dense(4)(x))
+
+    keras.utils.set_random_seed(5)
+    model, twin = build("uint8"), build("float32")
+    twin.set_weights(model.get_weights())
+    res = convert(model, tmp_path / "m.onnx")
+    assert res.check < 1e-6        # checked on uint8 images, against Keras itself
+    assert res.proto.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    ex = onnxsal.Explainer(res.path, "cpu")
+    name = ex.model.input.name
+    assert "real pixel values" in ex.model.read_as and ex.model.preprocess.preset == "raw"
+    x0 = np.random.default_rng(6).integers(0, 256, (2, 12, 10, 3)).astype(np.float32)
+    cot = np.eye(4, dtype=np.float32)[[0, 2]]
+    got = ex.engine.gradients(x0, cot, [name])[f"grad_{name}"]
+    xt = tf.constant(x0)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        score = tf.reduce_sum(twin(xt, training=False) * tf.constant(cot))
+    assert rel_err(got, tape.gradient(score, xt).numpy()) < 1e-4
+
+
 def test_graph_onnx_cannot_run_is_a_conversion_error():
     """An op tf2onnx passes through without an ONNX definition is named, not a runtime traceback."""
     from converters.metadata import run_onnx
