@@ -91,6 +91,7 @@ def _explainer(model: str, device: str, size: Optional[str], preprocess: Optiona
 def inspect(model: str = typer.Argument(..., help="ONNX model file"),
             size: Optional[str] = O.SIZE, feed: List[str] = O.FEED, head: Optional[str] = O.HEAD) -> None:
     """Show the model's input, outputs, logits, preprocessing and candidate layers."""
+    from .graph.autodiff import spelled_ops
     from .model import load
 
     m = load(model, size=parse_size(size), fixed_inputs=_feeds(feed), head=head)
@@ -115,6 +116,11 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
                   "through them within their range")
     if m.expanded:
         out.print(f"  fused ops {esc(', '.join(m.expanded))} (ONNX Runtime's), run as the standard ops they fuse")
+    spelled = spelled_ops(m.proto)
+    if m.functions or spelled:
+        parts = ([f"the model's own {', '.join(m.functions)} written out"] if m.functions else []) + \
+                ([f"{', '.join(spelled)} differentiated through their ONNX function bodies"] if spelled else [])
+        out.print(f"  functions {esc('; '.join(parts))}")
     if m.labels:
         shown = ", ".join(m.labels[:10]) + (" ..." if len(m.labels) > 10 else "")
         out.print(f"  labels    {esc(shown)}")

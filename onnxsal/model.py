@@ -22,6 +22,7 @@ from .graph.normalize import (FLOAT_TYPES, infer, normalize, static_dims, tensor
 from .graph.contrib import expand, fused_ops
 from .graph.fixed import Value, hold
 from .graph.image_input import as_image, needs_image_input
+from .graph.functions import inline as inline_functions
 from .graph.integer_input import as_real, integer_image_input
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.qoperator import qoperator_ops, to_qdq
@@ -130,6 +131,7 @@ class Model:
     expanded: tuple[str, ...] = ()           # ONNX Runtime fused op types written as standard ops (graph/contrib.py)
     quantisers: int = 0                      # QuantizeLinear nodes on activations (QDQ form; graph/rules/quant.py)
     qoperator: tuple[str, ...] = ()          # QOperator op types rewritten into QDQ form (graph/qoperator.py)
+    functions: tuple[str, ...] = ()          # the file's own functions, written out at load (graph/functions.py)
     read_as: str = ""                        # how an integer, flat or channel-less input is read (graph/integer_input.py, image_input.py)
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
@@ -528,6 +530,9 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     else:
         path = os.fspath(model)
         proto = read_proto(path)
+    own = tuple(sorted({f.name for f in proto.functions}))
+    if own:                                     # the model's own functions, written out (graph/functions.py)
+        proto = inline_functions(proto)
     if fixed_inputs:
         proto = hold(proto, fixed_inputs)      # a copy: the caller's proto stays as it was
     read_as = []
@@ -614,4 +619,4 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
                  spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused),
-                 _activation_quantisers(light), tuple(qoperator), "; ".join(read_as))
+                 _activation_quantisers(light), tuple(qoperator), own, "; ".join(read_as))

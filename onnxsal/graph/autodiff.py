@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LayerError, UnsupportedOpError
-from . import recurrent
+from . import functions, recurrent
 from .normalize import FLOAT_TYPES, normalize, opset_of
 from .simplify import Folder
 from .surgery import FreshNames, op_key
@@ -545,6 +545,18 @@ def _set_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
     g.output.extend(new)
 
 
+def spelled_ops(model: onnx.ModelProto) -> list[str]:
+    """The standard ops of ``model`` without a rule that `vjp` writes out as their spec bodies."""
+    from . import rules as _load_rules  # noqa: F401  (registers the rules)
+
+    return functions.function_ops(model, _ruled())
+
+
+def _ruled() -> set[str]:
+    """The standard ops that keep their own node: those with a rule, and those without a gradient."""
+    return VJP_RULES.keys() | NON_DIFFERENTIABLE
+
+
 def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[Mapping[str, Rule]] = None,
         outputs: Sequence[str] = (), simplify: bool = True) -> onnx.ModelProto:
     """Model computing ``y``, the tensors in ``outputs`` and d<grad_y, y>/d x for every x in ``wrt``.
@@ -562,6 +574,9 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
     outputs = list(outputs)
     original = model
     model = normalize(model)
+    spelled = functions.inline(model, _ruled())        # Attention, RMSNormalization, the model's own functions
+    if spelled is not model:
+        model = normalize(spelled)
     if model is original:             # everything below edits the model in place
         model = copy.deepcopy(model)
     _check_names(model.graph, y, wrt, outputs)

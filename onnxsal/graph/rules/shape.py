@@ -494,6 +494,27 @@ def _expand_back(ctx: RuleContext, gk: str, x: str) -> str:
     return ctx.op("Expand", [gk, ctx.shape_of(x)])
 
 
+def _runtime_axes(ctx: RuleContext) -> bool:
+    """Whether the reduction axes are an input computed at run time (the RMSNormalization body's
+    ``Range(rank + axis, rank)``)."""
+    return ctx.attr("axes") is None and len(ctx.inputs) > 1 and bool(ctx.inputs[1]) \
+        and ctx.const_value(ctx.inputs[1]) is None
+
+
+def _reduce_back_at_runtime(ctx: RuleContext, g: str, x: str, y: str) -> str:
+    """ReduceSum/ReduceMean's gradient with run-time axes: the dropped axes put back by
+    ``Unsqueeze`` (which takes its axes as an input too), 1/n as Size(y)/Size(x), then Expand.
+    Empty axes, either way ``noop_with_empty_axes`` reads them, need no branch: a full reduction's
+    gradient is a scalar and the no-op's has x's shape, and both expand to x."""
+    if not int(ctx.attr("keepdims", 1)):
+        g = ctx.op("Unsqueeze", [g, ctx.inputs[1]])
+    if ctx.node.op_type == "ReduceMean":
+        et = ctx.elem_type(y)
+        g = ctx.op("Mul", [g, ctx.op("Div", [ctx.op("Cast", [ctx.op("Size", [y])], to=et),
+                                             ctx.op("Cast", [ctx.op("Size", [x])], to=et)])])
+    return _expand_back(ctx, g, x)
+
+
 @vjp_rule("ReduceSum", "ReduceMean")
 def reduce_sum_mean(ctx: RuleContext, gy: Grads) -> Grads:
     """y = sum_axes x (mean: divided by n = prod of reduced sizes): gx = expand(gy [/ n]) to x's shape.
@@ -501,6 +522,8 @@ def reduce_sum_mean(ctx: RuleContext, gy: Grads) -> Grads:
     The 1/n scaling happens before the Expand, on the small tensor.
     """
     x, y = ctx.inputs[0], ctx.outputs[0]
+    if _runtime_axes(ctx):
+        return [_reduce_back_at_runtime(ctx, gy[0], x, y)] + [None] * (len(ctx.inputs) - 1)
     r = _rank(ctx, x)
     axes = _reduce_axes(ctx, r)
     g = gy[0]
