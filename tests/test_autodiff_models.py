@@ -336,9 +336,26 @@ class Copies(nn.Module):
         return self.head(torch.tanh(z).mean(dim=(2, 3)))
 
 
+class Selecting(nn.Module):
+    """Top-k pooling (the k strongest responses of each channel), a triangular channel-similarity
+    matrix and a cumulative sum over it."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, d, 3, stride=2)
+        self.head = nn.Linear(2 * d, 10)
+        self.probe = self.c1
+
+    def forward(self, x):
+        f = torch.tanh(self.c1(x)).flatten(2)
+        top = f.topk(5, dim=2).values.mean(-1)
+        similar = torch.triu(f @ f.transpose(1, 2) / f.shape[2], diagonal=1)
+        return self.head(torch.cat([top, similar.cumsum(-1)[..., -1]], 1))
+
+
 NETS = {"vgg": VGGish, "resnet": ResNetish, "mobilenetv2": MobileNetV2ish, "se_hard": SENet, "vit": ViTish,
         "modern": Modern, "shuffle": ShuffleNetish, "window": WindowNet, "mha": TorchMHA,
-        "copies": Copies, "spelled_hard": SpelledHardNet}
+        "copies": Copies, "spelled_hard": SpelledHardNet, "selecting": Selecting}
 OPSET = {"modern": 18}          # Mish is an op from opset 18
 
 
@@ -429,7 +446,7 @@ def exported(tmp_path_factory):
 
 CASES = [("vgg", False), ("resnet", False), ("mobilenetv2", False), ("se_hard", False), ("vit", False),
          ("vit", True), ("resnet", True), ("spelled_hard", False), ("modern", True), ("shuffle", True), ("window", True), ("mha", True),
-         ("copies", False), ("copies", True)]
+         ("copies", False), ("copies", True), ("selecting", False), ("selecting", True)]
 
 
 @pytest.mark.parametrize("name,dynamic", CASES, ids=[f"{n}{'-dyn' if d else ''}" for n, d in CASES])
@@ -459,6 +476,11 @@ def test_modern_net_exercises_the_newer_rules(exported):
     assert {"Einsum", "DepthToSpace", "ReduceMax", "InstanceNormalization", "Softplus"} <= ops
     d2s = next(n for n in model.graph.node if n.op_type == "DepthToSpace")
     assert helper.get_attribute_value(next(a for a in d2s.attribute if a.name == "mode")) == b"CRD"
+
+
+def test_selecting_net_exercises_the_selecting_rules(exported):
+    _, model, _ = exported("selecting", True)
+    assert {"TopK", "Trilu", "CumSum"} <= {n.op_type for n in model.graph.node}
 
 
 def test_copies_net_exercises_the_copying_rules(exported):

@@ -261,6 +261,25 @@ SHAPE = [
 ]
 
 
+SELECTIONS = [
+    case("TopK", {"x": rnd(3, 6)}, {"axis": 1}, inits={"k": np.array([2], I64)}, n_out=2, y="y0", id="topk-largest"),
+    case("TopK", {"x": rnd(4, 3, 2)}, {"axis": 0, "largest": 0, "sorted": 0}, inits={"k": np.array([3], I64)},
+         n_out=2, y="y0", id="topk-smallest-axis0"),
+    case("CumSum", {"x": rnd(3, 5)}, inits={"axis": np.array(1, I64)}, id="cumsum"),
+    case("CumSum", {"x": rnd(3, 5)}, {"exclusive": 1, "reverse": 1}, inits={"axis": np.array(-2, I64)},
+         id="cumsum-exclusive-reverse"),
+    case("Trilu", {"x": rnd(2, 4, 5)}, id="trilu-upper"),
+    case("Trilu", {"x": rnd(2, 4, 5)}, {"upper": 0}, inits={"k": np.array(-1, I64)}, id="trilu-lower-k"),
+    case("LpNormalization", {"x": rnd(3, 4, 2).astype(F32)}, {"axis": 1}, id="lpnorm-l2"),
+    case("LpNormalization", {"x": rnd(3, 5, lo=0.1).astype(F32)}, {"p": 1}, id="lpnorm-l1"),
+]
+
+
+@pytest.mark.parametrize("c", SELECTIONS)
+def test_selections(c):
+    _run_case(c)
+
+
 @pytest.mark.parametrize("c", ELEMENTWISE)
 def test_elementwise(c):
     _run_case(c)

@@ -50,7 +50,7 @@ NON_DIFFERENTIABLE = {
     "RandomNormalLike", "RandomUniformLike", "RandomNormal", "RandomUniform", "Multinomial",
     "ArgMax", "ArgMin", "NonZero", "Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf",
     "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor",
-    "OneHot", "Range",
+    "OneHot", "Range", "Hardmax",
 }
 # Ops whose integer outputs still carry a gradient: a quantiser's, passed straight through (rules/quant.py).
 INTEGER_CARRIERS = {"QuantizeLinear"}

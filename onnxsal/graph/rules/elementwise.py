@@ -239,7 +239,7 @@ def cos(ctx: RuleContext, gy: Grads) -> Grads:
     return [ctx.op("Neg", [ctx.op("Mul", [gy[0], ctx.op("Sin", [ctx.inputs[0]])])])]
 
 
-@vjp_rule("Sign", "Floor", "Ceil", "Round")
+@vjp_rule("Sign", "Floor", "Ceil", "Round", "Hardmax")
 def piecewise_constant(ctx: RuleContext, gy: Grads) -> Grads:
     """Piecewise constant: the derivative is 0 wherever it exists, as in training frameworks."""
     return [ctx.zeros_like(ctx.inputs[0])]

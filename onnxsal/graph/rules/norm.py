@@ -281,3 +281,23 @@ def group_normalization(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optio
     xhat, rstd = _standardized(ctx, ctx.op("Reshape", [x, view]), [2], float(ctx.attr("epsilon", 1e-5)))
     res[0] = ctx.op("Reshape", [_normalized_backward(ctx, g, xhat, rstd, [2]), ctx.shape_of(x)])
     return res
+
+
+@vjp_rule("LpNormalization")
+def lp_normalization(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
+    """y = x / n along ``axis``, n = ||x||_p (p = 2 or 1; an embedding head's L2 normalisation):
+    ``dx = (gy - s * <gy, y>) / n`` with s = y for p = 2 and s = sign(x) for p = 1 (the sum over
+    the axis). ONNX Runtime divides by n itself, so a zero row stays as it computes it."""
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(needs a known rank)")
+    axis = int(ctx.attr("axis", -1)) % rank
+    p = int(ctx.attr("p", 2))
+    if p not in (1, 2):
+        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, f"(p = {p}; ONNX defines 1 and 2)")
+    n = ctx.op("Sqrt", [ctx.reduce_sum(ctx.op("Mul", [x, x]), [axis])]) if p == 2 else \
+        ctx.reduce_sum(ctx.op("Abs", [x]), [axis])
+    s = y if p == 2 else ctx.op("Sign", [x])
+    along = ctx.reduce_sum(ctx.op("Mul", [gy[0], y]), [axis])
+    return [ctx.op("Div", [ctx.op("Sub", [gy[0], ctx.op("Mul", [s, along])]), n])]

@@ -687,6 +687,30 @@ def gather_elements(ctx: RuleContext, gy: Grads) -> Grads:
     return [ctx.op("ScatterElements", [ctx.zeros_like(x), ind, gy[0]], **attrs), None]
 
 
+@vjp_rule("TopK")
+def top_k(ctx: RuleContext, gy: Grads) -> Grads:
+    """values = x at the top k indices along ``axis``: gx = gy scattered back there (the indices of
+    one slice never repeat); the indices output carries no gradient."""
+    x = ctx.inputs[0]
+    g = gy[0] if gy[0] is not None else ctx.zeros_like(ctx.outputs[0])
+    return [ctx.op("ScatterElements", [ctx.zeros_like(x), ctx.outputs[1], g], axis=int(ctx.attr("axis", -1))), None]
+
+
+@vjp_rule("CumSum")
+def cum_sum(ctx: RuleContext, gy: Grads) -> Grads:
+    """y_i = sum of x_j for j up to i (or from i, ``reverse``; without i, ``exclusive``): each x_j
+    reaches the y_i on the other side, so gx is the sum of gy the other way, as exclusive as y."""
+    return [ctx.op("CumSum", [gy[0], ctx.inputs[1]], exclusive=int(ctx.attr("exclusive", 0)),
+                   reverse=1 - int(ctx.attr("reverse", 0))), None]
+
+
+@vjp_rule("Trilu")
+def trilu(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = x with the entries outside a triangle zeroed: gx = gy with the same entries zeroed."""
+    k = [i for i in ctx.inputs[1:2] if i]
+    return [ctx.op("Trilu", [gy[0]] + k, upper=int(ctx.attr("upper", 1)))] + [None] * (len(ctx.inputs) - 1)
+
+
 @vjp_rule("ScatterElements")
 def scatter_elements(ctx: RuleContext, gy: Grads) -> Grads:
     """ScatterElements along ``axis`` (max-pool gradients scatter this way, so a second derivative
