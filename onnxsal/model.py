@@ -365,8 +365,9 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
             logits = flat.input[0]
         return logits, "softmax"
     if node.op_type == "Sigmoid":
+        # one unit: a binary classifier; (N, C): a multi-label one, each class its own logit
         shape = shapes.get(node.input[0], (0, None))[1]
-        if shape is not None and int(np.prod([d for d in shape[1:] if d])) == 1:
+        if shape is not None and (int(np.prod([d for d in shape[1:] if d])) == 1 or len(shape) == 2):
             return node.input[0], "sigmoid"
     return output, None
 

@@ -17,7 +17,7 @@ from onnxsal import Explainer
 from onnxsal.cli import main
 from onnxsal.errors import ImageError
 from onnxsal.evaluate.faithfulness import (auc, default_step, deletion_insertion, evaluate, fractions, pixel_order,
-                                           substrate)
+                                           probabilities, substrate)
 from onnxsal.evaluate.localization import energy_inside, load_mask, pointing_hit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,3 +267,35 @@ def test_gradcam_points_at_the_shapes_of_the_demo_model():
     hits = [r.hit for r in rep.results]
     assert len(hits) == 12 and np.mean(hits) >= 0.95
     assert [r.label for r in rep.results] == [os.path.basename(p)[3:-4] for p in images]
+
+
+def test_multi_label_sigmoid_scores_each_class_logit_and_its_own_probability(tmp_path):
+    """A sigmoid over several classes (CheXNet-style multi-label): each class scores its logit,
+    and the faithfulness curves read that class's sigmoid, not a softmax across the classes."""
+    import warnings
+
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5),
+                        nn.Sigmoid()).eval()
+    path = str(tmp_path / "multilabel.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 12, 12),), path, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["p"], dynamic_axes={"x": {0: "N"}})
+    ex = Explainer(path, "cpu", preprocess="unit")
+    m = ex.model
+    assert m.activation == "sigmoid" and m.num_classes == 5 and not m.binary and m.logits != m.output
+    x = np.random.default_rng(0).random((3, 3, 12, 12)).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    logits = net[:-1](xt)
+    logits[:, 2].sum().backward()
+    cot = np.zeros((3, 5), np.float32)
+    cot[:, 2] = 1
+    got = ex.engine.gradients(x, cot, ["x"])["grad_x"]
+    assert np.abs(got - xt.grad.numpy()).max() / np.abs(xt.grad.numpy()).max() < 1e-4
+    np.testing.assert_allclose(probabilities(ex, x, 2), torch.sigmoid(logits[:, 2]).detach().numpy(), rtol=1e-5)
+    res = ex.explain(x[:1], "saliency", target=2)
+    assert any("before the final sigmoid" in n for n in res.notes)

@@ -16,8 +16,8 @@ Everything happens in the model's input space, at its input size:
 * the insertion start is a Gaussian blur of the input with sigma a fixed
   fraction of the input size (see `BLUR_FRACTION`), strong enough to erase a
   shape's outline at any resolution;
-* the probability is the model's softmax (or sigmoid for a single-unit output),
-  computed from its logits, so models that end without an activation are
+* the probability is the model's softmax (or sigmoid for a single-unit output,
+  and for each class of a model that ends in a sigmoid over its classes), computed from its logits, so models that end without an activation are
   scored the same way.
 Each curve is one batched run of all its steps.
 """
@@ -73,13 +73,16 @@ def auc(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def probabilities(ex: Explainer, xb: np.ndarray, target: int) -> np.ndarray:
-    """(N,) probability of `target` for a batch: softmax of the logits, or sigmoid for one unit."""
+    """(N,) probability of `target` for a batch: softmax of the logits, or sigmoid for one unit
+    and for each class of a multi-label model (one that ends in a sigmoid over its classes)."""
     m = ex.model
     (logits,) = ex.engine.outputs(xb, [m.logits])
     z = logits.reshape(len(xb), -1).astype(np.float64)
     if z.shape[1] == 1:
         p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
         return p1 if target == 1 else 1.0 - p1
+    if m.activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-z[:, target]))
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e[:, target] / e.sum(axis=1)
