@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -113,10 +114,14 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
     if not os.path.exists(path):
         raise MissingFileError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            img = ImageOps.exif_transpose(im) or im
-            img = img.copy()
+        with warnings.catch_warnings():     # a 100-megapixel photo is an image, not an attack
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                img = ImageOps.exif_transpose(im) or im
+                img = img.copy()
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"cannot read {path}: {str(exc).rstrip('.')} (Pillow's guard); downscale it first") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"cannot read {path} as an image ({type(exc).__name__}: {str(exc)[:80]})") from exc
     return displayable(img, path)

@@ -125,3 +125,21 @@ def test_deep_images_without_a_known_scale_are_refused(tmp_path):
         prepare(tmp_path / "hu.tif", spec, layout="NCHW", channels=1, size=(4, 5))
     with pytest.raises(ImageError, match=r"32-bit integer image .* outside 0 to 65535"):
         prepare(tmp_path / "neg.tif", spec, layout="NCHW", channels=1, size=(4, 5))
+
+
+def test_very_large_images_read_or_are_refused_in_one_line(tmp_path, monkeypatch):
+    """Pillow warns between its limit and twice it (a 100-megapixel photo) and refuses beyond."""
+    import warnings
+
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (60, 50), (10, 20, 30)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)          # 3000 pixels: over it, under twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(path).size == (60, 50)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match=r"cannot read .*big.png: Image size \(3000 pixels\) exceeds limit of 2000 "
+                                         r"pixels.*downscale it first"):
+        load_image(path)

@@ -82,7 +82,7 @@ def load_mask(path: Union[str, os.PathLike]) -> np.ndarray:
     try:
         with Image.open(path) as im:
             levels = np.asarray(im if im.mode.startswith(("I", "F")) else im.convert("L"), dtype=np.float64)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot read mask {path} as an image ({type(exc).__name__})") from exc
     if levels.ndim != 2 or not np.isfinite(levels).all():
         raise ImageError(f"mask {path} is not a finite greyscale image")
