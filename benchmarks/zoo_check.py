@@ -9,6 +9,7 @@
     .venv-bench/bin/python benchmarks/zoo_check.py [--timm] [--dynamo] --ort-optimized   # as ONNX Runtime saves them
     .venv-bench/bin/python benchmarks/zoo_check.py --qdq [--nets ...]   # torchvision, quantised to int8 (QDQ)
     .venv-bench/bin/python benchmarks/zoo_check.py --qoperator [--nets ...]   # the same, QOperator form
+    .venv-bench/bin/python benchmarks/zoo_check.py --dynamic [--nets ...]     # dynamically quantised
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
@@ -56,7 +57,9 @@ QuantizeLinear and DequantizeLinear computes what the ONNX spec says (is it the 
 difference of ONNX Runtime's default run, whose fused integer kernels round differently, from the
 same (how far the deployed model is from its own spec); and the Pearson correlation of the
 straight-through input gradient with torch.autograd's on the float network, a different function. ``--qoperator`` quantises to
-the QOperator form (``QLinearConv``...), which onnxsal rewrites into QDQ form at load.
+the QOperator form (``QLinearConv``...), which onnxsal rewrites into QDQ form at load. ``--dynamic``
+quantises with ``quantize_dynamic`` (``DynamicQuantizeLinear``, ``ConvInteger``, ``MatMulInteger``),
+rewritten the same way with each input's grid held.
 
 One smooth case: Keras EfficientNetV2-B0 differs by 3-6e-4 on every seed, and the gap opens at
 the swish after ``top_bn``, whose pre-activations are large there. A sigmoid's derivative y(1 - y),
@@ -252,6 +255,10 @@ def qdq_errors(name: str, cache: str, fmt: str = "QDQ") -> list[str]:
     net = torchvision_net(name)
     path = export_once(net, os.path.join(cache, f"zoo_{name}_{size}.onnx"), size, dynamo=False)
     qpath = path[:-len(".onnx")] + f"_{fmt.lower()}.onnx"
+    if not os.path.exists(qpath) and fmt == "Dynamic":
+        from onnxruntime.quantization import quantize_dynamic
+
+        quantize_dynamic(path, qpath)
     if not os.path.exists(qpath):
         class Images(CalibrationDataReader):
             def __init__(self):
@@ -396,6 +403,8 @@ def main() -> None:
     ap.add_argument("--half", action="store_true", help="torchvision, converted to float16 (onnxconverter-common)")
     ap.add_argument("--qdq", action="store_true", help="torchvision, quantised to int8 by ONNX Runtime (QDQ form)")
     ap.add_argument("--qoperator", action="store_true", help="the same in the QOperator form (QLinearConv...)")
+    ap.add_argument("--dynamic", action="store_true", help="torchvision, dynamically quantised by ONNX Runtime "
+                                                          "(DynamicQuantizeLinear, ConvInteger, MatMulInteger)")
     ap.add_argument("--ort-optimized", action="store_true",
                     help="torchvision or timm exports as ONNX Runtime's optimiser saves them (FusedConv, QuickGelu...)")
     ap.add_argument("--nets", default=None)
@@ -411,6 +420,7 @@ def main() -> None:
     check = keras_errors if args.keras else (lambda n, c: timm_errors(n, c, args.dynamo)) if args.timm else \
         ppocr_errors if args.ppocr else half_errors if args.half else qdq_errors if args.qdq else \
         (lambda n, c: qdq_errors(n, c, "QOperator")) if args.qoperator else \
+        (lambda n, c: qdq_errors(n, c, "Dynamic")) if args.dynamic else \
         (lambda n, c: torchvision_errors(n, c, args.dynamo))
     source = "Keras (tf.GradientTape)" if args.keras else "timm (torch.autograd)" if args.timm else \
         "PP-OCR (torch.autograd on onnx2torch, float64)" if args.ppocr else \
@@ -419,6 +429,8 @@ def main() -> None:
         "torchvision quantised to QDQ int8 (logits vs ONNX Runtime on the file, unfused / ONNX Runtime fused vs "\
         "unfused / Pearson of the straight-through gradient with torch.autograd on the float network)" if args.qdq else \
         "torchvision quantised to int8 in QOperator form, run as QDQ (figures as for --qdq)" if args.qoperator else \
+        "torchvision dynamically quantised to uint8/int8, run as QDQ with each input's grid held (figures as for "\
+        "--qdq)" if args.dynamic else \
         "torchvision (torch.autograd)"
     print(f"# {source}"
           f"{', dynamo exporter' if args.dynamo else ''}"

@@ -111,7 +111,9 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     out.print(f"  logits    {esc(m.logits)}  ({act})")
     out.print(f"  preprocess {m.preprocess.describe() if m.preprocess else 'none in metadata (give --preprocess)'}")
     if m.quantisers:
-        form = f"QOperator form ({', '.join(m.qoperator)}) run as QDQ" if m.qoperator else "QDQ"
+        dynamic = "DynamicQuantizeLinear" in m.qoperator
+        form = (f"{'dynamic quantisation' if dynamic else 'QOperator form'} ({', '.join(m.qoperator)}) run as QDQ"
+                + (", each input's grid held" if dynamic else "")) if m.qoperator else "QDQ"
         out.print(f"  quantised {m.quantisers} QuantizeLinear on activations ({esc(form)}): gradients pass straight "
                   "through them within their range")
     if m.expanded:

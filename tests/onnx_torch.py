@@ -51,10 +51,42 @@ def run(model: onnx.ModelProto, feeds: dict[str, torch.Tensor]) -> dict[str, tor
         elif op == "DequantizeLinear":
             zp = x[2].float() if len(x) > 2 and x[2] is not None else 0.0
             y = (x[0].float() - zp) * x[1]
+        elif op == "DynamicQuantizeLinear":     # ONNX's formula; the scale and zero point held (detached)
+            v = x[0].detach()
+            lo, hi = torch.clamp(v.min(), max=0), torch.clamp(v.max(), min=0)
+            scale = (hi - lo) / 255
+            zero = torch.clamp(torch.round(-lo / scale), 0, 255)
+            env[node.output[1]], env[node.output[2]] = scale, zero
+            y = _StraightThrough.apply(x[0], scale, zero, 0, 255)
+        elif op in ("ConvInteger", "MatMulInteger"):
+            a = x[0].float() - (x[2].float() if len(x) > 2 and x[2] is not None else 0.0)
+            b = x[1].float()
+            if len(x) > 3 and x[3] is not None:
+                b = b - (x[3].float().reshape(-1, *[1] * (b.dim() - 1)) if op == "ConvInteger" else x[3].float())
+            if op == "ConvInteger":
+                a_attrs = _attrs(node)
+                pads = node_pads(a_attrs)
+                y = F.conv2d(a, b, stride=a_attrs.get("strides", [1, 1]), padding=pads, groups=a_attrs.get("group", 1))
+            else:
+                y = a @ b
+        elif op == "Cast":
+            y = x[0].float()
+        elif op in ("Add", "Mul", "Sub"):
+            y = {"Add": torch.add, "Mul": torch.mul, "Sub": torch.sub}[op](x[0], x[1])
+        elif op == "MatMul":
+            y = x[0] @ x[1]
+        elif op == "Reshape":
+            y = x[0].reshape([int(d) if d != 0 else x[0].shape[i] for i, d in enumerate(x[1].tolist())])
         else:
             raise NotImplementedError(op)
         env[node.output[0]] = y
     return env
+
+
+def node_pads(a: dict) -> list:
+    pads = a.get("pads", [0, 0, 0, 0])
+    assert pads[:2] == pads[2:], "asymmetric pads"
+    return pads[:2]
 
 
 class _StraightThrough(torch.autograd.Function):

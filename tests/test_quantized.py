@@ -18,7 +18,7 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_torch
-from gradcheck import run
+from gradcheck import run, session
 from onnxsal import Explainer
 from onnxsal.errors import UnsupportedOpError
 from onnxsal.graph.autodiff import vjp
@@ -229,18 +229,38 @@ def test_qoperator_model_runs_as_qdq_and_computes_what_onnxruntime_computes(tmp_
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
 
 
-def test_qoperator_ops_without_a_float_form_are_refused_by_name(tmp_path):
-    """Dynamic quantisation's scale is computed from each input, so it has no fixed grid to pass a
-    gradient through: ConvInteger stays, and is named."""
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_dynamically_quantised_model_matches_straight_through_reference(tmp_path, per_channel):
+    """Dynamic quantisation (ONNX Runtime's quantize_dynamic: DynamicQuantizeLinear, then ConvInteger
+    and MatMulInteger) computes each input's scale from the input itself. The gradient holds that
+    grid and passes straight through the rounding: the reference is the file itself run in PyTorch
+    ops, with DynamicQuantizeLinear's formula, the scale detached and a straight-through rounding."""
     from onnxruntime.quantization import quantize_dynamic
 
     from tiny import conv_net
 
     onnx.save(conv_net(batch=1, softmax=False), tmp_path / "float.onnx")
-    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dyn.onnx"), op_types_to_quantize=["Conv"])
+    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dyn.onnx"), per_channel=per_channel)
+    model = onnx.load(tmp_path / "dyn.onnx")
+    assert {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"} <= {n.op_type for n in model.graph.node}
     m = load(str(tmp_path / "dyn.onnx"))
-    with pytest.raises(UnsupportedOpError, match=r"DynamicQuantizeLinear|ConvInteger"):
-        vjp(m.proto, m.logits, [m.input.name])
+    assert m.quantisers == 3 and "DynamicQuantizeLinear" in m.qoperator
+    vm = vjp(m.proto, m.logits, [m.input.name])
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+        cot = rng.standard_normal((1, 3)).astype(np.float32)
+        out = run(vm, {"image": x, "grad_logits": cot})
+        np.testing.assert_array_equal(out["logits"], session(model).run(None, {"image": x})[0])  # the file, exactly
+        xt = torch.tensor(x, requires_grad=True)
+        ref = onnx_torch.run(model, {"image": xt})["logits"]
+        (ref * torch.tensor(cot)).sum().backward()
+        g = xt.grad.numpy()
+        assert np.abs(g).max() > 0
+        assert np.abs(out["grad_image"] - g).max() / np.abs(g).max() < TOL
+    ex = Explainer(str(tmp_path / "dyn.onnx"), preprocess="raw")
+    for method in ("saliency", "gradcam", "ig"):
+        assert np.ptp(ex.explain(x, method=method).map) > 0, method
 
 
 def test_cam_layer_of_a_quantised_model_is_its_dequantised_activation(tmp_path):

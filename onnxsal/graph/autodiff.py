@@ -51,6 +51,7 @@ NON_DIFFERENTIABLE = {
     "ArgMax", "ArgMin", "NonZero", "Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf",
     "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor",
     "OneHot", "Range", "Hardmax",
+    "DynamicQuantizeLinear",     # its scale and zero point: the grid is held where each input put it (qoperator.py)
 }
 # Ops whose integer outputs still carry a gradient: a quantiser's, passed straight through (rules/quant.py).
 INTEGER_CARRIERS = {"QuantizeLinear"}

@@ -9,9 +9,8 @@ so the gradient follows the spec's own definition instead of a hand-written rule
 The replacement runs through ONNX's own inliner (``onnx.inliner``), which renames the body's
 tensors and resolves its attribute references.
 
-Ops with a rule keep it (their rules are cheaper than their bodies). Dynamic quantisation keeps its
-refusal by name: its body computes the scale from each input, so there is no fixed grid for a
-straight-through gradient (``rules/quant.py``).
+Ops with a rule keep it (their rules are cheaper than their bodies), and so do ops without a
+gradient (``DynamicQuantizeLinear``'s scale is held: ``qoperator.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from ..errors import ModelError
 from .normalize import opset_of
 
 DOMAIN = "onnxsal.spec_function"       # where the bodies sit while the inliner replaces their nodes
-KEPT = {"DynamicQuantizeLinear"}
 ROUNDS = 4                             # a body may use other function ops (Attention's CastLike)
 
 
@@ -50,7 +48,7 @@ def function_ops(model: onnx.ModelProto, ruled: Optional[Collection[str]] = None
 
 
 def _spelled(op_type: str, opset: int, ruled: Optional[Collection[str]]) -> bool:
-    return ruled is not None and op_type not in ruled and op_type not in KEPT and _has_body(_schema(op_type, opset))
+    return ruled is not None and op_type not in ruled and _has_body(_schema(op_type, opset))
 
 
 def inline(model: onnx.ModelProto, ruled: Optional[Collection[str]] = None) -> onnx.ModelProto:

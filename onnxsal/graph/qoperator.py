@@ -55,6 +55,9 @@ def to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
             w.nodes.append(node)
     del g.node[:]
     g.node.extend(w.nodes)
+    kept = [vi for vi in g.value_info if vi.name not in w.retyped]
+    del g.value_info[:]
+    g.value_info.extend(kept)
     return out
 
 
@@ -66,6 +69,15 @@ class _Writer:
         self.nodes: list[onnx.NodeProto] = []
         self.grid: dict[str, tuple[str, str]] = {}
         self.dequantised: dict[tuple, str] = {}
+        self.dims = {t.name: tuple(t.dims) for t in graph.initializer}
+        self.retyped: set[str] = set()          # integer outputs now written as floats
+        self._one = ""
+
+    def one(self) -> str:
+        """A float 1: the scale that dequantises integers to their own values."""
+        if not self._one:
+            self._one = self.add("Constant", [], hint="one", value=helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]))
+        return self._one
 
     def add(self, op_type: str, inputs: list, outputs: Optional[list] = None, hint: str = "", **attrs) -> str:
         """One node; its output is ``outputs`` or a name made from ``hint``."""
@@ -152,6 +164,38 @@ def _global_average_pool(w: _Writer, n: onnx.NodeProto) -> None:
     _unary("GlobalAveragePool")(w, n)
 
 
+def _dynamic_quantize(w: _Writer, n: onnx.NodeProto) -> None:
+    """y, s, z = DynamicQuantizeLinear(x): s and z stay its outputs (computed from each input, they
+    carry no gradient: the grid is held where the input put it), and y is QuantizeLinear(x, s, z),
+    the same integers with the straight-through gradient."""
+    y, scale, zero = (o or w.unique(f"{n.input[0]}_{k}") for o, k in zip(n.output, ("dynamic", "scale", "zero")))
+    w.nodes.append(helper.make_node("DynamicQuantizeLinear", [n.input[0]], [w.unique(f"{y}_unused"), scale, zero],
+                                    name=n.name))
+    if y:
+        w.q(n.input[0], scale, zero, y)
+
+
+def _integer_product(op: str):
+    def rewrite(w: _Writer, n: onnx.NodeProto) -> None:
+        """{op}Integer(A, B, Az, Bz): the float {op} of A - Az and B - Bz, whose values are the int32
+        result's. A is an activation on a quantiser's grid (its gradient passes straight through the
+        DequantizeLinear); B is the quantised weight, per-tensor or per output channel."""
+        a = w.dq(n.input[0], w.one(), _opt(n, 2))
+        b = w.add("Cast", [n.input[1]], hint=n.input[1] + "_float", to=TensorProto.FLOAT)
+        if _opt(n, 3):
+            zero = w.add("Cast", [n.input[3]], hint=n.input[3] + "_float", to=TensorProto.FLOAT)
+            rank = len(w.dims.get(n.input[1], ()))
+            if op == "Conv" and rank > 1:             # a zero point per output channel, along axis 0
+                zero = w.add("Reshape", [zero, w.add("Constant", [], hint=n.input[3] + "_shape",
+                                                     value=helper.make_tensor("s", TensorProto.INT64, [rank],
+                                                                              [-1] + [1] * (rank - 1)))])
+            b = w.add("Sub", [b, zero], hint=n.input[1] + "_centred")
+        attrs = node_attrs(n) if op == "Conv" else {}
+        w.add(op, [a, b], [n.output[0]], **attrs)
+        w.retyped.add(n.output[0])
+    return rewrite
+
+
 def _concat(w: _Writer, n: onnx.NodeProto) -> None:
     """com.microsoft QLinearConcat(Ys, Yz, X1, X1s, X1z, X2, ...)."""
     parts = [w.dq(n.input[k], n.input[k + 1], n.input[k + 2]) for k in range(2, len(n.input), 3)]
@@ -190,4 +234,6 @@ _REWRITES = {
                                                        "pads", "strides")),
     f"{MS}:QLinearSigmoid": _unary("Sigmoid"), f"{MS}:QLinearLeakyRelu": _unary("LeakyRelu", ("alpha",)),
     f"{MS}:QLinearSoftmax": _unary("Softmax", ("axis",)), f"{MS}:QLinearConcat": _concat,
+    "DynamicQuantizeLinear": _dynamic_quantize, "ConvInteger": _integer_product("Conv"),
+    "MatMulInteger": _integer_product("MatMul"),
 }
