@@ -87,7 +87,7 @@ class Engine:
         seeds = seed_rows(seeds, grad_in.shape)
         results = self.runtime.run_batched(sess, {self.model.input.name: x, grad_in.name: seeds},
                                            outputs=names, batch_size=len(x) if whole else self.batch_size,
-                                           progress=progress)
+                                           progress=progress, whole=whole)
         return dict(zip(names, results))
 
 

@@ -274,6 +274,9 @@ class Explainer:
             notes.append(f"the model's {' and '.join(m.lifted_from)} tensors run in float32 here")
         if m.read_as:
             notes.append(m.read_as)
+        if self.runtime.one_row:
+            notes.append("the model's graph only runs one image at a time (its export fixed a batch of 1 "
+                         "where onnxsal cannot free it), so batched runs went one row at a time")
         tokens = self._token_layers if layer is None and the_layer is not None and spec.family == "cam" else []
         if tokens:
             # a ViT's norms run norm1, norm2 per block, then a final norm: the last block's norm1 is the

@@ -48,6 +48,7 @@ class Runtime:
         self.threads = threads or _cores()
         self.memory_mb = memory_mb
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self.one_row = False          # a session fell back to one row per run (see run_batched)
         self.device = "cpu"
         self._providers: list = ["CPUExecutionProvider"]
         self._device_id = 0
@@ -118,6 +119,8 @@ class Runtime:
     def batch_size(self, sess: ort.InferenceSession, requested: Optional[int] = None) -> int:
         """Rows per run: `requested`, else what the memory budget allows, and on CPU no more than
         keeps the largest activation of a run within CPU_CHUNK_BYTES (see there)."""
+        if getattr(sess, "_onnxsal_one_row", False):
+            return 1
         if requested:
             return max(1, int(requested))
         per = getattr(sess, "_onnxsal_per_sample", 0) or 1
@@ -129,19 +132,34 @@ class Runtime:
 
     def run_batched(self, sess: ort.InferenceSession, batched: dict, fixed: Optional[dict] = None,
                     outputs: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
-                    progress: Optional[Progress] = None) -> list[np.ndarray]:
-        """Run `batched` feeds (same leading size) in chunks; `fixed` feeds are broadcast to each chunk."""
+                    progress: Optional[Progress] = None, whole: bool = False) -> list[np.ndarray]:
+        """Run `batched` feeds (same leading size) in chunks; `fixed` feeds are broadcast to each chunk.
+
+        A run of several rows that fails is run again one row at a time, and so is every later run
+        of that session; `whole` (rows that must run together) raises instead."""
         n = len(next(iter(batched.values())))
         bs = equal_chunks(n, self.batch_size(sess, batch_size))
         parts: list[list[np.ndarray]] = []
-        for start in range(0, n, bs):
+        start = 0
+        while start < n:
             stop = min(n, start + bs)
             feeds = {k: v[start:stop] for k, v in batched.items()}
             for k, v in (fixed or {}).items():
                 feeds[k] = np.broadcast_to(v, (stop - start,) + v.shape[1:]).copy() if v.shape[0] == 1 else v
-            parts.append(sess.run(list(outputs) if outputs else None, feeds))
+            try:
+                parts.append(sess.run(list(outputs) if outputs else None, feeds))
+            except Exception:
+                if stop - start == 1 or whole:
+                    raise
+                # an export that baked a batch of 1 into its graph where onnxsal cannot free it (a
+                # reshape that merges the batch with attention heads): one row per run from here on
+                sess._onnxsal_one_row = True  # type: ignore[attr-defined]
+                self.one_row = True
+                bs = 1
+                continue
             if progress:
                 progress(stop, n)
+            start = stop
         return [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))]
 
 

@@ -52,19 +52,24 @@ def _const_values(graph: onnx.GraphProto) -> dict:
 
 
 def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Make dim 0 of inputs and outputs symbolic, and Reshape targets that hard-code it copy it.
+    """Make dim 0 of inputs and outputs symbolic, and Reshape targets that hard-code it follow it.
 
     Exporters often bake a batch of 1 into the graph (``Reshape(x, [1, -1])``).
     Replacing that leading 1 by 0 ("copy this dim from the input", the default
     ``allowzero=0`` meaning) keeps the graph identical at batch 1 and correct at
-    any other batch. Only tensors computed from the graph's inputs carry a batch:
-    a constant's leading 1 (ONNX Runtime's dynamic quantiser reshapes each bias to
-    ``(1, C, 1, 1)``) is a broadcast axis and stays.
+    any other batch, when the reshaped tensor's own first axis is the batch. When it
+    is not (the dynamo exporter's attention reshapes ``(12, 64, 197)``, the batch and
+    heads merged, to ``[1, 12, 64, 197]``), the leading 1 becomes the image input's
+    batch size, read at run time. Only tensors computed from the graph's inputs carry
+    a batch: a constant's leading 1 (ONNX Runtime's dynamic quantiser reshapes each
+    bias to ``(1, C, 1, 1)``) is a broadcast axis and stays.
     """
     model = copy.deepcopy(model)
     g = model.graph
     init_names = {i.name for i in g.initializer}
-    fixed = None
+    consts = _const_values(g)
+    static = _static_shapes(model) if any(n.op_type == "Reshape" for n in g.node) else {}
+    fixed, first = None, None
     for vi in list(g.input) + list(g.output):
         if vi.name in init_names:
             continue
@@ -74,30 +79,58 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
             # The first input fixes the batch size; a second input with another
             # leading size (a lookup table, a mask) has no batch axis to free.
             fixed = fixed or dims[0].dim_value
+            first = first or vi.name
             if dims[0].dim_value != fixed:
                 continue
             dims[0].Clear()
             dims[0].dim_param = BATCH
     if fixed is None:
         return model
-    consts = _const_values(g)
     batched = {vi.name for vi in g.input if vi.name not in init_names}   # tensors computed from the inputs
+    nodes: list[onnx.NodeProto] = []
+    batch_size = ""
     for node in g.node:
         if any(i in batched for i in node.input):
             batched.update(node.output)
-        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[0] not in batched:
-            continue                # a bias reshaped to (1, C, 1, 1) has no batch to copy
+        t = consts.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
         allowzero = any(a.name == "allowzero" and a.i == 1 for a in node.attribute)
-        t = consts.get(node.input[1])
-        if t is None or allowzero:
+        shape = weights.array(t).copy() if t is not None and node.input[0] in batched and not allowzero else None
+        if shape is None or shape.ndim != 1 or shape.size < 2 or shape[0] != fixed:
+            nodes.append(node)      # a bias reshaped to (1, C, 1, 1) has no batch to copy
             continue
-        shape = weights.array(t).copy()
-        if shape.ndim == 1 and shape.size >= 2 and shape[0] == fixed:
+        own = static.get(node.input[0])
+        if own is None or not own or own[0] == fixed:
             shape[0] = 0
-            new = numpy_helper.from_array(shape.astype(np.int64), t.name)
-            t.CopyFrom(new)
+            t.CopyFrom(numpy_helper.from_array(shape.astype(np.int64), t.name))
+        else:
+            if not batch_size:
+                batch_size = f"onnxsal_batch/{first}_batch_size"
+                nodes.append(onnx.helper.make_node("Shape", [first], [f"onnxsal_batch/{first}_shape"],
+                                                   name=f"onnxsal_batch/{first}_shape/Shape"))
+                for k, v in (("zero", 0), ("one", 1)):
+                    g.initializer.append(numpy_helper.from_array(np.array([v], np.int64), f"{batch_size}_{k}"))
+                nodes.append(onnx.helper.make_node("Slice", [f"onnxsal_batch/{first}_shape", f"{batch_size}_zero",
+                                                             f"{batch_size}_one"], [batch_size], name=f"{batch_size}/Slice"))
+            rest = f"{node.input[1]}_after_batch"
+            target = f"{node.input[1]}_batched_{len(nodes)}"
+            g.initializer.append(numpy_helper.from_array(shape[1:].astype(np.int64), rest))
+            nodes.append(onnx.helper.make_node("Concat", [batch_size, rest], [target], axis=0,
+                                               name=f"{target}/Concat"))
+            node.input[1] = target
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
     del g.value_info[:]
     return model
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict:
+    """Tensor name -> dims as the file declares and infers them (before the batch is freed)."""
+    try:
+        inferred = shape_inference.infer_shapes(without_weight_data(model))
+    except Exception:
+        return {}
+    return {k: v[1] for k, v in tensor_shapes(inferred).items() if v[1] is not None}
 
 
 SMALL_CONST = 4096   # initializers up to this many elements may matter to data propagation
