@@ -111,6 +111,8 @@ TIMM = ("ecaresnet26t:128,skresnet18:128,res2net50_14w_8s:128,dla34:128,cspdarkn
 PPOCR_NETS = "ppocr_cls,ppocr_det,ppocr_rec"
 SEEDS = (0, 1, 2)
 ORT_OPTIMIZED = False     # --ort-optimized
+STATIC = False            # --static: exported at batch 1 without a dynamic batch, checked at batch 1
+OPSET = None              # --opset: the dynamo exporter's opset (its default otherwise)
 
 
 def vjp_session(model: onnx.ModelProto, x_name: str, y_name: str) -> ort.InferenceSession:
@@ -152,14 +154,18 @@ def export_once(net, path: str, size: int, dynamo: bool) -> str:
     """Export ``net`` to ``path`` (dynamic batch) unless the file is there already."""
     import torch
 
+    if STATIC or OPSET:
+        path = path[:-len(".onnx")] + ("_static" if STATIC else "") + (f"_opset{OPSET}" if OPSET else "") + ".onnx"
     if not os.path.exists(path) and dynamo:
-        prog = torch.onnx.export(net, (torch.randn(2, 3, size, size),), dynamo=True, input_names=["image"],
-                                 output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("N", min=1, max=64)},))
+        batch = {} if STATIC else {"dynamic_shapes": ({0: torch.export.Dim("N", min=1, max=64)},)}
+        prog = torch.onnx.export(net, (torch.randn(1 if STATIC else 2, 3, size, size),), dynamo=True,
+                                 input_names=["image"], output_names=["logits"],
+                                 **({"opset_version": OPSET} if OPSET else {}), **batch)
         prog.save(path)
     elif not os.path.exists(path):
         torch.onnx.export(net, (torch.randn(1, 3, size, size),), path, input_names=["image"],
                           output_names=["logits"], opset_version=17, dynamo=False,
-                          dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}})
+                          **({} if STATIC else {"dynamic_axes": {"image": {0: "N"}, "logits": {0: "N"}}}))
     return path
 
 
@@ -186,8 +192,9 @@ def torch_errors(net, path: str, size: int, classes: int, dynamo: bool) -> list[
     errs = []
     for seed in SEEDS:
         rng = np.random.default_rng(seed)
-        x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
-        cot = rng.standard_normal((2, classes)).astype(np.float32)
+        rows = 1 if STATIC else 2
+        x = rng.standard_normal((rows, 3, size, size)).astype(np.float32)
+        cot = rng.standard_normal((rows, classes)).astype(np.float32)
         got = sess.run(["grad_image"], {"image": x, "grad_logits": cot})[0]
         xt = torch.tensor(x, requires_grad=True)
         (net(xt) * torch.tensor(cot)).sum().backward()
@@ -407,10 +414,13 @@ def main() -> None:
                                                           "(DynamicQuantizeLinear, ConvInteger, MatMulInteger)")
     ap.add_argument("--ort-optimized", action="store_true",
                     help="torchvision or timm exports as ONNX Runtime's optimiser saves them (FusedConv, QuickGelu...)")
+    ap.add_argument("--static", action="store_true",
+                    help="export at batch 1 without a dynamic batch (as torch.onnx.export does by default)")
+    ap.add_argument("--opset", type=int, default=None, help="the dynamo exporter's opset (23: Attention ops)")
     ap.add_argument("--nets", default=None)
     args = ap.parse_args()
-    global ORT_OPTIMIZED
-    ORT_OPTIMIZED = args.ort_optimized
+    global ORT_OPTIMIZED, STATIC, OPSET
+    ORT_OPTIMIZED, STATIC, OPSET = args.ort_optimized, args.static, args.opset
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TIMM_FUSED_ATTN", "0")       # F.scaled_dot_product_attention does not export at opset 17
     cache = os.path.join(HERE, ".cache")
@@ -434,6 +444,7 @@ def main() -> None:
         "torchvision (torch.autograd)"
     print(f"# {source}"
           f"{', dynamo exporter' if args.dynamo else ''}"
+          f"{f', opset {OPSET}' if OPSET else ''}{', static batch of 1' if STATIC else ''}"
           f"{', saved by ONNX Runtime at the extended optimisation level' if args.ort_optimized else ''}: "
           f"max|onnxsal - reference| / max|reference|, seeds {SEEDS}")
     print("| network | " + " | ".join(f"seed {s}" for s in SEEDS) + " | s |")

@@ -179,3 +179,20 @@ def check_vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], feeds: Mapping
             assert abs(num - ana) <= at + rt * dscale, (
                 f"grad_{x}: directional derivative {ana:.6g} vs numeric {num:.6g} (scale {dscale:.3g})")
     return got
+
+
+def assert_matches_torch(out: Mapping[str, np.ndarray], logits: str, grad: str, net, x: np.ndarray,
+                         cot: np.ndarray, tol: float = 1e-4) -> np.ndarray:
+    """A VJP graph's outputs (``out[logits]``, ``out[grad]``) against torch.autograd on ``net`` at
+    ``x`` with cotangent ``cot``: logits to 1e-5, the gradient to ``tol`` of its largest entry.
+    Returns torch's gradient."""
+    import torch
+
+    xt = torch.tensor(x, requires_grad=True)
+    y = net(xt)
+    (y * torch.tensor(cot)).sum().backward()
+    np.testing.assert_allclose(out[logits], y.detach().numpy(), rtol=1e-5, atol=1e-5)
+    g = xt.grad.numpy()
+    assert np.abs(g).max() > 0
+    assert np.abs(out[grad] - g).max() / np.abs(g).max() < tol
+    return g

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradcheck import check_vjp, one_node_model, run
+from gradcheck import assert_matches_torch, check_vjp, one_node_model, run
 from onnxsal import Explainer
 from onnxsal.errors import UnsupportedOpError
 from onnxsal.graph.autodiff import vjp
@@ -109,12 +109,7 @@ def test_spatial_transformer_against_torch_autograd(tmp_path, mode, padding, ali
     x = rng.standard_normal((3, 1, 24, 24)).astype(np.float32)
     cot = rng.standard_normal((3, 10)).astype(np.float32)
     out = run(vm, {"x": x, f"grad_{m.logits}": cot})
-    xt = torch.tensor(x, requires_grad=True)
-    y = net(xt)
-    (y * torch.tensor(cot)).sum().backward()
-    np.testing.assert_allclose(out[m.logits], y.detach().numpy(), rtol=1e-5, atol=1e-5)
-    g = xt.grad.numpy()
-    assert np.abs(out[f"grad_{m.input.name}"] - g).max() / np.abs(g).max() < 1e-4
+    assert_matches_torch(out, m.logits, f"grad_{m.input.name}", net, x, cot)
     # Grad-CAM after the resampling: the layer's gradient reaches it through the grid too
     res = Explainer(m, preprocess="unit").explain(x[:1], method="gradcam")
     assert np.ptp(res.map) > 0

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from gradcheck import run, session
+from gradcheck import assert_matches_torch, run, session
 from onnxsal import Explainer
 from onnxsal.errors import ModelError
 from onnxsal.graph.autodiff import vjp
@@ -71,13 +71,7 @@ def test_uint8_input_is_read_as_real_pixels(tmp_path, channels_last, pad):
     # at noisy (non-integer) pixels as SmoothGrad and Integrated Gradients feed them
     for x in (pixels.astype(np.float32), pixels + rng.uniform(-20, 20, pixels.shape).astype(np.float32)):
         out = run(vm, {"pixels": x, f"grad_{m.logits}": cot})
-        xt = torch.tensor(x, requires_grad=True)
-        y = net(xt)
-        (y * torch.tensor(cot)).sum().backward()
-        np.testing.assert_allclose(out[m.logits], y.detach().numpy(), rtol=1e-5, atol=1e-5)
-        g = xt.grad.numpy()
-        assert np.abs(g).max() > 0
-        assert np.abs(out["grad_pixels"] - g).max() / np.abs(g).max() < 1e-4
+        assert_matches_torch(out, m.logits, "grad_pixels", net, x, cot)
 
 
 def test_uint8_model_explains_an_image_file_without_flags(tmp_path):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from gradcheck import check_vjp, one_node_model, run
+from gradcheck import assert_matches_torch, check_vjp, one_node_model, run
 from onnxsal import Explainer
 from onnxsal.graph.autodiff import vjp
 from onnxsal.graph.functions import function_ops, inline
@@ -107,11 +107,7 @@ def test_opset_23_transformer_against_torch_autograd(tmp_path):
     x = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
     cot = rng.standard_normal((3, 5)).astype(np.float32)
     out = run(vm, {"x": x, "grad_logits": cot})
-    xt = torch.tensor(x, requires_grad=True)
-    y = _torch_transformer(xt, w)
-    (y * torch.tensor(cot)).sum().backward()
-    np.testing.assert_allclose(out["logits"], y.detach().numpy(), rtol=1e-5, atol=1e-5)
-    assert np.abs(out["grad_x"] - xt.grad.numpy()).max() / np.abs(xt.grad.numpy()).max() < 1e-4
+    assert_matches_torch(out, "logits", "grad_x", lambda t: _torch_transformer(t, w), x, cot)
     from typer.testing import CliRunner
 
     from onnxsal.cli import app
@@ -177,9 +173,7 @@ def test_models_own_functions_are_written_out(tmp_path):
     x = rng.standard_normal((2, 3, 12, 12)).astype(np.float32)
     cot = rng.standard_normal((2, 4)).astype(np.float32)
     out = run(vjp(m.proto, m.logits, ["x"]), {"x": x, f"grad_{m.logits}": cot})
-    xt = torch.tensor(x, requires_grad=True)
-    (net(xt) * torch.tensor(cot)).sum().backward()
-    assert np.abs(out["grad_x"] - xt.grad.numpy()).max() / np.abs(xt.grad.numpy()).max() < 1e-4
+    assert_matches_torch(out, m.logits, "grad_x", net, x, cot)
     assert np.ptp(Explainer(m, preprocess="unit").explain(x[:1], method="gradcam").map) > 0
     from typer.testing import CliRunner
 
