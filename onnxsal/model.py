@@ -346,7 +346,9 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
     t = output
     node = producer.get(t)
     restored = set()      # tensors whose shape a Reshape on the way restores (Reshape(y, Shape(x)))
-    while node is not None and node.op_type in PASSTHROUGH:
+    while node is not None and (node.op_type in PASSTHROUGH or _requantised(node, producer)):
+        if node.op_type == "DequantizeLinear":         # a quantiser pair after the softmax (TFLite's output)
+            node = producer[node.input[0]]
         if node.op_type == "Reshape" and len(node.input) > 1:
             src = producer.get(node.input[1])
             if src is not None and src.op_type == "Shape":
@@ -370,6 +372,11 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
         if shape is not None and (int(np.prod([d for d in shape[1:] if d])) == 1 or len(shape) == 2):
             return node.input[0], "sigmoid"
     return output, None
+
+
+def _requantised(node: onnx.NodeProto, producer: dict) -> bool:
+    """A DequantizeLinear of a QuantizeLinear: the same values, on a grid."""
+    return node.op_type == "DequantizeLinear" and getattr(producer.get(node.input[0]), "op_type", "") == "QuantizeLinear"
 
 
 def token_grid(shape: Sequence, size: tuple[int, int]) -> Optional[tuple[int, int, int]]:
@@ -492,20 +499,34 @@ def _find_layers(proto: onnx.ModelProto) -> list[Layer]:
 
 def _scored_output(proto: onnx.ModelProto, head: Optional[str] = None) -> str:
     """``head`` when given (a multi-task model's outputs), else the first floating-point output:
-    classifiers often list an integer label (an ArgMax) first."""
+    classifiers often list an integer label (an ArgMax) first. A full-integer model (a TFLite
+    export) quantises its scores: such an output is scored at the float values it quantises."""
+    outputs = {vi.name: vi for vi in proto.graph.output}
     if head is not None:
-        outputs = {vi.name: vi for vi in proto.graph.output}
         if head not in outputs:
             raise ModelError(f"the model has no output {head!r}; its outputs: {', '.join(outputs)}")
         if outputs[head].type.tensor_type.elem_type not in FLOAT_TYPES:
-            raise ModelError(f"output {head!r} is not floating point; it cannot be scored")
+            inner = _quantised_from(proto, head)
+            if inner is None:
+                raise ModelError(f"output {head!r} is not floating point; it cannot be scored")
+            return inner
         return head
     for vi in proto.graph.output:
         if not vi.type.HasField("tensor_type") or vi.type.tensor_type.elem_type in FLOAT_TYPES:
             return vi.name
+    for vi in proto.graph.output:
+        inner = _quantised_from(proto, vi.name)
+        if inner is not None:
+            return inner
     names = ", ".join(f"{vi.name} ({onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name})"
                       for vi in proto.graph.output)
     raise ModelError(f"the model has no floating-point output to score; its outputs: {names}")
+
+
+def _quantised_from(proto: onnx.ModelProto, output: str) -> Optional[str]:
+    """The float tensor that a QuantizeLinear turns into integer output ``output``, or None."""
+    node = next((n for n in proto.graph.node if output in n.output), None)
+    return node.input[0] if node is not None and node.op_type == "QuantizeLinear" else None
 
 
 def _activation_quantisers(proto: onnx.ModelProto) -> int:

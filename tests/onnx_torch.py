@@ -49,8 +49,13 @@ def run(model: onnx.ModelProto, feeds: dict[str, torch.Tensor]) -> dict[str, tor
             lo, hi = (0, 255) if zp.dtype == torch.uint8 else (-128, 127)
             y = _StraightThrough.apply(x[0], x[1].float(), zp.float(), lo, hi)
         elif op == "DequantizeLinear":
-            zp = x[2].float() if len(x) > 2 and x[2] is not None else 0.0
-            y = (x[0].float() - zp) * x[1]
+            zp = x[2].float() if len(x) > 2 and x[2] is not None else torch.zeros(())
+            scale = x[1]
+            if scale.dim() == 1 and x[0].dim() > 1:       # per channel, along `axis`
+                along = [1] * x[0].dim()
+                along[a.get("axis", 1)] = -1
+                scale, zp = scale.reshape(along), zp.reshape(along) if zp.dim() else zp
+            y = (x[0].float() - zp) * scale
         elif op == "DynamicQuantizeLinear":     # ONNX's formula; the scale and zero point held (detached)
             v = x[0].detach()
             lo, hi = torch.clamp(v.min(), max=0), torch.clamp(v.max(), min=0)
@@ -69,6 +74,8 @@ def run(model: onnx.ModelProto, feeds: dict[str, torch.Tensor]) -> dict[str, tor
                 y = F.conv2d(a, b, stride=a_attrs.get("strides", [1, 1]), padding=pads, groups=a_attrs.get("group", 1))
             else:
                 y = a @ b
+        elif op == "Squeeze":
+            y = x[0].squeeze(tuple(int(a) for a in x[1].tolist())) if len(x) > 1 else x[0].squeeze()
         elif op == "Cast":
             y = x[0].float()
         elif op in ("Add", "Mul", "Sub"):

@@ -498,6 +498,53 @@ def test_keras_model_of_uint8_pixels_keeps_its_input_type(tf, tmp_path):
     assert rel_err(got, tape.gradient(score, xt).numpy()) < 1e-4
 
 
+def test_full_integer_tflite_model_explains(tf, tmp_path):
+    """A Keras model quantised to a full-integer TFLite model (uint8 in and out), converted by
+    tf2onnx: onnxsal reads its uint8 pixels as real values, scores the logits before its quantised
+    softmax, and passes straight through its quantisers; the reference is the file itself run in
+    PyTorch ops with straight-through roundings."""
+    import keras
+    import tf2onnx
+    torch = pytest.importorskip("torch")
+
+    import onnx_torch
+    from gradcheck import run
+    from onnxsal.graph.autodiff import vjp
+    from test_quantized import _StraightThroughPixels
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu")(inp)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(x))
+    lite = tf.lite.TFLiteConverter.from_keras_model(model)
+    lite.optimizations = [tf.lite.Optimize.DEFAULT]
+    rng = np.random.default_rng(0)
+    lite.representative_dataset = lambda: ([rng.uniform(0, 1, (1, 16, 16, 3)).astype(np.float32)] for _ in range(8))
+    lite.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    lite.inference_input_type = lite.inference_output_type = tf.uint8
+    (tmp_path / "m.tflite").write_bytes(lite.convert())
+    tf2onnx.convert.from_tflite(str(tmp_path / "m.tflite"), opset=17, output_path=str(tmp_path / "m.onnx"))
+    proto = onnx.load(tmp_path / "m.onnx")
+    assert proto.graph.input[0].type.tensor_type.elem_type == proto.graph.output[0].type.tensor_type.elem_type == 2
+    ex = onnxsal.Explainer(str(tmp_path / "m.onnx"), "cpu")
+    m = ex.model
+    assert m.activation == "softmax" and m.quantisers and "uint8" in m.read_as
+    vm = vjp(m.proto, m.logits, [m.input.name])
+    pixels = rng.integers(0, 256, (1, 16, 16, 3)).astype(np.float32)
+    cot = rng.standard_normal((1, 4)).astype(np.float32)
+    out = run(vm, {m.input.name: pixels, f"grad_{m.logits}": cot})
+    xt = torch.tensor(pixels, requires_grad=True)
+    ref = onnx_torch.run(proto, {m.input.name: _StraightThroughPixels.apply(xt)})[m.logits]
+    (ref * torch.tensor(cot)).sum().backward()
+    np.testing.assert_allclose(out[m.logits], ref.detach().numpy(), atol=1e-6)
+    assert rel_err(out[f"grad_{m.input.name}"], xt.grad.numpy()) < 1e-4
+    for method in ("gradcam", "ig", "scorecam"):
+        assert np.ptp(ex.explain(pixels, method=method).map) > 0, method
+
+
 def test_graph_onnx_cannot_run_is_a_conversion_error():
     """An op tf2onnx passes through without an ONNX definition is named, not a runtime traceback."""
     from converters.metadata import run_onnx

@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
@@ -337,3 +338,80 @@ def test_integer_movers_keep_their_values_on_the_float_grid(case, zero_point):
     x = (np.random.default_rng(1).standard_normal((1, 2, 4, 4)) * 2).astype(np.float32)
     for got, want in zip(run(rewritten, {"x": x}).values(), run(model, {"x": x}).values()):
         np.testing.assert_array_equal(got, want)
+
+
+def _full_integer_model() -> onnx.ModelProto:
+    """What tf2onnx writes for a full-integer TFLite classifier: uint8 pixels in, a Squeeze on the
+    int8 activations between a quantiser and its dequantiser, a softmax quantised to uint8 out."""
+    rng = np.random.default_rng(8)
+    f32 = np.float32
+    inits = {"in_s": np.array(1 / 255, f32), "in_z": np.array(0, np.uint8),
+             "w": rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8), "w_s": np.array(0.01, f32),
+             "w_z": np.array(0, np.int8), "a_s": np.array(0.02, f32), "a_z": np.array(-128, np.int8),
+             "axes": np.array([2, 3], np.int64), "fc": rng.integers(-127, 128, (4, 3)).astype(np.int8),
+             "fc_s": np.array(0.02, f32), "l_s": np.array(0.05, f32), "l_z": np.array(3, np.int8),
+             "p_s": np.array(1 / 256, f32), "p_z": np.array(0, np.uint8)}
+    nodes = [helper.make_node("DequantizeLinear", ["pixels", "in_s", "in_z"], ["x"]),
+             helper.make_node("DequantizeLinear", ["w", "w_s", "w_z"], ["wf"]),
+             helper.make_node("Conv", ["x", "wf"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["gap"]),
+             helper.make_node("QuantizeLinear", ["gap", "a_s", "a_z"], ["gap_q"]),
+             helper.make_node("Squeeze", ["gap_q", "axes"], ["flat_q"]),
+             helper.make_node("DequantizeLinear", ["flat_q", "a_s", "a_z"], ["flat"]),
+             helper.make_node("DequantizeLinear", ["fc", "fc_s", "w_z"], ["fcf"]),
+             helper.make_node("MatMul", ["flat", "fcf"], ["logits_f"]),
+             helper.make_node("QuantizeLinear", ["logits_f", "l_s", "l_z"], ["logits_q"]),
+             helper.make_node("DequantizeLinear", ["logits_q", "l_s", "l_z"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probs"]),
+             helper.make_node("QuantizeLinear", ["probs", "p_s", "p_z"], ["probs_q"]),
+             helper.make_node("DequantizeLinear", ["probs_q", "p_s", "p_z"], ["probs_dq"]),
+             helper.make_node("QuantizeLinear", ["probs_dq", "p_s", "p_z"], ["scores"])]
+    g = helper.make_graph(nodes, "tflite", [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("scores", TensorProto.UINT8, [1, 3])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_full_integer_model_scores_its_logits_and_passes_straight_through():
+    """Full-integer models (TFLite's): the uint8 output is scored at the float values it quantises,
+    and past the softmax's quantiser pair, at the logits; the int8 Squeeze runs on its floats."""
+    model = _full_integer_model()
+    m = load(model)
+    assert m.output == "probs_dq" and m.logits == "logits" and m.activation == "softmax"
+    vm = vjp(m.proto, m.logits, [m.input.name])
+    rng = np.random.default_rng(9)
+    pixels = rng.integers(0, 256, (1, 3, 8, 8)).astype(np.uint8)
+    cot = rng.standard_normal((1, 3)).astype(np.float32)
+    out = run(vm, {"pixels": pixels.astype(np.float32), "grad_logits": cot})
+    spec = ort.SessionOptions()
+    spec.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(_expose(model, "logits"), spec,
+                               providers=["CPUExecutionProvider"]).run(["logits"], {"pixels": pixels})[0]
+    np.testing.assert_array_equal(out["logits"], ref)
+    xt = torch.tensor(pixels.astype(np.float32), requires_grad=True)
+    want = onnx_torch.run(model, {"pixels": _StraightThroughPixels.apply(xt)})["logits"]
+    (want * torch.tensor(cot)).sum().backward()
+    g = xt.grad.numpy()
+    assert np.abs(g).max() > 0
+    assert np.abs(out["grad_pixels"] - g).max() / np.abs(g).max() < TOL
+
+
+def _expose(model: onnx.ModelProto, name: str) -> bytes:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return out.SerializeToString()
+
+
+class _StraightThroughPixels(torch.autograd.Function):
+    """Real pixels stored as uint8: round and saturate, with the straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(((x >= -0.5) & (x <= 255.5)).float())
+        return torch.clamp(torch.round(x), 0, 255)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.saved_tensors[0]

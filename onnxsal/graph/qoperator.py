@@ -35,9 +35,20 @@ def qoperator_ops(model: onnx.ModelProto) -> list[str]:
     return sorted({n.op_type for n in model.graph.node if op_key(n) in _REWRITES})
 
 
+def moved_integers(model: onnx.ModelProto) -> bool:
+    """Whether an op of `MOVERS` moves a quantiser's integers (a TFLite export's ``Squeeze`` between
+    a QuantizeLinear and its DequantizeLinear): no float tensor then joins the two."""
+    quantised = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    for n in model.graph.node:
+        if n.op_type in MOVERS and n.domain in ("", "ai.onnx") and n.input and n.input[0] in quantised:
+            return True
+    return False
+
+
 def to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with its QOperator ops in QDQ form; ``model`` itself if it has none."""
-    if not qoperator_ops(model):
+    """A copy of ``model`` with its QOperator ops in QDQ form, and the integers that plain ops move
+    moved as floats on their grid; ``model`` itself if it has neither."""
+    if not qoperator_ops(model) and not moved_integers(model):
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -50,7 +61,7 @@ def to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
         elif node.op_type in MOVERS and node.domain in ("", "ai.onnx") and node.input and node.input[0] in w.grid:
             _mover(w, node)
         else:
-            if node.op_type == "QuantizeLinear" and len(node.input) > 1:
+            if node.op_type == "QuantizeLinear" and len(node.input) > 1 and w.dims.get(node.input[1], ()) in ((), (1,)):
                 w.grid[node.output[0]] = (node.input[1], node.input[2] if len(node.input) > 2 else "")
             w.nodes.append(node)
     del g.node[:]
