@@ -498,6 +498,8 @@ def test_keras_model_of_uint8_pixels_keeps_its_input_type(tf, tmp_path):
     assert rel_err(got, tape.gradient(score, xt).numpy()) < 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning",
+                            "ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
 def test_full_integer_tflite_model_explains(tf, tmp_path):
     """A Keras model quantised to a full-integer TFLite model (uint8 in and out), converted by
     tf2onnx: onnxsal reads its uint8 pixels as real values, scores the logits before its quantised
