@@ -591,6 +591,8 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
             raise ModelError(f"the model's {META_PREPROCESS} metadata is not valid: {exc}") from exc
     if spec is None and pixels is not None and pixels.type.tensor_type.elem_type == onnx.TensorProto.UINT8:
         spec = Preprocess.from_preset("raw")        # it takes the decoded image's own 0-255 values
+    elif spec is None and pixels is not None and pixels.type.tensor_type.elem_type == onnx.TensorProto.INT8:
+        spec = Preprocess.from_preset("raw", mean=(128.0,) * 3)   # TFLite's int8 images: pixel - 128
     hw = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
     if None in hw:
         want = tuple(size) if size else (tuple(spec.size) if spec is not None and spec.size else None)

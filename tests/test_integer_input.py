@@ -169,3 +169,17 @@ def test_exported_explainer_takes_the_models_uint8_pixels(tmp_path, method):
     for i, t in enumerate([1, 4]):
         res = ex.explain(pixels[i:i + 1].astype(np.float32), method, target=t, **({"steps": 32} if method == "ig" else {}))
         np.testing.assert_allclose(maps[i], res.map, atol=1e-5)
+
+
+def test_int8_pixels_default_to_the_image_shifted_by_128():
+    """TFLite's int8 image inputs hold pixel - 128 (the quantisation of [0, 1] or [-1, 1] inputs)."""
+    from PIL import Image
+
+    from onnxsal.preprocess import prepare
+
+    m = load(_dequantising_model(TensorProto.INT8))
+    assert m.preprocess.preset == "raw" and m.preprocess.mean == (128.0,) * 3
+    grey = Image.new("RGB", (8, 8), (0, 128, 255))
+    x = prepare(grey, m.preprocess, layout="NCHW", channels=3, size=(8, 8)).tensor
+    assert x[0, :, 0, 0].tolist() == [-128.0, 0.0, 127.0]
+    assert load(_dequantising_model(TensorProto.UINT16, opset=21)).preprocess is None     # no convention: --preprocess
