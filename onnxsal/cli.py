@@ -118,6 +118,9 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
                   "through them within their range")
     if m.expanded:
         out.print(f"  fused ops {esc(', '.join(m.expanded))} (ONNX Runtime's), run as the standard ops they fuse")
+    if m.training:
+        out.print(f"  training  {len(m.training)} nodes in training mode ({esc(', '.join(m.training[:4]))}"
+                  f"{' ...' if len(m.training) > 4 else ''}): each image is scored as on its own, at batch 1")
     spelled = spelled_ops(m.proto)
     if m.functions or spelled:
         parts = ([f"the model's own {', '.join(m.functions)} written out"] if m.functions else []) + \

@@ -274,6 +274,10 @@ class Explainer:
             notes.append(f"the model's {' and '.join(m.lifted_from)} tensors run in float32 here")
         if m.read_as:
             notes.append(m.read_as)
+        if m.training:
+            notes.append(f"the model was exported in training mode ({len(m.training)} BatchNormalization/Dropout "
+                         "nodes): each image is scored as on its own, at batch 1; export after model.eval() to use "
+                         "the running statistics")
         if self.runtime.one_row:
             notes.append("the model's graph only runs one image at a time (its export fixed a batch of 1 "
                          "where onnxsal cannot free it), so batched runs went one row at a time")

@@ -24,6 +24,7 @@ from .graph.fixed import Value, hold
 from .graph.image_input import as_image, needs_image_input
 from .graph.functions import inline as inline_functions
 from .graph.integer_input import as_real, integer_image_input
+from .graph.training import as_scored_alone, training_ops
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.qoperator import qoperator_ops, to_qdq
 from .graph.simplify import constants
@@ -33,7 +34,7 @@ from .preprocess import Preprocess
 CONV_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv"}
 # Ops that keep a conv's spatial map and are commonly fused with it; their output is also a candidate.
 FOLLOWERS = {"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish",
-             "Tanh", "BatchNormalization", "Mul", "Add", "Gelu"}
+             "Tanh", "BatchNormalization", "InstanceNormalization", "GroupNormalization", "Mul", "Add", "Gelu"}
 PASSTHROUGH = {"Identity", "Flatten", "Reshape", "Squeeze", "Dropout"}
 
 META_PREPROCESS = "onnxsal.preprocess"
@@ -132,6 +133,7 @@ class Model:
     quantisers: int = 0                      # QuantizeLinear nodes on activations (QDQ form; graph/rules/quant.py)
     qoperator: tuple[str, ...] = ()          # QOperator op types rewritten into QDQ form (graph/qoperator.py)
     functions: tuple[str, ...] = ()          # the file's own functions, written out at load (graph/functions.py)
+    training: tuple[str, ...] = ()           # training-mode BatchNorm/Dropout nodes, as at batch 1 (graph/training.py)
     read_as: str = ""                        # how an integer, flat or channel-less input is read (graph/integer_input.py, image_input.py)
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
@@ -581,7 +583,9 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         to_float32(proto, lift)
     fused = fused_ops(proto)                        # ONNX Runtime's fused ops, as standard ops (graph/contrib.py)
     qoperator = qoperator_ops(proto)                # integer ops, as float ops between quantisers (graph/qoperator.py)
-    light, store = detach(to_qdq(expand(upgrade_opset(proto))))   # the weights leave the graph once, here
+    upgraded = upgrade_opset(proto)
+    trained = tuple(training_ops(upgraded))         # training-mode nodes, scored as at batch 1 (graph/training.py)
+    light, store = detach(to_qdq(expand(as_scored_alone(upgraded))))   # the weights leave the graph once, here
 
     spec = preprocess
     if spec is None and META_PREPROCESS in meta:
@@ -643,4 +647,4 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
                  spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused),
-                 _activation_quantisers(light), tuple(qoperator), own, "; ".join(read_as))
+                 _activation_quantisers(light), tuple(qoperator), own, trained, "; ".join(read_as))

@@ -68,7 +68,7 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     g = model.graph
     init_names = {i.name for i in g.initializer}
     consts = _const_values(g)
-    static = _static_shapes(model) if any(n.op_type == "Reshape" for n in g.node) else {}
+    static = inferred_dims(model) if any(n.op_type == "Reshape" for n in g.node) else {}
     fixed, first = None, None
     for vi in list(g.input) + list(g.output):
         if vi.name in init_names:
@@ -124,7 +124,7 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict:
+def inferred_dims(model: onnx.ModelProto) -> dict:
     """Tensor name -> dims as the file declares and infers them (before the batch is freed)."""
     try:
         inferred = shape_inference.infer_shapes(without_weight_data(model))
