@@ -18,7 +18,7 @@ from .export import EXPORTABLE
 from .methods import check_options, get as get_method, methods as method_names
 from .errors import MethodError, ModelError, OnnxsalError, TargetError
 from . import cli_options as O
-from .preprocess import parse_size
+from .preprocess import collect_images, output_names, parse_size
 
 if TYPE_CHECKING:
     import numpy as np
@@ -152,7 +152,8 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
 @app.command()
 def explain(
     model: str = typer.Argument(..., help="ONNX model file"),
-    images: List[str] = typer.Argument(..., help="image files (PNG, JPEG, BMP, TIFF, WebP) or preprocessed .npy"),
+    images: List[str] = typer.Argument(..., help="image files (PNG, JPEG, BMP, TIFF, WebP), preprocessed .npy, "
+                                              "or folders of them"),
     method: List[str] = typer.Option(["gradcam"], "--method", "-m", help="method name, repeatable: " + "; ".join(method_names())),
     target: List[str] = typer.Option([], "--target", "-t", help="class index or label, repeatable (default: top-1)"),
     top_k: int = typer.Option(1, "--top-k", "-k", help="explain the K highest-scoring classes"),
@@ -188,6 +189,7 @@ def explain(
     unknown = [k for k in opts if not any(k in s.defaults for s in specs)]
     if unknown:
         raise MethodError(f"no chosen method takes option {', '.join(unknown)}")
+    images = collect_images(images)
     ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
     targets = target or None
     if target_weights is not None:
@@ -202,8 +204,10 @@ def explain(
         def batches(done: int, total: int) -> None:   # long runs (RISE, Score-CAM, IG) report each batch
             bar.update(rows, completed=done, total=total)
 
+        names = output_names(images)
         for image in images:
             prepared = ex.prepare(image)
+            prepared.name = names[image]
             for spec in specs:
                 bar.update(task, description=f"{prepared.name}: {spec.name}")
                 kw = {k: v for k, v in opts.items() if k in spec.defaults}

@@ -108,6 +108,48 @@ class Preprocess:
         return np.ascontiguousarray(x[None], dtype=np.float32)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy")
+
+
+def collect_images(items: Sequence[str]) -> list[str]:
+    """Files as given; folders expanded to their image files, sorted by name."""
+    out: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise MissingFileError(f"no image files in folder {item}")
+            out += found
+        elif not os.path.exists(item):
+            raise MissingFileError(f"image not found: {item}")
+        else:
+            out.append(item)
+    return out
+
+
+def output_names(paths: Sequence[str]) -> dict[str, str]:
+    """The stem each input's outputs are named by: its file stem, or, where two inputs share one
+    (``cats/001.png`` and ``dogs/001.png``), its folder and stem (``cats_001``), so that no
+    output overwrites another."""
+    stems = {p: _stem(p) for p in paths}
+    counts: dict[str, int] = {}
+    for stem in stems.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for p, stem in stems.items():
+        name = stem
+        if counts[stem] > 1:
+            folder = os.path.basename(os.path.dirname(os.path.abspath(p)))
+            name = f"{folder}_{stem}" if folder else stem
+        base, k = name, 2
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        out[p] = name
+    return out
+
+
 def load_image(path: Union[str, os.PathLike]) -> Image.Image:
     """Decode any format Pillow reads and honour EXIF orientation; the modes as `displayable`."""
     path = os.fspath(path)

@@ -115,3 +115,18 @@ def test_bracketed_names_reach_the_terminal_verbatim(tmp_path, capsys):
     assert main(["inspect", str(path)]) != 0
     err = capsys.readouterr().err
     assert "[p2o.DynamicDimension.0,3,p2o.DynamicDimension.2,p2o.DynamicDimension.3]" in err
+
+
+def test_explain_takes_folders_and_keeps_same_named_images_apart(files):
+    tmp, model = files
+    for folder in ("cats", "dogs"):
+        (tmp / folder).mkdir()
+        Image.open(tmp / "cat.png").save(tmp / folder / "001.png")
+    (tmp / "dogs" / "notes.txt").write_text("not an image")
+    out = tmp / "results"
+    assert main(["explain", model, str(tmp / "cats"), str(tmp / "dogs"), str(tmp / "dog.jpg"), "-m", "gradcam",
+                 "--out", str(out), "-q"]) == 0
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["cats_001.gradcam.png", "dog.gradcam.png",
+                                                                        "dogs_001.gradcam.png"]
+    (tmp / "empty").mkdir()
+    assert main(["explain", model, str(tmp / "empty"), "-m", "gradcam", "--out", str(out)]) != 0

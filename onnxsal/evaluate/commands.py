@@ -18,8 +18,8 @@ from rich.markup import escape as esc
 from onnxsal import cli_options as O
 
 from ..errors import MethodError, MissingFileError
+from ..preprocess import collect_images
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy")
 SANITY_DEFAULT = ["gradcam", "saliency", "guidedbackprop"]
 
 
@@ -54,22 +54,6 @@ def _method_options(methods: list[str], option: List[str]) -> dict[str, dict]:
         mine = {k: v for k, v in opts.items() if k in s.defaults}
         check_options(s, mine)
         out[s.name] = mine
-    return out
-
-
-def _collect_images(items: List[str]) -> list[str]:
-    """Files as given; folders expanded to their image files, sorted by name."""
-    out: list[str] = []
-    for item in items:
-        if os.path.isdir(item):
-            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES))
-            if not found:
-                raise MissingFileError(f"no image files in folder {item}")
-            out += found
-        elif not os.path.exists(item):
-            raise MissingFileError(f"image not found: {item}")
-        else:
-            out.append(item)
     return out
 
 
@@ -141,7 +125,7 @@ def sanity(
         raise MethodError(f"--mode must be cascading, independent or both, not {mode!r}")
     methods = _method_names(method)
     options = _method_options(methods, option)
-    files = _collect_images(images)
+    files = collect_images(images)
     ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
     perm = None
     if permuted:
@@ -257,7 +241,7 @@ def evaluate(
         raise MethodError("--step must be at least 1 pixel")
     methods = _method_names(method)
     options = _method_options(methods, option)
-    files = _collect_images(images)
+    files = collect_images(images)
     mask_arrays = None
     if masks is not None:
         if not os.path.isdir(masks):
