@@ -308,3 +308,36 @@ def test_weights_in_an_external_file(tmp_path):
     (tmp_path / "ext.weights").unlink()
     with pytest.raises(MissingFileError, match="are in 'ext.weights', which is not next to it"):
         load(tmp_path / "ext.onnx")
+
+
+@pytest.mark.parametrize("op,attrs,opset", [
+    ("ImageScaler", {"scale": 1 / 255, "bias": [-0.5, 0.1, 0.2]}, 8),
+    ("ImageScaler", {"scale": 2.0, "bias": [1.0, 2.0, 3.0]}, 6),
+    ("Affine", {"alpha": 0.5, "beta": -1.0}, 8),
+    ("ScaledTanh", {"alpha": 2.0, "beta": 0.7}, 8),
+    ("ParametricSoftplus", {"alpha": 1.5, "beta": 0.8}, 8),
+])
+def test_experimental_ops_of_old_opsets_are_written_as_standard_ones(op, attrs, opset):
+    """The ONNX model zoo's emotion-ferplus-8 scales its input with ImageScaler, dropped at opset 10;
+    the version converter has no schema for it, so these are written out before upgrading."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gradcheck import check_vjp
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((2, 3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node(op, ["x"], ["s"], **attrs), helper.make_node("Conv", ["s", "w"], ["y"])]
+    g = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4]),
+                                         helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 3, 1, 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+                          [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 3
+    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    m = load(model)
+    assert op not in {n.op_type for n in m.proto.graph.node}
+    got = ort.InferenceSession(m.proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    check_vjp(m.proto, "y", ["x"], {"x": x})

@@ -38,9 +38,68 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     if opset_of(model) >= MIN_OPSET:
         return model
     try:
-        return version_converter.convert_version(model, MIN_OPSET)
+        out = version_converter.convert_version(_standard_ops(model), MIN_OPSET)
+        out.ir_version = max(out.ir_version, 7)   # the IR version of opset 13: initializers need not be inputs
+        return out
     except Exception as exc:  # the converter raises bare RuntimeErrors
         raise ModelError(f"model uses opset {opset_of(model)} and could not be upgraded to {MIN_OPSET}: {exc}") from exc
+
+
+# Experimental ops of opsets 1-9, dropped at opset 10 (the ONNX model zoo's emotion-ferplus-8 and
+# tinyyolov2-8 scale their input with ImageScaler): ONNX Runtime still runs them, but the version
+# converter has no schema for them. Each is written as the elementwise ops it computes.
+EXPERIMENTAL = ("ImageScaler", "Affine", "ScaledTanh", "ParametricSoftplus")
+
+
+def _standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with its `EXPERIMENTAL` ops written as standard ones; ``model`` itself
+    when it has none."""
+    if not any(n.op_type in EXPERIMENTAL and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model
+    out = copy.deepcopy(model)
+    g = out.graph
+    legacy = {"broadcast": 1} if opset_of(model) < 7 else {}     # before opset 7, Add and Mul broadcast on request
+    nodes = []
+    k = 0
+
+    def const(value, shape=()) -> str:
+        nonlocal k
+        k += 1
+        name = f"onnxsal_experimental/const_{k}"
+        g.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32).reshape(shape), name))
+        if opset_of(model) < 7 or out.ir_version < 4:   # initializers listed as inputs, as old models must
+            g.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape)))
+        return name
+
+    def op(op_type: str, inputs: list, output: str = "", **attrs) -> str:
+        nonlocal k
+        k += 1
+        output = output or f"onnxsal_experimental/t_{k}"
+        nodes.append(onnx.helper.make_node(op_type, inputs, [output], name=f"onnxsal_experimental/{op_type}_{k}",
+                                           **attrs))
+        return output
+
+    for n in g.node:
+        if n.op_type not in EXPERIMENTAL or n.domain not in ("", "ai.onnx"):
+            nodes.append(n)
+            continue
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        x, y = n.input[0], n.output[0]
+        if n.op_type == "ImageScaler":              # y = scale x + bias[c]
+            bias = a.get("bias", [0.0])
+            scaled = op("Mul", [x, const(a.get("scale", 1.0))], **legacy)
+            op("Add", [scaled, const(bias, (1, len(bias), 1, 1))], y, **legacy)
+        elif n.op_type == "Affine":                 # y = alpha x + beta
+            op("Add", [op("Mul", [x, const(a.get("alpha", 1.0))], **legacy), const(a.get("beta", 0.0))], y, **legacy)
+        elif n.op_type == "ScaledTanh":             # y = alpha tanh(beta x)
+            op("Mul", [op("Tanh", [op("Mul", [x, const(a.get("beta", 1.0))], **legacy)]), const(a.get("alpha", 1.0))],
+               y, **legacy)
+        else:                                       # ParametricSoftplus: y = alpha ln(exp(beta x) + 1)
+            op("Mul", [op("Softplus", [op("Mul", [x, const(a.get("beta", 1.0))], **legacy)]), const(a.get("alpha", 1.0))],
+               y, **legacy)
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
 
 
 def _const_values(graph: onnx.GraphProto) -> dict:
