@@ -48,7 +48,8 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 # Experimental ops of opsets 1-9, dropped at opset 10 (the ONNX model zoo's emotion-ferplus-8 and
 # tinyyolov2-8 scale their input with ImageScaler): ONNX Runtime still runs them, but the version
 # converter has no schema for them. Each is written as the elementwise ops it computes.
-EXPERIMENTAL = ("ImageScaler", "Affine", "ScaledTanh", "ParametricSoftplus")
+INT64_END = 2**63 - 1
+EXPERIMENTAL = ("ImageScaler", "Affine", "ScaledTanh", "ParametricSoftplus", "Crop")
 
 
 def _standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -94,6 +95,14 @@ def _standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         elif n.op_type == "ScaledTanh":             # y = alpha tanh(beta x)
             op("Mul", [op("Tanh", [op("Mul", [x, const(a.get("beta", 1.0))], **legacy)]), const(a.get("alpha", 1.0))],
                y, **legacy)
+        elif n.op_type == "Crop":                   # border (left, top, right, bottom), or a size from left, top
+            left, top, right, bottom = (list(a.get("border", [])) + [0, 0, 0, 0])[:4]
+            if "scale" in a:
+                h, w = a["scale"]
+                ends = [top + h, left + w]
+            else:
+                ends = [-bottom if bottom else INT64_END, -right if right else INT64_END]
+            op("Slice", [x], y, starts=[top, left], ends=ends, axes=[2, 3])
         else:                                       # ParametricSoftplus: y = alpha ln(exp(beta x) + 1)
             op("Mul", [op("Softplus", [op("Mul", [x, const(a.get("beta", 1.0))], **legacy)]), const(a.get("alpha", 1.0))],
                y, **legacy)
