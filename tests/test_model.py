@@ -343,3 +343,30 @@ def test_experimental_ops_of_old_opsets_are_written_as_standard_ones(op, attrs, 
     got = ort.InferenceSession(m.proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     check_vjp(m.proto, "y", ["x"], {"x": x})
+
+
+def test_per_activation_batch_norm_of_old_opsets_is_written_out():
+    """BatchNormalization with spatial=0 (opsets 1-8: statistics per activation) has no opset-9 form."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gradcheck import check_vjp
+
+    rng = np.random.default_rng(5)
+    stats = {"s": rng.uniform(0.5, 1.5, (3, 4, 4)), "b": rng.standard_normal((3, 4, 4)),
+             "m": rng.standard_normal((3, 4, 4)) * 0.1, "v": rng.uniform(0.5, 1.5, (3, 4, 4))}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in stats.items()]
+    g = helper.make_graph([helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], spatial=0,
+                                            epsilon=1e-3)], "old",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])] +
+                          [helper.make_tensor_value_info(i.name, TensorProto.FLOAT, [3, 4, 4]) for i in inits],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 7)])
+    model.ir_version = 3
+    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    m = load(model)
+    got = ort.InferenceSession(m.proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    out = check_vjp(m.proto, "y", ["x"], {"x": x})
+    assert np.abs(out["grad_x"]).max() > 0

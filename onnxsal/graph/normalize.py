@@ -52,10 +52,16 @@ INT64_END = 2**63 - 1
 EXPERIMENTAL = ("ImageScaler", "Affine", "ScaledTanh", "ParametricSoftplus", "Crop")
 
 
+def _per_activation(n: onnx.NodeProto) -> bool:
+    """A BatchNormalization of opsets 1-8 with ``spatial=0``: statistics per activation, (C, H, W),
+    which opset 9 dropped and the version converter refuses."""
+    return n.op_type == "BatchNormalization" and any(a.name == "spatial" and a.i == 0 for a in n.attribute)
+
+
 def _standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with its `EXPERIMENTAL` ops written as standard ones; ``model`` itself
-    when it has none."""
-    if not any(n.op_type in EXPERIMENTAL and n.domain in ("", "ai.onnx") for n in model.graph.node):
+    """A copy of ``model`` with its `EXPERIMENTAL` ops and per-activation BatchNormalizations written
+    as standard ops; ``model`` itself when it has none."""
+    if not any((n.op_type in EXPERIMENTAL or _per_activation(n)) and n.domain in ("", "ai.onnx") for n in model.graph.node):
         return model
     out = copy.deepcopy(model)
     g = out.graph
@@ -81,12 +87,16 @@ def _standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         return output
 
     for n in g.node:
-        if n.op_type not in EXPERIMENTAL or n.domain not in ("", "ai.onnx"):
+        if (n.op_type not in EXPERIMENTAL and not _per_activation(n)) or n.domain not in ("", "ai.onnx"):
             nodes.append(n)
             continue
         a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
         x, y = n.input[0], n.output[0]
-        if n.op_type == "ImageScaler":              # y = scale x + bias[c]
+        if n.op_type == "BatchNormalization":       # (x - mean) / sqrt(var + eps) * scale + bias, per activation
+            scale, bias, mean, var = n.input[1:5]
+            std = op("Sqrt", [op("Add", [var, const(a.get("epsilon", 1e-5))], **legacy)])
+            op("Add", [op("Mul", [op("Sub", [x, mean], **legacy), op("Div", [scale, std])], **legacy), bias], y, **legacy)
+        elif n.op_type == "ImageScaler":              # y = scale x + bias[c]
             bias = a.get("bias", [0.0])
             scaled = op("Mul", [x, const(a.get("scale", 1.0))], **legacy)
             op("Add", [scaled, const(bias, (1, len(bias), 1, 1))], y, **legacy)
