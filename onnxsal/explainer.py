@@ -233,6 +233,23 @@ class Explainer:
         last_conv = max((order[c.tensor] for c in self.model.layers), default=-1)
         return [t for t in self.model.token_layers() if order[t.tensor] > last_conv]
 
+    def explain_batch(self, images: Union[np.ndarray, Sequence[Union[ImageLike, Prepared]]], method: str = "gradcam",
+                      targets: Union[None, int, str, Sequence[Union[int, str, None]]] = None,
+                      **kwargs) -> list[Explanation]:
+        """Explain each image of a batch, as pytorch-grad-cam's ``cam(input_tensor, targets)`` and
+        Captum's ``attribute(inputs, target=...)`` take one: an (N, ...) array of preprocessed
+        inputs, or a list of files, arrays or PIL images. ``targets``: None (each image's top
+        class), one class for all, or one per image. Other arguments as for `explain`. Each image
+        is explained on its own, so its maps equal those of `explain`; stack them with
+        ``np.stack([e.map for e in results])``."""
+        rows = [images[i:i + 1] for i in range(len(images))] if isinstance(images, np.ndarray) else list(images)
+        if isinstance(images, np.ndarray) and images.ndim < 2:
+            raise ImageError(f"a batch array needs a leading batch axis; it has shape {images.shape}")
+        per = list(targets) if isinstance(targets, (list, tuple)) else [targets] * len(rows)
+        if len(per) != len(rows):
+            raise TargetError(f"{len(per)} targets for {len(rows)} images; give one per image, or one for all")
+        return [self.explain(row, method, t, **kwargs) for row, t in zip(rows, per)]
+
     def explain(self, image: Union[ImageLike, Prepared], method: str = "gradcam", target=None, *, top_k: int = 1,
                 layer: Optional[str] = None, score: str = "logit", smooth: Optional[float] = None,
                 progress: Optional[Progress] = None, **options) -> Explanation:

@@ -409,3 +409,22 @@ def test_fem_and_kpcacam_match_their_references(case, layer, index):
         ex.explain(x, "kpcacam", layer=layer, kernel="laplacian")
     with pytest.raises(onnxsal.errors.MethodError, match="gamma"):
         ex.explain(x, "kpcacam", layer=layer, gamma=-1.0)
+
+
+def test_explain_batch_equals_one_explain_per_image():
+    import onnxsal
+    import tiny
+    from onnxsal.errors import TargetError
+
+    ex = onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="unit")
+    x = np.random.default_rng(0).random((3, 3, 16, 16)).astype(np.float32)
+    for method, targets in (("gradcam", [2, 0, 1]), ("saliency", 1), ("ig", None)):
+        got = ex.explain_batch(x, method, targets)
+        per = targets if isinstance(targets, list) else [targets] * 3
+        for i, res in enumerate(got):
+            want = ex.explain(x[i:i + 1], method, per[i])
+            np.testing.assert_array_equal(res.map, want.map)
+            assert res.targets[0].index == want.targets[0].index
+    assert [r.targets[0].index for r in ex.explain_batch(x, "gradcam", [2, 0, 1])] == [2, 0, 1]
+    with pytest.raises(TargetError, match="2 targets for 3 images"):
+        ex.explain_batch(x, "gradcam", [1, 2])
