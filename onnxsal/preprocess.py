@@ -273,6 +273,9 @@ def _check_array(arr: np.ndarray, layout: str, channels: int, size: tuple) -> np
     want = _wanted(layout, channels, size)[1:]
     if arr.ndim == 3:
         arr = arr[None]
+    if arr.ndim == 4 and arr.shape[0] > 1 and tuple(arr.shape[1:]) == want:
+        raise ImageError(f"array input holds a batch of {arr.shape[0]} images; explain takes one (1, "
+                         f"{', '.join(map(str, want))}) (in Python, explain_batch takes a batch)")
     if arr.ndim != 4 or arr.shape[0] != 1 or tuple(arr.shape[1:]) != want:
         raise ImageError(f"array input has shape {tuple(np.shape(arr))}; the model takes (1, {', '.join(map(str, want))}) ({layout})")
     return np.ascontiguousarray(arr, dtype=np.float32)

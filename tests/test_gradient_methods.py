@@ -428,3 +428,7 @@ def test_explain_batch_equals_one_explain_per_image():
     assert [r.targets[0].index for r in ex.explain_batch(x, "gradcam", [2, 0, 1])] == [2, 0, 1]
     with pytest.raises(TargetError, match="2 targets for 3 images"):
         ex.explain_batch(x, "gradcam", [1, 2])
+    from onnxsal.errors import ImageError
+
+    with pytest.raises(ImageError, match=r"holds a batch of 3 images.*explain_batch takes a batch"):
+        ex.explain(x, "gradcam")
