@@ -146,8 +146,8 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     g = model.graph
     init_names = {i.name for i in g.initializer}
     consts = _const_values(g)
-    static = inferred_dims(model) if any(n.op_type == "Reshape" for n in g.node) else {}
-    fixed, first = None, None
+    inputs = {vi.name for vi in g.input}
+    fixed, first, freed = None, None, []
     for vi in list(g.input) + list(g.output):
         if vi.name in init_names:
             continue
@@ -157,13 +157,17 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
             # The first input fixes the batch size; a second input with another
             # leading size (a lookup table, a mask) has no batch axis to free.
             fixed = fixed or dims[0].dim_value
-            first = first or vi.name
-            if dims[0].dim_value != fixed:
-                continue
-            dims[0].Clear()
-            dims[0].dim_param = BATCH
+            first = first or (vi.name if vi.name in inputs else None)
+            if dims[0].dim_value == fixed:
+                freed.append(dims[0])
     if fixed is None:
         return model
+    baked = [n for n in g.node if n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] in consts
+             and weights.array(consts[n.input[1]]).reshape(-1)[:1].tolist() == [fixed]]
+    static = inferred_dims(model) if baked and first else {}      # the file's own shapes, batch still fixed
+    for dim in freed:
+        dim.Clear()
+        dim.dim_param = BATCH
     batched = {vi.name for vi in g.input if vi.name not in init_names}   # tensors computed from the inputs
     nodes: list[onnx.NodeProto] = []
     batch_size = ""
@@ -177,7 +181,7 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)      # a bias reshaped to (1, C, 1, 1) has no batch to copy
             continue
         own = static.get(node.input[0])
-        if own is None or not own or own[0] == fixed:
+        if not own or own[0] == fixed:
             shape[0] = 0
             t.CopyFrom(numpy_helper.from_array(shape.astype(np.int64), t.name))
         else:
