@@ -242,9 +242,9 @@ class Explainer:
         class), one class for all, or one per image. Other arguments as for `explain`. Each image
         is explained on its own, so its maps equal those of `explain`; stack them with
         ``np.stack([e.map for e in results])``."""
-        rows = [images[i:i + 1] for i in range(len(images))] if isinstance(images, np.ndarray) else list(images)
         if isinstance(images, np.ndarray) and images.ndim < 2:
             raise ImageError(f"a batch array needs a leading batch axis; it has shape {images.shape}")
+        rows = [images[i:i + 1] for i in range(len(images))] if isinstance(images, np.ndarray) else list(images)
         per = list(targets) if isinstance(targets, (list, tuple)) else [targets] * len(rows)
         if len(per) != len(rows):
             raise TargetError(f"{len(per)} targets for {len(rows)} images; give one per image, or one for all")
