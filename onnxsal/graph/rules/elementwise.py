@@ -239,6 +239,40 @@ def cos(ctx: RuleContext, gy: Grads) -> Grads:
     return [ctx.op("Neg", [ctx.op("Mul", [gy[0], ctx.op("Sin", [ctx.inputs[0]])])])]
 
 
+def _scaled(ctx: RuleContext, g: str, factor: str, divide: bool = False, negate: bool = False) -> str:
+    out = ctx.op("Div" if divide else "Mul", [g, factor])
+    return ctx.op("Neg", [out]) if negate else out
+
+
+@vjp_rule("Tan")
+def tan(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = tan(x): gx = gy (1 + y^2)."""
+    y = ctx.outputs[0]
+    return [_scaled(ctx, gy[0], ctx.op("Add", [ctx.op("Mul", [y, y]), ctx.const(1.0, like=y)]))]
+
+
+@vjp_rule("Sinh", "Cosh")
+def sinh_cosh(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = sinh(x): gx = gy cosh(x); y = cosh(x): gx = gy sinh(x)."""
+    other = "Cosh" if ctx.node.op_type == "Sinh" else "Sinh"
+    return [_scaled(ctx, gy[0], ctx.op(other, [ctx.inputs[0]]))]
+
+
+@vjp_rule("Atan", "Asin", "Acos", "Asinh", "Acosh", "Atanh")
+def inverse_trig(ctx: RuleContext, gy: Grads) -> Grads:
+    """The inverse functions: gx = gy / d, with d = 1 + x^2 (Atan), sqrt(1 - x^2) (Asin; Acos
+    negated), sqrt(x^2 + 1) (Asinh), sqrt(x^2 - 1) (Acosh), 1 - x^2 (Atanh)."""
+    x, op = ctx.inputs[0], ctx.node.op_type
+    sq, one = ctx.op("Mul", [x, x]), ctx.const(1.0, like=x)
+    d = {"Atan": lambda: ctx.op("Add", [sq, one]),
+         "Asin": lambda: ctx.op("Sqrt", [ctx.op("Sub", [one, sq])]),
+         "Acos": lambda: ctx.op("Sqrt", [ctx.op("Sub", [one, sq])]),
+         "Asinh": lambda: ctx.op("Sqrt", [ctx.op("Add", [sq, one])]),
+         "Acosh": lambda: ctx.op("Sqrt", [ctx.op("Sub", [sq, one])]),
+         "Atanh": lambda: ctx.op("Sub", [one, sq])}[op]()
+    return [_scaled(ctx, gy[0], d, divide=True, negate=op == "Acos")]
+
+
 @vjp_rule("Sign", "Floor", "Ceil", "Round", "Hardmax")
 def piecewise_constant(ctx: RuleContext, gy: Grads) -> Grads:
     """Piecewise constant: the derivative is 0 wherever it exists, as in training frameworks."""
