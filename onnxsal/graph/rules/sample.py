@@ -60,9 +60,9 @@ def grid_sample(ctx: RuleContext, gy: Grads) -> Grads:
                                 "spatial axes; onnxsal differentiates 2-D sampling")
     if mode not in ("bilinear", "linear", "nearest"):
         raise _unsupported(ctx, f"mode {mode!r}; onnxsal differentiates bilinear and nearest sampling")
-    if padding not in ("zeros", "border"):
-        raise _unsupported(ctx, f"padding_mode {padding!r}; onnxsal differentiates zeros and border padding")
-    s = _Sampler(ctx, x, grid, bool(ctx.attr("align_corners", 0)), padding == "border")
+    if padding not in ("zeros", "border", "reflection"):
+        raise _unsupported(ctx, f"padding_mode {padding!r}; onnxsal differentiates zeros, border and reflection padding")
+    s = _Sampler(ctx, x, grid, bool(ctx.attr("align_corners", 0)), padding)
     dy = gy[0]
     if mode == "nearest":
         corners = [(ctx.op("Round", [s.iy]), ctx.op("Round", [s.ix]), None)]    # halves to even, as ORT rounds
@@ -104,8 +104,8 @@ def grid_sample(ctx: RuleContext, gy: Grads) -> Grads:
 class _Sampler:
     """The forward's pixel coordinates and the index arithmetic shared by the two gradients."""
 
-    def __init__(self, ctx: RuleContext, x: str, grid: str, align_corners: bool, border: bool) -> None:
-        self.ctx, self.x, self.border = ctx, x, border
+    def __init__(self, ctx: RuleContext, x: str, grid: str, align_corners: bool, padding: str) -> None:
+        self.ctx, self.x, self.border = ctx, x, padding != "zeros"    # reflection reads clamped corners too
         shape_x = ctx.shape_of(x)
         self.h_int = ctx.op("Slice", [shape_x, ctx.const([2]), ctx.const([3])])
         self.w_int = ctx.op("Slice", [shape_x, ctx.const([3]), ctx.const([4])])
@@ -124,6 +124,30 @@ class _Sampler:
             self.scale_h = ctx.op("Mul", [self.h, half])
             self.ix = ctx.op("Mul", [ctx.op("Sub", [ctx.op("Mul", [ctx.op("Add", [gx, self.one]), self.w]), self.one]), half])
             self.iy = ctx.op("Mul", [ctx.op("Sub", [ctx.op("Mul", [ctx.op("Add", [gy, self.one]), self.h]), self.one]), half])
+        if padding == "reflection":     # folded back into the image's extent: a slope of +1 or -1
+            lo = ctx.const(0.0 if align_corners else -0.5, like=grid)
+            self.ix, sign_w = self._reflect(self.ix, lo, ctx.op("Sub", [self.w, self.one]) if align_corners else
+                                            ctx.op("Sub", [self.w, half]))
+            self.iy, sign_h = self._reflect(self.iy, lo, ctx.op("Sub", [self.h, self.one]) if align_corners else
+                                            ctx.op("Sub", [self.h, half]))
+            self.scale_w = ctx.op("Mul", [self.scale_w, sign_w])
+            self.scale_h = ctx.op("Mul", [self.scale_h, sign_h])
+
+    def _reflect(self, t: str, lo: str, hi: str) -> tuple[str, str]:
+        """t reflected into [lo, hi] at its ends as often as it takes (ONNX Runtime's GsReflect),
+        and its derivative: the sign of t - lo, flipped at each odd reflection."""
+        ctx = self.ctx
+        two = ctx.const(2.0, like=t)
+        span = ctx.op("Max", [ctx.op("Sub", [hi, lo]), ctx.const(1e-6, like=t)])
+        d = ctx.op("Abs", [ctx.op("Sub", [t, lo])])
+        flips = ctx.op("Floor", [ctx.op("Div", [d, span])])
+        extra = ctx.op("Sub", [d, ctx.op("Mul", [flips, span])])
+        odd = ctx.op("Sub", [flips, ctx.op("Mul", [two, ctx.op("Floor", [ctx.op("Div", [flips, two])])])])
+        folded = ctx.op("Add", [ctx.op("Add", [lo, extra]),
+                                ctx.op("Mul", [odd, ctx.op("Sub", [span, ctx.op("Mul", [two, extra])])])])
+        slope = ctx.op("Mul", [ctx.op("Sign", [ctx.op("Sub", [t, lo])]),
+                               ctx.op("Sub", [self.one, ctx.op("Mul", [two, odd])])])
+        return folded, slope
 
     def flat_index(self, yc: str, xc: str) -> tuple[str, object]:
         """(row-major pixel index (N, 1, P), int64; the in-image mask (N, Ho, Wo) or None for border).
