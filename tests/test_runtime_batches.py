@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 import onnxsal
@@ -87,7 +88,10 @@ def _merged_heads_model():
              helper.make_node("Reshape", ["c", "merge"], ["heads"]),
              helper.make_node("Softmax", ["heads"], ["attn"], axis=-1),
              helper.make_node("Reshape", ["attn", "split"], ["split_heads"]),
-             helper.make_node("Reshape", ["split_heads", "flat"], ["f"]),
+             helper.make_node("Tanh", ["heads"], ["values"]),               # a second user of the same target
+             helper.make_node("Reshape", ["values", "split"], ["split_values"]),
+             helper.make_node("Mul", ["split_heads", "split_values"], ["mixed"]),
+             helper.make_node("Reshape", ["mixed", "flat"], ["f"]),
              helper.make_node("MatMul", ["f", "w"], ["logits"])]
     g = helper.make_graph(nodes, "merged", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
@@ -105,6 +109,7 @@ def test_a_batch_merged_with_heads_runs_at_batch_1_and_then_one_row_at_a_time():
     x = np.random.default_rng(1).standard_normal((1, 3, 4, 4)).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     free = normalize(model)
+    onnx.checker.check_model(free)                    # one batched target per shape constant
     got = ort.InferenceSession(free.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, want)          # before, "split" copied 2 from (2, 4, 16) and failed
     check_vjp(free, "logits", ["x"], {"x": x})

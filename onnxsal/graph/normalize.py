@@ -171,12 +171,15 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     batched = {vi.name for vi in g.input if vi.name not in init_names}   # tensors computed from the inputs
     nodes: list[onnx.NodeProto] = []
     batch_size = ""
+    batched_targets: dict[str, str] = {}
+    original = {n.input[1]: weights.array(consts[n.input[1]]).copy() for n in baked}   # before any is rewritten
     for node in g.node:
         if any(i in batched for i in node.input):
             batched.update(node.output)
         t = consts.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
         allowzero = any(a.name == "allowzero" and a.i == 1 for a in node.attribute)
-        shape = weights.array(t).copy() if t is not None and node.input[0] in batched and not allowzero else None
+        shape = original[node.input[1]].copy() if t is not None and node.input[1] in original and \
+            node.input[0] in batched and not allowzero else None
         if shape is None or shape.ndim != 1 or shape.size < 2 or shape[0] != fixed:
             nodes.append(node)      # a bias reshaped to (1, C, 1, 1) has no batch to copy
             continue
@@ -193,12 +196,13 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
                     g.initializer.append(numpy_helper.from_array(np.array([v], np.int64), f"{batch_size}_{k}"))
                 nodes.append(onnx.helper.make_node("Slice", [f"onnxsal_batch/{first}_shape", f"{batch_size}_zero",
                                                              f"{batch_size}_one"], [batch_size], name=f"{batch_size}/Slice"))
-            rest = f"{node.input[1]}_after_batch"
-            target = f"{node.input[1]}_batched_{len(nodes)}"
-            g.initializer.append(numpy_helper.from_array(shape[1:].astype(np.int64), rest))
-            nodes.append(onnx.helper.make_node("Concat", [batch_size, rest], [target], axis=0,
-                                               name=f"{target}/Concat"))
-            node.input[1] = target
+            if node.input[1] not in batched_targets:      # one per shape constant, shared by its Reshapes
+                rest = f"onnxsal_batch/{node.input[1]}_after_batch"
+                batched_targets[node.input[1]] = target = f"onnxsal_batch/{node.input[1]}_batched"
+                g.initializer.append(numpy_helper.from_array(shape[1:].astype(np.int64), rest))
+                nodes.append(onnx.helper.make_node("Concat", [batch_size, rest], [target], axis=0,
+                                                   name=f"{target}/Concat"))
+            node.input[1] = batched_targets[node.input[1]]
         nodes.append(node)
     del g.node[:]
     g.node.extend(nodes)
