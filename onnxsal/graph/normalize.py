@@ -39,10 +39,16 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     try:
         out = version_converter.convert_version(_standard_ops(model), MIN_OPSET)
-        out.ir_version = max(out.ir_version, 7)   # the IR version of opset 13: initializers need not be inputs
-        return out
     except Exception as exc:  # the converter raises bare RuntimeErrors
         raise ModelError(f"model uses opset {opset_of(model)} and could not be upgraded to {MIN_OPSET}: {exc}") from exc
+    # opset 13's IR version, where the weights need not be listed as inputs too: as constants,
+    # ONNX Runtime folds and fuses them (it warns about each one left as an input)
+    out.ir_version = max(out.ir_version, 7)
+    stored = {i.name for i in out.graph.initializer}
+    kept = [vi for vi in out.graph.input if vi.name not in stored]
+    del out.graph.input[:]
+    out.graph.input.extend(kept)
+    return out
 
 
 # Experimental ops of opsets 1-9, dropped at opset 10 (the ONNX model zoo's emotion-ferplus-8 and
