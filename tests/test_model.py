@@ -371,3 +371,32 @@ def test_per_activation_batch_norm_of_old_opsets_is_written_out():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     out = check_vjp(m.proto, "y", ["x"], {"x": x})
     assert np.abs(out["grad_x"]).max() > 0
+
+
+def test_weights_kept_as_inputs_become_constants(tmp_path):
+    """torch.onnx's keep_initializers_as_inputs lists every weight as a graph input too; ONNX Runtime
+    then neither folds nor fuses them. onnxsal keeps them as constants only."""
+    import warnings
+
+    import torch
+    import torch.nn as nn
+
+    from gradcheck import assert_matches_torch, run
+    from onnxsal.graph.autodiff import vjp
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    path = str(tmp_path / "m.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), path, dynamo=False, opset_version=17,
+                          keep_initializers_as_inputs=True, input_names=["x"], output_names=["y"])
+    assert len(onnx.load(path).graph.input) > 1
+    m = load(path)
+    assert [i.name for i in m.proto.graph.input] == ["x"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    cot = np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)
+    out = run(vjp(m.proto, m.logits, ["x"]), {"x": x, f"grad_{m.logits}": cot})
+    for p in net.parameters():
+        p.requires_grad_(False)
+    assert_matches_torch(out, m.logits, "grad_x", net, x, cot)

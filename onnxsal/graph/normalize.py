@@ -41,14 +41,9 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         out = version_converter.convert_version(_standard_ops(model), MIN_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeErrors
         raise ModelError(f"model uses opset {opset_of(model)} and could not be upgraded to {MIN_OPSET}: {exc}") from exc
-    # opset 13's IR version, where the weights need not be listed as inputs too: as constants,
-    # ONNX Runtime folds and fuses them (it warns about each one left as an input)
+    # opset 13's IR version, where the weights need not be listed as inputs too
     out.ir_version = max(out.ir_version, 7)
-    stored = {i.name for i in out.graph.initializer}
-    kept = [vi for vi in out.graph.input if vi.name not in stored]
-    del out.graph.input[:]
-    out.graph.input.extend(kept)
-    return out
+    return _weights_not_inputs(out)
 
 
 # Experimental ops of opsets 1-9, dropped at opset 10 (the ONNX model zoo's emotion-ferplus-8 and
@@ -272,7 +267,20 @@ def infer(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Upgrade the opset, free the batch dimension, infer shapes. Idempotent."""
-    return _infer_inplace(dynamic_batch(upgrade_opset(model)))   # dynamic_batch already copied
+    return _infer_inplace(_weights_not_inputs(dynamic_batch(upgrade_opset(model))))   # dynamic_batch already copied
+
+
+def _weights_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop, in place, the graph inputs that are initializers too (``keep_initializers_as_inputs``,
+    or any file of IR version 3): as constants, ONNX Runtime folds and fuses them."""
+    if model.ir_version < 4:
+        return model
+    stored = {i.name for i in model.graph.initializer}
+    if any(vi.name in stored for vi in model.graph.input):
+        kept = [vi for vi in model.graph.input if vi.name not in stored]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+    return model
 
 
 def static_dims(vi: onnx.ValueInfoProto) -> Optional[list]:
