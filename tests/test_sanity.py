@@ -211,6 +211,24 @@ def test_quantised_weights_are_layers_and_are_drawn_on_their_grid(tmp_path):
     assert drawn.dtype == np.int8 and drawn.std() == pytest.approx(weights8.std(), rel=0.05)
 
 
+def test_dynamically_quantised_weights_are_layers(tmp_path):
+    """quantize_dynamic's ConvInteger/MatMulInteger weights, as onnxsal writes them (a Cast and a
+    zero point subtracted before a float Conv or MatMul), are the layers' weights too."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from onnxsal.model import load
+
+    onnx.save(tiny.conv_net(batch=1, softmax=False), tmp_path / "float.onnx")
+    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dyn.onnx"))
+    model = load(str(tmp_path / "dyn.onnx")).proto
+    layers = weight_layers(model)
+    assert [x.op_type for x in layers] == ["Conv", "Conv", "MatMul"]
+    old = inits(model)
+    assert all(old[w].dtype == np.int8 for x in layers for w in x.initializers[:1])
+    new = inits(randomize(model, layers[:1], seed=1))
+    assert not np.array_equal(new[layers[0].initializers[0]], old[layers[0].initializers[0]])
+
+
 def test_blocks_keep_order_and_cover_every_layer():
     layers = list(range(10))
     blocks = blocks_of(layers, 4)

@@ -39,9 +39,11 @@ WEIGHT_INPUTS: dict[str, Optional[tuple[int, ...]]] = {
 }
 # ops that join the layer they directly follow (its bias, scale or normalisation)
 FOLLOWERS = {"Add", "Mul", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
-# single-input ops between an initializer and the node that uses it (exporters transpose or cast weights;
-# a quantised model dequantises its integer weights)
-WEIGHT_PATH = {"Identity", "Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "DequantizeLinear"}
+# ops between an initializer (their first input) and the node that uses it (exporters transpose or
+# cast weights; a quantised model dequantises its integer weights; a dynamically quantised one, as
+# onnxsal rewrites it, casts them and subtracts their zero point)
+WEIGHT_PATH = {"Identity", "Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "DequantizeLinear",
+               "Sub"}
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def _node_name(node: onnx.NodeProto, index: int) -> str:
 def weight_layers(proto: onnx.ModelProto) -> list[WeightLayer]:
     """The model's weight layers in topological order (input side first)."""
     g = proto.graph
-    quantised = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear"}
+    quantised = {n.input[0] for n in g.node if n.op_type in ("DequantizeLinear", "Cast")}   # integer weights
     inits = {i.name: i for i in g.initializer if i.data_type in FLOAT_TYPES or i.name in quantised}
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
