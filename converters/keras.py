@@ -38,12 +38,14 @@ import onnx
 from onnx import numpy_helper
 
 from onnxsal.errors import ConversionError, MissingFileError
+from onnxsal.graph.integer_input import PIXEL_TYPES
 
 from . import metadata
 
 OPSET = 17
 LIFT_BYTES = 1 << 20       # float constants at least this large travel around tf2onnx (step 2)
-PIXEL_DTYPES = {np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16)}   # image inputs taken as integers
+# image inputs onnxsal takes as integers (onnxsal/graph/integer_input.py)
+PIXEL_DTYPES = {np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in PIXEL_TYPES}
 LAYER_PREFIX = "onnxsal_layer:"
 KERAS_EXTS = (".keras", ".h5", ".hdf5")
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "numpy", "protobuf")
@@ -393,7 +395,8 @@ def _concrete(tf, model, shape: tuple, input_name: str, dtype: np.dtype):
 
 
 def _signature(loaded, shape: Optional[tuple]):
-    """The serving signature of a SavedModel, its input shape, and a way to call it on a batch."""
+    """The serving signature of a SavedModel, its input shape, a way to call it on a batch, and its
+    input's dtype."""
     sigs = dict(getattr(loaded, "signatures", {}) or {})
     if not sigs:
         raise ConversionError("the SavedModel has no signatures to convert")
@@ -417,7 +420,7 @@ def _signature(loaded, shape: Optional[tuple]):
             out = next(iter(out.values()))
         return np.asarray(out)
 
-    return fn, dims, call
+    return fn, dims, call, specs[0].dtype
 
 
 def _pixel_dtype(dtype) -> np.dtype:
@@ -490,9 +493,8 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
         call = lambda x: _keras_predict(model, x)  # noqa: E731
         name = model.name
     else:
-        cf, shape, call = _signature(model, shape)
-        dtype = _pixel_dtype(cf.structured_input_signature[0][0].dtype if cf.structured_input_signature[0]
-                             else next(iter(cf.structured_input_signature[1].values())).dtype)
+        cf, shape, call, input_dtype = _signature(model, shape)
+        dtype = _pixel_dtype(input_dtype)
         input_name = "input"
         name = os.path.basename(os.path.normpath(source_path)) if source_path else "saved_model"
     channels = shape[2]

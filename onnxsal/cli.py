@@ -121,7 +121,7 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     if m.training:
         out.print(f"  training  {len(m.training)} nodes in training mode ({esc(', '.join(m.training[:4]))}"
                   f"{' ...' if len(m.training) > 4 else ''}): each image is scored as on its own, at batch 1")
-    spelled = spelled_ops(m.proto)
+    spelled = spelled_ops(m.light)          # op types only: the weights need not be attached
     if m.functions or spelled:
         parts = ([f"the model's own {', '.join(m.functions)} written out"] if m.functions else []) + \
                 ([f"{', '.join(spelled)} differentiated through their ONNX function bodies"] if spelled else [])

@@ -23,7 +23,7 @@ from .graph.contrib import expand, fused_ops
 from .graph.fixed import Value, hold
 from .graph.image_input import as_image, needs_image_input
 from .graph.functions import inline as inline_functions
-from .graph.integer_input import as_real, integer_image_input
+from .graph.integer_input import as_real, integer_image_input, pixel_preprocess
 from .graph.training import as_scored_alone, training_ops
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.qoperator import qoperator_ops, to_qdq
@@ -593,10 +593,8 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
             spec = Preprocess.from_json(meta[META_PREPROCESS])
         except Exception as exc:
             raise ModelError(f"the model's {META_PREPROCESS} metadata is not valid: {exc}") from exc
-    if spec is None and pixels is not None and pixels.type.tensor_type.elem_type == onnx.TensorProto.UINT8:
-        spec = Preprocess.from_preset("raw")        # it takes the decoded image's own 0-255 values
-    elif spec is None and pixels is not None and pixels.type.tensor_type.elem_type == onnx.TensorProto.INT8:
-        spec = Preprocess.from_preset("raw", mean=(128.0,) * 3)   # TFLite's int8 images: pixel - 128
+    if spec is None and pixels is not None:
+        spec = pixel_preprocess(pixels.type.tensor_type.elem_type)
     hw = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
     if None in hw:
         want = tuple(size) if size else (tuple(spec.size) if spec is not None and spec.size else None)

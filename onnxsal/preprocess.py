@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -132,9 +133,7 @@ def output_names(paths: Sequence[str]) -> dict[str, str]:
     (``cats/001.png`` and ``dogs/001.png``), its folder and stem (``cats_001``), so that no
     output overwrites another."""
     stems = {p: _stem(p) for p in paths}
-    counts: dict[str, int] = {}
-    for stem in stems.values():
-        counts[stem] = counts.get(stem, 0) + 1
+    counts = Counter(stems.values())
     out: dict[str, str] = {}
     taken: set[str] = set()
     for p, stem in stems.items():

@@ -23,12 +23,24 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError
+from ..preprocess import Preprocess
 from .normalize import FLOAT_TYPES, opset_of, static_dims
 from .qoperator import MOVERS
 from .surgery import ReadableNames, node_attrs, rename_tensor
 
 # pixel types, and the opset from which QuantizeLinear can write each (for ops that need the integers)
 PIXEL_TYPES = {TensorProto.UINT8: 10, TensorProto.INT8: 10, TensorProto.UINT16: 21, TensorProto.INT16: 21}
+
+
+def pixel_preprocess(elem_type: int) -> Optional[Preprocess]:
+    """The preprocessing an integer image input implies, when its type has a convention: uint8
+    holds the decoded image's own 0-255 values, int8 the pixel minus 128 (TFLite's quantisation of
+    a [0, 1] or [-1, 1] input); None for 16-bit types, whose scale varies."""
+    if elem_type == TensorProto.UINT8:
+        return Preprocess.from_preset("raw")
+    if elem_type == TensorProto.INT8:
+        return Preprocess.from_preset("raw", mean=(128.0,) * 3)
+    return None
 
 
 def integer_image_input(model: onnx.ModelProto) -> Optional[onnx.ValueInfoProto]:
@@ -74,6 +86,13 @@ def as_real(model: onnx.ModelProto, vi: onnx.ValueInfoProto) -> tuple[onnx.Model
                                       name=names(f"{name}/QuantizeLinear")))
         materialised.add(name)
 
+    needed = graph_outputs | in_subgraphs       # read as integers where the node walk cannot see it
+
+    def kept_as_integers(name: str) -> None:
+        if name in needed:
+            integers(name, f"the graph output {name!r}" if name in graph_outputs else "a subgraph")
+
+    kept_as_integers(vi.name)
     for node in g.node:
         data = [i for i in node.input if i in real]
         if not data:
@@ -98,14 +117,13 @@ def as_real(model: onnx.ModelProto, vi: onnx.ValueInfoProto) -> tuple[onnx.Model
                     outs.append(o)
             nodes.append(helper.make_node(node.op_type, [real[node.input[0]]] + rest, outs,
                                           name=node.name or names(f"{outs[0]}/{node.op_type}"), **attrs))
+            for o in node.output:
+                if o in real:
+                    kept_as_integers(o)
         else:
             for i in data:
                 integers(i, f"{node.op_type} node {node.name!r}")
             nodes.append(node)
-    for name in list(real):
-        if name in graph_outputs or name in in_subgraphs:
-            integers(name, f"the graph output {name!r}" if name in graph_outputs else "a subgraph")
-    _place_before_users(nodes, materialised)
     del g.node[:]
     g.node.extend(nodes)
     gone = set(real) - materialised
@@ -125,15 +143,6 @@ def as_real(model: onnx.ModelProto, vi: onnx.ValueInfoProto) -> tuple[onnx.Model
     if materialised:
         how += f", rounded back to {type_name} where the model computes on the integers"
     return out, how
-
-
-def _place_before_users(nodes: list[onnx.NodeProto], materialised: set[str]) -> None:
-    """Move each QuantizeLinear that was appended late (for a graph output) before its first user."""
-    for name in materialised:
-        q = next(k for k, n in enumerate(nodes) if n.op_type == "QuantizeLinear" and n.output[0] == name)
-        first = next((k for k, n in enumerate(nodes) if name in n.input), None)
-        if first is not None and first < q:
-            nodes.insert(first, nodes.pop(q))
 
 
 def _names_in_subgraphs(graph: onnx.GraphProto) -> set[str]:

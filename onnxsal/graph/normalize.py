@@ -41,9 +41,8 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         out = version_converter.convert_version(_standard_ops(model), MIN_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeErrors
         raise ModelError(f"model uses opset {opset_of(model)} and could not be upgraded to {MIN_OPSET}: {exc}") from exc
-    # opset 13's IR version, where the weights need not be listed as inputs too
-    out.ir_version = max(out.ir_version, 7)
-    return _weights_not_inputs(out)
+    out.ir_version = max(out.ir_version, 7)    # opset 13's: the weights need not be inputs (normalize drops them)
+    return out
 
 
 # Experimental ops of opsets 1-9, dropped at opset 10 (the ONNX model zoo's emotion-ferplus-8 and
@@ -163,9 +162,13 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
                 freed.append(dims[0])
     if fixed is None:
         return model
-    baked = [n for n in g.node if n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] in consts
-             and weights.array(consts[n.input[1]]).reshape(-1)[:1].tolist() == [fixed]]
-    static = inferred_dims(model) if baked and first else {}      # the file's own shapes, batch still fixed
+    original = {}           # Reshape targets that start with the batch, read before any is rewritten
+    for n in g.node:
+        if n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] in consts:
+            target = weights.array(consts[n.input[1]])
+            if target.reshape(-1)[:1].tolist() == [fixed]:
+                original[n.input[1]] = target.copy()
+    static = inferred_dims(model) if original and first else {}   # the file's own shapes, batch still fixed
     for dim in freed:
         dim.Clear()
         dim.dim_param = BATCH
@@ -173,21 +176,20 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     batch_size = ""
     batched_targets: dict[str, str] = {}
-    original = {n.input[1]: weights.array(consts[n.input[1]]).copy() for n in baked}   # before any is rewritten
     for node in g.node:
         if any(i in batched for i in node.input):
             batched.update(node.output)
-        t = consts.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
+        target = node.input[1] if node.op_type == "Reshape" and len(node.input) > 1 else ""
         allowzero = any(a.name == "allowzero" and a.i == 1 for a in node.attribute)
-        shape = original[node.input[1]].copy() if t is not None and node.input[1] in original and \
-            node.input[0] in batched and not allowzero else None
-        if shape is None or shape.ndim != 1 or shape.size < 2 or shape[0] != fixed:
+        shape = original.get(target) if target and node.input[0] in batched and not allowzero else None
+        if shape is None or shape.ndim != 1 or shape.size < 2:
             nodes.append(node)      # a bias reshaped to (1, C, 1, 1) has no batch to copy
             continue
+        shape = shape.copy()
         own = static.get(node.input[0])
         if not own or own[0] == fixed:
             shape[0] = 0
-            t.CopyFrom(numpy_helper.from_array(shape.astype(np.int64), t.name))
+            consts[target].CopyFrom(numpy_helper.from_array(shape.astype(np.int64), consts[target].name))
         else:
             if not batch_size:
                 batch_size = f"onnxsal_batch/{first}_batch_size"
@@ -197,13 +199,13 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
                     g.initializer.append(numpy_helper.from_array(np.array([v], np.int64), f"{batch_size}_{k}"))
                 nodes.append(onnx.helper.make_node("Slice", [f"onnxsal_batch/{first}_shape", f"{batch_size}_zero",
                                                              f"{batch_size}_one"], [batch_size], name=f"{batch_size}/Slice"))
-            if node.input[1] not in batched_targets:      # one per shape constant, shared by its Reshapes
-                rest = f"onnxsal_batch/{node.input[1]}_after_batch"
-                batched_targets[node.input[1]] = target = f"onnxsal_batch/{node.input[1]}_batched"
+            if target not in batched_targets:      # one per shape constant, shared by its Reshapes
+                rest, joined = f"onnxsal_batch/{target}_after_batch", f"onnxsal_batch/{target}_batched"
+                batched_targets[target] = joined
                 g.initializer.append(numpy_helper.from_array(shape[1:].astype(np.int64), rest))
-                nodes.append(onnx.helper.make_node("Concat", [batch_size, rest], [target], axis=0,
-                                                   name=f"{target}/Concat"))
-            node.input[1] = batched_targets[node.input[1]]
+                nodes.append(onnx.helper.make_node("Concat", [batch_size, rest], [joined], axis=0,
+                                                   name=f"{joined}/Concat"))
+            node.input[1] = batched_targets[target]
         nodes.append(node)
     del g.node[:]
     g.node.extend(nodes)

@@ -106,6 +106,7 @@ class _Sampler:
 
     def __init__(self, ctx: RuleContext, x: str, grid: str, align_corners: bool, padding: str) -> None:
         self.ctx, self.x, self.border = ctx, x, padding != "zeros"    # reflection reads clamped corners too
+        self._reads: tuple = ()
         shape_x = ctx.shape_of(x)
         self.h_int = ctx.op("Slice", [shape_x, ctx.const([2]), ctx.const([3])])
         self.w_int = ctx.op("Slice", [shape_x, ctx.const([3]), ctx.const([4])])
@@ -180,11 +181,14 @@ class _Sampler:
     def read(self, index: str, inside) -> str:
         """X at a corner for every output, (N, C, Ho, Wo); 0 outside the image with zeros padding."""
         ctx = self.ctx
-        x_flat = ctx.op("Reshape", [self.x, ctx.const([0, 0, -1])])
-        c = ctx.op("Slice", [ctx.shape_of(self.x), ctx.const([1]), ctx.const([2])])
-        wide = ctx.op("Expand", [index, ctx.op("Concat", [ctx.const([1]), c, ctx.const([1])], axis=0)])
-        got = ctx.op("GatherElements", [x_flat, wide], axis=2)
-        out_shape = ctx.op("Concat", [ctx.op("Slice", [ctx.shape_of(self.x), ctx.const([0]), ctx.const([2])]),
-                                      ctx.op("Slice", [ctx.shape_of(self.ix), ctx.const([1]), ctx.const([3])])], axis=0)
+        if not self._reads:        # what the four corners share: X flat, the channel axis, the output shape
+            c = ctx.op("Slice", [ctx.shape_of(self.x), ctx.const([1]), ctx.const([2])])
+            self._reads = (ctx.op("Reshape", [self.x, ctx.const([0, 0, -1])]),
+                           ctx.op("Concat", [ctx.const([1]), c, ctx.const([1])], axis=0),
+                           ctx.op("Concat", [ctx.op("Slice", [ctx.shape_of(self.x), ctx.const([0]), ctx.const([2])]),
+                                             ctx.op("Slice", [ctx.shape_of(self.ix), ctx.const([1]), ctx.const([3])])],
+                                  axis=0))
+        x_flat, channels, out_shape = self._reads
+        got = ctx.op("GatherElements", [x_flat, ctx.op("Expand", [index, channels])], axis=2)
         got = ctx.op("Reshape", [got, out_shape])
         return got if inside is None else ctx.op("Mul", [got, self.per_channel(inside)])
