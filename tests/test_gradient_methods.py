@@ -432,3 +432,5 @@ def test_explain_batch_equals_one_explain_per_image():
 
     with pytest.raises(ImageError, match=r"holds a batch of 3 images.*explain_batch takes a batch"):
         ex.explain(x, "gradcam")
+    with pytest.raises(ImageError, match="needs a leading batch axis"):
+        ex.explain_batch(np.zeros(3, np.float32), "gradcam")

@@ -205,3 +205,17 @@ def test_rotary_embedding_against_finite_differences():
                        initializers={"cos": np.cos(angles), "sin": np.sin(angles), "pos": np.array([[0, 2, 3, 5]] * 2)})
     assert function_ops(m, set()) == ["RotaryEmbedding"]
     check_vjp(m, "y", ["x"], {"x": x})
+
+
+def test_a_function_the_converter_cannot_lift_is_a_model_error():
+    """A local function at opset 8 that uses ImageScaler (no schema after opset 9) in an opset-17 model."""
+    from onnxsal.errors import ModelError
+
+    body = helper.make_function("mine", "Scale", ["X"], ["Y"], [helper.make_node("ImageScaler", ["X"], ["Y"], scale=2.0)],
+                                [helper.make_opsetid("", 8)])
+    g = helper.make_graph([helper.make_node("Scale", ["x"], ["y"], domain="mine")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])])
+    model = helper.make_model(g, functions=[body], opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("mine", 1)])
+    with pytest.raises(ModelError, match="cannot write out the model's function 'Scale' for the model's opset 17"):
+        inline(model)
