@@ -121,6 +121,8 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     if m.training:
         out.print(f"  training  {len(m.training)} nodes in training mode ({esc(', '.join(m.training[:4]))}"
                   f"{' ...' if len(m.training) > 4 else ''}): each image is scored as on its own, at batch 1")
+    if m.one_image:
+        out.print(f"  batch     one image at a time: the graph reads across its batch ({esc(m.one_image[0])})")
     spelled = spelled_ops(m.light)          # op types only: the weights need not be attached
     if m.functions or spelled:
         parts = ([f"the model's own {', '.join(m.functions)} written out"] if m.functions else []) + \

@@ -158,6 +158,7 @@ class Explainer:
                  fixed_inputs: Optional[Mapping[str, Any]] = None, head: Optional[str] = None) -> None:
         self.runtime = Runtime(device, threads=threads, memory_mb=memory_mb)
         self.model = load(model, size=size, labels=labels, fixed_inputs=fixed_inputs, head=head)
+        self.runtime.one_image = bool(self.model.one_image)
         base = preprocess if isinstance(preprocess, Preprocess) else self.model.preprocess
         spec = make_spec(preprocess if isinstance(preprocess, str) else None, mean, std, scale, bgr, base=base)
         if spec is not None:
@@ -295,7 +296,10 @@ class Explainer:
             notes.append(f"the model was exported in training mode ({len(m.training)} BatchNormalization/Dropout "
                          "nodes): each image is scored as on its own, at batch 1; export after model.eval() to use "
                          "the running statistics")
-        if self.runtime.one_row:
+        if m.one_image:
+            notes.append(f"the model's graph reads across its batch ({m.one_image[0]}): it was exported for one "
+                         "image at a time, so every run took one row")
+        elif self.runtime.one_row:
             notes.append("the model's graph only runs one image at a time (its export fixed a batch of 1 "
                          "where onnxsal cannot free it), so batched runs went one row at a time")
         tokens = self._token_layers if layer is None and the_layer is not None and spec.family == "cam" else []

@@ -157,6 +157,10 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     method = method.lower()
     if method not in EXPORTABLE:
         raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
+    if m.one_image and method in ("smoothgrad", "ig", "layerig"):
+        raise MethodError(f"export -m {method} runs its copies of the image in one batch, and this model's graph "
+                          f"reads across its batch ({m.one_image[0]}); export gradcam or saliency, or export the "
+                          "model with a dynamic batch")
     x_name = m.input.name
     cam = method not in GRADIENT
     lay = m.find_layer(layer) if cam else None     # resolved on the model as given (aliases, node names)

@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 
 from .errors import LayerError, MissingFileError, ModelError, SizeError
-from .graph.normalize import (FLOAT_TYPES, infer, normalize, static_dims, tensor_shapes, upgrade_opset,
-                              without_weight_data)
+from .graph.normalize import (FLOAT_TYPES, infer, normalize, one_image_ops, static_dims, tensor_shapes,
+                              upgrade_opset, without_weight_data)
 from .graph.contrib import expand, fused_ops
 from .graph.fixed import Value, hold
 from .graph.image_input import as_image, needs_image_input
@@ -135,6 +135,7 @@ class Model:
     functions: tuple[str, ...] = ()          # the file's own functions, written out at load (graph/functions.py)
     training: tuple[str, ...] = ()           # training-mode BatchNorm/Dropout nodes, as at batch 1 (graph/training.py)
     read_as: str = ""                        # how an integer, flat or channel-less input is read (graph/integer_input.py, image_input.py)
+    one_image: tuple[str, ...] = ()          # ops of a batch-1 export that read across the batch (normalize.one_image_ops)
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -605,6 +606,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     elif size is not None and tuple(size) != tuple(hw):
         raise SizeError(f"the model's input is fixed at {hw[0]}x{hw[1]}, not {size[0]}x{size[1]}")
 
+    one_image = tuple(one_image_ops(light))
     proto = normalize(light)
     graph_out = _scored_output(proto, head)
     logits, activation = _find_logits(proto, graph_out)
@@ -645,4 +647,4 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
                  spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused),
-                 _activation_quantisers(light), tuple(qoperator), own, trained, "; ".join(read_as))
+                 _activation_quantisers(light), tuple(qoperator), own, trained, "; ".join(read_as), one_image)

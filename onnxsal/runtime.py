@@ -49,6 +49,7 @@ class Runtime:
         self.memory_mb = memory_mb
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.one_row = False          # a session fell back to one row per run (see run_batched)
+        self.one_image = False        # the model reads across its batch: every run takes one row
         self.device = "cpu"
         self._providers: list = ["CPUExecutionProvider"]
         self._device_id = 0
@@ -119,7 +120,7 @@ class Runtime:
     def batch_size(self, sess: ort.InferenceSession, requested: Optional[int] = None) -> int:
         """Rows per run: `requested`, else what the memory budget allows, and on CPU no more than
         keeps the largest activation of a run within CPU_CHUNK_BYTES (see there)."""
-        if getattr(sess, "_onnxsal_one_row", False):
+        if self.one_image or getattr(sess, "_onnxsal_one_row", False):
             return 1
         if requested:
             return max(1, int(requested))
@@ -147,7 +148,11 @@ class Runtime:
             for k, v in (fixed or {}).items():
                 feeds[k] = np.broadcast_to(v, (stop - start,) + v.shape[1:]).copy() if v.shape[0] == 1 else v
             try:
-                parts.append(sess.run(list(outputs) if outputs else None, feeds))
+                got = sess.run(list(outputs) if outputs else None, feeds)
+                if stop - start > 1 and any(np.ndim(v) == 0 or len(v) != stop - start for v in got):
+                    # rows in, another number out: the graph fixed its batch where onnxsal could not free it
+                    raise ValueError("a batched run returned another number of rows")
+                parts.append(got)
             except Exception:
                 if stop - start == 1 or whole:
                     raise

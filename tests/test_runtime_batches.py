@@ -74,44 +74,38 @@ def test_graphs_with_large_dense_weights_are_not_capped(monkeypatch):
     assert rt.batch_size(_session(rt)) == 64
 
 
-def _merged_heads_model():
-    """What the dynamo exporter writes for attention in a model exported at batch 1: the batch and
-    two heads merged into one axis by a Reshape to (2, 4, 16), and split again by a Reshape to
-    (1, 2, 4, 16) whose leading 1 is the batch while the reshaped tensor's first axis is not."""
+def _one_image_model():
+    """A graph written for one image: ``x.squeeze(0)`` drops the batch, and nothing brings it back."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    inits = {"merge": np.array([2, 4, 16], np.int64), "split": np.array([1, 2, 4, 16], np.int64),
-             "flat": np.array([1, 128], np.int64), "w": rng.standard_normal((128, 3)).astype(np.float32) * 0.1,
+    inits = {"axes": np.array([0], np.int64), "flat": np.array([1, 128], np.int64),
+             "w": rng.standard_normal((128, 3)).astype(np.float32) * 0.1,
              "k": rng.standard_normal((8, 3, 1, 1)).astype(np.float32)}
     nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),
-             helper.make_node("Reshape", ["c", "merge"], ["heads"]),
-             helper.make_node("Softmax", ["heads"], ["attn"], axis=-1),
-             helper.make_node("Reshape", ["attn", "split"], ["split_heads"]),
-             helper.make_node("Tanh", ["heads"], ["values"]),               # a second user of the same target
-             helper.make_node("Reshape", ["values", "split"], ["split_values"]),
-             helper.make_node("Mul", ["split_heads", "split_values"], ["mixed"]),
-             helper.make_node("Reshape", ["mixed", "flat"], ["f"]),
+             helper.make_node("Squeeze", ["c", "axes"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["attn"], axis=-1),
+             helper.make_node("Reshape", ["attn", "flat"], ["f"]),
              helper.make_node("MatMul", ["f", "w"], ["logits"])]
-    g = helper.make_graph(nodes, "merged", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+    g = helper.make_graph(nodes, "one_image", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
                           [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), inits
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_a_batch_merged_with_heads_runs_at_batch_1_and_then_one_row_at_a_time():
+def test_a_graph_that_takes_one_image_runs_at_batch_1_and_then_one_row_at_a_time():
     import onnxruntime as ort
 
     from gradcheck import check_vjp
     from onnxsal.graph.normalize import normalize
 
-    model, inits = _merged_heads_model()
+    model = _one_image_model()
     x = np.random.default_rng(1).standard_normal((1, 3, 4, 4)).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     free = normalize(model)
-    onnx.checker.check_model(free)                    # one batched target per shape constant
+    onnx.checker.check_model(free)
     got = ort.InferenceSession(free.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_array_equal(got, want)          # before, "split" copied 2 from (2, 4, 16) and failed
+    np.testing.assert_array_equal(got, want)
     check_vjp(free, "logits", ["x"], {"x": x})
     ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
     res = ex.explain(x, method="smoothgrad", n_samples=6, target=1)
@@ -125,11 +119,30 @@ def test_a_batch_merged_with_heads_runs_at_batch_1_and_then_one_row_at_a_time():
 def test_rows_that_must_run_together_are_not_split():
     from onnxsal.runtime import Runtime
 
-    model, _ = _merged_heads_model()
-    m = load(model)
+    m = load(_one_image_model())
     rt = Runtime("cpu")
     sess = rt.session("fwd", lambda: expose(m.light, [m.logits]))
     x = np.zeros((2, 3, 4, 4), np.float32)
     with pytest.raises(Exception):
         rt.run_batched(sess, {"x": x}, whole=True)
     assert rt.run_batched(sess, {"x": x})[0].shape == (2, 3) and rt.one_row
+
+
+def test_a_run_that_returns_another_number_of_rows_is_run_again_row_by_row():
+    """A batch-1 graph that pools over its batch axis returns one row for any batch, without an error."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {"axes": np.array([0], np.int64), "k": np.random.default_rng(0).standard_normal((3, 3, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),
+             helper.make_node("ReduceMean", ["c", "axes"], ["y"], keepdims=1)]
+    g = helper.make_graph(nodes, "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    rt = Runtime("cpu")
+    sess = rt.session("pooled", lambda: model)
+    x = np.random.default_rng(1).standard_normal((3, 3, 2, 2)).astype(np.float32)
+    got = rt.run_batched(sess, {"x": x})[0]
+    assert got.shape == (3, 3, 2, 2) and rt.one_row
+    for i in range(3):
+        np.testing.assert_allclose(got[i], sess.run(None, {"x": x[i:i + 1]})[0][0], rtol=1e-6)

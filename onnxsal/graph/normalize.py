@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper, shape_inference, version_converter
 
 from ..errors import ModelError
-from . import weights
+from . import batch_axis, weights
 
 MIN_OPSET = 13
 BATCH = "N"
@@ -130,24 +130,29 @@ def _const_values(graph: onnx.GraphProto) -> dict:
 
 
 def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Make dim 0 of inputs and outputs symbolic, and Reshape targets that hard-code it follow it.
+    """Make dim 0 of inputs and outputs symbolic, and the graph's shape constants follow it.
 
-    Exporters often bake a batch of 1 into the graph (``Reshape(x, [1, -1])``).
-    Replacing that leading 1 by 0 ("copy this dim from the input", the default
-    ``allowzero=0`` meaning) keeps the graph identical at batch 1 and correct at
-    any other batch, when the reshaped tensor's own first axis is the batch. When it
-    is not (the dynamo exporter's attention reshapes ``(12, 64, 197)``, the batch and
-    heads merged, to ``[1, 12, 64, 197]``), the leading 1 becomes the image input's
-    batch size, read at run time. Only tensors computed from the graph's inputs carry
-    a batch: a constant's leading 1 (ONNX Runtime's dynamic quantiser reshapes each
-    bias to ``(1, C, 1, 1)``) is a broadcast axis and stays.
+    Exporters often bake a batch of 1 into the graph (``Reshape(x, [1, -1])``). Where the
+    batch lies in each reshaped tensor is traced from the inputs (`batch_axis.Tracer`): the
+    dynamo exporter moves it (torchvision's ViT runs attention sequence first, the batch on
+    axis 1) and merges it with other axes (``(197, 12, 64)``, the batch and twelve heads in
+    one). A Reshape whose batch is traced gets the file's own output shape as its target,
+    with -1 on the axis that holds the batch. Constants that the file concatenates with a
+    batch of 1 (a class token) are expanded to the batch, and a ``Gather`` that reads one row
+    out of a flattened batch (the exporter's ``as_strided``) reads that row from every one.
+
+    Where the tracer loses the batch, a target's leading 1 becomes 0 ("copy this dim from the
+    input", the default ``allowzero=0`` meaning) when the reshaped tensor's own first axis is
+    the batch, and the image input's batch size read at run time otherwise. Only tensors
+    computed from the graph's inputs carry a batch: a constant's leading 1 (ONNX Runtime's
+    dynamic quantiser reshapes each bias to ``(1, C, 1, 1)``) is a broadcast axis and stays.
     """
     model = copy.deepcopy(model)
     g = model.graph
     init_names = {i.name for i in g.initializer}
     consts = _const_values(g)
     inputs = {vi.name for vi in g.input}
-    fixed, first, freed = None, None, []
+    fixed, first, freed, sources = None, None, [], []
     for vi in list(g.input) + list(g.output):
         if vi.name in init_names:
             continue
@@ -160,15 +165,18 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
             first = first or (vi.name if vi.name in inputs else None)
             if dims[0].dim_value == fixed:
                 freed.append(dims[0])
+                if vi.name in inputs:
+                    sources.append(vi.name)
     if fixed is None:
         return model
-    original = {}           # Reshape targets that start with the batch, read before any is rewritten
+    original = {}           # Reshape targets, read before any is rewritten
     for n in g.node:
         if n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] in consts:
-            target = weights.array(consts[n.input[1]])
-            if target.reshape(-1)[:1].tolist() == [fixed]:
-                original[n.input[1]] = target.copy()
-    static = inferred_dims(model) if original and first else {}   # the file's own shapes, batch still fixed
+            original[n.input[1]] = weights.array(consts[n.input[1]]).copy()
+    leading = {k for k, v in original.items() if v.reshape(-1)[:1].tolist() == [fixed]}
+    static = inferred_dims(model) if first and (leading or fixed == 1) else {}   # the file's own shapes
+    tracer = batch_axis.Tracer(g, static, consts, sources) if static and fixed == 1 else None
+    axes = tracer.axes if tracer else {}
     for dim in freed:
         dim.Clear()
         dim.dim_param = BATCH
@@ -176,12 +184,35 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     batch_size = ""
     batched_targets: dict[str, str] = {}
+    made: dict[tuple, str] = {}
+
+    def constant(values: np.ndarray, name: str) -> str:
+        key = (name.split("/")[0], values.dtype.str, values.shape, values.tobytes())
+        if key not in made:
+            made[key] = f"onnxsal_batch/{name}_{len(made)}"
+            g.initializer.append(numpy_helper.from_array(values, made[key]))
+        return made[key]
+
+    def run_time_batch() -> str:
+        nonlocal batch_size
+        if not batch_size:
+            batch_size = f"onnxsal_batch/{first}_batch_size"
+            nodes.append(onnx.helper.make_node("Shape", [first], [f"onnxsal_batch/{first}_shape"],
+                                               name=f"onnxsal_batch/{first}_shape/Shape"))
+            for k, v in (("zero", 0), ("one", 1)):
+                g.initializer.append(numpy_helper.from_array(np.array([v], np.int64), f"{batch_size}_{k}"))
+            nodes.append(onnx.helper.make_node("Slice", [f"onnxsal_batch/{first}_shape", f"{batch_size}_zero",
+                                                         f"{batch_size}_one"], [batch_size], name=f"{batch_size}/Slice"))
+        return batch_size
+
     for node in g.node:
         if any(i in batched for i in node.input):
             batched.update(node.output)
+        if fixed == 1 and tracer is not None and _follow_batch(node, axes, tracer, nodes, constant, run_time_batch):
+            continue
         target = node.input[1] if node.op_type == "Reshape" and len(node.input) > 1 else ""
         allowzero = any(a.name == "allowzero" and a.i == 1 for a in node.attribute)
-        shape = original.get(target) if target and node.input[0] in batched and not allowzero else None
+        shape = original.get(target) if target in leading and node.input[0] in batched and not allowzero else None
         if shape is None or shape.ndim != 1 or shape.size < 2:
             nodes.append(node)      # a bias reshaped to (1, C, 1, 1) has no batch to copy
             continue
@@ -191,19 +222,11 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
             shape[0] = 0
             consts[target].CopyFrom(numpy_helper.from_array(shape.astype(np.int64), consts[target].name))
         else:
-            if not batch_size:
-                batch_size = f"onnxsal_batch/{first}_batch_size"
-                nodes.append(onnx.helper.make_node("Shape", [first], [f"onnxsal_batch/{first}_shape"],
-                                                   name=f"onnxsal_batch/{first}_shape/Shape"))
-                for k, v in (("zero", 0), ("one", 1)):
-                    g.initializer.append(numpy_helper.from_array(np.array([v], np.int64), f"{batch_size}_{k}"))
-                nodes.append(onnx.helper.make_node("Slice", [f"onnxsal_batch/{first}_shape", f"{batch_size}_zero",
-                                                             f"{batch_size}_one"], [batch_size], name=f"{batch_size}/Slice"))
             if target not in batched_targets:      # one per shape constant, shared by its Reshapes
                 rest, joined = f"onnxsal_batch/{target}_after_batch", f"onnxsal_batch/{target}_batched"
                 batched_targets[target] = joined
                 g.initializer.append(numpy_helper.from_array(shape[1:].astype(np.int64), rest))
-                nodes.append(onnx.helper.make_node("Concat", [batch_size, rest], [joined], axis=0,
+                nodes.append(onnx.helper.make_node("Concat", [run_time_batch(), rest], [joined], axis=0,
                                                    name=f"{joined}/Concat"))
             node.input[1] = batched_targets[target]
         nodes.append(node)
@@ -211,6 +234,89 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     g.node.extend(nodes)
     del g.value_info[:]
     return model
+
+
+def one_image_ops(model: onnx.ModelProto) -> list[str]:
+    """The ops of a graph exported at batch 1 that read across its batch (a mean over axis 0, a
+    pick of row 0), described; [] when it has none or a free batch.
+
+    At batch 1 such an op is harmless; at any other batch it would mix the samples without an
+    error, so such a graph must run one image at a time."""
+    g = model.graph
+    stored = {i.name for i in g.initializer}
+    sources = []
+    for vi in g.input:
+        dims = static_dims(vi) if vi.name not in stored and vi.type.HasField("tensor_type") else None
+        if dims and len(dims) >= 2 and dims[0] == 1:
+            sources.append(vi.name)
+    static = inferred_dims(model) if sources else {}
+    if not static:
+        return []
+    return batch_axis.Tracer(g, static, _const_values(g), sources).across
+
+
+def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer", nodes: list, constant,
+                  run_time_batch) -> bool:
+    """Rewrite `node` (appending it to `nodes`) so that it follows a batch traced through it.
+
+    False, with nothing appended, when the node needs no rewrite or the tracer lost the batch."""
+    op, out = node.op_type, node.output[0] if node.output else ""
+    a, b = axes.get(node.input[0], None) if node.input else None, axes.get(out, None)
+    if op == "Concat":
+        a = b                                     # its first input may be the stored one
+    if a is None or b is None or a < 0 or b < 0:
+        return False
+    if op == "Reshape":
+        plain = tracer.dims[node.input[0]][0] == 1 and a == 0 and b == 0
+        target = tracer.const(node.input[1]).reshape(-1)
+        allowzero = any(x.name == "allowzero" and x.i == 1 for x in node.attribute)
+        if plain and target[:1].tolist() == [1] and not allowzero:
+            return False                          # the leading-axis rule writes 0 there, as before
+        shape = np.array(tracer.shape(out), np.int64)
+        shape[b] = -1
+        node.input[1] = constant(shape, f"{node.input[1]}_at_{b}")
+    elif op == "Expand" and node.input[1] in tracer.consts:
+        shape = tracer.const(node.input[1]).astype(np.int64).reshape(-1)
+        if shape[b] == 1:
+            return False
+        shape = shape.copy()
+        shape[b] = 1                              # expanding the batch axis to its own size
+        node.input[1] = constant(shape, f"{node.input[1]}_at_{b}")
+    elif op == "Concat":
+        rank = len(tracer.shape(out))
+        stored = [i for i in node.input if i and i not in axes]         # computed from constants alone
+        if not stored or any(tracer.shape(i)[b] != 1 for i in node.input):
+            return False
+        ones = np.ones(rank, np.int64)
+        parts = [constant(ones[:b], "ones")] if b else []
+        parts += [run_time_batch()] + ([constant(ones[b + 1:], "ones")] if b + 1 < rank else [])
+        shape_name = f"onnxsal_batch/{node.name or out}_batch_shape"
+        nodes.append(onnx.helper.make_node("Concat", parts, [shape_name], axis=0, name=f"{shape_name}/Concat"))
+        for k, name in enumerate(node.input):
+            if name in stored:               # a class token concatenated with a batch of 1
+                expanded = f"onnxsal_batch/{name}_to_batch_{k}_{node.name or out}"
+                nodes.append(onnx.helper.make_node("Expand", [name, shape_name], [expanded], name=f"{expanded}/Expand"))
+                node.input[k] = expanded
+    elif op == "Gather" and a == b and node.input[1] not in axes:
+        idx = batch_axis._strided_gather(tracer, node, a)
+        axis = int(batch_axis._attr(node, "axis", 0)) % len(tracer.shape(node.input[0]))
+        if idx is None or axis != a:
+            return False
+        data = tracer.shape(node.input[0])
+        rows = f"onnxsal_batch/{node.input[0]}_rows"
+        split = np.array(data[:a] + [-1, data[a]] + data[a + 1:], np.int64)
+        nodes.append(onnx.helper.make_node("Reshape", [node.input[0], constant(split, "rows")], [rows],
+                                           name=f"{rows}/Reshape"))
+        node.input[0], node.input[1] = rows, constant(idx[0].astype(np.int64), "row_indices")
+        for attr in node.attribute:
+            if attr.name == "axis":
+                attr.i = a + 1
+        if not any(attr.name == "axis" for attr in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("axis", a + 1))
+    else:
+        return False
+    nodes.append(node)
+    return True
 
 
 def inferred_dims(model: onnx.ModelProto) -> dict:

@@ -1,0 +1,390 @@
+"""Where the batch lies in each tensor of a graph exported at a fixed batch size.
+
+An exporter that traces a model at batch 1 writes that 1 into its Reshape targets, and the
+dynamo exporter also moves and merges the batch: torchvision's ViT runs its attention
+sequence first on ``(197, 12, 64)`` tensors, the batch merged with the twelve heads, and
+its ConvNeXt flattens the pooled features to ``(768,)`` before reading them back with a
+``Gather``. Freeing such a batch means knowing, for each reshaped tensor, which axis holds
+it. This module traces the batch from the graph's inputs, op by op, through the shapes the
+file itself declares at its fixed batch.
+
+A tensor's batch axis is the one whose outermost factor is the batch: at batch ``n`` its
+size is its size in the file times ``n / fixed``, and every other axis keeps its size.
+Where an op's effect on the batch cannot be told (it reduces, slices or contracts over
+that axis, or its attributes are not constants), its outputs are LOST and their reshapes
+keep the older leading-axis rule in `normalize.dynamic_batch`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnx
+
+from . import weights
+
+LOST = -1       # computed from the batch, axis unknown
+SHAPE = -2      # a shape value computed from a batched tensor (Shape, Size): no batch axis of its own
+
+_ELEMENTWISE = {
+    "Abs", "Acos", "Acosh", "Add", "And", "Asin", "Asinh", "Atan", "Atanh", "BitShift", "Cast", "CastLike",
+    "Ceil", "Celu", "Clip", "Cos", "Cosh", "DequantizeLinear", "Div", "Dropout", "Elu", "Equal", "Erf", "Exp",
+    "Floor", "Gelu", "Greater", "GreaterOrEqual", "HardSigmoid", "HardSwish", "Identity", "IsInf", "IsNaN",
+    "LeakyRelu", "Less", "LessOrEqual", "Log", "Max", "Mean", "Min", "Mish", "Mod", "Mul", "Neg", "Not", "Or",
+    "Pow", "PRelu", "QuantizeLinear", "Reciprocal", "Relu", "Round", "Selu", "Shrink", "Sigmoid", "Sign", "Sin",
+    "Sinh", "Softplus", "Softsign", "Sqrt", "Sub", "Sum", "Swish", "Tan", "Tanh", "ThresholdedRelu", "Where",
+    "Xor",
+}
+# Ops that treat axis 0 as the batch (NCHW and friends): the batch must already be there.
+_BATCH_FIRST = {
+    "AveragePool", "BatchNormalization", "Conv", "ConvInteger", "ConvTranspose", "DepthToSpace",
+    "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "GridSample", "GroupNormalization",
+    "InstanceNormalization", "LpPool", "LRN", "MaxPool", "MaxRoiPool", "QLinearConv", "SpaceToDepth",
+}
+_ONE_AXIS = {"Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "LpNormalization": -1, "TopK": -1}
+_REDUCE = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+           "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class Tracer:
+    """Batch axes by tensor name, for a graph exported at batch 1 whose `sources` hold it on axis 0.
+
+    Tensors computed only from stored constants have no entry; those computed from another
+    graph input (a mask, a lookup table) are LOST, since the caller feeds them as they are.
+
+    At batch 1 a Reshape often cannot tell where the batch goes: ``(197, 1, 12, 64)`` to
+    ``(197, 768)`` may put it inside the 197 or in front of the 768, and only the ops after it
+    tell which one the model means (here a Gemm that needs all 768). So each such Reshape is a
+    choice point: the trace takes its first reading, and when an op downstream loses the batch
+    it goes back to the latest choice that op depends on and takes the next reading. Every
+    reading keeps each sample's elements in place, so a wrong one can only lose the batch,
+    never mix samples.
+    """
+
+    def __init__(self, graph: onnx.GraphProto, dims: dict, consts: dict, sources: list[str]):
+        self.dims, self.consts = dims, consts
+        stored = {i.name for i in graph.initializer}
+        start = {vi.name: (LOST, 0) for vi in graph.input if vi.name not in stored}
+        start.update({s: (0, 1) for s in sources})
+        # name -> (axis, inner): the batch's axis, and the size of the part of that axis inside one sample
+        self.where: dict[str, tuple[int, int]] = dict(start)
+        self.depends: dict[str, frozenset] = {}  # name -> the choice points it depends on
+        nodes = list(graph.node)
+        choices: dict[int, list] = {}            # node index -> [readings, taken, state before it]
+        steps = 20 * len(nodes) + 10000          # a search budget; past it, the readings in hand stay
+        settled: set = set()                     # choice points held at their first reading
+        across: dict[int, str] = {}              # node index -> how it reads across the batch
+        self.reason = ""
+        i = 0
+        while i < len(nodes):
+            node = nodes[i]
+            steps -= 1
+            self.reason = ""
+            ins = [self.where.get(n) if n else None for n in node.input]
+            if all(v is None for v in ins):
+                i += 1
+                continue
+            dep = frozenset().union(*[self.depends.get(n, frozenset()) for n in node.input if n])
+            readings = self._readings(node, ins)
+            if len(readings) > 1 and i in settled:
+                out = readings[:1]
+            elif len(readings) > 1:
+                if i not in choices:
+                    choices[i] = [readings, 0, (dict(self.where), dict(self.depends))]
+                out = [readings[choices[i][1]]]
+                dep = dep | {i}
+            else:
+                out = readings or self._outputs(node, ins)
+            if self.reason and not readings:
+                across[i] = f"{node.op_type} {node.name or node.output[0]!r} {self.reason}"
+            else:
+                across.pop(i, None)
+            known = [v for v in ins if v is not None]
+            if out[0][0] == LOST and steps > 0 and all(v[0] != LOST for v in known) and any(v[0] >= 0 for v in known):
+                # the batch is lost here: take the next reading of the latest choice this depends on
+                open_points = [k for k in sorted(dep, reverse=True)
+                               if k not in settled and choices[k][1] + 1 < len(choices[k][0])]
+                if not open_points and dep - settled:
+                    # no reading keeps the batch past this op: its choices go back to their first
+                    # readings, for good, and the trace runs again from the earliest of them
+                    k = min(dep - settled)
+                    settled |= dep
+                    self.where, self.depends = dict(choices[k][2][0]), dict(choices[k][2][1])
+                    for later in [c for c in choices if c >= k]:
+                        del choices[later]
+                    i = k
+                    continue
+                if open_points:
+                    k = open_points[0]
+                    choices[k][1] += 1
+                    self.where, self.depends = dict(choices[k][2][0]), dict(choices[k][2][1])
+                    for later in [c for c in choices if c > k]:
+                        del choices[later]
+                    i = k
+                    continue
+            for name, v in zip(node.output, out):
+                if name:
+                    self.where[name] = v
+                    if dep:
+                        self.depends[name] = dep
+            i += 1
+        self.axes = {k: v[0] for k, v in self.where.items()}
+        self.across = [across[k] for k in sorted(across)]   # ops that would mix the samples of a batch
+
+    def _outputs(self, node: onnx.NodeProto, ins: list) -> list[tuple[int, int]]:
+        n_out = len(node.output)
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return [(LOST, 0)] * n_out                  # a subgraph may read batched tensors by name
+        data = [v for v in ins if v is not None and v[0] >= 0]
+        self.reason = ""
+        if len({inner for _, inner in data}) > 1:       # two layouts of the batch would mix samples
+            return [(a, 0) for a in self._across(node, "combines two layouts of the batch")]
+        inner = data[0][1] if data else 0
+        try:
+            axes = self._rule(node, [None if v is None else v[0] for v in ins])
+        except (KeyError, IndexError, TypeError, ValueError):
+            axes = [LOST] * n_out
+        if node.op_type == "Gather" and axes[0] >= 0 and ins[0] is not None and ins[0][0] == axes[0]:
+            inner = 1                                   # one row read out of a flattened batch
+        return [(a, inner if a >= 0 else 0) for a in axes]
+
+    def _readings(self, node: onnx.NodeProto, ins: list) -> list[tuple[int, int]]:
+        """The places a Reshape or Flatten may put the batch, best first; [] for other ops."""
+        if node.op_type not in ("Reshape", "Flatten") or ins[0] is None or ins[0][0] < 0:
+            return []
+        if any(v is not None for v in ins[1:]) or (node.op_type == "Reshape" and node.input[1] not in self.consts):
+            return [(LOST, 0)]                          # a target computed at run time
+        try:
+            before, after = self.shape(node.input[0]), self.shape(node.output[0])
+        except KeyError:
+            return [(LOST, 0)]
+        a, inner = ins[0]
+        stride = inner * int(np.prod(before[a + 1:]))   # elements per sample step, at batch 1
+        found = []
+        for j in range(len(after)):
+            per = int(np.prod(after[j + 1:]))
+            if 0 not in after and stride % per == 0 and after[j] % (stride // per) == 0:
+                found.append((j, stride // per))
+        # a plain size-1 axis first, then the batch as the outer factor of a later axis (``bsz * heads``)
+        found.sort(key=lambda r: (after[r[0]] != 1, -r[0]))
+        return found or [(LOST, 0)]
+
+    # -- helpers ------------------------------------------------------------------------
+    def shape(self, name: str) -> list:
+        """The file's static dims of `name`; KeyError when any is unknown."""
+        d = self.dims[name]
+        if d is None or any(v is None for v in d):
+            raise KeyError(name)
+        return list(d)
+
+    def const(self, name: str) -> np.ndarray:
+        return weights.array(self.consts[name])
+
+    def ints(self, node: onnx.NodeProto, index: int, attr: str) -> Optional[list[int]]:
+        """An ints operand given as attribute (old opsets) or constant input (new ones)."""
+        if len(node.input) > index and node.input[index]:
+            return [int(v) for v in self.const(node.input[index]).reshape(-1)]
+        value = _attr(node, attr)
+        return None if value is None else [int(v) for v in value]
+
+    def _across(self, node: onnx.NodeProto, why: str) -> list[int]:
+        """LOST, noting that the op reads across the batch: at any other batch it would mix samples."""
+        self.reason = why
+        return [LOST] * len(node.output)
+
+    def _keeps(self, src: str, a: int, out: str, b: int) -> int:
+        """`b` when `out`'s axis `b` has `src`'s axis `a` size (the op did not grow the batch axis)."""
+        return b if self.shape(src)[a] == self.shape(out)[b] else LOST
+
+    # -- rules ----------------------------------------------------------------------------
+    def _rule(self, node: onnx.NodeProto, ins: list) -> list[int]:
+        op, n_out = node.op_type, len(node.output)
+        lost = [LOST] * n_out
+        traced = [(name, a) for name, a in zip(node.input, ins) if a is not None]
+        if any(a == LOST for _, a in traced):
+            return lost
+        if op in ("Shape", "Size"):
+            return [SHAPE] * n_out
+        data = [(name, a) for name, a in traced if a != SHAPE]
+        if not data:
+            return [SHAPE] * n_out if op not in ("ConstantOfShape", "Expand", "Range", "Tile") else lost
+        out = node.output[0]
+        x, a = data[0]
+        if op in _ELEMENTWISE:
+            rank = len(self.shape(out))
+            found = {b + rank - len(self.shape(name)) for name, b in data}
+            if len(found) != 1:
+                return lost
+            b = found.pop()
+            return [self._keeps(x, a, out, b)] + [LOST] * (n_out - 1)
+        if op in _BATCH_FIRST or op == "Attention" or op == "AffineGrid":
+            if any(b != 0 for _, b in data):
+                return self._across(node, "treats axis 0 as the batch")
+            return [0] * n_out if op != "AffineGrid" else lost
+        if op in _ONE_AXIS or op in ("ArgMax", "ArgMin", "CumSum"):
+            rank = len(self.shape(x))
+            if op == "CumSum":
+                axis = int(self.const(node.input[1]).reshape(-1)[0])
+            else:
+                axis = int(_attr(node, "axis", _ONE_AXIS.get(op, 0)))
+            if axis % rank == a:
+                return self._across(node, "works along the batch axis")
+            if len(data) > 1:
+                return lost
+            if op in ("ArgMax", "ArgMin") and not _attr(node, "keepdims", 1):
+                return [a - (axis % rank < a)]
+            return [a] * n_out
+        if op in ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"):
+            rank = len(self.shape(x))
+            axis = int(_attr(node, "axis", -1)) % rank
+            if a >= axis:
+                return self._across(node, "normalises over the batch axis")
+            return [a] + [a] * (n_out - 1) if x == node.input[0] else lost
+        if op in _REDUCE:
+            rank = len(self.shape(x))
+            axes = self.ints(node, 1, "axes")
+            if not axes:
+                if _attr(node, "noop_with_empty_axes", 0):
+                    return [a]
+                return self._across(node, "reduces over every axis, the batch's too")
+            axes = sorted(v % rank for v in axes)
+            if a in axes:
+                return self._across(node, "reduces over the batch axis")
+            if x != node.input[0]:
+                return lost
+            return [a if _attr(node, "keepdims", 1) else a - sum(v < a for v in axes)]
+        if op == "Transpose":
+            rank = len(self.shape(x))
+            perm = list(_attr(node, "perm", list(range(rank))[::-1]))
+            return [perm.index(a)]
+        if op == "Squeeze":
+            shape = self.shape(x)
+            axes = self.ints(node, 1, "axes")
+            axes = [v % len(shape) for v in axes] if axes else [k for k, d in enumerate(shape) if d == 1]
+            return lost if a in axes else [a - sum(v < a for v in axes)]
+        if op == "Unsqueeze":
+            rank = len(self.shape(out))
+            axes = {v % rank for v in self.ints(node, 1, "axes") or []}
+            kept = [p for p in range(rank) if p not in axes]
+            return [kept[a]]
+        if op == "Expand":
+            rank = len(self.shape(out))
+            return [self._keeps(x, a, out, a + rank - len(self.shape(x)))] if x == node.input[0] else lost
+        if op == "Concat":
+            rank = len(self.shape(out))
+            axis = int(_attr(node, "axis")) % rank
+            if axis == a:
+                return self._across(node, "concatenates along the batch axis")
+            return lost if any(b != a for _, b in data) else [a]
+        if op == "Split":
+            axis = int(_attr(node, "axis", 0)) % len(self.shape(x))
+            if axis == a:
+                return self._across(node, "splits the batch axis")
+            return lost if x != node.input[0] else [a] * n_out
+        if op == "Slice":
+            if x != node.input[0]:
+                return lost
+            shape = self.shape(x)
+            starts, ends = self.ints(node, 1, "starts"), self.ints(node, 2, "ends")
+            axes = self.ints(node, 3, "axes") or list(range(len(starts)))
+            steps = self.ints(node, 4, "steps") or [1] * len(starts)
+            for s, e, ax, st in zip(starts, ends, axes, steps):
+                if ax % len(shape) == a and not (st == 1 and s in (0, -shape[a]) and e >= shape[a]):
+                    return self._across(node, "slices the batch axis")
+            return [a]
+        if op == "Pad":
+            if x != node.input[0]:
+                return lost
+            rank = len(self.shape(x))
+            pads = self.ints(node, 1, "pads")
+            axes = self.ints(node, 3, "axes") if len(node.input) > 3 and node.input[3] else list(range(rank))
+            k = [v % rank for v in axes].index(a) if a in [v % rank for v in axes] else None
+            if k is not None and (pads[k] or pads[k + len(axes)]):
+                return self._across(node, "pads the batch axis")
+            return [a]
+        if op == "Tile":
+            if x != node.input[0]:
+                return lost
+            return [a] if self.ints(node, 1, "repeats")[a] == 1 else self._across(node, "repeats the batch")
+        if op == "Gather":
+            rank = len(self.shape(node.input[0]))
+            axis = int(_attr(node, "axis", 0)) % rank
+            if len(data) > 1:
+                return lost
+            if x == node.input[1]:            # batched indices into a table: an embedding
+                return [axis + a]
+            if axis == a:
+                if _strided_gather(self, node, a) is None:
+                    return self._across(node, "picks along the batch axis")
+                return [a]
+            return [a if a < axis else a + len(self.shape(node.input[1])) - 1]
+        if op == "MatMul":
+            ra, rb, rank = len(self.shape(node.input[0])), len(self.shape(node.input[1])), len(self.shape(out))
+            if min(ra, rb) < 2:
+                return lost
+            found = set()
+            for name, b in data:       # both operands batched: the batch is one of their batch axes
+                r = ra if name == node.input[0] else rb
+                row, col = (rank - 2, LOST) if name == node.input[0] else (LOST, rank - 1)
+                found.add(row if b == r - 2 else col if b == r - 1 else b + rank - r)
+            if LOST in found or (len(data) > 1 and found & {rank - 2, rank - 1}):
+                return self._across(node, "multiplies along the batch axis")
+            return [found.pop()] if len(found) == 1 else lost
+        if op == "Einsum":
+            b = _einsum_axis(self, node, ins)
+            return [b] if b != LOST or not self.reason else self._across(node, self.reason)
+        if op == "Gemm":
+            if x != node.input[0] or len(data) > 1:
+                return lost
+            if a != (1 if _attr(node, "transA", 0) else 0):
+                return self._across(node, "multiplies along the batch axis")
+            return [0]
+        return lost
+def _strided_gather(tracer: Tracer, node: onnx.NodeProto, a: int) -> Optional[np.ndarray]:
+    """The indices of a Gather that reads one row out of a flattened batch, or None.
+
+    The dynamo exporter lowers ``as_strided`` on a batch of 1 to ``Reshape(x, [-1])`` and a
+    ``Gather`` of constant indices shaped ``(1, ...)``, all below one row's size: at batch 1 it
+    reads within the one row. It runs as that row's read on every row of the batch.
+    """
+    name = node.input[1]
+    if name not in tracer.consts:
+        return None
+    idx = tracer.const(name)
+    size = tracer.shape(node.input[0])[a]
+    if tracer.where[node.input[0]] != (a, size):
+        return None                         # the batch is not the whole of that axis
+    if idx.ndim < 1 or idx.shape[0] != 1 or idx.size == 0 or idx.min() < -size or idx.max() >= size:
+        return None
+    return idx
+
+
+def _einsum_axis(tracer: Tracer, node: onnx.NodeProto, ins: list) -> int:
+    """The output axis of an Einsum's batch: its letter, when every operand that has the letter
+    is batched there and the output keeps it."""
+    equation = _attr(node, "equation").decode() if isinstance(_attr(node, "equation"), bytes) else _attr(node, "equation")
+    equation = equation.replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        return LOST
+    terms, result = equation.split("->")
+    terms = terms.split(",")
+    letters = {terms[k][a] for k, a in enumerate(ins) if a is not None and a >= 0}
+    if len(letters) != 1 or any(a == SHAPE for a in ins if a is not None):
+        return LOST
+    letter = letters.pop()
+    for term, a in zip(terms, ins):
+        if letter in term and (a is None or term.index(letter) != a or term.count(letter) > 1):
+            return LOST
+    if letter not in result:
+        if tracer is not None:
+            tracer.reason = "sums over the batch axis"
+        return LOST
+    return result.index(letter)

@@ -1,0 +1,247 @@
+"""Graphs exported at a batch of 1 run at any batch: the batch is traced through moves and merges.
+
+Each graph here copies a pattern torch.onnx's dynamo exporter writes when a model is exported at
+batch 1 without ``dynamic_shapes``: targets with ``allowzero=1``, attention run sequence first
+with the batch merged into the heads, a class token concatenated with a batch of 1, and the
+``as_strided`` read of a flattened batch. The reference is the file itself, run one row at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxsal
+from onnxsal.graph import batch_axis
+from onnxsal.graph.normalize import _const_values, inferred_dims, normalize, upgrade_opset
+
+from gradcheck import check_vjp
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inits: dict, x_shape, out_shape, opset: int = 17) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "batch1", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, list(out_shape))],
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _w(*shape) -> np.ndarray:
+    return (RNG.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+
+
+def _reshape(x: str, target: str, out: str) -> onnx.NodeProto:
+    return helper.make_node("Reshape", [x, target], [out], allowzero=1)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def _per_row(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([_run(model, x[i:i + 1]) for i in range(len(x))])
+
+
+def vit_like() -> onnx.ModelProto:
+    """Patches, a class token, one attention block run sequence first (the batch on axis 1 and
+    merged into the heads, (5, 2, 4) for 5 tokens and 2 heads), and the class token's head."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    inits = {"patch": _w(8, 3, 4, 4), "cls": _w(1, 1, 8), "cls_shape": i64(1, 1, 8), "wq": _w(8, 8), "wk": _w(8, 8),
+             "wv": _w(8, 8), "wo": _w(8, 8), "head": _w(8, 3), "to_tokens": i64(1, 8, 4), "heads": i64(5, 2, 4),
+             "split": i64(1, 2, 5, 4), "joined": i64(5, 8), "seq": i64(5, 1, 8), "zero": np.array(0, np.int64),
+             "scale": np.array(0.5, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "patch"], ["c"], strides=[4, 4]),           # (1, 8, 2, 2)
+             _reshape("c", "to_tokens", "t"),                                           # (1, 8, 4)
+             helper.make_node("Transpose", ["t"], ["tok"], perm=[0, 2, 1]),              # (1, 4, 8)
+             helper.make_node("Expand", ["cls", "cls_shape"], ["cls1"]),                 # (1, 1, 8)
+             helper.make_node("Concat", ["cls1", "tok"], ["seq_first"], axis=1),         # (1, 5, 8)
+             helper.make_node("Transpose", ["seq_first"], ["s"], perm=[1, 0, 2])]        # (5, 1, 8)
+    for w in ("q", "k", "v"):
+        nodes += [helper.make_node("MatMul", ["s", f"w{w}"], [f"{w}0"]),                 # (5, 1, 8)
+                  _reshape(f"{w}0", "heads", f"{w}1"),                                    # (5, 2, 4): batch x heads
+                  helper.make_node("Transpose", [f"{w}1"], [f"{w}2"], perm=[1, 0, 2]),    # (2, 5, 4)
+                  _reshape(f"{w}2", "split", f"{w}3")]                                    # (1, 2, 5, 4)
+    nodes += [helper.make_node("Transpose", ["k3"], ["kt"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q3", "kt"], ["scores0"]),
+              helper.make_node("Mul", ["scores0", "scale"], ["scores"]),
+              helper.make_node("Softmax", ["scores"], ["attn"], axis=-1),
+              helper.make_node("MatMul", ["attn", "v3"], ["ctx"]),                        # (1, 2, 5, 4)
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[2, 0, 1, 3]),       # (5, 1, 2, 4)
+              _reshape("ctx_t", "joined", "flat"),                                        # (5, 8): tokens x batch
+              helper.make_node("Gemm", ["flat", "wo"], ["o"]),
+              _reshape("o", "seq", "o3"),                                                 # (5, 1, 8)
+              helper.make_node("Add", ["o3", "s"], ["res"]),
+              helper.make_node("Transpose", ["res"], ["batch_first"], perm=[1, 0, 2]),    # (1, 5, 8)
+              helper.make_node("Gather", ["batch_first", "zero"], ["cls_out"], axis=1),    # (1, 8)
+              helper.make_node("MatMul", ["cls_out", "head"], ["logits"])]
+    return _model(nodes, inits, (1, 3, 8, 8), (1, 3))
+
+
+def strided_head() -> onnx.ModelProto:
+    """ConvNeXt's head as the dynamo exporter writes it: the pooled (1, 6, 1, 1) features flattened
+    to (6,) and read back by a Gather of constant indices shaped (1, 6, 1, 1)."""
+    inits = {"k": _w(6, 3, 3, 3), "axes": np.array([-1, -2], np.int64), "flat": np.array([-1], np.int64),
+             "idx": np.arange(6, dtype=np.int64).reshape(1, 6, 1, 1), "rows": np.array([1, 6], np.int64),
+             "fc": _w(6, 4)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["c", "axes"], ["pooled"], keepdims=1),
+             helper.make_node("Reshape", ["pooled", "flat"], ["f"]),
+             helper.make_node("Gather", ["f", "idx"], ["strided"], axis=0),
+             helper.make_node("Tanh", ["strided"], ["t"]),
+             _reshape("t", "rows", "r"),
+             helper.make_node("MatMul", ["r", "fc"], ["logits"])]
+    return _model(nodes, inits, (1, 3, 5, 5), (1, 4), opset=18)
+
+
+def einsum_windows() -> onnx.ModelProto:
+    """MaxViT's window attention: the batch kept on axis 0 of 5-D tensors, scores by an Einsum."""
+    inits = {"k": _w(4, 3, 1, 1), "win": np.array([1, 2, 2, 4, 4], np.int64), "fc": _w(64, 2),
+             "flat": np.array([1, 64], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),                                   # (1, 4, 4, 4)
+             _reshape("c", "win", "w"),                                                   # (1, 2, 2, 4, 4)
+             helper.make_node("Einsum", ["w", "w"], ["s"], equation="bghid,bghjd->bghij"),
+             helper.make_node("Softmax", ["s"], ["a"], axis=-1),
+             helper.make_node("Einsum", ["a", "w"], ["o"], equation="bghij,bghjd->bghid"),
+             _reshape("o", "flat", "f"),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"])]
+    return _model(nodes, inits, (1, 3, 4, 4), (1, 2), opset=17)
+
+
+def merged_heads() -> onnx.ModelProto:
+    """The batch and two heads merged into one axis, (2, 4, 16), then split again by (1, 2, 4, 16)."""
+    inits = {"merge": np.array([2, 4, 16], np.int64), "split": np.array([1, 2, 4, 16], np.int64),
+             "flat": np.array([1, 128], np.int64), "w": _w(128, 3), "k": _w(8, 3, 1, 1)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),
+             helper.make_node("Reshape", ["c", "merge"], ["heads"]),
+             helper.make_node("Softmax", ["heads"], ["attn"], axis=-1),
+             helper.make_node("Reshape", ["attn", "split"], ["split_heads"]),
+             helper.make_node("Tanh", ["heads"], ["values"]),               # a second user of the same target
+             helper.make_node("Reshape", ["values", "split"], ["split_values"]),
+             helper.make_node("Mul", ["split_heads", "split_values"], ["mixed"]),
+             helper.make_node("Reshape", ["mixed", "flat"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    return _model(nodes, inits, (1, 3, 4, 4), (1, 3))
+
+
+@pytest.mark.parametrize("build", [vit_like, strided_head, einsum_windows, merged_heads])
+def test_a_graph_exported_at_batch_1_runs_each_row_as_the_file_does(build):
+    model = build()
+    x = RNG.standard_normal((3,) + tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)[1:])
+    x = x.astype(np.float32)
+    with pytest.raises(Exception):
+        _run(model, x)                                   # the file itself takes one row only
+    free = normalize(model)
+    onnx.checker.check_model(free)
+    np.testing.assert_allclose(_run(free, x), _per_row(model, x), rtol=1e-5, atol=1e-6)
+    check_vjp(free, "logits", ["x"], {"x": x})
+
+
+def test_the_tracer_reads_each_reshape_as_the_ops_after_it_need():
+    """(5, 1, 8) to (5, 2, 4) puts the batch in front of the heads; (5, 1, 2, 4) to (5, 8) puts it
+    inside the tokens, since the Gemm after it needs all 8 features: the second reading there."""
+    model = upgrade_opset(vit_like())
+    tracer = batch_axis.Tracer(model.graph, inferred_dims(model), _const_values(model.graph), ["x"])
+    assert tracer.where["s"] == (1, 1)          # sequence first
+    assert tracer.where["q1"] == (1, 2)         # (5, N*2, 4): the batch outside the two heads
+    assert tracer.where["q3"] == (0, 1)
+    assert tracer.where["flat"] == (0, 1)       # (5*N, 8): the batch inside the five tokens
+    assert tracer.where["cls_out"] == (0, 1)
+
+
+def test_explanations_of_a_batch_1_export_run_batched_and_match_one_row_runs():
+    model = vit_like()
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    batched = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, method="smoothgrad", n_samples=6, target=1)
+    assert not any("one row at a time" in n for n in batched.notes)
+    one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="smoothgrad",
+                                                                                  n_samples=6, target=1)
+    np.testing.assert_allclose(batched.map, one.map, atol=1e-6)
+
+
+def test_a_batch_the_graph_reads_across_stays_one_row_at_a_time():
+    """``x.squeeze(0)`` in a model written for one image: no reading of the batch survives it."""
+    inits = {"k": _w(4, 3, 1, 1), "axes": np.array([0], np.int64), "flat": np.array([1, 64], np.int64),
+             "w": _w(64, 3)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),
+             helper.make_node("Squeeze", ["c", "axes"], ["s"]),
+             helper.make_node("Relu", ["s"], ["r"]),
+             _reshape("r", "flat", "f"),
+             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    model = _model(nodes, inits, (1, 3, 4, 4), (1, 3))
+    tracer = batch_axis.Tracer(upgrade_opset(model).graph, inferred_dims(model), _const_values(model.graph), ["x"])
+    assert tracer.axes["s"] == batch_axis.LOST and tracer.axes["logits"] == batch_axis.LOST
+    x = RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    res = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, method="smoothgrad", n_samples=4, target=1)
+    assert any("one row at a time" in n for n in res.notes)
+    one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="smoothgrad",
+                                                                                  n_samples=4, target=1)
+    np.testing.assert_allclose(res.map, one.map, atol=1e-6)
+
+
+@pytest.mark.parametrize("equation, ins, want", [
+    ("bij,jk->bik", [0, None], 0),          # a weight on one side
+    ("bghij,bghjd->bghid", [0, 0], 0),
+    ("ibj,jk->kbi", [1, None], 1),
+    ("bij,bjk->ik", [0, 0], batch_axis.LOST),        # sums over the batch
+    ("bij,bjk->bik", [0, None], batch_axis.LOST),    # a stored operand with the batch's letter
+    ("bij,bjk->bik", [0, 1], batch_axis.LOST),       # two operands batched on different letters
+    ("...ij,jk->...ik", [0, None], batch_axis.LOST),
+])
+def test_an_einsum_keeps_the_batch_only_on_its_own_letter(equation, ins, want):
+    node = helper.make_node("Einsum", ["a", "b"], ["y"], equation=equation)
+    assert batch_axis._einsum_axis(None, node, ins) == want
+
+
+def _reads_across(kind: str) -> onnx.ModelProto:
+    """A graph written for one image that reads across its batch without failing at another one:
+    ``c + c.mean(0)`` or ``c + c[0]``. At batch 1 both are the file's function; at batch 4 they
+    would mix the four samples."""
+    inits = {"k": _w(4, 3, 1, 1), "axes": np.array([0], np.int64), "zero": np.array(0, np.int64), "w": _w(64, 3)}
+    if kind == "mean":
+        across = [helper.make_node("ReduceMean", ["c", "axes"], ["m"], keepdims=1)]
+    else:
+        across = [helper.make_node("Gather", ["c", "zero"], ["row"], axis=0),
+                  helper.make_node("Unsqueeze", ["row", "axes"], ["m"])]
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"]), *across,
+             helper.make_node("Add", ["c", "m"], ["s"]),
+             helper.make_node("Tanh", ["s"], ["t"]),
+             helper.make_node("Flatten", ["t"], ["f"]),          # runs at any batch: nothing fails
+             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    return _model(nodes, inits, (1, 3, 4, 4), (1, 3), opset=18)
+
+
+@pytest.mark.parametrize("kind, op", [("mean", "ReduceMean"), ("row", "Gather")])
+def test_a_graph_that_reads_across_its_batch_runs_every_image_alone(kind, op, tmp_path, capsys):
+    from onnxsal.errors import MethodError
+    from onnxsal.export import export
+    from onnxsal.graph.normalize import one_image_ops
+
+    model = _reads_across(kind)
+    found = one_image_ops(upgrade_opset(model))
+    assert len(found) == 1 and found[0].startswith(op)
+    x = RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    res = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, method="smoothgrad", n_samples=8, target=1)
+    assert any("reads across its batch" in n for n in res.notes)
+    one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="smoothgrad",
+                                                                                  n_samples=8, target=1)
+    np.testing.assert_allclose(res.raw, one.raw, rtol=1e-5, atol=1e-7)
+    with pytest.raises(MethodError, match="reads across its batch"):
+        export(model, "smoothgrad")
+    assert export(model, "saliency") is not None
+    from onnxsal.cli import main
+
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["inspect", str(tmp_path / "m.onnx")]) == 0
+    assert f"one image at a time: the graph reads across its batch ({op}" in capsys.readouterr().out
+
+
+def test_ordinary_graphs_read_nothing_across_their_batch():
+    from onnxsal.graph.normalize import one_image_ops
+
+    for build in (vit_like, strided_head, einsum_windows, merged_heads):
+        assert one_image_ops(upgrade_opset(build())) == []
