@@ -149,6 +149,25 @@ def output_names(paths: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def run_names(items: Sequence) -> list[str]:
+    """Names no two images of one run share: files named as `output_names` names them (folder and
+    stem where stems collide), prepared images by their own names, arrays "array" and PIL images
+    "image" as `prepare` names them, numbered on a clash (``array_2``)."""
+    paths = [os.fspath(i) for i in items if isinstance(i, (str, os.PathLike))]
+    by_path = output_names(paths) if paths else {}
+    out: list[str] = []
+    taken: set[str] = set()
+    for item in items:
+        own = by_path[os.fspath(item)] if isinstance(item, (str, os.PathLike)) else \
+            item.name if isinstance(item, Prepared) else "array" if isinstance(item, np.ndarray) else "image"
+        chosen, k = own, 2
+        while chosen in taken:
+            chosen, k = f"{own}_{k}", k + 1
+        taken.add(chosen)
+        out.append(chosen)
+    return out
+
+
 def load_image(path: Union[str, os.PathLike]) -> Image.Image:
     """Decode any format Pillow reads and honour EXIF orientation; the modes as `displayable`."""
     path = os.fspath(path)

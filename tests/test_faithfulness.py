@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import onnx
@@ -198,7 +199,7 @@ def test_evaluate_scores_every_method_and_image():
     for m in masks:
         m[4:12, 4:12] = True
     rep = evaluate(ex, xs, ["saliency", "occlusion"], masks=masks, step=8, options={"occlusion": {"window": 4}})
-    assert len(rep.results) == 4 and rep.images == ["array", "array~1"]
+    assert len(rep.results) == 4 and rep.images == ["array", "array_2"]
     for r in rep.results:
         assert 0 <= r.deletion <= 1 and 0 <= r.insertion <= 1 and r.hit in (True, False) and 0 <= r.energy <= 1
         assert len(r.curves.x) == 16 * 16 // 8 + 1
@@ -240,6 +241,21 @@ def test_evaluate_command_writes_csv_json_and_curves(folder, capsys):
     g = summary["methods"]["gradcam"]
     assert set(g) >= {"deletion", "insertion", "hit", "energy", "mean_rank", "curves"}
     assert len(g["curves"]["x"]) == 17
+
+
+def test_images_with_the_same_name_in_two_folders_are_named_by_folder(folder):
+    """As `explain` names its outputs: ``cats/a.png`` and ``dogs/a.png`` are ``cats_a`` and ``dogs_a``."""
+    from onnxsal.preprocess import run_names
+
+    tmp, model = folder
+    for kind in ("cats", "dogs"):
+        (tmp / kind).mkdir()
+        shutil.copy(tmp / "images" / "a.png", tmp / kind / "a.png")
+    files = [str(tmp / "cats" / "a.png"), str(tmp / "dogs" / "a.png")]
+    rep = evaluate(Explainer(model, "cpu"), files, ["saliency"], step=128)
+    assert rep.images == ["cats_a", "dogs_a"]
+    arr = np.zeros((1, 3, 16, 16), np.float32)
+    assert run_names(files + [arr, arr, str(tmp / "images" / "b.png")]) == ["cats_a", "dogs_a", "array", "array_2", "b"]
 
 
 def test_evaluate_command_errors_are_one_line(folder, capsys):

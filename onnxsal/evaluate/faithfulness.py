@@ -35,7 +35,7 @@ from ..errors import ImageError, MethodError
 from ..explainer import Explainer
 from ..methods import get as get_method
 from ..postprocess import resize, smooth
-from ..preprocess import Prepared
+from ..preprocess import Prepared, run_names
 from .localization import TOLERANCE, energy_inside, pointing_hit
 
 STEPS_AT_224 = 224          # the paper: 224 pixels a step on 224x224 images, i.e. 224 steps
@@ -276,9 +276,8 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
         "tolerance": tolerance, "score": "probability of the target class"})
     total = len(images) * len(methods)
     done = 0
-    for i, item in enumerate(images):
+    for i, (item, name) in enumerate(zip(images, run_names(list(images)))):
         p = item if isinstance(item, Prepared) else ex.prepare(item)
-        name = p.name if p.name not in report.images else f"{p.name}~{i}"
         report.images.append(name)
         mask = masks[i] if masks is not None else None
         t = target

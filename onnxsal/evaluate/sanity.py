@@ -41,7 +41,7 @@ from ..errors import MethodError, ModelError
 from ..explainer import Explainer
 from ..methods import get as get_method
 from ..postprocess import finish, resize
-from ..preprocess import Prepared
+from ..preprocess import Prepared, run_names
 from .randomize import WeightLayer, block_label, blocks_of, cascade, randomize, weight_layers
 from .similarity import MEASURES, compare
 
@@ -233,7 +233,7 @@ def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLik
         steps.append(Step("data", 1, "permuted labels", ()))
         models.append(lambda: permuted)
 
-    names = _unique([p.name for p in prepared])
+    names = run_names(list(images))
     total = (1 + len(steps)) * len(prepared) * len(methods)
     done = 0
 
@@ -299,15 +299,6 @@ def _layer_in(ex: Explainer, layer: Optional[str]) -> Optional[str]:
 def _pair(raw: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """The method's own map and its [0, 1] version, both at the model's input size."""
     return resize(raw, size)[0].astype(np.float64), finish(raw, size)[0]
-
-
-def _unique(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}~{seen[n]}")
-    return out
 
 
 # figure -------------------------------------------------------------------------------------
