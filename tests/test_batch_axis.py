@@ -112,6 +112,35 @@ def einsum_windows() -> onnx.ModelProto:
     return _model(nodes, inits, (1, 3, 4, 4), (1, 2), opset=17)
 
 
+def resized_gate() -> onnx.ModelProto:
+    """GhostNetV2's gate: pooled, squashed, and resized back with ``sizes`` that name the batch of 1.
+    At batch 3 an unchanged Resize would squeeze the gates to one row and broadcast it: no error."""
+    inits = {"k": _w(4, 3, 3, 3), "sizes": np.array([1, 4, 4, 4], np.int64), "w": _w(64, 3)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("AveragePool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Sigmoid", ["p"], ["g"]),
+             helper.make_node("Resize", ["g", "", "", "sizes"], ["up"], mode="nearest"),
+             helper.make_node("Mul", ["c", "up"], ["gated"]),
+             helper.make_node("Flatten", ["gated"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    return _model(nodes, inits, (1, 3, 4, 4), (1, 3), opset=18)
+
+
+def spatial_transformer() -> onnx.ModelProto:
+    """An affine grid whose ``size`` input names the batch of 1, and a theta reshaped to (1, 2, 3)."""
+    inits = {"w": _w(48, 6) * 0.1, "eye": np.array([1, 0, 0, 0, 1, 0], np.float32), "theta_shape":
+             np.array([1, 2, 3], np.int64), "size": np.array([1, 3, 4, 4], np.int64), "fc": _w(48, 3)}
+    nodes = [helper.make_node("Flatten", ["x"], ["xf"]),
+             helper.make_node("MatMul", ["xf", "w"], ["t0"]),
+             helper.make_node("Add", ["t0", "eye"], ["t1"]),
+             _reshape("t1", "theta_shape", "theta"),
+             helper.make_node("AffineGrid", ["theta", "size"], ["grid"], align_corners=0),
+             helper.make_node("GridSample", ["x", "grid"], ["s"], align_corners=0),
+             helper.make_node("Flatten", ["s"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"])]
+    return _model(nodes, inits, (1, 3, 4, 4), (1, 3), opset=20)
+
+
 def merged_heads() -> onnx.ModelProto:
     """The batch and two heads merged into one axis, (2, 4, 16), then split again by (1, 2, 4, 16)."""
     inits = {"merge": np.array([2, 4, 16], np.int64), "split": np.array([1, 2, 4, 16], np.int64),
@@ -128,7 +157,8 @@ def merged_heads() -> onnx.ModelProto:
     return _model(nodes, inits, (1, 3, 4, 4), (1, 3))
 
 
-@pytest.mark.parametrize("build", [vit_like, strided_head, einsum_windows, merged_heads])
+@pytest.mark.parametrize("build", [vit_like, strided_head, einsum_windows, merged_heads, resized_gate,
+                                   spatial_transformer])
 def test_a_graph_exported_at_batch_1_runs_each_row_as_the_file_does(build):
     model = build()
     x = RNG.standard_normal((3,) + tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)[1:])
@@ -243,5 +273,5 @@ def test_a_graph_that_reads_across_its_batch_runs_every_image_alone(kind, op, tm
 def test_ordinary_graphs_read_nothing_across_their_batch():
     from onnxsal.graph.normalize import one_image_ops
 
-    for build in (vit_like, strided_head, einsum_windows, merged_heads):
+    for build in (vit_like, strided_head, einsum_windows, merged_heads, resized_gate, spatial_transformer):
         assert one_image_ops(upgrade_opset(build())) == []

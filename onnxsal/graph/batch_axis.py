@@ -195,6 +195,13 @@ class Tracer:
         value = _attr(node, attr)
         return None if value is None else [int(v) for v in value]
 
+    def ints_or_floats(self, node: onnx.NodeProto, index: int) -> Optional[list]:
+        """A constant operand's values, None when the input is absent or empty."""
+        if len(node.input) <= index or not node.input[index]:
+            return None
+        values = self.const(node.input[index]).reshape(-1)
+        return None if values.size == 0 else values.tolist()
+
     def _across(self, node: onnx.NodeProto, why: str) -> list[int]:
         """LOST, noting that the op reads across the batch: at any other batch it would mix samples."""
         self.reason = why
@@ -228,7 +235,23 @@ class Tracer:
         if op in _BATCH_FIRST or op == "Attention" or op == "AffineGrid":
             if any(b != 0 for _, b in data):
                 return self._across(node, "treats axis 0 as the batch")
-            return [0] * n_out if op != "AffineGrid" else lost
+            if op == "AffineGrid" and x != node.input[0]:
+                return lost
+            return [0] * n_out                    # AffineGrid's size input follows theta (normalize)
+        if op == "Resize":
+            if x != node.input[0] or len(data) > 1:
+                return lost
+            scales = self.ints_or_floats(node, 2)
+            sizes = self.ints_or_floats(node, 3)
+            axes = list(_attr(node, "axes", None) or range(len(self.shape(x))))
+            axes = [v % len(self.shape(x)) for v in axes]
+            if a not in axes:
+                return [a]
+            k = axes.index(a)
+            if (sizes is not None and sizes[k] == self.shape(x)[a]) or (sizes is None and scales is not None
+                                                                          and scales[k] == 1):
+                return [a]                        # normalize makes a size of the batch follow it
+            return self._across(node, "resizes the batch axis")
         if op in _ONE_AXIS or op in ("ArgMax", "ArgMin", "CumSum"):
             rank = len(self.shape(x))
             if op == "CumSum":

@@ -282,6 +282,27 @@ def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer",
         shape = shape.copy()
         shape[b] = 1                              # expanding the batch axis to its own size
         node.input[1] = constant(shape, f"{node.input[1]}_at_{b}")
+    elif op in ("Resize", "AffineGrid") and b >= 0:
+        k = 3 if op == "Resize" else 1           # Resize's sizes, AffineGrid's size: the batch's own size
+        if len(node.input) <= k or not node.input[k] or node.input[k] not in tracer.consts:
+            return False
+        sizes = tracer.const(node.input[k]).astype(np.int64).reshape(-1)
+        if sizes.size == 0:
+            return False
+        axes = [v % len(tracer.shape(out)) for v in (batch_axis._attr(node, "axes", None) or range(sizes.size))]
+        if b not in axes:
+            return False
+        j = axes.index(b)
+        batch = f"onnxsal_batch/{node.name or out}_batch"
+        nodes.append(onnx.helper.make_node("Shape", [node.input[0]], [f"{batch}_shape"], name=f"{batch}/Shape"))
+        nodes.append(onnx.helper.make_node("Slice", [f"{batch}_shape", constant(np.array([a], np.int64), "at"),
+                                                     constant(np.array([a + 1], np.int64), "at")], [batch],
+                                           name=f"{batch}/Slice"))
+        parts = ([constant(sizes[:j], "sizes")] if j else []) + [batch] + \
+            ([constant(sizes[j + 1:], "sizes")] if j + 1 < sizes.size else [])
+        joined = f"onnxsal_batch/{node.name or out}_sizes"
+        nodes.append(onnx.helper.make_node("Concat", parts, [joined], axis=0, name=f"{joined}/Concat"))
+        node.input[k] = joined
     elif op == "Concat":
         rank = len(tracer.shape(out))
         stored = [i for i in node.input if i and i not in axes]         # computed from constants alone
