@@ -53,6 +53,21 @@ class Engine:
         by_name = dict(zip(unique, values))
         return [by_name[t] for t in tensors]
 
+    def rows_independent(self) -> bool:
+        """Whether two random inputs run together give what each gives alone (checked once per model
+        whose file fixed its batch).
+
+        onnxsal frees such a batch by tracing it through the graph (`graph/batch_axis.py`); an op the
+        trace cannot follow may still read across the rows of a run without any error (a resize to a
+        size that names the batch of 1)."""
+        i = self.model.input
+        shape = (2, i.channels, i.height, i.width) if i.layout == "NCHW" else (2, i.height, i.width, i.channels)
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        (together,) = self.outputs(x, [self.model.output])
+        alone = np.concatenate([self.outputs(x[k:k + 1], [self.model.output])[0] for k in range(2)])
+        scale = float(np.abs(alone).max()) or 1.0
+        return bool(np.allclose(together, alone, rtol=1e-3, atol=1e-4 * scale))
+
     def outputs_given(self, layer: str, acts: np.ndarray, x: np.ndarray, tensors: Sequence[str],
                       progress: Optional[Progress] = None) -> list[np.ndarray]:
         """Values of `tensors` for a batch of the layer's activations put in place of what the

@@ -165,6 +165,9 @@ class Explainer:
             spec = spec.fitted(self.model.input.layout, self.model.input.size, self.model.input.channels)
         self.model.preprocess = spec
         self.engine = Engine(self.model, self.runtime, batch_size)
+        if self.model.fixed_batch and not self.model.one_image and not self.engine.rows_independent():
+            self.model.one_image = ("a run of two images differed from each image run alone",)
+            self.runtime.one_image = True
 
     @property
     def device(self) -> str:

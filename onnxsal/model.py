@@ -136,6 +136,7 @@ class Model:
     training: tuple[str, ...] = ()           # training-mode BatchNorm/Dropout nodes, as at batch 1 (graph/training.py)
     read_as: str = ""                        # how an integer, flat or channel-less input is read (graph/integer_input.py, image_input.py)
     one_image: tuple[str, ...] = ()          # ops of a batch-1 export that read across the batch (normalize.one_image_ops)
+    fixed_batch: int = 0                     # the batch size the file fixes (0: free); onnxsal frees it
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -572,6 +573,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     meta = _metadata(proto)
     vi, layout = _find_image_input(proto)
     dims = static_dims(vi)
+    fixed_batch = dims[0] or 0
     channels = dims[1] if layout == "NCHW" else dims[3]
     elem_type = vi.type.tensor_type.elem_type
     lift = source_types(proto, elem_type)
@@ -647,4 +649,5 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
                  spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused),
-                 _activation_quantisers(light), tuple(qoperator), own, trained, "; ".join(read_as), one_image)
+                 _activation_quantisers(light), tuple(qoperator), own, trained, "; ".join(read_as), one_image,
+                 fixed_batch)

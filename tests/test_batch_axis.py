@@ -275,3 +275,34 @@ def test_ordinary_graphs_read_nothing_across_their_batch():
 
     for build in (vit_like, strided_head, einsum_windows, merged_heads, resized_gate, spatial_transformer):
         assert one_image_ops(upgrade_opset(build())) == []
+
+
+def test_a_mix_the_trace_cannot_see_is_caught_by_one_run_at_load():
+    """An op the trace does not follow (an Einsum with an ellipsis) hides a Resize whose sizes name the
+    batch of 1: at batch 4 it would squeeze the gates to one row without an error. The Explainer runs
+    two images together and alone once, sees them differ, and runs one image at a time."""
+    inits = {"k": _w(4, 3, 3, 3), "sizes": np.array([1, 4, 4, 4], np.int64), "w": _w(64, 3)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("AveragePool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Einsum", ["p"], ["q"], equation="...hw->...hw"),
+             helper.make_node("Sigmoid", ["q"], ["g"]),
+             helper.make_node("Resize", ["g", "", "", "sizes"], ["up"], mode="nearest"),
+             helper.make_node("Mul", ["c", "up"], ["gated"]),
+             helper.make_node("Flatten", ["gated"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    model = _model(nodes, inits, (1, 3, 4, 4), (1, 3), opset=18)
+    from onnxsal.graph.normalize import one_image_ops
+
+    assert one_image_ops(upgrade_opset(model)) == []            # the trace lost the batch at the Einsum
+    x = RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    res = ex.explain(x, method="smoothgrad", n_samples=8, target=1)
+    assert any("a run of two images differed from each image run alone" in n for n in res.notes)
+    one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="smoothgrad",
+                                                                                  n_samples=8, target=1)
+    np.testing.assert_allclose(res.raw, one.raw, rtol=1e-5, atol=1e-7)
+    from onnxsal.errors import MethodError
+    from onnxsal.export import export
+
+    with pytest.raises(MethodError, match="a run of two images differed"):
+        export(model, "ig")
