@@ -141,6 +141,47 @@ def spatial_transformer() -> onnx.ModelProto:
     return _model(nodes, inits, (1, 3, 4, 4), (1, 3), opset=20)
 
 
+def one_head_pooling() -> onnx.ModelProto:
+    """MViTv2's attention with one head: (1, 8, 4, 4) to (1, 1, 8, 16), where the batch may stay on
+    axis 0 or move to the size-1 heads axis; later (1, 16, 1, 8) to (1, 16, 8) needs it on axis 0."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    inits = {"k": _w(8, 3, 1, 1), "heads": i64(1, 1, 8, 16), "tokens": i64(1, 16, 8), "wq": _w(8, 8), "wo": _w(8, 8),
+             "fc": _w(128, 3)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),
+             _reshape("c", "heads", "h"),                                                # (1, 1, 8, 16)
+             helper.make_node("Transpose", ["h"], ["t"], perm=[0, 1, 3, 2]),             # (1, 1, 16, 8)
+             helper.make_node("MatMul", ["t", "wq"], ["q"]),
+             helper.make_node("Transpose", ["t"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]),                             # (1, 1, 16, 16)
+             helper.make_node("Softmax", ["s"], ["a"], axis=-1),
+             helper.make_node("MatMul", ["a", "t"], ["o"]),                              # (1, 1, 16, 8)
+             helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),            # (1, 16, 1, 8)
+             _reshape("ot", "tokens", "r"),                                               # (1, 16, 8)
+             helper.make_node("MatMul", ["r", "wo"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"])]
+    return _model(nodes, inits, (1, 3, 4, 4), (1, 3))
+
+
+def row_lstm() -> onnx.ModelProto:
+    """Sequencer2D's mixing: a bidirectional LSTM along the columns, the batch merged with the rows
+    ((4, 1, 4, 8) to (4, 4, 8)), and zero initial states stored for that batch of 1."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    inits = {"k": _w(8, 3, 1, 1), "seq": i64(4, 4, 8), "flat": i64(1, 192), "fc": _w(192, 3),
+             "W": _w(2, 24, 8).astype(np.float32), "R": _w(2, 24, 6).astype(np.float32),
+             "B": (RNG.standard_normal((2, 48)) * 0.1).astype(np.float32),
+             "h0": np.zeros((2, 4, 6), np.float32), "c0": np.zeros((2, 4, 6), np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),                                   # (1, 8, 4, 4)
+             helper.make_node("Transpose", ["c"], ["t"], perm=[3, 0, 2, 1]),               # (W, 1, H, C)
+             _reshape("t", "seq", "s"),                                                    # (W, 1*H, C)
+             helper.make_node("LSTM", ["s", "W", "R", "B", "", "h0", "c0"], ["y"], hidden_size=6,
+                              direction="bidirectional"),                                  # (4, 2, 4, 6)
+             helper.make_node("Transpose", ["y"], ["yt"], perm=[2, 0, 1, 3]),              # (1*H, W, 2, 6)
+             _reshape("yt", "flat", "f"),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"])]
+    return _model(nodes, inits, (1, 3, 4, 4), (1, 3))
+
+
 def merged_heads() -> onnx.ModelProto:
     """The batch and two heads merged into one axis, (2, 4, 16), then split again by (1, 2, 4, 16)."""
     inits = {"merge": np.array([2, 4, 16], np.int64), "split": np.array([1, 2, 4, 16], np.int64),
@@ -158,7 +199,7 @@ def merged_heads() -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("build", [vit_like, strided_head, einsum_windows, merged_heads, resized_gate,
-                                   spatial_transformer])
+                                   spatial_transformer, one_head_pooling, row_lstm])
 def test_a_graph_exported_at_batch_1_runs_each_row_as_the_file_does(build):
     model = build()
     x = RNG.standard_normal((3,) + tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)[1:])
@@ -181,6 +222,10 @@ def test_the_tracer_reads_each_reshape_as_the_ops_after_it_need():
     assert tracer.where["q3"] == (0, 1)
     assert tracer.where["flat"] == (0, 1)       # (5*N, 8): the batch inside the five tokens
     assert tracer.where["cls_out"] == (0, 1)
+    # of two size-1 axes the batch takes the one nearest its own: (1, 8, 4, 4) to (1, 1, 8, 16) keeps it first
+    model = upgrade_opset(one_head_pooling())
+    tracer = batch_axis.Tracer(model.graph, inferred_dims(model), _const_values(model.graph), ["x"])
+    assert tracer.where["h"] == (0, 1) and tracer.where["r"] == (0, 1)
 
 
 def test_explanations_of_a_batch_1_export_run_batched_and_match_one_row_runs():
@@ -273,7 +318,8 @@ def test_a_graph_that_reads_across_its_batch_runs_every_image_alone(kind, op, tm
 def test_ordinary_graphs_read_nothing_across_their_batch():
     from onnxsal.graph.normalize import one_image_ops
 
-    for build in (vit_like, strided_head, einsum_windows, merged_heads, resized_gate, spatial_transformer):
+    for build in (vit_like, strided_head, einsum_windows, merged_heads, resized_gate, spatial_transformer,
+                  one_head_pooling, row_lstm):
         assert one_image_ops(upgrade_opset(build())) == []
 
 

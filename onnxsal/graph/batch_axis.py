@@ -173,8 +173,10 @@ class Tracer:
             per = int(np.prod(after[j + 1:]))
             if 0 not in after and stride % per == 0 and after[j] % (stride // per) == 0:
                 found.append((j, stride // per))
-        # a plain size-1 axis first, then the batch as the outer factor of a later axis (``bsz * heads``)
-        found.sort(key=lambda r: (after[r[0]] != 1, -r[0]))
+        # a plain size-1 axis first, the one nearest the batch's own axis (``(1, 96, 56, 56)`` to
+        # ``(1, 1, 96, 3136)`` keeps it first, the size-1 heads after it); then the batch as the outer
+        # factor of a later axis (``bsz * heads``)
+        found.sort(key=lambda r: (after[r[0]] != 1, abs(r[0] - a) if after[r[0]] == 1 else -r[0]))
         return found or [(LOST, 0)]
 
     # -- helpers ------------------------------------------------------------------------
@@ -361,6 +363,15 @@ class Tracer:
             if LOST in found or (len(data) > 1 and found & {rank - 2, rank - 1}):
                 return self._across(node, "multiplies along the batch axis")
             return [found.pop()] if len(found) == 1 else lost
+        if op in ("LSTM", "GRU", "RNN"):
+            first = bool(_attr(node, "layout", 0))      # batch-first (layout 1) or sequence-first
+            if x != node.input[0]:
+                return lost
+            if a != (0 if first else 1):
+                return self._across(node, "runs its recurrence along the batch axis")
+            # Y (T, dirs, N, H) or (N, T, dirs, H); Y_h, Y_c (dirs, N, H) or (N, dirs, H). Constant
+            # initial states of zeros are dropped by normalize (absent states are zeros of any batch)
+            return [0 if first else 2] + [0 if first else 1] * (n_out - 1)
         if op == "Einsum":
             b = _einsum_axis(self, node, ins)
             return [b] if b != LOST or not self.reason else self._across(node, self.reason)

@@ -303,6 +303,15 @@ def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer",
         joined = f"onnxsal_batch/{node.name or out}_sizes"
         nodes.append(onnx.helper.make_node("Concat", parts, [joined], axis=0, name=f"{joined}/Concat"))
         node.input[k] = joined
+    elif op in ("LSTM", "GRU", "RNN"):
+        states = [k for k in (5, 6) if len(node.input) > k and node.input[k]]
+        stored = [k for k in states if node.input[k] in tracer.consts]
+        if not stored or len(stored) < len(states) or any(tracer.const(node.input[k]).any() for k in stored):
+            return False
+        for k in stored:              # zeros for a batch of 1: absent states are zeros for any batch
+            node.input[k] = ""
+        while node.input and not node.input[-1]:
+            node.input.pop()
     elif op == "Concat":
         rank = len(tracer.shape(out))
         stored = [i for i in node.input if i and i not in axes]         # computed from constants alone
