@@ -352,3 +352,69 @@ def test_a_mix_the_trace_cannot_see_is_caught_by_one_run_at_load():
 
     with pytest.raises(MethodError, match="a run of two images differed"):
         export(model, "ig")
+
+
+def _shape_pieces(batch_free: bool) -> onnx.ModelProto:
+    """A reshape target cut out of the tensor's own shape at a position the graph computes: from
+    constants alone (``Mod(2, 3)``, as TorchScript writes nn.MultiheadAttention's ``unflatten``),
+    or, after a ``squeeze(0)`` that pins the graph to one image, from the shape itself."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    inits = {"k": _w(8, 3, 1, 1), "start": i64(0), "axis0": i64(0), "three": np.array(3, np.int64),
+             "idx0": np.array(0, np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"])]                                  # (1, 8, 4, 4)
+    if batch_free:                      # t (1, 8, 16); r (1, 8, 2, 8)
+        inits.update({"flat3": i64(1, 8, 16), "two": np.array(2, np.int64), "rest": i64(2, 8),
+                      "flatw": i64(1, 16), "w": _w(16, 3)})
+        nodes += [_reshape("c", "flat3", "t"),
+                  helper.make_node("Mod", ["two", "three"], ["m"])]                        # 2, from constants
+    else:                               # t (8, 4, 4); r (8, 4, 4)
+        inits.update({"rest": i64(-1), "flatw": i64(1, 16), "w": _w(16, 3)})
+        nodes += [helper.make_node("Squeeze", ["c", "axis0"], ["t"]),
+                  helper.make_node("Shape", ["t"], ["ts"]),
+                  helper.make_node("Gather", ["ts", "idx0"], ["g"]),
+                  helper.make_node("Mod", ["g", "three"], ["m"])]                          # 2, from the shape
+    nodes += [helper.make_node("Unsqueeze", ["m", "axis0"], ["end"]),
+              helper.make_node("Shape", ["t"], ["shape"]),
+              helper.make_node("Slice", ["shape", "start", "end"], ["head"]),
+              helper.make_node("Concat", ["head", "rest"], ["target"], axis=0),
+              helper.make_node("Reshape", ["t", "target"], ["r"]),
+              helper.make_node("ReduceSum", ["r", "start"], ["s"], keepdims=0, noop_with_empty_axes=0)
+              if not batch_free else helper.make_node("ReduceSum", ["r", "last"], ["s"], keepdims=0),
+              helper.make_node("Tanh", ["s"], ["th"]),
+              helper.make_node("Reshape", ["th", "flatw"], ["f"]),
+              helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    inits["last"] = i64(-1)
+    return _model(nodes, inits, (1, 3, 4, 4), (1, 3), opset=18)
+
+
+def test_shape_pieces_computed_from_constants_are_folded_so_ranks_are_known():
+    from onnxsal.graph.normalize import tensor_shapes
+
+    model = _shape_pieces(batch_free=True)
+    shapes = tensor_shapes(normalize(model))
+    assert shapes["r"][1] == (None, 8, 2, 8)             # without the fold its rank is unknown
+    x = RNG.standard_normal((3, 3, 4, 4)).astype(np.float32)
+    free = normalize(model)
+    np.testing.assert_allclose(_run(free, x), _per_row(model, x), rtol=1e-5, atol=1e-6)
+    check_vjp(free, "logits", ["x"], {"x": x})
+
+
+def test_a_graph_pinned_to_one_image_gets_its_shapes_from_a_one_image_run():
+    """The shape pieces depend on the shape itself, so nothing folds them and inference loses the rank;
+    the run at batch 2 that would tell which axes follow the batch fails, since the graph squeezes
+    its batch. It runs one image at a time, so the one-image run's shapes are its shapes."""
+    model = _shape_pieces(batch_free=False)
+    x = RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    g = onnxsal.vjp(normalize(model), "logits", ["x"])         # refused before: "rank of 'r' unknown"
+    sess = ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"])
+    grad = sess.run(["grad_x"], {"x": x, "grad_logits": np.eye(3, dtype=np.float32)[1:2]})[0]
+    want = np.zeros_like(x)                                   # central differences of the file, one image each
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += 1e-2
+        down[i] -= 1e-2
+        want[i] = (_run(model, up)[0, 1] - _run(model, down)[0, 1]) / 2e-2
+    np.testing.assert_allclose(grad, want, rtol=2e-2, atol=2e-3 * np.abs(want).max())
+    res = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, method="saliency", target=1)
+    one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="saliency", target=1)
+    np.testing.assert_allclose(res.raw, one.raw, rtol=1e-6)

@@ -218,7 +218,7 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         shape = shape.copy()
         own = static.get(node.input[0])
-        if not own or own[0] == fixed:
+        if own and own[0] == fixed:        # else the batch size read at run time: equal to the file at batch 1
             shape[0] = 0
             consts[target].CopyFrom(numpy_helper.from_array(shape.astype(np.int64), consts[target].name))
         else:
@@ -359,6 +359,7 @@ def inferred_dims(model: onnx.ModelProto) -> dict:
 
 
 SMALL_CONST = 4096   # initializers up to this many elements may matter to data propagation
+_INTEGER_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)
 
 
 def without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -404,8 +405,48 @@ def infer(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Upgrade the opset, free the batch dimension, infer shapes. Idempotent."""
-    return _infer_inplace(_weights_not_inputs(dynamic_batch(upgrade_opset(model))))   # dynamic_batch already copied
+    """Upgrade the opset, fold integer constants, free the batch dimension, infer shapes. Idempotent."""
+    return _infer_inplace(_weights_not_inputs(dynamic_batch(fold_integer_constants(upgrade_opset(model)))))
+
+
+def fold_integer_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model (a copy, when anything folds) with small integer tensors computed from constants
+    alone stored as constants.
+
+    TorchScript exports compute shape pieces from constants (``Mod(2, 3)`` for an axis, then a
+    Reshape of it), which ONNX's shape inference does not evaluate: the ``Slice`` of a ``Shape``
+    that takes them has an unknown length, every Reshape after it an unknown rank, and the
+    gradient rules need ranks (nn.MultiheadAttention's ``unflatten`` in a ViT exported at a fixed
+    batch was refused for it). Evaluated once here, they are ordinary constants."""
+    from .simplify import FOLDABLE, evaluate_node
+
+    g = model.graph
+    values: dict[str, np.ndarray] = {}
+    for name, t in _const_values(g).items():
+        if t.data_type in _INTEGER_TYPES and int(np.prod(t.dims)) <= SMALL_CONST and not weights.is_placeholder(t):
+            values[name] = numpy_helper.to_array(t)
+    outputs = {o.name for o in g.output}
+    folded: dict[str, np.ndarray] = {}
+    opset = opset_of(model)
+    for node in g.node:
+        if (node.op_type not in FOLDABLE or node.op_type in ("Shape", "Size") or node.domain not in ("", "ai.onnx")
+                or not node.input or any(i and i not in values for i in node.input)
+                or any(o in outputs for o in node.output)):
+            continue
+        outs = evaluate_node(node, [values.get(i) if i else None for i in node.input], opset)
+        if outs is None or not all(v.dtype.kind in "iub" and v.size <= SMALL_CONST for v in outs):
+            continue
+        for name, v in zip(node.output, outs):
+            values[name] = folded[name] = np.asarray(v)
+    if not folded:
+        return model
+    model = copy.deepcopy(model)
+    g = model.graph
+    kept = [n for n in g.node if not any(o in folded for o in n.output)]
+    del g.node[:]
+    g.node.extend(kept)
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in folded.items())
+    return model
 
 
 def _weights_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
