@@ -15,8 +15,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxsal
+from onnxsal.cli import main
+from onnxsal.errors import MethodError
+from onnxsal.export import export
 from onnxsal.graph import batch_axis
-from onnxsal.graph.normalize import _const_values, inferred_dims, normalize, upgrade_opset
+from onnxsal.graph.normalize import (_const_values, inferred_dims, normalize, one_image_ops, tensor_shapes,
+                                     upgrade_opset)
 
 from gradcheck import check_vjp
 
@@ -45,6 +49,16 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def _per_row(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return np.concatenate([_run(model, x[i:i + 1]) for i in range(len(x))])
+
+
+def _smoothgrad_both_ways(model: onnx.ModelProto):
+    """SmoothGrad's eight noisy copies as the engine runs them, and one row per run; the maps agree."""
+    x = RNG.standard_normal([d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)
+    res = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, method="smoothgrad", n_samples=8, target=1)
+    one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="smoothgrad",
+                                                                                  n_samples=8, target=1)
+    np.testing.assert_allclose(res.raw, one.raw, rtol=1e-5, atol=1e-7)
+    return res
 
 
 def vit_like() -> onnx.ModelProto:
@@ -229,13 +243,8 @@ def test_the_tracer_reads_each_reshape_as_the_ops_after_it_need():
 
 
 def test_explanations_of_a_batch_1_export_run_batched_and_match_one_row_runs():
-    model = vit_like()
-    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
-    batched = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, method="smoothgrad", n_samples=6, target=1)
-    assert not any("one row at a time" in n for n in batched.notes)
-    one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="smoothgrad",
-                                                                                  n_samples=6, target=1)
-    np.testing.assert_allclose(batched.map, one.map, atol=1e-6)
+    res = _smoothgrad_both_ways(vit_like())
+    assert not any("one row" in n or "one image at a time" in n for n in res.notes)
 
 
 def test_a_batch_the_graph_reads_across_stays_one_row_at_a_time():
@@ -250,12 +259,8 @@ def test_a_batch_the_graph_reads_across_stays_one_row_at_a_time():
     model = _model(nodes, inits, (1, 3, 4, 4), (1, 3))
     tracer = batch_axis.Tracer(upgrade_opset(model).graph, inferred_dims(model), _const_values(model.graph), ["x"])
     assert tracer.axes["s"] == batch_axis.LOST and tracer.axes["logits"] == batch_axis.LOST
-    x = RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)
-    res = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, method="smoothgrad", n_samples=4, target=1)
+    res = _smoothgrad_both_ways(model)
     assert any("one row at a time" in n for n in res.notes)
-    one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="smoothgrad",
-                                                                                  n_samples=4, target=1)
-    np.testing.assert_allclose(res.map, one.map, atol=1e-6)
 
 
 @pytest.mark.parametrize("equation, ins, want", [
@@ -292,32 +297,20 @@ def _reads_across(kind: str) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("kind, op", [("mean", "ReduceMean"), ("row", "Gather")])
 def test_a_graph_that_reads_across_its_batch_runs_every_image_alone(kind, op, tmp_path, capsys):
-    from onnxsal.errors import MethodError
-    from onnxsal.export import export
-    from onnxsal.graph.normalize import one_image_ops
-
     model = _reads_across(kind)
     found = one_image_ops(upgrade_opset(model))
     assert len(found) == 1 and found[0].startswith(op)
-    x = RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)
-    res = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, method="smoothgrad", n_samples=8, target=1)
+    res = _smoothgrad_both_ways(model)
     assert any("reads across its batch" in n for n in res.notes)
-    one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="smoothgrad",
-                                                                                  n_samples=8, target=1)
-    np.testing.assert_allclose(res.raw, one.raw, rtol=1e-5, atol=1e-7)
     with pytest.raises(MethodError, match="reads across its batch"):
         export(model, "smoothgrad")
     assert export(model, "saliency") is not None
-    from onnxsal.cli import main
-
     onnx.save(model, tmp_path / "m.onnx")
     assert main(["inspect", str(tmp_path / "m.onnx")]) == 0
     assert f"one image at a time: the graph reads across its batch ({op}" in capsys.readouterr().out
 
 
 def test_ordinary_graphs_read_nothing_across_their_batch():
-    from onnxsal.graph.normalize import one_image_ops
-
     for build in (vit_like, strided_head, einsum_windows, merged_heads, resized_gate, spatial_transformer,
                   one_head_pooling, row_lstm):
         assert one_image_ops(upgrade_opset(build())) == []
@@ -337,19 +330,9 @@ def test_a_mix_the_trace_cannot_see_is_caught_by_one_run_at_load():
              helper.make_node("Flatten", ["gated"], ["f"]),
              helper.make_node("MatMul", ["f", "w"], ["logits"])]
     model = _model(nodes, inits, (1, 3, 4, 4), (1, 3), opset=18)
-    from onnxsal.graph.normalize import one_image_ops
-
     assert one_image_ops(upgrade_opset(model)) == []            # the trace lost the batch at the Einsum
-    x = RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)
-    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
-    res = ex.explain(x, method="smoothgrad", n_samples=8, target=1)
+    res = _smoothgrad_both_ways(model)
     assert any("a run of two images differed from each image run alone" in n for n in res.notes)
-    one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="smoothgrad",
-                                                                                  n_samples=8, target=1)
-    np.testing.assert_allclose(res.raw, one.raw, rtol=1e-5, atol=1e-7)
-    from onnxsal.errors import MethodError
-    from onnxsal.export import export
-
     with pytest.raises(MethodError, match="a run of two images differed"):
         export(model, "ig")
 
@@ -388,8 +371,6 @@ def _shape_pieces(batch_free: bool) -> onnx.ModelProto:
 
 
 def test_shape_pieces_computed_from_constants_are_folded_so_ranks_are_known():
-    from onnxsal.graph.normalize import tensor_shapes
-
     model = _shape_pieces(batch_free=True)
     shapes = tensor_shapes(normalize(model))
     assert shapes["r"][1] == (None, 8, 2, 8)             # without the fold its rank is unknown

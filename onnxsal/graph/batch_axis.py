@@ -8,11 +8,15 @@ its ConvNeXt flattens the pooled features to ``(768,)`` before reading them back
 it. This module traces the batch from the graph's inputs, op by op, through the shapes the
 file itself declares at its fixed batch.
 
-A tensor's batch axis is the one whose outermost factor is the batch: at batch ``n`` its
-size is its size in the file times ``n / fixed``, and every other axis keeps its size.
-Where an op's effect on the batch cannot be told (it reduces, slices or contracts over
-that axis, or its attributes are not constants), its outputs are LOST and their reshapes
-keep the older leading-axis rule in `normalize.dynamic_batch`.
+A tensor's batch lies in one axis: at batch ``n`` that axis is ``n`` times its size in the
+file, and every other axis keeps its size. Inside that axis the batch is one factor of a
+row-major product; ``inner`` is the size of the part after it, within one sample (1 for a
+plain batch axis, 12 for ``(N*12, 197, 64)``, 1 again for ``(197*N, 768)``). Where an op's
+effect on the batch cannot be told (an op without a rule here, attributes that are not
+constants), its outputs are LOST and their reshapes keep the older leading-axis rule in
+`normalize.dynamic_batch`. Where an op reads across the batch (a mean over it, a pick of
+one row), that is noted in ``across``: at batch 1 the op is harmless, at any other batch it
+would mix the samples, so such a model runs one image at a time.
 """
 
 from __future__ import annotations
