@@ -196,6 +196,22 @@ def row_lstm() -> onnx.ModelProto:
     return _model(nodes, inits, (1, 3, 4, 4), (1, 3))
 
 
+def expanded_merge() -> onnx.ModelProto:
+    """A per-group mean expanded back over its group, the batch merged with two groups: the Expand's
+    shape names the merged axis's size at batch 1, (2, 4, 16)."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    inits = {"k": _w(8, 3, 1, 1), "groups": i64(2, 4, 16), "last": i64(-1), "full": i64(2, 4, 16),
+             "flat": i64(1, 128), "w": _w(128, 3)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),
+             _reshape("c", "groups", "g"),                                                # (2N, 4, 16)
+             helper.make_node("ReduceMean", ["g", "last"], ["m"], keepdims=1),
+             helper.make_node("Expand", ["m", "full"], ["e"]),
+             helper.make_node("Sub", ["g", "e"], ["d"]),
+             _reshape("d", "flat", "f"),
+             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    return _model(nodes, inits, (1, 3, 4, 4), (1, 3), opset=18)
+
+
 def merged_heads() -> onnx.ModelProto:
     """The batch and two heads merged into one axis, (2, 4, 16), then split again by (1, 2, 4, 16)."""
     inits = {"merge": np.array([2, 4, 16], np.int64), "split": np.array([1, 2, 4, 16], np.int64),
@@ -213,7 +229,7 @@ def merged_heads() -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("build", [vit_like, strided_head, einsum_windows, merged_heads, resized_gate,
-                                   spatial_transformer, one_head_pooling, row_lstm])
+                                   spatial_transformer, one_head_pooling, row_lstm, expanded_merge])
 def test_a_graph_exported_at_batch_1_runs_each_row_as_the_file_does(build):
     model = build()
     x = RNG.standard_normal((3,) + tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)[1:])
@@ -312,7 +328,7 @@ def test_a_graph_that_reads_across_its_batch_runs_every_image_alone(kind, op, tm
 
 def test_ordinary_graphs_read_nothing_across_their_batch():
     for build in (vit_like, strided_head, einsum_windows, merged_heads, resized_gate, spatial_transformer,
-                  one_head_pooling, row_lstm):
+                  one_head_pooling, row_lstm, expanded_merge):
         assert one_image_ops(upgrade_opset(build())) == []
 
 

@@ -277,10 +277,11 @@ def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer",
         node.input[1] = constant(shape, f"{node.input[1]}_at_{b}")
     elif op == "Expand" and node.input[1] in tracer.consts:
         shape = tracer.const(node.input[1]).astype(np.int64).reshape(-1)
-        if shape[b] == 1:
+        k = b - (len(tracer.shape(out)) - shape.size)       # the shape is aligned to the output's last axes
+        if k < 0 or shape[k] == 1:
             return False
         shape = shape.copy()
-        shape[b] = 1                              # expanding the batch axis to its own size
+        shape[k] = 1                              # expanding the batch axis to its own size
         node.input[1] = constant(shape, f"{node.input[1]}_at_{b}")
     elif op in ("Resize", "AffineGrid") and b >= 0:
         k = 3 if op == "Resize" else 1           # Resize's sizes, AffineGrid's size: the batch's own size
