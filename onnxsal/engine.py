@@ -53,6 +53,15 @@ class Engine:
         by_name = dict(zip(unique, values))
         return [by_name[t] for t in tensors]
 
+    def pin_mixed_rows(self) -> None:
+        """Run every image alone when the model reads across its batch: the ops the trace names
+        (``model.one_image``), or, for a file that fixed its batch, two images that give other
+        values together than alone (`rows_independent`)."""
+        m = self.model
+        if m.fixed_batch and not m.one_image and not self.rows_independent():
+            m.one_image = ("a run of two images differed from each image run alone",)
+        self.runtime.one_image = bool(m.one_image)
+
     def rows_independent(self) -> bool:
         """Whether two random inputs run together give what each gives alone (checked once per model
         whose file fixed its batch).

@@ -158,16 +158,13 @@ class Explainer:
                  fixed_inputs: Optional[Mapping[str, Any]] = None, head: Optional[str] = None) -> None:
         self.runtime = Runtime(device, threads=threads, memory_mb=memory_mb)
         self.model = load(model, size=size, labels=labels, fixed_inputs=fixed_inputs, head=head)
-        self.runtime.one_image = bool(self.model.one_image)
         base = preprocess if isinstance(preprocess, Preprocess) else self.model.preprocess
         spec = make_spec(preprocess if isinstance(preprocess, str) else None, mean, std, scale, bgr, base=base)
         if spec is not None:
             spec = spec.fitted(self.model.input.layout, self.model.input.size, self.model.input.channels)
         self.model.preprocess = spec
         self.engine = Engine(self.model, self.runtime, batch_size)
-        if self.model.fixed_batch and not self.model.one_image and not self.engine.rows_independent():
-            self.model.one_image = ("a run of two images differed from each image run alone",)
-            self.runtime.one_image = True
+        self.engine.pin_mixed_rows()
 
     @property
     def device(self) -> str:

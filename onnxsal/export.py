@@ -157,12 +157,11 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     method = method.lower()
     if method not in EXPORTABLE:
         raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
-    if m.fixed_batch and not m.one_image and method in ("smoothgrad", "ig", "layerig"):
+    if method in ("smoothgrad", "ig", "layerig"):         # copies of the image run in one batch
         from .engine import Engine
         from .runtime import Runtime
 
-        if not Engine(m, Runtime("cpu")).rows_independent():
-            m.one_image = ("a run of two images differed from each image run alone",)
+        Engine(m, Runtime("cpu")).pin_mixed_rows()
     if m.one_image and method in ("smoothgrad", "ig", "layerig"):
         raise MethodError(f"export -m {method} runs its copies of the image in one batch, and this model's graph "
                           f"reads across its batch ({m.one_image[0]}); export gradcam or saliency, or export the "
