@@ -148,7 +148,9 @@ class Runtime:
             for k, v in (fixed or {}).items():
                 feeds[k] = np.broadcast_to(v, (stop - start,) + v.shape[1:]).copy() if v.shape[0] == 1 else v
             try:
-                got = sess.run(list(outputs) if outputs else None, feeds)
+                # a run of several rows may fail where one row runs (see below): ONNX Runtime's own
+                # error line for it would only alarm, since the rows are run again one at a time
+                got = sess.run(list(outputs) if outputs else None, feeds, _QUIET if stop - start > 1 else None)
                 if stop - start > 1 and any(np.ndim(v) == 0 or len(v) != stop - start for v in got):
                     # rows in, another number out: the graph fixed its batch where onnxsal could not free it
                     raise ValueError("a batched run returned another number of rows")
@@ -169,6 +171,8 @@ class Runtime:
 
 
 PREPACK_LIMIT = 64 << 20
+_QUIET = ort.RunOptions()
+_QUIET.log_severity_level = 4
 
 # On CPU a run's rows are capped so that its largest activation stays near 16 MiB: a layer's output
 # is then still in the processor's cache when the next layer reads it. Measured on 2 cores, per map,
