@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 
 from .errors import LayerError, MissingFileError, ModelError, SizeError
-from .graph.normalize import (FLOAT_TYPES, infer, normalize, one_image_ops, static_dims, tensor_shapes,
-                              upgrade_opset, without_weight_data)
+from .graph.normalize import (FLOAT_TYPES, infer, normalize_traced, static_dims, tensor_shapes, upgrade_opset,
+                              without_weight_data)
 from .graph.contrib import expand, fused_ops
 from .graph.fixed import Value, hold
 from .graph.image_input import as_image, needs_image_input
@@ -608,8 +608,8 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     elif size is not None and tuple(size) != tuple(hw):
         raise SizeError(f"the model's input is fixed at {hw[0]}x{hw[1]}, not {size[0]}x{size[1]}")
 
-    one_image = tuple(one_image_ops(light))
-    proto = normalize(light)
+    proto, across = normalize_traced(light)
+    one_image = tuple(across)
     graph_out = _scored_output(proto, head)
     logits, activation = _find_logits(proto, graph_out)
     shapes = tensor_shapes(proto)

@@ -129,37 +129,29 @@ def collect_images(items: Sequence[str]) -> list[str]:
 
 
 def output_names(paths: Sequence[str]) -> dict[str, str]:
-    """The stem each input's outputs are named by: its file stem, or, where two inputs share one
-    (``cats/001.png`` and ``dogs/001.png``), its folder and stem (``cats_001``), so that no
-    output overwrites another."""
-    stems = {p: _stem(p) for p in paths}
-    counts = Counter(stems.values())
-    out: dict[str, str] = {}
-    taken: set[str] = set()
-    for p, stem in stems.items():
-        name = stem
-        if counts[stem] > 1:
-            folder = os.path.basename(os.path.dirname(os.path.abspath(p)))
-            name = f"{folder}_{stem}" if folder else stem
-        base, k = name, 2
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        out[p] = name
-    return out
+    """The stem each input's outputs are named by (`run_names`), by path."""
+    unique = list(dict.fromkeys(os.fspath(p) for p in paths))
+    return dict(zip(unique, run_names(unique)))
 
 
 def run_names(items: Sequence) -> list[str]:
-    """Names no two images of one run share: files named as `output_names` names them (folder and
-    stem where stems collide), prepared images by their own names, arrays "array" and PIL images
-    "image" as `prepare` names them, numbered on a clash (``array_2``)."""
-    paths = [os.fspath(i) for i in items if isinstance(i, (str, os.PathLike))]
-    by_path = output_names(paths) if paths else {}
+    """Names no two images of one run share: a file's stem, or, where two files share one
+    (``cats/001.png`` and ``dogs/001.png``), its folder and stem (``cats_001``); a prepared image's
+    own name; "array" and "image" for arrays and PIL images, as `prepare` names them; numbered on a
+    clash that remains (``array_2``)."""
+    paths = {os.fspath(i) for i in items if isinstance(i, (str, os.PathLike))}
+    shared = Counter(_stem(p) for p in paths)
     out: list[str] = []
     taken: set[str] = set()
     for item in items:
-        own = by_path[os.fspath(item)] if isinstance(item, (str, os.PathLike)) else \
-            item.name if isinstance(item, Prepared) else "array" if isinstance(item, np.ndarray) else "image"
+        if isinstance(item, (str, os.PathLike)):
+            path = os.fspath(item)
+            own = _stem(path)
+            folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+            if shared[own] > 1 and folder:
+                own = f"{folder}_{own}"
+        else:
+            own = item.name if isinstance(item, Prepared) else "array" if isinstance(item, np.ndarray) else "image"
         chosen, k = own, 2
         while chosen in taken:
             chosen, k = f"{own}_{k}", k + 1

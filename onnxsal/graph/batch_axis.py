@@ -86,7 +86,6 @@ class Tracer:
         steps = 20 * len(nodes) + 10000          # a search budget; past it, the readings in hand stay
         settled: set = set()                     # choice points held at their first reading
         across: dict[int, str] = {}              # node index -> how it reads across the batch
-        self.reason = ""
         i = 0
         while i < len(nodes):
             node = nodes[i]
@@ -116,21 +115,17 @@ class Tracer:
                 # the batch is lost here: take the next reading of the latest choice this depends on
                 open_points = [k for k in sorted(dep, reverse=True)
                                if k not in settled and choices[k][1] + 1 < len(choices[k][0])]
-                if not open_points and dep - settled:
-                    # no reading keeps the batch past this op: its choices go back to their first
-                    # readings, for good, and the trace runs again from the earliest of them
-                    k = min(dep - settled)
-                    settled |= dep
+                if open_points or dep - settled:
+                    if open_points:
+                        k = open_points[0]
+                        choices[k][1] += 1
+                    else:
+                        # no reading keeps the batch past this op: its choices go back to their
+                        # first readings, for good, and the trace runs again from the earliest
+                        k = min(dep - settled)
+                        settled |= dep
                     self.where, self.depends = dict(choices[k][2][0]), dict(choices[k][2][1])
-                    for later in [c for c in choices if c >= k]:
-                        del choices[later]
-                    i = k
-                    continue
-                if open_points:
-                    k = open_points[0]
-                    choices[k][1] += 1
-                    self.where, self.depends = dict(choices[k][2][0]), dict(choices[k][2][1])
-                    for later in [c for c in choices if c > k]:
+                    for later in [c for c in choices if c > k or (c == k and k in settled)]:
                         del choices[later]
                     i = k
                     continue
@@ -140,15 +135,18 @@ class Tracer:
                     if dep:
                         self.depends[name] = dep
             i += 1
-        self.axes = {k: v[0] for k, v in self.where.items()}
         self.across = [across[k] for k in sorted(across)]   # ops that would mix the samples of a batch
+
+    @property
+    def axes(self) -> dict[str, int]:
+        """Tensor name -> the batch's axis (LOST, SHAPE as for `where`)."""
+        return {k: v[0] for k, v in self.where.items()}
 
     def _outputs(self, node: onnx.NodeProto, ins: list) -> list[tuple[int, int]]:
         n_out = len(node.output)
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             return [(LOST, 0)] * n_out                  # a subgraph may read batched tensors by name
         data = [v for v in ins if v is not None and v[0] >= 0]
-        self.reason = ""
         if len({inner for _, inner in data}) > 1:       # two layouts of the batch would mix samples
             return [(a, 0) for a in self._across(node, "combines two layouts of the batch")]
         inner = data[0][1] if data else 0

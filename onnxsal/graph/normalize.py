@@ -129,7 +129,39 @@ def _const_values(graph: onnx.GraphProto) -> dict:
     return vals
 
 
-def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+def _fixed_batch(g: onnx.GraphProto) -> tuple:
+    """(the batch size the file fixes or None, the first input that fixes it, the leading dims of
+    inputs and outputs that hold it, those inputs' names)."""
+    init_names = {i.name for i in g.initializer}
+    inputs = {vi.name for vi in g.input}
+    fixed, first, freed, sources = None, None, [], []
+    for vi in list(g.input) + list(g.output):
+        if vi.name in init_names:
+            continue
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        dims = tt.shape.dim if tt is not None and tt.HasField("shape") else []
+        if len(dims) >= 2 and dims[0].HasField("dim_value"):
+            # The first input fixes the batch size; a second input with another
+            # leading size (a lookup table, a mask) has no batch axis to free.
+            fixed = fixed or dims[0].dim_value
+            first = first or (vi.name if vi.name in inputs else None)
+            if dims[0].dim_value == fixed:
+                freed.append(dims[0])
+                if vi.name in inputs:
+                    sources.append(vi.name)
+    return fixed, first, freed, sources
+
+
+def batch_tracer(model: onnx.ModelProto) -> Optional[batch_axis.Tracer]:
+    """The batch traced through a graph whose inputs fix a batch of 1; None for any other graph,
+    or when shape inference cannot read the file's shapes."""
+    g = model.graph
+    fixed, first, _, sources = _fixed_batch(g)
+    static = inferred_dims(model) if fixed == 1 and first else {}
+    return batch_axis.Tracer(g, static, _const_values(g), sources) if static else None
+
+
+def dynamic_batch(model: onnx.ModelProto, tracer: Optional[batch_axis.Tracer] = None) -> onnx.ModelProto:
     """Make dim 0 of inputs and outputs symbolic, and the graph's shape constants follow it.
 
     Exporters often bake a batch of 1 into the graph (``Reshape(x, [1, -1])``). Where the
@@ -151,32 +183,20 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     g = model.graph
     init_names = {i.name for i in g.initializer}
     consts = _const_values(g)
-    inputs = {vi.name for vi in g.input}
-    fixed, first, freed, sources = None, None, [], []
-    for vi in list(g.input) + list(g.output):
-        if vi.name in init_names:
-            continue
-        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
-        dims = tt.shape.dim if tt is not None and tt.HasField("shape") else []
-        if len(dims) >= 2 and dims[0].HasField("dim_value"):
-            # The first input fixes the batch size; a second input with another
-            # leading size (a lookup table, a mask) has no batch axis to free.
-            fixed = fixed or dims[0].dim_value
-            first = first or (vi.name if vi.name in inputs else None)
-            if dims[0].dim_value == fixed:
-                freed.append(dims[0])
-                if vi.name in inputs:
-                    sources.append(vi.name)
+    fixed, first, freed, _ = _fixed_batch(g)
     if fixed is None:
         return model
-    original = {}           # Reshape targets, read before any is rewritten
+    leading = {}            # Reshape targets that start with the batch, read before any is rewritten
     for n in g.node:
         if n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] in consts:
-            original[n.input[1]] = weights.array(consts[n.input[1]]).copy()
-    leading = {k for k, v in original.items() if v.reshape(-1)[:1].tolist() == [fixed]}
-    static = inferred_dims(model) if first and (leading or fixed == 1) else {}   # the file's own shapes
-    tracer = batch_axis.Tracer(g, static, consts, sources) if static and fixed == 1 else None
-    axes = tracer.axes if tracer else {}
+            target = weights.array(consts[n.input[1]])
+            if target.reshape(-1)[:1].tolist() == [fixed]:
+                leading[n.input[1]] = target.copy()
+    if tracer is None and fixed == 1:
+        tracer = batch_tracer(model)
+    # the file's own shapes
+    static = tracer.dims if tracer is not None else inferred_dims(model) if first and leading else {}
+    axes = tracer.axes if tracer is not None else {}
     for dim in freed:
         dim.Clear()
         dim.dim_param = BATCH
@@ -208,11 +228,11 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in g.node:
         if any(i in batched for i in node.input):
             batched.update(node.output)
-        if fixed == 1 and tracer is not None and _follow_batch(node, axes, tracer, nodes, constant, run_time_batch):
+        if tracer is not None and _follow_batch(node, axes, tracer, nodes, constant, run_time_batch):
             continue
         target = node.input[1] if node.op_type == "Reshape" and len(node.input) > 1 else ""
         allowzero = any(a.name == "allowzero" and a.i == 1 for a in node.attribute)
-        shape = original.get(target) if target in leading and node.input[0] in batched and not allowzero else None
+        shape = leading.get(target) if target in leading and node.input[0] in batched and not allowzero else None
         if shape is None or shape.ndim != 1 or shape.size < 2:
             nodes.append(node)      # a bias reshaped to (1, C, 1, 1) has no batch to copy
             continue
@@ -242,17 +262,8 @@ def one_image_ops(model: onnx.ModelProto) -> list[str]:
 
     At batch 1 such an op is harmless; at any other batch it would mix the samples without an
     error, so such a graph must run one image at a time."""
-    g = model.graph
-    stored = {i.name for i in g.initializer}
-    sources = []
-    for vi in g.input:
-        dims = static_dims(vi) if vi.name not in stored and vi.type.HasField("tensor_type") else None
-        if dims and len(dims) >= 2 and dims[0] == 1:
-            sources.append(vi.name)
-    static = inferred_dims(model) if sources else {}
-    if not static:
-        return []
-    return batch_axis.Tracer(g, static, _const_values(g), sources).across
+    tracer = batch_tracer(model)
+    return tracer.across if tracer is not None else []
 
 
 def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer", nodes: list, constant,
@@ -407,7 +418,16 @@ def infer(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Upgrade the opset, fold integer constants, free the batch dimension, infer shapes. Idempotent."""
-    return _infer_inplace(_weights_not_inputs(dynamic_batch(fold_integer_constants(upgrade_opset(model)))))
+    return normalize_traced(model)[0]
+
+
+def normalize_traced(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """`normalize`'s model, and the ops the batch trace found reading across the batch
+    (`one_image_ops`), from the one trace that frees it."""
+    folded = fold_integer_constants(upgrade_opset(model))
+    tracer = batch_tracer(folded)
+    free = dynamic_batch(folded, tracer)          # dynamic_batch already copied
+    return _infer_inplace(_weights_not_inputs(free)), (tracer.across if tracer is not None else [])
 
 
 def fold_integer_constants(model: onnx.ModelProto) -> onnx.ModelProto:
