@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .normalize import inferred_dims
+from .normalize import _const_values, inferred_dims
 from .surgery import ReadableNames, node_attrs
 
 
@@ -81,8 +81,5 @@ def _dropping(n: onnx.NodeProto, consts: dict) -> bool:
 
 
 def _constants(g: onnx.GraphProto) -> dict:
-    vals = {i.name: numpy_helper.to_array(i) for i in g.initializer if i.data_type == onnx.TensorProto.BOOL}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            vals[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return vals
+    """Boolean constants (a Dropout's training_mode flag) by name."""
+    return {k: numpy_helper.to_array(t) for k, t in _const_values(g).items() if t.data_type == onnx.TensorProto.BOOL}
