@@ -113,6 +113,7 @@ SEEDS = (0, 1, 2)
 ORT_OPTIMIZED = False     # --ort-optimized
 ONE_ROW: set = set()      # static exports that ran one row per run (their batch could not be freed)
 STATIC = False            # --static: exported at batch 1 without a dynamic batch, checked at batch 2 all the same
+STATIC_BATCH = 1          # --static --batch 4: the fixed batch the file is exported at
 OPSET = None              # --opset: the dynamo exporter's opset (its default otherwise)
 
 
@@ -156,16 +157,17 @@ def export_once(net, path: str, size: int, dynamo: bool) -> str:
     import torch
 
     if STATIC or OPSET:
-        path = path[:-len(".onnx")] + ("_static" if STATIC else "") + (f"_opset{OPSET}" if OPSET else "") + ".onnx"
+        path = path[:-len(".onnx")] + ("_static" if STATIC else "") + (f"_b{STATIC_BATCH}" if STATIC_BATCH > 1 else "") \
+            + (f"_opset{OPSET}" if OPSET else "") + ".onnx"
     if not os.path.exists(path) and dynamo:
         batch = {} if STATIC else {"dynamic_shapes": ({0: torch.export.Dim("N", min=1, max=64)},)}
-        prog = torch.onnx.export(net, (torch.randn(1 if STATIC else 2, 3, size, size),), dynamo=True,
+        prog = torch.onnx.export(net, (torch.randn(STATIC_BATCH if STATIC else 2, 3, size, size),), dynamo=True,
                                  input_names=["image"], output_names=["logits"],
                                  **({"opset_version": OPSET} if OPSET else {}), **batch)
         prog.save(path)
     elif not os.path.exists(path):
-        torch.onnx.export(net, (torch.randn(1, 3, size, size),), path, input_names=["image"],
-                          output_names=["logits"], opset_version=17, dynamo=False,
+        torch.onnx.export(net, (torch.randn(STATIC_BATCH, 3, size, size),), path, input_names=["image"],
+                          output_names=["logits"], opset_version=OPSET or 17, dynamo=False,
                           **({} if STATIC else {"dynamic_axes": {"image": {0: "N"}, "logits": {0: "N"}}}))
     return path
 
@@ -426,11 +428,13 @@ def main() -> None:
                     help="torchvision or timm exports as ONNX Runtime's optimiser saves them (FusedConv, QuickGelu...)")
     ap.add_argument("--static", action="store_true",
                     help="export at batch 1 without a dynamic batch (as torch.onnx.export does by default)")
-    ap.add_argument("--opset", type=int, default=None, help="the dynamo exporter's opset (23: Attention ops)")
+    ap.add_argument("--batch", type=int, default=1, help="with --static: the batch the file fixes (1 unless told)")
+    ap.add_argument("--opset", type=int, default=None, help="the exporter's opset (23 with --dynamo: Attention ops; 9 to 12 "
+                    "without: the opsets of older files, Upsample, attribute Slice/Pad/Clip)")
     ap.add_argument("--nets", default=None)
     args = ap.parse_args()
-    global ORT_OPTIMIZED, STATIC, OPSET
-    ORT_OPTIMIZED, STATIC, OPSET = args.ort_optimized, args.static, args.opset
+    global ORT_OPTIMIZED, STATIC, OPSET, STATIC_BATCH
+    ORT_OPTIMIZED, STATIC, OPSET, STATIC_BATCH = args.ort_optimized, args.static, args.opset, args.batch
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TIMM_FUSED_ATTN", "0")       # F.scaled_dot_product_attention does not export at opset 17
     cache = os.path.join(HERE, ".cache")
@@ -454,7 +458,7 @@ def main() -> None:
         "torchvision (torch.autograd)"
     print(f"# {source}"
           f"{', dynamo exporter' if args.dynamo else ''}"
-          f"{f', opset {OPSET}' if OPSET else ''}{', static batch of 1' if STATIC else ''}"
+          f"{f', opset {OPSET}' if OPSET else ''}{f', static batch of {STATIC_BATCH}' if STATIC else ''}"
           f"{', saved by ONNX Runtime at the extended optimisation level' if args.ort_optimized else ''}: "
           f"max|onnxsal - reference| / max|reference|, seeds {SEEDS}")
     print("| network | " + " | ".join(f"seed {s}" for s in SEEDS) + " | s |")

@@ -58,6 +58,7 @@ class Engine:
         (``model.one_image``), or, for a file that fixed its batch, two images that give other
         values together than alone (`rows_independent`)."""
         m = self.model
+        self.runtime.fixed_rows = m.fixed_batch
         if m.fixed_batch and not m.one_image and not self.rows_independent():
             m.one_image = ("a run of two images differed from each image run alone",)
         self.runtime.one_image = bool(m.one_image)

@@ -299,6 +299,9 @@ class Explainer:
         if m.one_image:
             notes.append(f"the model's graph reads across its batch ({m.one_image[0]}): it was exported for one "
                          "image at a time, so every run took one row")
+        elif self.runtime.padded:
+            notes.append(f"the model's graph only runs at the batch of {m.fixed_batch} its file fixes (onnxsal "
+                         f"cannot free it), so every run was filled to {m.fixed_batch} rows")
         elif self.runtime.one_row:
             notes.append("the model's graph only runs one image at a time (its export fixed a batch of 1 "
                          "where onnxsal cannot free it), so batched runs went one row at a time")

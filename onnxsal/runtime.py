@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import DeviceError
+from .errors import DeviceError, ModelError
 from .graph.normalize import tensor_shapes
 from .graph.weights import for_session
 
@@ -50,6 +50,8 @@ class Runtime:
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.one_row = False          # a session fell back to one row per run (see run_batched)
         self.one_image = False        # the model reads across its batch: every run takes one row
+        self.fixed_rows = 0           # the batch the model's file fixed (0: free), for padded runs
+        self.padded = False           # a session ran padded to `fixed_rows` (see run_batched)
         self.device = "cpu"
         self._providers: list = ["CPUExecutionProvider"]
         self._device_id = 0
@@ -137,27 +139,41 @@ class Runtime:
         """Run `batched` feeds (same leading size) in chunks; `fixed` feeds are broadcast to each chunk.
 
         A run of several rows that fails is run again one row at a time, and so is every later run
-        of that session; `whole` (rows that must run together) raises instead."""
+        of that session. Where one row fails too and the file fixed a larger batch (`fixed_rows`),
+        every run takes exactly that many rows, the last row repeated to fill them. `whole` (rows
+        that must run together) raises instead."""
         n = len(next(iter(batched.values())))
-        bs = equal_chunks(n, self.batch_size(sess, batch_size))
+        pad_to = getattr(sess, "_onnxsal_pad_rows", 0)
+        bs = pad_to or equal_chunks(n, self.batch_size(sess, batch_size))
         parts: list[list[np.ndarray]] = []
         start = 0
         while start < n:
             stop = min(n, start + bs)
-            feeds = {k: v[start:stop] for k, v in batched.items()}
+            rows = max(pad_to, stop - start)           # rows in this run, padding included
+            feeds = {k: _fill(v[start:stop], rows) for k, v in batched.items()}
             for k, v in (fixed or {}).items():
-                feeds[k] = np.broadcast_to(v, (stop - start,) + v.shape[1:]).copy() if v.shape[0] == 1 else v
+                feeds[k] = np.broadcast_to(v, (rows,) + v.shape[1:]).copy() if v.shape[0] == 1 else v
             try:
                 # a run of several rows may fail where one row runs (see below): ONNX Runtime's own
                 # error line for it would only alarm, since the rows are run again one at a time
-                got = sess.run(list(outputs) if outputs else None, feeds, _QUIET if stop - start > 1 else None)
-                if stop - start > 1 and any(np.ndim(v) == 0 or len(v) != stop - start for v in got):
+                recoverable = rows > 1 or (self.fixed_rows > 1 and not pad_to)
+                got = sess.run(list(outputs) if outputs else None, feeds, _QUIET if recoverable else None)
+                if rows > 1 and any(np.ndim(v) == 0 or len(v) != rows for v in got):
                     # rows in, another number out: the graph fixed its batch where onnxsal could not free it
                     raise ValueError("a batched run returned another number of rows")
-                parts.append(got)
-            except Exception:
-                if stop - start == 1 or whole:
-                    raise
+                parts.append([v[:stop - start] for v in got])
+            except Exception as exc:
+                if whole or pad_to:
+                    raise _unrunnable(exc, pad_to) from exc
+                if stop - start == 1:
+                    if self.fixed_rows <= 1:
+                        raise _unrunnable(exc, 0) from exc
+                    # a file that fixed a batch of several rows where onnxsal cannot free it: it
+                    # runs at that batch alone, so every run fills it
+                    pad_to = sess._onnxsal_pad_rows = self.fixed_rows  # type: ignore[attr-defined]
+                    self.padded = True
+                    bs = pad_to
+                    continue
                 # an export that baked a batch of 1 into its graph where onnxsal cannot free it (a
                 # reshape that merges the batch with attention heads): one row per run from here on
                 sess._onnxsal_one_row = True  # type: ignore[attr-defined]
@@ -168,6 +184,20 @@ class Runtime:
                 progress(stop, n)
             start = stop
         return [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))]
+
+
+def _fill(rows: np.ndarray, size: int) -> np.ndarray:
+    """`rows`, its last row repeated up to `size` rows."""
+    if len(rows) >= size:
+        return rows
+    return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)])
+
+
+def _unrunnable(exc: Exception, padded: int) -> ModelError:
+    """ONNX Runtime's failure of a run as one line."""
+    line = next((part.strip() for part in str(exc).splitlines() if part.strip()), type(exc).__name__)
+    how = f" at the batch of {padded} its file fixes" if padded else ""
+    return ModelError(f"ONNX Runtime could not run the model{how}: {line}")
 
 
 PREPACK_LIMIT = 64 << 20

@@ -61,13 +61,13 @@ def _smoothgrad_both_ways(model: onnx.ModelProto):
     return res
 
 
-def vit_like() -> onnx.ModelProto:
+def vit_like(n: int = 1) -> onnx.ModelProto:
     """Patches, a class token, one attention block run sequence first (the batch on axis 1 and
-    merged into the heads, (5, 2, 4) for 5 tokens and 2 heads), and the class token's head."""
+    merged into the heads, (5, 2n, 4) for 5 tokens and 2 heads), and the class token's head."""
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
-    inits = {"patch": _w(8, 3, 4, 4), "cls": _w(1, 1, 8), "cls_shape": i64(1, 1, 8), "wq": _w(8, 8), "wk": _w(8, 8),
-             "wv": _w(8, 8), "wo": _w(8, 8), "head": _w(8, 3), "to_tokens": i64(1, 8, 4), "heads": i64(5, 2, 4),
-             "split": i64(1, 2, 5, 4), "joined": i64(5, 8), "seq": i64(5, 1, 8), "zero": np.array(0, np.int64),
+    inits = {"patch": _w(8, 3, 4, 4), "cls": _w(1, 1, 8), "cls_shape": i64(n, 1, 8), "wq": _w(8, 8), "wk": _w(8, 8),
+             "wv": _w(8, 8), "wo": _w(8, 8), "head": _w(8, 3), "to_tokens": i64(n, 8, 4), "heads": i64(5, 2 * n, 4),
+             "split": i64(n, 2, 5, 4), "joined": i64(5 * n, 8), "seq": i64(5, n, 8), "zero": np.array(0, np.int64),
              "scale": np.array(0.5, np.float32)}
     nodes = [helper.make_node("Conv", ["x", "patch"], ["c"], strides=[4, 4]),           # (1, 8, 2, 2)
              _reshape("c", "to_tokens", "t"),                                           # (1, 8, 4)
@@ -93,14 +93,14 @@ def vit_like() -> onnx.ModelProto:
               helper.make_node("Transpose", ["res"], ["batch_first"], perm=[1, 0, 2]),    # (1, 5, 8)
               helper.make_node("Gather", ["batch_first", "zero"], ["cls_out"], axis=1),    # (1, 8)
               helper.make_node("MatMul", ["cls_out", "head"], ["logits"])]
-    return _model(nodes, inits, (1, 3, 8, 8), (1, 3))
+    return _model(nodes, inits, (n, 3, 8, 8), (n, 3))
 
 
-def strided_head() -> onnx.ModelProto:
-    """ConvNeXt's head as the dynamo exporter writes it: the pooled (1, 6, 1, 1) features flattened
-    to (6,) and read back by a Gather of constant indices shaped (1, 6, 1, 1)."""
+def strided_head(n: int = 1) -> onnx.ModelProto:
+    """ConvNeXt's head as the dynamo exporter writes it: the pooled (n, 6, 1, 1) features flattened
+    to (6n,) and read back by a Gather of constant indices shaped (n, 6, 1, 1), row k reading sample k."""
     inits = {"k": _w(6, 3, 3, 3), "axes": np.array([-1, -2], np.int64), "flat": np.array([-1], np.int64),
-             "idx": np.arange(6, dtype=np.int64).reshape(1, 6, 1, 1), "rows": np.array([1, 6], np.int64),
+             "idx": np.arange(6 * n, dtype=np.int64).reshape(n, 6, 1, 1), "rows": np.array([n, 6], np.int64),
              "fc": _w(6, 4)}
     nodes = [helper.make_node("Conv", ["x", "k"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("ReduceMean", ["c", "axes"], ["pooled"], keepdims=1),
@@ -109,13 +109,13 @@ def strided_head() -> onnx.ModelProto:
              helper.make_node("Tanh", ["strided"], ["t"]),
              _reshape("t", "rows", "r"),
              helper.make_node("MatMul", ["r", "fc"], ["logits"])]
-    return _model(nodes, inits, (1, 3, 5, 5), (1, 4), opset=18)
+    return _model(nodes, inits, (n, 3, 5, 5), (n, 4), opset=18)
 
 
-def einsum_windows() -> onnx.ModelProto:
+def einsum_windows(n: int = 1) -> onnx.ModelProto:
     """MaxViT's window attention: the batch kept on axis 0 of 5-D tensors, scores by an Einsum."""
-    inits = {"k": _w(4, 3, 1, 1), "win": np.array([1, 2, 2, 4, 4], np.int64), "fc": _w(64, 2),
-             "flat": np.array([1, 64], np.int64)}
+    inits = {"k": _w(4, 3, 1, 1), "win": np.array([n, 2, 2, 4, 4], np.int64), "fc": _w(64, 2),
+             "flat": np.array([n, 64], np.int64)}
     nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),                                   # (1, 4, 4, 4)
              _reshape("c", "win", "w"),                                                   # (1, 2, 2, 4, 4)
              helper.make_node("Einsum", ["w", "w"], ["s"], equation="bghid,bghjd->bghij"),
@@ -123,13 +123,13 @@ def einsum_windows() -> onnx.ModelProto:
              helper.make_node("Einsum", ["a", "w"], ["o"], equation="bghij,bghjd->bghid"),
              _reshape("o", "flat", "f"),
              helper.make_node("MatMul", ["f", "fc"], ["logits"])]
-    return _model(nodes, inits, (1, 3, 4, 4), (1, 2), opset=17)
+    return _model(nodes, inits, (n, 3, 4, 4), (n, 2), opset=17)
 
 
-def resized_gate() -> onnx.ModelProto:
-    """GhostNetV2's gate: pooled, squashed, and resized back with ``sizes`` that name the batch of 1.
+def resized_gate(n: int = 1) -> onnx.ModelProto:
+    """GhostNetV2's gate: pooled, squashed, and resized back with ``sizes`` that name the file's batch.
     At batch 3 an unchanged Resize would squeeze the gates to one row and broadcast it: no error."""
-    inits = {"k": _w(4, 3, 3, 3), "sizes": np.array([1, 4, 4, 4], np.int64), "w": _w(64, 3)}
+    inits = {"k": _w(4, 3, 3, 3), "sizes": np.array([n, 4, 4, 4], np.int64), "w": _w(64, 3)}
     nodes = [helper.make_node("Conv", ["x", "k"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("AveragePool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
              helper.make_node("Sigmoid", ["p"], ["g"]),
@@ -137,13 +137,13 @@ def resized_gate() -> onnx.ModelProto:
              helper.make_node("Mul", ["c", "up"], ["gated"]),
              helper.make_node("Flatten", ["gated"], ["f"]),
              helper.make_node("MatMul", ["f", "w"], ["logits"])]
-    return _model(nodes, inits, (1, 3, 4, 4), (1, 3), opset=18)
+    return _model(nodes, inits, (n, 3, 4, 4), (n, 3), opset=18)
 
 
-def spatial_transformer() -> onnx.ModelProto:
-    """An affine grid whose ``size`` input names the batch of 1, and a theta reshaped to (1, 2, 3)."""
+def spatial_transformer(n: int = 1) -> onnx.ModelProto:
+    """An affine grid whose ``size`` input names the file's batch, and a theta reshaped to (n, 2, 3)."""
     inits = {"w": _w(48, 6) * 0.1, "eye": np.array([1, 0, 0, 0, 1, 0], np.float32), "theta_shape":
-             np.array([1, 2, 3], np.int64), "size": np.array([1, 3, 4, 4], np.int64), "fc": _w(48, 3)}
+             np.array([n, 2, 3], np.int64), "size": np.array([n, 3, 4, 4], np.int64), "fc": _w(48, 3)}
     nodes = [helper.make_node("Flatten", ["x"], ["xf"]),
              helper.make_node("MatMul", ["xf", "w"], ["t0"]),
              helper.make_node("Add", ["t0", "eye"], ["t1"]),
@@ -152,14 +152,14 @@ def spatial_transformer() -> onnx.ModelProto:
              helper.make_node("GridSample", ["x", "grid"], ["s"], align_corners=0),
              helper.make_node("Flatten", ["s"], ["f"]),
              helper.make_node("MatMul", ["f", "fc"], ["logits"])]
-    return _model(nodes, inits, (1, 3, 4, 4), (1, 3), opset=20)
+    return _model(nodes, inits, (n, 3, 4, 4), (n, 3), opset=20)
 
 
-def one_head_pooling() -> onnx.ModelProto:
+def one_head_pooling(n: int = 1) -> onnx.ModelProto:
     """MViTv2's attention with one head: (1, 8, 4, 4) to (1, 1, 8, 16), where the batch may stay on
     axis 0 or move to the size-1 heads axis; later (1, 16, 1, 8) to (1, 16, 8) needs it on axis 0."""
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
-    inits = {"k": _w(8, 3, 1, 1), "heads": i64(1, 1, 8, 16), "tokens": i64(1, 16, 8), "wq": _w(8, 8), "wo": _w(8, 8),
+    inits = {"k": _w(8, 3, 1, 1), "heads": i64(n, 1, 8, 16), "tokens": i64(n, 16, 8), "wq": _w(8, 8), "wo": _w(8, 8),
              "fc": _w(128, 3)}
     nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),
              _reshape("c", "heads", "h"),                                                # (1, 1, 8, 16)
@@ -174,17 +174,17 @@ def one_head_pooling() -> onnx.ModelProto:
              helper.make_node("MatMul", ["r", "wo"], ["p"]),
              helper.make_node("Flatten", ["p"], ["f"]),
              helper.make_node("MatMul", ["f", "fc"], ["logits"])]
-    return _model(nodes, inits, (1, 3, 4, 4), (1, 3))
+    return _model(nodes, inits, (n, 3, 4, 4), (n, 3))
 
 
-def row_lstm() -> onnx.ModelProto:
+def row_lstm(n: int = 1) -> onnx.ModelProto:
     """Sequencer2D's mixing: a bidirectional LSTM along the columns, the batch merged with the rows
     ((4, 1, 4, 8) to (4, 4, 8)), and zero initial states stored for that batch of 1."""
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
-    inits = {"k": _w(8, 3, 1, 1), "seq": i64(4, 4, 8), "flat": i64(1, 192), "fc": _w(192, 3),
+    inits = {"k": _w(8, 3, 1, 1), "seq": i64(4, 4 * n, 8), "flat": i64(n, 192), "fc": _w(192, 3),
              "W": _w(2, 24, 8).astype(np.float32), "R": _w(2, 24, 6).astype(np.float32),
              "B": (RNG.standard_normal((2, 48)) * 0.1).astype(np.float32),
-             "h0": np.zeros((2, 4, 6), np.float32), "c0": np.zeros((2, 4, 6), np.float32)}
+             "h0": np.zeros((2, 4 * n, 6), np.float32), "c0": np.zeros((2, 4 * n, 6), np.float32)}
     nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),                                   # (1, 8, 4, 4)
              helper.make_node("Transpose", ["c"], ["t"], perm=[3, 0, 2, 1]),               # (W, 1, H, C)
              _reshape("t", "seq", "s"),                                                    # (W, 1*H, C)
@@ -193,15 +193,15 @@ def row_lstm() -> onnx.ModelProto:
              helper.make_node("Transpose", ["y"], ["yt"], perm=[2, 0, 1, 3]),              # (1*H, W, 2, 6)
              _reshape("yt", "flat", "f"),
              helper.make_node("MatMul", ["f", "fc"], ["logits"])]
-    return _model(nodes, inits, (1, 3, 4, 4), (1, 3))
+    return _model(nodes, inits, (n, 3, 4, 4), (n, 3))
 
 
-def expanded_merge() -> onnx.ModelProto:
+def expanded_merge(n: int = 1) -> onnx.ModelProto:
     """A per-group mean expanded back over its group, the batch merged with two groups: the Expand's
     shape names the merged axis's size at batch 1, (2, 4, 16)."""
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
-    inits = {"k": _w(8, 3, 1, 1), "groups": i64(2, 4, 16), "last": i64(-1), "full": i64(2, 4, 16),
-             "flat": i64(1, 128), "w": _w(128, 3)}
+    inits = {"k": _w(8, 3, 1, 1), "groups": i64(2 * n, 4, 16), "last": i64(-1), "full": i64(2 * n, 4, 16),
+             "flat": i64(n, 128), "w": _w(128, 3)}
     nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),
              _reshape("c", "groups", "g"),                                                # (2N, 4, 16)
              helper.make_node("ReduceMean", ["g", "last"], ["m"], keepdims=1),
@@ -209,13 +209,13 @@ def expanded_merge() -> onnx.ModelProto:
              helper.make_node("Sub", ["g", "e"], ["d"]),
              _reshape("d", "flat", "f"),
              helper.make_node("MatMul", ["f", "w"], ["logits"])]
-    return _model(nodes, inits, (1, 3, 4, 4), (1, 3), opset=18)
+    return _model(nodes, inits, (n, 3, 4, 4), (n, 3), opset=18)
 
 
-def merged_heads() -> onnx.ModelProto:
+def merged_heads(n: int = 1) -> onnx.ModelProto:
     """The batch and two heads merged into one axis, (2, 4, 16), then split again by (1, 2, 4, 16)."""
-    inits = {"merge": np.array([2, 4, 16], np.int64), "split": np.array([1, 2, 4, 16], np.int64),
-             "flat": np.array([1, 128], np.int64), "w": _w(128, 3), "k": _w(8, 3, 1, 1)}
+    inits = {"merge": np.array([2 * n, 4, 16], np.int64), "split": np.array([n, 2, 4, 16], np.int64),
+             "flat": np.array([n, 128], np.int64), "w": _w(128, 3), "k": _w(8, 3, 1, 1)}
     nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),
              helper.make_node("Reshape", ["c", "merge"], ["heads"]),
              helper.make_node("Softmax", ["heads"], ["attn"], axis=-1),
@@ -225,20 +225,36 @@ def merged_heads() -> onnx.ModelProto:
              helper.make_node("Mul", ["split_heads", "split_values"], ["mixed"]),
              helper.make_node("Reshape", ["mixed", "flat"], ["f"]),
              helper.make_node("MatMul", ["f", "w"], ["logits"])]
-    return _model(nodes, inits, (1, 3, 4, 4), (1, 3))
+    return _model(nodes, inits, (n, 3, 4, 4), (n, 3))
 
 
+def _at_file_batch(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The file's own outputs for the rows of `x`, run in runs of the batch it fixes (the last
+    one filled with copies of its last row)."""
+    n = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    out = []
+    for start in range(0, len(x), n):
+        rows = x[start:start + n]
+        filled = np.concatenate([rows, np.repeat(rows[-1:], n - len(rows), axis=0)])
+        out.append(_run(model, filled)[:len(rows)])
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("file_batch", [1, 4])
 @pytest.mark.parametrize("build", [vit_like, strided_head, einsum_windows, merged_heads, resized_gate,
                                    spatial_transformer, one_head_pooling, row_lstm, expanded_merge])
-def test_a_graph_exported_at_batch_1_runs_each_row_as_the_file_does(build):
-    model = build()
+def test_a_graph_exported_at_a_fixed_batch_runs_each_row_as_the_file_does(build, file_batch):
+    """Exported at batch 1 or 4 (the targets, the class token, the strided indices and the sizes
+    written for that batch), run at batch 3 and 1."""
+    model = build(file_batch)
     x = RNG.standard_normal((3,) + tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)[1:])
     x = x.astype(np.float32)
     with pytest.raises(Exception):
-        _run(model, x)                                   # the file itself takes one row only
+        _run(model, x)                                   # the file itself takes its own batch only
     free = normalize(model)
     onnx.checker.check_model(free)
-    np.testing.assert_allclose(_run(free, x), _per_row(model, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(free, x), _at_file_batch(model, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(free, x[1:2]), _at_file_batch(model, x[1:2]), rtol=1e-5, atol=1e-6)
     check_vjp(free, "logits", ["x"], {"x": x})
 
 
@@ -256,6 +272,57 @@ def test_the_tracer_reads_each_reshape_as_the_ops_after_it_need():
     model = upgrade_opset(one_head_pooling())
     tracer = batch_axis.Tracer(model.graph, inferred_dims(model), _const_values(model.graph), ["x"])
     assert tracer.where["h"] == (0, 1) and tracer.where["r"] == (0, 1)
+
+
+@pytest.mark.parametrize("target, want", [((8, 3), (0, 2)), ((24,), (0, 6)), ((4, 2, 3), (0, 1)),
+                                          ((2, 12), (batch_axis.LOST, 0)), ((3, 8), (batch_axis.LOST, 0))])
+def test_a_reading_at_a_fixed_batch_holds_every_sample(target, want):
+    """At a fixed batch of 4, (4, 6) reshaped to (2, 12) would put two samples in one row, and
+    (3, 8) splits them across rows: neither is a reading, though each keeps a sample's elements
+    together at batch 1."""
+    model = _model([helper.make_node("Reshape", ["x", "t"], ["logits"])], {"t": np.array(target, np.int64)},
+                   (4, 6), target)
+    tracer = batch_axis.Tracer(model.graph, inferred_dims(model), _const_values(model.graph), ["x"], batch=4)
+    assert tracer.where["logits"] == want
+
+
+def unfreeable_batch_4() -> onnx.ModelProto:
+    """A file fixed at batch 4 whose batch the trace loses (an Einsum with an ellipsis) before a
+    Reshape that merges it with the channels, (4, 8, 1, 1) to (32, 1): it runs at batch 4 alone."""
+    inits = {"k": _w(8, 3, 3, 3), "merge": np.array([32, -1], np.int64), "rows": np.array([4, 8], np.int64),
+             "fc": _w(8, 5)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Tanh", ["c"], ["r"]),         # smooth: central differences hold everywhere
+             helper.make_node("Einsum", ["r"], ["e"], equation="...ij->...ij"),
+             helper.make_node("GlobalAveragePool", ["e"], ["p"]),
+             helper.make_node("Reshape", ["p", "merge"], ["m"]),
+             helper.make_node("Reshape", ["m", "rows"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"])]
+    return _model(nodes, inits, (4, 3, 8, 8), (4, 5))
+
+
+def test_a_file_whose_fixed_batch_cannot_be_freed_runs_filled_to_that_batch():
+    """Every run takes the file's 4 rows, the last image repeated to fill them; the gradient is the
+    file's own (central differences, all channels of a pixel moved at once for the summed map)."""
+    model = unfreeable_batch_4()
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    res = ex.explain(x, method="saliency", target=2, reduce="sum")
+    assert any("filled to 4 rows" in n for n in res.notes)
+    eps, moved = 1e-3, []
+    for i in range(8):
+        for j in range(8):
+            for sign in (1, -1):
+                xp = x[0].copy()
+                xp[:, i, j] += sign * eps
+                moved.append(xp)
+    scores = _at_file_batch(model, np.stack(moved))[:, 2].reshape(64, 2)
+    want = ((scores[:, 0] - scores[:, 1]) / (2 * eps)).reshape(8, 8)
+    np.testing.assert_allclose(res.raw[0], want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    smooth = ex.explain(x, method="smoothgrad", n_samples=6, target=2)
+    one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="smoothgrad",
+                                                                                 n_samples=6, target=2)
+    np.testing.assert_allclose(smooth.raw, one.raw, rtol=1e-5, atol=1e-7)
 
 
 def test_explanations_of_a_batch_1_export_run_batched_and_match_one_row_runs():

@@ -59,7 +59,8 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 
 class Tracer:
-    """Batch axes by tensor name, for a graph exported at batch 1 whose `sources` hold it on axis 0.
+    """Batch axes by tensor name, for a graph exported at a fixed batch (`batch`, 1 unless told)
+    whose `sources` hold it on axis 0.
 
     Tensors computed only from stored constants have no entry; those computed from another
     graph input (a mask, a lookup table) are LOST, since the caller feeds them as they are.
@@ -73,8 +74,9 @@ class Tracer:
     never mix samples.
     """
 
-    def __init__(self, graph: onnx.GraphProto, dims: dict, consts: dict, sources: list[str]):
-        self.dims, self.consts = dims, consts
+    def __init__(self, graph: onnx.GraphProto, dims: dict, consts: dict, sources: list[str], batch: int = 1):
+        self.dims, self.consts, self.batch = dims, consts, batch
+        self.producer = {o: n for n in graph.node for o in n.output if o}
         stored = {i.name for i in graph.initializer}
         start = {vi.name: (LOST, 0) for vi in graph.input if vi.name not in stored}
         start.update({s: (0, 1) for s in sources})
@@ -162,24 +164,29 @@ class Tracer:
         """The places a Reshape or Flatten may put the batch, best first; [] for other ops."""
         if node.op_type not in ("Reshape", "Flatten") or ins[0] is None or ins[0][0] < 0:
             return []
-        if any(v is not None for v in ins[1:]) or (node.op_type == "Reshape" and node.input[1] not in self.consts):
-            return [(LOST, 0)]                          # a target computed at run time
+        if any(v is not None and v[0] != SHAPE for v in ins[1:]):
+            return [(LOST, 0)]                          # a target computed from the data
+        # A target computed at run time from shapes (TorchScript's ``unflatten``) is read, like a
+        # stored one, through the shapes the file declares at its fixed batch: normalize then
+        # stores that shape with the batch's axis left free.
         try:
             before, after = self.shape(node.input[0]), self.shape(node.output[0])
         except KeyError:
             return [(LOST, 0)]
         a, inner = ins[0]
-        stride = inner * int(np.prod(before[a + 1:]))   # elements per sample step, at batch 1
+        stride = inner * int(np.prod(before[a + 1:]))   # elements from one sample to the next
         found = []
         for j in range(len(after)):
             per = int(np.prod(after[j + 1:]))
-            if 0 not in after and stride % per == 0 and after[j] % (stride // per) == 0:
+            # axis j holds the whole batch, each sample as `stride // per` consecutive entries
+            if 0 not in after and stride % per == 0 and after[j] % (self.batch * (stride // per)) == 0:
                 found.append((j, stride // per))
-        # a plain size-1 axis first, the one nearest the batch's own axis (``(1, 96, 56, 56)`` to
-        # ``(1, 1, 96, 3136)`` keeps it first, the size-1 heads after it); then the batch as the outer
-        # factor of a later axis (``bsz * heads``)
-        found.sort(key=lambda r: (after[r[0]] != 1, abs(r[0] - a) if after[r[0]] == 1 else -r[0]))
-        return found or [(LOST, 0)]
+        # an axis that is the batch alone first, the one nearest the batch's own axis (``(1, 96, 56, 56)``
+        # to ``(1, 1, 96, 3136)`` keeps it first, the size-1 heads after it); then the batch as the
+        # outer factor of a later axis (``bsz * heads``)
+        alone = [after[j] == self.batch and k == 1 for j, k in found]
+        order = sorted(range(len(found)), key=lambda i: (not alone[i], abs(found[i][0] - a) if alone[i] else -found[i][0]))
+        return [found[i] for i in order] or [(LOST, 0)]
 
     # -- helpers ------------------------------------------------------------------------
     def shape(self, name: str) -> list:
@@ -205,6 +212,24 @@ class Tracer:
             return None
         values = self.const(node.input[index]).reshape(-1)
         return None if values.size == 0 else values.tolist()
+
+    def same_in_each_sample(self, name: str, axis: int) -> bool:
+        """Whether `name`, computed from constants alone, holds the same values at every index of
+        `axis` (a class token the file stores, or expands, to its fixed batch)."""
+        if self.batch == 1:
+            return True
+        if name in self.consts:
+            values = self.const(name)
+            return bool(np.array_equal(values, np.broadcast_to(values.take([0], axis=axis), values.shape)))
+        node = self.producer.get(name)
+        if node is None or node.op_type != "Expand":
+            return False
+        try:
+            src, out = self.shape(node.input[0]), self.shape(name)
+        except KeyError:
+            return False
+        k = axis - (len(out) - len(src))          # Expand aligns its input to the output's last axes
+        return k < 0 or src[k] == 1
 
     def _across(self, node: onnx.NodeProto, why: str) -> list[int]:
         """LOST, noting that the op reads across the batch: at any other batch it would mix samples."""
@@ -385,22 +410,29 @@ class Tracer:
             return [0]
         return lost
 def _strided_gather(tracer: Tracer, node: onnx.NodeProto, a: int) -> Optional[np.ndarray]:
-    """The indices of a Gather that reads one row out of a flattened batch, or None.
+    """The indices of a Gather that reads the same entries out of each sample of a flattened
+    batch, shaped ``(1, ...)`` (the first sample's), or None.
 
-    The dynamo exporter lowers ``as_strided`` on a batch of 1 to ``Reshape(x, [-1])`` and a
-    ``Gather`` of constant indices shaped ``(1, ...)``, all below one row's size: at batch 1 it
-    reads within the one row. It runs as that row's read on every row of the batch.
+    The dynamo exporter lowers ``as_strided`` to ``Reshape(x, [-1])`` and a ``Gather`` of
+    constant indices shaped ``(batch, ...)``: row k reads entries of sample k alone, at the same
+    places as row 0 does in sample 0. It runs as that read on every sample of any batch.
     """
     name = node.input[1]
     if name not in tracer.consts:
         return None
     idx = tracer.const(name)
     size = tracer.shape(node.input[0])[a]
-    if tracer.where[node.input[0]] != (a, size):
+    row = size // tracer.batch                  # one sample's entries
+    if tracer.where[node.input[0]] != (a, row) or row * tracer.batch != size:
         return None                         # the batch is not the whole of that axis
-    if idx.ndim < 1 or idx.shape[0] != 1 or idx.size == 0 or idx.min() < -size or idx.max() >= size:
+    if idx.ndim < 1 or idx.shape[0] != tracer.batch or idx.size == 0:
         return None
-    return idx
+    idx = np.where(idx < 0, idx + size, idx).astype(np.int64)
+    first = idx[:1]
+    if first.min() < 0 or first.max() >= row:
+        return None
+    shifts = (np.arange(tracer.batch) * row).reshape((-1,) + (1,) * (idx.ndim - 1))
+    return first if np.array_equal(idx, first + shifts) else None
 
 
 def _einsum_axis(tracer: Tracer, node: onnx.NodeProto, ins: list) -> int:

@@ -153,12 +153,12 @@ def _fixed_batch(g: onnx.GraphProto) -> tuple:
 
 
 def batch_tracer(model: onnx.ModelProto) -> Optional[batch_axis.Tracer]:
-    """The batch traced through a graph whose inputs fix a batch of 1; None for any other graph,
-    or when shape inference cannot read the file's shapes."""
+    """The batch traced through a graph whose inputs fix a batch size; None for a graph with a
+    free batch, or when shape inference cannot read the file's shapes."""
     g = model.graph
     fixed, first, _, sources = _fixed_batch(g)
-    static = inferred_dims(model) if fixed == 1 and first else {}
-    return batch_axis.Tracer(g, static, _const_values(g), sources) if static else None
+    static = inferred_dims(model) if fixed and first else {}
+    return batch_axis.Tracer(g, static, _const_values(g), sources, fixed) if static else None
 
 
 def dynamic_batch(model: onnx.ModelProto, tracer: Optional[batch_axis.Tracer] = None) -> onnx.ModelProto:
@@ -192,7 +192,7 @@ def dynamic_batch(model: onnx.ModelProto, tracer: Optional[batch_axis.Tracer] = 
             target = weights.array(consts[n.input[1]])
             if target.reshape(-1)[:1].tolist() == [fixed]:
                 leading[n.input[1]] = target.copy()
-    if tracer is None and fixed == 1:
+    if tracer is None:
         tracer = batch_tracer(model)
     # the file's own shapes
     static = tracer.dims if tracer is not None else inferred_dims(model) if first and leading else {}
@@ -278,10 +278,11 @@ def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer",
     if a is None or b is None or a < 0 or b < 0:
         return False
     if op == "Reshape":
-        plain = tracer.dims[node.input[0]][0] == 1 and a == 0 and b == 0
-        target = tracer.const(node.input[1]).reshape(-1)
+        plain = tracer.dims[node.input[0]][0] == tracer.batch and a == 0 and b == 0
+        stored = node.input[1] in tracer.consts
+        target = tracer.const(node.input[1]).reshape(-1) if stored else None
         allowzero = any(x.name == "allowzero" and x.i == 1 for x in node.attribute)
-        if plain and target[:1].tolist() == [1] and not allowzero:
+        if plain and stored and target[:1].tolist() == [tracer.batch] and not allowzero:
             return False                          # the leading-axis rule writes 0 there, as before
         shape = np.array(tracer.shape(out), np.int64)
         shape[b] = -1
@@ -327,7 +328,8 @@ def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer",
     elif op == "Concat":
         rank = len(tracer.shape(out))
         stored = [i for i in node.input if i and i not in axes]         # computed from constants alone
-        if not stored or any(tracer.shape(i)[b] != 1 for i in node.input):
+        if (not stored or any(tracer.shape(i)[b] != tracer.batch for i in node.input)
+                or not all(tracer.same_in_each_sample(i, b) for i in stored)):
             return False
         ones = np.ones(rank, np.int64)
         parts = [constant(ones[:b], "ones")] if b else []
@@ -335,9 +337,16 @@ def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer",
         shape_name = f"onnxsal_batch/{node.name or out}_batch_shape"
         nodes.append(onnx.helper.make_node("Concat", parts, [shape_name], axis=0, name=f"{shape_name}/Concat"))
         for k, name in enumerate(node.input):
-            if name in stored:               # a class token concatenated with a batch of 1
+            if name in stored:               # a class token, stored for the file's batch
                 expanded = f"onnxsal_batch/{name}_to_batch_{k}_{node.name or out}"
-                nodes.append(onnx.helper.make_node("Expand", [name, shape_name], [expanded], name=f"{expanded}/Expand"))
+                one = name
+                if tracer.batch > 1:         # the same in each sample: the first one's
+                    one = f"onnxsal_batch/{name}_first_{k}_{node.name or out}"
+                    at = constant(np.array([b], np.int64), "at")
+                    nodes.append(onnx.helper.make_node(
+                        "Slice", [name, constant(np.array([0], np.int64), "at"), constant(np.array([1], np.int64), "at"),
+                                  at], [one], name=f"{one}/Slice"))
+                nodes.append(onnx.helper.make_node("Expand", [one, shape_name], [expanded], name=f"{expanded}/Expand"))
                 node.input[k] = expanded
     elif op == "Gather" and a == b and node.input[1] not in axes:
         idx = batch_axis._strided_gather(tracer, node, a)
@@ -346,7 +355,7 @@ def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer",
             return False
         data = tracer.shape(node.input[0])
         rows = f"onnxsal_batch/{node.input[0]}_rows"
-        split = np.array(data[:a] + [-1, data[a]] + data[a + 1:], np.int64)
+        split = np.array(data[:a] + [-1, data[a] // tracer.batch] + data[a + 1:], np.int64)
         nodes.append(onnx.helper.make_node("Reshape", [node.input[0], constant(split, "rows")], [rows],
                                            name=f"{rows}/Reshape"))
         node.input[0], node.input[1] = rows, constant(idx[0].astype(np.int64), "row_indices")
@@ -362,12 +371,16 @@ def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer",
 
 
 def inferred_dims(model: onnx.ModelProto) -> dict:
-    """Tensor name -> dims as the file declares and infers them (before the batch is freed)."""
-    try:
-        inferred = shape_inference.infer_shapes(without_weight_data(model))
-    except Exception:
-        return {}
-    return {k: v[1] for k, v in tensor_shapes(inferred).items() if v[1] is not None}
+    """Tensor name -> dims as the file declares and infers them (before the batch is freed), with
+    shape values propagated (a Reshape whose target is sliced from a ``Shape`` gets its dims)."""
+    light = without_weight_data(model)
+    for data_prop in (True, False):
+        try:
+            inferred = shape_inference.infer_shapes(light, data_prop=data_prop)
+        except Exception:
+            continue
+        return {k: v[1] for k, v in tensor_shapes(inferred).items() if v[1] is not None}
+    return {}
 
 
 SMALL_CONST = 4096   # initializers up to this many elements may matter to data propagation
