@@ -240,9 +240,59 @@ def _at_file_batch(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
+def shape_sized_windows(n: int = 1) -> onnx.ModelProto:
+    """Swin's window attention as the TorchScript exporter writes it at a fixed batch: the padding
+    to whole windows computed from ``Shape`` with a ``Mod`` (which shape inference does not
+    evaluate, so nothing after it has known dims), and reshape targets concatenated from the
+    file's batch and sizes read off shapes at run time."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    inits = {"k": _w(4, 3, 1, 1), "win": i64(4), "one": np.array(1, np.int64), "two": np.array(2, np.int64),
+             "win_s": np.array(4, np.int64),
+             "zero4": i64(0, 0, 0, 0),
+             "zero1": i64(0), "ax0": i64(0), "batch": i64(n), "four": i64(4), "tok": i64(-1, 16, 4),
+             "hw": i64(1, 2), "zeros2": i64(0, 0), "wq": _w(4, 4), "fc": _w(144, 3), "flat": i64(n, 144)}
+    def piece(tensor: str, axis: str, out: str, per_window: bool) -> list:   # noqa: E306
+        nodes = [helper.make_node("Shape", [tensor], [f"{out}_s"]),
+                 helper.make_node("Gather", [f"{out}_s", axis], [f"{out}_g"], axis=0)]
+        if per_window:
+            nodes.append(helper.make_node("Div", [f"{out}_g", "win_s"], [f"{out}_d"]))
+        return nodes + [helper.make_node("Unsqueeze", [f"{out}_d" if per_window else f"{out}_g", "ax0"], [out])]
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),                                 # (n, 4, 6, 6)
+             helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),             # (n, 6, 6, 4)
+             *piece("t", "two", "w", False),                                            # (1,): 6
+             helper.make_node("Mod", ["w", "win"], ["r"]),
+             helper.make_node("Sub", ["win", "r"], ["p0"]),
+             helper.make_node("Mod", ["p0", "win"], ["p"]),                               # 2: pad to 8
+             helper.make_node("Concat", ["zero4", "zero1", "p", "p", "zero1"], ["pads"], axis=0),
+             helper.make_node("Pad", ["t", "pads"], ["padded"]),                          # (n, 8, 8, 4)
+             *piece("padded", "one", "nh", True),
+             helper.make_node("Concat", ["batch", "nh", "win", "nh", "win", "four"], ["split_t"], axis=0),
+             helper.make_node("Reshape", ["padded", "split_t"], ["split"]),               # (n, 2, 4, 2, 4, 4)
+             helper.make_node("Transpose", ["split"], ["wins"], perm=[0, 1, 3, 2, 4, 5]),
+             helper.make_node("Reshape", ["wins", "tok"], ["tokens"]),                    # (4n, 16, 4)
+             helper.make_node("MatMul", ["tokens", "wq"], ["q"]),
+             helper.make_node("Transpose", ["tokens"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+             helper.make_node("Softmax", ["scores"], ["attn"], axis=-1),
+             helper.make_node("MatMul", ["attn", "tokens"], ["mixed"]),                   # (4n, 16, 4)
+             helper.make_node("Concat", ["batch", "nh", "nh", "win", "win", "four"], ["back_t"], axis=0),
+             helper.make_node("Reshape", ["mixed", "back_t"], ["back"]),                  # (n, 2, 2, 4, 4, 4)
+             helper.make_node("Transpose", ["back"], ["merged"], perm=[0, 1, 3, 2, 4, 5]),
+             *piece("padded", "one", "h", False),
+             helper.make_node("Concat", ["batch", "h", "h", "four"], ["image_t"], axis=0),
+             helper.make_node("Reshape", ["merged", "image_t"], ["image"]),               # (n, 8, 8, 4)
+             helper.make_node("Shape", ["t"], ["ts"]),
+             helper.make_node("Gather", ["ts", "hw"], ["ends"], axis=0),
+             helper.make_node("Slice", ["image", "zeros2", "ends", "hw"], ["cropped"]),   # (n, 6, 6, 4)
+             helper.make_node("Reshape", ["cropped", "flat"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"])]
+    return _model(nodes, inits, (n, 3, 6, 6), (n, 3))
+
+
 @pytest.mark.parametrize("file_batch", [1, 4])
 @pytest.mark.parametrize("build", [vit_like, strided_head, einsum_windows, merged_heads, resized_gate,
-                                   spatial_transformer, one_head_pooling, row_lstm, expanded_merge])
+                                   spatial_transformer, one_head_pooling, row_lstm, expanded_merge,
+                                   shape_sized_windows])
 def test_a_graph_exported_at_a_fixed_batch_runs_each_row_as_the_file_does(build, file_batch):
     """Exported at batch 1 or 4 (the targets, the class token, the strided indices and the sizes
     written for that batch), run at batch 3 and 1."""

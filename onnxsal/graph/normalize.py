@@ -154,11 +154,47 @@ def _fixed_batch(g: onnx.GraphProto) -> tuple:
 
 def batch_tracer(model: onnx.ModelProto) -> Optional[batch_axis.Tracer]:
     """The batch traced through a graph whose inputs fix a batch size; None for a graph with a
-    free batch, or when shape inference cannot read the file's shapes."""
+    free batch, or when shape inference cannot read the file's shapes.
+
+    The trace reads the graph with its shape values stored as the file fixes them
+    (`_shapes_stored`): TorchScript sizes Swin's window padding and ViT's class token from
+    ``Shape`` at run time, and only their values at the file's batch tell whether they pad or
+    repeat the batch. The graph itself keeps computing them at run time, from the batch it gets."""
+    fixed, first, _, sources = _fixed_batch(model.graph)
+    if not (fixed and first):
+        return None
+    view, static = _shapes_stored(model)
+    return batch_axis.Tracer(view.graph, static, _const_values(view.graph), sources, fixed) if static else None
+
+
+def _shapes_stored(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """A copy of `model` with each ``Shape`` and ``Size`` stored as the constant it is at the file's
+    own input dims and the integer arithmetic on them folded, and the dims of every tensor.
+
+    Shape inference cannot size a tensor padded by amounts computed from shapes (it does not
+    evaluate Swin's ``Mod``), nor anything after it; one run of the file at its fixed batch
+    (`probe.at_file_batch`) reads those dims and the shape values. Without a run (an input that
+    is not floating point), the view is the model and the dims are inference's."""
+    dims = inferred_dims(model)
+    pieces = [n.output[0] for n in model.graph.node
+              if n.op_type in ("Shape", "Size") and n.domain in ("", "ai.onnx") and n.output]
+    unknown = [o for n in model.graph.node for o in n.output
+               if o and (dims.get(o) is None or any(v is None for v in dims[o]))]
+    if not pieces and not unknown:
+        return model, dims
+    from .probe import at_file_batch
+
+    sizes, values = at_file_batch(model, unknown, pieces)
+    if not sizes and not values:
+        return model, dims
+    dims = {**dims, **sizes}
+    model = copy.deepcopy(model)
     g = model.graph
-    fixed, first, _, sources = _fixed_batch(g)
-    static = inferred_dims(model) if fixed and first else {}
-    return batch_axis.Tracer(g, static, _const_values(g), sources, fixed) if static else None
+    kept = [n for n in g.node if not any(o in values for o in n.output)]
+    del g.node[:]
+    g.node.extend(kept)
+    g.initializer.extend(numpy_helper.from_array(v.astype(np.int64), k) for k, v in values.items())
+    return fold_integer_constants(model), dims
 
 
 def dynamic_batch(model: onnx.ModelProto, tracer: Optional[batch_axis.Tracer] = None) -> onnx.ModelProto:
@@ -228,7 +264,7 @@ def dynamic_batch(model: onnx.ModelProto, tracer: Optional[batch_axis.Tracer] = 
     for node in g.node:
         if any(i in batched for i in node.input):
             batched.update(node.output)
-        if tracer is not None and _follow_batch(node, axes, tracer, nodes, constant, run_time_batch):
+        if tracer is not None and _follow_batch(node, axes, tracer, nodes, constant, run_time_batch, consts):
             continue
         target = node.input[1] if node.op_type == "Reshape" and len(node.input) > 1 else ""
         allowzero = any(a.name == "allowzero" and a.i == 1 for a in node.attribute)
@@ -267,8 +303,9 @@ def one_image_ops(model: onnx.ModelProto) -> list[str]:
 
 
 def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer", nodes: list, constant,
-                  run_time_batch) -> bool:
+                  run_time_batch, stored: dict) -> bool:
     """Rewrite `node` (appending it to `nodes`) so that it follows a batch traced through it.
+    `stored`: the graph's own constants (the trace's also hold the shape values at the file's dims).
 
     False, with nothing appended, when the node needs no rewrite or the tracer lost the batch."""
     op, out = node.op_type, node.output[0] if node.output else ""
@@ -279,10 +316,10 @@ def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer",
         return False
     if op == "Reshape":
         plain = tracer.dims[node.input[0]][0] == tracer.batch and a == 0 and b == 0
-        stored = node.input[1] in tracer.consts
-        target = tracer.const(node.input[1]).reshape(-1) if stored else None
+        own = node.input[1] in stored                 # the leading-axis rule rewrites only those
+        target = tracer.const(node.input[1]).reshape(-1) if own else None
         allowzero = any(x.name == "allowzero" and x.i == 1 for x in node.attribute)
-        if plain and stored and target[:1].tolist() == [tracer.batch] and not allowzero:
+        if plain and own and target[:1].tolist() == [tracer.batch] and not allowzero:
             return False                          # the leading-axis rule writes 0 there, as before
         shape = np.array(tracer.shape(out), np.int64)
         shape[b] = -1

@@ -16,6 +16,7 @@ free dimensions besides the batch, or the model does not run.
 
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import numpy as np
@@ -96,3 +97,35 @@ def probe_shapes(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tupl
 
 def type_proto(elem_type: int, shape: Shape) -> onnx.TypeProto:
     return helper.make_tensor_type_proto(elem_type or TensorProto.FLOAT, list(shape))
+
+
+def at_file_batch(model: onnx.ModelProto, dims_of: Sequence[str],
+                  values_of: Sequence[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
+    """One run of a graph whose inputs fix every dim (an export at a fixed batch) on a seeded random
+    input: the dims of the tensors `dims_of` (only their shapes leave the run) and the values of
+    the int64 tensors `values_of`. Empty when it cannot run: an input that is not floating point or
+    has a free dim, or a run that fails."""
+    import onnxruntime as ort
+
+    from ..runtime import open_session
+
+    feeds = _feeds(model, 0)
+    if feeds is None or any(0 in np.shape(v) for v in feeds.values()):
+        return {}, {}
+    light, arrays = for_session(model)
+    light = copy.deepcopy(light) if light is model else light
+    g = light.graph
+    shape_of = {t: f"onnxsal_probe/{t}/shape" for t in dict.fromkeys(dims_of)}
+    g.node.extend(helper.make_node("Shape", [t], [o], name=o) for t, o in shape_of.items())
+    names = list(shape_of.values()) + list(dict.fromkeys(values_of))
+    del g.output[:]
+    g.output.extend(helper.make_tensor_value_info(o, TensorProto.INT64, None) for o in names)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        got = open_session(light, arrays, opts, ["CPUExecutionProvider"]).run(names, feeds)
+    except Exception:
+        return {}, {}
+    by_name = dict(zip(names, got))
+    return ({t: tuple(int(d) for d in by_name[o]) for t, o in shape_of.items()},
+            {v: np.asarray(by_name[v]) for v in values_of})
