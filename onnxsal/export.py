@@ -157,12 +157,22 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     method = method.lower()
     if method not in EXPORTABLE:
         raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
-    if method in ("smoothgrad", "ig", "layerig"):         # copies of the image run in one batch
+    stacks = method in ("smoothgrad", "ig", "layerig")     # copies of the image run in one batch
+    if stacks or m.fixed_batch:
         from .engine import Engine
         from .runtime import Runtime
 
-        Engine(m, Runtime("cpu")).pin_mixed_rows()
-    if m.one_image and method in ("smoothgrad", "ig", "layerig"):
+        runtime = Runtime("cpu")
+        Engine(m, runtime).pin_mixed_rows()       # a fixed batch: runs two images together and alone
+        if runtime.padded:
+            raise MethodError(f"this model's graph runs only at the batch of {m.fixed_batch} its file fixes, "
+                              "where onnxsal cannot free it, and the exported graph takes any batch; export the "
+                              "model with a dynamic batch")
+        if runtime.one_row and stacks:
+            raise MethodError(f"export -m {method} runs its copies of the image in one batch, and this model's "
+                              "graph runs one image at a time (its export fixed a batch of 1 where onnxsal cannot "
+                              "free it); export gradcam or saliency, or export the model with a dynamic batch")
+    if m.one_image and stacks:
         raise MethodError(f"export -m {method} runs its copies of the image in one batch, and this model's graph "
                           f"reads across its batch ({m.one_image[0]}); export gradcam or saliency, or export the "
                           "model with a dynamic batch")

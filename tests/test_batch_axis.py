@@ -373,6 +373,19 @@ def test_a_file_whose_fixed_batch_cannot_be_freed_runs_filled_to_that_batch():
     one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="smoothgrad",
                                                                                  n_samples=6, target=2)
     np.testing.assert_allclose(smooth.raw, one.raw, rtol=1e-5, atol=1e-7)
+    # the exported explainer takes any batch, which this graph cannot: refused, not written broken
+    with pytest.raises(MethodError, match="only at the batch of 4"):
+        export(model, "gradcam")
+
+
+def test_the_exported_explainer_of_a_freed_fixed_batch_runs_at_any_batch():
+    model = vit_like(4)
+    graph = export(model, "smoothgrad", n_samples=4)
+    sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    logits, maps = sess.run(None, {"x": x, "target": np.array([0, 2], np.int64)})
+    np.testing.assert_allclose(logits, _at_file_batch(model, x), rtol=1e-5, atol=1e-6)
+    assert maps.shape == (2, 8, 8) and np.isfinite(maps).all()
 
 
 def test_explanations_of_a_batch_1_export_run_batched_and_match_one_row_runs():
