@@ -10,6 +10,8 @@
     .venv-bench/bin/python benchmarks/zoo_check.py --qdq [--nets ...]   # torchvision, quantised to int8 (QDQ)
     .venv-bench/bin/python benchmarks/zoo_check.py --qoperator [--nets ...]   # the same, QOperator form
     .venv-bench/bin/python benchmarks/zoo_check.py --dynamic [--nets ...]     # dynamically quantised
+    .venv-bench/bin/python benchmarks/zoo_check.py --static [--batch 4] [--dynamo]   # a fixed batch, checked at 2
+    .venv-bench/bin/python benchmarks/zoo_check.py --opset 9 [--nets ...]     # an older opset (TorchScript exporter)
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
