@@ -11,6 +11,7 @@
     .venv-bench/bin/python benchmarks/zoo_check.py --qoperator [--nets ...]   # the same, QOperator form
     .venv-bench/bin/python benchmarks/zoo_check.py --dynamic [--nets ...]     # dynamically quantised
     .venv-bench/bin/python benchmarks/zoo_check.py --static [--batch 4] [--dynamo]   # a fixed batch, checked at 2
+    .venv/bin/python benchmarks/zoo_check.py --keras --static [--batch 4]   # tf2onnx's own call at a fixed batch
     .venv-bench/bin/python benchmarks/zoo_check.py --opset 9 [--nets ...]     # an older opset (TorchScript exporter)
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
@@ -351,8 +352,18 @@ def keras_errors(name: str, cache: str) -> list[float]:
             g, b, mu, var = layer.get_weights()
             layer.set_weights([rng.uniform(0.5, 1.5, g.shape).astype("f"), rng.normal(0, .1, b.shape).astype("f"),
                                rng.normal(0, .1, mu.shape).astype("f"), rng.uniform(.5, 1.5, var.shape).astype("f")])
-    path = os.path.join(cache, f"zoo_keras_{name}_{size}.onnx")
-    kc.convert(model, path, preprocess="raw")
+    if STATIC:
+        # tf2onnx on its own at a fixed batch, as a user calls it, instead of converters/keras.py
+        import tf2onnx
+
+        path = os.path.join(cache, f"zoo_keras_{name}_{size}_static_b{STATIC_BATCH}.onnx")
+        if not os.path.exists(path):
+            spec = tf.TensorSpec((STATIC_BATCH, size, size, 3), tf.float32, name="image")
+            tf2onnx.convert.from_function(tf.function(lambda x: model(x, training=False)), input_signature=[spec],
+                                          opset=17, output_path=path)
+    else:
+        path = os.path.join(cache, f"zoo_keras_{name}_{size}.onnx")
+        kc.convert(model, path, preprocess="raw")
     m = load(path)
     sess = vjp_session(m.proto, m.input.name, m.logits)
     errs = []

@@ -163,6 +163,9 @@ class Runtime:
                     raise ValueError("a batched run returned another number of rows")
                 parts.append([v[:stop - start] for v in got])
             except Exception as exc:
+                if whole and self.fixed_rows > 1 and rows != self.fixed_rows:
+                    raise ModelError(f"this method runs {rows} rows together, and the model's graph may run only at "
+                                     f"the batch of {self.fixed_rows} its file fixes: {_first_line(exc)}") from exc
                 if whole or pad_to:
                     raise _unrunnable(exc, pad_to) from exc
                 if stop - start == 1:
@@ -193,11 +196,14 @@ def _fill(rows: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)])
 
 
+def _first_line(exc: Exception) -> str:
+    return next((part.strip() for part in str(exc).splitlines() if part.strip()), type(exc).__name__)
+
+
 def _unrunnable(exc: Exception, padded: int) -> ModelError:
     """ONNX Runtime's failure of a run as one line."""
-    line = next((part.strip() for part in str(exc).splitlines() if part.strip()), type(exc).__name__)
     how = f" at the batch of {padded} its file fixes" if padded else ""
-    return ModelError(f"ONNX Runtime could not run the model{how}: {line}")
+    return ModelError(f"ONNX Runtime could not run the model{how}: {_first_line(exc)}")
 
 
 PREPACK_LIMIT = 64 << 20

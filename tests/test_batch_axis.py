@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxsal
 from onnxsal.cli import main
-from onnxsal.errors import MethodError
+from onnxsal.errors import MethodError, ModelError
 from onnxsal.export import export
 from onnxsal.graph import batch_axis
 from onnxsal.graph.normalize import (_const_values, inferred_dims, normalize, one_image_ops, tensor_shapes,
@@ -376,6 +376,9 @@ def test_a_file_whose_fixed_batch_cannot_be_freed_runs_filled_to_that_batch():
     # the exported explainer takes any batch, which this graph cannot: refused, not written broken
     with pytest.raises(MethodError, match="only at the batch of 4"):
         export(model, "gradcam")
+    # DeepLIFT's input and baseline rows must run together: a typed error, not ONNX Runtime's
+    with pytest.raises(ModelError, match="runs 2 rows together.*batch of 4"):
+        ex.explain(x, method="deeplift", target=2)
 
 
 def test_the_exported_explainer_of_a_freed_fixed_batch_runs_at_any_batch():
