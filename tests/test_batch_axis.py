@@ -289,10 +289,40 @@ def shape_sized_windows(n: int = 1) -> onnx.ModelProto:
     return _model(nodes, inits, (n, 3, 6, 6), (n, 3))
 
 
+def expanded_positions(n: int = 1) -> onnx.ModelProto:
+    """ConViT's gated positional attention: stored relative positions expanded to the file's batch
+    (``rel_indices.expand(B, -1, -1, -1)``), projected and squashed without any input data, then
+    mixed with the image's own attention scores."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    inits = {"k": _w(4, 3, 2, 2), "to_tokens": i64(n, 4, 4), "rel": RNG.standard_normal((1, 4, 4, 3)).astype(np.float32),
+             "rel_shape": i64(n, 4, 4, 3), "pos": _w(3, 2), "wq": _w(4, 4), "gate": np.float32(0.3),
+             "flat": i64(n, 16), "fc": _w(16, 3)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"], strides=[2, 2]),                 # (n, 4, 2, 2)
+             helper.make_node("Reshape", ["c", "to_tokens"], ["t0"]),                      # (n, 4, 4)
+             helper.make_node("Transpose", ["t0"], ["t"], perm=[0, 2, 1]),                 # (n, 4 tokens, 4)
+             helper.make_node("MatMul", ["t", "wq"], ["q"]),
+             helper.make_node("Transpose", ["t"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"]),                          # (n, 4, 4)
+             helper.make_node("Unsqueeze", ["scores", "one"], ["s4"]),                     # (n, 4, 1, 4)
+             helper.make_node("Expand", ["rel", "rel_shape"], ["rel_n"]),                  # (n, 4, 4, 3): stored only
+             helper.make_node("MatMul", ["rel_n", "pos"], ["p"]),                          # (n, 4, 4, 2)
+             helper.make_node("Softmax", ["p"], ["ps"], axis=2),
+             helper.make_node("Mul", ["ps", "gate"], ["pg"]),
+             helper.make_node("Transpose", ["pg"], ["pt"], perm=[0, 1, 3, 2]),             # (n, 4, 2, 4)
+             helper.make_node("Add", ["s4", "pt"], ["mixed"]),                             # (n, 4, 2, 4)
+             helper.make_node("Softmax", ["mixed"], ["a"], axis=-1),
+             helper.make_node("ReduceSum", ["a", "one"], ["r"], keepdims=0),               # (n, 4, 4)
+             helper.make_node("MatMul", ["r", "t"], ["o"]),                                # (n, 4, 4)
+             helper.make_node("Reshape", ["o", "flat"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"])]
+    inits["one"] = i64(2)
+    return _model(nodes, inits, (n, 3, 4, 4), (n, 3), opset=18)
+
+
 @pytest.mark.parametrize("file_batch", [1, 4])
 @pytest.mark.parametrize("build", [vit_like, strided_head, einsum_windows, merged_heads, resized_gate,
                                    spatial_transformer, one_head_pooling, row_lstm, expanded_merge,
-                                   shape_sized_windows])
+                                   shape_sized_windows, expanded_positions])
 def test_a_graph_exported_at_a_fixed_batch_runs_each_row_as_the_file_does(build, file_batch):
     """Exported at batch 1 or 4 (the targets, the class token, the strided indices and the sizes
     written for that batch), run at batch 3 and 1."""

@@ -95,6 +95,8 @@ class Tracer:
             self.reason = ""
             ins = [self.where.get(n) if n else None for n in node.input]
             if all(v is None for v in ins):
+                if self.copies_per_sample(node):
+                    self.where[node.output[0]] = (0, 1)      # a stored tensor repeated for each sample
                 i += 1
                 continue
             dep = frozenset().union(*[self.depends.get(n, frozenset()) for n in node.input if n])
@@ -212,6 +214,20 @@ class Tracer:
             return None
         values = self.const(node.input[index]).reshape(-1)
         return None if values.size == 0 else values.tolist()
+
+    def copies_per_sample(self, node: onnx.NodeProto) -> bool:
+        """Whether `node`, computed from constants alone, is an Expand that repeats a stored tensor
+        once per sample of the file's batch (``rel_indices.expand(B, -1, -1, -1)``, ConViT's
+        positions; ``cls_token.expand(B, -1, -1)``): its axis 0 is the batch, and the copies are
+        made for the batch the graph gets (normalize)."""
+        if self.batch == 1 or node.op_type != "Expand" or len(node.input) < 2 or node.input[1] not in self.consts:
+            return False
+        try:
+            src, out = self.shape(node.input[0]), self.shape(node.output[0])
+        except KeyError:
+            return False
+        k = len(src) - len(out)                   # the input's axis aligned with output axis 0
+        return len(out) >= 2 and out[0] == self.batch and (k < 0 or src[k] == 1)
 
     def same_in_each_sample(self, name: str, axis: int) -> bool:
         """Whether `name`, computed from constants alone, holds the same values at every index of

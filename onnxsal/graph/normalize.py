@@ -310,6 +310,15 @@ def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer",
     False, with nothing appended, when the node needs no rewrite or the tracer lost the batch."""
     op, out = node.op_type, node.output[0] if node.output else ""
     a, b = axes.get(node.input[0], None) if node.input else None, axes.get(out, None)
+    if op == "Expand" and a is None and b == 0 and tracer.copies_per_sample(node):
+        # a stored tensor repeated for each sample of the file's batch: for each of the batch it gets
+        rest = tracer.const(node.input[1]).astype(np.int64).reshape(-1)[1:]
+        shape = f"onnxsal_batch/{node.name or out}_per_sample"
+        nodes.append(onnx.helper.make_node("Concat", [run_time_batch(), constant(rest, "per_sample")], [shape],
+                                           axis=0, name=f"{shape}/Concat"))
+        node.input[1] = shape
+        nodes.append(node)
+        return True
     if op == "Concat":
         a = b                                     # its first input may be the stored one
     if a is None or b is None or a < 0 or b < 0:
