@@ -319,10 +319,38 @@ def expanded_positions(n: int = 1) -> onnx.ModelProto:
     return _model(nodes, inits, (n, 3, 4, 4), (n, 3), opset=18)
 
 
+def baked_batch(n: int = 1) -> onnx.ModelProto:
+    """What an exporter at a fixed batch computes from stored tensors with that batch in it: a sine
+    encoding repeated per sample (XCiT's ``.repeat(N, 1, 1, 1)``), a token folded into a stored
+    (N, 1, 4) (CaiT), and zero LSTM states built by ``ConstantOfShape`` for N times the rows."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    inits = {"k": _w(4, 3, 1, 1), "pe": RNG.standard_normal((1, 4, 2, 2)).astype(np.float32),
+             "reps": i64(n, 1, 1, 1), "tok": np.repeat(_w(1, 1, 4), n, axis=0), "to_tokens": i64(n, 4, 4),
+             "grid": i64(n, 2, 2, 4), "seq": i64(2, 2 * n, 4), "state": i64(1, 2 * n, 3), "W": _w(1, 12, 4),
+             "R": _w(1, 12, 3), "back": i64(2, 1, n, 2, 3), "flat": i64(n, 12), "fc": _w(12, 3)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"], strides=[2, 2]),                 # (n, 4, 2, 2)
+             helper.make_node("Tile", ["pe", "reps"], ["pe_n"]),                          # (n, 4, 2, 2): stored only
+             helper.make_node("Sin", ["pe_n"], ["enc"]),
+             helper.make_node("Add", ["c", "enc"], ["h"]),
+             helper.make_node("Reshape", ["h", "to_tokens"], ["t0"]),                      # (n, 4, 4)
+             helper.make_node("Transpose", ["t0"], ["t"], perm=[0, 2, 1]),                 # (n, 4 tokens, 4)
+             helper.make_node("Add", ["t", "tok"], ["u"]),                                 # tok: (n, 1, 4) stored
+             helper.make_node("Reshape", ["u", "grid"], ["g"]),                            # (n, rows, cols, 4)
+             helper.make_node("Transpose", ["g"], ["v"], perm=[2, 0, 1, 3]),               # (cols, n, rows, 4)
+             helper.make_node("Reshape", ["v", "seq"], ["s"]),                             # (2, n*2 rows, 4)
+             helper.make_node("ConstantOfShape", ["state"], ["h0"]),                       # zeros (1, 2n, 3)
+             helper.make_node("LSTM", ["s", "W", "R", "", "", "h0", "h0"], ["y"], hidden_size=3),   # (2, 1, 2n, 3)
+             helper.make_node("Reshape", ["y", "back"], ["y5"]),                           # (cols, 1, n, rows, 3)
+             helper.make_node("Transpose", ["y5"], ["yt"], perm=[2, 3, 0, 1, 4]),          # (n, rows, cols, 1, 3)
+             helper.make_node("Reshape", ["yt", "flat"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"])]
+    return _model(nodes, inits, (n, 3, 4, 4), (n, 3), opset=18)
+
+
 @pytest.mark.parametrize("file_batch", [1, 4])
 @pytest.mark.parametrize("build", [vit_like, strided_head, einsum_windows, merged_heads, resized_gate,
                                    spatial_transformer, one_head_pooling, row_lstm, expanded_merge,
-                                   shape_sized_windows, expanded_positions])
+                                   shape_sized_windows, expanded_positions, baked_batch])
 def test_a_graph_exported_at_a_fixed_batch_runs_each_row_as_the_file_does(build, file_batch):
     """Exported at batch 1 or 4 (the targets, the class token, the strided indices and the sizes
     written for that batch), run at batch 3 and 1."""
@@ -379,6 +407,19 @@ def unfreeable_batch_4() -> onnx.ModelProto:
              helper.make_node("Reshape", ["m", "rows"], ["f"]),
              helper.make_node("MatMul", ["f", "fc"], ["logits"])]
     return _model(nodes, inits, (4, 3, 8, 8), (4, 5))
+
+
+def test_stored_copies_per_sample_are_rebuilt_only_when_all_equal():
+    """The encoding, token and zero states baked for a batch of 4 hold equal copies; a stored
+    (4, 1, 4) with a different row per sample is not one copy per sample and stays as it is."""
+    from onnxsal.graph.normalize import batch_tracer, fold_integer_constants
+
+    model = baked_batch(4)
+    assert set(batch_tracer(fold_integer_constants(upgrade_opset(model))).per_sample) == {"enc", "tok", "h0"}
+    for init in model.graph.initializer:
+        if init.name == "tok":
+            init.CopyFrom(numpy_helper.from_array(_w(4, 1, 4), "tok"))
+    assert set(batch_tracer(fold_integer_constants(upgrade_opset(model))).per_sample) == {"enc", "h0"}
 
 
 def test_a_file_whose_fixed_batch_cannot_be_freed_runs_filled_to_that_batch():

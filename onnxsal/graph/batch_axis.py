@@ -76,6 +76,7 @@ class Tracer:
 
     def __init__(self, graph: onnx.GraphProto, dims: dict, consts: dict, sources: list[str], batch: int = 1):
         self.dims, self.consts, self.batch = dims, consts, batch
+        self.per_sample: dict[str, tuple[int, int]] = {}   # set by normalize.batch_tracer
         self.producer = {o: n for n in graph.node for o in n.output if o}
         stored = {i.name for i in graph.initializer}
         start = {vi.name: (LOST, 0) for vi in graph.input if vi.name not in stored}

@@ -164,7 +164,69 @@ def batch_tracer(model: onnx.ModelProto) -> Optional[batch_axis.Tracer]:
     if not (fixed and first):
         return None
     view, static = _shapes_stored(model)
-    return batch_axis.Tracer(view.graph, static, _const_values(view.graph), sources, fixed) if static else None
+    if not static:
+        return None
+    tracer = batch_axis.Tracer(view.graph, static, _const_values(view.graph), sources, fixed)
+    tracer.per_sample = _stored_per_sample(view, tracer)
+    return tracer
+
+
+def _stored_per_sample(view: onnx.ModelProto, tracer: batch_axis.Tracer) -> dict[str, tuple[int, int]]:
+    """Tensors computed from constants alone that meet the batch holding a copy per sample of the
+    file's batch, and the same copy for each: name -> (the batch's axis in it, entries per sample).
+
+    An exporter at a fixed batch N bakes N into what it computes from stored tensors: XCiT's
+    positional encoding ``.repeat(N, 1, 1, 1)``, CaiT's class token expanded and folded into a
+    stored (N, 1, 192), EdgeNeXt's sine encoding of an (N, H, W) grid, Sequencer2D's zero LSTM
+    states for N times the rows. At batch N they broadcast or match; at any other batch they fail.
+    One run of the file gives their values; those with equal copies are rebuilt from the first
+    copy for the batch the graph gets (normalize.dynamic_batch). At a batch of 1 only recurrent
+    states need it: anything else of one copy broadcasts."""
+    found: dict[str, tuple[int, int]] = {}
+    for node in view.graph.node:
+        out = tracer.where.get(node.output[0]) if node.output else None
+        if out is None or out[0] < 0 or node.op_type == "Concat":      # Concat: its own rule
+            continue
+        b, inner = out
+        try:
+            rank, size = len(tracer.shape(node.output[0])), tracer.shape(node.output[0])[b]
+        except KeyError:
+            continue
+        for i, name in enumerate(node.input):
+            if not name or name in tracer.where or name in found or name not in tracer.dims:
+                continue
+            d = tracer.dims[name]
+            if d is None or any(v is None for v in d):
+                continue
+            if node.op_type in ("LSTM", "GRU", "RNN"):
+                if i not in (5, 6) or (name in tracer.consts and not tracer.const(name).any()):
+                    continue                      # stored zeros: dropped (_follow_batch)
+                k = 0 if batch_axis._attr(node, "layout", 0) else 1        # states (dirs, N, H)
+                x = tracer.where.get(node.input[0])
+                if x is None or x[0] < 0:
+                    continue
+                inner, size = x[1], tracer.shape(node.input[0])[x[0]]
+            elif tracer.batch == 1:
+                continue
+            else:
+                k = b - (rank - len(d))           # broadcasting aligns the last axes
+            if 0 <= k < len(d) and d[k] == size == tracer.batch * inner:
+                found[name] = (k, inner)
+    if not found or tracer.batch == 1:
+        return found
+    from .probe import at_file_batch
+
+    types = {k: v[0] for k, v in tensor_shapes(infer(view)).items() if k in found}
+    _, values = at_file_batch(view, [], list(found), types)
+    same = {}
+    for name, (k, inner) in found.items():
+        v = values.get(name)
+        if v is None:
+            continue
+        split = v.reshape(v.shape[:k] + (tracer.batch, inner) + v.shape[k + 1:])
+        if np.array_equal(split, np.broadcast_to(split.take([0], axis=k), split.shape)):
+            same[name] = (k, inner)
+    return same
 
 
 def _shapes_stored(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
@@ -261,9 +323,33 @@ def dynamic_batch(model: onnx.ModelProto, tracer: Optional[batch_axis.Tracer] = 
                                                          f"{batch_size}_one"], [batch_size], name=f"{batch_size}/Slice"))
         return batch_size
 
+    per_sample: dict[str, str] = {}
+
+    def one_copy_per_sample(name: str) -> str:
+        """`name` (a copy per sample of the file's batch, all equal) rebuilt for the batch at run time."""
+        if name not in per_sample:
+            k, inner = tracer.per_sample[name]
+            rank = len(tracer.shape(name))
+            first, reps = f"onnxsal_batch/{name}_one_sample", f"onnxsal_batch/{name}_repeats"
+            nodes.append(onnx.helper.make_node(
+                "Slice", [name, constant(np.array([0], np.int64), "at"), constant(np.array([inner], np.int64), "at"),
+                          constant(np.array([k], np.int64), "at")], [first], name=f"{first}/Slice"))
+            ones = np.ones(rank, np.int64)
+            parts = ([constant(ones[:k], "ones")] if k else []) + [run_time_batch()] + \
+                ([constant(ones[k + 1:], "ones")] if k + 1 < rank else [])
+            nodes.append(onnx.helper.make_node("Concat", parts, [reps], axis=0, name=f"{reps}/Concat"))
+            per_sample[name] = f"onnxsal_batch/{name}_per_sample"
+            nodes.append(onnx.helper.make_node("Tile", [first, reps], [per_sample[name]],
+                                               name=f"{per_sample[name]}/Tile"))
+        return per_sample[name]
+
     for node in g.node:
         if any(i in batched for i in node.input):
             batched.update(node.output)
+        if tracer is not None and tracer.per_sample and node.op_type != "Concat":
+            for k, name in enumerate(node.input):
+                if name in tracer.per_sample:
+                    node.input[k] = one_copy_per_sample(name)
         if tracer is not None and _follow_batch(node, axes, tracer, nodes, constant, run_time_batch, consts):
             continue
         target = node.input[1] if node.op_type == "Reshape" and len(node.input) > 1 else ""

@@ -99,12 +99,12 @@ def type_proto(elem_type: int, shape: Shape) -> onnx.TypeProto:
     return helper.make_tensor_type_proto(elem_type or TensorProto.FLOAT, list(shape))
 
 
-def at_file_batch(model: onnx.ModelProto, dims_of: Sequence[str],
-                  values_of: Sequence[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
+def at_file_batch(model: onnx.ModelProto, dims_of: Sequence[str], values_of: Sequence[str],
+                  types: Optional[dict[str, int]] = None) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
     """One run of a graph whose inputs fix every dim (an export at a fixed batch) on a seeded random
     input: the dims of the tensors `dims_of` (only their shapes leave the run) and the values of
-    the int64 tensors `values_of`. Empty when it cannot run: an input that is not floating point or
-    has a free dim, or a run that fails."""
+    the tensors `values_of` (int64 unless `types` says otherwise). Empty when it cannot run: an
+    input that is not floating point or has a free dim, or a run that fails."""
     import onnxruntime as ort
 
     from ..runtime import open_session
@@ -119,7 +119,7 @@ def at_file_batch(model: onnx.ModelProto, dims_of: Sequence[str],
     g.node.extend(helper.make_node("Shape", [t], [o], name=o) for t, o in shape_of.items())
     names = list(shape_of.values()) + list(dict.fromkeys(values_of))
     del g.output[:]
-    g.output.extend(helper.make_tensor_value_info(o, TensorProto.INT64, None) for o in names)
+    g.output.extend(helper.make_tensor_value_info(o, (types or {}).get(o, TensorProto.INT64), None) for o in names)
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
