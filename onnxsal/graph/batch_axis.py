@@ -223,12 +223,18 @@ class Tracer:
         made for the batch the graph gets (normalize)."""
         if self.batch == 1 or node.op_type != "Expand" or len(node.input) < 2 or node.input[1] not in self.consts:
             return False
+        out = self.dims.get(node.output[0]) or ()
+        return len(out) >= 2 and out[0] == self.batch and self._repeats_along(node, 0)
+
+    def _repeats_along(self, node: onnx.NodeProto, axis: int) -> bool:
+        """Whether the Expand `node` repeats its input along its output's `axis` (the input has
+        size 1 there, or no such axis)."""
         try:
             src, out = self.shape(node.input[0]), self.shape(node.output[0])
         except KeyError:
             return False
-        k = len(src) - len(out)                   # the input's axis aligned with output axis 0
-        return len(out) >= 2 and out[0] == self.batch and (k < 0 or src[k] == 1)
+        k = axis - (len(out) - len(src))          # Expand aligns its input to the output's last axes
+        return k < 0 or src[k] == 1
 
     def same_in_each_sample(self, name: str, axis: int) -> bool:
         """Whether `name`, computed from constants alone, holds the same values at every index of
@@ -237,16 +243,9 @@ class Tracer:
             return True
         if name in self.consts:
             values = self.const(name)
-            return bool(np.array_equal(values, np.broadcast_to(values.take([0], axis=axis), values.shape)))
+            return copies_equal(values, axis, values.shape[axis])
         node = self.producer.get(name)
-        if node is None or node.op_type != "Expand":
-            return False
-        try:
-            src, out = self.shape(node.input[0]), self.shape(name)
-        except KeyError:
-            return False
-        k = axis - (len(out) - len(src))          # Expand aligns its input to the output's last axes
-        return k < 0 or src[k] == 1
+        return node is not None and node.op_type == "Expand" and self._repeats_along(node, axis)
 
     def _across(self, node: onnx.NodeProto, why: str) -> list[int]:
         """LOST, noting that the op reads across the batch: at any other batch it would mix samples."""
@@ -426,6 +425,13 @@ class Tracer:
                 return self._across(node, "multiplies along the batch axis")
             return [0]
         return lost
+def copies_equal(values: np.ndarray, axis: int, copies: int, inner: int = 1) -> bool:
+    """Whether `values` holds `copies` equal runs of `inner` entries along `axis` (whose size is
+    copies × inner): one copy per sample of a batch."""
+    split = values.reshape(values.shape[:axis] + (copies, inner) + values.shape[axis + 1:])
+    return bool(np.array_equal(split, np.broadcast_to(split.take([0], axis=axis), split.shape)))
+
+
 def _strided_gather(tracer: Tracer, node: onnx.NodeProto, a: int) -> Optional[np.ndarray]:
     """The indices of a Gather that reads the same entries out of each sample of a flattened
     batch, shaped ``(1, ...)`` (the first sample's), or None.

@@ -221,10 +221,7 @@ def _stored_per_sample(view: onnx.ModelProto, tracer: batch_axis.Tracer) -> dict
     same = {}
     for name, (k, inner) in found.items():
         v = values.get(name)
-        if v is None:
-            continue
-        split = v.reshape(v.shape[:k] + (tracer.batch, inner) + v.shape[k + 1:])
-        if np.array_equal(split, np.broadcast_to(split.take([0], axis=k), split.shape)):
+        if v is not None and batch_axis.copies_equal(v, k, tracer.batch, inner):
             same[name] = (k, inner)
     return same
 
@@ -249,14 +246,8 @@ def _shapes_stored(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     sizes, values = at_file_batch(model, unknown, pieces)
     if not sizes and not values:
         return model, dims
-    dims = {**dims, **sizes}
-    model = copy.deepcopy(model)
-    g = model.graph
-    kept = [n for n in g.node if not any(o in values for o in n.output)]
-    del g.node[:]
-    g.node.extend(kept)
-    g.initializer.extend(numpy_helper.from_array(v.astype(np.int64), k) for k, v in values.items())
-    return fold_integer_constants(model), dims
+    stored = _stored_as_constants(model, {k: v.astype(np.int64) for k, v in values.items()})
+    return fold_integer_constants(stored), {**dims, **sizes}
 
 
 def dynamic_batch(model: onnx.ModelProto, tracer: Optional[batch_axis.Tracer] = None) -> onnx.ModelProto:
@@ -604,14 +595,18 @@ def fold_integer_constants(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         for name, v in zip(node.output, outs):
             values[name] = folded[name] = np.asarray(v)
-    if not folded:
-        return model
+    return _stored_as_constants(model, folded) if folded else model
+
+
+def _stored_as_constants(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` with the tensors `values` stored as initializers and the nodes that
+    computed them removed."""
     model = copy.deepcopy(model)
     g = model.graph
-    kept = [n for n in g.node if not any(o in folded for o in n.output)]
+    kept = [n for n in g.node if not any(o in values for o in n.output)]
     del g.node[:]
     g.node.extend(kept)
-    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in folded.items())
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in values.items())
     return model
 
 
