@@ -148,3 +148,25 @@ def test_a_run_that_returns_another_number_of_rows_is_run_again_row_by_row():
     assert got.shape == (3, 3, 2, 2) and rt.one_row
     for i in range(3):
         np.testing.assert_allclose(got[i], sess.run(None, {"x": x[i:i + 1]})[0][0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("fixed_rows, said", [(0, "could not run the model: "),
+                                              (4, "could not run the model at the batch of 4 its file fixes: ")])
+def test_a_run_onnx_runtime_cannot_do_raises_a_model_error_in_one_line(fixed_rows, said):
+    """A graph that fails at every batch (a reshape of 3 values into 7): one row, and for a file
+    fixed at 4 rows the filled run too, fail; the API gets a ModelError with ONNX Runtime's reason."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxsal.errors import ModelError
+
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "t"], ["y"])], "broken",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.array([7], np.int64), "t")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    rt = Runtime("cpu")
+    rt.fixed_rows = fixed_rows
+    sess = rt.session("broken", lambda: model)
+    with pytest.raises(ModelError, match=said) as err:
+        rt.run_batched(sess, {"x": np.zeros((2, 3), np.float32)})
+    assert "\n" not in str(err.value)
