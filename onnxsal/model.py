@@ -217,8 +217,16 @@ class Model:
         Never a default: only the class token reaches the head after the last block, so the
         right one depends on the architecture; give it with ``--layer``."""
         shapes = tensor_shapes(self.light)
+        norms = [n for n in self.light.graph.node if n.op_type == "LayerNormalization"]
+        # a ViT exported with a dynamic height and width interpolates its position embeddings to
+        # sizes computed from Shape, which inference does not follow: read the token counts off a run
+        lost = [n.output[0] for n in norms if _unknown_tokens(shapes.get(n.output[0], (0, None))[1])]
+        if lost:
+            from .graph.probe import probe_shapes
+
+            shapes.update(probe_shapes(self.light, lost))
         found = (_token_layer(n.output[0], n, shapes.get(n.output[0], (0, None))[1], self.input.size)
-                 for n in self.light.graph.node if n.op_type == "LayerNormalization")
+                 for n in norms)
         return [layer for layer in found if layer is not None]
 
     def _candidates(self) -> str:
@@ -412,6 +420,11 @@ def channels_last(shape: Sequence, size: tuple[int, int]) -> bool:
     NCHW map whose channel count happens to fit is read as NCHW, as before.
     """
     return not _like_image(shape[2], shape[3], size) and _like_image(shape[1], shape[2], size)
+
+
+def _unknown_tokens(shape: Optional[Sequence]) -> bool:
+    """Whether a LayerNormalization output could be (N, T, C) tokens whose T or C inference lost."""
+    return shape is None or (len(shape) == 3 and None in shape[1:])
 
 
 def _token_layer(tensor: str, node: onnx.NodeProto, shape: Optional[Sequence],

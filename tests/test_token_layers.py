@@ -3,6 +3,7 @@ dropped), and each CAM equals its formula on PyTorch's activations and gradients
 same way (pytorch-grad-cam's ViT ``reshape_transform``)."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -151,3 +152,66 @@ def test_channels_last_maps_default_and_by_name(tmp_path, pool):
             assert res.raw.shape == (1, 8, 6), name
             scale = max(np.abs(expected).max(), 1e-6)
             np.testing.assert_allclose(res.raw[0], expected, atol=1e-4 * scale, rtol=1e-3, err_msg=f"{name} {layer}")
+
+
+class ViTInterpolated(torch.nn.Module):
+    """A ViT that resizes its position embeddings to the patch grid of each input (HF's
+    ``interpolate_pos_encoding``): exported with a dynamic height and width, the token count comes
+    from sizes computed from ``Shape``, which ONNX shape inference does not follow."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        from test_autodiff_models import Attention
+
+        self.patch = torch.nn.Conv2d(3, d, 8, 8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, d) * 0.1)
+        self.pos = torch.nn.Parameter(torch.randn(1, 1 + 4 * 4, d) * 0.1)
+        self.ln1 = torch.nn.LayerNorm(d)
+        self.attn = Attention(d, 4)
+        self.ln = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, 10)
+
+    def forward(self, x):
+        p = self.patch(x)
+        grid = self.pos[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.interpolate(grid, size=(x.shape[2] // 8, x.shape[3] // 8), mode="bilinear")
+        pos = torch.cat([self.pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+        t = p.flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + pos
+        t = t + self.attn(self.ln1(t))
+        return self.head(self.ln(t)[:, 0])
+
+
+def test_token_layers_of_a_dynamic_size_transformer(tmp_path):
+    """The token counts that inference loses are read off one run at the size given: the token
+    layers are listed (before, none was) and every CAM there equals its formula on PyTorch's tensors."""
+    torch.manual_seed(0)
+    net = ViTInterpolated().eval()
+    path = str(tmp_path / "vit_hw.onnx")
+    torch.onnx.export(net, (torch.randn(1, 3, 32, 32),), path, input_names=["input"], output_names=["logits"],
+                      opset_version=17, dynamo=False,
+                      dynamic_axes={"input": {0: "N", 2: "H", 3: "W"}, "logits": {0: "N"}})
+    ln1 = next(n for n in onnx.load(path).graph.node if n.op_type == "LayerNormalization")
+    for size in ((32, 32), (48, 32)):
+        h, w = size[0] // 8, size[1] // 8
+        tokens = load(path, size=size).token_layers()
+        assert [t.tensor for t in tokens] == [ln1.output[0], tokens[1].tensor] and len(tokens) == 2
+        assert tokens[0].prefix == 1 and tokens[0].shape == (32, h, w)
+        ex = onnxsal.Explainer(path, "cpu", size=size, preprocess="raw")
+        assert any(ln1.output[0] in n for n in ex.explain(np.zeros((1, 3) + size, np.float32), "gradcam").notes)
+        x = np.random.default_rng(6).standard_normal((1, 3) + size).astype(np.float32)
+        store = {}
+
+        def hook(_, __, out):
+            out.retain_grad()
+            store["a"] = out
+
+        handle = net.ln1.register_forward_hook(hook)
+        net(torch.tensor(x))[0, 4].backward()
+        handle.remove()
+        grid = lambda t: t[0, 1:].reshape(h, w, -1).permute(2, 0, 1).detach().numpy()  # noqa: E731
+        for name, expected in ref_cams(grid(store["a"]), grid(store["a"].grad)).items():
+            res = ex.explain(x, name, target=4, layer=ln1.output[0])
+            assert res.raw.shape == (1, h, w), name
+            scale = max(np.abs(expected).max(), 1e-6)
+            np.testing.assert_allclose(res.raw[0], expected, atol=1e-4 * scale, rtol=1e-3, err_msg=f"{name} {size}")
