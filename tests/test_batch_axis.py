@@ -347,10 +347,28 @@ def baked_batch(n: int = 1) -> onnx.ModelProto:
     return _model(nodes, inits, (n, 3, 4, 4), (n, 3), opset=18)
 
 
+def shared_target_fold(n: int = 1) -> onnx.ModelProto:
+    """MobileViT-V2 as the dynamo exporter writes it: one stored shape serves a Reshape's target and
+    an Expand's shape (a 0 that copies the batch in the one would empty the other), and the patches
+    are folded back into a map by ``Col2Im``, then viewed with ``allowzero=1``."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    inits = {"k": _w(8, 3, 1, 1), "tokens": i64(n, 8, 16), "last": i64(2), "image": i64(8, 8), "block": i64(2, 2),
+             "flat": i64(n, 128), "w": _w(128, 3)}
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"]),
+             helper.make_node("Reshape", ["c", "tokens"], ["t"]),                   # (N, 8, 16)
+             helper.make_node("ReduceSum", ["t", "last"], ["s"], keepdims=1),
+             helper.make_node("Expand", ["s", "tokens"], ["e"]),                    # the same stored shape
+             helper.make_node("Mul", ["t", "e"], ["p"]),
+             helper.make_node("Col2Im", ["p", "image", "block"], ["folded"], strides=[2, 2]),   # (N, 2, 8, 8)
+             _reshape("folded", "flat", "f"),
+             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    return _model(nodes, inits, (n, 3, 4, 4), (n, 3), opset=18)
+
+
 @pytest.mark.parametrize("file_batch", [1, 4])
 @pytest.mark.parametrize("build", [vit_like, strided_head, einsum_windows, merged_heads, resized_gate,
                                    spatial_transformer, one_head_pooling, row_lstm, expanded_merge,
-                                   shape_sized_windows, expanded_positions, baked_batch])
+                                   shape_sized_windows, expanded_positions, baked_batch, shared_target_fold])
 def test_a_graph_exported_at_a_fixed_batch_runs_each_row_as_the_file_does(build, file_batch):
     """Exported at batch 1 or 4 (the targets, the class token, the strided indices and the sizes
     written for that batch), run at batch 3 and 1."""

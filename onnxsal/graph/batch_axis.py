@@ -42,7 +42,7 @@ _ELEMENTWISE = {
 }
 # Ops that treat axis 0 as the batch (NCHW and friends): the batch must already be there.
 _BATCH_FIRST = {
-    "AveragePool", "BatchNormalization", "Conv", "ConvInteger", "ConvTranspose", "DepthToSpace",
+    "AveragePool", "BatchNormalization", "Col2Im", "Conv", "ConvInteger", "ConvTranspose", "DepthToSpace",
     "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "GridSample", "GroupNormalization",
     "InstanceNormalization", "LpPool", "LRN", "MaxPool", "MaxRoiPool", "QLinearConv", "SpaceToDepth",
 }

@@ -353,7 +353,8 @@ def dynamic_batch(model: onnx.ModelProto, tracer: Optional[batch_axis.Tracer] = 
         own = static.get(node.input[0])
         if own and own[0] == fixed:        # else the batch size read at run time: equal to the file at batch 1
             shape[0] = 0
-            consts[target].CopyFrom(numpy_helper.from_array(shape.astype(np.int64), consts[target].name))
+            # a new constant: the exporter may share this one with an Expand, where 0 is no copy
+            node.input[1] = constant(shape.astype(np.int64), f"{target}_batch_copied")
         else:
             if target not in batched_targets:      # one per shape constant, shared by its Reshapes
                 rest, joined = f"onnxsal_batch/{target}_after_batch", f"onnxsal_batch/{target}_batched"
