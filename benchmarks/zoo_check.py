@@ -13,6 +13,8 @@
     .venv-bench/bin/python benchmarks/zoo_check.py --static [--batch 4] [--dynamo]   # a fixed batch, checked at 2
     .venv/bin/python benchmarks/zoo_check.py --keras --static [--batch 4]   # tf2onnx's own call at a fixed batch
     .venv-bench/bin/python benchmarks/zoo_check.py --opset 9 [--nets ...]     # an older opset (TorchScript exporter)
+    .venv-bench/bin/python benchmarks/zoo_check.py --hf [--dynamo] [--static]   # Hugging Face transformers' classifiers
+    .venv/bin/python benchmarks/zoo_check.py --keras --keras-export   # Keras 3's own model.export(format="onnx")
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
@@ -64,6 +66,23 @@ the QOperator form (``QLinearConv``...), which onnxsal rewrites into QDQ form at
 quantises with ``quantize_dynamic`` (``DynamicQuantizeLinear``, ``ConvInteger``, ``MatMulInteger``),
 rewritten the same way with each input's grid held.
 
+``--hf`` takes Hugging Face transformers' image classifiers (``<Name>ForImageClassification``), each
+built from its default configuration with random weights: no hub download. Transformer stacks are cut
+to at most 2 layers and each stage to 1 block (ConvNeXt and CvT keep theirs, whose configurations tie
+the counts to other fields), convolutions get He-normal weights and batch norms the zoo's statistics
+(transformers' own 0.02-deviation initialisation leaves a deep convolutional stack with gradients
+near 1e-20), with 10 labels. The wrapper returns ``.logits``. Random weights put many ReLU6 and max-pool
+inputs within rounding of a kink, so the reference is torch.autograd in float64 on the same network,
+and each cell gives two figures: onnxsal's float32 gradient against float64, and PyTorch's own float32
+gradient against float64. Where the two are of the same size, or onnxsal's is the smaller, the gap is
+float32 rounding at kinks (each engine routes the gradient by its own forward values); a wrong rule
+would show as onnxsal's figure alone far above PyTorch's on every seed. EfficientNet is left out: at
+random weights its float32 gradient (about 1e11) is off its float64 one by more than 100 % in both
+engines, and its default configuration is B7's.
+
+``--keras-export`` takes the file Keras 3 writes itself with ``model.export(path, format="onnx")``
+(tf2onnx under the TensorFlow backend, dynamic batch) instead of ``converters/keras.py``.
+
 One smooth case: Keras EfficientNetV2-B0 differs by 3-6e-4 on every seed, and the gap opens at
 the swish after ``top_bn``, whose pre-activations are large there. A sigmoid's derivative y(1 - y),
 the formula PyTorch's and TensorFlow's own backward passes use too, loses precision to cancellation
@@ -112,12 +131,17 @@ TIMM = ("ecaresnet26t:128,skresnet18:128,res2net50_14w_8s:128,dla34:128,cspdarkn
         "maxxvitv2_nano_rw_256:256,caformer_s18:224,pvt_v2_b0:224,swinv2_cr_tiny_224:224,nest_tiny:224,"
         "rdnet_tiny:224,vitamin_small_224:224,visformer_tiny:224,sequencer2d_s:224")
 PPOCR_NETS = "ppocr_cls,ppocr_det,ppocr_rec"
+# Hugging Face transformers: <Name>ForImageClassification with <Name>Config's defaults (see --hf)
+HF = ("ViT,DeiT,Beit,Data2VecVision,Dinov2,Dinov2WithRegisters,IJepa,ViTMSN,ConvNext,ConvNextV2,Swin,Swinv2,"
+      "DonutSwin,Cvt,FocalNet,Levit,Pvt,PvtV2,Segformer,PoolFormer,SwiftFormer,MobileViT,MobileViTV2,ResNet,RegNet,"
+      "Bit,HGNetV2,MobileNetV1,MobileNetV2,PPLCNet,TextNet")
 SEEDS = (0, 1, 2)
 ORT_OPTIMIZED = False     # --ort-optimized
 ONE_ROW: set = set()      # static exports that ran one row per run (their batch could not be freed)
 STATIC = False            # --static: exported at batch 1 without a dynamic batch, checked at batch 2 all the same
 STATIC_BATCH = 1          # --static --batch 4: the fixed batch the file is exported at
 OPSET = None              # --opset: the dynamo exporter's opset (its default otherwise)
+KERAS_EXPORT = False      # --keras-export: Keras 3's own model.export(format="onnx")
 
 
 def vjp_session(model: onnx.ModelProto, x_name: str, y_name: str) -> ort.InferenceSession:
@@ -188,13 +212,18 @@ def ort_optimized(path: str) -> onnx.ModelProto:
     return load(out).proto     # a network the optimiser fuses nothing in (RepVGG's adds before each ReLU) stays plain
 
 
-def torch_errors(net, path: str, size: int, classes: int, dynamo: bool) -> list[float]:
+def torch_errors(net, path: str, size: int, classes: int, dynamo: bool, float64: bool = False) -> list:
     """Export ``net`` to ``path`` once, then its VJP graph's input gradient against torch.autograd's
-    for each seed (with ``--ort-optimized``, of the file as ONNX Runtime's optimiser saves it)."""
+    for each seed (with ``--ort-optimized``, of the file as ONNX Runtime's optimiser saves it).
+    With ``float64``, against torch.autograd on a float64 copy of ``net``, each cell also giving
+    PyTorch's own float32 gradient against the same."""
+    import copy
+
     import torch
 
     path = export_once(net, path, size, dynamo)
     sess = vjp_session(ort_optimized(path) if ORT_OPTIMIZED else onnx.load(path), "image", "logits")
+    net64 = copy.deepcopy(net).double() if float64 else None
     errs = []
     for seed in SEEDS:
         rng = np.random.default_rng(seed)
@@ -213,7 +242,12 @@ def torch_errors(net, path: str, size: int, classes: int, dynamo: bool) -> list[
             ONE_ROW.add(os.path.basename(path))
         xt = torch.tensor(x, requires_grad=True)
         (net(xt) * torch.tensor(cot)).sum().backward()
-        errs.append(rel(got, xt.grad.numpy()))
+        if not float64:
+            errs.append(rel(got, xt.grad.numpy()))
+            continue
+        x64 = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        (net64(x64) * torch.tensor(cot, dtype=torch.float64)).sum().backward()
+        errs.append(f"{rel(got, x64.grad.numpy()):.1e} / {rel(xt.grad.numpy(), x64.grad.numpy()):.1e}")
     return errs
 
 
@@ -337,6 +371,60 @@ def timm_errors(spec: str, cache: str, dynamo: bool = False) -> list[float]:
     return torch_errors(timm_net(name), path, size, 10, dynamo)
 
 
+def hf_net(name: str, seed: int = 0):
+    """A Hugging Face transformers classifier from its default configuration (see ``--hf``), as a
+    module from pixels to logits, and its input size."""
+    import torch
+    import transformers
+
+    cls = getattr(transformers, f"{name}ForImageClassification")
+    cfg = cls.config_class()
+    cfg.num_labels = 10
+    if name not in ("ConvNext", "ConvNextV2", "Cvt"):
+        if isinstance(getattr(cfg, "num_hidden_layers", None), int):
+            cfg.num_hidden_layers = min(cfg.num_hidden_layers, 2)
+        for key in ("depths", "depth"):
+            if isinstance(getattr(cfg, key, None), (list, tuple)):
+                setattr(cfg, key, [1] * len(getattr(cfg, key)))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
+                mod.running_mean.normal_(0, 0.1, generator=gen)
+                mod.running_var.uniform_(0.5, 1.5, generator=gen)
+                if mod.weight is not None:
+                    mod.weight.uniform_(0.5, 1.5, generator=gen)
+                    mod.bias.normal_(0, 0.1, generator=gen)
+            elif isinstance(mod, torch.nn.Conv2d):
+                mod.weight.normal_(0, (2 / mod.weight[0].numel()) ** 0.5, generator=gen)
+        for key, p in model.named_parameters():         # zero-initialised heads and layer scales
+            if not p.abs().sum() and (p.dim() >= 2 or "weight" in key or "scale" in key or "lambda" in key):
+                p.normal_(0, 0.02, generator=gen) if p.dim() >= 2 else p.uniform_(0.5, 1.5, generator=gen)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            out = self.inner(pixel_values=pixel_values)
+            return out.logits if hasattr(out, "logits") else out[0]
+
+    size = getattr(cfg, "image_size", 224)
+    return Logits(model).eval(), int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def hf_errors(name: str, cache: str, dynamo: bool = False) -> list[str]:
+    net, size = hf_net(name)
+    path = os.path.join(cache, f"zoo_hf_{name}_{size}{'_dynamo' if dynamo else ''}.onnx")
+    return torch_errors(net, path, size, 10, dynamo, float64=True)
+
+
 def keras_errors(name: str, cache: str) -> list[float]:
     from converters import keras as kc
     from onnxsal.model import load
@@ -352,7 +440,12 @@ def keras_errors(name: str, cache: str) -> list[float]:
             g, b, mu, var = layer.get_weights()
             layer.set_weights([rng.uniform(0.5, 1.5, g.shape).astype("f"), rng.normal(0, .1, b.shape).astype("f"),
                                rng.normal(0, .1, mu.shape).astype("f"), rng.uniform(.5, 1.5, var.shape).astype("f")])
-    if STATIC:
+    if KERAS_EXPORT:
+        path = os.path.join(cache, f"zoo_keras_{name}_{size}_export.onnx")
+        if not os.path.exists(path):
+            model(np.zeros((1, size, size, 3), np.float32))     # Keras exports only a model that has run
+            model.export(path, format="onnx", verbose=False)
+    elif STATIC:
         # tf2onnx on its own at a fixed batch, as a user calls it, instead of converters/keras.py
         import tf2onnx
 
@@ -444,22 +537,31 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="with --static: the batch the file fixes (1 unless told)")
     ap.add_argument("--opset", type=int, default=None, help="the exporter's opset (23 with --dynamo: Attention ops; 9 to 12 "
                     "without: the opsets of older files, Upsample, attribute Slice/Pad/Clip)")
+    ap.add_argument("--hf", action="store_true", help="Hugging Face transformers' image classifiers, random weights "
+                    "from their default configurations, against torch.autograd in float64")
+    ap.add_argument("--keras-export", action="store_true",
+                    help="with --keras: the file Keras 3 writes with model.export(format='onnx')")
     ap.add_argument("--nets", default=None)
     args = ap.parse_args()
-    global ORT_OPTIMIZED, STATIC, OPSET, STATIC_BATCH
+    global ORT_OPTIMIZED, STATIC, OPSET, STATIC_BATCH, KERAS_EXPORT
     ORT_OPTIMIZED, STATIC, OPSET, STATIC_BATCH = args.ort_optimized, args.static, args.opset, args.batch
+    KERAS_EXPORT = args.keras_export
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TIMM_FUSED_ATTN", "0")       # F.scaled_dot_product_attention does not export at opset 17
     cache = os.path.join(HERE, ".cache")
     os.makedirs(cache, exist_ok=True)
     nets = (args.nets or (KERAS if args.keras else TIMM if args.timm else PPOCR_NETS if args.ppocr else
-                          TORCHVISION)).split(",")
+                          HF if args.hf else TORCHVISION)).split(",")
     check = keras_errors if args.keras else (lambda n, c: timm_errors(n, c, args.dynamo)) if args.timm else \
+        (lambda n, c: hf_errors(n, c, args.dynamo)) if args.hf else \
         ppocr_errors if args.ppocr else half_errors if args.half else qdq_errors if args.qdq else \
         (lambda n, c: qdq_errors(n, c, "QOperator")) if args.qoperator else \
         (lambda n, c: qdq_errors(n, c, "Dynamic")) if args.dynamic else \
         (lambda n, c: torchvision_errors(n, c, args.dynamo))
-    source = "Keras (tf.GradientTape)" if args.keras else "timm (torch.autograd)" if args.timm else \
+    source = f"Keras{' model.export' if KERAS_EXPORT else ''} (tf.GradientTape)" if args.keras else \
+        "timm (torch.autograd)" if args.timm else \
+        "Hugging Face transformers (onnxsal vs torch.autograd in float64 / PyTorch's float32 vs the same)" \
+        if args.hf else \
         "PP-OCR (torch.autograd on onnx2torch, float64)" if args.ppocr else \
         "torchvision as float16 (logits vs ONNX Runtime on the float16 file / gradient vs torch.autograd in float32 / "\
         "Pearson)" if args.half else \
