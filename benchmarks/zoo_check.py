@@ -339,6 +339,21 @@ def qdq_errors(name: str, cache: str, fmt: str = "QDQ") -> list[str]:
     return cells
 
 
+def _calibrate_batch_norm(mod, gen) -> bool:
+    """Random running statistics and affine parameters for ``mod`` if it is a batch norm that keeps
+    statistics (True), else nothing (False): eval-mode batch norms as trained ones look."""
+    import torch
+
+    if not (isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None):
+        return False
+    mod.running_mean.normal_(0, 0.1, generator=gen)
+    mod.running_var.uniform_(0.5, 1.5, generator=gen)
+    if mod.weight is not None:
+        mod.weight.uniform_(0.5, 1.5, generator=gen)
+        mod.bias.normal_(0, 0.1, generator=gen)
+    return True
+
+
 def timm_net(name: str, seed: int = 0):
     """A timm classifier (10 classes) with random weights, calibrated batch-norm statistics and
     no all-zero weight matrices; parameters frozen (timm caches some attention biases in eval)."""
@@ -350,12 +365,7 @@ def timm_net(name: str, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for mod in net.modules():
-            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
-                mod.running_mean.normal_(0, 0.1, generator=gen)
-                mod.running_var.uniform_(0.5, 1.5, generator=gen)
-                if mod.weight is not None:
-                    mod.weight.uniform_(0.5, 1.5, generator=gen)
-                    mod.bias.normal_(0, 0.1, generator=gen)
+            _calibrate_batch_norm(mod, gen)
         for p in net.parameters():
             if p.dim() >= 2 and not p.abs().sum():
                 p.normal_(0, 0.02)
@@ -392,13 +402,7 @@ def hf_net(name: str, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for mod in model.modules():
-            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
-                mod.running_mean.normal_(0, 0.1, generator=gen)
-                mod.running_var.uniform_(0.5, 1.5, generator=gen)
-                if mod.weight is not None:
-                    mod.weight.uniform_(0.5, 1.5, generator=gen)
-                    mod.bias.normal_(0, 0.1, generator=gen)
-            elif isinstance(mod, torch.nn.Conv2d):
+            if not _calibrate_batch_norm(mod, gen) and isinstance(mod, torch.nn.Conv2d):
                 mod.weight.normal_(0, (2 / mod.weight[0].numel()) ** 0.5, generator=gen)
         for key, p in model.named_parameters():         # zero-initialised heads and layer scales
             if not p.abs().sum() and (p.dim() >= 2 or "weight" in key or "scale" in key or "lambda" in key):
