@@ -322,13 +322,9 @@ def dynamic_batch(model: onnx.ModelProto, tracer: Optional[batch_axis.Tracer] = 
             k, inner = tracer.per_sample[name]
             rank = len(tracer.shape(name))
             first, reps = f"onnxsal_batch/{name}_one_sample", f"onnxsal_batch/{name}_repeats"
-            nodes.append(onnx.helper.make_node(
-                "Slice", [name, constant(np.array([0], np.int64), "at"), constant(np.array([inner], np.int64), "at"),
-                          constant(np.array([k], np.int64), "at")], [first], name=f"{first}/Slice"))
-            ones = np.ones(rank, np.int64)
-            parts = ([constant(ones[:k], "ones")] if k else []) + [run_time_batch()] + \
-                ([constant(ones[k + 1:], "ones")] if k + 1 < rank else [])
-            nodes.append(onnx.helper.make_node("Concat", parts, [reps], axis=0, name=f"{reps}/Concat"))
+            nodes.append(_first_sample(name, k, inner, first, constant))
+            nodes.append(onnx.helper.make_node("Concat", _batch_at(k, rank, constant, run_time_batch), [reps],
+                                               axis=0, name=f"{reps}/Concat"))
             per_sample[name] = f"onnxsal_batch/{name}_per_sample"
             nodes.append(onnx.helper.make_node("Tile", [first, reps], [per_sample[name]],
                                                name=f"{per_sample[name]}/Tile"))
@@ -455,21 +451,16 @@ def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer",
         if (not stored or any(tracer.shape(i)[b] != tracer.batch for i in node.input)
                 or not all(tracer.same_in_each_sample(i, b) for i in stored)):
             return False
-        ones = np.ones(rank, np.int64)
-        parts = [constant(ones[:b], "ones")] if b else []
-        parts += [run_time_batch()] + ([constant(ones[b + 1:], "ones")] if b + 1 < rank else [])
         shape_name = f"onnxsal_batch/{node.name or out}_batch_shape"
-        nodes.append(onnx.helper.make_node("Concat", parts, [shape_name], axis=0, name=f"{shape_name}/Concat"))
+        nodes.append(onnx.helper.make_node("Concat", _batch_at(b, rank, constant, run_time_batch), [shape_name],
+                                           axis=0, name=f"{shape_name}/Concat"))
         for k, name in enumerate(node.input):
             if name in stored:               # a class token, stored for the file's batch
                 expanded = f"onnxsal_batch/{name}_to_batch_{k}_{node.name or out}"
                 one = name
                 if tracer.batch > 1:         # the same in each sample: the first one's
                     one = f"onnxsal_batch/{name}_first_{k}_{node.name or out}"
-                    at = constant(np.array([b], np.int64), "at")
-                    nodes.append(onnx.helper.make_node(
-                        "Slice", [name, constant(np.array([0], np.int64), "at"), constant(np.array([1], np.int64), "at"),
-                                  at], [one], name=f"{one}/Slice"))
+                    nodes.append(_first_sample(name, b, 1, one, constant))
                 nodes.append(onnx.helper.make_node("Expand", [one, shape_name], [expanded], name=f"{expanded}/Expand"))
                 node.input[k] = expanded
     elif op == "Gather" and a == b and node.input[1] not in axes:
@@ -492,6 +483,20 @@ def _follow_batch(node: onnx.NodeProto, axes: dict, tracer: "batch_axis.Tracer",
         return False
     nodes.append(node)
     return True
+
+
+def _batch_at(axis: int, rank: int, constant, run_time_batch) -> list[str]:
+    """The pieces of a shape of ones with the batch at run time on `axis` (Concat them on axis 0):
+    the repeats or the expanded shape of a tensor stored for one sample."""
+    ones = np.ones(rank, np.int64)
+    return ([constant(ones[:axis], "ones")] if axis else []) + [run_time_batch()] + \
+        ([constant(ones[axis + 1:], "ones")] if axis + 1 < rank else [])
+
+
+def _first_sample(name: str, axis: int, inner: int, out: str, constant) -> onnx.NodeProto:
+    """A Slice of `name`'s first sample (its first `inner` entries along `axis`) into `out`."""
+    at = lambda v: constant(np.array([v], np.int64), "at")  # noqa: E731
+    return onnx.helper.make_node("Slice", [name, at(0), at(inner), at(axis)], [out], name=f"{out}/Slice")
 
 
 def inferred_dims(model: onnx.ModelProto) -> dict:
