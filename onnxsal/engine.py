@@ -196,8 +196,14 @@ def make_targets(model: Model, indices: Sequence[int], score: str = "logit",
 
     Per-pixel models (``model.dense``): class c scores the sum of its map over the pixels the
     model assigns to c in ``row`` (its output on the input), pytorch-grad-cam's segmentation
-    recipe; over every pixel when it assigns none.
+    recipe; over every pixel when it assigns none. Detectors (``model.detection``): class c scores
+    its confidence at its most confident anchor in ``row``.
     """
+    if model.detection is not None:
+        if row is None:
+            raise ValueError("a detector's class targets need its output row")
+        _, anchors = model.detection.best(row)
+        return [Target(int(i), model.label(int(i)), model.detection.seed(int(i), int(anchors[i]))) for i in indices]
     if model.dense is not None:
         if row is None:
             raise ValueError("a per-pixel model's class targets need its output row")

@@ -16,6 +16,7 @@ from .methods import check_options, get as get_method
 from .context import Context
 from .engine import Engine, Target, make_targets
 from .errors import ImageError, TargetError
+from .detection import DetectionOutput
 from .model import DenseOutput, Layer, Model, load
 from .postprocess import finish, resize
 from .preprocess import Prepared, Preprocess, make_spec, prepare
@@ -45,6 +46,7 @@ class Explanation:
     input_size: tuple = ()
     labels: Optional[list] = field(default=None, repr=False)
     dense: Optional[DenseOutput] = field(default=None, repr=False)   # per-pixel models
+    detection: Optional[DetectionOutput] = field(default=None, repr=False)   # detectors
 
     @property
     def map(self) -> np.ndarray:
@@ -56,9 +58,12 @@ class Explanation:
 
     def top(self, k: int = 5) -> list[dict]:
         """The k highest-scoring classes; for a per-pixel model, those covering most pixels, the
-        score being their share of the pixels."""
+        score being their share of the pixels; for a detector, each class's best box's confidence."""
         if self.dense is not None:
             values, order = class_shares(self.dense, self.scores)
+        elif self.detection is not None:
+            values = self.detection.best(self.scores)[0]
+            order = np.argsort(-values, kind="stable")
         else:
             values, order = self.scores, np.argsort(-self.scores, kind="stable")
         order = order[:k]
@@ -80,10 +85,10 @@ class Explanation:
         }
 
     def _score_of(self, t: Target) -> float:
-        if t.index < 0 or self.dense is not None:     # the score as explained
+        if t.index < 0 or self.dense is not None or self.detection is not None:     # the score as explained
             row = self.logits if self.options.get("score", "logit") == "logit" else self.scores
             value = float(np.dot(t.seed, row.reshape(-1)) + t.offset)
-            if t.index >= 0:                          # a class map: its mean over the class's pixels
+            if t.index >= 0 and self.dense is not None:   # a class map: its mean over the class's pixels
                 value /= max(float(t.seed.sum()), 1.0)
             return value
         row = self.scores.reshape(-1)
@@ -129,6 +134,21 @@ def class_shares(dense: DenseOutput, row: np.ndarray) -> tuple[np.ndarray, np.nd
     maps = dense.maps(row)
     shares = np.bincount(maps.argmax(axis=0), minlength=dense.classes) / maps.shape[1]
     return shares, np.lexsort((-maps.mean(axis=1), -shares))
+
+
+def box_notes(m: Model, targets: Sequence[Target], row: np.ndarray) -> list[str]:
+    """Which box each class target scored: without it a detector's map has no object to point at."""
+    d = m.detection
+    notes = []
+    for t in targets:
+        if t.index < 0:
+            continue
+        anchor = int(np.argmax(t.seed)) % d.anchors
+        x, y, w, h = d.box(row, anchor)
+        conf = float(d.confidences(row)[t.index, anchor])
+        notes.append(f"class {t.label}: its most confident box, anchor {anchor}, centre ({x:.0f}, {y:.0f}), "
+                     f"{w:.0f}x{h:.0f} px, confidence {conf:.3g}")
+    return notes
 
 
 def _jsonable(v: Any) -> Any:
@@ -193,6 +213,8 @@ class Explainer:
                 order = [first, 1 - first]
             elif m.dense is not None:      # the classes covering most pixels first
                 order = list(class_shares(m.dense, scores)[1])
+            elif m.detection is not None:  # the classes whose best box is most confident first
+                order = list(np.argsort(-m.detection.best(scores)[0], kind="stable"))
             else:
                 order = list(np.argsort(-scores.reshape(-1), kind="stable"))
             if top_k < 1:
@@ -267,7 +289,7 @@ class Explainer:
         # With the targets given, a gradient method's own pass usually has the scores of x (Context.clean),
         # so the forward pass that would pick the targets is skipped (ResNet-50 saliency: 0.26 -> 0.12 s).
         lazy = spec.family == "gradient" and target is not None and the_layer is None and (
-            m.dense is None or isinstance(target, np.ndarray))    # a per-pixel class target needs the output
+            m.dense is None and m.detection is None or isinstance(target, np.ndarray))  # a class's pixels or box need the output
         logits = out = None
         acts: list = []
         if not lazy:
@@ -288,6 +310,8 @@ class Explainer:
         notes = list(prepared.notes)
         if m.activation is not None and score == "logit":
             notes.append(f"scored the logits before the final {m.activation} ({m.logits!r})")
+        if m.detection is not None:
+            notes.extend(box_notes(m, targets, logits if score == "logit" else out))
         if m.lifted_from:
             notes.append(f"the model's {' and '.join(m.lifted_from)} tensors run in float32 here")
         if m.read_as:
@@ -320,4 +344,5 @@ class Explainer:
         settings["score"] = score
         return Explanation(maps, raw, targets, spec.name, settings, the_layer.tensor if the_layer else None,
                            out, logits, seconds, prepared.name, prepared.display, notes, ctx.info,
-                           m.path, m.input.size, m.labels if not m.binary else (m.labels or ["0", "1"]), m.dense)
+                           m.path, m.input.size, m.labels if not m.binary else (m.labels or ["0", "1"]), m.dense,
+                           m.detection)

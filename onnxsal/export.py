@@ -152,7 +152,8 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     """A standalone graph: inputs (image, target int64[N]); outputs (logits [N, C], map [N, H, W] in [0, 1]).
 
     For a per-pixel model the logits are its class maps, and a target class scores its map over the
-    pixels the image's output assigns to it, as ``Explainer.explain`` does."""
+    pixels the image's output assigns to it, as ``Explainer.explain`` does; for a detector they are its
+    (N, rows, anchors) output, and a class scores its confidence at its most confident anchor."""
     m: Model = load(model)
     method = method.lower()
     if method not in EXPORTABLE:
@@ -196,8 +197,9 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         from .graph.surgery import with_rest_head
         from .graph.second import first_grad_name, hvp
 
-        if m.dense is not None:
-            raise MethodError("export builds ShapleyCAM for classifiers; this model outputs per-pixel maps")
+        if m.dense is not None or m.detection is not None:
+            raise MethodError("export builds ShapleyCAM for classifiers; this model outputs "
+                              + ("per-pixel maps" if m.dense is not None else "a detector's boxes"))
         scored = with_rest_head(proto, logits)
         g_model = hvp(proto, scored, wrt, outputs=[logits])
     else:
@@ -254,9 +256,11 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         clean = (k, weights)
 
     # cotangent: one-hot rows of the target (zeros for the clean rows when rows are stacked)
-    dense = m.dense
-    depth = e.const([dense.classes if dense is not None else m.num_classes], np.int64, "depth")
-    onehot = e.op("OneHot", [rows_target, depth, e.const([0.0, 1.0])], axis=-1)
+    dense, det = m.dense, m.detection
+    depth = e.const([dense.classes if dense is not None else det.rows if det is not None else m.num_classes],
+                    np.int64, "depth")
+    hot_row = e.op("Add", [rows_target, e.const(det.first, np.int64)]) if det is not None else rows_target
+    onehot = e.op("OneHot", [hot_row, depth, e.const([0.0, 1.0])], axis=-1)
     n_img = e.op("Gather", [e.op("Shape", [target]), e.const(0, np.int64)])
     if clean is not None:
         n_rows = e.op("Gather", [e.op("Shape", [rows_target]), e.const(0, np.int64)])
@@ -264,7 +268,21 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         extra_row = e.op("Greater", [row, e.op("Sub", [n_img, e.const(1, np.int64)])])   # clean rows get no cotangent
         mask = e.op("Cast", [extra_row], to=TensorProto.FLOAT)
         onehot = e.op("Mul", [onehot, e.op("Unsqueeze", [mask, e.const([1], np.int64)])])
-    if dense is None:
+    if det is not None:
+        # a class scores its confidence at the anchor where the image's output has it highest
+        first = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
+        own = e.op("Slice", [logits, e.const([0], np.int64), first, e.const([0], np.int64)])     # the images' rows
+        conf = e.op("Slice", [own, e.const([det.first], np.int64), e.const([det.first + det.classes], np.int64),
+                              e.const([1], np.int64)])
+        best = e.op("ArgMax", [conf], axis=2, keepdims=0)
+        anchor = e.op("Reshape", [e.op("GatherElements", [best, e.op("Reshape", [target, e.const([-1, 1], np.int64)])],
+                                       axis=1), e.const([-1], np.int64)])
+        if clean is not None:
+            anchor = e.op("Concat", [anchor, e.op("Tile", [anchor, e.const([clean[0]], np.int64)])], axis=0)
+        hot_anchor = e.op("OneHot", [anchor, e.const([det.anchors], np.int64), e.const([0.0, 1.0])], axis=-1)
+        e.op("Mul", [e.op("Unsqueeze", [onehot, e.const([2], np.int64)]),
+                     e.op("Unsqueeze", [hot_anchor, e.const([1], np.int64)])], out=grad_y)
+    elif dense is None:
         e.op("Reshape", [onehot, e.op("Shape", [logits])], out=grad_y)
     else:
         # a class scores its map over the pixels each image's output assigns to it (all of them when none)
@@ -377,7 +395,9 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
             parts[0] = e.op("Transpose", [parts[0]], perm=[0, 3, 1, 2])
         normalize_and_squeeze(e.op("Sum", parts) if len(parts) > 1 else parts[0], 1)
 
-    if dense is None:
+    if det is not None:
+        logit_dims = ["N", det.rows, det.anchors]
+    elif dense is None:
         logit_dims = ["N", m.num_classes]
     elif dense.channels_last:
         logit_dims = ["N", dense.height, dense.width, dense.classes]

@@ -16,6 +16,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import onnx
 
+from .detection import DetectionOutput, dominating, find_detection, ultralytics_metadata
 from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import (FLOAT_TYPES, infer, normalize_traced, static_dims, tensor_shapes, upgrade_opset,
                               without_weight_data)
@@ -128,6 +129,7 @@ class Model:
     metadata: dict = field(default_factory=dict)
     layer_aliases: dict = field(default_factory=dict)
     dense: Optional[DenseOutput] = None      # set for per-pixel outputs; a class index then names a class map
+    detection: Optional[DetectionOutput] = None  # set for detectors' box outputs; a class names its best box
     lifted_from: tuple[str, ...] = ()        # the file's float types that run in float32 here (graph/precision.py)
     expanded: tuple[str, ...] = ()           # ONNX Runtime fused op types written as standard ops (graph/contrib.py)
     quantisers: int = 0                      # QuantizeLinear nodes on activations (QDQ form; graph/rules/quant.py)
@@ -154,6 +156,10 @@ class Model:
         d = self.dense
         maps = (d.classes, d.height, d.width) if d is not None else None
         inner = [la for la in self.layers if la.tensor not in (self.logits, self.output) and tuple(la.shape) != maps]
+        if self.detection is not None and inner:      # the last map that every anchor's score depends on
+            last = dominating(self.light, [la.tensor for la in inner], self.input.name, self.logits)
+            if last is not None:
+                return next(la for la in inner if la.tensor == last)
         return inner[-1] if inner else (self.layers[-1] if self.layers else None)
 
     @property
@@ -165,6 +171,8 @@ class Model:
     def n_targets(self) -> int:
         if self.dense is not None:
             return self.dense.classes
+        if self.detection is not None:
+            return self.detection.classes
         return 2 if self.binary else self.num_classes
 
     def score_tensor(self, score: str) -> str:
@@ -448,7 +456,18 @@ def _spatial_mean(node: onnx.NodeProto, consts) -> bool:
     return axes is not None and sorted(a % 4 for a in axes) == [2, 3]
 
 
-def _find_layers(proto: onnx.ModelProto) -> list[Layer]:
+def _image_like(shape: tuple, size: tuple[int, int]) -> bool:
+    """Whether a conv output's (h, w) can be the input's grid, strided: its aspect ratio within 8x of
+    the input's, or one axis pooled away (a text recogniser's 1 x w). A detector's box head runs a
+    1x1 conv over (4 sides, anchors), say 4 x 8400 from 640 x 640, which is no image map."""
+    h, w = shape[1], shape[2]
+    if h == 1 or w == 1:
+        return True
+    ratio = (h / w) / (size[0] / size[1])
+    return 1 / 8 <= ratio <= 8
+
+
+def _find_layers(proto: onnx.ModelProto, size: tuple[int, int]) -> list[Layer]:
     shapes = tensor_shapes(proto)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in proto.graph.node:
@@ -468,7 +487,7 @@ def _find_layers(proto: onnx.ModelProto) -> list[Layer]:
             continue
         t = node.output[0]
         shape = spatial(t)
-        if shape is None:
+        if shape is None or not _image_like(shape, size):
             continue
         chain = [(t, node)]
         while True:  # follow single-consumer elementwise followers (BN, ReLU) that keep the shape
@@ -611,6 +630,9 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
             raise ModelError(f"the model's {META_PREPROCESS} metadata is not valid: {exc}") from exc
     if spec is None and pixels is not None:
         spec = pixel_preprocess(pixels.type.tensor_type.elem_type)
+    foreign_spec, foreign_labels = ultralytics_metadata(meta)
+    if spec is None:
+        spec = foreign_spec
     hw = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
     if None in hw:
         want = tuple(size) if size else (tuple(spec.size) if spec is not None and spec.size else None)
@@ -644,6 +666,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         c, h, w = (out_shape[3], out_shape[1], out_shape[2]) if layout == "NHWC" else out_shape[1:]
         if h * w > 1:
             dense = DenseOutput(int(c), int(h), int(w), layout == "NHWC")
+    detection = find_detection(proto, logits, shapes) if dense is None else None
 
     label_list = list(labels) if labels else None
     if label_list is None and META_LABELS in meta:
@@ -651,6 +674,8 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
             label_list = [str(x) for x in json.loads(meta[META_LABELS])]
         except Exception as exc:
             raise ModelError(f"the model's {META_LABELS} metadata is not a JSON list: {exc}") from exc
+    if label_list is None:
+        label_list = foreign_labels
     aliases = {}
     if META_LAYERS in meta:
         try:
@@ -660,7 +685,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     image = ImageInput(vi.name, layout, int(channels), int(hw[0]), int(hw[1]), elem_type)
     if spec is not None:
         spec = spec.fitted(layout, (image.height, image.width), image.channels)
-    return Model(proto, store, path, image, graph_out, logits, activation, num_classes, _find_layers(proto),
-                 spec, label_list, meta, aliases, dense, tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused),
-                 _activation_quantisers(light), tuple(qoperator), own, trained, "; ".join(read_as), one_image,
-                 fixed_batch)
+    return Model(proto, store, path, image, graph_out, logits, activation, num_classes,
+                 _find_layers(proto, image.size), spec, label_list, meta, aliases, dense, detection,
+                 tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused), _activation_quantisers(light),
+                 tuple(qoperator), own, trained, "; ".join(read_as), one_image, fixed_batch)

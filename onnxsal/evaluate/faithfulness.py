@@ -74,10 +74,13 @@ def auc(x: np.ndarray, y: np.ndarray) -> float:
 
 def probabilities(ex: Explainer, xb: np.ndarray, target: int) -> np.ndarray:
     """(N,) probability of `target` for a batch: softmax of the logits, or sigmoid for one unit
-    and for each class of a multi-label model (one that ends in a sigmoid over its classes)."""
+    and for each class of a multi-label model (one that ends in a sigmoid over its classes); for a
+    detector, the confidence of the class's most confident box."""
     m = ex.model
     (logits,) = ex.engine.outputs(xb, [m.logits])
     z = logits.reshape(len(xb), -1).astype(np.float64)
+    if m.detection is not None:         # a detector: the class's best box, wherever it moves to
+        return np.stack([m.detection.confidences(r)[target].max() for r in z])
     if z.shape[1] == 1:
         p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
         return p1 if target == 1 else 1.0 - p1

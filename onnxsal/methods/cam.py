@@ -303,9 +303,10 @@ def finercam(ctx: Context, alpha: float = 1.0, comparison: str = "1,2,3", base: 
         ranks = ()
     if not ranks or min(ranks) < 0:
         raise MethodError(f"comparison must be comma-separated ranks >= 0, not {comparison!r}")
-    if ctx.model.binary or ctx.model.dense is not None:
+    if ctx.model.binary or ctx.model.dense is not None or ctx.model.detection is not None:
         raise MethodError("finercam compares the classes of a classifier; this model's output is "
-                          + ("a single unit" if ctx.model.binary else "a map per class"))
+                          + ("a single unit" if ctx.model.binary else "a map per class" if ctx.model.dense is not None
+                             else "a detector's boxes"))
     if any(t.index < 0 for t in ctx.targets):
         raise MethodError("finercam builds its own score from a class; give a class index, not weights")
     seeds = np.stack([finer_seed(ctx.logits(), t.index, float(alpha), ranks) for t in ctx.targets])

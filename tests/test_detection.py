@@ -1,0 +1,230 @@
+"""Single-stage detectors (Ultralytics' YOLOv8/YOLO11 head layout): a class target scores its
+confidence at its most confident anchor.
+
+The networks here copy that head: two scales, a box branch read through a distribution (DFL: a
+softmax over bins and a 1x1 conv that takes its mean), a sigmoid class branch, concatenated on the
+row axis as (N, 4 + classes [+ extra], anchors). The larger scale's head reads the stride-2 map
+directly, so the stride-4 map is not on every path. Maps are checked against torch.autograd of the
+same element of the output and against the CAM formulas on PyTorch's activations and gradients.
+"""
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import onnxsal
+from onnxsal.cli import main
+from onnxsal.errors import MethodError
+
+from test_gradient_methods import ref_cams
+
+CLASSES, BINS, SIZE = 3, 4, 16
+
+
+class TinyDetector(nn.Module):
+    def __init__(self, extra: int = 0):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU())
+        self.down1 = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.SiLU())     # stride 2
+        self.down2 = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.SiLU())     # stride 4
+        self.box = nn.ModuleList(nn.Conv2d(8, 4 * BINS, 1) for _ in range(2))
+        self.cls = nn.ModuleList(nn.Conv2d(8, CLASSES, 1) for _ in range(2))
+        self.mask = nn.ModuleList(nn.Conv2d(8, extra, 1) for _ in range(2)) if extra else None
+        self.dfl = nn.Conv2d(BINS, 1, 1, bias=False)
+        with torch.no_grad():
+            self.dfl.weight.copy_(torch.arange(BINS, dtype=torch.float32).view(1, BINS, 1, 1))
+        self.register_buffer("stride", torch.cat([torch.full(((SIZE // 2) ** 2,), 2.0), torch.full(((SIZE // 4) ** 2,), 4.0)]))
+
+    def forward(self, x):
+        p1 = self.down1(self.stem(x))
+        p2 = self.down2(p1)
+        n = x.shape[0]
+        box = torch.cat([b(p).flatten(2) for b, p in zip(self.box, (p1, p2))], 2)
+        cls = torch.cat([c(p).flatten(2) for c, p in zip(self.cls, (p1, p2))], 2)
+        a = box.shape[2]
+        dist = self.dfl(box.view(n, 4, BINS, a).transpose(2, 1).softmax(1)).view(n, 4, a)
+        out = torch.cat([dist * self.stride, cls.sigmoid()], 1)
+        if self.mask is not None:
+            out = torch.cat([out, torch.cat([m(p).flatten(2) for m, p in zip(self.mask, (p1, p2))], 2)], 1)
+        return out
+
+
+def export(net: nn.Module, path, dynamic_size: bool = False) -> onnx.ModelProto:
+    axes = {"images": {2: "h", 3: "w"}} if dynamic_size else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, SIZE, SIZE),), str(path), input_names=["images"],
+                          output_names=["output0"], opset_version=17, dynamo=False, dynamic_axes=axes)
+    return onnx.load(str(path))
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["detect", "with_mask_rows"])
+def det(request, tmp_path_factory):
+    torch.manual_seed(request.param)
+    net = TinyDetector(request.param).eval()
+    model = export(net, tmp_path_factory.mktemp("det") / "det.onnx")
+    x = np.random.default_rng(request.param).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    return net, model, x
+
+
+def node_output(model: onnx.ModelProto, name_part: str) -> str:
+    return next(n.output[0] for n in model.graph.node if n.op_type == "Conv" and name_part in n.name)
+
+
+def test_the_detection_output_is_recognised(det):
+    net, model, _ = det
+    m = onnxsal.load(model, preprocess=None)
+    anchors = (SIZE // 2) ** 2 + (SIZE // 4) ** 2
+    assert (m.detection.classes, m.detection.anchors, m.detection.first) == (CLASSES, anchors, 4)
+    assert m.detection.rows == 4 + CLASSES + (net.mask[0].out_channels if net.mask is not None else 0)
+    assert m.n_targets == CLASSES
+    # the DFL conv runs over (bins, 4 sides, anchors): no image map
+    assert node_output(model, "dfl") not in [la.tensor for la in m.layers]
+    # the last conv on every path to every anchor: the stride-2 map, not the stride-4 head's
+    assert m.default_layer.tensor == node_output(model, "down1")
+    assert m.layers[-1].tensor != m.default_layer.tensor
+
+
+def test_a_classifier_output_is_no_detection():
+    from tiny import conv_net
+
+    assert onnxsal.load(conv_net()).detection is None
+
+
+def reference(net: nn.Module, x: np.ndarray, cls: int):
+    """torch.autograd of class ``cls``'s confidence at its most confident anchor, with the stride-2
+    map's activations and gradients."""
+    store = {}
+
+    def keep(_, __, out):
+        out.retain_grad()
+        store["a"] = out
+
+    h = net.down1[0].register_forward_hook(keep)
+    xt = torch.tensor(x, requires_grad=True)
+    out = net(xt)
+    anchor = int(out[0, 4 + cls].argmax())
+    out[0, 4 + cls, anchor].backward()
+    h.remove()
+    return out.detach().numpy()[0], anchor, xt.grad.numpy()[0], store["a"].detach().numpy()[0], store["a"].grad.numpy()[0]
+
+
+def test_class_targets_score_their_best_box(det):
+    net, model, x = det
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    out, *_ = reference(net, x[:1], 0)
+    best = out[4:4 + CLASSES].max(axis=1)
+    for cls in range(CLASSES):
+        out, anchor, gx, a, g = reference(net, x[:1], cls)
+        sal = ex.explain(x[:1], "saliency", cls)
+        np.testing.assert_allclose(sal.raw[0], np.abs(gx).max(axis=0), rtol=1e-4, atol=1e-6 * np.abs(gx).max())
+        cx, cy, w, h = out[:4, anchor]
+        assert f"anchor {anchor}, centre ({cx:.0f}, {cy:.0f}), {w:.0f}x{h:.0f} px" in sal.notes[0]
+        expected = ref_cams(a, g)
+        for name in ("gradcam", "gradcam++", "layercam", "hirescam"):
+            got = ex.explain(x[:1], name, cls).raw[0]
+            np.testing.assert_allclose(got, expected[name], rtol=1e-3, atol=1e-4 * np.abs(expected[name]).max() + 1e-12,
+                                       err_msg=f"{name} class {cls}")
+        ig = ex.explain(x[:1], "ig", cls, steps=16)
+        assert abs(ig.info["completeness_gap"][0]) < 1e-2 * max(abs(out[4 + cls, anchor] - 0.5), 1e-3) + 1e-3
+    # the default target: the class whose best box is most confident; top() ranks classes so
+    res = ex.explain(x[:1], "saliency", top_k=2)
+    order = np.argsort(-best, kind="stable")
+    assert [t.index for t in res.targets] == list(order[:2])
+    top = res.top(CLASSES)
+    assert [t["index"] for t in top] == list(order)
+    np.testing.assert_allclose([t["score"] for t in top], best[order], rtol=1e-5)
+
+
+def test_each_image_of_a_batch_scores_its_own_box(det):
+    """The second image's best anchor differs from the first's; its map follows its own."""
+    net, model, x = det
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    results = ex.explain_batch(x, "saliency", targets=[1, 1])
+    for k in range(2):
+        _, _, gx, _, _ = reference(net, x[k:k + 1], 1)
+        np.testing.assert_allclose(results[k].raw[0], np.abs(gx).max(axis=0), rtol=1e-4, atol=1e-6 * np.abs(gx).max())
+
+
+def test_exported_graph_of_a_detector_equals_explain(det):
+    """The exported graph picks each image's anchor with an in-graph ArgMax of its clean rows."""
+    import onnxruntime as ort
+
+    from onnxsal.export import export as export_graph
+
+    _, model, x = det
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    targets = np.array([2, 0], np.int64)
+    for method in ("gradcam", "saliency", "smoothgrad", "ig"):
+        opts = {"noise_level": 0.0, "n_samples": 2} if method == "smoothgrad" else {}
+        sess = ort.InferenceSession(export_graph(model, method, **opts).SerializeToString())
+        logits, maps = sess.run(["logits", "map"], {"images": x, "target": targets})
+        assert logits.shape == (2, ex.model.detection.rows, ex.model.detection.anchors)
+        for k in range(2):
+            ref = ex.explain(x[k:k + 1], "saliency" if method == "smoothgrad" else method, int(targets[k]),
+                             **({"steps": 32} if method == "ig" else {}))
+            np.testing.assert_allclose(maps[k], ref.map, atol=1e-5, err_msg=f"{method} image {k}")
+
+
+def test_faithfulness_scores_the_class_best_box(det):
+    from onnxsal.evaluate.faithfulness import probabilities
+
+    net, model, x = det
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    with torch.no_grad():
+        out = net(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(probabilities(ex, x, 2), out[:, 4 + 2].max(axis=1), rtol=1e-5)
+
+
+def test_classifier_only_methods_refuse_a_detector(det):
+    _, model, x = det
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    with pytest.raises(MethodError, match="detector's boxes"):
+        ex.explain(x[:1], "finercam")
+    with pytest.raises(MethodError, match="ReST"):
+        ex.explain(x[:1], "shapleycam")
+
+
+def with_ultralytics_metadata(model: onnx.ModelProto, names: str) -> onnx.ModelProto:
+    for k, v in {"author": "Ultralytics", "task": "detect", "imgsz": f"[{SIZE}, {SIZE}]", "names": names}.items():
+        model.metadata_props.add(key=k, value=v)
+    return model
+
+
+def test_an_ultralytics_file_explains_without_flags(tmp_path, capsys):
+    """Ultralytics writes its class names as a Python dict and its input size; its pixels are RGB in
+    [0, 1]. A dynamic-size export takes that size."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    net = TinyDetector().eval()
+    path = tmp_path / "yolo.onnx"
+    model = with_ultralytics_metadata(export(net, path, dynamic_size=True), "{0: 'person', 1: 'bicycle', 2: 'car'}")
+    onnx.save(model, str(path))
+    m = onnxsal.load(str(path))
+    assert m.labels == ["person", "bicycle", "car"] and m.input.size == (SIZE, SIZE)
+    assert m.preprocess.preset == "unit"
+    rgb = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    res = onnxsal.Explainer(str(path), "cpu").explain(str(tmp_path / "img.png"), "saliency", "car")
+    x = torch.tensor(rgb.transpose(2, 0, 1)[None] / 255.0, dtype=torch.float32, requires_grad=True)
+    out = net(x)
+    out[0, 4 + 2, int(out[0, 4 + 2].argmax())].backward()
+    np.testing.assert_allclose(res.raw[0], x.grad.abs().amax(dim=1)[0].numpy(), rtol=1e-4, atol=1e-7)
+    assert main(["inspect", str(path)]) == 0
+    assert f"a detector's {(SIZE // 2) ** 2 + (SIZE // 4) ** 2} boxes, 3 classes" in capsys.readouterr().out
+    assert main(["explain", str(path), str(tmp_path / "img.png"), "-t", "bicycle", "-o", str(tmp_path / "out"),
+                 "-q"]) == 0
+    assert (tmp_path / "out" / "img.gradcam.png").exists()
+
+
+def test_odd_ultralytics_names_are_ignored():
+    from onnxsal.detection import ultralytics_metadata
+
+    assert ultralytics_metadata({"author": "Ultralytics", "names": "{1: 'a'}"})[1] is None
+    assert ultralytics_metadata({"author": "Ultralytics", "names": "not python"})[1] is None
+    assert ultralytics_metadata({"author": "someone", "names": "{0: 'a'}"}) == (None, None)
