@@ -35,12 +35,15 @@ test: $(VENV)/.dev
 # A separate environment for side-by-side speed runs: torchvision (absent from the test environment,
 # it does not import beside torch 2.13), Captum, pytorch-grad-cam, onnx-ad and onnxscript (torch.onnx's
 # dynamo exporter, for zoo_check.py --dynamo) and timm beside onnxsal; onnx2torch and, without its OpenCV
-# dependencies, the rapidocr-onnxruntime wheel for its trained PP-OCR models (zoo_check.py --ppocr).
+# dependencies, the rapidocr-onnxruntime wheel for its trained PP-OCR models (zoo_check.py --ppocr);
+# transformers (--hf), the graph simplifiers (--simplifier) and Ultralytics (--ultralytics).
 .venv-bench/.done: pyproject.toml
 	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	.venv-bench/bin/python -m pip install --quiet captum grad-cam onnx-ad onnxscript onnx2torch timm "onnxconverter-common==1.16.0" -e ".[cpu]"
 	.venv-bench/bin/python -m pip install --quiet --no-deps "rapidocr-onnxruntime==1.4.4"
+	.venv-bench/bin/python -m pip install --quiet "transformers==5.24.0" "onnxsim==0.8.1" "onnxslim==0.1.98" \
+		"onnxoptimizer==0.4.2" "ultralytics==8.4.190"
 	touch $@
 
 bench-env: .venv-bench/.done

@@ -15,6 +15,8 @@
     .venv-bench/bin/python benchmarks/zoo_check.py --opset 9 [--nets ...]     # an older opset (TorchScript exporter)
     .venv-bench/bin/python benchmarks/zoo_check.py --hf [--dynamo] [--static]   # Hugging Face transformers' classifiers
     .venv/bin/python benchmarks/zoo_check.py --keras --keras-export   # Keras 3's own model.export(format="onnx")
+    .venv-bench/bin/python benchmarks/zoo_check.py --simplifier onnxsim [--static]   # as onnxsim/onnxslim/onnxoptimizer rewrite them
+    .venv-bench/bin/python benchmarks/zoo_check.py --ultralytics   # YOLOv8/YOLO11 as Ultralytics exports them
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
@@ -83,6 +85,12 @@ engines, and its default configuration is B7's.
 ``--keras-export`` takes the file Keras 3 writes itself with ``model.export(path, format="onnx")``
 (tf2onnx under the TensorFlow backend, dynamic batch) instead of ``converters/keras.py``.
 
+``--simplifier`` rewrites each torchvision export with onnx-simplifier, onnxslim or onnxoptimizer
+(defaults) and loads the result as the engine does. ``--ultralytics`` builds each Ultralytics model
+from its YAML (random weights), exports it with Ultralytics' own ``export(format="onnx")`` (onnxslim,
+a static batch of 1) and compares against torch.autograd on the fused network it exported, with a
+random cotangent on the whole first output.
+
 One smooth case: Keras EfficientNetV2-B0 differs by 3-6e-4 on every seed, and the gap opens at
 the swish after ``top_bn``, whose pre-activations are large there. A sigmoid's derivative y(1 - y),
 the formula PyTorch's and TensorFlow's own backward passes use too, loses precision to cancellation
@@ -132,6 +140,9 @@ TIMM = ("ecaresnet26t:128,skresnet18:128,res2net50_14w_8s:128,dla34:128,cspdarkn
         "rdnet_tiny:224,vitamin_small_224:224,visformer_tiny:224,sequencer2d_s:224")
 PPOCR_NETS = "ppocr_cls,ppocr_det,ppocr_rec"
 # Hugging Face transformers: <Name>ForImageClassification with <Name>Config's defaults (see --hf)
+# Ultralytics: YOLOv8 / YOLO11 classifiers, detectors, segmenters and pose models from their YAMLs
+ULTRALYTICS = ("yolov8n-cls,yolo11n-cls,yolov8n,yolo11n,yolov8n-seg,yolo11n-seg,yolov8n-pose,yolo11n-pose,yolov8n-obb,"
+               "yolo11n-obb")
 HF = ("ViT,DeiT,Beit,Data2VecVision,Dinov2,Dinov2WithRegisters,IJepa,ViTMSN,ConvNext,ConvNextV2,Swin,Swinv2,"
       "DonutSwin,Cvt,FocalNet,Levit,Pvt,PvtV2,Segformer,PoolFormer,SwiftFormer,MobileViT,MobileViTV2,ResNet,RegNet,"
       "Bit,HGNetV2,MobileNetV1,MobileNetV2,PPLCNet,TextNet")
@@ -142,6 +153,7 @@ STATIC = False            # --static: exported at batch 1 without a dynamic batc
 STATIC_BATCH = 1          # --static --batch 4: the fixed batch the file is exported at
 OPSET = None              # --opset: the dynamo exporter's opset (its default otherwise)
 KERAS_EXPORT = False      # --keras-export: Keras 3's own model.export(format="onnx")
+SIMPLIFIER = None         # --simplifier onnxsim|onnxslim|onnxoptimizer: the export as that tool rewrites it
 
 
 def vjp_session(model: onnx.ModelProto, x_name: str, y_name: str) -> ort.InferenceSession:
@@ -212,6 +224,28 @@ def ort_optimized(path: str) -> onnx.ModelProto:
     return load(out).proto     # a network the optimiser fuses nothing in (RepVGG's adds before each ReLU) stays plain
 
 
+def simplified(path: str, tool: str) -> onnx.ModelProto:
+    """The file as ``tool`` (onnxsim, onnxslim or onnxoptimizer, each with its defaults) rewrites it,
+    loaded by onnxsal as the engine loads it."""
+    from onnxsal.model import load
+
+    out = path[:-len(".onnx")] + f"_{tool}.onnx"
+    if not os.path.exists(out):
+        m = onnx.load(path)
+        if tool == "onnxsim":
+            import onnxsim
+            m, ok = onnxsim.simplify(m)
+            assert ok, "onnxsim's own check failed"
+        elif tool == "onnxslim":
+            import onnxslim
+            m = onnxslim.slim(m)
+        else:
+            import onnxoptimizer
+            m = onnxoptimizer.optimize(m)
+        onnx.save(m, out)
+    return load(out).proto
+
+
 def torch_errors(net, path: str, size: int, classes: int, dynamo: bool, float64: bool = False) -> list:
     """Export ``net`` to ``path`` once, then its VJP graph's input gradient against torch.autograd's
     for each seed (with ``--ort-optimized``, of the file as ONNX Runtime's optimiser saves it).
@@ -222,7 +256,8 @@ def torch_errors(net, path: str, size: int, classes: int, dynamo: bool, float64:
     import torch
 
     path = export_once(net, path, size, dynamo)
-    sess = vjp_session(ort_optimized(path) if ORT_OPTIMIZED else onnx.load(path), "image", "logits")
+    sess = vjp_session(ort_optimized(path) if ORT_OPTIMIZED else simplified(path, SIMPLIFIER) if SIMPLIFIER
+                       else onnx.load(path), "image", "logits")
     net64 = copy.deepcopy(net).double() if float64 else None
     errs = []
     for seed in SEEDS:
@@ -429,6 +464,50 @@ def hf_errors(name: str, cache: str, dynamo: bool = False) -> list[str]:
     return torch_errors(net, path, size, 10, dynamo, float64=True)
 
 
+def ultralytics_errors(name: str, cache: str) -> list[float]:
+    """An Ultralytics model built from its YAML (random weights; no download), exported by Ultralytics
+    itself (torch.onnx, then onnxslim, a static batch of 1), against torch.autograd on the fused
+    network it exported, at batch 2 with a random cotangent on the whole first output."""
+    import shutil
+    import tempfile
+
+    import torch
+    from ultralytics import YOLO
+
+    size = 128 if "-cls" in name else 160
+    torch.manual_seed(0)
+    yolo = YOLO(f"{name}.yaml")
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            written = yolo.export(format="onnx", imgsz=size, simplify=True, dynamic=False, verbose=False)
+        finally:
+            os.chdir(here)
+        path = os.path.join(cache, f"ultralytics_{name}_{size}.onnx")
+        shutil.copy(os.path.join(tmp, written), path)
+    net = yolo.model.eval()
+
+    def first(out):
+        return out if isinstance(out, torch.Tensor) else first(out[0])
+
+    from onnxsal.model import load
+
+    m = load(path)
+    sess = vjp_session(m.proto, m.input.name, m.output)
+    errs = []
+    for seed in SEEDS:
+        rng = np.random.default_rng(seed)
+        x = rng.uniform(0, 1, (2, 3, size, size)).astype(np.float32)
+        xt = torch.tensor(x, requires_grad=True)
+        out = first(net(xt))
+        cot = rng.standard_normal(tuple(out.shape)).astype(np.float32)
+        (out * torch.tensor(cot)).sum().backward()
+        got = sess.run([f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.output}": cot})[0]
+        errs.append(rel(got, xt.grad.numpy()))
+    return errs
+
+
 def keras_errors(name: str, cache: str) -> list[float]:
     from converters import keras as kc
     from onnxsal.model import load
@@ -545,25 +624,32 @@ def main() -> None:
                     "from their default configurations, against torch.autograd in float64")
     ap.add_argument("--keras-export", action="store_true",
                     help="with --keras: the file Keras 3 writes with model.export(format='onnx')")
+    ap.add_argument("--ultralytics", action="store_true",
+                    help="Ultralytics YOLO models from their YAMLs, as Ultralytics exports them (onnxslim)")
+    ap.add_argument("--simplifier", choices=("onnxsim", "onnxslim", "onnxoptimizer"), default=None,
+                    help="torchvision, timm or Hugging Face exports as that tool rewrites them")
     ap.add_argument("--nets", default=None)
     args = ap.parse_args()
     global ORT_OPTIMIZED, STATIC, OPSET, STATIC_BATCH, KERAS_EXPORT
     ORT_OPTIMIZED, STATIC, OPSET, STATIC_BATCH = args.ort_optimized, args.static, args.opset, args.batch
     KERAS_EXPORT = args.keras_export
+    global SIMPLIFIER
+    SIMPLIFIER = args.simplifier
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TIMM_FUSED_ATTN", "0")       # F.scaled_dot_product_attention does not export at opset 17
     cache = os.path.join(HERE, ".cache")
     os.makedirs(cache, exist_ok=True)
     nets = (args.nets or (KERAS if args.keras else TIMM if args.timm else PPOCR_NETS if args.ppocr else
-                          HF if args.hf else TORCHVISION)).split(",")
+                          HF if args.hf else ULTRALYTICS if args.ultralytics else TORCHVISION)).split(",")
     check = keras_errors if args.keras else (lambda n, c: timm_errors(n, c, args.dynamo)) if args.timm else \
-        (lambda n, c: hf_errors(n, c, args.dynamo)) if args.hf else \
+        (lambda n, c: hf_errors(n, c, args.dynamo)) if args.hf else ultralytics_errors if args.ultralytics else \
         ppocr_errors if args.ppocr else half_errors if args.half else qdq_errors if args.qdq else \
         (lambda n, c: qdq_errors(n, c, "QOperator")) if args.qoperator else \
         (lambda n, c: qdq_errors(n, c, "Dynamic")) if args.dynamic else \
         (lambda n, c: torchvision_errors(n, c, args.dynamo))
     source = f"Keras{' model.export' if KERAS_EXPORT else ''} (tf.GradientTape)" if args.keras else \
         "timm (torch.autograd)" if args.timm else \
+        "Ultralytics (torch.autograd on the fused network)" if args.ultralytics else \
         "Hugging Face transformers (onnxsal vs torch.autograd in float64 / PyTorch's float32 vs the same)" \
         if args.hf else \
         "PP-OCR (torch.autograd on onnx2torch, float64)" if args.ppocr else \
@@ -578,7 +664,8 @@ def main() -> None:
     print(f"# {source}"
           f"{', dynamo exporter' if args.dynamo else ''}"
           f"{f', opset {OPSET}' if OPSET else ''}{f', static batch of {STATIC_BATCH}' if STATIC else ''}"
-          f"{', saved by ONNX Runtime at the extended optimisation level' if args.ort_optimized else ''}: "
+          f"{', saved by ONNX Runtime at the extended optimisation level' if args.ort_optimized else ''}"
+          f"{f', rewritten by {SIMPLIFIER}' if SIMPLIFIER else ''}: "
           f"max|onnxsal - reference| / max|reference|, seeds {SEEDS}")
     print("| network | " + " | ".join(f"seed {s}" for s in SEEDS) + " | s |")
     print("|---|" + "---|" * (len(SEEDS) + 1))
