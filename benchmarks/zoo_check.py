@@ -16,7 +16,7 @@
     .venv-bench/bin/python benchmarks/zoo_check.py --hf [--dynamo] [--static]   # Hugging Face transformers' classifiers
     .venv/bin/python benchmarks/zoo_check.py --keras --keras-export   # Keras 3's own model.export(format="onnx")
     .venv-bench/bin/python benchmarks/zoo_check.py --simplifier onnxsim [--static]   # as onnxsim/onnxslim/onnxoptimizer rewrite them
-    .venv-bench/bin/python benchmarks/zoo_check.py --ultralytics   # YOLOv8/YOLO11 as Ultralytics exports them
+    .venv-bench/bin/python benchmarks/zoo_check.py --ultralytics [--final]   # YOLOv8/YOLO11 as Ultralytics exports them
 
 Each network has random weights (calibrated batch-norm statistics, zero-initialised heads given
 small random weights so the gradient is not zero), is exported with torch.onnx (TorchScript
@@ -141,6 +141,7 @@ TIMM = ("ecaresnet26t:128,skresnet18:128,res2net50_14w_8s:128,dla34:128,cspdarkn
 PPOCR_NETS = "ppocr_cls,ppocr_det,ppocr_rec"
 # Hugging Face transformers: <Name>ForImageClassification with <Name>Config's defaults (see --hf)
 # Ultralytics: YOLOv8 / YOLO11 classifiers, detectors, segmenters and pose models from their YAMLs
+ULTRALYTICS_FINAL = "yolov8n:nms,yolo11n:nms,yolo26n:nms,yolo26n:e2e,yolov10n:e2e"
 ULTRALYTICS = ("yolov8n-cls,yolo11n-cls,yolov8n,yolo11n,yolov8n-seg,yolo11n-seg,yolov8n-pose,yolo11n-pose,yolov8n-obb,"
                "yolo11n-obb")
 HF = ("ViT,DeiT,Beit,Data2VecVision,Dinov2,Dinov2WithRegisters,IJepa,ViTMSN,ConvNext,ConvNextV2,Swin,Swinv2,"
@@ -508,6 +509,91 @@ def ultralytics_errors(name: str, cache: str) -> list[float]:
     return errs
 
 
+def _he_normal(net, skip) -> None:
+    """He-normal weights on every conv but ``skip``: at Ultralytics' own initialisation the head's
+    scores are equal to 6 digits across anchors, so TopK and NMS would pick among ties that two
+    engines' roundings order differently."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.Conv2d) and mod is not skip:
+                fan = mod.weight[0].numel()
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * (2.0 / fan) ** 0.5)
+
+
+def ultralytics_final_errors(name: str, cache: str) -> list[float]:
+    """An Ultralytics detector exported with its final detections (N, 300, 6): ``name:nms`` with
+    ``nms=True`` (NonMaxSuppression in the graph), ``name:e2e`` with ``nms=False`` (an NMS-free head's
+    TopK). He-normal convolutions. The cotangent is random on the score of every kept detection;
+    the reference is torch.autograd on the network without its NMS, each kept detection matched to
+    its anchor by box and score (``e2e``: the network with its own TopK, on the whole output)."""
+    import copy
+    import shutil
+    import tempfile
+
+    import torch
+    from ultralytics import YOLO
+
+    base, kind = name.split(":")
+    size = 160
+    torch.manual_seed(0)
+    yolo = YOLO(f"{base}.yaml")
+    head = yolo.model.model[-1]
+    _he_normal(yolo.model, getattr(getattr(head, "dfl", None), "conv", None))
+    with torch.no_grad():        # class biases at 0, not -10: confidences near 0.5, above NMS's 0.25 threshold
+        for branch in (getattr(head, "cv3", None), getattr(head, "one2one_cv3", None)):
+            for seq in branch or []:
+                seq[-1].bias.zero_()
+    plain = copy.deepcopy(yolo.model).eval()
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            written = yolo.export(format="onnx", imgsz=size, simplify=True, nms=kind == "nms", verbose=False)
+        finally:
+            os.chdir(here)
+        path = os.path.join(cache, f"ultralytics_{base}_{kind}_{size}.onnx")
+        shutil.copy(os.path.join(tmp, written), path)
+    from onnxsal.model import load
+
+    m = load(path)
+    assert type(m.detection).__name__ == "DetectionList", m.detection
+    sess = vjp_session(m.proto, m.input.name, m.output)
+    net = yolo.model.eval()
+    if kind == "e2e":
+        net.model[-1].end2end, net.model[-1].export = True, True
+    errs = []
+    for seed in SEEDS:
+        rng = np.random.default_rng(seed)
+        x = rng.uniform(0, 1, (1, 3, size, size)).astype(np.float32)
+        xt = torch.tensor(x, requires_grad=True)
+        if kind == "e2e":
+            out = net(xt)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            cot = rng.standard_normal(tuple(out.shape)).astype(np.float32)
+            (out * torch.tensor(cot)).sum().backward()
+        else:
+            rows = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {m.input.name: x})[0][0]
+            kept = np.flatnonzero(rows[:, 4] > 0)
+            cot = np.zeros((1,) + rows.shape, np.float32)
+            cot[0, kept, 4] = rng.standard_normal(len(kept))
+            out = plain(xt)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            ref = out.detach().numpy()[0]
+            xyxy = np.concatenate([ref[:2] - ref[2:4] / 2, ref[:2] + ref[2:4] / 2])
+            score = 0
+            for k in kept:
+                c = int(round(rows[k, 5]))
+                a = int(np.argmin(np.abs(xyxy - rows[k, :4, None]).sum(axis=0) + np.abs(ref[4 + c] - rows[k, 4])))
+                score = score + float(cot[0, k, 4]) * out[0, 4 + c, a]
+            score.backward()
+        got = sess.run([f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.output}": cot})[0]
+        errs.append(rel(got, xt.grad.numpy()))
+    return errs
+
+
 def keras_errors(name: str, cache: str) -> list[float]:
     from converters import keras as kc
     from onnxsal.model import load
@@ -626,6 +712,8 @@ def main() -> None:
                     help="with --keras: the file Keras 3 writes with model.export(format='onnx')")
     ap.add_argument("--ultralytics", action="store_true",
                     help="Ultralytics YOLO models from their YAMLs, as Ultralytics exports them (onnxslim)")
+    ap.add_argument("--final", action="store_true",
+                    help="with --ultralytics: detectors exported with their final detections (nms=True / NMS-free)")
     ap.add_argument("--simplifier", choices=("onnxsim", "onnxslim", "onnxoptimizer"), default=None,
                     help="torchvision, timm or Hugging Face exports as that tool rewrites them")
     ap.add_argument("--nets", default=None)
@@ -640,9 +728,11 @@ def main() -> None:
     cache = os.path.join(HERE, ".cache")
     os.makedirs(cache, exist_ok=True)
     nets = (args.nets or (KERAS if args.keras else TIMM if args.timm else PPOCR_NETS if args.ppocr else
-                          HF if args.hf else ULTRALYTICS if args.ultralytics else TORCHVISION)).split(",")
+                          HF if args.hf else (ULTRALYTICS_FINAL if args.final else ULTRALYTICS) if args.ultralytics else
+                          TORCHVISION)).split(",")
     check = keras_errors if args.keras else (lambda n, c: timm_errors(n, c, args.dynamo)) if args.timm else \
-        (lambda n, c: hf_errors(n, c, args.dynamo)) if args.hf else ultralytics_errors if args.ultralytics else \
+        (lambda n, c: hf_errors(n, c, args.dynamo)) if args.hf else \
+        (ultralytics_final_errors if args.final else ultralytics_errors) if args.ultralytics else \
         ppocr_errors if args.ppocr else half_errors if args.half else qdq_errors if args.qdq else \
         (lambda n, c: qdq_errors(n, c, "QOperator")) if args.qoperator else \
         (lambda n, c: qdq_errors(n, c, "Dynamic")) if args.dynamic else \

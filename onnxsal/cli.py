@@ -106,9 +106,7 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
         out.print(f"  output    {esc(m.output)}  ({d.classes} classes per pixel, {d.height}x{d.width}: a class target "
                   "scores its map over the pixels it wins)")
     elif m.detection is not None:
-        d = m.detection
-        out.print(f"  output    {esc(m.output)}  (a detector's {d.anchors} boxes, {d.classes} classes: a class target "
-                  "scores its most confident box)")
+        out.print(f"  output    {esc(m.output)}  ({m.detection.describe()})")
     else:
         out.print(f"  output    {esc(m.output)}  ({m.num_classes} {'unit: binary classifier' if m.binary else 'classes'})")
     act = f"before the final {m.activation}" if m.activation else "the output itself (no final activation found)"

@@ -1,14 +1,18 @@
-"""Single-stage detectors' outputs: one box and one confidence per class for each anchor.
+"""Single-stage detectors' outputs: boxes with a confidence per class, or final detections.
 
-Ultralytics' YOLOv8/YOLO11 heads (and the segmentation and pose heads built on them) export
-one tensor of shape (N, 4 + classes [+ extra], anchors): rows 0-3 a box (centre x, y, width,
+Ultralytics' YOLOv8/YOLO11 heads (and the segmentation, pose and oriented-box heads built on them)
+export one tensor of shape (N, 4 + classes [+ extra], anchors): rows 0-3 a box (centre x, y, width,
 height in input pixels), then a sigmoid confidence per class, then, for those heads, mask
-coefficients or keypoints. Read as a classifier, its flattened row picks a box coordinate as the
+coefficients, keypoints or an angle. Read as a classifier, its flattened row picks a box coordinate as the
 "top class" (a coordinate of 480 beats any confidence), so such an output is recognised from the
 graph itself: a Concat on the row axis whose input right after four box rows is a Sigmoid.
 
 A class target then scores that class's confidence at its most confident anchor, the box a
 detector would report for it; pytorch-grad-cam's detection recipes score a chosen box the same way.
+
+Exported with its non-maximum suppression (or an NMS-free head's top-k), the output is instead a
+list of final detections, (N, kept, 6 + extra); only the file's metadata says so reliably, and a
+class target scores its most confident kept detection, or is refused when there is none.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -40,7 +44,7 @@ class DetectionOutput:
         return np.asarray(row).reshape(self.rows, self.anchors)[self.first:self.first + self.classes]
 
     def best(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(classes,) each class's highest confidence and the anchor that has it."""
+        """(classes,) each class's highest confidence and the anchor that has it (every class has one)."""
         conf = self.confidences(row)
         anchors = conf.argmax(axis=1)
         return conf[np.arange(self.classes), anchors], anchors
@@ -54,6 +58,66 @@ class DetectionOutput:
         s = np.zeros((self.rows, self.anchors), np.float32)
         s[self.first + cls, anchor] = 1.0
         return s.reshape(-1)
+
+    def where(self, seed: np.ndarray) -> int:
+        """The anchor a seed scores."""
+        return int(np.argmax(seed)) % self.anchors
+
+    def describe(self) -> str:
+        return f"a detector's {self.anchors} boxes, {self.classes} classes: a class target scores its most confident box"
+
+    def box_note(self, row: np.ndarray, cls: int, anchor: int) -> str:
+        x, y, w, h = self.box(row, anchor)
+        conf = float(self.confidences(row)[cls, anchor])
+        return f"anchor {anchor}, centre ({x:.0f}, {y:.0f}), {w:.0f}x{h:.0f} px, confidence {conf:.3g}"
+
+
+@dataclass(frozen=True)
+class DetectionList:
+    """(N, kept, rows) final detections, one per row: a box (4 values), its score, its class index,
+    then the head's extras (mask coefficients, keypoints, angle). Ultralytics writes these with
+    ``nms=True`` (NonMaxSuppression inside the graph) and, with ``nms=False``, for its NMS-free heads
+    (YOLO26, YOLOv10); rows the detector did not fill hold a score of 0."""
+
+    classes: int
+    kept: int
+    rows: int
+    corners: bool = True        # x1, y1, x2, y2; else centre x, y, width, height (oriented boxes)
+
+    def _table(self, row: np.ndarray) -> np.ndarray:
+        return np.asarray(row).reshape(self.kept, self.rows)
+
+    def best(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(classes,) each class's highest score among the kept detections (0 with none) and the
+        detection that has it (-1 with none)."""
+        t = self._table(row)
+        scores, ids = t[:, 4], np.rint(t[:, 5]).astype(np.int64)
+        values = np.zeros(self.classes, np.float64)
+        where = np.full(self.classes, -1, np.int64)
+        for k in np.argsort(-scores, kind="stable"):
+            c = ids[k]
+            if scores[k] > 0 and 0 <= c < self.classes and where[c] < 0:
+                values[c], where[c] = scores[k], k
+        return values, where
+
+    def seed(self, cls: int, k: int) -> np.ndarray:
+        """A flattened one-hot row at detection ``k``'s score."""
+        s = np.zeros((self.kept, self.rows), np.float32)
+        s[k, 4] = 1.0
+        return s.reshape(-1)
+
+    def where(self, seed: np.ndarray) -> int:
+        return int(np.argmax(seed)) // self.rows
+
+    def describe(self) -> str:
+        return (f"a detector's final detections, up to {self.kept}, {self.classes} classes: a class target scores "
+                "its most confident detection")
+
+    def box_note(self, row: np.ndarray, cls: int, k: int) -> str:
+        a, b, c, d, score = self._table(row)[k, :5]
+        box = (f"corners ({a:.0f}, {b:.0f})-({c:.0f}, {d:.0f})" if self.corners else
+               f"centre ({a:.0f}, {b:.0f}), {c:.0f}x{d:.0f}")
+        return f"detection {k}, {box}, score {score:.3g}"
 
 
 def _shape(shapes: dict, name: str) -> Optional[tuple]:
@@ -95,19 +159,57 @@ def find_detection(proto: onnx.ModelProto, output: str, shapes: dict) -> Optiona
     return None
 
 
+def find_detection_list(meta: dict, shape: Optional[tuple]) -> Optional[DetectionList]:
+    """An Ultralytics export's final detections, from its metadata: such a graph ends in TopK or
+    NonMaxSuppression and padding, which say nothing reliable about the columns."""
+    if meta.get("author") != "Ultralytics" or meta.get("task") not in ("detect", "segment", "pose", "obb"):
+        return None
+    if meta.get("head") == "RTDETRDecoder" or shape is None or len(shape) != 3 or None in shape[1:] or shape[2] < 6:
+        return None
+    try:
+        args = ast.literal_eval(meta.get("args", "{}"))
+        names = ast.literal_eval(meta.get("names", ""))
+    except (ValueError, SyntaxError):
+        return None
+    nms = isinstance(args, dict) and args.get("nms") is True
+    if not (nms or meta.get("end2end") == "True") or not isinstance(names, dict) or not names:
+        return None
+    return DetectionList(len(names), int(shape[1]), int(shape[2]), corners=meta.get("task") != "obb")
+
+
+Detection = Union[DetectionOutput, DetectionList]
+
+
+def _value_outputs(node: onnx.NodeProto) -> list[str]:
+    """The outputs through which ``node`` passes values on, not only indices or shapes: an NMS
+    export reaches its output from the image's Shape too, around every conv."""
+    from .graph.autodiff import NON_DIFFERENTIABLE
+
+    if node.op_type in NON_DIFFERENTIABLE or node.op_type == "NonMaxSuppression":
+        return []
+    if node.op_type == "TopK":
+        return [node.output[0]]
+    if node.op_type == "Cast":
+        to = next((a.i for a in node.attribute if a.name == "to"), 0)
+        if to not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                      onnx.TensorProto.BFLOAT16):
+            return []
+    return [o for o in node.output if o]
+
+
 def dominating(proto: onnx.ModelProto, tensors: Sequence[str], source: str, target: str) -> Optional[str]:
     """The last of ``tensors`` (in graph order) that every path from ``source`` to ``target`` passes.
 
     A detector's heads read several scales, so its last conv map feeds one scale's anchors only and
     a box at another scale gets no gradient there; the last map every anchor depends on serves all.
     """
-    nodes = list(proto.graph.node)
+    carried = [(n, _value_outputs(n)) for n in proto.graph.node]
 
     def reaches(blocked: str) -> bool:
         live = {source}
-        for n in nodes:              # graph order is topological
-            if any(i in live for i in n.input if i):
-                live.update(o for o in n.output if o != blocked)
+        for n, outs in carried:      # graph order is topological
+            if outs and any(i in live for i in n.input if i):
+                live.update(o for o in outs if o != blocked)
         return target in live
 
     for t in reversed(list(tensors)):

@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import onnx
 
+from .errors import TargetError
 from .graph.simplify import simplify_inplace
 from .graph.surgery import expose, replace
 from .model import Model
@@ -197,13 +198,18 @@ def make_targets(model: Model, indices: Sequence[int], score: str = "logit",
     Per-pixel models (``model.dense``): class c scores the sum of its map over the pixels the
     model assigns to c in ``row`` (its output on the input), pytorch-grad-cam's segmentation
     recipe; over every pixel when it assigns none. Detectors (``model.detection``): class c scores
-    its confidence at its most confident anchor in ``row``.
+    its confidence at its most confident anchor in ``row``, or its most confident final detection.
     """
     if model.detection is not None:
         if row is None:
             raise ValueError("a detector's class targets need its output row")
-        _, anchors = model.detection.best(row)
-        return [Target(int(i), model.label(int(i)), model.detection.seed(int(i), int(anchors[i]))) for i in indices]
+        values, where = model.detection.best(row)
+        for i in indices:
+            if where[i] < 0:
+                found = [f"{model.label(c)} ({values[c]:.3g})" for c in np.argsort(-values)[:5] if where[c] >= 0]
+                raise TargetError(f"class {model.label(int(i))} has no detection in this image; the detector kept "
+                                  + (", ".join(found) if found else "none"))
+        return [Target(int(i), model.label(int(i)), model.detection.seed(int(i), int(where[i]))) for i in indices]
     if model.dense is not None:
         if row is None:
             raise ValueError("a per-pixel model's class targets need its output row")

@@ -16,7 +16,7 @@ from .methods import check_options, get as get_method
 from .context import Context
 from .engine import Engine, Target, make_targets
 from .errors import ImageError, TargetError
-from .detection import DetectionOutput
+from .detection import Detection
 from .model import DenseOutput, Layer, Model, load
 from .postprocess import finish, resize
 from .preprocess import Prepared, Preprocess, make_spec, prepare
@@ -46,7 +46,7 @@ class Explanation:
     input_size: tuple = ()
     labels: Optional[list] = field(default=None, repr=False)
     dense: Optional[DenseOutput] = field(default=None, repr=False)   # per-pixel models
-    detection: Optional[DetectionOutput] = field(default=None, repr=False)   # detectors
+    detection: Optional[Detection] = field(default=None, repr=False)   # detectors
 
     @property
     def map(self) -> np.ndarray:
@@ -143,11 +143,7 @@ def box_notes(m: Model, targets: Sequence[Target], row: np.ndarray) -> list[str]
     for t in targets:
         if t.index < 0:
             continue
-        anchor = int(np.argmax(t.seed)) % d.anchors
-        x, y, w, h = d.box(row, anchor)
-        conf = float(d.confidences(row)[t.index, anchor])
-        notes.append(f"class {t.label}: its most confident box, anchor {anchor}, centre ({x:.0f}, {y:.0f}), "
-                     f"{w:.0f}x{h:.0f} px, confidence {conf:.3g}")
+        notes.append(f"class {t.label}: its most confident box, {d.box_note(row, t.index, d.where(t.seed))}")
     return notes
 
 
@@ -214,7 +210,11 @@ class Explainer:
             elif m.dense is not None:      # the classes covering most pixels first
                 order = list(class_shares(m.dense, scores)[1])
             elif m.detection is not None:  # the classes whose best box is most confident first
-                order = list(np.argsort(-m.detection.best(scores)[0], kind="stable"))
+                values, where = m.detection.best(scores)
+                order = [c for c in np.argsort(-values, kind="stable") if where[c] >= 0]
+                if not order:
+                    raise TargetError("the detector kept no detection in this image, so there is no class to "
+                                      "explain; give --target-weights to score any value of its output")
             else:
                 order = list(np.argsort(-scores.reshape(-1), kind="stable"))
             if top_k < 1:

@@ -21,6 +21,7 @@ from .graph.integer_input import PIXEL_TYPES
 from .graph.normalize import opset_of
 from .graph.surgery import rename_tensor
 from .graph.weights import attach
+from .detection import DetectionList
 from .model import Model, load
 
 EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam",
@@ -153,7 +154,8 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
 
     For a per-pixel model the logits are its class maps, and a target class scores its map over the
     pixels the image's output assigns to it, as ``Explainer.explain`` does; for a detector they are its
-    (N, rows, anchors) output, and a class scores its confidence at its most confident anchor."""
+    (N, rows, anchors) output, and a class scores its confidence at its most confident anchor (its most
+    confident kept detection, for final detections: with none, its map is empty)."""
     m: Model = load(model)
     method = method.lower()
     if method not in EXPORTABLE:
@@ -259,7 +261,12 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     dense, det = m.dense, m.detection
     depth = e.const([dense.classes if dense is not None else det.rows if det is not None else m.num_classes],
                     np.int64, "depth")
-    hot_row = e.op("Add", [rows_target, e.const(det.first, np.int64)]) if det is not None else rows_target
+    if isinstance(det, DetectionList):          # every row scores a detection's score column
+        hot_row = e.op("Add", [e.op("Mul", [rows_target, e.const(0, np.int64)]), e.const(4, np.int64)])
+    elif det is not None:
+        hot_row = e.op("Add", [rows_target, e.const(det.first, np.int64)])
+    else:
+        hot_row = rows_target
     onehot = e.op("OneHot", [hot_row, depth, e.const([0.0, 1.0])], axis=-1)
     n_img = e.op("Gather", [e.op("Shape", [target]), e.const(0, np.int64)])
     if clean is not None:
@@ -268,7 +275,29 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         extra_row = e.op("Greater", [row, e.op("Sub", [n_img, e.const(1, np.int64)])])   # clean rows get no cotangent
         mask = e.op("Cast", [extra_row], to=TensorProto.FLOAT)
         onehot = e.op("Mul", [onehot, e.op("Unsqueeze", [mask, e.const([1], np.int64)])])
-    if det is not None:
+    if isinstance(det, DetectionList):
+        # a class scores its most confident kept detection (none: no cotangent, an empty map)
+        first = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
+        own = e.op("Slice", [logits, e.const([0], np.int64), first, e.const([0], np.int64)])     # the images' rows
+
+        def column(j: int) -> str:
+            return e.op("Squeeze", [e.op("Slice", [own, e.const([j], np.int64), e.const([j + 1], np.int64),
+                                                   e.const([2], np.int64)]), e.const([2], np.int64)])
+
+        score = column(4)
+        wanted = e.op("Cast", [e.op("Unsqueeze", [target, e.const([1], np.int64)])], to=TensorProto.FLOAT)
+        match = e.op("And", [e.op("Equal", [e.op("Round", [column(5)]), wanted]),
+                             e.op("Greater", [score, e.const(0.0)])])
+        pick = e.op("ArgMax", [e.op("Where", [match, score, e.const(-1.0)])], axis=1, keepdims=0)
+        found = e.reduce("ReduceMax", e.op("Cast", [match], to=TensorProto.FLOAT), [1], keepdims=0)
+        if clean is not None:
+            pick = e.op("Concat", [pick, e.op("Tile", [pick, e.const([clean[0]], np.int64)])], axis=0)
+            found = e.op("Concat", [found, e.op("Tile", [found, e.const([clean[0]], np.int64)])], axis=0)
+        hot = e.op("Mul", [e.op("OneHot", [pick, e.const([det.kept], np.int64), e.const([0.0, 1.0])], axis=-1),
+                           e.op("Unsqueeze", [found, e.const([1], np.int64)])])
+        e.op("Mul", [e.op("Unsqueeze", [hot, e.const([2], np.int64)]),
+                     e.op("Unsqueeze", [onehot, e.const([1], np.int64)])], out=grad_y)
+    elif det is not None:
         # a class scores its confidence at the anchor where the image's output has it highest
         first = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
         own = e.op("Slice", [logits, e.const([0], np.int64), first, e.const([0], np.int64)])     # the images' rows
@@ -395,7 +424,9 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
             parts[0] = e.op("Transpose", [parts[0]], perm=[0, 3, 1, 2])
         normalize_and_squeeze(e.op("Sum", parts) if len(parts) > 1 else parts[0], 1)
 
-    if det is not None:
+    if isinstance(det, DetectionList):
+        logit_dims = ["N", det.kept, det.rows]
+    elif det is not None:
         logit_dims = ["N", det.rows, det.anchors]
     elif dense is None:
         logit_dims = ["N", m.num_classes]

@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from .detection import DetectionOutput, dominating, find_detection, ultralytics_metadata
+from .detection import Detection, dominating, find_detection, find_detection_list, ultralytics_metadata
 from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import (FLOAT_TYPES, infer, normalize_traced, static_dims, tensor_shapes, upgrade_opset,
                               without_weight_data)
@@ -129,7 +129,7 @@ class Model:
     metadata: dict = field(default_factory=dict)
     layer_aliases: dict = field(default_factory=dict)
     dense: Optional[DenseOutput] = None      # set for per-pixel outputs; a class index then names a class map
-    detection: Optional[DetectionOutput] = None  # set for detectors' box outputs; a class names its best box
+    detection: Optional[Detection] = None    # set for detectors' outputs; a class names its best box
     lifted_from: tuple[str, ...] = ()        # the file's float types that run in float32 here (graph/precision.py)
     expanded: tuple[str, ...] = ()           # ONNX Runtime fused op types written as standard ops (graph/contrib.py)
     quantisers: int = 0                      # QuantizeLinear nodes on activations (QDQ form; graph/rules/quant.py)
@@ -666,7 +666,8 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         c, h, w = (out_shape[3], out_shape[1], out_shape[2]) if layout == "NHWC" else out_shape[1:]
         if h * w > 1:
             dense = DenseOutput(int(c), int(h), int(w), layout == "NHWC")
-    detection = find_detection(proto, logits, shapes) if dense is None else None
+    detection = None if dense is not None else \
+        find_detection(proto, logits, shapes) or find_detection_list(meta, tuple(out_shape))
 
     label_list = list(labels) if labels else None
     if label_list is None and META_LABELS in meta:

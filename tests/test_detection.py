@@ -53,8 +53,9 @@ class TinyDetector(nn.Module):
         return out
 
 
-def export(net: nn.Module, path, dynamic_size: bool = False) -> onnx.ModelProto:
-    axes = {"images": {2: "h", 3: "w"}} if dynamic_size else None
+def export(net: nn.Module, path, dynamic_size: bool = False, dynamic_batch: bool = False) -> onnx.ModelProto:
+    axes = {"images": {**({0: "n"} if dynamic_batch else {}), **({2: "h", 3: "w"} if dynamic_size else {})}} \
+        if dynamic_size or dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (torch.randn(1, 3, SIZE, SIZE),), str(path), input_names=["images"],
@@ -228,3 +229,147 @@ def test_odd_ultralytics_names_are_ignored():
     assert ultralytics_metadata({"author": "Ultralytics", "names": "{1: 'a'}"})[1] is None
     assert ultralytics_metadata({"author": "Ultralytics", "names": "not python"})[1] is None
     assert ultralytics_metadata({"author": "someone", "names": "{0: 'a'}"}) == (None, None)
+
+
+class TinyFinal(nn.Module):
+    """TinyDetector's output as final detections (Ultralytics' NMS-free heads): the ``keep`` best
+    (anchor, class) scores, each row x1, y1, x2, y2, score, class; rows scoring below ``floor`` are
+    zeroed, as an NMS export pads the detections it did not keep."""
+
+    def __init__(self, keep: int = 12, floor: float = 0.0):
+        super().__init__()
+        self.det = TinyDetector()
+        with torch.no_grad():                  # confidences spread over (0, 1)
+            for c in self.det.cls:
+                c.weight.mul_(8)
+        self.keep, self.floor = keep, floor
+
+    def forward(self, x):
+        y = self.det(x)
+        boxes, scores = y[:, :4].transpose(1, 2), y[:, 4:4 + CLASSES].transpose(1, 2)
+        boxes = torch.cat([boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2], -1)
+        top, idx = scores.flatten(1).topk(self.keep)
+        anchor = torch.div(idx, CLASSES, rounding_mode="floor")
+        picked = boxes.gather(1, anchor.unsqueeze(-1).expand(-1, -1, 4))
+        out = torch.cat([picked, top[..., None], (idx - anchor * CLASSES)[..., None].float()], -1)
+        return out * (top > self.floor)[..., None].float() if self.floor else out
+
+
+@pytest.fixture(scope="module", params=[0.0, 0.7], ids=["nms_free", "padded"])
+def final(request, tmp_path_factory):
+    torch.manual_seed(3)
+    net = TinyFinal(floor=request.param).eval()
+    path = tmp_path_factory.mktemp("final") / "final.onnx"
+    model = export(net, path, dynamic_batch=True)     # the batch read off the image's Shape: a path around every conv
+    for k, v in {"author": "Ultralytics", "task": "detect", "end2end": "True", "imgsz": f"[{SIZE}, {SIZE}]",
+                 "names": "{0: 'person', 1: 'bicycle', 2: 'car'}", "args": "{'nms': False}"}.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(path))
+    x = np.random.default_rng(3).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    return net, model, x, str(path)
+
+
+def final_reference(net, x, cls):
+    """torch.autograd of class ``cls``'s most confident kept detection's score (None: no such row)."""
+    xt = torch.tensor(x, requires_grad=True)
+    out = net(xt)
+    rows = out[0].detach().numpy()
+    mine = [k for k in range(len(rows)) if rows[k, 4] > 0 and int(round(rows[k, 5])) == cls]
+    if not mine:
+        return rows, None, None
+    k = max(mine, key=lambda r: rows[r, 4])
+    out[0, k, 4].backward()
+    return rows, k, xt.grad.numpy()[0]
+
+
+def test_final_detections_score_a_class_best_row(final):
+    from onnxsal.errors import TargetError
+
+    net, model, x, _ = final
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    d = ex.model.detection
+    assert (d.classes, d.kept, d.rows) == (CLASSES, 12, 6)
+    assert ex.model.default_layer.tensor == node_output(model, "down1")
+    present, best = [], {}
+    for cls in range(CLASSES):
+        rows, k, gx = final_reference(net, x[:1], cls)
+        if k is None:
+            with pytest.raises(TargetError, match=f"class {['person', 'bicycle', 'car'][cls]} has no detection"):
+                ex.explain(x[:1], "saliency", cls)
+            continue
+        present.append(cls)
+        best[cls] = rows[k, 4]
+        sal = ex.explain(x[:1], "saliency", cls)
+        np.testing.assert_allclose(sal.raw[0], np.abs(gx).max(axis=0), rtol=1e-4, atol=1e-6 * np.abs(gx).max())
+        a, b, c, e = rows[k, :4]
+        assert f"detection {k}, corners ({a:.0f}, {b:.0f})-({c:.0f}, {e:.0f})" in sal.notes[0]
+    assert present
+    res = ex.explain(x[:1], "saliency", top_k=CLASSES)        # only the classes the detector kept
+    assert [t.index for t in res.targets] == sorted(present, key=lambda c: -best[c])
+
+
+def test_the_fixtures_cover_a_missing_class(final):
+    """The padded fixture keeps no detection of some class (its target is refused, not guessed); the
+    other keeps every class."""
+    net, _, x, _ = final
+    missing = [c for c in range(CLASSES) if final_reference(net, x[:1], c)[1] is None]
+    assert bool(missing) == bool(net.floor)
+
+
+def test_exported_graph_of_final_detections_equals_explain(final):
+    import onnxruntime as ort
+
+    from onnxsal.export import export as export_graph
+
+    net, model, x, _ = final
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    for method in ("gradcam", "saliency", "ig"):
+        sess = ort.InferenceSession(export_graph(model, method).SerializeToString())
+        for cls in range(CLASSES):
+            _, maps = sess.run(["logits", "map"], {"images": x, "target": np.full(2, cls, np.int64)})
+            for k in range(2):
+                if final_reference(net, x[k:k + 1], cls)[1] is None:
+                    assert not maps[k].any(), f"{method}: class {cls} has no detection, so no map"
+                    continue
+                ref = ex.explain(x[k:k + 1], method, cls, **({"steps": 32} if method == "ig" else {}))
+                np.testing.assert_allclose(maps[k], ref.map, atol=1e-5, err_msg=f"{method} class {cls} image {k}")
+
+
+def test_final_detections_from_the_command_line(final, tmp_path, capsys):
+    from PIL import Image
+
+    net, _, _, path = final
+    assert main(["inspect", path]) == 0
+    assert "final detections, up to 12, 3 classes" in capsys.readouterr().out
+    rgb = np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    with torch.no_grad():
+        rows = net(torch.tensor(rgb.transpose(2, 0, 1)[None] / 255.0, dtype=torch.float32)).numpy()[0]
+    kept = {int(round(r[5])) for r in rows if r[4] > 0}
+    for cls, name in enumerate(["person", "bicycle", "car"]):
+        code = main(["explain", path, str(tmp_path / "img.png"), "-t", name, "-m", "saliency", "-o",
+                     str(tmp_path / "out"), "-q"])
+        err = capsys.readouterr().err
+        assert (code == 0) == (cls in kept), err
+        if cls not in kept:
+            assert f"class {name} has no detection in this image" in err and len(err.strip().splitlines()) == 1
+
+
+def test_faithfulness_of_final_detections(final):
+    from onnxsal.evaluate.faithfulness import probabilities
+
+    net, model, x, _ = final
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    with torch.no_grad():
+        out = net(torch.tensor(x)).numpy()
+    for cls in range(CLASSES):
+        want = [max([r[4] for r in img if r[4] > 0 and int(round(r[5])) == cls], default=0.0) for img in out]
+        np.testing.assert_allclose(probabilities(ex, x, cls), want, rtol=1e-5)
+
+
+def test_final_detections_need_the_metadata(final):
+    """Without Ultralytics' metadata nothing says which column is the score: read as flat scores."""
+    _, model, _, _ = final
+    bare = onnx.ModelProto.FromString(model.SerializeToString())
+    del bare.metadata_props[:]
+    assert onnxsal.load(bare).detection is None

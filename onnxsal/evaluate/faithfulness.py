@@ -79,8 +79,8 @@ def probabilities(ex: Explainer, xb: np.ndarray, target: int) -> np.ndarray:
     m = ex.model
     (logits,) = ex.engine.outputs(xb, [m.logits])
     z = logits.reshape(len(xb), -1).astype(np.float64)
-    if m.detection is not None:         # a detector: the class's best box, wherever it moves to
-        return np.stack([m.detection.confidences(r)[target].max() for r in z])
+    if m.detection is not None:         # a detector: the class's best box, wherever it moves to (0 when gone)
+        return np.stack([m.detection.best(r)[0][target] for r in z])
     if z.shape[1] == 1:
         p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
         return p1 if target == 1 else 1.0 - p1
