@@ -82,7 +82,8 @@ class DetectionList:
     classes: int
     kept: int
     rows: int
-    corners: bool = True        # x1, y1, x2, y2; else centre x, y, width, height (oriented boxes)
+    corners: bool = True        # x1, y1, x2, y2; else centre x, y, width, height (oriented boxes, RT-DETR)
+    fractions: bool = False     # box values are fractions of the image's width and height (RT-DETR)
 
     def _table(self, row: np.ndarray) -> np.ndarray:
         return np.asarray(row).reshape(self.kept, self.rows)
@@ -115,9 +116,10 @@ class DetectionList:
 
     def box_note(self, row: np.ndarray, cls: int, k: int) -> str:
         a, b, c, d, score = self._table(row)[k, :5]
-        box = (f"corners ({a:.0f}, {b:.0f})-({c:.0f}, {d:.0f})" if self.corners else
-               f"centre ({a:.0f}, {b:.0f}), {c:.0f}x{d:.0f}")
-        return f"detection {k}, {box}, score {score:.3g}"
+        f = ".3f" if self.fractions else ".0f"
+        box = (f"corners ({a:{f}}, {b:{f}})-({c:{f}}, {d:{f}})" if self.corners else
+               f"centre ({a:{f}}, {b:{f}}), {c:{f}}x{d:{f}}")
+        return f"detection {k}, {box}{' of the image' if self.fractions else ''}, score {score:.3g}"
 
 
 def _shape(shapes: dict, name: str) -> Optional[tuple]:
@@ -161,20 +163,23 @@ def find_detection(proto: onnx.ModelProto, output: str, shapes: dict) -> Optiona
 
 def find_detection_list(meta: dict, shape: Optional[tuple]) -> Optional[DetectionList]:
     """An Ultralytics export's final detections, from its metadata: such a graph ends in TopK or
-    NonMaxSuppression and padding, which say nothing reliable about the columns."""
+    NonMaxSuppression and padding, which say nothing reliable about the columns. RT-DETR's decoder
+    always ends so."""
     if meta.get("author") != "Ultralytics" or meta.get("task") not in ("detect", "segment", "pose", "obb"):
         return None
-    if meta.get("head") == "RTDETRDecoder" or shape is None or len(shape) != 3 or None in shape[1:] or shape[2] < 6:
+    if shape is None or len(shape) != 3 or None in shape[1:] or shape[2] < 6:
         return None
+    rtdetr = meta.get("head") == "RTDETRDecoder"      # always final: centre, size as fractions, score, class
     try:
         args = ast.literal_eval(meta.get("args", "{}"))
         names = ast.literal_eval(meta.get("names", ""))
     except (ValueError, SyntaxError):
         return None
     nms = isinstance(args, dict) and args.get("nms") is True
-    if not (nms or meta.get("end2end") == "True") or not isinstance(names, dict) or not names:
+    if not (nms or rtdetr or meta.get("end2end") == "True") or not isinstance(names, dict) or not names:
         return None
-    return DetectionList(len(names), int(shape[1]), int(shape[2]), corners=meta.get("task") != "obb")
+    return DetectionList(len(names), int(shape[1]), int(shape[2]), corners=meta.get("task") != "obb" and not rtdetr,
+                         fractions=rtdetr)
 
 
 Detection = Union[DetectionOutput, DetectionList]

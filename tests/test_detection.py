@@ -373,3 +373,19 @@ def test_final_detections_need_the_metadata(final):
     bare = onnx.ModelProto.FromString(model.SerializeToString())
     del bare.metadata_props[:]
     assert onnxsal.load(bare).detection is None
+
+
+def test_which_ultralytics_files_hold_final_detections():
+    from onnxsal.detection import DetectionList, find_detection_list
+
+    base = {"author": "Ultralytics", "task": "detect", "names": "{0: 'a', 1: 'b'}", "args": "{'nms': None}",
+            "end2end": "False"}
+    assert find_detection_list(base, (1, 300, 6)) is None                       # no NMS, no end-to-end head
+    assert find_detection_list({**base, "args": "{'nms': True}"}, (1, 300, 6)) == DetectionList(2, 300, 6)
+    assert find_detection_list({**base, "end2end": "True", "task": "obb"}, (1, 300, 7)) == \
+        DetectionList(2, 300, 7, corners=False)
+    assert find_detection_list({**base, "head": "RTDETRDecoder"}, (1, 300, 6)) == \
+        DetectionList(2, 300, 6, corners=False, fractions=True)                 # RT-DETR: always final
+    assert find_detection_list({**base, "end2end": "True"}, (1, 84, 525, 1)) is None
+    assert find_detection_list({**base, "end2end": "True", "task": "classify"}, (1, 300, 6)) is None
+    assert find_detection_list({**base, "end2end": "True", "author": "someone"}, (1, 300, 6)) is None
