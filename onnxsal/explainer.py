@@ -61,9 +61,9 @@ class Explanation:
         score being their share of the pixels; for a detector, each class's best box's confidence."""
         if self.dense is not None:
             values, order = class_shares(self.dense, self.scores)
-        elif self.detection is not None:
-            values = self.detection.best(self.scores)[0]
-            order = np.argsort(-values, kind="stable")
+        elif self.detection is not None:        # the classes it found, by their best box
+            values, where = self.detection.best(self.scores)
+            order = np.array([c for c in np.argsort(-values, kind="stable") if where[c] >= 0], np.int64)
         else:
             values, order = self.scores, np.argsort(-self.scores, kind="stable")
         order = order[:k]

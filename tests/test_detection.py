@@ -306,6 +306,8 @@ def test_final_detections_score_a_class_best_row(final):
     assert present
     res = ex.explain(x[:1], "saliency", top_k=CLASSES)        # only the classes the detector kept
     assert [t.index for t in res.targets] == sorted(present, key=lambda c: -best[c])
+    assert [t["index"] for t in res.top(CLASSES)] == [t.index for t in res.targets]
+    np.testing.assert_allclose([t["score"] for t in res.top(CLASSES)], [best[t.index] for t in res.targets], rtol=1e-5)
 
 
 def test_the_fixtures_cover_a_missing_class(final):
