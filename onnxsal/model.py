@@ -31,6 +31,7 @@ from .graph.qoperator import qoperator_ops, to_qdq
 from .graph.simplify import constants
 from .graph.weights import WeightStore, attach, detach
 from .preprocess import Preprocess
+from .sidecar import Sidecar, read_sidecar
 
 CONV_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv"}
 # Ops that keep a conv's spatial map and are commonly fused with it; their output is also a candidate.
@@ -631,8 +632,9 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if spec is None and pixels is not None:
         spec = pixel_preprocess(pixels.type.tensor_type.elem_type)
     foreign_spec, foreign_labels = ultralytics_metadata(meta)
+    side = read_sidecar(path) if foreign_spec is None else Sidecar()   # a Hugging Face export's folder
     if spec is None:
-        spec = foreign_spec
+        spec = foreign_spec or side.preprocess
     hw = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
     if None in hw:
         want = tuple(size) if size else (tuple(spec.size) if spec is not None and spec.size else None)
@@ -677,6 +679,8 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
             raise ModelError(f"the model's {META_LABELS} metadata is not a JSON list: {exc}") from exc
     if label_list is None:
         label_list = foreign_labels
+    if label_list is None and side.labels is not None and len(side.labels) == num_classes:
+        label_list = side.labels
     aliases = {}
     if META_LAYERS in meta:
         try:
