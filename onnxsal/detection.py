@@ -13,6 +13,11 @@ detector would report for it; pytorch-grad-cam's detection recipes score a chose
 Exported with its non-maximum suppression (or an NMS-free head's top-k), the output is instead a
 list of final detections, (N, kept, 6 + extra); only the file's metadata says so reliably, and a
 class target scores its most confident kept detection, or is refused when there is none.
+
+Hugging Face's set-prediction detectors (DETR, YOLOS, RT-DETR...) output (N, queries, classes [+ 1])
+logits beside (N, queries, 4) boxes; the export folder's config.json says whether a softmax with a
+"no object" class or a sigmoid per class reads them. A class target scores its logit at the query
+most probably of that class.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class DetectionOutput:
     def describe(self) -> str:
         return f"a detector's {self.anchors} boxes, {self.classes} classes: a class target scores its most confident box"
 
-    def box_note(self, row: np.ndarray, cls: int, anchor: int) -> str:
+    def box_note(self, row: np.ndarray, cls: int, anchor: int, boxes: Optional[np.ndarray] = None) -> str:
         x, y, w, h = self.box(row, anchor)
         conf = float(self.confidences(row)[cls, anchor])
         return f"anchor {anchor}, centre ({x:.0f}, {y:.0f}), {w:.0f}x{h:.0f} px, confidence {conf:.3g}"
@@ -114,7 +119,7 @@ class DetectionList:
         return (f"a detector's final detections, up to {self.kept}, {self.classes} classes: a class target scores "
                 "its most confident detection")
 
-    def box_note(self, row: np.ndarray, cls: int, k: int) -> str:
+    def box_note(self, row: np.ndarray, cls: int, k: int, boxes: Optional[np.ndarray] = None) -> str:
         a, b, c, d, score = self._table(row)[k, :5]
         f = ".3f" if self.fractions else ".0f"
         box = (f"corners ({a:{f}}, {b:{f}})-({c:{f}}, {d:{f}})" if self.corners else
@@ -161,6 +166,80 @@ def find_detection(proto: onnx.ModelProto, output: str, shapes: dict) -> Optiona
     return None
 
 
+# Hugging Face set-prediction detectors by config.json's model_type: a softmax over the classes and a
+# last "no object" class, or a sigmoid per class with none
+SOFTMAX_QUERIES = {"detr", "conditional_detr", "yolos", "table-transformer", "dab-detr"}
+SIGMOID_QUERIES = {"deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "deimv2", "dino"}
+
+
+@dataclass(frozen=True)
+class QueryOutput:
+    """(N, queries, width) class logits of a set-prediction detector (DETR and its kin), beside an
+    (N, queries, 4) output of boxes: centre x, y, width, height as fractions of the image."""
+
+    classes: int
+    queries: int
+    width: int
+    softmax: bool              # DETR: softmax over the width, the last being "no object"; else a sigmoid each
+    boxes: str                 # the boxes output
+
+    def probabilities(self, row: np.ndarray) -> np.ndarray:
+        """(queries, classes) each query's probability of each class."""
+        z = np.asarray(row, np.float64).reshape(self.queries, self.width)
+        if self.softmax:
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            return (e / e.sum(axis=1, keepdims=True))[:, :self.classes]
+        return 1.0 / (1.0 + np.exp(-z[:, :self.classes]))
+
+    def best(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(classes,) each class's highest probability and the query that has it."""
+        p = self.probabilities(row)
+        queries = p.argmax(axis=0)
+        return p[queries, np.arange(self.classes)], queries
+
+    def seed(self, cls: int, query: int) -> np.ndarray:
+        """A flattened one-hot row at ``query``'s logit of ``cls``."""
+        s = np.zeros((self.queries, self.width), np.float32)
+        s[query, cls] = 1.0
+        return s.reshape(-1)
+
+    def where(self, seed: np.ndarray) -> int:
+        return int(np.argmax(seed)) // self.width
+
+    def describe(self) -> str:
+        return (f"a detector's {self.queries} queries, {self.classes} classes: a class target scores its logit at "
+                "its most probable query")
+
+    def box_note(self, row: np.ndarray, cls: int, query: int, boxes: Optional[np.ndarray] = None) -> str:
+        p = float(self.probabilities(row)[query, cls])
+        if boxes is None:
+            return f"query {query}, probability {p:.3g}"
+        x, y, w, h = np.asarray(boxes).reshape(self.queries, 4)[query]
+        return f"query {query}, centre ({x:.3f}, {y:.3f}), {w:.3f}x{h:.3f} of the image, probability {p:.3g}"
+
+
+def find_queries(proto: onnx.ModelProto, output: str, shape: Optional[tuple], shapes: dict,
+                 model_type: Optional[str]) -> Optional[QueryOutput]:
+    """A Hugging Face set-prediction detector: the scored (N, Q, K) logits, another output (N, Q, 4),
+    and a config.json whose model_type says how its classes are read."""
+    if model_type not in SOFTMAX_QUERIES | SIGMOID_QUERIES:
+        return None
+    if shape is None or len(shape) != 3 or None in shape[1:]:
+        return None
+    for vi in proto.graph.output:
+        s = _shape(shapes, vi.name)
+        if vi.name == output or s is None or len(s) != 3 or s[2] != 4:
+            continue
+        if s[1] is None:          # a query count inference lost (DETR's): read off one run
+            from .graph.probe import probe_shapes
+
+            s = probe_shapes(proto, [vi.name]).get(vi.name, (0, s))[1]
+        if s is not None and s[1] == shape[1]:
+            softmax = model_type in SOFTMAX_QUERIES
+            return QueryOutput(int(shape[2]) - softmax, int(shape[1]), int(shape[2]), softmax, vi.name)
+    return None
+
+
 def find_detection_list(meta: dict, shape: Optional[tuple]) -> Optional[DetectionList]:
     """An Ultralytics export's final detections, from its metadata: such a graph ends in TopK or
     NonMaxSuppression and padding, which say nothing reliable about the columns. RT-DETR's decoder
@@ -182,7 +261,7 @@ def find_detection_list(meta: dict, shape: Optional[tuple]) -> Optional[Detectio
                          fractions=rtdetr)
 
 
-Detection = Union[DetectionOutput, DetectionList]
+Detection = Union[DetectionOutput, DetectionList, QueryOutput]
 
 
 def _value_outputs(node: onnx.NodeProto) -> list[str]:

@@ -16,7 +16,7 @@ from .methods import check_options, get as get_method
 from .context import Context
 from .engine import Engine, Target, make_targets
 from .errors import ImageError, TargetError
-from .detection import Detection
+from .detection import Detection, QueryOutput
 from .model import DenseOutput, Layer, Model, load
 from .postprocess import finish, resize
 from .preprocess import Prepared, Preprocess, make_spec, prepare
@@ -136,14 +136,14 @@ def class_shares(dense: DenseOutput, row: np.ndarray) -> tuple[np.ndarray, np.nd
     return shares, np.lexsort((-maps.mean(axis=1), -shares))
 
 
-def box_notes(m: Model, targets: Sequence[Target], row: np.ndarray) -> list[str]:
+def box_notes(m: Model, targets: Sequence[Target], row: np.ndarray, boxes: Optional[np.ndarray] = None) -> list[str]:
     """Which box each class target scored: without it a detector's map has no object to point at."""
     d = m.detection
     notes = []
     for t in targets:
         if t.index < 0:
             continue
-        notes.append(f"class {t.label}: its most confident box, {d.box_note(row, t.index, d.where(t.seed))}")
+        notes.append(f"class {t.label}: its most confident box, {d.box_note(row, t.index, d.where(t.seed), boxes)}")
     return notes
 
 
@@ -292,10 +292,14 @@ class Explainer:
             m.dense is None and m.detection is None or isinstance(target, np.ndarray))  # a class's pixels or box need the output
         logits = out = None
         acts: list = []
+        boxes = None
         if not lazy:
-            wanted = [m.logits, m.output] + ([the_layer.tensor] if the_layer else [])
-            logits, out, *acts = self.engine.outputs(prepared.tensor, wanted)   # one forward pass for all three
+            extra = [m.detection.boxes] if isinstance(m.detection, QueryOutput) else []    # for the box notes
+            wanted = [m.logits, m.output] + extra + ([the_layer.tensor] if the_layer else [])
+            logits, out, *acts = self.engine.outputs(prepared.tensor, wanted)   # one forward pass for all of them
             logits, out = logits.reshape(-1), out.reshape(-1)
+            if extra:
+                boxes = acts.pop(0)
         targets = self.targets(None if lazy else logits if m.activation is None else out, target, top_k, score)
         ctx = Context(self.engine, prepared.tensor, targets, the_layer, score, progress, acts=acts[0] if acts else None,
                       clean=None if lazy else (logits, out))
@@ -311,7 +315,7 @@ class Explainer:
         if m.activation is not None and score == "logit":
             notes.append(f"scored the logits before the final {m.activation} ({m.logits!r})")
         if m.detection is not None:
-            notes.extend(box_notes(m, targets, logits if score == "logit" else out))
+            notes.extend(box_notes(m, targets, logits if score == "logit" else out, boxes))
         if m.lifted_from:
             notes.append(f"the model's {' and '.join(m.lifted_from)} tensors run in float32 here")
         if m.read_as:

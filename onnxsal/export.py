@@ -21,7 +21,7 @@ from .graph.integer_input import PIXEL_TYPES
 from .graph.normalize import opset_of
 from .graph.surgery import rename_tensor
 from .graph.weights import attach
-from .detection import DetectionList
+from .detection import DetectionList, QueryOutput
 from .model import Model, load
 
 EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam",
@@ -259,10 +259,13 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
 
     # cotangent: one-hot rows of the target (zeros for the clean rows when rows are stacked)
     dense, det = m.dense, m.detection
-    depth = e.const([dense.classes if dense is not None else det.rows if det is not None else m.num_classes],
-                    np.int64, "depth")
+    width = dense.classes if dense is not None else det.width if isinstance(det, QueryOutput) else \
+        det.rows if det is not None else m.num_classes
+    depth = e.const([width], np.int64, "depth")
     if isinstance(det, DetectionList):          # every row scores a detection's score column
         hot_row = e.op("Add", [e.op("Mul", [rows_target, e.const(0, np.int64)]), e.const(4, np.int64)])
+    elif isinstance(det, QueryOutput):          # a query's logit of the class
+        hot_row = rows_target
     elif det is not None:
         hot_row = e.op("Add", [rows_target, e.const(det.first, np.int64)])
     else:
@@ -296,6 +299,20 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         hot = e.op("Mul", [e.op("OneHot", [pick, e.const([det.kept], np.int64), e.const([0.0, 1.0])], axis=-1),
                            e.op("Unsqueeze", [found, e.const([1], np.int64)])])
         e.op("Mul", [e.op("Unsqueeze", [hot, e.const([2], np.int64)]),
+                     e.op("Unsqueeze", [onehot, e.const([1], np.int64)])], out=grad_y)
+    elif isinstance(det, QueryOutput):
+        # a class scores its logit at the query most probably of that class in the image's output
+        first = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
+        own = e.op("Slice", [logits, e.const([0], np.int64), first, e.const([0], np.int64)])     # the images' rows
+        probs = e.op("Softmax", [own], axis=-1) if det.softmax else e.op("Sigmoid", [own])
+        hot_class = e.op("OneHot", [target, depth, e.const([0.0, 1.0])], axis=-1)
+        column = e.reduce("ReduceSum", e.op("Mul", [probs, e.op("Unsqueeze", [hot_class, e.const([1], np.int64)])]),
+                          [2], keepdims=0)
+        query = e.op("ArgMax", [column], axis=1, keepdims=0)
+        if clean is not None:
+            query = e.op("Concat", [query, e.op("Tile", [query, e.const([clean[0]], np.int64)])], axis=0)
+        hot_query = e.op("OneHot", [query, e.const([det.queries], np.int64), e.const([0.0, 1.0])], axis=-1)
+        e.op("Mul", [e.op("Unsqueeze", [hot_query, e.const([2], np.int64)]),
                      e.op("Unsqueeze", [onehot, e.const([1], np.int64)])], out=grad_y)
     elif det is not None:
         # a class scores its confidence at the anchor where the image's output has it highest
@@ -426,6 +443,8 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
 
     if isinstance(det, DetectionList):
         logit_dims = ["N", det.kept, det.rows]
+    elif isinstance(det, QueryOutput):
+        logit_dims = ["N", det.queries, det.width]
     elif det is not None:
         logit_dims = ["N", det.rows, det.anchors]
     elif dense is None:

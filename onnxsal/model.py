@@ -16,7 +16,8 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from .detection import Detection, dominating, find_detection, find_detection_list, ultralytics_metadata
+from .detection import (Detection, dominating, find_detection, find_detection_list, find_queries,
+                        ultralytics_metadata)
 from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import (FLOAT_TYPES, infer, normalize_traced, static_dims, tensor_shapes, upgrade_opset,
                               without_weight_data)
@@ -669,7 +670,8 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         if h * w > 1:
             dense = DenseOutput(int(c), int(h), int(w), layout == "NHWC")
     detection = None if dense is not None else \
-        find_detection(proto, logits, shapes) or find_detection_list(meta, tuple(out_shape))
+        find_detection(proto, logits, shapes) or find_detection_list(meta, tuple(out_shape)) or \
+        find_queries(proto, logits, tuple(out_shape), shapes, side.model_type)
 
     label_list = list(labels) if labels else None
     if label_list is None and META_LABELS in meta:
@@ -679,7 +681,8 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
             raise ModelError(f"the model's {META_LABELS} metadata is not a JSON list: {exc}") from exc
     if label_list is None:
         label_list = foreign_labels
-    if label_list is None and side.labels is not None and len(side.labels) == num_classes:
+    if label_list is None and side.labels is not None and \
+            len(side.labels) == (detection.classes if detection is not None else num_classes):
         label_list = side.labels
     aliases = {}
     if META_LAYERS in meta:

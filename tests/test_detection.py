@@ -391,3 +391,99 @@ def test_which_ultralytics_files_hold_final_detections():
     assert find_detection_list({**base, "end2end": "True"}, (1, 84, 525, 1)) is None
     assert find_detection_list({**base, "end2end": "True", "task": "classify"}, (1, 300, 6)) is None
     assert find_detection_list({**base, "end2end": "True", "author": "someone"}, (1, 300, 6)) is None
+
+
+class TinyDetr(nn.Module):
+    """DETR's output form: (N, queries, classes [+ no object]) logits from learned queries attending
+    to a conv map, beside (N, queries, 4) sigmoid boxes."""
+
+    def __init__(self, width: int, queries: int = 6):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1))
+        self.queries = nn.Parameter(torch.randn(queries, 16))
+        self.cls = nn.Linear(16, width)
+        self.box = nn.Linear(16, 4)
+
+    def forward(self, x):
+        feats = self.stem(x).flatten(2).transpose(1, 2)                            # (N, hw, 16)
+        attn = torch.softmax(self.queries @ feats.transpose(1, 2) / 4.0, dim=-1)   # (N, Q, hw)
+        h = attn @ feats
+        return self.cls(h) * 3.0, self.box(h).sigmoid()
+
+
+@pytest.fixture(scope="module", params=["detr", "deformable_detr"])
+def queries(request, tmp_path_factory):
+    """DETR reads its logits with a softmax and a last "no object" class, Deformable DETR with a
+    sigmoid per class; config.json's model_type says which."""
+    import json
+
+    softmax = request.param == "detr"
+    torch.manual_seed(4)
+    net = TinyDetr(CLASSES + softmax).eval()
+    folder = tmp_path_factory.mktemp(request.param)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, SIZE, SIZE),), str(folder / "model.onnx"), input_names=["pixel_values"],
+                          output_names=["logits", "pred_boxes"], opset_version=17, dynamo=False,
+                          dynamic_axes={"pixel_values": {0: "n"}})
+    (folder / "config.json").write_text(json.dumps({"model_type": request.param,
+                                                    "id2label": {"0": "person", "1": "bicycle", "2": "car"}}))
+    x = np.random.default_rng(4).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    return net, str(folder / "model.onnx"), x, softmax
+
+
+def query_probabilities(logits: np.ndarray, softmax: bool) -> np.ndarray:
+    z = logits.astype(np.float64)
+    if softmax:
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return (e / e.sum(-1, keepdims=True))[..., :CLASSES]
+    return 1 / (1 + np.exp(-z))
+
+
+def test_query_detectors_score_a_class_at_its_most_probable_query(queries):
+    net, path, x, softmax = queries
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    d = ex.model.detection
+    assert (d.classes, d.queries, d.width, d.softmax, d.boxes) == (CLASSES, 6, CLASSES + softmax, softmax, "pred_boxes")
+    assert ex.model.labels == ["person", "bicycle", "car"]
+    with torch.no_grad():
+        logits, boxes = (t.numpy() for t in net(torch.tensor(x[:1])))
+    probs = query_probabilities(logits[0], softmax)
+    for cls in range(CLASSES):
+        q = int(probs[:, cls].argmax())
+        xt = torch.tensor(x[:1], requires_grad=True)
+        net(xt)[0][0, q, cls].backward()
+        res = ex.explain(x[:1], "saliency", cls)
+        gx = xt.grad.numpy()[0]
+        np.testing.assert_allclose(res.raw[0], np.abs(gx).max(axis=0), rtol=1e-4, atol=1e-6 * np.abs(gx).max())
+        cx, cy, w, h = boxes[0, q]
+        assert f"query {q}, centre ({cx:.3f}, {cy:.3f}), {w:.3f}x{h:.3f} of the image" in res.notes[0]
+    res = ex.explain(x[:1], "saliency", top_k=CLASSES)
+    order = list(np.argsort(-probs.max(axis=0), kind="stable"))
+    assert [t.index for t in res.targets] == order
+    np.testing.assert_allclose([t["score"] for t in res.top(CLASSES)], probs.max(axis=0)[order], rtol=1e-5)
+
+
+def test_exported_graph_of_a_query_detector_equals_explain(queries):
+    import onnxruntime as ort
+
+    from onnxsal.export import export as export_graph
+
+    _, path, x, _ = queries
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    for method in ("gradcam", "saliency", "ig"):
+        sess = ort.InferenceSession(export_graph(path, method).SerializeToString())
+        for cls in range(CLASSES):
+            _, maps = sess.run(["logits", "map"], {"pixel_values": x, "target": np.full(2, cls, np.int64)})
+            for k in range(2):
+                ref = ex.explain(x[k:k + 1], method, cls, **({"steps": 32} if method == "ig" else {}))
+                np.testing.assert_allclose(maps[k], ref.map, atol=1e-5, err_msg=f"{method} class {cls} image {k}")
+
+
+def test_query_detectors_need_their_model_type(queries, tmp_path):
+    """Without config.json nothing says whether a softmax or a sigmoid reads the logits."""
+    import shutil
+
+    _, path, _, _ = queries
+    shutil.copy(path, tmp_path / "model.onnx")
+    assert onnxsal.load(str(tmp_path / "model.onnx")).detection is None
