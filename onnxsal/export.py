@@ -278,10 +278,11 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         extra_row = e.op("Greater", [row, e.op("Sub", [n_img, e.const(1, np.int64)])])   # clean rows get no cotangent
         mask = e.op("Cast", [extra_row], to=TensorProto.FLOAT)
         onehot = e.op("Mul", [onehot, e.op("Unsqueeze", [mask, e.const([1], np.int64)])])
+    if det is not None or dense is not None:         # the target depends on the images' own output rows
+        own = e.op("Slice", [logits, e.const([0], np.int64), e.op("Unsqueeze", [n_img, e.const([0], np.int64)]),
+                             e.const([0], np.int64)])
     if isinstance(det, DetectionList):
         # a class scores its most confident kept detection (none: no cotangent, an empty map)
-        first = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
-        own = e.op("Slice", [logits, e.const([0], np.int64), first, e.const([0], np.int64)])     # the images' rows
 
         def column(j: int) -> str:
             return e.op("Squeeze", [e.op("Slice", [own, e.const([j], np.int64), e.const([j + 1], np.int64),
@@ -302,8 +303,6 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
                      e.op("Unsqueeze", [onehot, e.const([1], np.int64)])], out=grad_y)
     elif isinstance(det, QueryOutput):
         # a class scores its logit at the query most probably of that class in the image's output
-        first = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
-        own = e.op("Slice", [logits, e.const([0], np.int64), first, e.const([0], np.int64)])     # the images' rows
         probs = e.op("Softmax", [own], axis=-1) if det.softmax else e.op("Sigmoid", [own])
         hot_class = e.op("OneHot", [target, depth, e.const([0.0, 1.0])], axis=-1)
         column = e.reduce("ReduceSum", e.op("Mul", [probs, e.op("Unsqueeze", [hot_class, e.const([1], np.int64)])]),
@@ -316,8 +315,6 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
                      e.op("Unsqueeze", [onehot, e.const([1], np.int64)])], out=grad_y)
     elif det is not None:
         # a class scores its confidence at the anchor where the image's output has it highest
-        first = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
-        own = e.op("Slice", [logits, e.const([0], np.int64), first, e.const([0], np.int64)])     # the images' rows
         conf = e.op("Slice", [own, e.const([det.first], np.int64), e.const([det.first + det.classes], np.int64),
                               e.const([1], np.int64)])
         best = e.op("ArgMax", [conf], axis=2, keepdims=0)
@@ -333,8 +330,6 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     else:
         # a class scores its map over the pixels each image's output assigns to it (all of them when none)
         c_ax = 3 if dense.channels_last else 1
-        first = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
-        own = e.op("Slice", [logits, e.const([0], np.int64), first, e.const([0], np.int64)])     # the images' rows
         won = e.op("Equal", [e.op("ArgMax", [own], axis=c_ax, keepdims=1),
                              e.op("Reshape", [target, e.const([-1, 1, 1, 1], np.int64)])])
         pixels = e.op("Cast", [won], to=TensorProto.FLOAT)
