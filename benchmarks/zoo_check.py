@@ -14,6 +14,7 @@
     .venv/bin/python benchmarks/zoo_check.py --keras --static [--batch 4]   # tf2onnx's own call at a fixed batch
     .venv-bench/bin/python benchmarks/zoo_check.py --opset 9 [--nets ...]     # an older opset (TorchScript exporter)
     .venv-bench/bin/python benchmarks/zoo_check.py --hf [--dynamo] [--static]   # Hugging Face transformers' classifiers
+    .venv-bench/bin/python benchmarks/zoo_check.py --hf --detection   # Hugging Face's DETR-style detectors
     .venv/bin/python benchmarks/zoo_check.py --keras --keras-export   # Keras 3's own model.export(format="onnx")
     .venv-bench/bin/python benchmarks/zoo_check.py --simplifier onnxsim [--static]   # as onnxsim/onnxslim/onnxoptimizer rewrite them
     .venv-bench/bin/python benchmarks/zoo_check.py --ultralytics [--final]   # YOLOv8/YOLO11 as Ultralytics exports them
@@ -141,6 +142,8 @@ TIMM = ("ecaresnet26t:128,skresnet18:128,res2net50_14w_8s:128,dla34:128,cspdarkn
 PPOCR_NETS = "ppocr_cls,ppocr_det,ppocr_rec"
 # Hugging Face transformers: <Name>ForImageClassification with <Name>Config's defaults (see --hf)
 # Ultralytics: YOLOv8 / YOLO11 classifiers, detectors, segmenters and pose models from their YAMLs
+# RTDetr is left out: at random weights PyTorch's own float32 and float64 gradients differ by 100 %
+HF_DETECTION = "Detr,ConditionalDetr,DabDetr,TableTransformer,DeformableDetr,Yolos"
 ULTRALYTICS_FINAL = "yolov8n:nms,yolo11n:nms,yolo26n:nms,yolo26n:e2e,yolov10n:e2e"
 ULTRALYTICS = ("yolov8n-cls,yolo11n-cls,yolov8n,yolo11n,yolov8n-seg,yolo11n-seg,yolov8n-pose,yolo11n-pose,yolov8n-obb,"
                "yolo11n-obb")
@@ -465,6 +468,82 @@ def hf_errors(name: str, cache: str, dynamo: bool = False) -> list[str]:
     return torch_errors(net, path, size, 10, dynamo, float64=True)
 
 
+def hf_detection_errors(name: str, cache: str) -> list[str]:
+    """A Hugging Face set-prediction detector (``<Name>ForObjectDetection``) from a small random
+    configuration (a 4-stage ResNet backbone of one block each where it takes one, 1 encoder and 1
+    decoder layer (2 for Deformable DETR, whose box heads are tied across layers), 20 queries, 5 labels), exported with its logits and boxes beside its config.json,
+    loaded as onnxsal reads such a folder (it must find the queries). A random cotangent on the logits
+    at batch 2; each cell is onnxsal against torch.autograd in float64 / PyTorch's float32 against the
+    same."""
+    import copy
+    import warnings
+
+    import torch
+    import transformers
+
+    from onnxsal.detection import QueryOutput
+    from onnxsal.model import load
+
+    cls = getattr(transformers, f"{name}ForObjectDetection")
+    kw = dict(num_labels=5, encoder_layers=1, decoder_layers=1 if name != "DeformableDetr" else 2)
+    if name != "Yolos":
+        kw.update(num_queries=20, use_timm_backbone=False, use_pretrained_backbone=False,
+                  backbone_config=transformers.ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256],
+                                                            embedding_size=32, out_features=["stage2", "stage3", "stage4"]))
+        if name in ("Detr", "ConditionalDetr", "TableTransformer", "DabDetr"):
+            kw["backbone_config"].out_features = ["stage4"]
+    else:
+        kw = dict(num_labels=5, num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                  image_size=[128, 128], num_detection_tokens=20)
+    cfg = cls.config_class(**kw)
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    class Heads(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            out = self.inner(pixel_values=pixel_values)
+            return out.logits, out.pred_boxes
+
+    net, size = Heads(model).eval(), 128
+    folder = os.path.join(cache, f"zoo_hfdet_{name}_{size}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.onnx")
+    cfg.save_pretrained(folder)
+    if not os.path.exists(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (torch.randn(2, 3, size, size),), path, input_names=["pixel_values"],
+                              output_names=["logits", "pred_boxes"], opset_version=17, dynamo=False,
+                              dynamic_axes={"pixel_values": {0: "N"}})
+    m = load(path)
+    assert isinstance(m.detection, QueryOutput), m.detection
+    sess = vjp_session(m.proto, m.input.name, m.logits)
+    net64 = copy.deepcopy(net).double()
+    errs = []
+    for seed in SEEDS:
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
+        cot = rng.standard_normal((2, m.detection.queries, m.detection.width)).astype(np.float32)
+        got = sess.run([f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.logits}": cot})[0]
+        grads = []
+        for mod, dt in ((net, torch.float32), (net64, torch.float64)):
+            xt = torch.tensor(x, dtype=dt, requires_grad=True)
+            try:
+                (mod(xt)[0] * torch.tensor(cot, dtype=dt)).sum().backward()
+            except RuntimeError:          # a model that builds float32 tensors of its own runs in float32 only
+                break
+            grads.append(xt.grad.numpy())
+        errs.append(f"{rel(got, grads[1]):.1e} / {rel(grads[0], grads[1]):.1e}" if len(grads) == 2 else
+                    f"{rel(got, grads[0]):.1e} (float32)")
+    return errs
+
+
 def ultralytics_errors(name: str, cache: str) -> list[float]:
     """An Ultralytics model built from its YAML (random weights; no download), exported by Ultralytics
     itself (torch.onnx, then onnxslim, a static batch of 1), against torch.autograd on the fused
@@ -719,6 +798,8 @@ def main() -> None:
                     help="with --keras: the file Keras 3 writes with model.export(format='onnx')")
     ap.add_argument("--ultralytics", action="store_true",
                     help="Ultralytics YOLO models from their YAMLs, as Ultralytics exports them (onnxslim)")
+    ap.add_argument("--detection", action="store_true",
+                    help="with --hf: Hugging Face's set-prediction detectors (DETR, YOLOS...)")
     ap.add_argument("--final", action="store_true",
                     help="with --ultralytics: detectors exported with their final detections (nms=True / NMS-free)")
     ap.add_argument("--simplifier", choices=("onnxsim", "onnxslim", "onnxoptimizer"), default=None,
@@ -735,9 +816,10 @@ def main() -> None:
     cache = os.path.join(HERE, ".cache")
     os.makedirs(cache, exist_ok=True)
     nets = (args.nets or (KERAS if args.keras else TIMM if args.timm else PPOCR_NETS if args.ppocr else
-                          HF if args.hf else (ULTRALYTICS_FINAL if args.final else ULTRALYTICS) if args.ultralytics else
+                          (HF_DETECTION if args.detection else HF) if args.hf else (ULTRALYTICS_FINAL if args.final else ULTRALYTICS) if args.ultralytics else
                           TORCHVISION)).split(",")
     check = keras_errors if args.keras else (lambda n, c: timm_errors(n, c, args.dynamo)) if args.timm else \
+        hf_detection_errors if args.hf and args.detection else \
         (lambda n, c: hf_errors(n, c, args.dynamo)) if args.hf else \
         (ultralytics_final_errors if args.final else ultralytics_errors) if args.ultralytics else \
         ppocr_errors if args.ppocr else half_errors if args.half else qdq_errors if args.qdq else \
