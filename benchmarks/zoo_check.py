@@ -544,33 +544,42 @@ def hf_detection_errors(name: str, cache: str) -> list[str]:
     return errs
 
 
+def _ultralytics_export(yolo, path: str, size: int, **options) -> str:
+    """``yolo.export(format="onnx")`` (onnxslim) into ``path``: Ultralytics writes beside its YAML, so
+    the export runs in a scratch folder."""
+    import shutil
+    import tempfile
+
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            written = yolo.export(format="onnx", imgsz=size, simplify=True, verbose=False, **options)
+        finally:
+            os.chdir(here)
+        shutil.copy(os.path.join(tmp, written), path)
+    return path
+
+
+def _first_tensor(out):
+    """A network's first output, through the tuples Ultralytics' heads return outside export."""
+    import torch
+
+    return out if isinstance(out, torch.Tensor) else _first_tensor(out[0])
+
+
 def ultralytics_errors(name: str, cache: str) -> list[float]:
     """An Ultralytics model built from its YAML (random weights; no download), exported by Ultralytics
     itself (torch.onnx, then onnxslim, a static batch of 1), against torch.autograd on the fused
     network it exported, at batch 2 with a random cotangent on the whole first output."""
-    import shutil
-    import tempfile
-
     import torch
     from ultralytics import YOLO
 
     size = 128 if "-cls" in name else 160
     torch.manual_seed(0)
     yolo = YOLO(f"{name}.yaml")
-    here = os.getcwd()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)
-        try:
-            written = yolo.export(format="onnx", imgsz=size, simplify=True, dynamic=False, verbose=False)
-        finally:
-            os.chdir(here)
-        path = os.path.join(cache, f"ultralytics_{name}_{size}.onnx")
-        shutil.copy(os.path.join(tmp, written), path)
+    path = _ultralytics_export(yolo, os.path.join(cache, f"ultralytics_{name}_{size}.onnx"), size, dynamic=False)
     net = yolo.model.eval()
-
-    def first(out):
-        return out if isinstance(out, torch.Tensor) else first(out[0])
-
     from onnxsal.model import load
 
     m = load(path)
@@ -580,7 +589,7 @@ def ultralytics_errors(name: str, cache: str) -> list[float]:
         rng = np.random.default_rng(seed)
         x = rng.uniform(0, 1, (2, 3, size, size)).astype(np.float32)
         xt = torch.tensor(x, requires_grad=True)
-        out = first(net(xt))
+        out = _first_tensor(net(xt))
         cot = rng.standard_normal(tuple(out.shape)).astype(np.float32)
         (out * torch.tensor(cot)).sum().backward()
         got = sess.run([f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.output}": cot})[0]
@@ -610,8 +619,6 @@ def ultralytics_final_errors(name: str, cache: str) -> list[float]:
     its anchor by box and score (``e2e``: the network with its own TopK, on every row both engines
     agree on to 1e-3; two detections with equal scores may come out in either order)."""
     import copy
-    import shutil
-    import tempfile
 
     import torch
     from ultralytics import YOLO
@@ -627,15 +634,8 @@ def ultralytics_final_errors(name: str, cache: str) -> list[float]:
             for seq in branch or []:
                 seq[-1].bias.zero_()
     plain = copy.deepcopy(yolo.model).eval()
-    here = os.getcwd()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)
-        try:
-            written = yolo.export(format="onnx", imgsz=size, simplify=True, nms=kind == "nms", verbose=False)
-        finally:
-            os.chdir(here)
-        path = os.path.join(cache, f"ultralytics_{base}_{kind}_{size}.onnx")
-        shutil.copy(os.path.join(tmp, written), path)
+    path = _ultralytics_export(yolo, os.path.join(cache, f"ultralytics_{base}_{kind}_{size}.onnx"), size,
+                               nms=kind == "nms")
     from onnxsal.model import load
 
     m = load(path)
@@ -651,8 +651,7 @@ def ultralytics_final_errors(name: str, cache: str) -> list[float]:
         xt = torch.tensor(x, requires_grad=True)
         agree = None
         if kind == "e2e":
-            out = net(xt)
-            out = out[0] if isinstance(out, (tuple, list)) else out
+            out = _first_tensor(net(xt))
             rows = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {m.input.name: x})[0][0]
             # detections with equal scores may come out in either order in two engines: such rows are
             # left out of the cotangent, and the cell says how many rows it covers
@@ -665,8 +664,7 @@ def ultralytics_final_errors(name: str, cache: str) -> list[float]:
             kept = np.flatnonzero(rows[:, 4] > 0)
             cot = np.zeros((1,) + rows.shape, np.float32)
             cot[0, kept, 4] = rng.standard_normal(len(kept))
-            out = plain(xt)
-            out = out[0] if isinstance(out, (tuple, list)) else out
+            out = _first_tensor(plain(xt))
             ref = out.detach().numpy()[0]
             xyxy = np.concatenate([ref[:2] - ref[2:4] / 2, ref[:2] + ref[2:4] / 2])
             score = 0

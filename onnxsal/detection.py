@@ -60,9 +60,7 @@ class DetectionOutput:
 
     def seed(self, cls: int, anchor: int) -> np.ndarray:
         """A flattened one-hot row at class ``cls``'s confidence at ``anchor``."""
-        s = np.zeros((self.rows, self.anchors), np.float32)
-        s[self.first + cls, anchor] = 1.0
-        return s.reshape(-1)
+        return _one_hot(self.rows, self.anchors, self.first + cls, anchor)
 
     def where(self, seed: np.ndarray) -> int:
         """The anchor a seed scores."""
@@ -108,9 +106,7 @@ class DetectionList:
 
     def seed(self, cls: int, k: int) -> np.ndarray:
         """A flattened one-hot row at detection ``k``'s score."""
-        s = np.zeros((self.kept, self.rows), np.float32)
-        s[k, 4] = 1.0
-        return s.reshape(-1)
+        return _one_hot(self.kept, self.rows, k, 4)
 
     def where(self, seed: np.ndarray) -> int:
         return int(np.argmax(seed)) // self.rows
@@ -125,6 +121,20 @@ class DetectionList:
         box = (f"corners ({a:{f}}, {b:{f}})-({c:{f}}, {d:{f}})" if self.corners else
                f"centre ({a:{f}}, {b:{f}}), {c:{f}}x{d:{f}}")
         return f"detection {k}, {box}{' of the image' if self.fractions else ''}, score {score:.3g}"
+
+
+def _one_hot(rows: int, cols: int, row: int, col: int) -> np.ndarray:
+    """A flattened (rows, cols) seed scoring one entry."""
+    s = np.zeros((rows, cols), np.float32)
+    s[row, col] = 1.0
+    return s.reshape(-1)
+
+
+def ranked(det: "Detection", row: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Each class's best score in ``row`` and the classes the detector found there, best first: the
+    default targets and ``top`` both."""
+    values, where = det.best(row)
+    return values, [int(c) for c in np.argsort(-values, kind="stable") if where[c] >= 0]
 
 
 def _shape(shapes: dict, name: str) -> Optional[tuple]:
@@ -199,9 +209,7 @@ class QueryOutput:
 
     def seed(self, cls: int, query: int) -> np.ndarray:
         """A flattened one-hot row at ``query``'s logit of ``cls``."""
-        s = np.zeros((self.queries, self.width), np.float32)
-        s[query, cls] = 1.0
-        return s.reshape(-1)
+        return _one_hot(self.queries, self.width, query, cls)
 
     def where(self, seed: np.ndarray) -> int:
         return int(np.argmax(seed)) // self.width
@@ -249,13 +257,9 @@ def find_detection_list(meta: dict, shape: Optional[tuple]) -> Optional[Detectio
     if shape is None or len(shape) != 3 or None in shape[1:] or shape[2] < 6:
         return None
     rtdetr = meta.get("head") == "RTDETRDecoder"      # always final: centre, size as fractions, score, class
-    try:
-        args = ast.literal_eval(meta.get("args", "{}"))
-        names = ast.literal_eval(meta.get("names", ""))
-    except (ValueError, SyntaxError):
-        return None
+    args, names = _literal(meta, "args"), _ultralytics_names(meta)
     nms = isinstance(args, dict) and args.get("nms") is True
-    if not (nms or rtdetr or meta.get("end2end") == "True") or not isinstance(names, dict) or not names:
+    if not (nms or rtdetr or meta.get("end2end") == "True") or not names:
         return None
     return DetectionList(len(names), int(shape[1]), int(shape[2]), corners=meta.get("task") != "obb" and not rtdetr,
                          fractions=rtdetr)
@@ -308,18 +312,24 @@ def ultralytics_metadata(meta: dict) -> tuple[Optional[Preprocess], Optional[lis
     size one too."""
     if meta.get("author") != "Ultralytics":
         return None, None
-    labels = None
-    try:
-        names = ast.literal_eval(meta.get("names", ""))
-        if isinstance(names, dict) and sorted(names) == list(range(len(names))):
-            labels = [str(names[i]) for i in range(len(names))]
-    except (ValueError, SyntaxError):
-        pass
     spec = make_spec("unit", None, None, None, None)
+    size = _literal(meta, "imgsz")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+        spec = dataclasses.replace(spec, size=tuple(size))
+    return spec, _ultralytics_names(meta)
+
+
+def _literal(meta: dict, key: str):
+    """A metadata value Ultralytics writes as a Python literal, or None."""
     try:
-        size = ast.literal_eval(meta.get("imgsz", ""))
-        if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
-            spec = dataclasses.replace(spec, size=tuple(size))
+        return ast.literal_eval(meta.get(key, ""))
     except (ValueError, SyntaxError):
-        pass
-    return spec, labels
+        return None
+
+
+def _ultralytics_names(meta: dict) -> Optional[list[str]]:
+    """The class names, when ``names`` maps 0..n-1 to them."""
+    names = _literal(meta, "names")
+    if not isinstance(names, dict) or not names or sorted(names) != list(range(len(names))):
+        return None
+    return [str(names[i]) for i in range(len(names))]

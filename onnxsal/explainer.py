@@ -16,7 +16,7 @@ from .methods import check_options, get as get_method
 from .context import Context
 from .engine import Engine, Target, make_targets
 from .errors import ImageError, TargetError
-from .detection import Detection, QueryOutput
+from .detection import Detection, QueryOutput, ranked
 from .model import DenseOutput, Layer, Model, load
 from .postprocess import finish, resize
 from .preprocess import Prepared, Preprocess, make_spec, prepare
@@ -62,8 +62,7 @@ class Explanation:
         if self.dense is not None:
             values, order = class_shares(self.dense, self.scores)
         elif self.detection is not None:        # the classes it found, by their best box
-            values, where = self.detection.best(self.scores)
-            order = np.array([c for c in np.argsort(-values, kind="stable") if where[c] >= 0], np.int64)
+            values, order = ranked(self.detection, self.scores)
         else:
             values, order = self.scores, np.argsort(-self.scores, kind="stable")
         order = order[:k]
@@ -210,8 +209,7 @@ class Explainer:
             elif m.dense is not None:      # the classes covering most pixels first
                 order = list(class_shares(m.dense, scores)[1])
             elif m.detection is not None:  # the classes whose best box is most confident first
-                values, where = m.detection.best(scores)
-                order = [c for c in np.argsort(-values, kind="stable") if where[c] >= 0]
+                order = ranked(m.detection, scores)[1]
                 if not order:
                     raise TargetError("the detector kept no detection in this image, so there is no class to "
                                       "explain; give --target-weights to score any value of its output")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -150,7 +151,7 @@ class Model:
             self._full = attach(self.light)
         return self._full
 
-    @property
+    @cached_property
     def default_layer(self) -> Optional[Layer]:
         """The last conv layer, unless it is the scored tensor itself (a segmentation model's class
         maps, also when only a Transpose to NHWC follows them): a CAM there weighs the scores by their
@@ -458,10 +459,11 @@ def _spatial_mean(node: onnx.NodeProto, consts) -> bool:
     return axes is not None and sorted(a % 4 for a in axes) == [2, 3]
 
 
-def _image_like(shape: tuple, size: tuple[int, int]) -> bool:
+def _could_be_grid(shape: tuple, size: tuple[int, int]) -> bool:
     """Whether a conv output's (h, w) can be the input's grid, strided: its aspect ratio within 8x of
     the input's, or one axis pooled away (a text recogniser's 1 x w). A detector's box head runs a
-    1x1 conv over (4 sides, anchors), say 4 x 8400 from 640 x 640, which is no image map."""
+    1x1 conv over (4 sides, anchors), say 4 x 8400 from 640 x 640, which is no image map. Looser than
+    `_like_image`, which tells a layout apart and so needs the ratio itself."""
     h, w = shape[1], shape[2]
     if h == 1 or w == 1:
         return True
@@ -489,7 +491,7 @@ def _find_layers(proto: onnx.ModelProto, size: tuple[int, int]) -> list[Layer]:
             continue
         t = node.output[0]
         shape = spatial(t)
-        if shape is None or not _image_like(shape, size):
+        if shape is None or not _could_be_grid(shape, size):
             continue
         chain = [(t, node)]
         while True:  # follow single-consumer elementwise followers (BN, ReLU) that keep the shape
