@@ -46,7 +46,22 @@ test: $(VENV)/.dev
 		"onnxoptimizer==0.4.2" "ultralytics==8.4.190"
 	touch $@
 
-bench-env: .venv-bench/.done
+# YOLOv5's own package (zoo_check.py --yolov5) in a folder of its own: it imports pkg_resources, which
+# only an older setuptools than the environment's has.
+.venv-bench/yolov5/.done: .venv-bench/.done
+	.venv-bench/bin/python -m pip install --quiet --no-deps --target .venv-bench/yolov5 "yolov5==7.0.14" \
+		"pandas==3.1.1" "pytz==2026.6" "seaborn==0.13.2" "setuptools==79.0.1"
+	touch $@
+
+# YOLOX's models from its PyPI source archive (its build needs CUDA ops; its model code is plain PyTorch),
+# for zoo_check.py --yolox.
+.venv-bench/yolox/.done: .venv-bench/.done
+	.venv-bench/bin/python -m pip download --quiet --no-deps --no-build-isolation -d .venv-bench/yolox "yolox==0.3.0"
+	tar xzf .venv-bench/yolox/yolox-0.3.0.tar.gz -C .venv-bench/yolox --strip-components=1 yolox-0.3.0/yolox
+	.venv-bench/bin/python -m pip install --quiet --no-deps --target .venv-bench/yolox "loguru==0.7.3"
+	touch $@
+
+bench-env: .venv-bench/.done .venv-bench/yolov5/.done .venv-bench/yolox/.done
 
 bench: .venv-bench/.done
 	cd benchmarks && ../.venv-bench/bin/python bench_vjp.py --kernel

@@ -90,7 +90,10 @@ engines, and its default configuration is B7's.
 (defaults) and loads the result as the engine does. ``--ultralytics`` builds each Ultralytics model
 from its YAML (random weights), exports it with Ultralytics' own ``export(format="onnx")`` (onnxslim,
 a static batch of 1) and compares against torch.autograd on the fused network it exported, with a
-random cotangent on the whole first output.
+random cotangent on the whole first output. ``--yolov5`` and ``--yolox`` build those packages' own
+models (random weights) and export them as their export scripts do; the output must read as anchors
+with objectness, and the cotangent is on the objectness x class confidences onnxsal adds to the
+graph (``make bench-env`` puts both packages in folders of their own under ``.venv-bench``).
 
 One smooth case: Keras EfficientNetV2-B0 differs by 3-6e-4 on every seed, and the gap opens at
 the swish after ``top_bn``, whose pre-activations are large there. A sigmoid's derivative y(1 - y),
@@ -145,6 +148,8 @@ PPOCR_NETS = "ppocr_cls,ppocr_det,ppocr_rec"
 # RTDetr is left out: at random weights PyTorch's own float32 and float64 gradients differ by 100 %
 HF_DETECTION = "Detr,ConditionalDetr,DabDetr,TableTransformer,DeformableDetr,Yolos"
 ULTRALYTICS_FINAL = "yolov8n:nms,yolo11n:nms,yolo26n:nms,yolo26n:e2e,yolov10n:e2e"
+YOLOV5 = "yolov5n,yolov5s,yolov5n-seg,yolov5s-seg"
+YOLOX_NETS = "yolox_nano:raw,yolox_tiny:raw,yolox_s:raw,yolox_nano:decoded,yolox_s:decoded"
 ULTRALYTICS = ("yolov8n-cls,yolo11n-cls,yolov8n,yolo11n,yolov8n-seg,yolo11n-seg,yolov8n-pose,yolo11n-pose,yolov8n-obb,"
                "yolo11n-obb")
 HF = ("ViT,DeiT,Beit,Data2VecVision,Dinov2,Dinov2WithRegisters,IJepa,ViTMSN,ConvNext,ConvNextV2,Swin,Swinv2,"
@@ -597,6 +602,139 @@ def ultralytics_errors(name: str, cache: str) -> list[float]:
     return errs
 
 
+def yolov5_errors(name: str, cache: str) -> list[str]:
+    """A YOLOv5 model from its package's YAML (random weights; no download), exported as its export.py
+    does (Detect in export mode, torch.onnx at opset 12, a dynamic batch, ``stride`` and ``names`` in
+    the metadata) and read by onnxsal as 80 classes with objectness (else it fails), per seed at batch
+    2: onnxsal's input gradient of the confidences it reads (objectness x class, added to the graph)
+    against torch.autograd of the same product, with a random cotangent on all of them. Each cell is
+    at YOLOv5's own initialisation / with the Detect convs' biases at 0 (see the README)."""
+    import copy
+    import logging
+
+    import torch
+
+    sys.path.insert(0, os.path.join(HERE, "..", ".venv-bench", "yolov5"))
+    from yolov5.models.yolo import Detect, Model
+
+    from onnxsal.model import load
+
+    logging.getLogger("yolov5").setLevel(logging.WARNING)          # its layer tables
+    size, folder = 160, os.path.dirname(__import__("yolov5").__file__)
+    yaml = os.path.join(folder, "models", "segment" if name.endswith("-seg") else "", f"{name}.yaml")
+    cells = []
+    for zero_bias in (False, True):
+        torch.manual_seed(0)
+        net = Model(yaml, ch=3, nc=80).eval().fuse()
+        for mod in net.modules():
+            if isinstance(mod, Detect):
+                mod.inplace, mod.dynamic, mod.export = True, False, True
+                if zero_bias:
+                    with torch.no_grad():
+                        for conv in mod.m:
+                            conv.bias.zero_()
+        pristine = copy.deepcopy(net)      # a second run of one copy would backward through the first's graph
+        path = os.path.join(cache, f"yolov5_{name}_{size}{'_zero_bias' if zero_bias else ''}.onnx")
+        if not os.path.exists(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(net, torch.zeros(1, 3, size, size), path, opset_version=12, dynamo=False,
+                                  input_names=["images"], output_names=["output0"],
+                                  dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}})
+            model = onnx.load(path)
+            for k, v in {"stride": int(max(net.stride)), "names": {i: f"class{i}" for i in range(80)}}.items():
+                model.metadata_props.add(key=k, value=str(v))
+            onnx.save(model, path)
+        m = load(path)
+        det = m.detection
+        if det is None or (det.classes, det.reading, "objectness" in det.source) != (80, "scores", True):
+            raise RuntimeError(f"read as {det.describe() if det is not None else 'no detector'}")
+        sess = vjp_session(m.proto, m.input.name, m.logits)
+        for k, seed in enumerate(SEEDS):
+            rng = np.random.default_rng(seed)
+            x = rng.uniform(0, 1, (2, 3, size, size)).astype(np.float32)
+            xt = torch.tensor(x, requires_grad=True)
+            out = _first_tensor(copy.deepcopy(pristine)(xt))
+            conf = out[..., 4:5] * out[..., 5:85]
+            cot = rng.standard_normal(tuple(conf.shape)).astype(np.float32)
+            (conf * torch.tensor(cot)).sum().backward()
+            got = sess.run([f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.logits}": cot})[0]
+            err = f"{rel(got, xt.grad.numpy()):.1e}"
+            if zero_bias:
+                cells[k] = f"{cells[k]} / {err}"
+            else:
+                cells.append(err)
+    return cells
+
+
+def yolox_errors(spec: str, cache: str) -> list[str]:
+    """A YOLOX model from its package's code (random weights as its Exp initialises them: BatchNorm
+    eps 1e-3, class and objectness biases at a prior of 1e-2), exported as its tools/export_onnx.py does
+    (SiLU written as x * sigmoid(x), opset 11, a dynamic batch); ``name:raw`` is that script's default
+    (the head's rows as computed, the box undecoded), ``name:decoded`` its ``--decode_in_inference``
+    (the box decoded in place: ScatterND). onnxsal must read 80 classes with objectness (else the check
+    fails); per seed at batch 2, its input gradient of objectness x class against torch.autograd of
+    the same product, with a random cotangent on all of them. Each cell is at YOLOX's own
+    initialisation / with the head's prediction biases at 0."""
+    import copy
+
+    import torch
+
+    sys.path.insert(0, os.path.join(HERE, "..", ".venv-bench", "yolox"))
+    from yolox.models import YOLOPAFPN, YOLOX, YOLOXHead
+    from yolox.models.network_blocks import SiLU
+    from yolox.utils import replace_module
+
+    from onnxsal.model import load
+
+    arch, form = spec.split(":")
+    depth, width, depthwise = {"yolox_nano": (0.33, 0.25, True), "yolox_tiny": (0.33, 0.375, False),
+                               "yolox_s": (0.33, 0.5, False)}[arch]
+    size, cells = 160, []
+    for zero_bias in (False, True):
+        torch.manual_seed(0)
+        net = YOLOX(YOLOPAFPN(depth, width, depthwise=depthwise), YOLOXHead(80, width, depthwise=depthwise))
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.eps, mod.momentum = 1e-3, 0.03
+        net.head.initialize_biases(1e-2)
+        if zero_bias:
+            with torch.no_grad():
+                for conv in list(net.head.cls_preds) + list(net.head.obj_preds) + list(net.head.reg_preds):
+                    conv.bias.zero_()
+        net = replace_module(net.eval(), torch.nn.SiLU, SiLU)
+        net.head.decode_in_inference = form == "decoded"
+        pristine = copy.deepcopy(net)
+        path = os.path.join(cache, f"yolox_{arch}_{form}_{size}{'_zero_bias' if zero_bias else ''}.onnx")
+        if not os.path.exists(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(net, torch.zeros(1, 3, size, size), path, opset_version=11, dynamo=False,
+                                  input_names=["images"], output_names=["output"],
+                                  dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})
+        m = load(path)
+        det = m.detection
+        if det is None or (det.classes, "objectness" in det.source, det.boxes is not None) != \
+                (80, True, form == "decoded"):
+            raise RuntimeError(f"read as {det.describe() if det is not None else 'no detector'}")
+        sess = vjp_session(m.proto, m.input.name, m.logits)
+        for k, seed in enumerate(SEEDS):
+            rng = np.random.default_rng(seed)
+            x = rng.uniform(0, 255, (2, 3, size, size)).astype(np.float32)      # YOLOX takes 0-255 pixels
+            xt = torch.tensor(x, requires_grad=True)
+            out = copy.deepcopy(pristine)(xt)
+            conf = out[..., 4:5] * out[..., 5:85]
+            cot = rng.standard_normal(tuple(conf.shape)).astype(np.float32)
+            (conf * torch.tensor(cot)).sum().backward()
+            got = sess.run([f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.logits}": cot})[0]
+            err = f"{rel(got, xt.grad.numpy()):.1e}"
+            if zero_bias:
+                cells[k] = f"{cells[k]} / {err}"
+            else:
+                cells.append(err)
+    return cells
+
+
 def _he_normal(net, skip) -> None:
     """He-normal weights on every conv but ``skip``: at Ultralytics' own initialisation the head's
     scores are equal to 6 digits across anchors, so TopK and NMS would pick among ties that two
@@ -796,6 +934,10 @@ def main() -> None:
                     help="with --keras: the file Keras 3 writes with model.export(format='onnx')")
     ap.add_argument("--ultralytics", action="store_true",
                     help="Ultralytics YOLO models from their YAMLs, as Ultralytics exports them (onnxslim)")
+    ap.add_argument("--yolov5", action="store_true",
+                    help="YOLOv5 detectors and segmenters from their package's YAMLs, exported as its export.py does")
+    ap.add_argument("--yolox", action="store_true",
+                    help="YOLOX detectors from its package's code, exported as its tools/export_onnx.py does")
     ap.add_argument("--detection", action="store_true",
                     help="with --hf: Hugging Face's set-prediction detectors (DETR, YOLOS...)")
     ap.add_argument("--final", action="store_true",
@@ -815,11 +957,13 @@ def main() -> None:
     os.makedirs(cache, exist_ok=True)
     nets = (args.nets or (KERAS if args.keras else TIMM if args.timm else PPOCR_NETS if args.ppocr else
                           (HF_DETECTION if args.detection else HF) if args.hf else (ULTRALYTICS_FINAL if args.final else ULTRALYTICS) if args.ultralytics else
+                          YOLOV5 if args.yolov5 else YOLOX_NETS if args.yolox else
                           TORCHVISION)).split(",")
     check = keras_errors if args.keras else (lambda n, c: timm_errors(n, c, args.dynamo)) if args.timm else \
         hf_detection_errors if args.hf and args.detection else \
         (lambda n, c: hf_errors(n, c, args.dynamo)) if args.hf else \
         (ultralytics_final_errors if args.final else ultralytics_errors) if args.ultralytics else \
+        yolov5_errors if args.yolov5 else yolox_errors if args.yolox else \
         ppocr_errors if args.ppocr else half_errors if args.half else qdq_errors if args.qdq else \
         (lambda n, c: qdq_errors(n, c, "QOperator")) if args.qoperator else \
         (lambda n, c: qdq_errors(n, c, "Dynamic")) if args.dynamic else \
@@ -827,6 +971,8 @@ def main() -> None:
     source = f"Keras{' model.export' if KERAS_EXPORT else ''} (tf.GradientTape)" if args.keras else \
         "timm (torch.autograd)" if args.timm else \
         "Ultralytics (torch.autograd on the fused network)" if args.ultralytics else \
+        "YOLOv5 (torch.autograd of objectness x class on the fused network)" if args.yolov5 else \
+        "YOLOX (torch.autograd of objectness x class)" if args.yolox else \
         "Hugging Face transformers (onnxsal vs torch.autograd in float64 / PyTorch's float32 vs the same)" \
         if args.hf else \
         "PP-OCR (torch.autograd on onnx2torch, float64)" if args.ppocr else \

@@ -30,6 +30,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import onnx
 
+from .graph.columns import ColumnTrace
 from .preprocess import Preprocess, make_spec
 
 BOX_ROWS = 4
@@ -184,22 +185,29 @@ SIGMOID_QUERIES = {"deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "deimv2
 
 @dataclass(frozen=True)
 class QueryOutput:
-    """(N, queries, width) class logits of a set-prediction detector (DETR and its kin), beside an
-    (N, queries, 4) output of boxes: centre x, y, width, height as fractions of the image."""
+    """(N, queries, width) class scores beside an (N, queries, 4) output of boxes (centre x, y, width,
+    height). ``reading`` says how a query's row gives its classes' probabilities: a set-prediction
+    detector's logits (DETR and its kin) through a ``softmax`` whose last column is "no object", or a
+    ``sigmoid`` each, with boxes as fractions of the image; or the confidences themselves
+    (``scores``: a YOLOv5-style detector's anchors, objectness x class confidence), with boxes in
+    input pixels."""
 
     classes: int
     queries: int
     width: int
-    softmax: bool              # DETR: softmax over the width, the last being "no object"; else a sigmoid each
-    boxes: str                 # the boxes output
+    reading: str               # "softmax", "sigmoid" or "scores"
+    boxes: Optional[str]       # the boxes output (None: the graph leaves them undecoded)
+    source: str = ""           # where "scores" come from in the file's own output
 
     def probabilities(self, row: np.ndarray) -> np.ndarray:
         """(queries, classes) each query's probability of each class."""
         z = np.asarray(row, np.float64).reshape(self.queries, self.width)
-        if self.softmax:
+        if self.reading == "softmax":
             e = np.exp(z - z.max(axis=1, keepdims=True))
             return (e / e.sum(axis=1, keepdims=True))[:, :self.classes]
-        return 1.0 / (1.0 + np.exp(-z[:, :self.classes]))
+        if self.reading == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-z[:, :self.classes]))
+        return z[:, :self.classes]
 
     def best(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(classes,) each class's highest probability and the query that has it."""
@@ -208,22 +216,30 @@ class QueryOutput:
         return p[queries, np.arange(self.classes)], queries
 
     def seed(self, cls: int, query: int) -> np.ndarray:
-        """A flattened one-hot row at ``query``'s logit of ``cls``."""
+        """A flattened one-hot row at ``query``'s score of ``cls``."""
         return _one_hot(self.queries, self.width, query, cls)
 
     def where(self, seed: np.ndarray) -> int:
         return int(np.argmax(seed)) // self.width
 
     def describe(self) -> str:
+        if self.reading == "scores":
+            return (f"a detector's {self.queries} anchors, {self.classes} classes ({self.source}): a class target "
+                    "scores its confidence at its most confident anchor")
         return (f"a detector's {self.queries} queries, {self.classes} classes: a class target scores its logit at "
                 "its most probable query")
 
     def box_note(self, row: np.ndarray, cls: int, query: int, boxes: Optional[np.ndarray] = None) -> str:
         p = float(self.probabilities(row)[query, cls])
+        pixels = self.reading == "scores"
+        unit, what = ("anchor", "confidence") if pixels else ("query", "probability")
         if boxes is None:
-            return f"query {query}, probability {p:.3g}"
+            undecoded = " (the graph leaves its box undecoded)" if self.boxes is None else ""
+            return f"{unit} {query}, {what} {p:.3g}{undecoded}"
         x, y, w, h = np.asarray(boxes).reshape(self.queries, 4)[query]
-        return f"query {query}, centre ({x:.3f}, {y:.3f}), {w:.3f}x{h:.3f} of the image, probability {p:.3g}"
+        if pixels:
+            return f"{unit} {query}, centre ({x:.0f}, {y:.0f}), {w:.0f}x{h:.0f} px, {what} {p:.3g}"
+        return f"{unit} {query}, centre ({x:.3f}, {y:.3f}), {w:.3f}x{h:.3f} of the image, {what} {p:.3g}"
 
 
 def find_queries(proto: onnx.ModelProto, output: str, shape: Optional[tuple], shapes: dict,
@@ -244,8 +260,111 @@ def find_queries(proto: onnx.ModelProto, output: str, shape: Optional[tuple], sh
             s = probe_shapes(proto, [vi.name]).get(vi.name, (0, s))[1]
         if s is not None and s[1] == shape[1]:
             softmax = model_type in SOFTMAX_QUERIES
-            return QueryOutput(int(shape[2]) - softmax, int(shape[1]), int(shape[2]), softmax, vi.name)
+            return QueryOutput(int(shape[2]) - softmax, int(shape[1]), int(shape[2]),
+                               "softmax" if softmax else "sigmoid", vi.name)
     return None
+
+
+@dataclass(frozen=True)
+class AnchorRows:
+    """An (N, anchors, 4 + [objectness] + classes [+ extra]) output: a box (centre x, y, width,
+    height in pixels), then sigmoid confidences; with ``objectness`` the confidence a detector
+    reports for a class is objectness x that class's (YOLOv5, YOLOv7, YOLOX)."""
+
+    classes: int
+    anchors: int
+    objectness: bool
+    decoded: bool = True       # the box columns are centre and size in pixels, not a conv's raw output
+
+
+def find_anchor_rows(proto: onnx.ModelProto, output: str, shapes: dict,
+                     names: Optional[int] = None) -> Optional[AnchorRows]:
+    """The layout of a YOLOv5-style output, traced from the graph: four box columns computed from
+    the network, then columns that are a Sigmoid's outputs moved into place.
+
+    Column 4 is objectness when it is a one-column Sigmoid of its own (YOLOX), or when the Sigmoid
+    it comes from also made the box (YOLOv5, YOLOv7: one Sigmoid over every column, then a Split).
+    A Sigmoid that makes exactly the columns from 4 on is read by ``names``, the file's class count,
+    when it tells; without it as class confidences (a transposed YOLOv8 output)."""
+    shape = _shape(shapes, output)
+    if shape is not None and len(shape) != 3:
+        return None
+    trace = ColumnTrace.around(proto, output, shapes)
+    if trace is None:
+        return None
+    shape = _shape(trace.shapes, output)
+    if shape is None or len(shape) != 3 or None in shape[1:] or shape[2] < BOX_ROWS + 2 or shape[1] < 2:
+        return None
+    box, sigmoids = [], []          # each column's source: (op type, tensor, its column there, its width)
+    for c in range(int(shape[2])):
+        src = trace.source(output, 2, c)
+        sigmoid = src is not None and src[0] == "Sigmoid"
+        if c < BOX_ROWS:
+            if src is None or sigmoid:
+                return None              # a box column is computed, and no sigmoid's output
+            box.append(src)
+        elif sigmoid:
+            sigmoids.append(src)
+        else:
+            break                        # mask coefficients, keypoints...
+    run = len(sigmoids)
+    if run < 2:
+        return None
+    first, second = sigmoids[:2]
+    objectness = first[2] > 0 or (first[1] != second[1] and first[3] == 1)
+    if names in (run - 1, run):
+        objectness = names == run - 1
+    decoded = not all(b[0] == "Conv" for b in box)       # YOLOX's export leaves it raw by default
+    return AnchorRows(run - objectness, int(shape[1]), objectness, decoded)
+
+
+def add_anchor_scores(proto: onnx.ModelProto, output: str, rows: AnchorRows) -> tuple[QueryOutput, str]:
+    """Append to ``proto`` the (N, anchors, classes) confidences a detector reports and the (N,
+    anchors, 4) boxes, as tensors of the graph: the confidences are what a class target scores, so
+    Integrated Gradients' path and the exported graph see the product, not one factor of it."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    taken = {o for n in g.node for o in n.output} | {i.name for i in g.initializer} | {i.name for i in g.input}
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    def const(values) -> str:
+        name = fresh("onnxsal_anchor_const")
+        g.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    def columns(lo: int, hi: int, name: Optional[str] = None) -> str:
+        out = name or fresh(f"{output}_columns_{lo}_{hi}")
+        g.node.append(helper.make_node("Slice", [output, const([lo]), const([hi]), const([2])], [out],
+                                       name=fresh(f"onnxsal_slice_{lo}_{hi}")))
+        return out
+
+    boxes = columns(0, BOX_ROWS, fresh("onnxsal_boxes")) if rows.decoded else None
+    first = BOX_ROWS + rows.objectness
+    if rows.objectness:
+        scores = fresh("onnxsal_confidences")
+        g.node.append(helper.make_node("Mul", [columns(BOX_ROWS, first), columns(first, first + rows.classes)],
+                                       [scores], name=fresh("onnxsal_objectness_times_class")))
+    else:
+        scores = columns(first, first + rows.classes, fresh("onnxsal_confidences"))
+    vi = next(vi for vi in list(g.output) + list(g.value_info) if vi.name == output)
+    for name, width in ((boxes, BOX_ROWS), (scores, rows.classes)):
+        if name is None:
+            continue
+        made = g.value_info.add()
+        made.CopyFrom(vi)                 # the output's type and batch dimension
+        made.name = name
+        made.type.tensor_type.shape.dim[2].Clear()
+        made.type.tensor_type.shape.dim[2].dim_value = width
+    source = (f"objectness x class: {output}'s column {BOX_ROWS} times columns {first}-{first + rows.classes - 1}"
+              if rows.objectness else f"{output}'s columns {first}-{first + rows.classes - 1}")
+    return QueryOutput(rows.classes, rows.anchors, rows.classes, "scores", boxes, source), scores
 
 
 def find_detection_list(meta: dict, shape: Optional[tuple]) -> Optional[DetectionList]:
@@ -310,13 +429,18 @@ def ultralytics_metadata(meta: dict) -> tuple[Optional[Preprocess], Optional[lis
     """Preprocessing and class names from an Ultralytics export's metadata (RGB scaled to [0, 1] at
     its ``imgsz``; ``names`` a Python dict literal), so its files explain without flags, a dynamic
     size one too."""
-    if meta.get("author") != "Ultralytics":
+    if meta.get("author") != "Ultralytics" and not _yolov5_file(meta):
         return None, None
     spec = make_spec("unit", None, None, None, None)
     size = _literal(meta, "imgsz")
     if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
         spec = dataclasses.replace(spec, size=tuple(size))
     return spec, _ultralytics_names(meta)
+
+
+def _yolov5_file(meta: dict) -> bool:
+    """YOLOv5's export.py writes only ``stride`` and ``names`` (RGB in [0, 1] too)."""
+    return "author" not in meta and isinstance(_literal(meta, "stride"), int) and _ultralytics_names(meta) is not None
 
 
 def _literal(meta: dict, key: str):
@@ -328,8 +452,10 @@ def _literal(meta: dict, key: str):
 
 
 def _ultralytics_names(meta: dict) -> Optional[list[str]]:
-    """The class names, when ``names`` maps 0..n-1 to them."""
+    """The class names, when ``names`` maps 0..n-1 to them (or lists them)."""
     names = _literal(meta, "names")
+    if isinstance(names, (list, tuple)):          # YOLOv5's from a YAML: a list
+        names = dict(enumerate(names))
     if not isinstance(names, dict) or not names or sorted(names) != list(range(len(names))):
         return None
     return [str(names[i]) for i in range(len(names))]

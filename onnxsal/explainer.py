@@ -292,7 +292,7 @@ class Explainer:
         acts: list = []
         boxes = None
         if not lazy:
-            extra = [m.detection.boxes] if isinstance(m.detection, QueryOutput) else []    # for the box notes
+            extra = [m.detection.boxes] if isinstance(m.detection, QueryOutput) and m.detection.boxes else []  # box notes
             wanted = [m.logits, m.output] + extra + ([the_layer.tensor] if the_layer else [])
             logits, out, *acts = self.engine.outputs(prepared.tensor, wanted)   # one forward pass for all of them
             logits, out = logits.reshape(-1), out.reshape(-1)

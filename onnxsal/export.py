@@ -264,7 +264,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     depth = e.const([width], np.int64, "depth")
     if isinstance(det, DetectionList):          # every row scores a detection's score column
         hot_row = e.op("Add", [e.op("Mul", [rows_target, e.const(0, np.int64)]), e.const(4, np.int64)])
-    elif isinstance(det, QueryOutput):          # a query's logit of the class
+    elif isinstance(det, QueryOutput):          # a query's entry for the class
         hot_row = rows_target
     elif det is not None:
         hot_row = e.op("Add", [rows_target, e.const(det.first, np.int64)])
@@ -302,8 +302,9 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         e.op("Mul", [e.op("Unsqueeze", [hot, e.const([2], np.int64)]),
                      e.op("Unsqueeze", [onehot, e.const([1], np.int64)])], out=grad_y)
     elif isinstance(det, QueryOutput):
-        # a class scores its logit at the query most probably of that class in the image's output
-        probs = e.op("Softmax", [own], axis=-1) if det.softmax else e.op("Sigmoid", [own])
+        # a class scores its entry at the query most probably of that class in the image's output
+        probs = e.op("Softmax", [own], axis=-1) if det.reading == "softmax" else \
+            e.op("Sigmoid", [own]) if det.reading == "sigmoid" else own
         hot_class = e.op("OneHot", [target, depth, e.const([0.0, 1.0])], axis=-1)
         column = e.reduce("ReduceSum", e.op("Mul", [probs, e.op("Unsqueeze", [hot_class, e.const([1], np.int64)])]),
                           [2], keepdims=0)

@@ -17,8 +17,8 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from .detection import (Detection, dominating, find_detection, find_detection_list, find_queries,
-                        ultralytics_metadata)
+from .detection import (Detection, add_anchor_scores, dominating, find_anchor_rows, find_detection,
+                        find_detection_list, find_queries, ultralytics_metadata)
 from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import (FLOAT_TYPES, infer, normalize_traced, static_dims, tensor_shapes, upgrade_opset,
                               without_weight_data)
@@ -674,6 +674,11 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     detection = None if dense is not None else \
         find_detection(proto, logits, shapes) or find_detection_list(meta, tuple(out_shape)) or \
         find_queries(proto, logits, tuple(out_shape), shapes, side.model_type)
+    if detection is None and dense is None:       # YOLOv5-style anchors: the confidences, added to the graph
+        rows = find_anchor_rows(proto, logits, shapes, len(foreign_labels) if foreign_labels else None)
+        if rows is not None:
+            detection, logits = add_anchor_scores(proto, logits, rows)
+            graph_out, num_classes = logits, rows.anchors * rows.classes
 
     label_list = list(labels) if labels else None
     if label_list is None and META_LABELS in meta:

@@ -444,7 +444,8 @@ def test_query_detectors_score_a_class_at_its_most_probable_query(queries):
     net, path, x, softmax = queries
     ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
     d = ex.model.detection
-    assert (d.classes, d.queries, d.width, d.softmax, d.boxes) == (CLASSES, 6, CLASSES + softmax, softmax, "pred_boxes")
+    assert (d.classes, d.queries, d.width, d.reading, d.boxes) == \
+        (CLASSES, 6, CLASSES + softmax, "softmax" if softmax else "sigmoid", "pred_boxes")
     assert ex.model.labels == ["person", "bicycle", "car"]
     with torch.no_grad():
         logits, boxes = (t.numpy() for t in net(torch.tensor(x[:1])))

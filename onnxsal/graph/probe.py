@@ -95,6 +95,31 @@ def probe_shapes(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tupl
     return out
 
 
+def probe_values(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Name -> value at batch 1 of each tensor that runs (the indices a ScatterND writes, built from
+    shapes at run time); empty when the model cannot run on a stand-in input."""
+    import onnxruntime as ort
+
+    from ..runtime import open_session
+    from .surgery import expose
+
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    try:
+        light, arrays = for_session(expose(model, names))
+        feeds = _feeds(light, 1)
+        if feeds is None:
+            return {}
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        opts.intra_op_num_threads = 1
+        values = open_session(light, arrays, opts, ["CPUExecutionProvider"]).run(names, feeds)
+    except Exception:
+        return {}
+    return {n: np.asarray(v) for n, v in zip(names, values)}
+
+
 def type_proto(elem_type: int, shape: Shape) -> onnx.TypeProto:
     return helper.make_tensor_type_proto(elem_type or TensorProto.FLOAT, list(shape))
 
