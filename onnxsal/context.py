@@ -7,6 +7,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from .detection import DetectionList
 from .engine import Engine, Target, score_rows
 from .model import Layer, Model
 from .runtime import Progress
@@ -80,20 +81,40 @@ class Context:
 
     def gradients(self, xb: np.ndarray, seed_rows: np.ndarray, wrt: Sequence[str], extra: Sequence[str] = (),
                   rules: Optional[Mapping] = None, rules_name: str = "", clean_row: Optional[int] = None,
-                  whole: bool = False) -> dict[str, np.ndarray]:
+                  whole: bool = False, follow: bool = True) -> dict[str, np.ndarray]:
         """Forward + VJP (see Engine.gradients); the pass also returns the logits and the output.
 
         ``clean_row``: a row of ``xb`` that is ``x`` itself, whose logits and output the explainer
-        then reports instead of running a forward pass of its own.
+        then reports instead of running a forward pass of its own. ``follow``: a detector's final
+        detections re-pick each class target's detection in each row (see ``DetectionList.follow``).
         """
         m = self.model
         y = m.score_tensor(self.score)
+        if follow:
+            seed_rows = self.followed(xb, seed_rows)
         outs = list(extra) + [t for t in dict.fromkeys((m.logits, m.output)) if t != y and t not in extra]
         res = self.engine.gradients(xb, seed_rows, wrt, score=self.score, extra=outs, rules=rules,
                                     rules_name=rules_name, progress=self.progress, whole=whole)
         if clean_row is not None:
             self.clean = (res[m.logits][clean_row].reshape(-1), res[m.output][clean_row].reshape(-1))
         return res
+
+    def followed(self, xb: np.ndarray, seed_rows: np.ndarray) -> np.ndarray:
+        """``seed_rows`` with each class target of a final-detection list re-picked in its own row of
+        ``xb``; the rows that are ``x`` itself, and weights targets, keep theirs."""
+        det = self.model.detection
+        if not isinstance(det, DetectionList):
+            return seed_rows
+        classes = [next((t.index for t in self.targets if t.index >= 0 and np.array_equal(t.seed, s)), -1)
+                   for s in seed_rows]
+        rows = [r for r, c in enumerate(classes) if c >= 0 and not np.array_equal(xb[r], self.x[0])]
+        if not rows:
+            return seed_rows
+        (out,) = self.engine.outputs(xb[rows], [self.model.score_tensor(self.score)], self.progress)
+        seed_rows = np.array(seed_rows, np.float32, copy=True)
+        for r, row in zip(rows, out):
+            seed_rows[r] = det.follow(classes[r], row.reshape(-1))
+        return seed_rows
 
     def rng(self, seed: Optional[int]) -> np.random.Generator:
         return np.random.default_rng(seed)

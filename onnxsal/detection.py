@@ -109,6 +109,15 @@ class DetectionList:
         """A flattened one-hot row at detection ``k``'s score."""
         return _one_hot(self.kept, self.rows, k, 4)
 
+    def follow(self, cls: int, row: np.ndarray) -> np.ndarray:
+        """The seed of class ``cls``'s most confident kept detection in ``row``, zeros with none.
+
+        A row index names no detection of its own: the list is sorted by score, so in a noisy copy,
+        on Integrated Gradients' path or in a mirrored image, row k is usually another detection,
+        often of another class. Each input therefore scores its own best detection of the class."""
+        values, where = self.best(row)
+        return self.seed(cls, int(where[cls])) if where[cls] >= 0 else np.zeros(self.kept * self.rows, np.float32)
+
     def where(self, seed: np.ndarray) -> int:
         return int(np.argmax(seed)) // self.rows
 

@@ -282,21 +282,19 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         own = e.op("Slice", [logits, e.const([0], np.int64), e.op("Unsqueeze", [n_img, e.const([0], np.int64)]),
                              e.const([0], np.int64)])
     if isinstance(det, DetectionList):
-        # a class scores its most confident kept detection (none: no cotangent, an empty map)
+        # a class scores its most confident kept detection (none: no cotangent, an empty map), picked
+        # in every row's own output: a row index is no detection of its own in a noisy copy or on IG's path
 
         def column(j: int) -> str:
-            return e.op("Squeeze", [e.op("Slice", [own, e.const([j], np.int64), e.const([j + 1], np.int64),
+            return e.op("Squeeze", [e.op("Slice", [logits, e.const([j], np.int64), e.const([j + 1], np.int64),
                                                    e.const([2], np.int64)]), e.const([2], np.int64)])
 
         score = column(4)
-        wanted = e.op("Cast", [e.op("Unsqueeze", [target, e.const([1], np.int64)])], to=TensorProto.FLOAT)
+        wanted = e.op("Cast", [e.op("Unsqueeze", [rows_target, e.const([1], np.int64)])], to=TensorProto.FLOAT)
         match = e.op("And", [e.op("Equal", [e.op("Round", [column(5)]), wanted]),
                              e.op("Greater", [score, e.const(0.0)])])
         pick = e.op("ArgMax", [e.op("Where", [match, score, e.const(-1.0)])], axis=1, keepdims=0)
         found = e.reduce("ReduceMax", e.op("Cast", [match], to=TensorProto.FLOAT), [1], keepdims=0)
-        if clean is not None:
-            pick = e.op("Concat", [pick, e.op("Tile", [pick, e.const([clean[0]], np.int64)])], axis=0)
-            found = e.op("Concat", [found, e.op("Tile", [found, e.const([clean[0]], np.int64)])], axis=0)
         hot = e.op("Mul", [e.op("OneHot", [pick, e.const([det.kept], np.int64), e.const([0.0, 1.0])], axis=-1),
                            e.op("Unsqueeze", [found, e.const([1], np.int64)])])
         e.op("Mul", [e.op("Unsqueeze", [hot, e.const([2], np.int64)]),

@@ -245,6 +245,28 @@ def test_integrated_gradients_integrate_the_product(rows):
     assert abs(res.info["completeness_gap"][0]) < 2e-3 * abs(change) + 1e-6, (kind, res.info["completeness_gap"], change)
 
 
+def test_aug_smooth_finds_the_class_again_in_each_copy(rows):
+    """pytorch-grad-cam's aug_smooth mirrors the image: the clean image's anchor then looks at the
+    wrong place, so each copy scores the class's best anchor in its own output."""
+    from onnxsal.postprocess import normalize, resize
+
+    kind, net, path, x, objectness = rows
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    cls, maps, moved = 1, [], False
+    clean_anchor = reference(net, x[:1], cls, objectness)[1]
+    for flip in (False, True):
+        for factor in (0.9, 1.0, 1.1):
+            xa = x[:1] * np.float32(factor)
+            xa = np.ascontiguousarray(xa[..., ::-1]) if flip else xa
+            _, anchor, _, a, g = reference(net, xa.astype(np.float32), cls, objectness)
+            moved |= anchor != clean_anchor
+            m = normalize(resize(ref_cams(a, g)["gradcam"][None], (SIZE, SIZE)))[0]
+            maps.append(m[..., ::-1] if flip else m)
+    assert moved, "no copy moved its best anchor: the check would not tell"
+    got = ex.explain(x[:1], "gradcam", cls, aug_smooth=True).raw[0]
+    np.testing.assert_allclose(got, np.mean(maps, axis=0), atol=1e-4)
+
+
 def test_default_targets_and_top_rank_classes_by_their_best_anchor(rows):
     kind, net, path, x, objectness = rows
     ex = onnxsal.Explainer(path, "cpu", preprocess="raw")

@@ -337,6 +337,31 @@ def test_exported_graph_of_final_detections_equals_explain(final):
                 np.testing.assert_allclose(maps[k], ref.map, atol=1e-5, err_msg=f"{method} class {cls} image {k}")
 
 
+def test_noisy_copies_score_their_own_detection_of_the_class(final):
+    """Rows are sorted by score, so in a noisy copy row k is mostly another detection, often of
+    another class: SmoothGrad averages the gradients of each copy's own best detection of the class
+    (none in a copy: nothing from it)."""
+    net, model, x, _ = final
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    n, level = 8, 0.3
+    noise = np.random.default_rng(0).normal(0.0, level * float(x[:1].max() - x[:1].min()),
+                                            (n,) + x.shape[1:]).astype(np.float32)
+    moved = 0
+    for cls in range(CLASSES):
+        clean_k = final_reference(net, x[:1], cls)[1]
+        if clean_k is None:
+            continue
+        total = np.zeros(x.shape[1:])
+        for i in range(n):
+            _, k, gx = final_reference(net, x[:1] + noise[i:i + 1], cls)
+            moved += k != clean_k
+            total += 0 if gx is None else gx
+        got = ex.explain(x[:1], "smoothgrad", cls, n_samples=n, noise_level=level, seed=0).raw[0]
+        want = np.abs(total / n).max(axis=0)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * want.max(), err_msg=f"class {cls}")
+    assert moved, "no copy moved its detection: the check would not tell"
+
+
 def test_final_detections_from_the_command_line(final, tmp_path, capsys):
     from PIL import Image
 

@@ -254,3 +254,26 @@ def test_finercam_refuses_a_per_pixel_model(seg):
     _, model, _, x = seg
     with pytest.raises(MethodError, match="map per class"):
         onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, "finercam")
+
+
+def test_aug_smooth_reads_each_copy_own_pixels_of_the_class(seg):
+    """aug_smooth mirrors the image: the class's pixels are those its own output assigns to it there
+    (the clean image's mask would score the mirrored pixels of another region)."""
+    from onnxsal.postprocess import normalize, resize
+
+    _, model, _, x = seg
+    ex = onnxsal.Explainer(with_bias(model, class_=2, delta=0.3), "cpu", preprocess="raw")
+    cls, maps = 2, []
+    clean = ex.engine.outputs(x, [ex.model.logits])[0][0].argmax(axis=0) == cls
+    for flip in (False, True):
+        for factor in (0.9, 1.0, 1.1):
+            xa = np.ascontiguousarray((x * np.float32(factor))[..., ::-1] if flip else x * np.float32(factor))
+            own = ex.engine.outputs(xa.astype(np.float32), [ex.model.logits])[0][0].argmax(axis=0) == cls
+            w = np.zeros((3, 16, 16), np.float32)
+            w[cls] = own
+            m = normalize(resize(ex.explain(xa.astype(np.float32), "layercam", target=w).raw, (16, 16)))[0]
+            maps.append(m[..., ::-1] if flip else m)
+            if flip:
+                assert not np.array_equal(own, clean)       # the mirrored copy's pixels are others
+    got = ex.explain(x, "layercam", cls, aug_smooth=True).raw[0]
+    np.testing.assert_allclose(got, np.mean(maps, axis=0), atol=1e-5)

@@ -280,7 +280,7 @@ def deeplift_attr(ctx: Context, baseline, blur_sigma: float) -> np.ndarray:
         pair = np.concatenate([ctx.x, x0[None]]).astype(np.float32)
         for t, row in enumerate(ctx.seeds):      # both rows get the target's cotangent, as in Captum
             out = ctx.gradients(pair, np.stack([row, row]), [name], rules=DEEPLIFT_RULES, rules_name="deeplift",
-                                clean_row=0, whole=True)
+                                clean_row=0, whole=True, follow=False)
             attr[t] += ctx.channels_first(ctx.x - x0[None])[0] * ctx.channels_first(out["grad_" + name][:1])[0]
             scores = out[y].reshape(2, -1) @ row.reshape(-1)      # the pass's own scores: S(x), S(x0)
             expected[t] += (scores[0] - scores[1]) / len(bases)
