@@ -563,6 +563,35 @@ def _scored_output(proto: onnx.ModelProto, head: Optional[str] = None) -> str:
     raise ModelError(f"the model has no floating-point output to score; its outputs: {names}")
 
 
+def _refuse_detection_lists(proto: onnx.ModelProto, output: str, image: onnx.ValueInfoProto) -> None:
+    """A detector that returns its detections without a batch axis (torchvision's Faster R-CNN, SSD,
+    RetinaNet: boxes (K, 4), labels (K,), scores (K,) for the one image it takes) has no row per image
+    to score; read as one, its boxes became "4 classes" and its gradient graph failed at run time.
+    Such an output's first axis is a size of its own, computed after a NonMaxSuppression or NonZero."""
+    vi = next((v for v in proto.graph.output if v.name == output), None)
+    if vi is None or not vi.type.tensor_type.HasField("shape") or not vi.type.tensor_type.shape.dim:
+        return
+    first = vi.type.tensor_type.shape.dim[0]
+    batch = image.type.tensor_type.shape.dim[0] if image.type.tensor_type.shape.dim else None
+    if not first.dim_param or batch is not None and batch.dim_param == first.dim_param:
+        return
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    seen, todo = set(), [output]
+    while todo:
+        t = todo.pop()
+        n = producer.get(t)
+        if n is None or t in seen:
+            continue
+        seen.add(t)
+        if n.op_type in ("NonMaxSuppression", "NonZero"):
+            dims = ", ".join(d.dim_param or str(d.dim_value) for d in vi.type.tensor_type.shape.dim)
+            raise ModelError(f"output {output!r} ({dims}) lists detections along its first axis (after "
+                             f"{n.op_type} {n.name or n.output[0]!r}), not one row per image, so onnxsal cannot "
+                             "score its classes; export the detector without its post-processing (its raw "
+                             "head outputs)")
+        todo.extend(i for i in n.input if i)
+
+
 def _quantised_from(proto: onnx.ModelProto, output: str) -> Optional[str]:
     """The float tensor that a QuantizeLinear turns into integer output ``output``, or None."""
     node = next((n for n in proto.graph.node if output in n.output), None)
@@ -651,6 +680,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     proto, across = normalize_traced(light)
     one_image = tuple(across)
     graph_out = _scored_output(proto, head)
+    _refuse_detection_lists(light, graph_out, vi)
     logits, activation = _find_logits(proto, graph_out)
     shapes = tensor_shapes(proto)
     out_shape = shapes.get(logits, (0, None))[1]

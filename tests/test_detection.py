@@ -402,6 +402,39 @@ def test_final_detections_need_the_metadata(final):
     assert onnxsal.load(bare).detection is None
 
 
+class DetectionsWithoutBatch(nn.Module):
+    """torchvision's detectors' output form: the one image's kept boxes (K, 4), labels and scores,
+    filtered by score (NonZero), with no batch axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.det = TinyDetector()
+
+    def forward(self, x):
+        y = self.det(x)[0]
+        scores, labels = y[4:].max(0)
+        keep = scores > 0.5
+        return y[:4].t()[keep], labels[keep], scores[keep]
+
+
+def test_a_detection_list_without_a_batch_axis_is_refused(tmp_path, capsys):
+    """Read as rows per image, its boxes were "4 classes" and its gradient graph failed in ONNX Runtime."""
+    from onnxsal.errors import ModelError
+
+    torch.manual_seed(0)
+    path = tmp_path / "lists.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(DetectionsWithoutBatch().eval(), (torch.randn(1, 3, SIZE, SIZE),), str(path),
+                          input_names=["images"], output_names=["boxes", "labels", "scores"], opset_version=17,
+                          dynamo=False)
+    with pytest.raises(ModelError, match="'boxes' .* lists detections along its first axis .*NonZero"):
+        onnxsal.Explainer(str(path), "cpu", preprocess="raw")
+    assert main(["inspect", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "not one row per image" in err and len(err.strip().splitlines()) == 1
+
+
 def test_which_ultralytics_files_hold_final_detections():
     from onnxsal.detection import DetectionList, find_detection_list
 
