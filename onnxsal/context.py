@@ -64,7 +64,7 @@ class Context:
         logits, out = self.engine.outputs(xb, [m.logits, m.output], self.progress)
         if clean_row is not None:
             self.clean = (logits[clean_row].reshape(-1), out[clean_row].reshape(-1))
-        return score_rows(out if m.score_tensor(self.score) == m.output else logits, self.targets)
+        return score_rows(out if m.score_tensor(self.score) == m.output else logits, self.targets, m.detection)
 
     def logits(self) -> np.ndarray:
         """(C,) logits of x: from the pass that picked the targets, else from a forward pass now."""
@@ -99,18 +99,23 @@ class Context:
             self.clean = (res[m.logits][clean_row].reshape(-1), res[m.output][clean_row].reshape(-1))
         return res
 
-    def followed(self, xb: np.ndarray, seed_rows: np.ndarray) -> np.ndarray:
+    def followed(self, xb: np.ndarray, seed_rows: np.ndarray, layer_acts: Optional[np.ndarray] = None
+                 ) -> np.ndarray:
         """``seed_rows`` with each class target of a final-detection list re-picked in its own row of
-        ``xb``; the rows that are ``x`` itself, and weights targets, keep theirs."""
+        ``xb``; the rows that are ``x`` itself, and weights targets, keep theirs. With ``layer_acts``
+        (the layer's activations on ``x``), ``xb`` holds the layer's activations, not inputs."""
         det = self.model.detection
         if not isinstance(det, DetectionList):
             return seed_rows
         classes = [next((t.index for t in self.targets if t.index >= 0 and np.array_equal(t.seed, s)), -1)
                    for s in seed_rows]
-        rows = [r for r, c in enumerate(classes) if c >= 0 and not np.array_equal(xb[r], self.x[0])]
+        own = self.x[0] if layer_acts is None else layer_acts[0]
+        rows = [r for r, c in enumerate(classes) if c >= 0 and not np.array_equal(xb[r], own)]
         if not rows:
             return seed_rows
-        (out,) = self.engine.outputs(xb[rows], [self.model.score_tensor(self.score)], self.progress)
+        y = self.model.score_tensor(self.score)
+        (out,) = (self.engine.outputs(xb[rows], [y], self.progress) if layer_acts is None else
+                  self.engine.outputs_given(self.layer.tensor, xb[rows], self.x, [y]))
         seed_rows = np.array(seed_rows, np.float32, copy=True)
         for r, row in zip(rows, out):
             seed_rows[r] = det.follow(classes[r], row.reshape(-1))

@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import onnx
 
+from .detection import DetectionList
 from .errors import TargetError
 from .graph.simplify import simplify_inplace
 from .graph.surgery import expose, replace
@@ -183,11 +184,20 @@ def seed_rows(seeds: np.ndarray, cotangent_shape: Sequence) -> np.ndarray:
     return np.asarray(seeds, np.float32).reshape((len(seeds),) + tail)
 
 
-def score_rows(out: np.ndarray, targets: Sequence[Target]) -> np.ndarray:
+def score_rows(out: np.ndarray, targets: Sequence[Target], detection=None) -> np.ndarray:
+    """(N, T) each target's score in each output row. With a final-detection list (``detection``),
+    a class target scores the class's most confident kept detection in each row, 0 with none: its
+    seed's row names no detection of its own once the input changes (see ``DetectionList.follow``)."""
     flat = out.reshape(len(out), -1)
     seeds = np.stack([t.seed for t in targets]).astype(np.float32)
     offsets = np.array([t.offset for t in targets], np.float32)
-    return flat @ seeds.T + offsets
+    scores = flat @ seeds.T + offsets
+    if isinstance(detection, DetectionList):
+        best = np.stack([detection.best(row)[0] for row in flat])
+        for j, t in enumerate(targets):
+            if t.index >= 0:
+                scores[:, j] = best[:, t.index]
+    return scores
 
 
 def make_targets(model: Model, indices: Sequence[int], score: str = "logit",

@@ -362,6 +362,68 @@ def test_noisy_copies_score_their_own_detection_of_the_class(final):
     assert moved, "no copy moved its detection: the check would not tell"
 
 
+def best_score(net, x, cls) -> float:
+    """Class ``cls``'s most confident kept detection's score in ``x`` (0 with none)."""
+    with torch.no_grad():
+        rows = net(torch.tensor(x)).numpy()[0]
+    return max([r[4] for r in rows if r[4] > 0 and int(round(r[5])) == cls], default=0.0)
+
+
+def test_occlusion_scores_each_masked_image_own_detection(final):
+    """Occluding the detected object reorders the list: each masked image's own best detection of the
+    class is scored, not whatever row the clean image had it at."""
+    net, model, x, _ = final
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    half = SIZE // 2
+    for cls in range(CLASSES):
+        base = best_score(net, x[:1], cls)
+        if not base:
+            continue
+        want = np.zeros((SIZE, SIZE), np.float32)
+        for y0 in (0, half):
+            for x0 in (0, half):
+                masked = x[:1].copy()
+                masked[..., y0:y0 + half, x0:x0 + half] = 0
+                want[y0:y0 + half, x0:x0 + half] = base - best_score(net, masked, cls)
+        got = ex.explain(x[:1], "occlusion", cls, window=half, stride=half).raw[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=f"class {cls}")
+
+
+def test_layer_ig_path_points_score_their_own_detection(final):
+    """Layer IG puts points a0 + alpha (a - a0) in place of the stride-2 map; each point scores the
+    class's best detection in the output the network makes from it."""
+    from onnxsal.methods.gradients import ig_path
+
+    net, model, x, _ = final
+    ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
+    conv, steps, moved = net.det.down1[0], 8, 0
+    alphas, weights = ig_path(steps, "gausslegendre")
+    with torch.no_grad():
+        a, a0 = conv(net.det.stem(torch.tensor(x[:1]))), conv(net.det.stem(torch.zeros(1, 3, SIZE, SIZE)))
+    for cls in range(CLASSES):
+        k0 = final_reference(net, x[:1], cls)[1]
+        if k0 is None:
+            continue
+        total = torch.zeros_like(a)
+        for alpha, w in zip(alphas, weights):
+            point = (a0 + float(alpha) * (a - a0)).requires_grad_(True)
+            hook = conv.register_forward_hook(lambda m, i, o, p=point: p)
+            out = net(torch.tensor(x[:1]))
+            hook.remove()
+            rows = out[0].detach().numpy()
+            mine = [k for k in range(len(rows)) if rows[k, 4] > 0 and int(round(rows[k, 5])) == cls]
+            if mine:
+                k = max(mine, key=lambda r: rows[r, 4])
+                moved += k != k0
+                out[0, k, 4].backward()
+                total += float(w) * point.grad
+        want = ((a - a0) * total).sum(dim=1)[0].numpy()
+        got = ex.explain(x[:1], "layerig", cls, steps=steps, baseline="zero").raw[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=f"class {cls}")
+    # the padded fixture keeps the class's row along the path, and drops it near the baseline instead
+    assert moved or net.floor, "no path point moved the detection: the check would not tell"
+
+
 def test_final_detections_from_the_command_line(final, tmp_path, capsys):
     from PIL import Image
 

@@ -29,12 +29,13 @@ def layer_ig_attr(ctx: Context, steps: int, baseline, rule: str, blur_sigma: flo
     path = (a0 + alphas.reshape((-1,) + (1,) * (a.ndim - 1)).astype(np.float32) * (a - a0)).astype(np.float32)
     t, s = len(ctx.targets), len(path)
     rows = np.tile(path, (t,) + (1,) * (a.ndim - 1))                     # target-major rows
-    g = ctx.engine.layer_gradients(rows, np.repeat(ctx.seeds, s, axis=0), ctx.layer.tensor, ctx.x,
+    seeds = ctx.followed(rows, np.repeat(ctx.seeds, s, axis=0), layer_acts=a)   # a detection list: per path point
+    g = ctx.engine.layer_gradients(rows, seeds, ctx.layer.tensor, ctx.x,
                                    score=ctx.score, progress=ctx.progress).reshape((t, s) + a.shape[1:])
     attr = (a - a0) * np.einsum("s,ts...->t...", weights.astype(np.float32), g)
     y = ctx.model.score_tensor(ctx.score)
     (out,) = ctx.engine.outputs_given(ctx.layer.tensor, np.concatenate([a, a0]), ctx.x, [y])
-    scores = score_rows(out, ctx.targets)
+    scores = score_rows(out, ctx.targets, ctx.model.detection)
     report_completeness(ctx, attr, scores[0] - scores[1])
     return attr.astype(np.float32)
 

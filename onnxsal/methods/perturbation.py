@@ -101,7 +101,7 @@ def ablated_scores(ctx: Context, value: float, channels: Optional[np.ndarray] = 
         # progress over all k + 1 rows, not per chunk
         report = (lambda n, _, base=done: ctx.progress(base + n, k + 1)) if ctx.progress else None
         (out,) = ctx.engine.outputs_given(ctx.layer.tensor, batch, ctx.x, [y], report)
-        scores.append(score_rows(out, ctx.targets))
+        scores.append(score_rows(out, ctx.targets, ctx.model.detection))
         done += len(out)
     s = np.concatenate(scores)
     return s[0], s[1:]
