@@ -617,8 +617,6 @@ def yolov5_errors(name: str, cache: str) -> list[str]:
     sys.path.insert(0, os.path.join(HERE, "..", ".venv-bench", "yolov5"))
     from yolov5.models.yolo import Detect, Model
 
-    from onnxsal.model import load
-
     logging.getLogger("yolov5").setLevel(logging.WARNING)          # its layer tables
     size, folder = 160, os.path.dirname(__import__("yolov5").__file__)
     yaml = os.path.join(folder, "models", "segment" if name.endswith("-seg") else "", f"{name}.yaml")
@@ -645,25 +643,7 @@ def yolov5_errors(name: str, cache: str) -> list[str]:
             for k, v in {"stride": int(max(net.stride)), "names": {i: f"class{i}" for i in range(80)}}.items():
                 model.metadata_props.add(key=k, value=str(v))
             onnx.save(model, path)
-        m = load(path)
-        det = m.detection
-        if det is None or (det.classes, det.reading, "objectness" in det.source) != (80, "scores", True):
-            raise RuntimeError(f"read as {det.describe() if det is not None else 'no detector'}")
-        sess = vjp_session(m.proto, m.input.name, m.logits)
-        for k, seed in enumerate(SEEDS):
-            rng = np.random.default_rng(seed)
-            x = rng.uniform(0, 1, (2, 3, size, size)).astype(np.float32)
-            xt = torch.tensor(x, requires_grad=True)
-            out = _first_tensor(copy.deepcopy(pristine)(xt))
-            conf = out[..., 4:5] * out[..., 5:85]
-            cot = rng.standard_normal(tuple(conf.shape)).astype(np.float32)
-            (conf * torch.tensor(cot)).sum().backward()
-            got = sess.run([f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.logits}": cot})[0]
-            err = f"{rel(got, xt.grad.numpy()):.1e}"
-            if zero_bias:
-                cells[k] = f"{cells[k]} / {err}"
-            else:
-                cells.append(err)
+        _objectness_cells(path, pristine, size, 1.0, True, cells)
     return cells
 
 
@@ -684,8 +664,6 @@ def yolox_errors(spec: str, cache: str) -> list[str]:
     from yolox.models import YOLOPAFPN, YOLOX, YOLOXHead
     from yolox.models.network_blocks import SiLU
     from yolox.utils import replace_module
-
-    from onnxsal.model import load
 
     arch, form = spec.split(":")
     depth, width, depthwise = {"yolox_nano": (0.33, 0.25, True), "yolox_tiny": (0.33, 0.375, False),
@@ -712,27 +690,42 @@ def yolox_errors(spec: str, cache: str) -> list[str]:
                 torch.onnx.export(net, torch.zeros(1, 3, size, size), path, opset_version=11, dynamo=False,
                                   input_names=["images"], output_names=["output"],
                                   dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}})
-        m = load(path)
-        det = m.detection
-        if det is None or (det.classes, "objectness" in det.source, det.boxes is not None) != \
-                (80, True, form == "decoded"):
-            raise RuntimeError(f"read as {det.describe() if det is not None else 'no detector'}")
-        sess = vjp_session(m.proto, m.input.name, m.logits)
-        for k, seed in enumerate(SEEDS):
-            rng = np.random.default_rng(seed)
-            x = rng.uniform(0, 255, (2, 3, size, size)).astype(np.float32)      # YOLOX takes 0-255 pixels
-            xt = torch.tensor(x, requires_grad=True)
-            out = copy.deepcopy(pristine)(xt)
-            conf = out[..., 4:5] * out[..., 5:85]
-            cot = rng.standard_normal(tuple(conf.shape)).astype(np.float32)
-            (conf * torch.tensor(cot)).sum().backward()
-            got = sess.run([f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.logits}": cot})[0]
-            err = f"{rel(got, xt.grad.numpy()):.1e}"
-            if zero_bias:
-                cells[k] = f"{cells[k]} / {err}"
-            else:
-                cells.append(err)
+        _objectness_cells(path, pristine, size, 255.0, form == "decoded", cells)     # YOLOX takes 0-255 pixels
     return cells
+
+
+def _objectness_cells(path: str, pristine, size: int, top: float, decoded: bool, cells: list) -> None:
+    """The check of ``--yolov5`` and ``--yolox``: onnxsal must read ``path`` as 80 classes with
+    objectness (its boxes decoded or not, as ``decoded`` says); then per seed at batch 2, pixels
+    uniform in [0, ``top``], its input gradient of objectness x class against torch.autograd on a
+    fresh copy of ``pristine`` (a second run of one copy would backward through the first's graph).
+    A first call fills ``cells``, a second appends " / figure" to each."""
+    import copy
+
+    import torch
+
+    from onnxsal.model import load
+
+    m = load(path)
+    det = m.detection
+    if det is None or (det.classes, "objectness" in det.source, det.boxes is not None) != (80, True, decoded):
+        raise RuntimeError(f"read as {det.describe() if det is not None else 'no detector'}")
+    sess = vjp_session(m.proto, m.input.name, m.logits)
+    second = bool(cells)
+    for k, seed in enumerate(SEEDS):
+        rng = np.random.default_rng(seed)
+        x = rng.uniform(0, top, (2, 3, size, size)).astype(np.float32)
+        xt = torch.tensor(x, requires_grad=True)
+        out = _first_tensor(copy.deepcopy(pristine)(xt))
+        conf = out[..., 4:5] * out[..., 5:85]
+        cot = rng.standard_normal(tuple(conf.shape)).astype(np.float32)
+        (conf * torch.tensor(cot)).sum().backward()
+        got = sess.run([f"grad_{m.input.name}"], {m.input.name: x, f"grad_{m.logits}": cot})[0]
+        err = f"{rel(got, xt.grad.numpy()):.1e}"
+        if second:
+            cells[k] = f"{cells[k]} / {err}"
+        else:
+            cells.append(err)
 
 
 def _he_normal(net, skip) -> None:

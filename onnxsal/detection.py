@@ -362,11 +362,15 @@ def add_anchor_scores(proto: onnx.ModelProto, output: str, rows: AnchorRows) -> 
                                        [scores], name=fresh("onnxsal_objectness_times_class")))
     else:
         scores = columns(first, first + rows.classes, fresh("onnxsal_confidences"))
-    vi = next(vi for vi in list(g.output) + list(g.value_info) if vi.name == output)
+    vi = next((vi for vi in list(g.output) + list(g.value_info) if vi.name == output
+               and len(vi.type.tensor_type.shape.dim) == 3), None)
     for name, width in ((boxes, BOX_ROWS), (scores, rows.classes)):
         if name is None:
             continue
         made = g.value_info.add()
+        if vi is None:
+            made.CopyFrom(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [None, rows.anchors, width]))
+            continue
         made.CopyFrom(vi)                 # the output's type and batch dimension
         made.name = name
         made.type.tensor_type.shape.dim[2].Clear()

@@ -72,18 +72,20 @@ def xgradcam_weights(a: np.ndarray, g: np.ndarray) -> np.ndarray:
 AUGMENTATIONS = [(flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1)]
 
 
-def retargeted(ctx: Context, x: np.ndarray) -> list:
-    """The same classes' targets on another input ``x``. A target read off the image's own output (a
-    segmentation class's pixels, a detector's box) is read off ``x``'s: in a mirrored image the
-    clean image's mask, anchor or detection row points at the wrong place. A class a detector did not
-    keep in ``x`` scores nothing there; a weights target stays as given."""
+def retargeted(ctx: Context, x: np.ndarray) -> Context:
+    """``ctx`` for another input ``x``, with the same classes' targets. A target read off the image's
+    own output (a segmentation class's pixels, a detector's box) is read off ``x``'s: in a mirrored
+    image the clean image's mask, anchor or detection row points at the wrong place. A class a
+    detector did not keep in ``x`` scores nothing there; a weights target stays as given. The pass
+    that reads the output also gives the layer's activations."""
     from ..engine import make_targets
     from ..errors import TargetError
 
     m = ctx.model
     if m.dense is None and m.detection is None:
-        return ctx.targets
-    logits, out = ctx.engine.outputs(x, [m.logits, m.output])
+        return replace(ctx, x=x, acts=None, info={})
+    layer = [ctx.layer.tensor] if ctx.layer is not None else []
+    logits, out, *acts = ctx.engine.outputs(x, [m.logits, m.output] + layer)
     row = (logits if m.activation is None else out).reshape(-1)
     found = []
     for t in ctx.targets:
@@ -91,7 +93,7 @@ def retargeted(ctx: Context, x: np.ndarray) -> list:
             found.append(t if t.index < 0 else make_targets(m, [t.index], ctx.score, row)[0])
         except TargetError:
             found.append(replace(t, seed=np.zeros_like(t.seed)))
-    return found
+    return replace(ctx, x=x, acts=acts[0] if acts else None, info={}, targets=found)
 
 
 def augmented(ctx: Context, fn: Callable[[Context], np.ndarray]) -> np.ndarray:
@@ -103,8 +105,7 @@ def augmented(ctx: Context, fn: Callable[[Context], np.ndarray]) -> np.ndarray:
     for flip, factor in AUGMENTATIONS:
         x = ctx.x * np.float32(factor)
         x = np.ascontiguousarray(np.flip(x, axis)).astype(np.float32) if flip else x.astype(np.float32)
-        sub = replace(ctx, x=x, acts=None, info={}, targets=retargeted(ctx, x), clean=None)
-        m = normalize(resize(fn(sub), ctx.input_size))
+        m = normalize(resize(fn(retargeted(ctx, x)), ctx.input_size))
         maps.append(m[..., ::-1] if flip else m)
     return np.mean(maps, axis=0).astype(np.float32)
 
