@@ -333,15 +333,10 @@ def add_anchor_scores(proto: onnx.ModelProto, output: str, rows: AnchorRows) -> 
     Integrated Gradients' path and the exported graph see the product, not one factor of it."""
     from onnx import helper, numpy_helper
 
-    g = proto.graph
-    taken = {o for n in g.node for o in n.output} | {i.name for i in g.initializer} | {i.name for i in g.input}
+    from .graph.surgery import ReadableNames
 
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
+    g = proto.graph
+    fresh = ReadableNames(g)
 
     def const(values) -> str:
         name = fresh("onnxsal_anchor_const")

@@ -278,7 +278,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         extra_row = e.op("Greater", [row, e.op("Sub", [n_img, e.const(1, np.int64)])])   # clean rows get no cotangent
         mask = e.op("Cast", [extra_row], to=TensorProto.FLOAT)
         onehot = e.op("Mul", [onehot, e.op("Unsqueeze", [mask, e.const([1], np.int64)])])
-    if det is not None or dense is not None:         # the target depends on the images' own output rows
+    if dense is not None or det is not None and not isinstance(det, DetectionList):   # picked in the images' own rows
         own = e.op("Slice", [logits, e.const([0], np.int64), e.op("Unsqueeze", [n_img, e.const([0], np.int64)]),
                              e.const([0], np.int64)])
     if isinstance(det, DetectionList):

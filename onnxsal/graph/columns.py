@@ -37,6 +37,10 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return list(a.ints) if a.type == onnx.AttributeProto.INTS else a.i
 
 
+def _shape(shapes: dict, name: str) -> Optional[tuple]:
+    return shapes.get(name, (0, None))[1]
+
+
 def _int_constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Small integer constants (Slice bounds) by name."""
     ints = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
@@ -74,24 +78,24 @@ class ColumnTrace:
         if not sigmoid:
             return None
         scatters = {n.output[0]: n.input[1] for n in proto.graph.node if n.op_type == "ScatterND" and n.output[0] in cone}
-        unknown = [t for t in cone if shapes.get(t, (0, None))[1] is None or None in shapes[t][1][1:]]
+        unknown = [t for t in cone if _shape(shapes, t) is None or None in _shape(shapes, t)[1:]]
         written = {}
         if unknown or scatters:           # reshape targets computed at run time, ScatterND indices: one run tells
-            from .probe import probe_shapes, probe_values
+            from .probe import probe
 
-            shapes = {**shapes, **probe_shapes(proto, unknown)}
-            values = probe_values(proto, list(scatters.values()))
+            found, values = probe(proto, unknown, list(scatters.values()))
+            shapes = {**shapes, **found}
             written = {t: values[i] for t, i in scatters.items() if i in values}
         return cls(producer, shapes, _int_constants(proto), written)
 
     def _width(self, t: str, axis: int, rank: int) -> Optional[int]:
-        return (self.shapes.get(t, (0, None))[1] or (None,) * rank)[axis]
+        return (_shape(self.shapes, t) or (None,) * rank)[axis]
 
     def source(self, t: str, axis: int, col: int, depth: int = 0) -> Optional[Source]:
         """The node that computes column ``col`` of ``t`` on ``axis``; None where the trace loses it
         (a size, bound or index unknown, a graph input)."""
         n = self.producer.get(t)
-        shape = self.shapes.get(t, (0, None))[1]
+        shape = _shape(self.shapes, t)
         if n is None or shape is None or depth > 64:
             return None
         rank = len(shape)
@@ -137,7 +141,7 @@ class ColumnTrace:
             col = self._slice(n, axis, col, rank)
             return None if col is None else self.source(n.input[0], axis, col, deeper)
         # Reshape, Flatten, Squeeze, Unsqueeze: the input axis of that size with as many values after it
-        src = self.shapes.get(n.input[0], (0, None))[1]
+        src = _shape(self.shapes, n.input[0])
         after = list(shape[axis + 1:])
         if src is None or shape[axis] is None or None in after:
             return None

@@ -54,14 +54,22 @@ def _feeds(model: onnx.ModelProto, batch: int) -> Optional[dict[str, np.ndarray]
 
 def probe_shapes(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tuple[int, Shape]]:
     """Name -> (elem_type, shape with None for batch-dependent dims) for each tensor that runs."""
+    return probe(model, names)[0]
+
+
+def probe(model: onnx.ModelProto, shapes_of: Sequence[str], values_of: Sequence[str] = ()
+          ) -> tuple[dict[str, tuple[int, Shape]], dict[str, np.ndarray]]:
+    """``probe_shapes`` of ``shapes_of``, and the values at batch 1 of ``values_of`` (the indices a
+    ScatterND writes, built from shapes at run time), from one session; both empty when the model
+    cannot run on a stand-in input."""
     import onnxruntime as ort
 
     from ..runtime import open_session
     from .surgery import expose
 
-    names = list(dict.fromkeys(names))
+    names = list(dict.fromkeys(list(shapes_of) + list(values_of)))
     if not names:
-        return {}
+        return {}, {}
     try:
         light, arrays = for_session(expose(model, names))
         opts = ort.SessionOptions()
@@ -69,10 +77,10 @@ def probe_shapes(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tupl
         opts.intra_op_num_threads = 1
         sess = open_session(light, arrays, opts, ["CPUExecutionProvider"])
         runs = []
-        for batch in (1, 2):
+        for batch in (1, 2) if shapes_of else (1,):     # a second batch tells which dims follow it
             feeds = _feeds(light, batch)
             if feeds is None:
-                return {}
+                return {}, {}
             try:
                 runs.append(sess.run(names, feeds))
             except Exception:
@@ -84,40 +92,15 @@ def probe_shapes(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tupl
                 runs.append([np.empty((0,) + np.shape(v)[1:], np.asarray(v).dtype) if np.ndim(v) else v
                              for v in runs[0]])
     except Exception:
-        return {}
-    out = {}
-    for name, a, b in zip(names, *runs):
+        return {}, {}
+    shapes, wanted = {}, set(shapes_of)
+    for name, a, b in zip(names, *runs) if shapes_of else ():
         a, b = np.asarray(a), np.asarray(b)
-        if a.ndim != b.ndim:
-            continue
-        shape = tuple(int(p) if p == q else None for p, q in zip(a.shape, b.shape))
-        out[name] = (helper.np_dtype_to_tensor_dtype(a.dtype), shape)
-    return out
-
-
-def probe_values(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Name -> value at batch 1 of each tensor that runs (the indices a ScatterND writes, built from
-    shapes at run time); empty when the model cannot run on a stand-in input."""
-    import onnxruntime as ort
-
-    from ..runtime import open_session
-    from .surgery import expose
-
-    names = list(dict.fromkeys(names))
-    if not names:
-        return {}
-    try:
-        light, arrays = for_session(expose(model, names))
-        feeds = _feeds(light, 1)
-        if feeds is None:
-            return {}
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        opts.intra_op_num_threads = 1
-        values = open_session(light, arrays, opts, ["CPUExecutionProvider"]).run(names, feeds)
-    except Exception:
-        return {}
-    return {n: np.asarray(v) for n, v in zip(names, values)}
+        if name in wanted and a.ndim == b.ndim:
+            shape = tuple(int(p) if p == q else None for p, q in zip(a.shape, b.shape))
+            shapes[name] = (helper.np_dtype_to_tensor_dtype(a.dtype), shape)
+    values = set(values_of)
+    return shapes, {n: np.asarray(v) for n, v in zip(names, runs[0]) if n in values}
 
 
 def type_proto(elem_type: int, shape: Shape) -> onnx.TypeProto:
