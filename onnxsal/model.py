@@ -158,12 +158,14 @@ class Model:
         own gradients, so the one before serves."""
         d = self.dense
         maps = (d.classes, d.height, d.width) if d is not None else None
-        inner = [la for la in self.layers if la.tensor not in (self.logits, self.output) and tuple(la.shape) != maps]
+        feeding = _ancestors(self.light, self.logits)      # a multi-task model's other heads have convs too
+        inner = [la for la in self.layers if la.tensor not in (self.logits, self.output) and tuple(la.shape) != maps
+                 and la.tensor in feeding]
         if self.detection is not None and inner:      # the last map that every anchor's score depends on
             last = dominating(self.light, [la.tensor for la in inner], self.input.name, self.logits)
             if last is not None:
                 return next(la for la in inner if la.tensor == last)
-        return inner[-1] if inner else (self.layers[-1] if self.layers else None)
+        return inner[-1] if inner else next((la for la in reversed(self.layers) if la.tensor in feeding), None)
 
     @property
     def binary(self) -> bool:
@@ -254,6 +256,19 @@ class Model:
         if self.labels and index < len(self.labels):
             return self.labels[index]
         return str(index)
+
+
+def _ancestors(proto: onnx.ModelProto, tensor: str) -> set[str]:
+    """The tensors ``tensor`` is computed from, itself included."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    seen, todo = {tensor}, [tensor]
+    while todo:
+        node = producer.get(todo.pop())
+        for i in node.input if node is not None else ():
+            if i and i not in seen:
+                seen.add(i)
+                todo.append(i)
+    return seen
 
 
 def read_proto(path: Union[str, os.PathLike]) -> onnx.ModelProto:

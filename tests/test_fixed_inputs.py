@@ -146,3 +146,49 @@ def test_head_picks_the_output_to_score(tmp_path):
     np.save(tmp_path / "x.npy", x[:1])
     assert main(["explain", path, str(tmp_path / "x.npy"), "--head", "gender", "-m", "gradcam", "--target", "1",
                  "--out", str(tmp_path / "out"), "-q"]) == 0
+
+
+class BranchedHeads(nn.Module):
+    """Each head with a conv branch of its own: the last conv in the file feeds the second head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.age_conv, self.gender_conv = (nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(2))
+        self.age, self.gender = nn.Linear(8, 1), nn.Linear(8, 2)
+
+    def forward(self, image):
+        h = torch.relu(self.stem(image))
+        return self.age(self.age_conv(h).mean((2, 3))), self.gender(self.gender_conv(h).mean((2, 3)))
+
+
+def test_the_default_cam_layer_feeds_the_scored_head(tmp_path):
+    """Grad-CAM on each head, by default at the last conv layer that head is computed from: the
+    last conv of the file belongs to the other head, whose map the scored head has no gradient on."""
+    from test_gradient_methods import ref_cams
+
+    net = BranchedHeads().eval()
+    path = str(tmp_path / "branched.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), path, input_names=["image"], output_names=["age", "gender"],
+                          opset_version=17, dynamo=False, dynamic_axes={"image": {0: "N"}})
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    for head, conv, target in ((None, net.age_conv, 1), ("gender", net.gender_conv, 0)):
+        ex = Explainer(path, "cpu", preprocess="raw", **({"head": head} if head else {}))
+        assert ex.model.default_layer.tensor.startswith(f"/{'gender' if head else 'age'}_conv/")
+        store = {}
+
+        def keep(_, __, out):
+            out.retain_grad()
+            store["a"] = out
+
+        hook = conv.register_forward_hook(keep)
+        outs = net(torch.tensor(x))
+        hook.remove()
+        score = outs[1][0, target] if head else outs[0][0, 0] * (1 if target == 1 else -1)
+        score.backward()
+        expected = ref_cams(store["a"].detach().numpy()[0], store["a"].grad.numpy()[0])["gradcam"]
+        got = ex.explain(x, "gradcam", target).raw[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5 * expected.max() + 1e-12)
