@@ -14,6 +14,11 @@ Exported with its non-maximum suppression (or an NMS-free head's top-k), the out
 list of final detections, (N, kept, 6 + extra); only the file's metadata says so reliably, and a
 class target scores its most confident kept detection, or is refused when there is none.
 
+SSD-style heads (SSD, UltraFace, RetinaFace; RetinaNet without its NMS) output each anchor's class
+probabilities, a softmax with the background first or a sigmoid per class, beside (N, anchors, 4)
+boxes whose form the graph does not tell; a class target scores its probability at its most
+probable anchor.
+
 Hugging Face's set-prediction detectors (DETR, YOLOS, RT-DETR...) output (N, queries, classes [+ 1])
 logits beside (N, queries, 4) boxes; the export folder's config.json says whether a softmax with a
 "no object" class or a sigmoid per class reads them. A class target scores its logit at the query
@@ -207,16 +212,17 @@ class QueryOutput:
     reading: str               # "softmax", "sigmoid" or "scores"
     boxes: Optional[str]       # the boxes output (None: the graph leaves them undecoded)
     source: str = ""           # where "scores" come from in the file's own output
+    first: int = 0             # the column of class 0 (1: an SSD-style head's background comes first)
+    boxes_as_given: bool = False   # box values whose form the graph does not tell (an SSD-style head's)
 
     def probabilities(self, row: np.ndarray) -> np.ndarray:
         """(queries, classes) each query's probability of each class."""
         z = np.asarray(row, np.float64).reshape(self.queries, self.width)
         if self.reading == "softmax":
             e = np.exp(z - z.max(axis=1, keepdims=True))
-            return (e / e.sum(axis=1, keepdims=True))[:, :self.classes]
-        if self.reading == "sigmoid":
-            return 1.0 / (1.0 + np.exp(-z[:, :self.classes]))
-        return z[:, :self.classes]
+            return (e / e.sum(axis=1, keepdims=True))[:, self.first:self.first + self.classes]
+        z = z[:, self.first:self.first + self.classes]
+        return 1.0 / (1.0 + np.exp(-z)) if self.reading == "sigmoid" else z
 
     def best(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(classes,) each class's highest probability and the query that has it."""
@@ -226,12 +232,15 @@ class QueryOutput:
 
     def seed(self, cls: int, query: int) -> np.ndarray:
         """A flattened one-hot row at ``query``'s score of ``cls``."""
-        return _one_hot(self.queries, self.width, query, cls)
+        return _one_hot(self.queries, self.width, query, self.first + cls)
 
     def where(self, seed: np.ndarray) -> int:
         return int(np.argmax(seed)) // self.width
 
     def describe(self) -> str:
+        if self.boxes_as_given:
+            return (f"a detector's {self.queries} anchors, {self.classes} classes ({self.source}): a class target "
+                    "scores its probability at its most probable anchor")
         if self.reading == "scores":
             return (f"a detector's {self.queries} anchors, {self.classes} classes ({self.source}): a class target "
                     "scores its confidence at its most confident anchor")
@@ -240,6 +249,10 @@ class QueryOutput:
 
     def box_note(self, row: np.ndarray, cls: int, query: int, boxes: Optional[np.ndarray] = None) -> str:
         p = float(self.probabilities(row)[query, cls])
+        if self.boxes_as_given:
+            box = "" if boxes is None else ", box " + ", ".join(
+                f"{v:.3g}" for v in np.asarray(boxes).reshape(self.queries, -1)[query])
+            return f"anchor {query}, probability {p:.3g}{box}"
         pixels = self.reading == "scores"
         unit, what = ("anchor", "confidence") if pixels else ("query", "probability")
         if boxes is None:
@@ -373,6 +386,92 @@ def add_anchor_scores(proto: onnx.ModelProto, output: str, rows: AnchorRows) -> 
     source = (f"objectness x class: {output}'s column {BOX_ROWS} times columns {first}-{first + rows.classes - 1}"
               if rows.objectness else f"{output}'s columns {first}-{first + rows.classes - 1}")
     return QueryOutput(rows.classes, rows.anchors, rows.classes, "scores", boxes, source), scores
+
+
+_MOVES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"}
+
+
+def _confidence_kind(proto: onnx.ModelProto, tensor: str, shapes: dict, producer: dict) -> Optional[str]:
+    """"softmax" when ``tensor`` is a Softmax over its last axis (values moved on unchanged),
+    "sigmoid" when it is a Sigmoid's output, else None."""
+    node = producer.get(tensor)
+    while node is not None and node.op_type in _MOVES:
+        node = producer.get(node.input[0])
+    if node is None:
+        return None
+    if node.op_type == "Sigmoid":
+        return "sigmoid"
+    if node.op_type != "Softmax":
+        return None
+    shape = _shape(shapes, node.output[0]) or _shape(shapes, node.input[0])
+    flat = producer.get(node.input[0])
+    if shape is None and flat is not None and flat.op_type == "Flatten":     # the version converter's form
+        inner = _shape(shapes, flat.input[0])
+        if inner is None:                 # behind a run-time reshape target: read off one run
+            from .graph.probe import probe_shapes
+
+            inner = probe_shapes(proto, [flat.input[0]]).get(flat.input[0], (0, None))[1]
+        at = next((a.i for a in flat.attribute if a.name == "axis"), 1)
+        shape = (None, inner[-1]) if inner is not None and at in (-1, len(inner) - 1) else None
+    own = _shape(shapes, tensor)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+    # over the last axis, and over as many values as the tensor's rows (an old-opset Softmax over
+    # axis 1 of (N, anchors, classes) comes out of the version converter as one over anchors x classes)
+    last = shape is not None and axis in (-1, len(shape) - 1) and own is not None and shape[-1] == own[-1]
+    return "softmax" if last else None
+
+
+def _anchor_pair(proto: onnx.ModelProto, shapes: dict) -> Optional[tuple[str, str, str, int, int]]:
+    """(scores, boxes, kind, anchors, classes): an (N, anchors, classes) output of per-anchor softmax or sigmoid
+    confidences and an (N, anchors, 4) output that is none, at the same anchor count."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    outputs = [vi.name for vi in proto.graph.output]
+    found = {o: _shape(shapes, o) for o in outputs}
+    if any(s is not None and len(s) == 3 and s[1] is None for s in found.values()):
+        from .graph.probe import probe_shapes     # an anchor count inference lost: read off one run
+
+        probed = probe_shapes(proto, [o for o, s in found.items() if s is None or len(s) == 3])
+        found.update({o: probed[o][1] for o in probed})
+    kinds = {o: _confidence_kind(proto, o, shapes, producer) for o in outputs}
+    for scores in outputs:
+        s = found.get(scores)
+        if kinds[scores] is None or s is None or len(s) != 3 or None in s[1:] or s[1] < 2:
+            continue
+        if kinds[scores] == "softmax" and s[2] < 2 or kinds[scores] == "sigmoid" and s[2] == BOX_ROWS:
+            continue      # four sigmoids per row may be boxes in fractions of the image (DETR's pred_boxes)
+        for boxes in outputs:
+            b = found.get(boxes)
+            if boxes != scores and kinds[boxes] is None and b is not None and len(b) == 3 and tuple(b[1:]) == (s[1], BOX_ROWS):
+                return scores, boxes, kinds[scores], int(s[1]), int(s[2])
+    return None
+
+
+def find_anchor_classes(proto: onnx.ModelProto, output: str, shapes: dict) -> Optional[QueryOutput]:
+    """An SSD-style head (SSD, UltraFace, RetinaFace, RetinaNet without its NMS): ``output`` holds
+    each anchor's class confidences, a softmax whose column 0 is the background or a sigmoid per
+    class, beside an (N, anchors, 4) output of boxes. A class target scores the reported
+    probability at the class's most probable anchor, as for the YOLO heads. The box values are
+    reported as the file gives them: corners or a centre, fractions or pixels, or offsets from
+    priors that a caller decodes, nothing in the graph says which."""
+    pair = _anchor_pair(proto, shapes)
+    if pair is None or pair[0] != output:
+        return None
+    scores, boxes, kind, anchors, width = pair
+    background = kind == "softmax"
+    source = (f"{scores}: a softmax per anchor, column 0 the background" if background
+              else f"{scores}: a sigmoid per anchor and class")
+    return QueryOutput(width - background, anchors, width, "scores", boxes, source, first=int(background),
+                       boxes_as_given=True)
+
+
+def class_output_beside(proto: onnx.ModelProto, first: str, shapes: dict) -> str:
+    """The output to score by default: ``first``, unless it is the boxes of an SSD-style head whose
+    confidences come in another output (RetinaFace lists its box offsets first)."""
+    s = _shape(shapes, first)
+    if s is not None and (len(s) != 3 or s[2] not in (None, BOX_ROWS)):
+        return first
+    pair = _anchor_pair(proto, shapes)
+    return pair[0] if pair is not None and pair[1] == first else first
 
 
 def find_detection_list(meta: dict, shape: Optional[tuple]) -> Optional[DetectionList]:

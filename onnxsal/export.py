@@ -264,8 +264,8 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     depth = e.const([width], np.int64, "depth")
     if isinstance(det, DetectionList):          # every row scores a detection's score column
         hot_row = e.op("Add", [e.op("Mul", [rows_target, e.const(0, np.int64)]), e.const(4, np.int64)])
-    elif isinstance(det, QueryOutput):          # a query's entry for the class
-        hot_row = rows_target
+    elif isinstance(det, QueryOutput):          # a query's entry for the class (after a background column)
+        hot_row = e.op("Add", [rows_target, e.const(det.first, np.int64)]) if det.first else rows_target
     elif det is not None:
         hot_row = e.op("Add", [rows_target, e.const(det.first, np.int64)])
     else:
@@ -303,7 +303,8 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         # a class scores its entry at the query most probably of that class in the image's output
         probs = e.op("Softmax", [own], axis=-1) if det.reading == "softmax" else \
             e.op("Sigmoid", [own]) if det.reading == "sigmoid" else own
-        hot_class = e.op("OneHot", [target, depth, e.const([0.0, 1.0])], axis=-1)
+        column_of = e.op("Add", [target, e.const(det.first, np.int64)]) if det.first else target
+        hot_class = e.op("OneHot", [column_of, depth, e.const([0.0, 1.0])], axis=-1)
         column = e.reduce("ReduceSum", e.op("Mul", [probs, e.op("Unsqueeze", [hot_class, e.const([1], np.int64)])]),
                           [2], keepdims=0)
         query = e.op("ArgMax", [column], axis=1, keepdims=0)

@@ -17,8 +17,8 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from .detection import (Detection, add_anchor_scores, dominating, find_anchor_rows, find_detection,
-                        find_detection_list, find_queries, ultralytics_metadata)
+from .detection import (Detection, QueryOutput, add_anchor_scores, class_output_beside, dominating, find_anchor_classes,
+                        find_anchor_rows, find_detection, find_detection_list, find_queries, ultralytics_metadata)
 from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import (FLOAT_TYPES, infer, normalize_traced, static_dims, tensor_shapes, upgrade_opset,
                               without_weight_data)
@@ -695,13 +695,16 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     proto, across = normalize_traced(light)
     one_image = tuple(across)
     graph_out = _scored_output(proto, head)
+    if head is None:          # not an SSD-style head's boxes when its confidences come in another output
+        graph_out = class_output_beside(proto, graph_out, tensor_shapes(proto))
     _refuse_detection_lists(light, graph_out, vi)
     logits, activation = _find_logits(proto, graph_out)
     shapes = tensor_shapes(proto)
     out_shape = shapes.get(logits, (0, None))[1]
     if out_shape is None or None in out_shape[1:]:
         proto = infer(proto)
-        out_shape = tensor_shapes(proto).get(logits, (0, None))[1]
+        shapes = tensor_shapes(proto)
+        out_shape = shapes.get(logits, (0, None))[1]
     if out_shape is None or None in out_shape[1:]:
         # a reshape target computed at run time (paddle2onnx's Shape -> Slice -> Concat) hides it from
         # inference: one small run of the model tells
@@ -724,6 +727,10 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         if rows is not None:
             detection, logits = add_anchor_scores(proto, logits, rows)
             graph_out, num_classes = logits, rows.anchors * rows.classes
+    if detection is None and dense is None:       # SSD-style anchors: the probabilities, beside the boxes
+        detection = find_anchor_classes(proto, graph_out, shapes)
+        if detection is not None:
+            logits, activation, num_classes = graph_out, None, detection.queries * detection.width
 
     label_list = list(labels) if labels else None
     if label_list is None and META_LABELS in meta:
@@ -733,6 +740,9 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
             raise ModelError(f"the model's {META_LABELS} metadata is not a JSON list: {exc}") from exc
     if label_list is None:
         label_list = foreign_labels
+    if label_list is not None and isinstance(detection, QueryOutput) and detection.first and \
+            len(label_list) == detection.width:      # a label list that names the background column too
+        label_list = label_list[detection.first:]
     if label_list is None and side.labels is not None and \
             len(side.labels) == (detection.classes if detection is not None else num_classes):
         label_list = side.labels
