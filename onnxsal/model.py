@@ -259,16 +259,11 @@ class Model:
 
 
 def _ancestors(proto: onnx.ModelProto, tensor: str) -> set[str]:
-    """The tensors ``tensor`` is computed from, itself included."""
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    seen, todo = {tensor}, [tensor]
-    while todo:
-        node = producer.get(todo.pop())
-        for i in node.input if node is not None else ():
-            if i and i not in seen:
-                seen.add(i)
-                todo.append(i)
-    return seen
+    """The tensors ``tensor`` is computed from, itself included (through If/Loop bodies too)."""
+    from .graph.surgery import needed_nodes
+
+    nodes, _ = needed_nodes(proto.graph, [tensor], set())
+    return {tensor} | {o for n in nodes for o in n.output}
 
 
 def read_proto(path: Union[str, os.PathLike]) -> onnx.ModelProto:

@@ -33,7 +33,7 @@ def _value_info(model: onnx.ModelProto, name: str, shapes: dict) -> onnx.ValueIn
     return helper.make_tensor_value_info(name, elem, dims)
 
 
-def _needed_nodes(graph: onnx.GraphProto, outputs: Iterable[str], given: set[str]) -> tuple[list[onnx.NodeProto], set[str]]:
+def needed_nodes(graph: onnx.GraphProto, outputs: Iterable[str], given: set[str]) -> tuple[list[onnx.NodeProto], set[str]]:
     """Nodes needed to compute `outputs` from `given` tensors; also the graph inputs that are reached."""
     producer = {o: n for n in graph.node for o in n.output}
     inits = {i.name for i in graph.initializer}
@@ -92,7 +92,7 @@ def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
     shapes = tensor_shapes(model)
     outputs = [_value_info(model, t, shapes) for t in tensors]
     inits = {i.name for i in g.initializer}
-    nodes, reached = _needed_nodes(g, tensors, set())
+    nodes, reached = needed_nodes(g, tensors, set())
     inputs = [i for i in g.input if i.name not in inits and (i.name in reached or i.name in tensors)]
     return _rebuild(model, nodes, inputs, outputs)
 
@@ -106,7 +106,7 @@ def split(model: onnx.ModelProto, at: str, outputs: Sequence[str]) -> tuple[onnx
     head = expose(model, [at])
     g = model.graph
     inits = {i.name for i in g.initializer}
-    nodes, reached = _needed_nodes(g, outputs, {at})
+    nodes, reached = needed_nodes(g, outputs, {at})
     graph_inputs = {i.name for i in g.input if i.name not in inits}
     leaks = sorted(reached & graph_inputs)
     if leaks:
@@ -127,7 +127,7 @@ def replace(model: onnx.ModelProto, at: str, outputs: Sequence[str]) -> onnx.Mod
     inits = {i.name for i in g.initializer}
     shapes = tensor_shapes(model)
     given = _value_info(model, at, shapes)
-    nodes, reached = _needed_nodes(g, outputs, {at})
+    nodes, reached = needed_nodes(g, outputs, {at})
     if at not in outputs and not any(at in n.input for n in nodes):
         raise LayerError(f"{', '.join(outputs)} do not depend on {at!r}")
     inputs = [given] + [i for i in g.input if i.name not in inits and i.name in reached and i.name != at]
