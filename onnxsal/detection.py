@@ -222,7 +222,7 @@ class QueryOutput:
             e = np.exp(z - z.max(axis=1, keepdims=True))
             return (e / e.sum(axis=1, keepdims=True))[:, self.first:self.first + self.classes]
         z = z[:, self.first:self.first + self.classes]
-        return 1.0 / (1.0 + np.exp(-z)) if self.reading == "sigmoid" else z
+        return 0.5 * (1.0 + np.tanh(0.5 * z)) if self.reading == "sigmoid" else z     # no overflow at -800
 
     def best(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(classes,) each class's highest probability and the query that has it."""
@@ -239,8 +239,9 @@ class QueryOutput:
 
     def describe(self) -> str:
         if self.boxes_as_given:
+            what = "logit" if self.reading == "sigmoid" else "probability"
             return (f"a detector's {self.queries} anchors, {self.classes} classes ({self.source}): a class target "
-                    "scores its probability at its most probable anchor")
+                    f"scores its {what} at its most probable anchor")
         if self.reading == "scores":
             return (f"a detector's {self.queries} anchors, {self.classes} classes ({self.source}): a class target "
                     "scores its confidence at its most confident anchor")
@@ -251,7 +252,7 @@ class QueryOutput:
         p = float(self.probabilities(row)[query, cls])
         if self.boxes_as_given:
             box = "" if boxes is None else ", box " + ", ".join(
-                f"{v:.3g}" for v in np.asarray(boxes).reshape(self.queries, -1)[query])
+                f"{v:.3g}" for v in np.asarray(boxes).reshape(self.queries, -1)[query, :4])
             return f"anchor {query}, probability {p:.3g}{box}"
         pixels = self.reading == "scores"
         unit, what = ("anchor", "confidence") if pixels else ("query", "probability")
@@ -421,9 +422,11 @@ def _confidence_kind(proto: onnx.ModelProto, tensor: str, shapes: dict, producer
     return "softmax" if last else None
 
 
-def _anchor_pair(proto: onnx.ModelProto, shapes: dict) -> Optional[tuple[str, str, str, int, int]]:
-    """(scores, boxes, kind, anchors, classes): an (N, anchors, classes) output of per-anchor softmax or sigmoid
-    confidences and an (N, anchors, 4) output that is none, at the same anchor count."""
+def _anchor_pair(proto: onnx.ModelProto, shapes: dict) -> Optional[tuple[str, str, str, int, int, tuple]]:
+    """(scores, boxes, kind, anchors, classes, every output beside them): an (N, anchors, classes) output of per-anchor
+    confidences, a softmax or sigmoid each ("softmax", "sigmoid") or one raw logit per anchor
+    ("logit": BlazeFace, BlazePalm), and an (N, anchors, 4 [+ keypoints]) output that is none of
+    them, at the same anchor count; a box output of exactly four columns is preferred."""
     producer = {o: n for n in proto.graph.node for o in n.output}
     outputs = [vi.name for vi in proto.graph.output]
     found = {o: _shape(shapes, o) for o in outputs}
@@ -432,46 +435,51 @@ def _anchor_pair(proto: onnx.ModelProto, shapes: dict) -> Optional[tuple[str, st
 
         probed = probe_shapes(proto, [o for o, s in found.items() if s is None or len(s) == 3])
         found.update({o: probed[o][1] for o in probed})
-    kinds = {o: _confidence_kind(proto, o, shapes, producer) for o in outputs}
-    for scores in outputs:
-        s = found.get(scores)
-        if kinds[scores] is None or s is None or len(s) != 3 or None in s[1:] or s[1] < 2:
-            continue
-        if kinds[scores] == "softmax" and s[2] < 2 or kinds[scores] == "sigmoid" and s[2] == BOX_ROWS:
+    rows = {o: s for o, s in found.items() if s is not None and len(s) == 3 and None not in s[1:] and s[1] >= 2}
+    kinds = {o: _confidence_kind(proto, o, shapes, producer) for o in rows}
+    for o, s in rows.items():
+        if kinds[o] is None and s[2] == 1:
+            kinds[o] = "logit"
+    for scores, s in rows.items():
+        kind = kinds[scores]
+        if kind is None or kind == "softmax" and s[2] < 2 or kind == "sigmoid" and s[2] == BOX_ROWS:
             continue      # four sigmoids per row may be boxes in fractions of the image (DETR's pred_boxes)
-        for boxes in outputs:
-            b = found.get(boxes)
-            if boxes != scores and kinds[boxes] is None and b is not None and len(b) == 3 and tuple(b[1:]) == (s[1], BOX_ROWS):
-                return scores, boxes, kinds[scores], int(s[1]), int(s[2])
+        boxes = [o for o, b in rows.items() if kinds[o] is None and b[1] == s[1] and b[2] >= BOX_ROWS]
+        if boxes:
+            box = min(boxes, key=lambda o: rows[o][2] != BOX_ROWS)
+            return scores, box, kind, int(s[1]), int(s[2]), tuple(boxes)
     return None
 
 
 def find_anchor_classes(proto: onnx.ModelProto, output: str, shapes: dict) -> Optional[QueryOutput]:
-    """An SSD-style head (SSD, UltraFace, RetinaFace, RetinaNet without its NMS): ``output`` holds
-    each anchor's class confidences, a softmax whose column 0 is the background or a sigmoid per
-    class, beside an (N, anchors, 4) output of boxes. A class target scores the reported
-    probability at the class's most probable anchor, as for the YOLO heads. The box values are
-    reported as the file gives them: corners or a centre, fractions or pixels, or offsets from
-    priors that a caller decodes, nothing in the graph says which."""
+    """An SSD-style head (SSD, UltraFace, RetinaFace, RetinaNet without its NMS, BlazeFace):
+    ``output`` holds each anchor's class confidences, a softmax whose column 0 is the background, a
+    sigmoid per class, or one raw logit, beside an (N, anchors, 4 [+ keypoints]) output of boxes.
+    A class target scores the reported probability (the logit, for a raw one) at the class's most
+    probable anchor, as for the YOLO heads. The box values are reported as the file gives them:
+    corners or a centre, fractions or pixels, or offsets from priors that a caller decodes, nothing
+    in the graph says which."""
     pair = _anchor_pair(proto, shapes)
     if pair is None or pair[0] != output:
         return None
-    scores, boxes, kind, anchors, width = pair
+    scores, boxes, kind, anchors, width, _ = pair
     background = kind == "softmax"
-    source = (f"{scores}: a softmax per anchor, column 0 the background" if background
-              else f"{scores}: a sigmoid per anchor and class")
-    return QueryOutput(width - background, anchors, width, "scores", boxes, source, first=int(background),
-                       boxes_as_given=True)
+    source = {"softmax": f"{scores}: a softmax per anchor, column 0 the background",
+              "sigmoid": f"{scores}: a sigmoid per anchor and class",
+              "logit": f"{scores}: one logit per anchor, read through a sigmoid"}[kind]
+    return QueryOutput(width - background, anchors, width, "sigmoid" if kind == "logit" else "scores", boxes, source,
+                       first=int(background), boxes_as_given=True)
 
 
 def class_output_beside(proto: onnx.ModelProto, first: str, shapes: dict) -> str:
     """The output to score by default: ``first``, unless it is the boxes of an SSD-style head whose
-    confidences come in another output (RetinaFace lists its box offsets first)."""
+    confidences come in another output (RetinaFace and BlazeFace list their boxes first; a
+    landmarks output first is passed over the same way)."""
     s = _shape(shapes, first)
-    if s is not None and (len(s) != 3 or s[2] not in (None, BOX_ROWS)):
+    if s is not None and (len(s) != 3 or s[2] is not None and s[2] < BOX_ROWS):
         return first
     pair = _anchor_pair(proto, shapes)
-    return pair[0] if pair is not None and pair[1] == first else first
+    return pair[0] if pair is not None and first in pair[5] else first
 
 
 def find_detection_list(meta: dict, shape: Optional[tuple]) -> Optional[DetectionList]:

