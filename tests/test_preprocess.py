@@ -86,6 +86,28 @@ def test_bad_inputs(tmp_path):
     assert parse_size("224x200") == (224, 200) and parse_size("96") == (96, 96)
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_a_uint8_pixel_array_is_an_image(layout):
+    """np.asarray(Image.open(...)) is an image's pixels: taken as a preprocessed tensor, a
+    channels-last model of the same size got 0-255 where it expects -1..1."""
+    p = pixels()
+    spec = Preprocess.from_preset("tf").fitted(layout, (4, 5), 3)
+    want = spec.to_tensor(Image.fromarray(p))
+    for arr in (p, p[:, :, :1], p[:, :, 0]):       # RGB, and greyscale with or without its axis
+        prep = prepare(arr, spec, layout=layout, channels=3, size=(4, 5))
+        ref = want if arr.ndim == 3 and arr.shape[2] == 3 else \
+            spec.to_tensor(Image.fromarray(p[:, :, 0]).convert("RGB"))
+        np.testing.assert_allclose(prep.tensor, ref)
+        assert "took the uint8 (H, W[, C]) array as an image's pixels" in prep.notes
+    big = np.repeat(np.repeat(p, 2, axis=0), 2, axis=1)       # resized to the model's size, as a file is
+    assert prepare(big, spec, layout=layout, channels=3, size=(4, 5)).tensor.shape == want.shape
+    if layout == "NHWC":                 # a float array stays an already preprocessed input
+        x = (p / 127.5 - 1).astype(np.float32)
+        np.testing.assert_array_equal(prepare(x, spec, layout=layout, channels=3, size=(4, 5)).tensor[0], x)
+    with pytest.raises(ImageError, match="preprocess"):
+        prepare(p, None, layout=layout, channels=3, size=(4, 5))
+
+
 def test_deep_greyscale_is_scaled_not_clipped(tmp_path):
     """16-bit PNG/TIFF, 32-bit integer and float images: Pillow's own convert clips them at 255."""
     deep = (np.arange(4 * 5).reshape(4, 5) * 3000 + 7).astype(np.uint16)  # 7 .. 57007, most above 255
