@@ -206,8 +206,8 @@ def make_targets(model: Model, indices: Sequence[int], score: str = "logit",
     (and 1 - p for probabilities, so class 0's probability is scored).
 
     Per-pixel models (``model.dense``): class c scores the sum of its map over the pixels the
-    model assigns to c in ``row`` (its output on the input), pytorch-grad-cam's segmentation
-    recipe; over every pixel when it assigns none. Detectors (``model.detection``): class c scores
+    model assigns to c in ``row`` (its output on the input; a single map's pixels above its
+    threshold), pytorch-grad-cam's segmentation recipe; over every pixel when it assigns none. Detectors (``model.detection``): class c scores
     its confidence at its most confident anchor in ``row``, or its most confident final detection.
     """
     if model.detection is not None:
@@ -224,10 +224,10 @@ def make_targets(model: Model, indices: Sequence[int], score: str = "logit",
         if row is None:
             raise ValueError("a per-pixel model's class targets need its output row")
         maps = model.dense.maps(row)
-        predicted = maps.argmax(axis=0)
+        won = model.dense.won(maps)
         out = []
         for i in indices:
-            mask = predicted == i
+            mask = won[i]
             seed = np.zeros(maps.shape, np.float32)
             seed[int(i)] = mask if mask.any() else 1.0
             out.append(Target(int(i), model.label(int(i)), model.dense.flat(seed)))

@@ -131,7 +131,7 @@ def class_shares(dense: DenseOutput, row: np.ndarray) -> tuple[np.ndarray, np.nd
     """(C,) the share of pixels each class wins (argmax over the class maps), and the classes in
     order of that share, ties (classes that win no pixel) by their mean score."""
     maps = dense.maps(row)
-    shares = np.bincount(maps.argmax(axis=0), minlength=dense.classes) / maps.shape[1]
+    shares = dense.won(maps).mean(axis=1)
     return shares, np.lexsort((-maps.mean(axis=1), -shares))
 
 

@@ -330,8 +330,9 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     else:
         # a class scores its map over the pixels each image's output assigns to it (all of them when none)
         c_ax = 3 if dense.channels_last else 1
-        won = e.op("Equal", [e.op("ArgMax", [own], axis=c_ax, keepdims=1),
-                             e.op("Reshape", [target, e.const([-1, 1, 1, 1], np.int64)])])
+        won = e.op("Greater", [own, e.const(dense.threshold)]) if dense.classes == 1 else \
+            e.op("Equal", [e.op("ArgMax", [own], axis=c_ax, keepdims=1),
+                           e.op("Reshape", [target, e.const([-1, 1, 1, 1], np.int64)])])
         pixels = e.op("Cast", [won], to=TensorProto.FLOAT)
         pixels = e.op("Add", [pixels, e.op("Sub", [e.const(1.0), e.reduce("ReduceMax", pixels, [1, 2, 3])])])
         if clean is not None:

@@ -98,11 +98,20 @@ class DenseOutput:
     height: int
     width: int
     channels_last: bool
+    threshold: float = 0.0     # one map (a binary segmentation): its class's pixels are those above this
 
     def maps(self, row: np.ndarray) -> np.ndarray:
         """A flattened output row as (classes, height * width)."""
         r = np.asarray(row).reshape(-1)
         return r.reshape(self.height * self.width, self.classes).T if self.channels_last else r.reshape(self.classes, -1)
+
+    def won(self, maps: np.ndarray) -> np.ndarray:
+        """(classes, height * width) whether each class has each pixel: the class whose map is highest
+        there, or for a single map (a person, a salient object, a lesion) its pixels above the
+        threshold, since an argmax over one map gives the class every pixel, background included."""
+        if self.classes == 1:
+            return maps > self.threshold
+        return np.arange(self.classes)[:, None] == maps.argmax(axis=0)[None, :]
 
     def flat(self, maps: np.ndarray) -> np.ndarray:
         """(classes, height * width) back to a flattened output row."""
@@ -405,6 +414,15 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
         if shape is not None and (int(np.prod([d for d in shape[1:] if d])) == 1 or len(shape) == 2):
             return node.input[0], "sigmoid"
     return output, None
+
+
+def _made_by(proto: onnx.ModelProto, tensor: str, op_type: str) -> bool:
+    """Whether ``tensor`` is an ``op_type`` node's output, moved on unchanged (or transposed)."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    node = producer.get(tensor)
+    while node is not None and (node.op_type in PASSTHROUGH or node.op_type == "Transpose"):
+        node = producer.get(node.input[0])
+    return node is not None and node.op_type == op_type
 
 
 def _requantised(node: onnx.NodeProto, producer: dict) -> bool:
@@ -712,8 +730,9 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     dense = None
     if len(out_shape) == 4:       # a map per class: its axes in the input's layout
         c, h, w = (out_shape[3], out_shape[1], out_shape[2]) if layout == "NHWC" else out_shape[1:]
-        if h * w > 1:
-            dense = DenseOutput(int(c), int(h), int(w), layout == "NHWC")
+        if h * w > 1:     # one map is read as probabilities above 0.5 after a Sigmoid, logits above 0
+            dense = DenseOutput(int(c), int(h), int(w), layout == "NHWC",
+                                0.5 if c == 1 and _made_by(proto, logits, "Sigmoid") else 0.0)
     detection = None if dense is not None else \
         find_detection(proto, logits, shapes) or find_detection_list(meta, tuple(out_shape)) or \
         find_queries(proto, logits, tuple(out_shape), shapes, side.model_type)

@@ -277,3 +277,63 @@ def test_aug_smooth_reads_each_copy_own_pixels_of_the_class(seg):
                 assert not np.array_equal(own, clean)       # the mirrored copy's pixels are others
     got = ex.explain(x, "layercam", cls, aug_smooth=True).raw[0]
     np.testing.assert_allclose(got, np.mean(maps, axis=0), atol=1e-5)
+
+
+class BinarySeg(nn.Module):
+    """One map: a person, a salient object or a lesion against the rest, through a sigmoid or as logits."""
+
+    def __init__(self, sigmoid: bool):
+        super().__init__()
+        torch.manual_seed(4)
+        self.body, self.sigmoid = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1)), sigmoid
+
+    def forward(self, x):
+        y = self.body(x)
+        return torch.sigmoid(y) if self.sigmoid else y
+
+
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_a_single_map_scores_the_pixels_above_its_threshold(tmp_path, sigmoid):
+    """An argmax over one map gives it every pixel, background included: its pixels are those above
+    0.5 after a sigmoid, above 0 as logits, as a binary segmentation recipe masks them."""
+    import onnxruntime as ort
+
+    from onnxsal.export import export
+
+    net = BinarySeg(sigmoid).eval()
+    path = str(tmp_path / "binary.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), path, input_names=["image"], output_names=["mask"],
+                          opset_version=17, dynamo=False)
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    assert ex.model.dense.classes == 1 and ex.model.dense.threshold == (0.5 if sigmoid else 0.0)
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        out = net(torch.tensor(x))[0, 0].numpy()
+    fg = out > (0.5 if sigmoid else 0.0)
+    assert 0 < fg.sum() < fg.size, "the check needs pixels on both sides"
+    xt = torch.tensor(x, requires_grad=True)
+    (net(xt)[0, 0] * torch.tensor(fg, dtype=torch.float32)).sum().backward()
+    ref = np.abs(xt.grad.numpy()[0]).max(axis=0)
+    res = ex.explain(x, "saliency")
+    np.testing.assert_allclose(res.raw[0], ref, rtol=1e-4, atol=1e-6 * ref.max())
+    assert res.top(1)[0]["score"] == pytest.approx(fg.mean())
+    sess = ort.InferenceSession(export(path, "saliency").SerializeToString())
+    _, maps = sess.run(["logits", "map"], {"image": x, "target": np.array([0], np.int64)})
+    np.testing.assert_allclose(maps[0], res.map, atol=1e-5)
+    # a map with no pixel above its threshold is scored whole, as a class that wins no pixel is
+    with torch.no_grad():
+        net.body[2].bias -= 50.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), path, input_names=["image"], output_names=["mask"],
+                          opset_version=17, dynamo=False)
+    xt = torch.tensor(x, requires_grad=True)
+    y = net(xt)[0, 0]
+    assert not bool((y > (0.5 if sigmoid else 0.0)).any())
+    y.sum().backward()
+    ref = np.abs(xt.grad.numpy()[0]).max(axis=0)
+    res = onnxsal.Explainer(path, "cpu", preprocess="raw").explain(x, "saliency")
+    np.testing.assert_allclose(res.raw[0], ref, rtol=1e-4, atol=1e-6 * ref.max())
+    assert res.top(1)[0]["score"] == 0.0
