@@ -20,7 +20,7 @@ import onnx
 from .detection import (Detection, QueryOutput, add_anchor_scores, class_output_beside, dominating, find_anchor_classes,
                         find_anchor_rows, find_detection, find_detection_list, find_queries, ultralytics_metadata)
 from .errors import LayerError, MissingFileError, ModelError, SizeError
-from .graph.normalize import (FLOAT_TYPES, infer, normalize_traced, static_dims, tensor_shapes, upgrade_opset,
+from .graph.normalize import (FLOAT_TYPES, free_negative_dims, infer, normalize_traced, static_dims, tensor_shapes, upgrade_opset,
                               without_weight_data)
 from .graph.contrib import expand, fused_ops
 from .graph.fixed import Value, hold
@@ -649,6 +649,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     else:
         path = os.fspath(model)
         proto = read_proto(path)
+    proto = free_negative_dims(proto)             # a -1 written for a dynamic dim (graph/normalize.py)
     own = tuple(sorted({f.name for f in proto.functions}))
     if own:                                     # the model's own functions, written out (graph/functions.py)
         proto = inline_functions(proto)

@@ -400,3 +400,39 @@ def test_weights_kept_as_inputs_become_constants(tmp_path):
     for p in net.parameters():
         p.requires_grad_(False)
     assert_matches_torch(out, m.logits, "grad_x", net, x, cot)
+
+
+def test_a_dim_written_as_minus_one_is_free(tmp_path):
+    """paddle2onnx's older releases write a dynamic batch as -1 (PP-OCR's direction classifier): read
+    as a size, the run that reads shapes at the file's batch failed inside NumPy."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 2)
+
+        def forward(self, x):
+            return torch.softmax(self.fc(torch.relu(self.conv(x)).reshape(x.shape[0], -1)), 1)
+
+    path = tmp_path / "net.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Net().eval(), (torch.randn(1, 3, 8, 8),), str(path), input_names=["x"], output_names=["p"],
+                          opset_version=13, dynamo=False, dynamic_axes={"x": {0: "n"}, "p": {0: "n"}})
+    model = onnx.load(str(path))
+    assert any(n.op_type == "Shape" for n in model.graph.node)
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    want = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, "gradcam", 1).raw
+    for vi in (model.graph.input[0], model.graph.output[0]):
+        d = vi.type.tensor_type.shape.dim[0]
+        d.Clear()
+        d.dim_value = -1
+    kept = model.SerializeToString()
+    got = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, "gradcam", 1).raw
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert model.SerializeToString() == kept              # the caller's proto as it was

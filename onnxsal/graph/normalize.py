@@ -629,6 +629,31 @@ def _weights_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def free_negative_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every declared dim below 0 made a free one. Some converters (paddle2onnx's
+    older releases: PP-OCR's direction classifier) write a dynamic dim as -1, which read as a size
+    made a run at "the file's batch" fail inside NumPy with a negative dimension. The caller's proto
+    is copied, not changed."""
+    g = model.graph
+
+    def negative(vi: onnx.ValueInfoProto) -> list:
+        tt = vi.type.tensor_type
+        return [d for d in tt.shape.dim if d.HasField("dim_value") and d.dim_value < 0] if tt.HasField("shape") else []
+
+    if not any(negative(vi) for vi in list(g.input) + list(g.output) + list(g.value_info)):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    count = 0
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        for d in negative(vi):
+            d.Clear()
+            d.dim_param = f"free_{count}"
+            count += 1
+    return out
+
+
 def static_dims(vi: onnx.ValueInfoProto) -> Optional[list]:
     """A value's declared dims, None for a free one; None when it declares no shape."""
     tt = vi.type.tensor_type
