@@ -14,10 +14,10 @@ Exported with its non-maximum suppression (or an NMS-free head's top-k), the out
 list of final detections, (N, kept, 6 + extra); only the file's metadata says so reliably, and a
 class target scores its most confident kept detection, or is refused when there is none.
 
-SSD-style heads (SSD, UltraFace, RetinaFace; RetinaNet without its NMS) output each anchor's class
-probabilities, a softmax with the background first or a sigmoid per class, beside (N, anchors, 4)
-boxes whose form the graph does not tell; a class target scores its probability at its most
-probable anchor.
+SSD-style heads (SSD, UltraFace, RetinaFace; RetinaNet without its NMS; BlazeFace) output each
+anchor's class probabilities, a softmax with the background first, a sigmoid per class or one raw
+logit, beside (N, anchors, 4 [+ keypoints]) boxes whose form the graph does not tell; a class
+target scores its probability (a raw logit as it is) at its most probable anchor.
 
 Hugging Face's set-prediction detectors (DETR, YOLOS, RT-DETR...) output (N, queries, classes [+ 1])
 logits beside (N, queries, 4) boxes; the export folder's config.json says whether a softmax with a
@@ -423,8 +423,8 @@ def _confidence_kind(proto: onnx.ModelProto, tensor: str, shapes: dict, producer
 
 
 def _anchor_pair(proto: onnx.ModelProto, shapes: dict) -> Optional[tuple[str, str, str, int, int, tuple]]:
-    """(scores, boxes, kind, anchors, classes, every output beside them): an (N, anchors, classes) output of per-anchor
-    confidences, a softmax or sigmoid each ("softmax", "sigmoid") or one raw logit per anchor
+    """(scores, boxes, kind, anchors, classes, every output beside them): an (N, anchors, classes)
+    output of per-anchor confidences, a softmax or sigmoid each ("softmax", "sigmoid") or one raw logit per anchor
     ("logit": BlazeFace, BlazePalm), and an (N, anchors, 4 [+ keypoints]) output that is none of
     them, at the same anchor count; a box output of exactly four columns is preferred."""
     producer = {o: n for n in proto.graph.node for o in n.output}
