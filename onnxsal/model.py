@@ -420,9 +420,49 @@ def _made_by(proto: onnx.ModelProto, tensor: str, op_type: str) -> bool:
     """Whether ``tensor`` is an ``op_type`` node's output, moved on unchanged (or transposed)."""
     producer = {o: n for n in proto.graph.node for o in n.output}
     node = producer.get(tensor)
-    while node is not None and (node.op_type in PASSTHROUGH or node.op_type == "Transpose"):
+    while node is not None and (node.op_type in PASSTHROUGH or node.op_type in ("Transpose", "Unsqueeze")):
         node = producer.get(node.input[0])
     return node is not None and node.op_type == op_type
+
+
+_PER_PIXEL = {"Sigmoid", "Relu", "Clip", "Tanh", "Identity"}
+
+
+def _squeezed_map(proto: onnx.ModelProto, tensor: str, shapes: dict, hw: tuple, size: tuple) -> bool:
+    """Whether an (N, h, w) output is one map: h x w the input's grid at a whole stride, and the
+    tensor made from a one-channel 4-D map of that grid (its axis squeezed or reshaped away, then
+    perhaps a per-pixel activation). An (N, steps, characters) or (N, tokens, C) output does not
+    come from such a map."""
+    (h, w), (height, width) = hw, size
+    if min(h, w) < 2 or height % h or width % w or height // h != width // w:
+        return False
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    node = producer.get(tensor)
+    while node is not None and node.op_type in _PER_PIXEL:
+        node = producer.get(node.input[0])
+    if node is None:
+        return False
+    source = node.input[0]            # a Squeeze, Reshape, Gather or ReduceX of the one-channel map
+    dims = shapes.get(source, (0, None))[1]
+    if dims is None:
+        from .graph.normalize import inferred_dims
+
+        dims = inferred_dims(proto).get(source)
+    return dims is not None and len(dims) == 4 and tuple(dims[1:]) in ((1, h, w), (h, w, 1))
+
+
+def _unsqueezed(proto: onnx.ModelProto, tensor: str, layout: str) -> str:
+    """Add ``tensor`` with its channel axis back (axis 1, or 3 for NHWC) to ``proto``; its name."""
+    from onnx import helper, numpy_helper
+
+    from .graph.surgery import ReadableNames
+
+    g = proto.graph
+    fresh = ReadableNames(g)
+    axes, out = fresh("onnxsal_channel_axis"), fresh("onnxsal_map")
+    g.initializer.append(numpy_helper.from_array(np.array([1 if layout == "NCHW" else 3], np.int64), axes))
+    g.node.append(helper.make_node("Unsqueeze", [tensor, axes], [out], name=fresh("onnxsal_unsqueeze_map")))
+    return out
 
 
 def _requantised(node: onnx.NodeProto, producer: dict) -> bool:
@@ -727,6 +767,12 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         out_shape = probe_shapes(proto, [logits]).get(logits, (0, None))[1]
     if out_shape is None or None in out_shape[1:]:
         raise ModelError(f"cannot tell the number of classes: output {graph_out!r} has an unknown shape")
+    if len(out_shape) == 3 and activation is None and _squeezed_map(proto, logits, shapes, tuple(out_shape[1:]), hw):
+        # one map with its channel axis squeezed away (a salient object's, a person's, a depth map):
+        # read as one, not as h x w "classes"; the axis is put back in the graph, so every per-pixel
+        # path (targets, export) sees the usual 4-D map
+        logits = graph_out = _unsqueezed(proto, logits, layout)
+        out_shape = (out_shape[0], 1, *out_shape[1:]) if layout == "NCHW" else (*out_shape, 1)
     num_classes = int(np.prod(out_shape[1:]))
     dense = None
     if len(out_shape) == 4:       # a map per class: its axes in the input's layout

@@ -282,25 +282,28 @@ def test_aug_smooth_reads_each_copy_own_pixels_of_the_class(seg):
 class BinarySeg(nn.Module):
     """One map: a person, a salient object or a lesion against the rest, through a sigmoid or as logits."""
 
-    def __init__(self, sigmoid: bool):
+    def __init__(self, sigmoid: bool, squeeze: bool = False):
         super().__init__()
         torch.manual_seed(4)
-        self.body, self.sigmoid = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1)), sigmoid
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
+        self.sigmoid, self.squeeze = sigmoid, squeeze
 
     def forward(self, x):
         y = self.body(x)
-        return torch.sigmoid(y) if self.sigmoid else y
+        y = torch.sigmoid(y) if self.sigmoid else y
+        return y.squeeze(1) if self.squeeze else y
 
 
-@pytest.mark.parametrize("sigmoid", [True, False])
-def test_a_single_map_scores_the_pixels_above_its_threshold(tmp_path, sigmoid):
+@pytest.mark.parametrize("sigmoid,squeeze", [(True, False), (False, False), (True, True)])
+def test_a_single_map_scores_the_pixels_above_its_threshold(tmp_path, sigmoid, squeeze):
     """An argmax over one map gives it every pixel, background included: its pixels are those above
-    0.5 after a sigmoid, above 0 as logits, as a binary segmentation recipe masks them."""
+    0.5 after a sigmoid, above 0 as logits, as a binary segmentation recipe masks them. A map whose
+    channel axis the model squeezes away, (N, H, W), is one map too, not H x W "classes"."""
     import onnxruntime as ort
 
     from onnxsal.export import export
 
-    net = BinarySeg(sigmoid).eval()
+    net = BinarySeg(sigmoid, squeeze).eval()
     path = str(tmp_path / "binary.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -308,13 +311,15 @@ def test_a_single_map_scores_the_pixels_above_its_threshold(tmp_path, sigmoid):
                           opset_version=17, dynamo=False)
     ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
     assert ex.model.dense.classes == 1 and ex.model.dense.threshold == (0.5 if sigmoid else 0.0)
+    assert ex.model.n_targets == 1 and ex.model.default_layer.shape == (8, 16, 16)
     x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    pixels = (lambda t: t[0]) if squeeze else (lambda t: t[0, 0])
     with torch.no_grad():
-        out = net(torch.tensor(x))[0, 0].numpy()
+        out = pixels(net(torch.tensor(x))).numpy()
     fg = out > (0.5 if sigmoid else 0.0)
     assert 0 < fg.sum() < fg.size, "the check needs pixels on both sides"
     xt = torch.tensor(x, requires_grad=True)
-    (net(xt)[0, 0] * torch.tensor(fg, dtype=torch.float32)).sum().backward()
+    (pixels(net(xt)) * torch.tensor(fg, dtype=torch.float32)).sum().backward()
     ref = np.abs(xt.grad.numpy()[0]).max(axis=0)
     res = ex.explain(x, "saliency")
     np.testing.assert_allclose(res.raw[0], ref, rtol=1e-4, atol=1e-6 * ref.max())
@@ -330,10 +335,33 @@ def test_a_single_map_scores_the_pixels_above_its_threshold(tmp_path, sigmoid):
         torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), path, input_names=["image"], output_names=["mask"],
                           opset_version=17, dynamo=False)
     xt = torch.tensor(x, requires_grad=True)
-    y = net(xt)[0, 0]
+    y = pixels(net(xt))
     assert not bool((y > (0.5 if sigmoid else 0.0)).any())
     y.sum().backward()
     ref = np.abs(xt.grad.numpy()[0]).max(axis=0)
     res = onnxsal.Explainer(path, "cpu", preprocess="raw").explain(x, "saliency")
     np.testing.assert_allclose(res.raw[0], ref, rtol=1e-4, atol=1e-6 * ref.max())
     assert res.top(1)[0]["score"] == 0.0
+
+
+class TokensFromAColumn(nn.Module):
+    """(N, 16 steps, 16 characters) from a conv pooled over the height and transposed: the input's
+    grid by its numbers, but no squeezed map."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x).mean(dim=2).permute(0, 2, 1))
+
+
+def test_a_sequence_with_the_grid_s_numbers_is_no_map(tmp_path):
+    path = str(tmp_path / "tokens.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TokensFromAColumn().eval(), (torch.randn(1, 3, 16, 16),), path, input_names=["image"],
+                          output_names=["chars"], opset_version=17, dynamo=False)
+    m = onnxsal.load(path)
+    assert m.dense is None and m.num_classes == 16 * 16 and m.output == "chars"
