@@ -425,6 +425,12 @@ def _made_by(proto: onnx.ModelProto, tensor: str, op_type: str) -> bool:
     return node is not None and node.op_type == op_type
 
 
+def _on_grid(hw: Sequence, size: tuple) -> bool:
+    """Whether h x w is the input's height x width at one whole stride (2 x 2 pixels at least)."""
+    (h, w), (height, width) = hw, size
+    return min(h, w) >= 2 and not height % h and not width % w and height // h == width // w
+
+
 _PER_PIXEL = {"Sigmoid", "Relu", "Clip", "Tanh", "Identity"}
 
 
@@ -433,8 +439,8 @@ def _squeezed_map(proto: onnx.ModelProto, tensor: str, shapes: dict, hw: tuple, 
     tensor made from a one-channel 4-D map of that grid (its axis squeezed or reshaped away, then
     perhaps a per-pixel activation). An (N, steps, characters) or (N, tokens, C) output does not
     come from such a map."""
-    (h, w), (height, width) = hw, size
-    if min(h, w) < 2 or height % h or width % w or height // h != width // w:
+    h, w = hw
+    if not _on_grid(hw, size):
         return False
     producer = {o: n for n in proto.graph.node for o in n.output}
     node = producer.get(tensor)
@@ -775,10 +781,14 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         out_shape = (out_shape[0], 1, *out_shape[1:]) if layout == "NCHW" else (*out_shape, 1)
     num_classes = int(np.prod(out_shape[1:]))
     dense = None
-    if len(out_shape) == 4:       # a map per class: its axes in the input's layout
-        c, h, w = (out_shape[3], out_shape[1], out_shape[2]) if layout == "NHWC" else out_shape[1:]
+    if len(out_shape) == 4:       # a map per class: its axes in the input's layout, unless only the other fits
+        last = layout == "NHWC"   # its grid (a PyTorch model that permutes its class maps last)
+        if not _on_grid(out_shape[1:3] if last else out_shape[2:], hw) and \
+                _on_grid(out_shape[2:] if last else out_shape[1:3], hw):
+            last = not last
+        c, h, w = (out_shape[3], out_shape[1], out_shape[2]) if last else out_shape[1:]
         if h * w > 1:     # one map is read as probabilities above 0.5 after a Sigmoid, logits above 0
-            dense = DenseOutput(int(c), int(h), int(w), layout == "NHWC",
+            dense = DenseOutput(int(c), int(h), int(w), last,
                                 0.5 if c == 1 and _made_by(proto, logits, "Sigmoid") else 0.0)
     detection = None if dense is not None else \
         find_detection(proto, logits, shapes) or find_detection_list(meta, tuple(out_shape)) or \

@@ -365,3 +365,46 @@ def test_a_sequence_with_the_grid_s_numbers_is_no_map(tmp_path):
                           output_names=["chars"], opset_version=17, dynamo=False)
     m = onnxsal.load(path)
     assert m.dense is None and m.num_classes == 16 * 16 and m.output == "chars"
+
+
+class ClassesLast(nn.Module):
+    """seg_net's class maps permuted to (N, H, W, C) behind an NCHW input."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = seg_net()
+
+    def forward(self, x):
+        return self.net(x).permute(0, 2, 3, 1)
+
+
+def test_class_maps_permuted_last_behind_an_nchw_input(seg, tmp_path):
+    """Read in the input's layout, (N, 16, 16, 3) was 16 classes of 16 x 3 maps; only (16, 16) is
+    the input's grid, so the classes are the last axis."""
+    import onnxruntime as ort
+
+    from onnxsal.export import export
+
+    _, model, _, x = seg
+    path = str(tmp_path / "last.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ClassesLast().eval(), (torch.randn(1, 3, 16, 16),), path, input_names=["image"],
+                          output_names=["masks"], opset_version=17, dynamo=False)
+    a = onnxsal.Explainer(with_bias(model, class_=2, delta=0.3), "cpu", preprocess="raw")
+    last = onnx.load(path)
+    conv = [n for n in last.graph.node if n.op_type == "Conv"][-1]
+    init = next(i for i in last.graph.initializer if i.name == conv.input[2])
+    b = numpy_helper.to_array(init).copy()
+    b[2] += 0.3
+    init.CopyFrom(numpy_helper.from_array(b, init.name))
+    ex = onnxsal.Explainer(last, "cpu", preprocess="raw")
+    assert (ex.model.dense.classes, ex.model.dense.channels_last, ex.model.n_targets) == (3, True, 3)
+    for c in range(3):
+        for name in ("saliency", "gradcam"):
+            np.testing.assert_allclose(ex.explain(x, name, target=c).raw, a.explain(x, name, target=c).raw,
+                                       rtol=1e-5, atol=1e-7, err_msg=f"{name} class {c}")
+    assert [t["index"] for t in ex.explain(x, "saliency").top(3)] == [t["index"] for t in a.explain(x, "saliency").top(3)]
+    sess = ort.InferenceSession(export(last, "gradcam").SerializeToString())
+    _, maps = sess.run(["logits", "map"], {"image": x, "target": np.array([1], np.int64)})
+    np.testing.assert_allclose(maps[0], a.explain(x, "gradcam", target=1).map, atol=1e-5)
