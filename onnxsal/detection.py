@@ -240,8 +240,9 @@ class QueryOutput:
     def describe(self) -> str:
         if self.boxes_as_given:
             what = "logit" if self.reading == "sigmoid" else "probability"
-            return (f"a detector's {self.queries} anchors, {self.classes} classes ({self.source}): a class target "
-                    f"scores its {what} at its most probable anchor")
+            return (f"a detector's {self.queries} anchors, {self.classes} class{'es' * (self.classes != 1)} "
+                    f"({self.source}; boxes in {self.boxes}): a class target scores its {what} at its most "
+                    "probable anchor")
         if self.reading == "scores":
             return (f"a detector's {self.queries} anchors, {self.classes} classes ({self.source}): a class target "
                     "scores its confidence at its most confident anchor")

@@ -323,8 +323,8 @@ def test_cli_reads_the_confidences_not_the_boxes_listed_first(tmp_path, capsys):
     rgb = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "face.png")
     assert main(["inspect", path]) == 0
-    assert f"a detector's {ANCHORS} anchors, 1 classes (conf: a softmax per anchor, column 0 the background)" \
-        in capsys.readouterr().out
+    assert f"a detector's {ANCHORS} anchors, 1 class (conf: a softmax per anchor, column 0 the background; boxes " \
+        "in loc)" in capsys.readouterr().out
     assert main(["explain", path, str(tmp_path / "face.png"), "-m", "saliency", "--preprocess", "unit", "-o",
                  str(tmp_path / "out"), "-q"]) == 0
     res = np.load(tmp_path / "out" / "face.saliency.npy")
