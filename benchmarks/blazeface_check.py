@@ -21,11 +21,12 @@ import os
 import sys
 
 import numpy as np
-import onnx
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import onnxsal  # noqa: E402
+from common import onnx2torch_float64  # noqa: E402
 from onnxsal.graph.weights import attach  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", ".venv-bench", "blazeface")
@@ -46,27 +47,6 @@ def anchors(size: int, strides, per_cell) -> np.ndarray:
     return np.array(out)
 
 
-def torch_net(m):
-    """onnx2torch's conversion of the loaded graph, in float64, with the shapes it wants."""
-    import onnxruntime as ort
-    import torch
-    from onnx2torch import convert
-
-    full = attach(m.proto)
-    outs = [o for n in full.graph.node for o in n.output]
-    probe = onnx.ModelProto.FromString(full.SerializeToString())
-    del probe.graph.output[:]
-    probe.graph.output.extend([onnx.ValueInfoProto(name=o) for o in outs])
-    shape = (1,) + ((m.input.channels,) + m.input.size if m.input.layout == "NCHW" else m.input.size + (m.input.channels,))
-    vals = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {m.input.name: np.zeros(shape, np.float32)})
-    del full.graph.value_info[:]
-    for o, v in zip(outs, vals):
-        full.graph.value_info.append(onnx.helper.make_tensor_value_info(
-            o, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
-    return convert(full).eval().double(), torch
-
-
 def main() -> None:
     from PIL import Image
 
@@ -81,8 +61,9 @@ def main() -> None:
         m = ex.model
         centres = anchors(size, strides, per_cell)
         assert m.detection is not None and m.detection.queries == len(centres), m.detection
-        net, torch = torch_net(m)
-        names = [o.name for o in m.proto.graph.output]
+        full = attach(m.proto)
+        net = onnx2torch_float64(full, m.input.name, (1,) + m.input.size + (m.input.channels,))
+        names = [o.name for o in full.graph.output]
         rng = np.random.default_rng(0)
         images = {"astronaut": np.asarray(Image.open(os.path.join(ROOT, "astronaut.png")).resize((size, size)), np.float32)}
         images.update({f"uniform {s}": rng.uniform(0, 255, (size, size, 3)).astype(np.float32) for s in (0, 1)})

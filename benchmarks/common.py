@@ -161,3 +161,33 @@ def machine() -> str:
     import onnxruntime
 
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}"
+
+
+def onnx2torch_float64(full, input_name: str, shape: tuple):
+    """onnx2torch's conversion of ``full`` (a model with its weights inside) in float64, as an
+    independent autodiff reference for files no installed framework wrote. onnx2torch wants the
+    weights as initializers and a shape on every tensor, which converters' files often lack
+    (Constant nodes; reshape targets that stop shape inference): both are supplied, the shapes from
+    one run at ``shape`` (dims after the first kept, the first named "N")."""
+    import onnx
+    import onnxruntime as ort
+    from onnx2torch import convert
+
+    full = onnx.ModelProto.FromString(full.SerializeToString())
+    for n in [n for n in full.graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"]:
+        t = onnx.TensorProto()
+        t.CopyFrom(n.attribute[0].t)
+        t.name = n.output[0]
+        full.graph.initializer.append(t)
+        full.graph.node.remove(n)
+    outs = [o for n in full.graph.node for o in n.output]
+    probe = onnx.ModelProto.FromString(full.SerializeToString())
+    del probe.graph.output[:]
+    probe.graph.output.extend([onnx.ValueInfoProto(name=o) for o in outs])
+    vals = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {input_name: np.zeros(shape, np.float32)})
+    del full.graph.value_info[:]
+    for o, v in zip(outs, vals):
+        full.graph.value_info.append(onnx.helper.make_tensor_value_info(
+            o, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), ["N"] + list(v.shape[1:])))
+    return convert(full).eval().double()

@@ -859,36 +859,15 @@ def keras_errors(name: str, cache: str) -> list[float]:
 
 def ppocr_errors(name: str, cache: str) -> list[float]:
     """onnxsal's input gradient of a PP-OCR model's output against torch.autograd on onnx2torch's
-    conversion of the same file, run in float64. onnx2torch wants weights as initializers and a
-    shape on every tensor, which paddle2onnx's files lack (Constant nodes; reshape targets that
-    stop shape inference), so both are supplied, the shapes from one run at batch 2."""
+    conversion of the same file, run in float64 (``common.onnx2torch_float64``)."""
     import torch
-    from onnx2torch import convert
 
-    from common import PPOCR, ppocr_path
+    from common import PPOCR, onnx2torch_float64, ppocr_path
     from onnxsal.model import load
 
     m = load(ppocr_path(name), size=PPOCR[name][1])
-    full = attach(m.proto)
-    consts = [n for n in full.graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"]
-    for n in consts:
-        t = onnx.TensorProto()
-        t.CopyFrom(n.attribute[0].t)
-        t.name = n.output[0]
-        full.graph.initializer.append(t)
-        full.graph.node.remove(n)
-    outs = [o for n in full.graph.node for o in n.output]
-    probe = onnx.ModelProto.FromString(full.SerializeToString())
-    del probe.graph.output[:]
-    probe.graph.output.extend([onnx.ValueInfoProto(name=o) for o in outs])
     shape = (2, 3) + m.input.size
-    vals = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {m.input.name: np.zeros(shape, np.float32)})
-    del full.graph.value_info[:]
-    for o, v in zip(outs, vals):
-        full.graph.value_info.append(onnx.helper.make_tensor_value_info(
-            o, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), ["N"] + list(v.shape[1:])))
-    net = convert(full).eval().double()
+    net = onnx2torch_float64(attach(m.proto), m.input.name, shape)
     sess = vjp_session(m.proto, m.input.name, m.output)
     errs = []
     for seed in SEEDS:
