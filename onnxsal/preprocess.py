@@ -170,13 +170,16 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
+                frames = getattr(im, "n_frames", 1)
                 img = ImageOps.exif_transpose(im) or im
                 img = img.copy()
     except Image.DecompressionBombError as exc:
         raise ImageError(f"cannot read {path}: {str(exc).rstrip('.')} (Pillow's guard); downscale it first") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"cannot read {path} as an image ({type(exc).__name__}: {str(exc)[:80]})") from exc
-    return displayable(img, path)
+    img = displayable(img, path)
+    img.info["frames"] = frames          # an animation or a stack: its first frame is read
+    return img
 
 
 def displayable(img: Image.Image, what: str = "the image") -> Image.Image:
@@ -258,6 +261,8 @@ def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Opti
         img, name = displayable(source), "image"
     else:
         img, name = load_image(source), _stem(os.fspath(source))
+        if img.info.get("frames", 1) > 1:
+            notes.append(f"read the first of the image's {img.info['frames']} frames")
     if spec is None:
         raise ImageError("the model carries no preprocessing metadata; give --preprocess (imagenet, caffe, tf, unit, raw) "
                          "or explicit --mean/--std/--scale")

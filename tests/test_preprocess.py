@@ -59,6 +59,22 @@ def test_formats_orientation_alpha_and_grayscale(tmp_path):
     assert prep.tensor.shape == (1, 3, 4, 5) and "RGB" in prep.notes[0]
 
 
+def test_an_animation_or_a_stack_reads_its_first_frame_and_says_so(tmp_path):
+    p = pixels()
+    spec = Preprocess.from_preset("unit").fitted("NCHW", (4, 5), 3)
+    frames = [Image.fromarray(p), Image.fromarray(255 - p), Image.fromarray(p // 2)]
+    for ext in ("gif", "tiff"):
+        frames[0].save(tmp_path / f"many.{ext}", save_all=True, append_images=frames[1:])
+        prep = prepare(tmp_path / f"many.{ext}", spec, layout="NCHW", channels=3, size=(4, 5))
+        assert "read the first of the image's 3 frames" in prep.notes
+        first = spec.to_tensor(load_image(tmp_path / f"many.{ext}"))
+        np.testing.assert_allclose(prep.tensor, first)
+        if ext == "tiff":                  # lossless: the first frame's own pixels
+            np.testing.assert_allclose(prep.tensor, spec.to_tensor(Image.fromarray(p)), atol=1e-6)
+    Image.fromarray(p).save(tmp_path / "one.png")
+    assert prepare(tmp_path / "one.png", spec, layout="NCHW", channels=3, size=(4, 5)).notes == []
+
+
 def test_resize_to_model_size(tmp_path):
     Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / "big.png")
     spec = Preprocess.from_preset("unit").fitted("NCHW", (8, 8), 3)
