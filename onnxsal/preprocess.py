@@ -246,6 +246,9 @@ def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Opti
         path = os.fspath(source)
         arr = read_npy(path, "input", ImageError)
         return Prepared(_check_array(arr, layout, channels, size), None, _stem(path), ["input taken as already preprocessed"])
+    if isinstance(source, np.ndarray) and source.dtype == np.uint8 and source.ndim == 4 and source.shape[0] == 1 \
+            and source.shape[3] in (1, 3):
+        source = source[0]
     if isinstance(source, np.ndarray) and source.dtype == np.uint8 and (
             source.ndim == 2 or source.ndim == 3 and source.shape[2] in (1, 3)):
         # an image's pixels, as np.asarray(Image.open(...)) gives them: taken as-is they would feed 0-255

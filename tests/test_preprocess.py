@@ -109,9 +109,9 @@ def test_a_uint8_pixel_array_is_an_image(layout):
     p = pixels()
     spec = Preprocess.from_preset("tf").fitted(layout, (4, 5), 3)
     want = spec.to_tensor(Image.fromarray(p))
-    for arr in (p, p[:, :, :1], p[:, :, 0]):       # RGB, and greyscale with or without its axis
+    for arr in (p, p[:, :, :1], p[:, :, 0], p[None]):    # RGB, greyscale with or without its axis, a batch of one
         prep = prepare(arr, spec, layout=layout, channels=3, size=(4, 5))
-        ref = want if arr.ndim == 3 and arr.shape[2] == 3 else \
+        ref = want if arr.shape[-1] == 3 else \
             spec.to_tensor(Image.fromarray(p[:, :, 0]).convert("RGB"))
         np.testing.assert_allclose(prep.tensor, ref)
         assert "took the uint8 (H, W[, C]) array as an image's pixels" in prep.notes
