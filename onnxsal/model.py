@@ -168,9 +168,14 @@ class Model:
         d = self.dense
         maps = (d.classes, d.height, d.width) if d is not None else None
         feeding = _ancestors(self.light, self.logits)      # a multi-task model's other heads have convs too
+        # a segmentation head's class maps before they are resized to the output (torchvision's FCN,
+        # DeepLabV3 and LR-ASPP) are the scores too, at a lower resolution
+        scores = _resized_from(self.light, self.logits) if d is not None else set()
         inner = [la for la in self.layers if la.tensor not in (self.logits, self.output) and tuple(la.shape) != maps
-                 and la.tensor in feeding]
-        if self.detection is not None and inner:      # the last map that every anchor's score depends on
+                 and la.tensor in feeding and not (la.tensor in scores and la.shape[0] == d.classes)]
+        if (self.detection is not None or d is not None) and inner:
+            # the last map that every anchor's score, or every pixel's, depends on: a detector's heads
+            # read several scales, a segmentation head a skip branch (LR-ASPP, a U-Net's decoder)
             last = dominating(self.light, [la.tensor for la in inner], self.input.name, self.logits)
             if last is not None:
                 return next(la for la in inner if la.tensor == last)
@@ -265,6 +270,25 @@ class Model:
         if self.labels and index < len(self.labels):
             return self.labels[index]
         return str(index)
+
+
+_RESIZING = {"Resize", "Upsample", "Add", "Sum", "Identity", "Transpose", "Cast"}
+
+
+def _resized_from(proto: onnx.ModelProto, tensor: str) -> set[str]:
+    """The tensors ``tensor`` is made from by resizing and summing alone (the class maps of a
+    segmentation head before its upsampling), ``tensor`` included."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    seen, todo = {tensor}, [tensor]
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or node.op_type not in _RESIZING:
+            continue
+        for i in node.input[:1] if node.op_type in ("Resize", "Upsample") else node.input:
+            if i and i not in seen:
+                seen.add(i)
+                todo.append(i)
+    return seen
 
 
 def _ancestors(proto: onnx.ModelProto, tensor: str) -> set[str]:

@@ -408,3 +408,62 @@ def test_class_maps_permuted_last_behind_an_nchw_input(seg, tmp_path):
     sess = ort.InferenceSession(export(last, "gradcam").SerializeToString())
     _, maps = sess.run(["logits", "map"], {"image": x, "target": np.array([1], np.int64)})
     np.testing.assert_allclose(maps[0], a.explain(x, "gradcam", target=1).map, atol=1e-5)
+
+
+class LowResClasses(nn.Module):
+    """torchvision's FCN/DeepLabV3 head in small: class maps at stride 2 from a 1x1 conv, then resized
+    to the input; ``skip`` adds LR-ASPP's second branch, class maps of a stride-4 map resized and
+    added to those of the stride-2 one."""
+
+    def __init__(self, skip: bool):
+        super().__init__()
+        torch.manual_seed(6)
+        self.skip = skip
+        self.low = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.low_classes = nn.Conv2d(8, 3, 1)
+        self.high = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.high_classes = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        low = self.low(x)
+        if self.skip:
+            high = nn.functional.interpolate(self.high_classes(self.high(low)), size=low.shape[-2:], mode="bilinear")
+            maps = self.low_classes(low) + high
+        else:
+            maps = self.low_classes(self.head(low))
+        return nn.functional.interpolate(maps, size=x.shape[-2:], mode="bilinear")
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_the_default_layer_of_a_segmentation_head_is_no_class_map(tmp_path, skip):
+    """Class maps at a lower resolution, resized to the output, are the scores themselves (Grad-CAM
+    there weighs a class's map by its own gradient); with a skip branch, a map on one branch misses
+    the other's part: the default is the last map every pixel's score depends on."""
+    net = LowResClasses(skip).eval()
+    path = str(tmp_path / "lowres.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), path, input_names=["image"], output_names=["masks"],
+                          opset_version=17, dynamo=False)
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    hooked = net.low if skip else net.head
+    relu = next(n.output[0] for n in onnx.load(path).graph.node
+                if n.op_type == "Relu" and n.name.startswith("/low/" if skip else "/head/"))
+    assert ex.model.default_layer.tensor == relu
+    x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    store = {}
+
+    def keep(_, __, out):
+        out.retain_grad()
+        store["a"] = out
+
+    hook = hooked.register_forward_hook(keep)
+    out = net(torch.tensor(x))
+    hook.remove()
+    predicted = out[0].argmax(dim=0)
+    cls = int(torch.bincount(predicted.reshape(-1), minlength=3).argmax())
+    (out[0, cls] * (predicted == cls)).sum().backward()
+    expected = ref_cams(store["a"].detach().numpy()[0], store["a"].grad.numpy()[0])["gradcam"]
+    got = ex.explain(x, "gradcam", target=cls).raw[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5 * expected.max() + 1e-12)
