@@ -17,11 +17,13 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from .detection import (Detection, QueryOutput, add_anchor_scores, class_output_beside, dominating, find_anchor_classes,
-                        find_anchor_rows, find_detection, find_detection_list, find_queries, ultralytics_metadata)
+from .dense import DenseOutput, find_dense, resized_from, squeezed_map, unsqueezed
+from .detection import (Detection, QueryOutput, add_anchor_scores, class_output_beside, dominating,
+                        find_anchor_classes, find_anchor_rows, find_detection, find_detection_list, find_queries,
+                        ultralytics_metadata)
 from .errors import LayerError, MissingFileError, ModelError, SizeError
-from .graph.normalize import (FLOAT_TYPES, free_negative_dims, infer, normalize_traced, static_dims, tensor_shapes, upgrade_opset,
-                              without_weight_data)
+from .graph.normalize import (FLOAT_TYPES, free_negative_dims, infer, normalize_traced, static_dims, tensor_shapes,
+                              upgrade_opset, without_weight_data)
 from .graph.contrib import expand, fused_ops
 from .graph.fixed import Value, hold
 from .graph.image_input import as_image, needs_image_input
@@ -87,37 +89,6 @@ class Layer:
         return np.ascontiguousarray(a[:, self.prefix:, :].reshape(len(a), h, w, c).transpose(0, 3, 1, 2))
 
 
-@dataclass(frozen=True)
-class DenseOutput:
-    """A per-pixel output: `classes` maps of height x width (a segmentation model's logits).
-
-    Its axis order follows the input's layout: (C, H, W) for NCHW models, (H, W, C) for NHWC ones.
-    """
-
-    classes: int
-    height: int
-    width: int
-    channels_last: bool
-    threshold: float = 0.0     # one map (a binary segmentation): its class's pixels are those above this
-
-    def maps(self, row: np.ndarray) -> np.ndarray:
-        """A flattened output row as (classes, height * width)."""
-        r = np.asarray(row).reshape(-1)
-        return r.reshape(self.height * self.width, self.classes).T if self.channels_last else r.reshape(self.classes, -1)
-
-    def won(self, maps: np.ndarray) -> np.ndarray:
-        """(classes, height * width) whether each class has each pixel: the class whose map is highest
-        there, or for a single map (a person, a salient object, a lesion) its pixels above the
-        threshold, since an argmax over one map gives the class every pixel, background included."""
-        if self.classes == 1:
-            return maps > self.threshold
-        return np.arange(self.classes)[:, None] == maps.argmax(axis=0)[None, :]
-
-    def flat(self, maps: np.ndarray) -> np.ndarray:
-        """(classes, height * width) back to a flattened output row."""
-        return np.ascontiguousarray(maps.T if self.channels_last else maps).reshape(-1)
-
-
 @dataclass
 class Model:
     """A loaded, normalised model and what onnxsal found in it.
@@ -170,7 +141,7 @@ class Model:
         feeding = _ancestors(self.light, self.logits)      # a multi-task model's other heads have convs too
         # a segmentation head's class maps before they are resized to the output (torchvision's FCN,
         # DeepLabV3 and LR-ASPP) are the scores too, at a lower resolution
-        scores = _resized_from(self.light, self.logits) if d is not None else set()
+        scores = resized_from(self.light, self.logits) if d is not None else set()
         inner = [la for la in self.layers if la.tensor not in (self.logits, self.output) and tuple(la.shape) != maps
                  and la.tensor in feeding and not (la.tensor in scores and la.shape[0] == d.classes)]
         if (self.detection is not None or d is not None) and inner:
@@ -270,25 +241,6 @@ class Model:
         if self.labels and index < len(self.labels):
             return self.labels[index]
         return str(index)
-
-
-_RESIZING = {"Resize", "Upsample", "Add", "Sum", "Identity", "Transpose", "Cast"}
-
-
-def _resized_from(proto: onnx.ModelProto, tensor: str) -> set[str]:
-    """The tensors ``tensor`` is made from by resizing and summing alone (the class maps of a
-    segmentation head before its upsampling), ``tensor`` included."""
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    seen, todo = {tensor}, [tensor]
-    while todo:
-        node = producer.get(todo.pop())
-        if node is None or node.op_type not in _RESIZING:
-            continue
-        for i in node.input[:1] if node.op_type in ("Resize", "Upsample") else node.input:
-            if i and i not in seen:
-                seen.add(i)
-                todo.append(i)
-    return seen
 
 
 def _ancestors(proto: onnx.ModelProto, tensor: str) -> set[str]:
@@ -438,61 +390,6 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
         if shape is not None and (int(np.prod([d for d in shape[1:] if d])) == 1 or len(shape) == 2):
             return node.input[0], "sigmoid"
     return output, None
-
-
-def _made_by(proto: onnx.ModelProto, tensor: str, op_type: str) -> bool:
-    """Whether ``tensor`` is an ``op_type`` node's output, moved on unchanged (or transposed)."""
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    node = producer.get(tensor)
-    while node is not None and (node.op_type in PASSTHROUGH or node.op_type in ("Transpose", "Unsqueeze")):
-        node = producer.get(node.input[0])
-    return node is not None and node.op_type == op_type
-
-
-def _on_grid(hw: Sequence, size: tuple) -> bool:
-    """Whether h x w is the input's height x width at one whole stride (2 x 2 pixels at least)."""
-    (h, w), (height, width) = hw, size
-    return min(h, w) >= 2 and not height % h and not width % w and height // h == width // w
-
-
-_PER_PIXEL = {"Sigmoid", "Relu", "Clip", "Tanh", "Identity"}
-
-
-def _squeezed_map(proto: onnx.ModelProto, tensor: str, shapes: dict, hw: tuple, size: tuple) -> bool:
-    """Whether an (N, h, w) output is one map: h x w the input's grid at a whole stride, and the
-    tensor made from a one-channel 4-D map of that grid (its axis squeezed or reshaped away, then
-    perhaps a per-pixel activation). An (N, steps, characters) or (N, tokens, C) output does not
-    come from such a map."""
-    h, w = hw
-    if not _on_grid(hw, size):
-        return False
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    node = producer.get(tensor)
-    while node is not None and node.op_type in _PER_PIXEL:
-        node = producer.get(node.input[0])
-    if node is None:
-        return False
-    source = node.input[0]            # a Squeeze, Reshape, Gather or ReduceX of the one-channel map
-    dims = shapes.get(source, (0, None))[1]
-    if dims is None:
-        from .graph.normalize import inferred_dims
-
-        dims = inferred_dims(proto).get(source)
-    return dims is not None and len(dims) == 4 and tuple(dims[1:]) in ((1, h, w), (h, w, 1))
-
-
-def _unsqueezed(proto: onnx.ModelProto, tensor: str, layout: str) -> str:
-    """Add ``tensor`` with its channel axis back (axis 1, or 3 for NHWC) to ``proto``; its name."""
-    from onnx import helper, numpy_helper
-
-    from .graph.surgery import ReadableNames
-
-    g = proto.graph
-    fresh = ReadableNames(g)
-    axes, out = fresh("onnxsal_channel_axis"), fresh("onnxsal_map")
-    g.initializer.append(numpy_helper.from_array(np.array([1 if layout == "NCHW" else 3], np.int64), axes))
-    g.node.append(helper.make_node("Unsqueeze", [tensor, axes], [out], name=fresh("onnxsal_unsqueeze_map")))
-    return out
 
 
 def _requantised(node: onnx.NodeProto, producer: dict) -> bool:
@@ -797,23 +694,14 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         out_shape = probe_shapes(proto, [logits]).get(logits, (0, None))[1]
     if out_shape is None or None in out_shape[1:]:
         raise ModelError(f"cannot tell the number of classes: output {graph_out!r} has an unknown shape")
-    if len(out_shape) == 3 and activation is None and _squeezed_map(proto, logits, shapes, tuple(out_shape[1:]), hw):
+    if len(out_shape) == 3 and activation is None and squeezed_map(proto, logits, shapes, tuple(out_shape[1:]), hw):
         # one map with its channel axis squeezed away (a salient object's, a person's, a depth map):
         # read as one, not as h x w "classes"; the axis is put back in the graph, so every per-pixel
         # path (targets, export) sees the usual 4-D map
-        logits = graph_out = _unsqueezed(proto, logits, layout)
+        logits = graph_out = unsqueezed(proto, logits, layout)
         out_shape = (out_shape[0], 1, *out_shape[1:]) if layout == "NCHW" else (*out_shape, 1)
     num_classes = int(np.prod(out_shape[1:]))
-    dense = None
-    if len(out_shape) == 4:       # a map per class: its axes in the input's layout, unless only the other fits
-        last = layout == "NHWC"   # its grid (a PyTorch model that permutes its class maps last)
-        if not _on_grid(out_shape[1:3] if last else out_shape[2:], hw) and \
-                _on_grid(out_shape[2:] if last else out_shape[1:3], hw):
-            last = not last
-        c, h, w = (out_shape[3], out_shape[1], out_shape[2]) if last else out_shape[1:]
-        if h * w > 1:     # one map is read as probabilities above 0.5 after a Sigmoid, logits above 0
-            dense = DenseOutput(int(c), int(h), int(w), last,
-                                0.5 if c == 1 and _made_by(proto, logits, "Sigmoid") else 0.0)
+    dense = find_dense(proto, logits, tuple(out_shape), layout, hw)      # a map per class (dense.py)
     detection = None if dense is not None else \
         find_detection(proto, logits, shapes) or find_detection_list(meta, tuple(out_shape)) or \
         find_queries(proto, logits, tuple(out_shape), shapes, side.model_type)

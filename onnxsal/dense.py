@@ -1,0 +1,141 @@
+"""Per-pixel outputs: a segmentation model's class maps, or one map (a binary segmentation, a salient
+object, a depth map), and how a file's output is read as such.
+
+A class index scores its map over the pixels the model assigns to it (pytorch-grad-cam's
+SemanticSegmentationTarget with the predicted mask). Which axis holds the classes follows the
+input's layout unless only the other order puts the input's grid on the spatial axes; one map's
+pixels are those above 0.5 after a Sigmoid, above 0 as logits; one map with its channel axis
+squeezed away gets the axis back in the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+
+MOVES = {"Identity", "Flatten", "Reshape", "Squeeze", "Dropout", "Transpose", "Unsqueeze"}
+
+
+@dataclass(frozen=True)
+class DenseOutput:
+    """A per-pixel output: `classes` maps of height x width (a segmentation model's logits), laid
+    out (C, H, W), or (H, W, C) when ``channels_last`` (see `find_dense`)."""
+
+    classes: int
+    height: int
+    width: int
+    channels_last: bool
+    threshold: float = 0.0     # one map (a binary segmentation): its class's pixels are those above this
+
+    def maps(self, row: np.ndarray) -> np.ndarray:
+        """A flattened output row as (classes, height * width)."""
+        r = np.asarray(row).reshape(-1)
+        return r.reshape(self.height * self.width, self.classes).T if self.channels_last else r.reshape(self.classes, -1)
+
+    def won(self, maps: np.ndarray) -> np.ndarray:
+        """(classes, height * width) whether each class has each pixel: the class whose map is highest
+        there, or for a single map (a person, a salient object, a lesion) its pixels above the
+        threshold, since an argmax over one map gives the class every pixel, background included."""
+        if self.classes == 1:
+            return maps > self.threshold
+        return np.arange(self.classes)[:, None] == maps.argmax(axis=0)[None, :]
+
+    def flat(self, maps: np.ndarray) -> np.ndarray:
+        """(classes, height * width) back to a flattened output row."""
+        return np.ascontiguousarray(maps.T if self.channels_last else maps).reshape(-1)
+
+
+def made_by(proto: onnx.ModelProto, tensor: str, op_type: str) -> bool:
+    """Whether ``tensor`` is an ``op_type`` node's output, moved on unchanged (or transposed)."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    node = producer.get(tensor)
+    while node is not None and node.op_type in MOVES:
+        node = producer.get(node.input[0])
+    return node is not None and node.op_type == op_type
+
+
+def on_grid(hw: Sequence, size: tuple) -> bool:
+    """Whether h x w is the input's height x width at one whole stride (2 x 2 pixels at least)."""
+    (h, w), (height, width) = hw, size
+    return min(h, w) >= 2 and not height % h and not width % w and height // h == width // w
+
+
+_PER_PIXEL = {"Sigmoid", "Relu", "Clip", "Tanh", "Identity"}
+
+
+def squeezed_map(proto: onnx.ModelProto, tensor: str, shapes: dict, hw: tuple, size: tuple) -> bool:
+    """Whether an (N, h, w) output is one map: h x w the input's grid at a whole stride, and the
+    tensor made from a one-channel 4-D map of that grid (its axis squeezed or reshaped away, then
+    perhaps a per-pixel activation). An (N, steps, characters) or (N, tokens, C) output does not
+    come from such a map."""
+    h, w = hw
+    if not on_grid(hw, size):
+        return False
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    node = producer.get(tensor)
+    while node is not None and node.op_type in _PER_PIXEL:
+        node = producer.get(node.input[0])
+    if node is None:
+        return False
+    source = node.input[0]            # a Squeeze, Reshape, Gather or ReduceX of the one-channel map
+    dims = shapes.get(source, (0, None))[1]
+    if dims is None:
+        from .graph.normalize import inferred_dims
+
+        dims = inferred_dims(proto).get(source)
+    return dims is not None and len(dims) == 4 and tuple(dims[1:]) in ((1, h, w), (h, w, 1))
+
+
+def unsqueezed(proto: onnx.ModelProto, tensor: str, layout: str) -> str:
+    """Add ``tensor`` with its channel axis back (axis 1, or 3 for NHWC) to ``proto``; its name."""
+    from onnx import helper, numpy_helper
+
+    from .graph.surgery import ReadableNames
+
+    g = proto.graph
+    fresh = ReadableNames(g)
+    axes, out = fresh("onnxsal_channel_axis"), fresh("onnxsal_map")
+    g.initializer.append(numpy_helper.from_array(np.array([1 if layout == "NCHW" else 3], np.int64), axes))
+    g.node.append(helper.make_node("Unsqueeze", [tensor, axes], [out], name=fresh("onnxsal_unsqueeze_map")))
+    return out
+
+
+_RESIZING = {"Resize", "Upsample", "Add", "Sum", "Identity", "Transpose", "Cast"}
+
+
+def resized_from(proto: onnx.ModelProto, tensor: str) -> set[str]:
+    """The tensors ``tensor`` is made from by resizing and summing alone (the class maps of a
+    segmentation head before its upsampling), ``tensor`` included."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    seen, todo = {tensor}, [tensor]
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or node.op_type not in _RESIZING:
+            continue
+        for i in node.input[:1] if node.op_type in ("Resize", "Upsample") else node.input:
+            if i and i not in seen:
+                seen.add(i)
+                todo.append(i)
+    return seen
+
+
+
+
+def find_dense(proto: onnx.ModelProto, logits: str, out_shape: tuple, layout: str, size: tuple) -> Optional[DenseOutput]:
+    """The per-pixel reading of a 4-D output (N, C, h, w) or (N, h, w, C), None when its maps are
+    a single pixel."""
+    if len(out_shape) != 4:
+        return None
+    # the input's layout, unless only the other order fits its grid (a PyTorch model that permutes
+    # its class maps last)
+    last = layout == "NHWC"
+    if not on_grid(out_shape[1:3] if last else out_shape[2:], size) and \
+            on_grid(out_shape[2:] if last else out_shape[1:3], size):
+        last = not last
+    c, h, w = (out_shape[3], out_shape[1], out_shape[2]) if last else out_shape[1:]
+    if h * w <= 1:
+        return None
+    return DenseOutput(int(c), int(h), int(w), last, 0.5 if c == 1 and made_by(proto, logits, "Sigmoid") else 0.0)
