@@ -102,9 +102,7 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     if m.read_as:
         out.print(f"            ({esc(m.read_as)})")
     if m.dense is not None:
-        d = m.dense
-        out.print(f"  output    {esc(m.output)}  ({d.classes} classes per pixel, {d.height}x{d.width}: a class target "
-                  "scores its map over the pixels it wins)")
+        out.print(f"  output    {esc(m.output)}  ({m.dense.describe()})")
     elif m.detection is not None:
         out.print(f"  output    {esc(m.output)}  ({m.detection.describe()})")
     else:

@@ -43,6 +43,15 @@ class DenseOutput:
             return maps > self.threshold
         return np.arange(self.classes)[:, None] == maps.argmax(axis=0)[None, :]
 
+    def describe(self) -> str:
+        if self.classes == 1:
+            what = "a probability after a Sigmoid" if self.threshold == 0.5 else "logits"
+            return (f"one map, {self.height}x{self.width}, {what}: its target scores the map over its pixels above "
+                    f"{self.threshold:g}")
+        order = ", classes last" if self.channels_last else ""
+        return (f"{self.classes} classes per pixel, {self.height}x{self.width}{order}: a class target scores its map "
+                "over the pixels it wins")
+
     def flat(self, maps: np.ndarray) -> np.ndarray:
         """(classes, height * width) back to a flattened output row."""
         return np.ascontiguousarray(maps.T if self.channels_last else maps).reshape(-1)

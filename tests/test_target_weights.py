@@ -295,7 +295,7 @@ class BinarySeg(nn.Module):
 
 
 @pytest.mark.parametrize("sigmoid,squeeze", [(True, False), (False, False), (True, True)])
-def test_a_single_map_scores_the_pixels_above_its_threshold(tmp_path, sigmoid, squeeze):
+def test_a_single_map_scores_the_pixels_above_its_threshold(tmp_path, capsys, sigmoid, squeeze):
     """An argmax over one map gives it every pixel, background included: its pixels are those above
     0.5 after a sigmoid, above 0 as logits, as a binary segmentation recipe masks them. A map whose
     channel axis the model squeezes away, (N, H, W), is one map too, not H x W "classes"."""
@@ -312,6 +312,10 @@ def test_a_single_map_scores_the_pixels_above_its_threshold(tmp_path, sigmoid, s
     ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
     assert ex.model.dense.classes == 1 and ex.model.dense.threshold == (0.5 if sigmoid else 0.0)
     assert ex.model.n_targets == 1 and ex.model.default_layer.shape == (8, 16, 16)
+    assert main(["inspect", path]) == 0
+    what = "a probability after a Sigmoid" if sigmoid else "logits"
+    assert f"(one map, 16x16, {what}: its target scores the map over its pixels above {0.5 if sigmoid else 0:g})" \
+        in capsys.readouterr().out
     x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
     pixels = (lambda t: t[0]) if squeeze else (lambda t: t[0, 0])
     with torch.no_grad():
