@@ -428,8 +428,10 @@ def _anchor_pair(proto: onnx.ModelProto, shapes: dict) -> Optional[tuple[str, st
     output of per-anchor confidences, a softmax or sigmoid each ("softmax", "sigmoid") or one raw logit per anchor
     ("logit": BlazeFace, BlazePalm), and an (N, anchors, 4 [+ keypoints]) output that is none of
     them, at the same anchor count; a box output of exactly four columns is preferred."""
-    producer = {o: n for n in proto.graph.node for o in n.output}
     outputs = [vi.name for vi in proto.graph.output]
+    if len(outputs) < 2:          # no pair: a single output needs no run to say so
+        return None
+    producer = {o: n for n in proto.graph.node for o in n.output}
     found = {o: _shape(shapes, o) for o in outputs}
     if any(s is not None and len(s) == 3 and s[1] is None for s in found.values()):
         from .graph.probe import probe_shapes     # an anchor count inference lost: read off one run
