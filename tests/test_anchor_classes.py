@@ -369,3 +369,25 @@ def test_an_old_opset_softmax_is_read_by_what_it_normalises(tmp_path):
     onnx.save(model, str(tmp_path / "axis1.onnx"))
     m = onnxsal.load(str(tmp_path / "axis1.onnx"))
     assert m.detection is None and m.num_classes == ANCHORS * 4
+
+
+def test_an_anchor_count_hidden_by_a_dynamic_size_is_read_off_a_run(tmp_path):
+    """Exported with a dynamic height and width, the anchor count is unknown until the size is
+    given; the pair is found from one run at that size."""
+    torch.manual_seed(5)
+    build, names, *_ = KINDS["retinaface"]
+    net = build().eval()
+    path = tmp_path / "dynamic.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, SIZE, SIZE),), str(path), input_names=["input"], output_names=list(names),
+                          opset_version=13, dynamo=False,
+                          dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}, **{k: {0: "n", 1: "a"} for k in names}})
+    declared = {vi.name: vi.type.tensor_type.shape.dim[1] for vi in onnx.load(str(path)).graph.output}
+    assert all(d.dim_param for d in declared.values())
+    m = onnxsal.load(str(path), size=(SIZE, SIZE))
+    assert (m.output, m.detection.boxes, m.detection.queries) == ("conf", "loc", ANCHORS)
+    x = np.random.default_rng(5).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
+    _, _, gx, _, _ = reference(net, x, 0, "retinaface")
+    sal = onnxsal.Explainer(str(path), "cpu", preprocess="raw", size=(SIZE, SIZE)).explain(x, "saliency", 0)
+    np.testing.assert_allclose(sal.raw[0], np.abs(gx).max(axis=0), rtol=1e-4, atol=1e-6 * np.abs(gx).max())
