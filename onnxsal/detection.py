@@ -225,10 +225,15 @@ class QueryOutput:
         return 0.5 * (1.0 + np.tanh(0.5 * z)) if self.reading == "sigmoid" else z     # no overflow at -800
 
     def best(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(classes,) each class's highest probability and the query that has it."""
-        p = self.probabilities(row)
-        queries = p.argmax(axis=0)
-        return p[queries, np.arange(self.classes)], queries
+        """(classes,) each class's highest probability and the query that has it. The query is picked
+        by the log-probability or logit, which keep their order where the probability rounds to 1
+        (MediaPipe's BlazePalm gives logits near 1300: every sigmoid is 1, and the first would win)."""
+        z = np.asarray(row, np.float64).reshape(self.queries, self.width)
+        if self.reading == "softmax":
+            top = z.max(axis=1, keepdims=True)
+            z = z - top - np.log(np.exp(z - top).sum(axis=1, keepdims=True))
+        queries = z[:, self.first:self.first + self.classes].argmax(axis=0)
+        return self.probabilities(row)[queries, np.arange(self.classes)], queries
 
     def seed(self, cls: int, query: int) -> np.ndarray:
         """A flattened one-hot row at ``query``'s score of ``cls``."""

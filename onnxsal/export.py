@@ -301,11 +301,11 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
                      e.op("Unsqueeze", [onehot, e.const([1], np.int64)])], out=grad_y)
     elif isinstance(det, QueryOutput):
         # a class scores its entry at the query most probably of that class in the image's output
-        probs = e.op("Softmax", [own], axis=-1) if det.reading == "softmax" else \
-            e.op("Sigmoid", [own]) if det.reading == "sigmoid" else own
+        # the query picked by log-probability or logit, as explain picks it: a probability rounds to 1
+        ranking = e.op("LogSoftmax", [own], axis=-1) if det.reading == "softmax" else own
         column_of = e.op("Add", [target, e.const(det.first, np.int64)]) if det.first else target
         hot_class = e.op("OneHot", [column_of, depth, e.const([0.0, 1.0])], axis=-1)
-        column = e.reduce("ReduceSum", e.op("Mul", [probs, e.op("Unsqueeze", [hot_class, e.const([1], np.int64)])]),
+        column = e.reduce("ReduceSum", e.op("Mul", [ranking, e.op("Unsqueeze", [hot_class, e.const([1], np.int64)])]),
                           [2], keepdims=0)
         query = e.op("ArgMax", [column], axis=1, keepdims=0)
         if clean is not None:

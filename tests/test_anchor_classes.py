@@ -391,3 +391,31 @@ def test_an_anchor_count_hidden_by_a_dynamic_size_is_read_off_a_run(tmp_path):
     _, _, gx, _, _ = reference(net, x, 0, "retinaface")
     sal = onnxsal.Explainer(str(path), "cpu", preprocess="raw", size=(SIZE, SIZE)).explain(x, "saliency", 0)
     np.testing.assert_allclose(sal.raw[0], np.abs(gx).max(axis=0), rtol=1e-4, atol=1e-6 * np.abs(gx).max())
+
+
+def test_the_anchor_is_picked_by_its_logit_where_probabilities_round_to_one(tmp_path):
+    """MediaPipe's BlazePalm gives logits near 1300 on some images: every sigmoid is then 1, and the
+    first anchor would win a pick by probability, in explain and in the exported graph alike."""
+    import onnxruntime as ort
+
+    from onnxsal.export import export as export_graph
+
+    torch.manual_seed(5)
+    build, names, *_ = KINDS["blazeface"]
+    net = build().eval()
+    with torch.no_grad():
+        for conv in net.cls:
+            conv.bias += 1000.0
+    path = export(net, tmp_path / "loud.onnx", names)
+    x = np.random.default_rng(5).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
+    with torch.no_grad():
+        logits = net(torch.tensor(x))[1][0, :, 0].numpy()
+    assert logits.min() > 50 and int(logits.argmax()) != 0
+    _, anchor, gx, _, _ = reference(net, x, 0, "blazeface")
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    sal = ex.explain(x, "saliency", 0)
+    assert f"anchor {anchor}, probability 1," in sal.notes[0]
+    np.testing.assert_allclose(sal.raw[0], np.abs(gx).max(axis=0), rtol=1e-4, atol=1e-6 * np.abs(gx).max())
+    sess = ort.InferenceSession(export_graph(path, "saliency").SerializeToString())
+    _, maps = sess.run(["logits", "map"], {"input": x, "target": np.array([0], np.int64)})
+    np.testing.assert_allclose(maps[0], sal.map, atol=1e-5)
