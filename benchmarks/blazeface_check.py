@@ -87,7 +87,7 @@ def main() -> None:
     for name, (size, strides, per_cell, preset) in MODELS.items():
         path = os.path.join(ROOT, f"{name}.onnx")
         if not os.path.exists(path):
-            print(f"| {name} | missing: run make .venv-bench/blazeface/.done | | | | |")
+            print(f"| {name} | missing: run make .venv-bench/blazeface/.done |" + " |" * 6)
             continue
         ex = onnxsal.Explainer(path, "cpu", preprocess=preset)
         m = ex.model

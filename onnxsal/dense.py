@@ -16,7 +16,9 @@ from typing import Optional, Sequence
 import numpy as np
 import onnx
 
-MOVES = {"Identity", "Flatten", "Reshape", "Squeeze", "Dropout", "Transpose", "Unsqueeze"}
+from .graph.columns import RESHAPES
+
+MOVES = RESHAPES | {"Transpose"}      # a map moved on unchanged, or to channels-last
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,6 @@ def resized_from(proto: onnx.ModelProto, tensor: str) -> set[str]:
                 seen.add(i)
                 todo.append(i)
     return seen
-
-
 
 
 def find_dense(proto: onnx.ModelProto, logits: str, out_shape: tuple, layout: str, size: tuple) -> Optional[DenseOutput]:

@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from .graph.columns import ColumnTrace
+from .graph.columns import RESHAPES, ColumnTrace
 from .preprocess import Preprocess, make_spec
 
 BOX_ROWS = 4
@@ -395,14 +395,11 @@ def add_anchor_scores(proto: onnx.ModelProto, output: str, rows: AnchorRows) -> 
     return QueryOutput(rows.classes, rows.anchors, rows.classes, "scores", boxes, source), scores
 
 
-_MOVES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"}
-
-
 def _confidence_kind(proto: onnx.ModelProto, tensor: str, shapes: dict, producer: dict) -> Optional[str]:
     """"softmax" when ``tensor`` is a Softmax over its last axis (values moved on unchanged),
     "sigmoid" when it is a Sigmoid's output, else None."""
     node = producer.get(tensor)
-    while node is not None and node.op_type in _MOVES:
+    while node is not None and node.op_type in RESHAPES:
         node = producer.get(node.input[0])
     if node is None:
         return None
@@ -428,11 +425,40 @@ def _confidence_kind(proto: onnx.ModelProto, tensor: str, shapes: dict, producer
     return "softmax" if last else None
 
 
-def _anchor_pair(proto: onnx.ModelProto, shapes: dict) -> Optional[tuple[str, str, str, int, int, tuple]]:
-    """(scores, boxes, kind, anchors, classes, every output beside them): an (N, anchors, classes)
-    output of per-anchor confidences, a softmax or sigmoid each ("softmax", "sigmoid") or one raw logit per anchor
-    ("logit": BlazeFace, BlazePalm), and an (N, anchors, 4 [+ keypoints]) output that is none of
-    them, at the same anchor count; a box output of exactly four columns is preferred."""
+@dataclass(frozen=True)
+class AnchorPair:
+    """An SSD-style head's two outputs (SSD, UltraFace, RetinaFace, RetinaNet without its NMS,
+    BlazeFace): ``scores`` holds each anchor's class confidences, a softmax whose column 0 is the
+    background, a sigmoid per class, or one raw logit (``kind``); ``boxes`` the (N, anchors, 4
+    [+ keypoints]) boxes, one of the outputs ``beside`` it."""
+
+    scores: str
+    boxes: str
+    kind: str                  # "softmax", "sigmoid" or "logit"
+    anchors: int
+    width: int
+    beside: tuple
+
+    def reading(self) -> QueryOutput:
+        """A class target scores the reported probability (the logit, for a raw one) at the class's
+        most probable anchor, as for the YOLO heads. The box values are reported as the file gives
+        them: corners or a centre, fractions or pixels, or offsets from priors that a caller decodes,
+        nothing in the graph says which."""
+        background = self.kind == "softmax"
+        source = {"softmax": f"{self.scores}: a softmax per anchor, column 0 the background",
+                  "sigmoid": f"{self.scores}: a sigmoid per anchor and class",
+                  "logit": f"{self.scores}: one logit per anchor, read through a sigmoid"}[self.kind]
+        return QueryOutput(self.width - background, self.anchors, self.width,
+                           "sigmoid" if self.kind == "logit" else "scores", self.boxes, source,
+                           first=int(background), boxes_as_given=True)
+
+
+def anchor_pair(proto: onnx.ModelProto, shapes: dict) -> Optional[AnchorPair]:
+    """An output of per-anchor confidences, (N, anchors, classes), a softmax or sigmoid each or one
+    raw logit per anchor (BlazeFace, BlazePalm), and an (N, anchors, 4 [+ keypoints]) output that is
+    none of them, at the same anchor count; a box output of exactly four columns is preferred. Its
+    confidences are scored whichever output comes first: RetinaFace and BlazeFace list their boxes
+    first, and a landmarks output first is passed over the same way."""
     outputs = [vi.name for vi in proto.graph.output]
     if len(outputs) < 2:          # no pair: a single output needs no run to say so
         return None
@@ -455,39 +481,8 @@ def _anchor_pair(proto: onnx.ModelProto, shapes: dict) -> Optional[tuple[str, st
         boxes = [o for o, b in rows.items() if kinds[o] is None and b[1] == s[1] and b[2] >= BOX_ROWS]
         if boxes:
             box = min(boxes, key=lambda o: rows[o][2] != BOX_ROWS)
-            return scores, box, kind, int(s[1]), int(s[2]), tuple(boxes)
+            return AnchorPair(scores, box, kind, int(s[1]), int(s[2]), tuple(boxes))
     return None
-
-
-def find_anchor_classes(proto: onnx.ModelProto, output: str, shapes: dict) -> Optional[QueryOutput]:
-    """An SSD-style head (SSD, UltraFace, RetinaFace, RetinaNet without its NMS, BlazeFace):
-    ``output`` holds each anchor's class confidences, a softmax whose column 0 is the background, a
-    sigmoid per class, or one raw logit, beside an (N, anchors, 4 [+ keypoints]) output of boxes.
-    A class target scores the reported probability (the logit, for a raw one) at the class's most
-    probable anchor, as for the YOLO heads. The box values are reported as the file gives them:
-    corners or a centre, fractions or pixels, or offsets from priors that a caller decodes, nothing
-    in the graph says which."""
-    pair = _anchor_pair(proto, shapes)
-    if pair is None or pair[0] != output:
-        return None
-    scores, boxes, kind, anchors, width, _ = pair
-    background = kind == "softmax"
-    source = {"softmax": f"{scores}: a softmax per anchor, column 0 the background",
-              "sigmoid": f"{scores}: a sigmoid per anchor and class",
-              "logit": f"{scores}: one logit per anchor, read through a sigmoid"}[kind]
-    return QueryOutput(width - background, anchors, width, "sigmoid" if kind == "logit" else "scores", boxes, source,
-                       first=int(background), boxes_as_given=True)
-
-
-def class_output_beside(proto: onnx.ModelProto, first: str, shapes: dict) -> str:
-    """The output to score by default: ``first``, unless it is the boxes of an SSD-style head whose
-    confidences come in another output (RetinaFace and BlazeFace list their boxes first; a
-    landmarks output first is passed over the same way)."""
-    s = _shape(shapes, first)
-    if s is not None and (len(s) != 3 or s[2] is not None and s[2] < BOX_ROWS):
-        return first
-    pair = _anchor_pair(proto, shapes)
-    return pair[0] if pair is not None and first in pair[5] else first
 
 
 def find_detection_list(meta: dict, shape: Optional[tuple]) -> Optional[DetectionList]:

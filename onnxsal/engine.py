@@ -207,8 +207,9 @@ def make_targets(model: Model, indices: Sequence[int], score: str = "logit",
 
     Per-pixel models (``model.dense``): class c scores the sum of its map over the pixels the
     model assigns to c in ``row`` (its output on the input; a single map's pixels above its
-    threshold), pytorch-grad-cam's segmentation recipe; over every pixel when it assigns none. Detectors (``model.detection``): class c scores
-    its confidence at its most confident anchor in ``row``, or its most confident final detection.
+    threshold), pytorch-grad-cam's segmentation recipe; over every pixel when it assigns none.
+    Detectors (``model.detection``): class c scores its confidence at its most confident anchor in
+    ``row``, or its most confident final detection.
     """
     if model.detection is not None:
         if row is None:

@@ -128,8 +128,8 @@ class Explanation:
 
 
 def class_shares(dense: DenseOutput, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(C,) the share of pixels each class wins (argmax over the class maps), and the classes in
-    order of that share, ties (classes that win no pixel) by their mean score."""
+    """(C,) the share of pixels each class wins (``DenseOutput.won``), and the classes in order of
+    that share, ties (classes that win no pixel) by their mean score."""
     maps = dense.maps(row)
     shares = dense.won(maps).mean(axis=1)
     return shares, np.lexsort((-maps.mean(axis=1), -shares))

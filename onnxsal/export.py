@@ -264,9 +264,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     depth = e.const([width], np.int64, "depth")
     if isinstance(det, DetectionList):          # every row scores a detection's score column
         hot_row = e.op("Add", [e.op("Mul", [rows_target, e.const(0, np.int64)]), e.const(4, np.int64)])
-    elif isinstance(det, QueryOutput):          # a query's entry for the class (after a background column)
-        hot_row = e.op("Add", [rows_target, e.const(det.first, np.int64)]) if det.first else rows_target
-    elif det is not None:
+    elif det is not None and det.first:         # the class's row or column after the box rows or background
         hot_row = e.op("Add", [rows_target, e.const(det.first, np.int64)])
     else:
         hot_row = rows_target

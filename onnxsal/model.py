@@ -18,12 +18,12 @@ import numpy as np
 import onnx
 
 from .dense import DenseOutput, find_dense, resized_from, squeezed_map, unsqueezed
-from .detection import (Detection, QueryOutput, add_anchor_scores, class_output_beside, dominating,
-                        find_anchor_classes, find_anchor_rows, find_detection, find_detection_list, find_queries,
-                        ultralytics_metadata)
+from .detection import (Detection, QueryOutput, add_anchor_scores, anchor_pair, dominating, find_anchor_rows,
+                        find_detection, find_detection_list, find_queries, ultralytics_metadata)
 from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import (FLOAT_TYPES, free_negative_dims, infer, normalize_traced, static_dims, tensor_shapes,
                               upgrade_opset, without_weight_data)
+from .graph.columns import RESHAPES
 from .graph.contrib import expand, fused_ops
 from .graph.fixed import Value, hold
 from .graph.image_input import as_image, needs_image_input
@@ -41,7 +41,7 @@ CONV_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv"}
 # Ops that keep a conv's spatial map and are commonly fused with it; their output is also a candidate.
 FOLLOWERS = {"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish",
              "Tanh", "BatchNormalization", "InstanceNormalization", "GroupNormalization", "Mul", "Add", "Gelu"}
-PASSTHROUGH = {"Identity", "Flatten", "Reshape", "Squeeze", "Dropout"}
+PASSTHROUGH = RESHAPES - {"Unsqueeze"}      # an output moved on from the final activation
 
 META_PREPROCESS = "onnxsal.preprocess"
 META_LABELS = "onnxsal.labels"
@@ -676,8 +676,9 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     proto, across = normalize_traced(light)
     one_image = tuple(across)
     graph_out = _scored_output(proto, head)
-    if head is None:          # not an SSD-style head's boxes when its confidences come in another output
-        graph_out = class_output_beside(proto, graph_out, tensor_shapes(proto))
+    pair = anchor_pair(proto, tensor_shapes(proto))    # an SSD-style head's confidences and boxes
+    if head is None and pair is not None and graph_out in pair.beside:
+        graph_out = pair.scores   # not its boxes when its confidences come in another output
     _refuse_detection_lists(light, graph_out, vi)
     logits, activation = _find_logits(proto, graph_out)
     shapes = tensor_shapes(proto)
@@ -710,10 +711,9 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         if rows is not None:
             detection, logits = add_anchor_scores(proto, logits, rows)
             graph_out, num_classes = logits, rows.anchors * rows.classes
-    if detection is None and dense is None:       # SSD-style anchors: the probabilities, beside the boxes
-        detection = find_anchor_classes(proto, graph_out, shapes)
-        if detection is not None:
-            logits, activation, num_classes = graph_out, None, detection.queries * detection.width
+    if detection is None and dense is None and pair is not None and pair.scores == graph_out:
+        detection = pair.reading()                # SSD-style anchors: the probabilities, beside the boxes
+        logits, activation, num_classes = graph_out, None, detection.queries * detection.width
 
     label_list = list(labels) if labels else None
     if label_list is None and META_LABELS in meta:

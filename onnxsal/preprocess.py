@@ -246,15 +246,13 @@ def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Opti
         path = os.fspath(source)
         arr = read_npy(path, "input", ImageError)
         return Prepared(_check_array(arr, layout, channels, size), None, _stem(path), ["input taken as already preprocessed"])
-    if isinstance(source, np.ndarray) and source.dtype == np.uint8 and source.ndim == 4 and source.shape[0] == 1 \
-            and source.shape[3] in (1, 3):
-        source = source[0]
-    if isinstance(source, np.ndarray) and source.dtype == np.uint8 and (
-            source.ndim == 2 or source.ndim == 3 and source.shape[2] in (1, 3)):
-        # an image's pixels, as np.asarray(Image.open(...)) gives them: taken as-is they would feed 0-255
-        # to a float model (silently, when it is channels-last and of the same size)
-        source = Image.fromarray(source[:, :, 0] if source.ndim == 3 and source.shape[2] == 1 else source)
-        notes.append("took the uint8 (H, W[, C]) array as an image's pixels")
+    if isinstance(source, np.ndarray) and source.dtype == np.uint8:
+        # an image's pixels, as np.asarray(Image.open(...)) gives them (a batch of one too): taken as-is
+        # they would feed 0-255 to a float model (silently, when it is channels-last and of the same size)
+        pixels = source[0] if source.ndim == 4 and len(source) == 1 else source
+        if pixels.ndim == 2 or pixels.ndim == 3 and pixels.shape[2] in (1, 3):
+            source = Image.fromarray(pixels[:, :, 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
+            notes.append("took the uint8 (H, W[, C]) array as an image's pixels")
     if isinstance(source, np.ndarray):
         return Prepared(_check_array(source, layout, channels, size), None, "array", notes)
     if channels not in (1, 3):

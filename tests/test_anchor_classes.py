@@ -21,6 +21,7 @@ from torch import nn
 import onnxsal
 from onnxsal.cli import main
 
+from hooks import kept
 from test_gradient_methods import ref_cams
 
 SIZE, PER_CELL = 16, 2
@@ -127,18 +128,11 @@ def boxes_of(net: nn.Module, x: torch.Tensor, kind: str) -> np.ndarray:
 def reference(net: nn.Module, x: np.ndarray, cls: int, kind: str):
     """torch.autograd of class ``cls``'s probability at its most probable anchor, with the stride-2
     map's activations (after its ReLU) and gradients."""
-    store = {}
-
-    def keep(_, __, out):
-        out.retain_grad()
-        store["a"] = out
-
-    h = net.down1.register_forward_hook(keep)
     xt = torch.tensor(x, requires_grad=True)
-    p = probabilities(net, xt, kind)[0, :, cls]
+    with kept(net.down1) as store:
+        p = probabilities(net, xt, kind)[0, :, cls]
     anchor = int(p.argmax())
     p[anchor].backward()
-    h.remove()
     return float(p[anchor].detach()), anchor, xt.grad.numpy()[0], store["a"].detach().numpy()[0], store["a"].grad.numpy()[0]
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from gradcheck import run
+from hooks import kept
 from onnxsal import Explainer
 from onnxsal.errors import ModelError
 from onnxsal.graph.autodiff import vjp
@@ -178,15 +179,8 @@ def test_the_default_cam_layer_feeds_the_scored_head(tmp_path):
     for head, conv, target in ((None, net.age_conv, 1), ("gender", net.gender_conv, 0)):
         ex = Explainer(path, "cpu", preprocess="raw", **({"head": head} if head else {}))
         assert ex.model.default_layer.tensor.startswith(f"/{'gender' if head else 'age'}_conv/")
-        store = {}
-
-        def keep(_, __, out):
-            out.retain_grad()
-            store["a"] = out
-
-        hook = conv.register_forward_hook(keep)
-        outs = net(torch.tensor(x))
-        hook.remove()
+        with kept(conv) as store:
+            outs = net(torch.tensor(x))
         score = outs[1][0, target] if head else outs[0][0, 0] * (1 if target == 1 else -1)
         score.backward()
         expected = ref_cams(store["a"].detach().numpy()[0], store["a"].grad.numpy()[0])["gradcam"]

@@ -18,6 +18,7 @@ import onnxsal
 from onnxsal.cli import main
 from onnxsal.errors import TargetError
 
+from hooks import kept
 from test_gradient_methods import ref_cams
 
 
@@ -27,14 +28,20 @@ def seg_net() -> nn.Module:
                          nn.Conv2d(8, 3, 1)).eval()
 
 
+def exported(net: nn.Module, path, output: str) -> str:
+    """``net`` written to ``path`` by the TorchScript exporter: input "image" (1, 3, 16, 16)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["image"], output_names=[output],
+                          opset_version=17, dynamo=False)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def seg(tmp_path_factory):
     net = seg_net()
     path = tmp_path_factory.mktemp("seg") / "seg.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["image"], output_names=["masks"],
-                          opset_version=17, dynamo=False)
+    exported(net, str(path), "masks")
     weights = np.zeros((3, 16, 16), np.float32)
     weights[1, 3:9, 5:12] = 1.0                      # class 1 inside a box
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
@@ -59,16 +66,10 @@ def with_score_head(model: onnx.ModelProto, weights: np.ndarray) -> onnx.ModelPr
 def test_gradients_and_cams_match_torch(seg):
     net, model, weights, x = seg
     ex = onnxsal.Explainer(model, "cpu", preprocess="raw")
-    store = {}
-
-    def keep(_, __, out):
-        out.retain_grad()
-        store["a"] = out
-
-    h = net[3].register_forward_hook(keep)
     xt = torch.tensor(x, requires_grad=True)
-    (net(xt) * torch.tensor(weights)).sum().backward()
-    h.remove()
+    with kept(net[3]) as store:
+        out = net(xt)
+    (out * torch.tensor(weights)).sum().backward()
     sal = ex.explain(x, "saliency", target=weights)
     np.testing.assert_allclose(sal.raw[0], xt.grad.abs().amax(dim=1)[0].numpy(), rtol=1e-4, atol=1e-6)
     assert sal.targets[0].label == "weights"
@@ -305,10 +306,7 @@ def test_a_single_map_scores_the_pixels_above_its_threshold(tmp_path, capsys, si
 
     net = BinarySeg(sigmoid, squeeze).eval()
     path = str(tmp_path / "binary.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), path, input_names=["image"], output_names=["mask"],
-                          opset_version=17, dynamo=False)
+    exported(net, path, "mask")
     ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
     assert ex.model.dense.classes == 1 and ex.model.dense.threshold == (0.5 if sigmoid else 0.0)
     assert ex.model.n_targets == 1 and ex.model.default_layer.shape == (8, 16, 16)
@@ -334,10 +332,7 @@ def test_a_single_map_scores_the_pixels_above_its_threshold(tmp_path, capsys, si
     # a map with no pixel above its threshold is scored whole, as a class that wins no pixel is
     with torch.no_grad():
         net.body[2].bias -= 50.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), path, input_names=["image"], output_names=["mask"],
-                          opset_version=17, dynamo=False)
+    exported(net, path, "mask")
     xt = torch.tensor(x, requires_grad=True)
     y = pixels(net(xt))
     assert not bool((y > (0.5 if sigmoid else 0.0)).any())
@@ -363,10 +358,7 @@ class TokensFromAColumn(nn.Module):
 
 def test_a_sequence_with_the_grid_s_numbers_is_no_map(tmp_path):
     path = str(tmp_path / "tokens.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(TokensFromAColumn().eval(), (torch.randn(1, 3, 16, 16),), path, input_names=["image"],
-                          output_names=["chars"], opset_version=17, dynamo=False)
+    exported(TokensFromAColumn().eval(), path, "chars")
     m = onnxsal.load(path)
     assert m.dense is None and m.num_classes == 16 * 16 and m.output == "chars"
 
@@ -391,10 +383,7 @@ def test_class_maps_permuted_last_behind_an_nchw_input(seg, tmp_path):
 
     _, model, _, x = seg
     path = str(tmp_path / "last.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(ClassesLast().eval(), (torch.randn(1, 3, 16, 16),), path, input_names=["image"],
-                          output_names=["masks"], opset_version=17, dynamo=False)
+    exported(ClassesLast().eval(), path, "masks")
     a = onnxsal.Explainer(with_bias(model, class_=2, delta=0.3), "cpu", preprocess="raw")
     last = onnx.load(path)
     conv = [n for n in last.graph.node if n.op_type == "Conv"][-1]
@@ -446,25 +435,15 @@ def test_the_default_layer_of_a_segmentation_head_is_no_class_map(tmp_path, skip
     the other's part: the default is the last map every pixel's score depends on."""
     net = LowResClasses(skip).eval()
     path = str(tmp_path / "lowres.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), path, input_names=["image"], output_names=["masks"],
-                          opset_version=17, dynamo=False)
+    exported(net, path, "masks")
     ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
     hooked = net.low if skip else net.head
     relu = next(n.output[0] for n in onnx.load(path).graph.node
                 if n.op_type == "Relu" and n.name.startswith("/low/" if skip else "/head/"))
     assert ex.model.default_layer.tensor == relu
     x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
-    store = {}
-
-    def keep(_, __, out):
-        out.retain_grad()
-        store["a"] = out
-
-    hook = hooked.register_forward_hook(keep)
-    out = net(torch.tensor(x))
-    hook.remove()
+    with kept(hooked) as store:
+        out = net(torch.tensor(x))
     predicted = out[0].argmax(dim=0)
     cls = int(torch.bincount(predicted.reshape(-1), minlength=3).argmax())
     (out[0, cls] * (predicted == cls)).sum().backward()

@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+# ops that pass one tensor's values on unchanged and in order, only viewed in another shape
+RESHAPES = frozenset({"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 # ops that move values without computing new ones
 MOVES = ("Identity", "Dropout", "Transpose", "Concat", "Split", "Slice", "Reshape", "Flatten", "Squeeze",
          "Unsqueeze", "ScatterND")
