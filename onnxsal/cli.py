@@ -107,6 +107,8 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
         out.print(f"  output    {esc(m.output)}  ({m.detection.describe()})")
     else:
         out.print(f"  output    {esc(m.output)}  ({m.num_classes} {'unit: binary classifier' if m.binary else 'classes'})")
+    if m.output_note:
+        out.print(f"            ({esc(m.output_note)})")
     act = f"before the final {m.activation}" if m.activation else "the output itself (no final activation found)"
     out.print(f"  logits    {esc(m.logits)}  ({act})")
     out.print(f"  preprocess {m.preprocess.describe() if m.preprocess else 'none in metadata (give --preprocess)'}")

@@ -318,6 +318,8 @@ class Explainer:
             notes.append(f"the model's {' and '.join(m.lifted_from)} tensors run in float32 here")
         if m.read_as:
             notes.append(m.read_as)
+        if m.output_note:
+            notes.append(m.output_note)
         if m.training:
             notes.append(f"the model was exported in training mode ({len(m.training)} BatchNormalization/Dropout "
                          "nodes): each image is scored as on its own, at batch 1; export after model.eval() to use "

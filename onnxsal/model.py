@@ -122,6 +122,7 @@ class Model:
     read_as: str = ""                        # how an integer, flat or channel-less input is read (graph/integer_input.py, image_input.py)
     one_image: tuple[str, ...] = ()          # ops of a batch-1 export that read across the batch (normalize.one_image_ops)
     fixed_batch: int = 0                     # the batch size the file fixes (0: free); onnxsal frees it
+    output_note: str = ""                    # how the scored tensor stands to the file's output, when not the output itself
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -390,6 +391,36 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
         if shape is not None and (int(np.prod([d for d in shape[1:] if d])) == 1 or len(shape) == 2):
             return node.input[0], "sigmoid"
     return output, None
+
+
+def _ranked_from(proto: onnx.ModelProto, output: str, shapes: dict) -> Optional[tuple[str, str]]:
+    """The (N, C) scores a TopK over the classes ranks, when ``output`` is its values, with a note.
+
+    Read as they are, the k values are k "classes" that name ranks: class 0 would be whichever class
+    came first in each image, a class index of k or more out of range. The ranked scores hold every
+    class in its own column, and their gradient at a listed class is the value's."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    t, node = output, producer.get(output)
+    while node is not None and node.op_type == "Identity":
+        t, node = node.input[0], producer.get(node.input[0])
+    if node is None or node.op_type != "TopK" or node.output[0] != t:
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+    shape = shapes.get(node.input[0], (0, None))[1] or shapes.get(output, (0, None))[1]    # the same rank
+    if shape is None or len(shape) != 2 or axis not in (-1, 1):
+        return None
+    shape = shapes.get(node.input[0], (0, None))[1]
+    if shape is None or shape[1] is None:     # a file without inferred shapes, or a reshape read at run time
+        from .graph.probe import probe_shapes
+
+        shape = probe_shapes(proto, [node.input[0]]).get(node.input[0], (0, None))[1]
+    if shape is None or shape[1] is None:
+        return None
+    largest = next((a.i for a in node.attribute if a.name == "largest"), 1)
+    k = shapes.get(output, (0, None))[1]
+    listed = f"the {'top' if largest else 'bottom'} {k[1] if k and k[1] else 'k'}"
+    return node.input[0], (f"{output} lists {listed} of {shape[1]} class scores (TopK {node.name or t!r}); "
+                           "onnxsal scores all of them, before the TopK")
 
 
 def _requantised(node: onnx.NodeProto, producer: dict) -> bool:
@@ -680,8 +711,13 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if head is None and pair is not None and graph_out in pair.beside:
         graph_out = pair.scores   # not its boxes when its confidences come in another output
     _refuse_detection_lists(light, graph_out, vi)
-    logits, activation = _find_logits(proto, graph_out)
     shapes = tensor_shapes(proto)
+    ranked = _ranked_from(proto, graph_out, shapes)
+    if ranked is not None:                     # a classifier's top-k values: its classes, not their ranks
+        graph_out, output_note = ranked
+    else:
+        output_note = ""
+    logits, activation = _find_logits(proto, graph_out)
     out_shape = shapes.get(logits, (0, None))[1]
     if out_shape is None or None in out_shape[1:]:
         proto = infer(proto)
@@ -741,4 +777,4 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes,
                  _find_layers(proto, image.size), spec, label_list, meta, aliases, dense, detection,
                  tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused), _activation_quantisers(light),
-                 tuple(qoperator), own, trained, "; ".join(read_as), one_image, fixed_batch)
+                 tuple(qoperator), own, trained, "; ".join(read_as), one_image, fixed_batch, output_note)
