@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 
 from .graph.columns import RESHAPES, ColumnTrace
+from .labelled import ClassBest
 from .preprocess import Preprocess, make_spec
 
 BOX_ROWS = 4
@@ -502,7 +503,7 @@ def find_detection_list(meta: dict, shape: Optional[tuple]) -> Optional[Detectio
                          fractions=rtdetr)
 
 
-Detection = Union[DetectionOutput, DetectionList, QueryOutput]
+Detection = Union[DetectionOutput, DetectionList, QueryOutput, ClassBest]
 
 
 def _value_outputs(node: onnx.NodeProto) -> list[str]:
@@ -520,6 +521,28 @@ def _value_outputs(node: onnx.NodeProto) -> list[str]:
                       onnx.TensorProto.BFLOAT16):
             return []
     return [o for o in node.output if o]
+
+
+LEARNED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "ConvInteger", "MatMulInteger", "QLinearConv",
+           "QLinearMatMul"}
+
+
+def score_maps(proto: onnx.ModelProto, scores: str) -> set[str]:
+    """The tensors a detector's scores are made from with no learned op between: its class maps
+    (a head conv's output, their sigmoid), and what an NMS list gathers beside them. A CAM there
+    weighs the scores by their own gradients, so a single-scale head's class map is no default layer."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    seen, todo = {scores}, [scores]
+    while todo:
+        t = todo.pop()
+        node = producer.get(t)
+        if node is None or node.op_type in LEARNED or t not in _value_outputs(node):
+            continue        # a shape or indices (a Shape of a backbone map, an NMS's picks) pass no values
+        for i in node.input:
+            if i and i not in seen:
+                seen.add(i)
+                todo.append(i)
+    return seen
 
 
 def dominating(proto: onnx.ModelProto, tensors: Sequence[str], source: str, target: str) -> Optional[str]:

@@ -51,6 +51,15 @@ class UnsupportedOpError(OnnxsalError):
         super().__init__(msg)
 
 
+class OpsetTooOldError(UnsupportedOpError):
+    """A rule's backward needs an op form of a later opset than the model's (a scatter that adds
+    repeated indices: opset 16). The autodiff then upgrades the model and builds again."""
+
+    def __init__(self, op_type: str, node_name: str, where: str, opset: int) -> None:
+        self.opset = opset
+        super().__init__(op_type, node_name, where)
+
+
 class DeviceError(OnnxsalError):
     """The requested execution device is not available."""
 

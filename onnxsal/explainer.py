@@ -17,6 +17,7 @@ from .context import Context
 from .engine import Engine, Target, make_targets
 from .errors import ImageError, TargetError
 from .detection import Detection, QueryOutput, ranked
+from .labelled import ClassBest
 from .model import DenseOutput, Layer, Model, load
 from .postprocess import finish, resize
 from .preprocess import Prepared, Preprocess, make_spec, prepare
@@ -292,7 +293,8 @@ class Explainer:
         acts: list = []
         boxes = None
         if not lazy:
-            extra = [m.detection.boxes] if isinstance(m.detection, QueryOutput) and m.detection.boxes else []  # box notes
+            extra = [m.detection.boxes] if isinstance(m.detection, (QueryOutput, ClassBest)) and m.detection.boxes \
+                else []  # box notes
             wanted = [m.logits, m.output] + extra + ([the_layer.tensor] if the_layer else [])
             logits, out, *acts = self.engine.outputs(prepared.tensor, wanted)   # one forward pass for all of them
             logits, out = logits.reshape(-1), out.reshape(-1)

@@ -22,6 +22,7 @@ from .graph.normalize import opset_of
 from .graph.surgery import rename_tensor
 from .graph.weights import attach
 from .detection import DetectionList, QueryOutput
+from .labelled import ClassBest
 from .model import Model, load
 
 EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam",
@@ -259,6 +260,8 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
 
     # cotangent: one-hot rows of the target (zeros for the clean rows when rows are stacked)
     dense, det = m.dense, m.detection
+    if isinstance(det, ClassBest):      # columns of classes, each picking its own detection in the graph
+        det = None
     width = dense.classes if dense is not None else det.width if isinstance(det, QueryOutput) else \
         det.rows if det is not None else m.num_classes
     depth = e.const([width], np.int64, "depth")

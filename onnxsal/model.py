@@ -19,7 +19,7 @@ import onnx
 
 from .dense import DenseOutput, find_dense, resized_from, squeezed_map, unsqueezed
 from .detection import (Detection, QueryOutput, add_anchor_scores, anchor_pair, dominating, find_anchor_rows,
-                        find_detection, find_detection_list, find_queries, ultralytics_metadata)
+                        find_detection, find_detection_list, find_queries, score_maps, ultralytics_metadata)
 from .errors import LayerError, MissingFileError, ModelError, SizeError
 from .graph.normalize import (FLOAT_TYPES, free_negative_dims, infer, normalize_traced, static_dims, tensor_shapes,
                               upgrade_opset, without_weight_data)
@@ -30,6 +30,7 @@ from .graph.image_input import as_image, needs_image_input
 from .graph.functions import inline as inline_functions
 from .graph.integer_input import as_real, integer_image_input, pixel_preprocess
 from .graph.training import as_scored_alone, training_ops
+from .labelled import add_class_best, labelled_lists
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.qoperator import qoperator_ops, to_qdq
 from .graph.simplify import constants
@@ -145,6 +146,9 @@ class Model:
         scores = resized_from(self.light, self.logits) if d is not None else set()
         inner = [la for la in self.layers if la.tensor not in (self.logits, self.output) and tuple(la.shape) != maps
                  and la.tensor in feeding and not (la.tensor in scores and la.shape[0] == d.classes)]
+        if self.detection is not None:          # a single-scale head's class maps are the scores too
+            made = score_maps(self.light, self.logits)
+            inner = [la for la in inner if la.tensor not in made]
         if (self.detection is not None or d is not None) and inner:
             # the last map that every anchor's score, or every pixel's, depends on: a detector's heads
             # read several scales, a segmentation head a skip branch (LR-ASPP, a U-Net's decoder)
@@ -710,8 +714,13 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     pair = anchor_pair(proto, tensor_shapes(proto))    # an SSD-style head's confidences and boxes
     if head is None and pair is not None and graph_out in pair.beside:
         graph_out = pair.scores   # not its boxes when its confidences come in another output
-    _refuse_detection_lists(light, graph_out, vi)
     shapes = tensor_shapes(proto)
+    lists = labelled_lists(proto, shapes)          # final detections: scores beside their class indices
+    listed = None
+    if lists is not None and (head is None or head in lists.outputs):
+        listed, graph_out = add_class_best(proto, lists)
+        shapes = tensor_shapes(proto)
+    _refuse_detection_lists(light, graph_out, vi)
     ranked = _ranked_from(proto, graph_out, shapes)
     if ranked is not None:                     # a classifier's top-k values: its classes, not their ranks
         graph_out, output_note = ranked
@@ -739,7 +748,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         out_shape = (out_shape[0], 1, *out_shape[1:]) if layout == "NCHW" else (*out_shape, 1)
     num_classes = int(np.prod(out_shape[1:]))
     dense = find_dense(proto, logits, tuple(out_shape), layout, hw)      # a map per class (dense.py)
-    detection = None if dense is not None else \
+    detection = listed if listed is not None else None if dense is not None else \
         find_detection(proto, logits, shapes) or find_detection_list(meta, tuple(out_shape)) or \
         find_queries(proto, logits, tuple(out_shape), shapes, side.model_type)
     if detection is None and dense is None:       # YOLOv5-style anchors: the confidences, added to the graph

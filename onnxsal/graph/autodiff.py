@@ -26,9 +26,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import LayerError, UnsupportedOpError
+from ..errors import LayerError, OpsetTooOldError, UnsupportedOpError
 from . import functions, recurrent
-from .normalize import FLOAT_TYPES, normalize, opset_of
+from .normalize import FLOAT_TYPES, normalize, opset_of, upgrade_opset
 from .simplify import Folder
 from .surgery import FreshNames, op_key
 from . import weights
@@ -562,13 +562,31 @@ def vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[M
         outputs: Sequence[str] = (), simplify: bool = True) -> onnx.ModelProto:
     """Model computing ``y``, the tensors in ``outputs`` and d<grad_y, y>/d x for every x in ``wrt``.
 
-    The returned graph takes the original inputs plus ``grad_<y>`` (the
-    cotangent, shaped like ``y``) and outputs ``y``, then ``outputs``, then
-    ``grad_<x>`` per ``wrt`` entry.  ``rules`` replaces registered rules for
-    this call only (Guided Backprop swaps the Relu rule).  ``simplify`` folds
-    BatchNorm into Conv and drops Identity/Dropout first, which roughly halves
+    The returned graph takes the original inputs plus ``grad_<y>`` (the cotangent, shaped like
+    ``y``) and outputs ``y``, then ``outputs``, then ``grad_<x>`` per ``wrt`` entry. ``rules``
+    replaces registered rules for this call only (Guided Backprop swaps the Relu rule).
+    ``simplify`` folds BatchNorm into Conv and drops Identity/Dropout first, which roughly halves
     backward cost on ResNet-style models without changing any kept tensor.
+
+    A model whose backward needs a later opset's op form (a Gather at indices computed at run
+    time, as after a NonMaxSuppression, is adjoint to a scatter that adds repeats: opset 16) is
+    upgraded to that opset, and only then: every other model keeps its own.
     """
+    try:
+        return _vjp(model, y, wrt, rules=rules, outputs=outputs, simplify=simplify)
+    except OpsetTooOldError as exc:
+        if opset_of(model) >= exc.opset:
+            raise
+        try:
+            upgraded = upgrade_opset(model, exc.opset)
+        except Exception:
+            raise exc from None
+        return _vjp(upgraded, y, wrt, rules=rules, outputs=outputs, simplify=simplify)
+
+
+def _vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[Mapping[str, Rule]] = None,
+         outputs: Sequence[str] = (), simplify: bool = True) -> onnx.ModelProto:
+    """``vjp`` at the model's own opset."""
     from . import rules as _load_rules  # noqa: F401  (registers the rules)
 
     wrt = list(wrt)
@@ -715,7 +733,8 @@ def _probe_unknown_ranks(model: onnx.ModelProto, b: _Builder, nodes: Sequence[on
         s = b.shape(t)
         return s is None or any(d is None for d in s[1:])
 
-    unknown = [t for node in nodes for t in [*(i for i in node.input if i in live), *node.output] if t and lost(t)]
+    # every input, not only the differentiated ones: a Gather's rule needs its run-time indices' rank
+    unknown = list(dict.fromkeys(t for node in nodes for t in [*node.input, *node.output] if t and lost(t)))
     if not unknown:
         return
     from .probe import probe_shapes, type_proto

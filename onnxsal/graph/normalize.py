@@ -33,14 +33,15 @@ def opset_of(model: onnx.ModelProto) -> int:
     return 1
 
 
-def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Old opsets flatten Softmax to 2-D and pass axes as attributes; lift them once here."""
-    if opset_of(model) >= MIN_OPSET:
+def upgrade_opset(model: onnx.ModelProto, to: int = MIN_OPSET) -> onnx.ModelProto:
+    """Old opsets flatten Softmax to 2-D and pass axes as attributes; lift them once here (to a
+    later opset where a gradient needs one of its op forms)."""
+    if opset_of(model) >= to:
         return model
     try:
-        out = version_converter.convert_version(_standard_ops(model), MIN_OPSET)
+        out = version_converter.convert_version(_standard_ops(model), to)
     except Exception as exc:  # the converter raises bare RuntimeErrors
-        raise ModelError(f"model uses opset {opset_of(model)} and could not be upgraded to {MIN_OPSET}: {exc}") from exc
+        raise ModelError(f"model uses opset {opset_of(model)} and could not be upgraded to {to}: {exc}") from exc
     out.ir_version = max(out.ir_version, 7)    # opset 13's: the weights need not be inputs (normalize drops them)
     return out
 

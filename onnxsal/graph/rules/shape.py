@@ -14,7 +14,7 @@ from typing import Optional, Union
 import numpy as np
 from onnx import TensorProto
 
-from ...errors import UnsupportedOpError
+from ...errors import OpsetTooOldError, UnsupportedOpError
 from ..autodiff import INT64_MAX, RuleContext, vjp_rule
 
 Grads = list
@@ -25,6 +25,11 @@ BIG = 2 ** 62           # ends at or beyond this are "to the end" (INT64_MAX); s
 
 def _unsupported(ctx: RuleContext, why: str) -> UnsupportedOpError:
     return UnsupportedOpError(ctx.node.op_type, ctx.node.name, f"({why})")
+
+
+def _needs_16(ctx: RuleContext, why: str) -> OpsetTooOldError:
+    """Scatters add up repeated indices from opset 16: the autodiff upgrades the model then."""
+    return OpsetTooOldError(ctx.node.op_type, ctx.node.name, f"({why})", 16)
 
 
 def _dim(ctx: RuleContext, x: str, axis: int) -> Dim:
@@ -394,7 +399,7 @@ def _scatter_runtime(ctx: RuleContext, g: str, x: str, axis: int, flat: Union[np
     tensor name when computed at run time, which may repeat, so those always add up)."""
     unique = not isinstance(flat, str) and len(np.unique(flat)) == len(flat)
     if not unique and ctx.opset < 16:
-        raise _unsupported(ctx, "repeated or run-time Gather indices on this axis need opset 16 to add up")
+        raise _needs_16(ctx, "repeated or run-time Gather indices on this axis need opset 16 to add up")
     perm = [axis] + [a for a in range(r) if a != axis]
     inv = [int(v) for v in np.argsort(perm)]
     front = (lambda t: t) if axis == 0 else (lambda t: ctx.op("Transpose", [t], perm=perm))
@@ -679,11 +684,11 @@ def gather_elements(ctx: RuleContext, gy: Grads) -> Grads:
     else:
         idx = ctx.const_value(ind)
         if idx is None:
-            raise _unsupported(ctx, "indices computed at run time need opset >= 16 to add up repeats")
+            raise _needs_16(ctx, "indices computed at run time need opset >= 16 to add up repeats")
         dim = (ctx.shape(x) or [None] * idx.ndim)[axis]
         moved = np.moveaxis(np.where(idx < 0, idx + (dim or 0), idx), axis, -1).reshape(-1, idx.shape[axis])
         if any(len(np.unique(row)) != row.size for row in moved):
-            raise _unsupported(ctx, "repeated indices need opset >= 16 to add up")
+            raise _needs_16(ctx, "repeated indices need opset >= 16 to add up")
     return [ctx.op("ScatterElements", [ctx.zeros_like(x), ind, gy[0]], **attrs), None]
 
 
@@ -724,6 +729,6 @@ def gather_nd(ctx: RuleContext, gy: Grads) -> Grads:
     if int(ctx.attr("batch_dims", 0)):
         raise _unsupported(ctx, "GatherND with batch_dims")
     if ctx.opset < 16:
-        raise _unsupported(ctx, "GatherND needs opset >= 16 to add up repeated indices")
+        raise _needs_16(ctx, "GatherND needs opset >= 16 to add up repeated indices")
     x, ind = ctx.inputs[:2]
     return [ctx.op("ScatterND", [ctx.zeros_like(x), ind, gy[0]], reduction="add"), None]
