@@ -567,7 +567,7 @@ def _find_layers(proto: onnx.ModelProto, size: tuple[int, int]) -> list[Layer]:
     return layers
 
 
-def _scored_output(proto: onnx.ModelProto, head: Optional[str] = None) -> str:
+def _scored_output(proto: onnx.ModelProto, head: Optional[str] = None, layout: str = "NCHW") -> str:
     """``head`` when given (a multi-task model's outputs), else the first floating-point output:
     classifiers often list an integer label (an ArgMax) first. A full-integer model (a TFLite
     export) quantises its scores: such an output is scored at the float values it quantises."""
@@ -588,9 +588,31 @@ def _scored_output(proto: onnx.ModelProto, head: Optional[str] = None) -> str:
         inner = _quantised_from(proto, vi.name)
         if inner is not None:
             return inner
+    for vi in proto.graph.output:
+        picked = _argmax_from(proto, vi.name, layout)
+        if picked is not None:
+            return picked
     names = ", ".join(f"{vi.name} ({onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name})"
                       for vi in proto.graph.output)
     raise ModelError(f"the model has no floating-point output to score; its outputs: {names}")
+
+
+def _argmax_from(proto: onnx.ModelProto, output: str, layout: str) -> Optional[str]:
+    """The scores an integer ``output`` is the ArgMax of over their class axis (a file that outputs
+    only its label, or a segmentation mask): every class has its own column there. None for an
+    ArgMax over another axis: a keypoint model's peak positions over its flattened heatmaps, (N, K,
+    h·w), name no class, nor do a recogniser's characters per step tell them apart from those."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    node = producer.get(output)
+    while node is not None and node.op_type in ("Identity", "Cast", "Squeeze", "Unsqueeze"):
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "ArgMax":
+        return None
+    rank = len(tensor_shapes(infer(proto)).get(node.input[0], (0, ()))[1] or ())
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    channels = (3, -1) if layout == "NHWC" else (1,)
+    classes = {2: (1, -1), 4: channels}.get(rank, ())      # (N, C), a map per class
+    return node.input[0] if axis in classes else None
 
 
 def _refuse_detection_lists(proto: onnx.ModelProto, output: str, image: onnx.ValueInfoProto) -> None:
@@ -710,7 +732,10 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
 
     proto, across = normalize_traced(light)
     one_image = tuple(across)
-    graph_out = _scored_output(proto, head)
+    graph_out = _scored_output(proto, head, layout)
+    outputs = [vi.name for vi in proto.graph.output]
+    argmaxed = None if graph_out in outputs else \
+        next((o for o in outputs if _argmax_from(proto, o, layout) == graph_out), None)
     pair = anchor_pair(proto, tensor_shapes(proto))    # an SSD-style head's confidences and boxes
     if head is None and pair is not None and graph_out in pair.beside:
         graph_out = pair.scores   # not its boxes when its confidences come in another output
@@ -760,6 +785,10 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         detection = pair.reading()                # SSD-style anchors: the probabilities, beside the boxes
         logits, activation, num_classes = graph_out, None, detection.queries * detection.width
 
+    if argmaxed is not None:                  # only the prediction was an output: the scores it picks from
+        count = dense.classes if dense is not None else num_classes
+        output_note = (f"{argmaxed} is the ArgMax of {count} class scores ({graph_out}); onnxsal scores them, "
+                       "every class its own")
     label_list = list(labels) if labels else None
     if label_list is None and META_LABELS in meta:
         try:

@@ -285,8 +285,15 @@ def test_an_integer_label_output_listed_first_is_not_scored():
     only_label.graph.node.append(helper.make_node("ArgMax", ["probs"], ["label"], axis=1, keepdims=0))
     del only_label.graph.output[:]
     only_label.graph.output.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
+    m = load(only_label)                         # the label alone: the scores its ArgMax picks from
+    assert (m.output, m.logits, m.num_classes) == ("probs", "logits", 3)
+    assert m.output_note.startswith("label is the ArgMax of 3 class scores (probs)")
+    rounded = tiny.conv_net()                    # integers that are no ArgMax's pick name no class
+    rounded.graph.node.append(helper.make_node("Cast", ["probs"], ["label"], to=TensorProto.INT64))
+    del rounded.graph.output[:]
+    rounded.graph.output.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["N", 3]))
     with pytest.raises(ModelError, match=r"no floating-point output to score; its outputs: label \(int64\)"):
-        load(only_label)
+        load(rounded)
 
 
 def test_weights_in_an_external_file(tmp_path):
