@@ -183,13 +183,17 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
 
 
 def displayable(img: Image.Image, what: str = "the image") -> Image.Image:
-    """RGB, L, or F on the 0-255 scale: alpha flattened onto white, deep greyscale as `_grey_levels`."""
+    """RGB, L, or F on the 0-255 scale: alpha flattened onto white (``info["flattened"]`` says when
+    a pixel was transparent at all), greyscale with alpha still greyscale, deep greyscale as
+    `_grey_levels`."""
     if img.mode.startswith(("I", "F")):
         return _grey_levels(img, what)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        grey = img.mode == "LA"
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
+        img = Image.alpha_composite(white, rgba).convert("L" if grey else "RGB")
+        img.info["flattened"] = rgba.getchannel("A").getextrema()[0] < 255
     if img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     return img
@@ -268,6 +272,8 @@ def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Opti
         raise ImageError("the model carries no preprocessing metadata; give --preprocess (imagenet, caffe, tf, unit, raw) "
                          "or explicit --mean/--std/--scale")
     grey = img.mode in ("L", "F")
+    if img.info.get("flattened"):
+        notes.append("flattened the image's transparent pixels onto white")
     if img.mode == "F":
         notes.append("read the image's full depth and scaled it to 0-255")
     if channels == 1 and not grey:

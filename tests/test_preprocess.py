@@ -59,6 +59,28 @@ def test_formats_orientation_alpha_and_grayscale(tmp_path):
     assert prep.tensor.shape == (1, 3, 4, 5) and "RGB" in prep.notes[0]
 
 
+def test_transparency_is_flattened_onto_white_and_said(tmp_path):
+    """pytorch-grad-cam's recipes drop the alpha channel and keep whatever colour a transparent pixel
+    holds; onnxsal puts it on white, and says so when some pixel is transparent."""
+    p = pixels()
+    alpha = np.full((4, 5), 255, np.uint8)
+    alpha[1:3, 1:4] = 0
+    spec = Preprocess.from_preset("raw").fitted("NCHW", (4, 5), 3)
+    Image.fromarray(np.dstack([p, alpha]), "RGBA").save(tmp_path / "cut.png")
+    prep = prepare(tmp_path / "cut.png", spec, layout="NCHW", channels=3, size=(4, 5))
+    want = np.where(alpha[..., None] == 0, 255, p).transpose(2, 0, 1).astype(np.float32)
+    np.testing.assert_array_equal(prep.tensor[0], want)
+    assert prep.notes == ["flattened the image's transparent pixels onto white"]
+    Image.fromarray(np.dstack([p, np.full((4, 5), 255, np.uint8)]), "RGBA").save(tmp_path / "opaque.png")
+    assert prepare(tmp_path / "opaque.png", spec, layout="NCHW", channels=3, size=(4, 5)).notes == []
+    grey = Image.fromarray(np.dstack([p[..., 0], alpha]), "LA")
+    grey.save(tmp_path / "grey.png")
+    prep = prepare(tmp_path / "grey.png", spec, layout="NCHW", channels=3, size=(4, 5))
+    assert prep.notes == ["flattened the image's transparent pixels onto white",
+                          "converted the grayscale image to RGB for this 3-channel model"]
+    np.testing.assert_array_equal(prep.tensor[0, 0], np.where(alpha == 0, 255, p[..., 0]))
+
+
 def test_an_animation_or_a_stack_reads_its_first_frame_and_says_so(tmp_path):
     p = pixels()
     spec = Preprocess.from_preset("unit").fitted("NCHW", (4, 5), 3)
