@@ -272,3 +272,15 @@ def test_outputs_without_declared_dims_are_matched_by_a_run(tmp_path):
     onnx.save(model, str(tmp_path / "bare.onnx"))
     m = onnxsal.load(str(tmp_path / "bare.onnx"), preprocess=None)
     assert isinstance(m.detection, ClassBest) and m.detection.source.startswith("column 4 of dets by labels")
+
+
+def test_faithfulness_reads_the_class_s_best_kept_score(det):
+    """Deletion and insertion read the class's best kept score in each image, not a softmax of the
+    per-class scores."""
+    from onnxsal.evaluate.faithfulness import probabilities as faithful
+
+    layout, net, path, x = det
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    with torch.no_grad():
+        best = net.head(torch.tensor(x))[0][:, :, 1].max(dim=1).values.numpy()
+    np.testing.assert_allclose(faithful(ex, x, 1), best, rtol=1e-5)
