@@ -48,6 +48,7 @@ class Explanation:
     labels: Optional[list] = field(default=None, repr=False)
     dense: Optional[DenseOutput] = field(default=None, repr=False)   # per-pixel models
     detection: Optional[Detection] = field(default=None, repr=False)   # detectors
+    probability: bool = False    # a single unit through a sigmoid: class 0 scores 1 - p, not -p
 
     @property
     def map(self) -> np.ndarray:
@@ -64,6 +65,10 @@ class Explanation:
             values, order = class_shares(self.dense, self.scores)
         elif self.detection is not None:        # the classes it found, by their best box
             values, order = ranked(self.detection, self.scores)
+        elif self.scores.size == 1:             # a single unit: class 1 is its value, class 0 the other side
+            v = float(self.scores.reshape(-1)[0])
+            values = np.array([1.0 - v if self.probability else -v, v])
+            order = np.argsort(-values, kind="stable")
         else:
             values, order = self.scores, np.argsort(-self.scores, kind="stable")
         order = order[:k]
@@ -93,7 +98,7 @@ class Explanation:
             return value
         row = self.scores.reshape(-1)
         if len(row) == 1:  # binary single unit
-            return float(row[0] if t.index == 1 else (1 - row[0] if 0 <= row[0] <= 1 else -row[0]))
+            return float(row[0] if t.index == 1 else (1 - row[0] if self.probability else -row[0]))
         return float(row[t.index])
 
     def method_summary(self) -> dict:
@@ -351,4 +356,4 @@ class Explainer:
         return Explanation(maps, raw, targets, spec.name, settings, the_layer.tensor if the_layer else None,
                            out, logits, seconds, prepared.name, prepared.display, notes, ctx.info,
                            m.path, m.input.size, m.labels if not m.binary else (m.labels or ["0", "1"]), m.dense,
-                           m.detection)
+                           m.detection, m.binary and m.activation == "sigmoid")
