@@ -271,7 +271,11 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         hot_row = e.op("Add", [rows_target, e.const(det.first, np.int64)])
     else:
         hot_row = rows_target
-    onehot = e.op("OneHot", [hot_row, depth, e.const([0.0, 1.0])], axis=-1)
+    if m.binary and dense is None and det is None:     # one unit: class 1 scores +logit, class 0 -logit
+        sign = e.op("Sub", [e.op("Mul", [e.op("Cast", [rows_target], to=TensorProto.FLOAT), e.const(2.0)]), e.const(1.0)])
+        onehot = e.op("Unsqueeze", [sign, e.const([1], np.int64)])
+    else:
+        onehot = e.op("OneHot", [hot_row, depth, e.const([0.0, 1.0])], axis=-1)
     n_img = e.op("Gather", [e.op("Shape", [target]), e.const(0, np.int64)])
     if clean is not None:
         n_rows = e.op("Gather", [e.op("Shape", [rows_target]), e.const(0, np.int64)])

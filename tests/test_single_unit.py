@@ -45,3 +45,29 @@ def test_top_names_each_side_with_its_own_score(sigmoid, bias, tmp_path):
     assert summary["top"][0]["label"] == want[0]["label"]
     both = onnxsal.Explainer(path, "cpu", preprocess="raw", labels=["cat", "dog"]).explain(x, "saliency", [0, 1])
     np.testing.assert_allclose([both._score_of(t) for t in both.targets], [other, v], rtol=1e-5, atol=1e-6)  # titles
+
+
+@pytest.mark.parametrize("sigmoid", [True, False], ids=["sigmoid", "logit"])
+def test_the_exported_graph_scores_either_side(sigmoid, tmp_path):
+    """Its cotangent was a one-hot over one unit: class 1 got none (an empty map) and class 0
+    scored +logit."""
+    import onnxruntime as ort
+
+    from onnxsal.export import export
+
+    path = str(tmp_path / "unit.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(unit_net(sigmoid, 0.5), torch.randn(1, 3, 8, 8), path, input_names=["x"], output_names=["y"],
+                          dynamo=False, dynamic_axes={"x": {0: "n"}})
+    x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    targets = np.array([1, 0], np.int64)
+    for method in ("saliency", "gradcam", "ig"):
+        sess = ort.InferenceSession(export(path, method).SerializeToString())
+        _, maps = sess.run(["logits", "map"], {"x": x, "target": targets})
+        wants = [ex.explain(x[k:k + 1], method, int(targets[k]), **({"steps": 32} if method == "ig" else {})).map
+                 for k in range(2)]
+        assert all(w.max() > 0 for w in wants) or method == "gradcam" and max(w.max() for w in wants) > 0
+        for k in range(2):         # one side's Grad-CAM may be negative everywhere: all zero after its ReLU
+            np.testing.assert_allclose(maps[k], wants[k], atol=1e-5, err_msg=f"{method} image {k}")
