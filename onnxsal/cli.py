@@ -163,6 +163,8 @@ def explain(
     top_k: int = typer.Option(1, "--top-k", "-k", help="explain the K highest-scoring classes"),
     target_weights: Optional[str] = typer.Option(None, "--target-weights",
                                                  help=".npy of weights shaped like one output row: score = sum(w * output)"),
+    like: Optional[str] = typer.Option(None, "--like", help="reference image (or .npy of its output vector): score "
+                                       "= cosine similarity of each image's output to it (embedding models)"),
     layer: Optional[str] = O.LAYER,
     out_dir: str = O.OUT_DIR,
     score: str = O.SCORE,
@@ -200,6 +202,10 @@ def explain(
         if target:
             raise TargetError("give --target or --target-weights, not both")
         targets = _weights(target_weights)
+    if like is not None:
+        if target_weights is not None:
+            raise TargetError("give --like or --target-weights, not both")
+        ex = ex.like(_reference(like))
     results = []
     with Progress(console=err, transient=True, disable=quiet) as bar:
         task = bar.add_task("explaining", total=len(images) * len(specs))
@@ -247,6 +253,16 @@ def explain(
             if (res.name, note) not in noted:
                 noted.add((res.name, note))
                 out.print(f"  note: {esc(note)}", style="dim")
+
+
+def _reference(path: str):
+    """``--like``: an image file, or a .npy holding an output vector (1-D) or a preprocessed input."""
+    if not path.lower().endswith(".npy"):
+        return path
+    from .preprocess import read_npy
+
+    a = read_npy(path, "reference", TargetError)
+    return a.reshape(-1) if a.ndim <= 2 and a.dtype.kind == "f" and (a.ndim == 1 or a.shape[0] == 1) else path
 
 
 def _weights(path: str) -> "np.ndarray":

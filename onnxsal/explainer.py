@@ -202,6 +202,30 @@ class Explainer:
         (out,) = self.engine.outputs(p.tensor, [self.model.output])
         return out.reshape(-1)
 
+    def like(self, reference: Union[ImageLike, Prepared, np.ndarray]) -> "Explainer":
+        """An explainer of how alike an input is to ``reference``: its score is the cosine
+        similarity of the two images' outputs (an embedding model's vectors), target "similarity"
+        (1) or "dissimilarity" (0, its negative), by default the one its sign says. ``reference``
+        is an image (file, array, PIL image) or a 1-D vector of the output's width (an embedding
+        kept from before). pytorch-grad-cam's ``SimilarityToConceptTarget``."""
+        from .similarity import reference_vector, with_similarity
+
+        m = self.model
+        if isinstance(reference, np.ndarray) and reference.ndim == 1:
+            vector, what = reference_vector(reference, m.num_classes, "the reference vector"), "the reference vector"
+        else:
+            row = self.predict(reference)
+            name = os.path.basename(os.fspath(reference)) if isinstance(reference, (str, os.PathLike)) else \
+                "the reference image"
+            vector, what = reference_vector(row, row.size, name), f"{name}'s"
+        proto, head = with_similarity(m.proto, m.output, vector)
+        other = Explainer(proto, self.runtime.requested, preprocess=m.preprocess, size=m.input.size,
+                          labels=["dissimilarity", "similarity"], batch_size=self.engine.batch_size, head=head,
+                          memory_mb=self.runtime.memory_mb, threads=self.runtime.threads)
+        other.model.output_note = (f"scored the cosine similarity of output {m.output!r} to {what}"
+                                   + (" output" if what.endswith("'s") else ""))
+        return other
+
     def targets(self, scores: np.ndarray, target: Union[int, str, Sequence[Union[int, str]], np.ndarray, None],
                 top_k: int, score: str) -> list[Target]:
         m = self.model

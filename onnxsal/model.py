@@ -30,11 +30,11 @@ from .graph.image_input import as_image, needs_image_input
 from .graph.functions import inline as inline_functions
 from .graph.integer_input import as_real, integer_image_input, pixel_preprocess
 from .graph.training import as_scored_alone, training_ops
-from .labelled import add_class_best, labelled_lists
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.qoperator import qoperator_ops, to_qdq
 from .graph.simplify import constants
 from .graph.weights import WeightStore, attach, detach
+from .labelled import add_class_best, labelled_lists
 from .preprocess import Preprocess
 from .sidecar import Sidecar, read_sidecar
 

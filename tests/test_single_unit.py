@@ -2,7 +2,6 @@
 through its sigmoid or as a raw logit. ``top`` and the JSON summary listed the unit as "class 0"
 with class 1's score, whatever the model said."""
 
-import json
 import warnings
 
 import numpy as np
@@ -11,7 +10,6 @@ import torch
 from torch import nn
 
 import onnxsal
-from onnxsal.cli import main
 
 
 def unit_net(sigmoid: bool, bias: float) -> nn.Module:

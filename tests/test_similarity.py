@@ -1,0 +1,176 @@
+"""How alike two images are to an embedding model: the cosine similarity of their outputs,
+pytorch-grad-cam's ``SimilarityToConceptTarget``, added to the graph as a score of its own.
+
+Maps are checked against torch.autograd of ``torch.nn.functional.cosine_similarity`` of the two
+embeddings, and against the CAM formulas on PyTorch's activations and gradients, on two networks.
+"""
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import onnxsal
+from onnxsal.cli import main
+from onnxsal.errors import TargetError
+
+from hooks import kept
+from test_gradient_methods import ref_cams
+
+DIM = 16
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                                  nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, DIM))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class Residual(nn.Module):
+    """A BatchNorm residual block, and an embedding the exporter leaves (N, DIM, 1, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.body = nn.ReLU()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, DIM, 1))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(self.body(h + self.block(h)))
+
+
+NETS = {"plain": Plain, "residual": Residual}
+
+
+@pytest.fixture(scope="module", params=list(NETS))
+def embedder(request, tmp_path_factory):
+    torch.manual_seed(6)
+    net = NETS[request.param]().eval()
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    path = str(tmp_path_factory.mktemp(request.param) / "embed.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.randn(1, 3, 16, 16), path, input_names=["image"], output_names=["embedding"],
+                          opset_version=13, dynamo=False, dynamic_axes={"image": {0: "n"}})
+    rng = np.random.default_rng(6)
+    x, ref = rng.standard_normal((2, 2, 3, 16, 16)).astype(np.float32)
+    return request.param, net, path, x, ref
+
+
+def embed(net, ref) -> torch.Tensor:
+    """``ref``'s embedding, a constant (as the reference is to onnxsal)."""
+    with torch.no_grad():
+        return net(torch.tensor(ref)).flatten(1)
+
+
+def cosine(net, x, ref):
+    """The similarity of ``x``'s embedding to ``ref``'s (an image, or its embedding)."""
+    r = ref if isinstance(ref, torch.Tensor) else embed(net, ref)
+    return torch.nn.functional.cosine_similarity(net(x).flatten(1), r)
+
+
+def test_saliency_and_cams_match_torch_autograd_of_the_cosine_similarity(embedder):
+    kind, net, path, x, ref = embedder
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw").like(ref[:1])
+    layer = net.body[-1] if kind == "plain" else net.body
+    xt, r = torch.tensor(x[:1], requires_grad=True), embed(net, ref[:1])
+    with kept(layer) as store:
+        c = cosine(net, xt, r)
+    c.sum().backward()
+    g = xt.grad.numpy()[0]
+    res = ex.explain(x[:1], "saliency")
+    assert res.targets[0].label == "similarity" and res.targets[0].index == 1
+    np.testing.assert_allclose(res.raw[0], np.abs(g).max(axis=0), rtol=1e-4, atol=1e-6 * np.abs(g).max())
+    np.testing.assert_allclose(res.top(1)[0]["score"], float(c.detach()), rtol=1e-5)
+    expected = ref_cams(store["a"].detach().numpy()[0], store["a"].grad.numpy()[0])
+    for name in ("gradcam", "gradcam++", "layercam", "xgradcam"):
+        got = ex.explain(x[:1], name, "similarity").raw[0]
+        np.testing.assert_allclose(got, expected[name], rtol=1e-3, atol=1e-4 * np.abs(expected[name]).max() + 1e-12,
+                                   err_msg=f"{kind} {name}")
+    assert ex.model.default_layer.tensor == next(n.output[0] for n in reversed(onnx.load(path).graph.node)
+                                                 if n.op_type == "Relu")
+
+
+def test_a_reference_vector_gives_the_reference_image_s_maps(embedder):
+    kind, net, path, x, ref = embedder
+    base = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    vector = base.predict(ref[:1])
+    a = base.like(ref[:1]).explain(x[:1], "gradcam")
+    b = base.like(vector).explain(x[:1], "gradcam")
+    np.testing.assert_allclose(a.raw, b.raw, rtol=1e-5, atol=1e-7)
+    assert b.notes[-1] == "scored the cosine similarity of output 'embedding' to the reference vector"
+
+
+def test_integrated_gradients_are_complete_on_the_similarity(embedder):
+    kind, net, path, x, ref = embedder
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw").like(ref[:1])
+    with torch.no_grad():
+        change = float(cosine(net, torch.tensor(x[:1]), ref[:1]) - cosine(net, torch.zeros(1, 3, 16, 16), ref[:1]))
+    res = ex.explain(x[:1], "ig", "similarity", steps=512)
+    assert abs(res.info["completeness_gap"][0]) < 2e-3 * abs(change) + 1e-6, (res.info["completeness_gap"], change)
+
+
+def test_each_image_of_a_batch_scores_its_own_similarity_and_export_agrees(embedder):
+    import onnxruntime as ort
+
+    from onnxsal.export import export
+
+    kind, net, path, x, ref = embedder
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw").like(ref[:1])
+    results = ex.explain_batch(x, "saliency", targets="similarity")
+    sess = ort.InferenceSession(export(ex.model, "saliency").SerializeToString())
+    scores, maps = sess.run(["logits", "map"], {"image": x, "target": np.array([1, 1], np.int64)})
+    for k in range(2):
+        xt = torch.tensor(x[k:k + 1], requires_grad=True)
+        cosine(net, xt, ref[:1]).sum().backward()
+        g = np.abs(xt.grad.numpy()[0]).max(axis=0)
+        np.testing.assert_allclose(results[k].raw[0], g, rtol=1e-4, atol=1e-6 * g.max())
+        np.testing.assert_allclose(maps[k], results[k].map, atol=1e-5)
+        np.testing.assert_allclose(scores[k, 0], float(cosine(net, torch.tensor(x[k:k + 1]), ref[:1])), rtol=1e-5)
+
+
+def test_bad_references_are_refused(embedder):
+    kind, net, path, x, ref = embedder
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    with pytest.raises(TargetError, match="holds 5 values; the model's output per image holds 16"):
+        ex.like(np.ones(5, np.float32))
+    with pytest.raises(TargetError, match="finite and not all zero"):
+        ex.like(np.zeros(DIM, np.float32))
+
+
+def test_cli_explains_how_alike_two_images_are(embedder, tmp_path, capsys):
+    from PIL import Image
+
+    kind, net, path, x, ref = embedder
+    rng = np.random.default_rng(1)
+    for name in ("probe", "ref"):
+        Image.fromarray(rng.uniform(0, 255, (16, 16, 3)).astype(np.uint8)).save(tmp_path / f"{name}.png")
+    assert main(["explain", path, str(tmp_path / "probe.png"), "--like", str(tmp_path / "ref.png"),
+                 "--preprocess", "unit", "-o", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "probe.json").read_text())
+    x, r = (np.asarray(Image.open(tmp_path / f"{n}.png"), np.float32).transpose(2, 0, 1)[None] / 255
+            for n in ("probe", "ref"))
+    with torch.no_grad():
+        want = float(cosine(net, torch.tensor(x), r))
+    assert summary["top"][0]["label"] == "similarity"
+    np.testing.assert_allclose(summary["top"][0]["score"], want, rtol=1e-4)
+    assert "scored the cosine similarity of output 'embedding' to ref.png's output" in summary["notes"]
+    np.save(tmp_path / "short.npy", np.ones(3, np.float32))
+    assert main(["explain", path, str(tmp_path / "probe.png"), "--like", str(tmp_path / "short.npy"),
+                 "--preprocess", "unit", "-o", str(tmp_path / "out")]) == 2
+    assert "holds 3 values" in capsys.readouterr().err
