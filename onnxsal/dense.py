@@ -45,6 +45,21 @@ class DenseOutput:
             return maps > self.threshold
         return np.arange(self.classes)[:, None] == maps.argmax(axis=0)[None, :]
 
+    def probability(self, maps: np.ndarray, cls: int) -> np.ndarray:
+        """(height * width) class ``cls``'s probability at each pixel: a softmax over the classes
+        there, or one map's sigmoid (the map itself when it is one already)."""
+        z = np.asarray(maps, np.float64)
+        if self.classes == 1:
+            return z[0] if self.threshold == 0.5 else 0.5 * (1.0 + np.tanh(0.5 * z[0]))
+        e = np.exp(z - z.max(axis=0, keepdims=True))
+        return e[cls] / e.sum(axis=0)
+
+    def pixels(self, maps: np.ndarray, cls: int) -> np.ndarray:
+        """(height * width) the pixels class ``cls`` wins, every pixel when it wins none: what its
+        target scores."""
+        won = self.won(maps)[cls]
+        return won if won.any() else np.ones_like(won)
+
     def describe(self) -> str:
         if self.classes == 1:
             what = "a probability after a Sigmoid" if self.threshold == 0.5 else "logits"

@@ -315,3 +315,73 @@ def test_multi_label_sigmoid_scores_each_class_logit_and_its_own_probability(tmp
     np.testing.assert_allclose(probabilities(ex, x, 2), torch.sigmoid(logits[:, 2]).detach().numpy(), rtol=1e-5)
     res = ex.explain(x[:1], "saliency", target=2)
     assert any("before the final sigmoid" in n for n in res.notes)
+
+
+def _segmenter(tmp_path, classes: int, last: bool = False, sigmoid: bool = False) -> str:
+    """A small per-pixel network exported by torch: ``classes`` maps (one map: a sigmoid or not),
+    permuted channels last when ``last``."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(classes)
+
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, classes, 3, padding=1))
+
+        def forward(self, x):
+            y = self.net(x)
+            y = torch.sigmoid(y) if sigmoid else y
+            return y.permute(0, 2, 3, 1) if last else y
+
+    path = str(tmp_path / f"seg{classes}{'l' * last}{'s' * sigmoid}.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Seg().eval(), torch.randn(1, 3, 12, 12), path, input_names=["x"], output_names=["maps"],
+                          dynamo=False, dynamic_axes={"x": {0: "n"}})
+    return path
+
+
+@pytest.mark.parametrize("classes,last,sigmoid", [(3, False, False), (4, True, False), (1, False, True), (1, False, False)],
+                         ids=["3-classes", "channels-last", "one-map-sigmoid", "one-map-logits"])
+def test_a_segment_s_probability_is_its_mean_over_the_original_pixels(classes, last, sigmoid, tmp_path):
+    """Read as a classifier, a segmentation model's probability was a softmax over every value of
+    every map, at one position: deletion and insertion curves near 0 whatever the map."""
+    from onnxsal.evaluate.faithfulness import probabilities, segment_pixels
+
+    ex = Explainer(_segmenter(tmp_path, classes, last, sigmoid), "cpu", preprocess="raw")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
+    xb = np.concatenate([x, rng.standard_normal((2, 3, 12, 12)).astype(np.float32)])
+    sess = __import__("onnxruntime").InferenceSession(ex.model.path)
+    out = sess.run(None, {"x": xb})[0].astype(np.float64)
+    maps = out.transpose(0, 3, 1, 2) if last else out                 # (N, C, h, w)
+    if classes == 1:
+        p = maps[:, 0] if sigmoid else 1 / (1 + np.exp(-maps[:, 0]))
+        own = maps[0, 0] > (0.5 if sigmoid else 0.0)
+    else:
+        e = np.exp(maps - maps.max(axis=1, keepdims=True))
+        p = e[:, classes - 1] / e.sum(axis=1)
+        own = maps[0].argmax(axis=0) == classes - 1
+    target = classes - 1
+    own = own if own.any() else np.ones_like(own)
+    np.testing.assert_array_equal(segment_pixels(ex, x, target), own.reshape(-1))
+    np.testing.assert_allclose(probabilities(ex, xb, target, segment_pixels(ex, x, target)),
+                               p.reshape(3, -1)[:, own.reshape(-1)].mean(axis=1), rtol=1e-5)
+    curves = deletion_insertion(ex, x, rng.random((12, 12)), target, step=16)
+    np.testing.assert_allclose(curves.deletion[0], p[0][own].mean(), rtol=1e-5)     # nothing deleted yet
+    np.testing.assert_allclose(curves.insertion[-1], p[0][own].mean(), rtol=1e-5)   # everything back
+
+
+def test_a_class_that_wins_no_pixel_is_read_over_every_pixel():
+    """As its target scores it (its map over every pixel)."""
+    from onnxsal.dense import DenseOutput
+
+    d = DenseOutput(2, 2, 2, False)
+    maps = np.array([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    assert d.pixels(maps, 0).tolist() == [True] * 4 and d.pixels(maps, 1).tolist() == [True] * 4
+    maps[1, 2] = 5.0
+    assert d.pixels(maps, 1).tolist() == [False, False, True, False]

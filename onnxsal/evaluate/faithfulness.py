@@ -72,15 +72,20 @@ def auc(x: np.ndarray, y: np.ndarray) -> float:
     return float(((y[1:] + y[:-1]) * np.diff(x)).sum() / 2)
 
 
-def probabilities(ex: Explainer, xb: np.ndarray, target: int) -> np.ndarray:
+def probabilities(ex: Explainer, xb: np.ndarray, target: int, pixels: Optional[np.ndarray] = None) -> np.ndarray:
     """(N,) probability of `target` for a batch: softmax of the logits, or sigmoid for one unit
     and for each class of a multi-label model (one that ends in a sigmoid over its classes); for a
-    detector, the confidence of the class's most confident box."""
+    detector, the confidence of the class's most confident box; for a per-pixel model, the class's
+    mean probability over ``pixels``, those the original image gives it (``segment_pixels``)."""
     m = ex.model
     (logits,) = ex.engine.outputs(xb, [m.logits])
     z = logits.reshape(len(xb), -1).astype(np.float64)
     if m.detection is not None:         # a detector: the class's best box, wherever it moves to (0 when gone)
         return np.stack([m.detection.best(r)[0][target] for r in z])
+    if m.dense is not None:             # a segment: its pixels stay those of the original image
+        if pixels is None:
+            raise ValueError("a per-pixel model's probabilities need the class's pixels (segment_pixels)")
+        return np.stack([m.dense.probability(m.dense.maps(r), target)[pixels].mean() for r in z])
     if z.shape[1] == 1:
         p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
         return p1 if target == 1 else 1.0 - p1
@@ -115,9 +120,21 @@ def substrate(ex: Explainer, x: np.ndarray, kind: str, blur_sigma: Optional[floa
     raise MethodError(f"substrate must be one of {', '.join(SUBSTRATES)}, not {kind!r}")
 
 
-def curve(ex: Explainer, first: np.ndarray, rest: np.ndarray, rank: np.ndarray, step: int, target: int) -> np.ndarray:
+def segment_pixels(ex: Explainer, x: np.ndarray, target: int) -> Optional[np.ndarray]:
+    """A per-pixel model's pixels of class ``target`` in ``x``'s own output (every pixel when it
+    has none), as its target scores them; None for other models."""
+    m = ex.model
+    if m.dense is None:
+        return None
+    (logits,) = ex.engine.outputs(np.asarray(x, np.float32)[:1], [m.logits])
+    return m.dense.pixels(m.dense.maps(logits.reshape(-1)), target)
+
+
+def curve(ex: Explainer, first: np.ndarray, rest: np.ndarray, rank: np.ndarray, step: int, target: int,
+          pixels: Optional[np.ndarray] = None) -> np.ndarray:
     """Probabilities as the pixels of rank < k take their value from `first` and the others from
-    `rest`, for k = 0, step, 2 step, ..., all: deletion is (substrate, x), insertion (x, start)."""
+    `rest`, for k = 0, step, 2 step, ..., all: deletion is (substrate, x), insertion (x, start).
+    ``pixels``: a per-pixel model's class pixels (``segment_pixels``)."""
     n = rank.size
     counts = np.rint(fractions(n, step) * n).astype(np.int64)
     nhwc = ex.model.input.layout == "NHWC"
@@ -127,7 +144,7 @@ def curve(ex: Explainer, first: np.ndarray, rest: np.ndarray, rank: np.ndarray, 
         masks = (rank[None] < c[:, None, None]).astype(np.float32)      # 1 where `first` shows
         m = _spatial(masks, nhwc)
         xb = (first * m + rest * (1 - m)).astype(np.float32)
-        out.append(probabilities(ex, xb, target))
+        out.append(probabilities(ex, xb, target, pixels))
     return np.concatenate(out)
 
 
@@ -159,8 +176,9 @@ def deletion_insertion(ex: Explainer, x: np.ndarray, saliency: np.ndarray, targe
     rank = pixel_order(saliency)
     x = np.asarray(x, np.float32)
     xs = fractions(rank.size, step)
-    dele = curve(ex, substrate(ex, x, deletion, blur_sigma), x, rank, step, target)
-    ins = curve(ex, x, substrate(ex, x, insertion, blur_sigma), rank, step, target)
+    pixels = segment_pixels(ex, x, target)
+    dele = curve(ex, substrate(ex, x, deletion, blur_sigma), x, rank, step, target, pixels)
+    ins = curve(ex, x, substrate(ex, x, insertion, blur_sigma), rank, step, target, pixels)
     return Curves(xs, dele, ins)
 
 
