@@ -385,3 +385,57 @@ def test_a_class_that_wins_no_pixel_is_read_over_every_pixel():
     assert d.pixels(maps, 0).tolist() == [True] * 4 and d.pixels(maps, 1).tolist() == [True] * 4
     maps[1, 2] = 5.0
     assert d.pixels(maps, 1).tolist() == [False, False, True, False]
+
+
+def test_a_recogniser_s_probability_is_its_softmax_at_its_step(tmp_path):
+    """(N, steps, characters) with a softmax per step: a (step, character) target's probability is
+    that step's softmax, not one over every value of every step."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    from onnxsal.evaluate.faithfulness import probabilities
+
+    torch.manual_seed(0)
+
+    class Rec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+        def forward(self, x):
+            feats = self.conv(x).mean(2).permute(0, 2, 1)        # (N, 8 steps, 6 characters)
+            return torch.softmax(feats, dim=2)
+
+    net = Rec().eval()
+    path = str(tmp_path / "rec.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.randn(1, 3, 4, 8), path, input_names=["x"], output_names=["probs"], dynamo=False,
+                          dynamic_axes={"x": {0: "n"}})
+    ex = Explainer(path, "cpu", preprocess="raw")
+    xb = np.random.default_rng(0).standard_normal((3, 3, 4, 8)).astype(np.float32)
+    with torch.no_grad():
+        p = net(torch.tensor(xb)).numpy()
+    for step, char in ((0, 0), (5, 3), (7, 5)):
+        np.testing.assert_allclose(probabilities(ex, xb, step * 6 + char), p[:, step, char], rtol=1e-5)
+
+
+def test_a_conv_head_s_probability_is_its_softmax_over_the_classes():
+    """(N, C, 1, 1) logits: the softmax runs over the C classes, not the last axis of one value."""
+    from onnxsal.evaluate.faithfulness import probabilities
+
+    w = np.random.default_rng(1).standard_normal((5, 1, 4, 4)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["image", "w"], ["logits"])], "head",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 1, 4, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 5, 1, 1])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ex = Explainer(model, "cpu", preprocess="raw")
+    xb = np.random.default_rng(2).standard_normal((2, 1, 4, 4)).astype(np.float32)
+    z = np.einsum("nchw,kchw->nk", xb.astype(np.float64), w.astype(np.float64))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(probabilities(ex, xb, 3), p[:, 3], rtol=1e-5)

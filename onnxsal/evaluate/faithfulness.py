@@ -16,9 +16,10 @@ Everything happens in the model's input space, at its input size:
 * the insertion start is a Gaussian blur of the input with sigma a fixed
   fraction of the input size (see `BLUR_FRACTION`), strong enough to erase a
   shape's outline at any resolution;
-* the probability is the model's softmax (or sigmoid for a single-unit output,
-  and for each class of a model that ends in a sigmoid over its classes), computed from its logits, so models that end without an activation are
-  scored the same way.
+* the probability is the model's softmax over its last axis (per step, for a text recogniser's
+  (N, steps, characters)), or sigmoid for a single-unit output and for each class of a model that
+  ends in a sigmoid over its classes, computed from its logits, so models that end without an
+  activation are scored the same way; a detector's best box, a segment's mean over its pixels.
 Each curve is one batched run of all its steps.
 """
 
@@ -91,9 +92,12 @@ def probabilities(ex: Explainer, xb: np.ndarray, target: int, pixels: Optional[n
         return p1 if target == 1 else 1.0 - p1
     if m.activation == "sigmoid":
         return 1.0 / (1.0 + np.exp(-z[:, target]))
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e[:, target] / e.sum(axis=1)
+    # over the last axis of more than one value (a conv head's (N, C, 1, 1) over C): a text
+    # recogniser's (N, steps, characters) has a softmax per step
+    dims = [d for d in np.shape(logits)[1:] if d != 1]
+    z = z.reshape(len(xb), -1, dims[-1])
+    e = np.exp(z - z.max(axis=2, keepdims=True))
+    return (e / e.sum(axis=2, keepdims=True)).reshape(len(xb), -1)[:, target]
 
 
 def _spatial(masks: np.ndarray, nhwc: bool) -> np.ndarray:
