@@ -141,7 +141,7 @@ def test_each_image_of_a_batch_scores_its_own_similarity_and_export_agrees(embed
         g = np.abs(xt.grad.numpy()[0]).max(axis=0)
         np.testing.assert_allclose(results[k].raw[0], g, rtol=1e-4, atol=1e-6 * g.max())
         np.testing.assert_allclose(maps[k], results[k].map, atol=1e-5)
-        np.testing.assert_allclose(scores[k, 0], float(cosine(net, torch.tensor(x[k:k + 1]), ref[:1])), rtol=1e-5)
+        np.testing.assert_allclose(scores[k, 0], float(cosine(net, torch.tensor(x[k:k + 1]), ref[:1]).detach()), rtol=1e-5)
 
 
 def test_bad_references_are_refused(embedder):
