@@ -168,6 +168,7 @@ def explain(
     layer: Optional[str] = O.LAYER,
     out_dir: str = O.OUT_DIR,
     score: str = O.SCORE,
+    region: str = O.REGION,
     smooth: Optional[float] = typer.Option(None, help="Gaussian sigma (pixels) applied to the map before normalising"),
     option: List[str] = O.OPTION,
     preprocess: Optional[str] = O.PREPROCESS,
@@ -222,7 +223,7 @@ def explain(
                 bar.update(task, description=f"{prepared.name}: {spec.name}")
                 kw = {k: v for k, v in opts.items() if k in spec.defaults}
                 res = ex.explain(prepared, spec.name, targets, top_k=top_k, layer=layer, score=score, smooth=smooth,
-                                 progress=batches, **kw)
+                                 region=region, progress=batches, **kw)
                 results.append(res)
                 bar.advance(task)
     # write everything into a scratch folder first, so a failure leaves nothing half-written in --out
@@ -288,6 +289,7 @@ def export_cmd(
     steps: int = typer.Option(32, help="ig: Gauss-Legendre steps from a zero baseline"),
     feed: List[str] = O.FEED,
     head: Optional[str] = O.HEAD,
+    region: str = O.REGION,
 ) -> None:
     """Write one ONNX graph: inputs (image, target int64[N]) -> outputs (logits, map [N, H, W] in [0, 1])."""
     import onnx
@@ -296,7 +298,7 @@ def export_cmd(
     from .model import load
 
     graph = export(load(model, size=parse_size(size), fixed_inputs=_feeds(feed), head=head), method, layer,
-                   n_samples=n_samples, noise_level=noise_level, steps=steps)
+                   n_samples=n_samples, noise_level=noise_level, steps=steps, region=region)
     tmp = output + ".part"
     onnx.save(graph, tmp)
     os.replace(tmp, output)

@@ -12,6 +12,8 @@ TARGET = typer.Option(None, "--target", "-t", help="class index or label (defaul
 LAYER = typer.Option(None, "--layer", "-l", help="layer tensor, node or framework layer name for CAM methods")
 SCORE = typer.Option("logit", help="logit (final softmax/sigmoid removed) or probability")
 OPTION = typer.Option([], "--option", "-O", help="method option key=value, e.g. -O window=16")
+REGION = typer.Option("won", "--region", help="per-pixel outputs: the pixels a class target scores: won (those "
+                      "the class wins), peak (its highest pixel: a keypoint heatmap's) or all")
 HEAD = typer.Option(None, "--head", help="the model output to score, for models with several "
                     "(default: the first floating-point one)")
 FEED = typer.Option([], "--feed", help="a model input besides the image, held at a value: NAME=1.5,2 or NAME=file.npy; "

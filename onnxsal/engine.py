@@ -31,6 +31,13 @@ class Target:
     label: str
     seed: np.ndarray = field(repr=False, compare=False)
     offset: float = 0.0
+    region: str = "won"     # a per-pixel class's pixels: those it wins, its peak, or all (REGIONS)
+
+
+# Which pixels of a per-pixel class map a class target scores: those the class wins in the image's
+# output (a segment, pytorch-grad-cam's SemanticSegmentationTarget with the predicted mask), its
+# highest pixel (a keypoint heatmap's peak), or every pixel (the whole map).
+REGIONS = ("won", "peak", "all")
 
 
 class Engine:
@@ -201,7 +208,7 @@ def score_rows(out: np.ndarray, targets: Sequence[Target], detection=None) -> np
 
 
 def make_targets(model: Model, indices: Sequence[int], score: str = "logit",
-                 row: Optional[np.ndarray] = None) -> list[Target]:
+                 row: Optional[np.ndarray] = None, region: str = "won") -> list[Target]:
     """Seeds for class indices. Binary single-unit models: class 1 = +output, class 0 = -output
     (and 1 - p for probabilities, so class 0's probability is scored).
 
@@ -228,10 +235,14 @@ def make_targets(model: Model, indices: Sequence[int], score: str = "logit",
         won = model.dense.won(maps)
         out = []
         for i in indices:
-            mask = won[i]
             seed = np.zeros(maps.shape, np.float32)
-            seed[int(i)] = mask if mask.any() else 1.0
-            out.append(Target(int(i), model.label(int(i)), model.dense.flat(seed)))
+            if region == "peak":
+                seed[int(i), int(np.argmax(maps[int(i)]))] = 1.0
+            elif region == "all" or not won[i].any():
+                seed[int(i)] = 1.0
+            else:
+                seed[int(i)] = won[i]
+            out.append(Target(int(i), model.label(int(i)), model.dense.flat(seed), region=region))
         return out
     out = []
     for i in indices:

@@ -14,7 +14,7 @@ import onnx
 
 from .methods import check_options, get as get_method
 from .context import Context
-from .engine import Engine, Target, make_targets
+from .engine import REGIONS, Engine, Target, make_targets
 from .errors import ImageError, TargetError
 from .detection import Detection, QueryOutput, ranked
 from .labelled import ClassBest
@@ -49,6 +49,7 @@ class Explanation:
     dense: Optional[DenseOutput] = field(default=None, repr=False)   # per-pixel models
     detection: Optional[Detection] = field(default=None, repr=False)   # detectors
     probability: bool = False    # a single unit through a sigmoid: class 0 scores 1 - p, not -p
+    region: str = "won"          # a per-pixel model's class pixels (engine.REGIONS)
 
     @property
     def map(self) -> np.ndarray:
@@ -61,7 +62,10 @@ class Explanation:
     def top(self, k: int = 5) -> list[dict]:
         """The k highest-scoring classes; for a per-pixel model, those covering most pixels, the
         score being their share of the pixels; for a detector, each class's best box's confidence."""
-        if self.dense is not None:
+        if self.dense is not None and self.region == "peak":     # heatmaps: by their peaks
+            values = self.dense.maps(self.scores).max(axis=1)
+            order = np.argsort(-values, kind="stable")
+        elif self.dense is not None:
             values, order = class_shares(self.dense, self.scores)
         elif self.detection is not None:        # the classes it found, by their best box
             values, order = ranked(self.detection, self.scores)
@@ -227,8 +231,13 @@ class Explainer:
         return other
 
     def targets(self, scores: np.ndarray, target: Union[int, str, Sequence[Union[int, str]], np.ndarray, None],
-                top_k: int, score: str) -> list[Target]:
+                top_k: int, score: str, region: str = "won") -> list[Target]:
         m = self.model
+        if region not in REGIONS:
+            raise TargetError(f"region must be one of {', '.join(REGIONS)}, not {region!r}")
+        if region != "won" and m.dense is None:
+            raise TargetError(f"region {region!r} picks pixels of a per-pixel output (segmentation maps, keypoint "
+                              "heatmaps); this model's output has none")
         if isinstance(target, np.ndarray) and target.dtype.kind == "f":
             return [self._weights_target(target, score)]
         if target is None:
@@ -236,6 +245,8 @@ class Explainer:
                 prob = float(scores.reshape(-1)[0])
                 first = 1 if (prob > (0.5 if m.activation == "sigmoid" else 0.0)) else 0
                 order = [first, 1 - first]
+            elif m.dense is not None and region == "peak":     # the highest peaks first
+                order = list(np.argsort(-m.dense.maps(scores).max(axis=1), kind="stable"))
             elif m.dense is not None:      # the classes covering most pixels first
                 order = list(class_shares(m.dense, scores)[1])
             elif m.detection is not None:  # the classes whose best box is most confident first
@@ -251,7 +262,7 @@ class Explainer:
         else:
             items = list(target) if isinstance(target, (list, tuple)) else [target]
             indices = [self._resolve(t) for t in items]
-        return make_targets(m, indices, score, row=scores)
+        return make_targets(m, indices, score, row=scores, region=region)
 
     def _weights_target(self, w: np.ndarray, score: str) -> Target:
         """Score = sum(w * output row): pytorch-grad-cam's SemanticSegmentationTarget is a class
@@ -303,9 +314,11 @@ class Explainer:
 
     def explain(self, image: Union[ImageLike, Prepared], method: str = "gradcam", target=None, *, top_k: int = 1,
                 layer: Optional[str] = None, score: str = "logit", smooth: Optional[float] = None,
-                progress: Optional[Progress] = None, **options) -> Explanation:
+                region: str = "won", progress: Optional[Progress] = None, **options) -> Explanation:
         """Explain one input. `target`: class index, label or a list of them; default the top `top_k` classes.
-        A float array shaped like one output row is a weighting instead: score = sum(target * output)."""
+        A float array shaped like one output row is a weighting instead: score = sum(target * output).
+        `region`: which pixels of a per-pixel model's class map a class scores: "won" (those it wins in
+        the image's output), "peak" (its highest: a keypoint heatmap's) or "all"."""
         spec = get_method(method)
         opts = check_options(spec, options)
         if score not in ("logit", "probability"):
@@ -329,7 +342,7 @@ class Explainer:
             logits, out = logits.reshape(-1), out.reshape(-1)
             if extra:
                 boxes = acts.pop(0)
-        targets = self.targets(None if lazy else logits if m.activation is None else out, target, top_k, score)
+        targets = self.targets(None if lazy else logits if m.activation is None else out, target, top_k, score, region)
         ctx = Context(self.engine, prepared.tensor, targets, the_layer, score, progress, acts=acts[0] if acts else None,
                       clean=None if lazy else (logits, out))
         raw = np.asarray(spec.fn(ctx, **opts), np.float32)
@@ -377,7 +390,9 @@ class Explainer:
         if smooth:
             settings["smooth"] = smooth
         settings["score"] = score
+        if m.dense is not None:
+            settings["region"] = region
         return Explanation(maps, raw, targets, spec.name, settings, the_layer.tensor if the_layer else None,
                            out, logits, seconds, prepared.name, prepared.display, notes, ctx.info,
                            m.path, m.input.size, m.labels if not m.binary else (m.labels or ["0", "1"]), m.dense,
-                           m.detection, m.binary and m.activation == "sigmoid")
+                           m.detection, m.binary and m.activation == "sigmoid", region)

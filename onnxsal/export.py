@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import MethodError
+from .engine import REGIONS
+from .errors import MethodError, TargetError
 from .graph.autodiff import vjp
 from .graph.integer_input import PIXEL_TYPES
 from .graph.normalize import opset_of
@@ -150,7 +151,7 @@ def _layer_ig_path(proto: onnx.ModelProto, x_name: str, layer: str, logits: str,
 
 
 def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_samples: int = 20,
-           noise_level: float = 0.15, steps: int = 32) -> onnx.ModelProto:
+           noise_level: float = 0.15, steps: int = 32, region: str = "won") -> onnx.ModelProto:
     """A standalone graph: inputs (image, target int64[N]); outputs (logits [N, C], map [N, H, W] in [0, 1]).
 
     For a per-pixel model the logits are its class maps, and a target class scores its map over the
@@ -161,6 +162,10 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     method = method.lower()
     if method not in EXPORTABLE:
         raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
+    if region not in REGIONS:
+        raise TargetError(f"region must be one of {', '.join(REGIONS)}, not {region!r}")
+    if region != "won" and m.dense is None:
+        raise TargetError(f"region {region!r} picks pixels of a per-pixel output; this model's output has none")
     stacks = method in ("smoothgrad", "ig", "layerig")     # copies of the image run in one batch
     if stacks or m.fixed_batch:
         from .engine import Engine
@@ -335,11 +340,28 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     else:
         # a class scores its map over the pixels each image's output assigns to it (all of them when none)
         c_ax = 3 if dense.channels_last else 1
-        won = e.op("Greater", [own, e.const(dense.threshold)]) if dense.classes == 1 else \
-            e.op("Equal", [e.op("ArgMax", [own], axis=c_ax, keepdims=1),
-                           e.op("Reshape", [target, e.const([-1, 1, 1, 1], np.int64)])])
-        pixels = e.op("Cast", [won], to=TensorProto.FLOAT)
-        pixels = e.op("Add", [pixels, e.op("Sub", [e.const(1.0), e.reduce("ReduceMax", pixels, [1, 2, 3])])])
+        if region == "peak":          # the class map's highest pixel (a keypoint heatmap's peak)
+            hw = dense.height * dense.width
+            hot_class = e.op("OneHot", [target, e.const([dense.classes], np.int64), e.const([0.0, 1.0])], axis=-1)
+            per = [-1, 1, 1, dense.classes] if dense.channels_last else [-1, dense.classes, 1, 1]
+            class_map = e.reduce("ReduceSum", e.op("Mul", [own, e.op("Reshape", [hot_class, e.const(per, np.int64)])]),
+                                 [c_ax], keepdims=0)
+            peak = e.op("ArgMax", [e.op("Reshape", [class_map, e.const([-1, hw], np.int64)])], axis=1, keepdims=0)
+            won = e.op("Reshape", [e.op("OneHot", [peak, e.const([hw], np.int64), e.const([0.0, 1.0])], axis=-1),
+                                   e.const([-1, dense.height, dense.width, 1] if dense.channels_last
+                                           else [-1, 1, dense.height, dense.width], np.int64)])
+            pixels = won
+        elif region == "all":         # ones, (N, 1, h, w) or (N, h, w, 1)
+            grid = [dense.height, dense.width, 1] if dense.channels_last else [1, dense.height, dense.width]
+            shape = e.op("Concat", [e.op("Slice", [e.op("Shape", [own]), e.const([0], np.int64), e.const([1], np.int64)]),
+                                    e.const(grid, np.int64)], axis=0)
+            pixels = e.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.ones(1, np.float32)))
+        else:
+            won = e.op("Greater", [own, e.const(dense.threshold)]) if dense.classes == 1 else \
+                e.op("Equal", [e.op("ArgMax", [own], axis=c_ax, keepdims=1),
+                               e.op("Reshape", [target, e.const([-1, 1, 1, 1], np.int64)])])
+            pixels = e.op("Cast", [won], to=TensorProto.FLOAT)
+            pixels = e.op("Add", [pixels, e.op("Sub", [e.const(1.0), e.reduce("ReduceMax", pixels, [1, 2, 3])])])
         if clean is not None:
             pixels = e.op("Concat", [pixels, e.op("Tile", [pixels, e.const([clean[0], 1, 1, 1], np.int64)])], axis=0)
         per_class = [-1, 1, 1, dense.classes] if dense.channels_last else [-1, dense.classes, 1, 1]

@@ -90,7 +90,7 @@ def retargeted(ctx: Context, x: np.ndarray) -> Context:
     found = []
     for t in ctx.targets:
         try:
-            found.append(t if t.index < 0 else make_targets(m, [t.index], ctx.score, row)[0])
+            found.append(t if t.index < 0 else make_targets(m, [t.index], ctx.score, row, t.region)[0])
         except TargetError:
             found.append(replace(t, seed=np.zeros_like(t.seed)))
     return replace(ctx, x=x, acts=acts[0] if acts else None, info={}, targets=found)
