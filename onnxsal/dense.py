@@ -67,7 +67,7 @@ class DenseOutput:
                     f"{self.threshold:g}")
         order = ", classes last" if self.channels_last else ""
         return (f"{self.classes} classes per pixel, {self.height}x{self.width}{order}: a class target scores its map "
-                "over the pixels it wins")
+                "over the pixels it wins (--region peak: its highest pixel, for keypoint heatmaps)")
 
     def flat(self, maps: np.ndarray) -> np.ndarray:
         """(classes, height * width) back to a flattened output row."""
