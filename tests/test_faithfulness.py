@@ -439,3 +439,38 @@ def test_a_conv_head_s_probability_is_its_softmax_over_the_classes():
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(probabilities(ex, xb, 3), p[:, 3], rtol=1e-5)
+
+
+def test_probabilities_made_without_a_final_softmax_are_read_as_they_are(tmp_path):
+    """An ensemble's mean of two softmaxes ends in a Div, not a Softmax: its rows are
+    probabilities already, and a softmax of them would flatten every curve towards 1/C."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    from onnxsal.evaluate.faithfulness import probabilities
+
+    torch.manual_seed(1)
+
+    class Ensemble(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+            self.b = nn.Sequential(nn.Conv2d(3, 4, 5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+
+        def forward(self, x):
+            return (torch.softmax(self.a(x) * 4, 1) + torch.softmax(self.b(x) * 4, 1)) / 2
+
+    net = Ensemble().eval()
+    path = str(tmp_path / "ens.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.randn(1, 3, 8, 8), path, input_names=["x"], output_names=["p"], dynamo=False,
+                          dynamic_axes={"x": {0: "n"}})
+    ex = Explainer(path, "cpu", preprocess="raw")
+    assert ex.model.activation is None
+    xb = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        p = net(torch.tensor(xb)).numpy()
+    np.testing.assert_allclose(probabilities(ex, xb, 2), p[:, 2], rtol=1e-5)

@@ -96,6 +96,9 @@ def probabilities(ex: Explainer, xb: np.ndarray, target: int, pixels: Optional[n
     # recogniser's (N, steps, characters) has a softmax per step
     dims = [d for d in np.shape(logits)[1:] if d != 1]
     z = z.reshape(len(xb), -1, dims[-1])
+    if m.activation is None and (z >= 0).all() and np.allclose(z.sum(axis=2), 1.0, rtol=0, atol=1e-4):
+        # probabilities already, made by no final Softmax node (an ensemble's mean of softmaxes)
+        return z.reshape(len(xb), -1)[:, target]
     e = np.exp(z - z.max(axis=2, keepdims=True))
     return (e / e.sum(axis=2, keepdims=True)).reshape(len(xb), -1)[:, target]
 
