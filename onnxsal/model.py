@@ -35,6 +35,7 @@ from .graph.qoperator import qoperator_ops, to_qdq
 from .graph.simplify import constants
 from .graph.weights import WeightStore, attach, detach
 from .labelled import add_class_best, labelled_lists
+from .simcc import add_keypoint_scores, find_simcc
 from .preprocess import Preprocess
 from .sidecar import Sidecar, read_sidecar
 
@@ -745,12 +746,18 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if lists is not None and (head is None or head in lists.outputs):
         listed, graph_out = add_class_best(proto, lists)
         shapes = tensor_shapes(proto)
+    output_note = ""
+    simcc = find_simcc(proto, shapes, hw) if listed is None and pair is None else None    # a SimCC head's x, y bins
+    if simcc is not None and (head is None or head in simcc[:2]):
+        graph_out = add_keypoint_scores(proto, simcc[0], simcc[1])
+        shapes = tensor_shapes(proto)
+        output_note = (f"{simcc[0]} and {simcc[1]} are SimCC keypoint coordinates ({simcc[2]} keypoints, "
+                       f"{simcc[3]:g} bins per pixel): a keypoint scores 0.5 x (its highest x-bin + its highest "
+                       "y-bin), its confidence as RTMPose decodes it")
     _refuse_detection_lists(light, graph_out, vi)
     ranked = _ranked_from(proto, graph_out, shapes)
     if ranked is not None:                     # a classifier's top-k values: its classes, not their ranks
         graph_out, output_note = ranked
-    else:
-        output_note = ""
     logits, activation = _find_logits(proto, graph_out)
     out_shape = shapes.get(logits, (0, None))[1]
     if out_shape is None or None in out_shape[1:]:
