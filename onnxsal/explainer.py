@@ -228,6 +228,7 @@ class Explainer:
                           memory_mb=self.runtime.memory_mb, threads=self.runtime.threads)
         other.model.output_note = (f"scored the cosine similarity of output {m.output!r} to {what}"
                                    + (" output" if what.endswith("'s") else ""))
+        other.model.score_as_is = True
         return other
 
     def targets(self, scores: np.ndarray, target: Union[int, str, Sequence[Union[int, str]], np.ndarray, None],

@@ -125,6 +125,7 @@ class Model:
     one_image: tuple[str, ...] = ()          # ops of a batch-1 export that read across the batch (normalize.one_image_ops)
     fixed_batch: int = 0                     # the batch size the file fixes (0: free); onnxsal frees it
     output_note: str = ""                    # how the scored tensor stands to the file's output, when not the output itself
+    score_as_is: bool = False                # a score onnxsal added (a keypoint's confidence, a similarity): no softmax
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -822,4 +823,5 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     return Model(proto, store, path, image, graph_out, logits, activation, num_classes,
                  _find_layers(proto, image.size), spec, label_list, meta, aliases, dense, detection,
                  tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused), _activation_quantisers(light),
-                 tuple(qoperator), own, trained, "; ".join(read_as), one_image, fixed_batch, output_note)
+                 tuple(qoperator), own, trained, "; ".join(read_as), one_image, fixed_batch, output_note,
+                 simcc is not None)

@@ -169,3 +169,14 @@ def test_bins_that_do_not_fit_the_input_are_left_alone(tmp_path):
                           dynamo=False)
     m = onnxsal.load(path, preprocess=None)
     assert m.output == "a" and not m.output_note
+
+
+def test_deletion_and_insertion_read_the_confidence_itself(pose):
+    """Not a softmax across the keypoints, which would make them compete."""
+    from onnxsal.evaluate.faithfulness import probabilities
+
+    kind, net, path, x = pose
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    with torch.no_grad():
+        conf = confidence(net, torch.tensor(x)).numpy()
+    np.testing.assert_allclose(probabilities(ex, x, 3), conf[:, 3], rtol=1e-5)

@@ -174,3 +174,14 @@ def test_cli_explains_how_alike_two_images_are(embedder, tmp_path, capsys):
     assert main(["explain", path, str(tmp_path / "probe.png"), "--like", str(tmp_path / "short.npy"),
                  "--preprocess", "unit", "-o", str(tmp_path / "out")]) == 2
     assert "holds 3 values" in capsys.readouterr().err
+
+
+def test_deletion_and_insertion_read_the_similarity_itself(embedder):
+    from onnxsal.evaluate.faithfulness import probabilities
+
+    kind, net, path, x, ref = embedder
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw").like(ref[:1])
+    with torch.no_grad():
+        c = cosine(net, torch.tensor(x), ref[:1]).numpy()
+    np.testing.assert_allclose(probabilities(ex, x, 1), c, rtol=1e-5)
+    np.testing.assert_allclose(probabilities(ex, x, 0), -c, rtol=1e-5)

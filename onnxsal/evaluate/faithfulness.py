@@ -19,7 +19,8 @@ Everything happens in the model's input space, at its input size:
 * the probability is the model's softmax over its last axis (per step, for a text recogniser's
   (N, steps, characters)), or sigmoid for a single-unit output and for each class of a model that
   ends in a sigmoid over its classes, computed from its logits, so models that end without an
-  activation are scored the same way; a detector's best box, a segment's mean over its pixels.
+  activation are scored the same way; a detector's best box, a segment's mean over its pixels; a
+  score onnxsal adds (a SimCC keypoint's confidence, a cosine similarity) as it is.
 Each curve is one batched run of all its steps.
 """
 
@@ -87,6 +88,8 @@ def probabilities(ex: Explainer, xb: np.ndarray, target: int, pixels: Optional[n
         if pixels is None:
             raise ValueError("a per-pixel model's probabilities need the class's pixels (segment_pixels)")
         return np.stack([m.dense.probability(m.dense.maps(r), target)[pixels].mean() for r in z])
+    if m.score_as_is:                   # a keypoint's confidence, a similarity: no softmax makes them probabilities
+        return (z[:, 0] if target == 1 else -z[:, 0]) if z.shape[1] == 1 else z[:, target]
     if z.shape[1] == 1:
         p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
         return p1 if target == 1 else 1.0 - p1
