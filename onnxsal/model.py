@@ -578,7 +578,7 @@ def _scored_output(proto: onnx.ModelProto, head: Optional[str] = None, layout: s
         if head not in outputs:
             raise ModelError(f"the model has no output {head!r}; its outputs: {', '.join(outputs)}")
         if outputs[head].type.tensor_type.elem_type not in FLOAT_TYPES:
-            inner = _quantised_from(proto, head)
+            inner = _quantised_from(proto, head) or _argmax_from(proto, head, layout)
             if inner is None:
                 raise ModelError(f"output {head!r} is not floating point; it cannot be scored")
             return inner

@@ -166,3 +166,28 @@ def test_an_argmax_over_another_axis_is_still_refused(flat, tmp_path):
                           input_names=["image"], output_names=["peaks"], opset_version=13, dynamo=False)
     with pytest.raises(ModelError, match="no floating-point output to score"):
         onnxsal.load(str(tmp_path / "peak.onnx"), preprocess=None)
+
+
+def test_a_head_naming_the_label_scores_what_it_picks_from(tmp_path):
+    """A multi-task file's label output named with --head: its ArgMax's scores, as without --head."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.age, self.kind = nn.Linear(4, 1), nn.Linear(4, CLASSES)
+
+        def forward(self, x):
+            f = self.body(x)
+            return self.age(f), self.kind(f).argmax(1)
+
+    path = str(tmp_path / "two.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Two().eval(), torch.randn(1, 3, 16, 16), path, input_names=["image"],
+                          output_names=["age", "kind"], opset_version=13, dynamo=False)
+    m = onnxsal.load(path, head="kind", preprocess=None)
+    arg = next(n for n in onnx.load(path).graph.node if n.op_type == "ArgMax")
+    assert m.output == arg.input[0] and m.num_classes == CLASSES
+    assert m.output_note.startswith(f"kind is the ArgMax of {CLASSES} class scores")
+    assert onnxsal.load(path, preprocess=None).output == "age"
