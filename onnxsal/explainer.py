@@ -210,12 +210,12 @@ class Explainer:
         """An explainer of how alike an input is to ``reference``: its score is the cosine
         similarity of the two images' outputs (an embedding model's vectors), target "similarity"
         (1) or "dissimilarity" (0, its negative), by default the one its sign says. ``reference``
-        is an image (file, array, PIL image) or a 1-D vector of the output's width (an embedding
-        kept from before). pytorch-grad-cam's ``SimilarityToConceptTarget``."""
+        is an image (file, array, PIL image) or a vector of the output's width, (D,) or (1, D) (an
+        embedding kept from before). pytorch-grad-cam's ``SimilarityToConceptTarget``."""
         from .similarity import reference_vector, with_similarity
 
         m = self.model
-        if isinstance(reference, np.ndarray) and reference.ndim == 1:
+        if isinstance(reference, np.ndarray) and (reference.ndim == 1 or reference.ndim == 2 and len(reference) == 1):
             vector, what = reference_vector(reference, m.num_classes, "the reference vector"), "the reference vector"
         else:
             row = self.predict(reference)

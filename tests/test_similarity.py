@@ -113,6 +113,8 @@ def test_a_reference_vector_gives_the_reference_image_s_maps(embedder):
     a = base.like(ref[:1]).explain(x[:1], "gradcam")
     b = base.like(vector).explain(x[:1], "gradcam")
     np.testing.assert_allclose(a.raw, b.raw, rtol=1e-5, atol=1e-7)
+    row = base.like(vector[None]).explain(x[:1], "gradcam")          # (1, D), as predict's batch of one
+    np.testing.assert_allclose(row.raw, b.raw, rtol=1e-5, atol=1e-7)
     assert b.notes[-1] == "scored the cosine similarity of output 'embedding' to the reference vector"
 
 
