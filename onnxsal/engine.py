@@ -40,6 +40,15 @@ class Target:
 REGIONS = ("won", "peak", "all")
 
 
+def check_region(model: Model, region: str) -> None:
+    """A typed error for a region that is none of REGIONS, or one given for no per-pixel output."""
+    if region not in REGIONS:
+        raise TargetError(f"region must be one of {', '.join(REGIONS)}, not {region!r}")
+    if region != "won" and model.dense is None:
+        raise TargetError(f"region {region!r} picks pixels of a per-pixel output (segmentation maps, keypoint "
+                          "heatmaps); this model's output has none")
+
+
 class Engine:
     def __init__(self, model: Model, runtime: Runtime, batch_size: Optional[int] = None,
                  simplify: bool = True) -> None:

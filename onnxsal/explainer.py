@@ -14,7 +14,7 @@ import onnx
 
 from .methods import check_options, get as get_method
 from .context import Context
-from .engine import REGIONS, Engine, Target, make_targets
+from .engine import Engine, Target, check_region, make_targets
 from .errors import ImageError, TargetError
 from .detection import Detection, QueryOutput, ranked
 from .labelled import ClassBest
@@ -63,8 +63,7 @@ class Explanation:
         """The k highest-scoring classes; for a per-pixel model, those covering most pixels, the
         score being their share of the pixels; for a detector, each class's best box's confidence."""
         if self.dense is not None and self.region == "peak":     # heatmaps: by their peaks
-            values = self.dense.maps(self.scores).max(axis=1)
-            order = np.argsort(-values, kind="stable")
+            values, order = class_peaks(self.dense, self.scores)
         elif self.dense is not None:
             values, order = class_shares(self.dense, self.scores)
         elif self.detection is not None:        # the classes it found, by their best box
@@ -143,6 +142,12 @@ def class_shares(dense: DenseOutput, row: np.ndarray) -> tuple[np.ndarray, np.nd
     maps = dense.maps(row)
     shares = dense.won(maps).mean(axis=1)
     return shares, np.lexsort((-maps.mean(axis=1), -shares))
+
+
+def class_peaks(dense: DenseOutput, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(C,) each class map's highest value (a keypoint heatmap's peak), and the classes in that order."""
+    peaks = dense.maps(row).max(axis=1)
+    return peaks, np.argsort(-peaks, kind="stable")
 
 
 def box_notes(m: Model, targets: Sequence[Target], row: np.ndarray, boxes: Optional[np.ndarray] = None) -> list[str]:
@@ -234,11 +239,7 @@ class Explainer:
     def targets(self, scores: np.ndarray, target: Union[int, str, Sequence[Union[int, str]], np.ndarray, None],
                 top_k: int, score: str, region: str = "won") -> list[Target]:
         m = self.model
-        if region not in REGIONS:
-            raise TargetError(f"region must be one of {', '.join(REGIONS)}, not {region!r}")
-        if region != "won" and m.dense is None:
-            raise TargetError(f"region {region!r} picks pixels of a per-pixel output (segmentation maps, keypoint "
-                              "heatmaps); this model's output has none")
+        check_region(m, region)
         if isinstance(target, np.ndarray) and target.dtype.kind == "f":
             return [self._weights_target(target, score)]
         if target is None:
@@ -247,7 +248,7 @@ class Explainer:
                 first = 1 if (prob > (0.5 if m.activation == "sigmoid" else 0.0)) else 0
                 order = [first, 1 - first]
             elif m.dense is not None and region == "peak":     # the highest peaks first
-                order = list(np.argsort(-m.dense.maps(scores).max(axis=1), kind="stable"))
+                order = list(class_peaks(m.dense, scores)[1])
             elif m.dense is not None:      # the classes covering most pixels first
                 order = list(class_shares(m.dense, scores)[1])
             elif m.detection is not None:  # the classes whose best box is most confident first

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .engine import REGIONS
-from .errors import MethodError, TargetError
+from .engine import check_region
+from .errors import MethodError
 from .graph.autodiff import vjp
 from .graph.integer_input import PIXEL_TYPES
 from .graph.normalize import opset_of
@@ -155,17 +155,15 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     """A standalone graph: inputs (image, target int64[N]); outputs (logits [N, C], map [N, H, W] in [0, 1]).
 
     For a per-pixel model the logits are its class maps, and a target class scores its map over the
-    pixels the image's output assigns to it, as ``Explainer.explain`` does; for a detector they are its
+    pixels the image's output assigns to it (its peak, or the whole map, with ``region``), as
+    ``Explainer.explain`` does; for a detector they are its
     (N, rows, anchors) output, and a class scores its confidence at its most confident anchor (its most
     confident kept detection, for final detections: with none, its map is empty)."""
     m: Model = load(model)
     method = method.lower()
     if method not in EXPORTABLE:
         raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
-    if region not in REGIONS:
-        raise TargetError(f"region must be one of {', '.join(REGIONS)}, not {region!r}")
-    if region != "won" and m.dense is None:
-        raise TargetError(f"region {region!r} picks pixels of a per-pixel output; this model's output has none")
+    check_region(m, region)
     stacks = method in ("smoothgrad", "ig", "layerig")     # copies of the image run in one batch
     if stacks or m.fixed_batch:
         from .engine import Engine
