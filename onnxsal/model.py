@@ -749,7 +749,9 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         shapes = tensor_shapes(proto)
     output_note = ""
     simcc = find_simcc(proto, shapes, hw) if listed is None and pair is None else None    # a SimCC head's x, y bins
-    if simcc is not None and (head is None or head in simcc[:2]):
+    if simcc is not None and head is not None and head not in simcc[:2]:
+        simcc = None                            # another output named
+    if simcc is not None:
         graph_out = add_keypoint_scores(proto, simcc[0], simcc[1])
         shapes = tensor_shapes(proto)
         output_note = (f"{simcc[0]} and {simcc[1]} are SimCC keypoint coordinates ({simcc[2]} keypoints, "
