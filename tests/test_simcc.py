@@ -84,6 +84,8 @@ def test_the_keypoints_are_the_classes(pose):
     ratio = 2 if kind == "plain" else 3
     assert m.output_note.startswith(f"simcc_x and simcc_y are SimCC keypoint coordinates ({K} keypoints, {ratio} bins")
     assert m.default_layer.tensor == "/final/Conv_output_0"
+    named = onnxsal.load(path, preprocess=None, head="simcc_y")        # either output named: the same reading
+    assert named.num_classes == K and named.score_as_is
 
 
 def test_each_keypoint_matches_torch_autograd(pose):
