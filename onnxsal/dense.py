@@ -117,16 +117,10 @@ def squeezed_map(proto: onnx.ModelProto, tensor: str, shapes: dict, hw: tuple, s
 
 def unsqueezed(proto: onnx.ModelProto, tensor: str, layout: str) -> str:
     """Add ``tensor`` with its channel axis back (axis 1, or 3 for NHWC) to ``proto``; its name."""
-    from onnx import helper, numpy_helper
+    from .graph.surgery import Appender
 
-    from .graph.surgery import ReadableNames
-
-    g = proto.graph
-    fresh = ReadableNames(g)
-    axes, out = fresh("onnxsal_channel_axis"), fresh("onnxsal_map")
-    g.initializer.append(numpy_helper.from_array(np.array([1 if layout == "NCHW" else 3], np.int64), axes))
-    g.node.append(helper.make_node("Unsqueeze", [tensor, axes], [out], name=fresh("onnxsal_unsqueeze_map")))
-    return out
+    a = Appender(proto, "onnxsal_channel_axis")
+    return a.op("Unsqueeze", [tensor, a.const([1 if layout == "NCHW" else 3], np.int64)], "onnxsal_map")
 
 
 _RESIZING = {"Resize", "Upsample", "Add", "Sum", "Identity", "Transpose", "Cast"}

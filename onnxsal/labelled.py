@@ -171,56 +171,35 @@ def add_class_best(proto: onnx.ModelProto, lists: LabelledLists) -> tuple[ClassB
     class has no detection at all (a Where on whether any label is c, so no -inf reaches an output
     and the gradient of an absent class is 0). Padding rows hold a score of 0, so a class the
     detector did not keep reads 0 either way."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
-    from .graph.normalize import opset_of
-    from .graph.surgery import ReadableNames
+    from .graph.surgery import Appender
 
+    a = Appender(proto, "onnxsal_class_best")
     g = proto.graph
-    fresh = ReadableNames(g)
-    opset = opset_of(proto)
-
-    def const(values, dtype, name: str = "onnxsal_class_best_const") -> str:
-        out = fresh(name)
-        g.initializer.append(numpy_helper.from_array(np.asarray(values, dtype), out))
-        return out
-
-    def op(op_type: str, inputs: list[str], out: Optional[str] = None, **attrs) -> str:
-        out = out or fresh(f"onnxsal_class_best_{op_type.lower()}")
-        g.node.append(helper.make_node(op_type, inputs, [out], name=fresh(f"onnxsal_{op_type.lower()}"), **attrs))
-        return out
-
-    def reduce_max(x: str, out: Optional[str] = None) -> str:
-        if opset >= 18:
-            return op("ReduceMax", [x, const([1], np.int64)], out, keepdims=0)
-        return op("ReduceMax", [x], out, axes=[1], keepdims=0)
-
     float_type = next((vi.type.tensor_type.elem_type for vi in g.output if vi.name == lists.scores),
                       onnx.TensorProto.FLOAT)
     real = helper.tensor_dtype_to_np_dtype(float_type)
     scores = lists.scores
     if lists.column is not None:
-        scores = op("Gather", [scores, const(lists.column, np.int64)], axis=2)
-    labels = op("Cast", [lists.labels], to=onnx.TensorProto.INT64)
-    hit = op("Equal", [op("Unsqueeze", [labels, const([2], np.int64)]),
-                       const(np.arange(lists.classes).reshape(1, 1, -1), np.int64)])         # (N, K, classes)
-    masked = op("Where", [hit, op("Unsqueeze", [scores, const([2], np.int64)]), const(-np.inf, real)])
-    found = op("Cast", [reduce_max(op("Cast", [hit], to=float_type))], to=onnx.TensorProto.BOOL)
-    best = op("Where", [found, reduce_max(masked), const(0.0, real)], fresh("onnxsal_class_best"))
+        scores = a.op("Gather", [scores, a.const(lists.column, np.int64)], axis=2)
+    labels = a.op("Cast", [lists.labels], to=onnx.TensorProto.INT64)
+    hit = a.op("Equal", [a.op("Unsqueeze", [labels, a.const([2], np.int64)]),
+                         a.const(np.arange(lists.classes).reshape(1, 1, -1), np.int64)])         # (N, K, classes)
+    masked = a.op("Where", [hit, a.op("Unsqueeze", [scores, a.const([2], np.int64)]), a.const(-np.inf, real)])
+    found = a.op("Cast", [a.reduce("ReduceMax", a.op("Cast", [hit], to=float_type), [1], keepdims=0)],
+                 to=onnx.TensorProto.BOOL)
+    best = a.op("Where", [found, a.reduce("ReduceMax", masked, [1], keepdims=0), a.const(0.0, real)],
+                "onnxsal_class_best")
     boxes = None
     if lists.boxes is not None:
-        pick = op("Unsqueeze", [op("ArgMax", [masked], axis=1, keepdims=0), const([2], np.int64)])   # (N, classes, 1)
-        width = op("Gather", [op("Shape", [lists.boxes]), const([2], np.int64)])
-        spread = op("Expand", [pick, op("Concat", [op("Shape", [best]), width], axis=0)])
-        boxes = op("GatherElements", [lists.boxes, spread], fresh("onnxsal_class_best_boxes"), axis=1)
-    batch = next((vi.type.tensor_type.shape.dim[0] for vi in g.output if vi.name == lists.labels), None)
-    for name, dims in ((best, [lists.classes]), (boxes, [lists.classes, None])):
-        if name is None:
-            continue
-        vi = helper.make_tensor_value_info(name, float_type, [None] + dims)
-        if batch is not None:
-            vi.type.tensor_type.shape.dim[0].CopyFrom(batch)
-        g.value_info.append(vi)
+        pick = a.op("Unsqueeze", [a.op("ArgMax", [masked], axis=1, keepdims=0), a.const([2], np.int64)])  # (N, classes, 1)
+        width = a.op("Gather", [a.op("Shape", [lists.boxes]), a.const([2], np.int64)])
+        spread = a.op("Expand", [pick, a.op("Concat", [a.op("Shape", [best]), width], axis=0)])
+        boxes = a.op("GatherElements", [lists.boxes, spread], "onnxsal_class_best_boxes", axis=1)
+    a.declare(best, float_type, [lists.classes], lists.labels)
+    if boxes is not None:
+        a.declare(boxes, float_type, [lists.classes, None], lists.labels)
     where = f"column {lists.column} of {lists.scores}" if lists.column is not None else lists.scores
     source = f"{where} by {lists.labels}, after NonMaxSuppression {lists.nms!r}"
     return ClassBest(lists.classes, boxes, lists.box_values, source), best

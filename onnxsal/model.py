@@ -569,31 +569,37 @@ def _find_layers(proto: onnx.ModelProto, size: tuple[int, int]) -> list[Layer]:
     return layers
 
 
-def _scored_output(proto: onnx.ModelProto, head: Optional[str] = None, layout: str = "NCHW") -> str:
+def _scored_output(proto: onnx.ModelProto, head: Optional[str] = None,
+                   layout: str = "NCHW") -> tuple[str, Optional[str]]:
     """``head`` when given (a multi-task model's outputs), else the first floating-point output:
     classifiers often list an integer label (an ArgMax) first. A full-integer model (a TFLite
-    export) quantises its scores: such an output is scored at the float values it quantises."""
+    export) quantises its scores: such an output is scored at the float values it quantises. An
+    output that is only an ArgMax's label is scored at what it picks from; the second value names
+    that output (None otherwise)."""
     outputs = {vi.name: vi for vi in proto.graph.output}
     if head is not None:
         if head not in outputs:
             raise ModelError(f"the model has no output {head!r}; its outputs: {', '.join(outputs)}")
         if outputs[head].type.tensor_type.elem_type not in FLOAT_TYPES:
-            inner = _quantised_from(proto, head) or _argmax_from(proto, head, layout)
-            if inner is None:
+            inner = _quantised_from(proto, head)
+            if inner is not None:
+                return inner, None
+            picked = _argmax_from(proto, head, layout)
+            if picked is None:
                 raise ModelError(f"output {head!r} is not floating point; it cannot be scored")
-            return inner
-        return head
+            return picked, head
+        return head, None
     for vi in proto.graph.output:
         if not vi.type.HasField("tensor_type") or vi.type.tensor_type.elem_type in FLOAT_TYPES:
-            return vi.name
+            return vi.name, None
     for vi in proto.graph.output:
         inner = _quantised_from(proto, vi.name)
         if inner is not None:
-            return inner
+            return inner, None
     for vi in proto.graph.output:
         picked = _argmax_from(proto, vi.name, layout)
         if picked is not None:
-            return picked
+            return picked, vi.name
     names = ", ".join(f"{vi.name} ({onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name})"
                       for vi in proto.graph.output)
     raise ModelError(f"the model has no floating-point output to score; its outputs: {names}")
@@ -734,10 +740,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
 
     proto, across = normalize_traced(light)
     one_image = tuple(across)
-    graph_out = _scored_output(proto, head, layout)
-    outputs = [vi.name for vi in proto.graph.output]
-    argmaxed = None if graph_out in outputs else \
-        next((o for o in outputs if _argmax_from(proto, o, layout) == graph_out), None)
+    graph_out, argmaxed = _scored_output(proto, head, layout)
     pair = anchor_pair(proto, tensor_shapes(proto))    # an SSD-style head's confidences and boxes
     if head is None and pair is not None and graph_out in pair.beside:
         graph_out = pair.scores   # not its boxes when its confidences come in another output
@@ -752,7 +755,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if simcc is not None and head is not None and head not in simcc[:2]:
         simcc = None                            # another output named
     if simcc is not None:
-        graph_out = add_keypoint_scores(proto, simcc[0], simcc[1])
+        graph_out = add_keypoint_scores(proto, simcc[0], simcc[1], simcc[2])
         shapes = tensor_shapes(proto)
         output_note = (f"{simcc[0]} and {simcc[1]} are SimCC keypoint coordinates ({simcc[2]} keypoints, "
                        f"{simcc[3]:g} bins per pixel): a keypoint scores 0.5 x (its highest x-bin + its highest "

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
-from .graph.normalize import FLOAT_TYPES, opset_of
-from .graph.surgery import ReadableNames
+from .graph.normalize import FLOAT_TYPES
+from .graph.surgery import Appender
 
 
 def find_simcc(proto: onnx.ModelProto, shapes: dict, size: tuple[int, int]) -> Optional[tuple[str, str, int, float]]:
@@ -45,32 +43,10 @@ def find_simcc(proto: onnx.ModelProto, shapes: dict, size: tuple[int, int]) -> O
     return None
 
 
-def add_keypoint_scores(proto: onnx.ModelProto, x: str, y: str) -> str:
+def add_keypoint_scores(proto: onnx.ModelProto, x: str, y: str, keypoints: int) -> str:
     """Append ``0.5 · (max over x-bins + max over y-bins)``, (N, K), to ``proto``; return its name."""
-    g = proto.graph
-    fresh = ReadableNames(g)
-    opset = opset_of(proto)
-
-    def peak(t: str) -> str:
-        out = fresh(f"{t}_peak")
-        if opset >= 18:
-            axes = fresh("onnxsal_simcc_axes")
-            g.initializer.append(numpy_helper.from_array(np.array([2], np.int64), axes))
-            g.node.append(helper.make_node("ReduceMax", [t, axes], [out], keepdims=0, name=fresh("onnxsal_peak")))
-        else:
-            g.node.append(helper.make_node("ReduceMax", [t], [out], axes=[2], keepdims=0, name=fresh("onnxsal_peak")))
-        return out
-
-    half = fresh("onnxsal_half")
-    g.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), half))
-    total = fresh("onnxsal_simcc_sum")
-    g.node.append(helper.make_node("Add", [peak(x), peak(y)], [total], name=fresh("onnxsal_add")))
-    scores = fresh("keypoint_scores")
-    g.node.append(helper.make_node("Mul", [total, half], [scores], name=fresh("onnxsal_mul")))
-    vi = next((v for v in g.output if v.name == x), None)
-    made = helper.make_tensor_value_info(scores, onnx.TensorProto.FLOAT, [None, None])
-    if vi is not None:
-        made.type.tensor_type.shape.dim[0].CopyFrom(vi.type.tensor_type.shape.dim[0])
-        made.type.tensor_type.shape.dim[1].CopyFrom(vi.type.tensor_type.shape.dim[1])
-    g.value_info.append(made)
+    a = Appender(proto, "onnxsal_simcc")
+    peaks = [a.reduce("ReduceMax", t, [2], keepdims=0, out=f"{t}_peak") for t in (x, y)]
+    scores = a.op("Mul", [a.op("Add", peaks), a.const(0.5)], "keypoint_scores")
+    a.declare(scores, onnx.TensorProto.FLOAT, [keypoints], x)
     return scores

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from .errors import TargetError
-from .graph.normalize import opset_of
-from .graph.surgery import ReadableNames
+from .graph.surgery import Appender
 
 EPS = 1e-8        # torch.nn.functional.cosine_similarity's
 
@@ -37,33 +35,11 @@ def with_similarity(proto: onnx.ModelProto, output: str, reference: np.ndarray) 
     ``output`` (flattened after the batch axis) to ``reference``. Returns the copy and the name."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    g = out.graph
-    fresh = ReadableNames(g)
-    opset = opset_of(out)
+    a = Appender(out, "onnxsal_similarity")
     unit = (reference / np.linalg.norm(reference)).astype(np.float32)
-
-    def const(values, dtype=np.float32) -> str:
-        name = fresh("onnxsal_similarity_const")
-        g.initializer.append(numpy_helper.from_array(np.asarray(values, dtype), name))
-        return name
-
-    def op(op_type: str, inputs: list, name: str = "", **attrs) -> str:
-        res = name or fresh(f"onnxsal_similarity_{op_type.lower()}")
-        g.node.append(helper.make_node(op_type, inputs, [res], name=fresh(f"onnxsal_{op_type.lower()}"), **attrs))
-        return res
-
-    def row_sum(x: str, name: str = "") -> str:
-        if opset >= 13:
-            return op("ReduceSum", [x, const([1], np.int64)], name, keepdims=1)
-        return op("ReduceSum", [x], name, axes=[1], keepdims=1)
-
-    e = op("Flatten", [output], axis=1)
-    norm = op("Sqrt", [row_sum(op("Mul", [e, e]))])
-    sim = fresh("similarity")
-    op("Div", [row_sum(op("Mul", [e, const(unit[None, :])])), op("Max", [norm, const(EPS)])], sim)
-    g.output.insert(0, helper.make_tensor_value_info(sim, onnx.TensorProto.FLOAT, [None, 1]))
-    batch = next((vi.type.tensor_type.shape.dim[0] for vi in list(g.output) + list(g.value_info)
-                  if vi.name == output and vi.type.tensor_type.shape.dim), None)
-    if batch is not None:
-        g.output[0].type.tensor_type.shape.dim[0].CopyFrom(batch)
+    e = a.op("Flatten", [output], axis=1)
+    norm = a.op("Sqrt", [a.reduce("ReduceSum", a.op("Mul", [e, e]), [1])])
+    dot = a.reduce("ReduceSum", a.op("Mul", [e, a.const(unit[None, :])]), [1])
+    sim = a.op("Div", [dot, a.op("Max", [norm, a.const(EPS)])], "similarity")
+    a.declare(sim, onnx.TensorProto.FLOAT, [1], output, output=True)
     return out, sim

@@ -1,4 +1,5 @@
-"""A layer's activation with its gradient, from PyTorch: the reference side of the CAM checks."""
+"""The reference side of the checks, in PyTorch: a layer's activation with its gradient, and
+BatchNorm statistics that are not the identity."""
 
 from __future__ import annotations
 
@@ -20,3 +21,16 @@ def kept(module):
         yield store
     finally:
         handle.remove()
+
+
+def varied_batch_norm(net) -> None:
+    """Running means in [-0.5, 0.5] and variances in [0.5, 2] for every BatchNorm2d of ``net`` (drawn
+    from torch's global generator): left at their defaults, they make each BatchNorm the identity."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)

@@ -19,6 +19,8 @@ import onnxsal
 from onnxsal.cli import main
 from onnxsal.errors import ModelError
 
+from hooks import varied_batch_norm
+
 CLASSES = 5
 
 
@@ -80,11 +82,7 @@ def export(net: nn.Module, path) -> str:
 def predicted(request, tmp_path_factory):
     torch.manual_seed(4)
     net = NETS[request.param]().eval()
-    with torch.no_grad():
-        for mod in net.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
+    varied_batch_norm(net)
     path = export(net, tmp_path_factory.mktemp(request.param) / "model.onnx")
     x = np.random.default_rng(4).standard_normal((1, 3, 16, 16)).astype(np.float32)
     return request.param, net, path, x

@@ -317,10 +317,22 @@ def test_multi_label_sigmoid_scores_each_class_logit_and_its_own_probability(tmp
     assert any("before the final sigmoid" in n for n in res.notes)
 
 
+def _torch_export(net, path: str, size: tuple, output: str) -> str:
+    """``net`` written by the TorchScript exporter: input "x" (batch free) of ``size`` (C, H, W)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.randn(1, *size), path, input_names=["x"], output_names=[output], dynamo=False,
+                          dynamic_axes={"x": {0: "n"}})
+    return path
+
+
 def _segmenter(tmp_path, classes: int, last: bool = False, sigmoid: bool = False) -> str:
     """A small per-pixel network exported by torch: ``classes`` maps (one map: a sigmoid or not),
     permuted channels last when ``last``."""
-    import warnings
 
     import torch
     from torch import nn
@@ -337,12 +349,8 @@ def _segmenter(tmp_path, classes: int, last: bool = False, sigmoid: bool = False
             y = torch.sigmoid(y) if sigmoid else y
             return y.permute(0, 2, 3, 1) if last else y
 
-    path = str(tmp_path / f"seg{classes}{'l' * last}{'s' * sigmoid}.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Seg().eval(), torch.randn(1, 3, 12, 12), path, input_names=["x"], output_names=["maps"],
-                          dynamo=False, dynamic_axes={"x": {0: "n"}})
-    return path
+    return _torch_export(Seg().eval(), str(tmp_path / f"seg{classes}{'l' * last}{'s' * sigmoid}.onnx"), (3, 12, 12),
+                         "maps")
 
 
 @pytest.mark.parametrize("classes,last,sigmoid", [(3, False, False), (4, True, False), (1, False, True), (1, False, False)],
@@ -390,7 +398,6 @@ def test_a_class_that_wins_no_pixel_is_read_over_every_pixel():
 def test_a_recogniser_s_probability_is_its_softmax_at_its_step(tmp_path):
     """(N, steps, characters) with a softmax per step: a (step, character) target's probability is
     that step's softmax, not one over every value of every step."""
-    import warnings
 
     import torch
     from torch import nn
@@ -409,12 +416,7 @@ def test_a_recogniser_s_probability_is_its_softmax_at_its_step(tmp_path):
             return torch.softmax(feats, dim=2)
 
     net = Rec().eval()
-    path = str(tmp_path / "rec.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, torch.randn(1, 3, 4, 8), path, input_names=["x"], output_names=["probs"], dynamo=False,
-                          dynamic_axes={"x": {0: "n"}})
-    ex = Explainer(path, "cpu", preprocess="raw")
+    ex = Explainer(_torch_export(net, str(tmp_path / "rec.onnx"), (3, 4, 8), "probs"), "cpu", preprocess="raw")
     xb = np.random.default_rng(0).standard_normal((3, 3, 4, 8)).astype(np.float32)
     with torch.no_grad():
         p = net(torch.tensor(xb)).numpy()
@@ -444,7 +446,6 @@ def test_a_conv_head_s_probability_is_its_softmax_over_the_classes():
 def test_probabilities_made_without_a_final_softmax_are_read_as_they_are(tmp_path):
     """An ensemble's mean of two softmaxes ends in a Div, not a Softmax: its rows are
     probabilities already, and a softmax of them would flatten every curve towards 1/C."""
-    import warnings
 
     import torch
     from torch import nn
@@ -463,12 +464,7 @@ def test_probabilities_made_without_a_final_softmax_are_read_as_they_are(tmp_pat
             return (torch.softmax(self.a(x) * 4, 1) + torch.softmax(self.b(x) * 4, 1)) / 2
 
     net = Ensemble().eval()
-    path = str(tmp_path / "ens.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, torch.randn(1, 3, 8, 8), path, input_names=["x"], output_names=["p"], dynamo=False,
-                          dynamic_axes={"x": {0: "n"}})
-    ex = Explainer(path, "cpu", preprocess="raw")
+    ex = Explainer(_torch_export(net, str(tmp_path / "ens.onnx"), (3, 8, 8), "p"), "cpu", preprocess="raw")
     assert ex.model.activation is None
     xb = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
     with torch.no_grad():

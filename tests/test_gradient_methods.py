@@ -56,6 +56,19 @@ def ref_cams(a, g):
     return out
 
 
+CAMS = ("gradcam", "gradcam++", "layercam", "xgradcam")
+
+
+def assert_cams(ex, x, target, a, g, what: str, names=CAMS, **kwargs) -> None:
+    """Each CAM in ``names`` of ``ex`` on ``x`` for ``target`` (further ``explain`` arguments in
+    ``kwargs``) against ``ref_cams`` of the layer's activations ``a`` and gradients ``g``."""
+    expected = ref_cams(a, g)
+    for name in names:
+        got = ex.explain(x, name, target, **kwargs).raw[0]
+        np.testing.assert_allclose(got, expected[name], rtol=1e-3, atol=1e-4 * np.abs(expected[name]).max() + 1e-12,
+                                   err_msg=f"{what} {name}")
+
+
 def ref_weighted(a, g):
     """Each channel-weighted CAM's (K, h, w) weighted activations, before the channel sum."""
     eps = 1e-7

@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 from typing import Iterable, Sequence
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from ..errors import LayerError, MethodError
-from .normalize import BATCH, tensor_shapes
+from .normalize import BATCH, opset_of, tensor_shapes
 
 
 def _value_info(model: onnx.ModelProto, name: str, shapes: dict) -> onnx.ValueInfoProto:
@@ -194,6 +195,47 @@ class ReadableNames:
             out = f"{name}_{k}"
         self.used.add(out)
         return out
+
+
+class Appender:
+    """Nodes and constants added to ``model``'s graph in place, under readable fresh names: for the
+    scores onnxsal builds on a model's outputs (a class's best kept detection, a keypoint's
+    confidence, a cosine similarity)."""
+
+    def __init__(self, model: onnx.ModelProto, prefix: str) -> None:
+        self.g, self.prefix, self.opset = model.graph, prefix, opset_of(model)
+        self.fresh = ReadableNames(model.graph)
+
+    def const(self, values, dtype=np.float32) -> str:
+        name = self.fresh(f"{self.prefix}_const")
+        self.g.initializer.append(numpy_helper.from_array(np.asarray(values, dtype), name))
+        return name
+
+    def op(self, op_type: str, inputs: list, out: str = "", **attrs) -> str:
+        """One node; its output ``out`` (made fresh) or a fresh name after the op."""
+        res = self.fresh(out) if out else self.fresh(f"{self.prefix}_{op_type.lower()}")
+        self.g.node.append(helper.make_node(op_type, inputs, [res], name=self.fresh(f"onnxsal_{op_type.lower()}"),
+                                            **attrs))
+        return res
+
+    def declare(self, name: str, elem_type: int, dims: list, batch_of: str, output: bool = False) -> None:
+        """Type ``name`` as (N, *dims), its batch dimension (symbol or value) that of ``batch_of``; as
+        the graph's first output with ``output``, else as value_info."""
+        vi = helper.make_tensor_value_info(name, elem_type, [None] + list(dims))
+        batch = next((v.type.tensor_type.shape.dim[0] for v in list(self.g.output) + list(self.g.value_info)
+                      if v.name == batch_of and v.type.tensor_type.shape.dim), None)
+        if batch is not None:
+            vi.type.tensor_type.shape.dim[0].CopyFrom(batch)
+        if output:
+            self.g.output.insert(0, vi)
+        else:
+            self.g.value_info.append(vi)
+
+    def reduce(self, op_type: str, x: str, axes: list, keepdims: int = 1, out: str = "") -> str:
+        """A reduction in the model's opset form: axes an input (ReduceSum from 13, the rest from 18)."""
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.op(op_type, [x, self.const(axes, np.int64)], out, keepdims=keepdims)
+        return self.op(op_type, [x], out, axes=axes, keepdims=keepdims)
 
 
 MS = "com.microsoft"      # ONNX Runtime's own op domain
