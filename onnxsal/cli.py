@@ -163,8 +163,7 @@ def explain(
     top_k: int = typer.Option(1, "--top-k", "-k", help="explain the K highest-scoring classes"),
     target_weights: Optional[str] = typer.Option(None, "--target-weights",
                                                  help=".npy of weights shaped like one output row: score = sum(w * output)"),
-    like: Optional[str] = typer.Option(None, "--like", help="reference image (or .npy of its output vector): score "
-                                       "= cosine similarity of each image's output to it (embedding models)"),
+    like: Optional[str] = O.LIKE,
     layer: Optional[str] = O.LAYER,
     out_dir: str = O.OUT_DIR,
     score: str = O.SCORE,
@@ -290,15 +289,26 @@ def export_cmd(
     feed: List[str] = O.FEED,
     head: Optional[str] = O.HEAD,
     region: str = O.REGION,
+    like: Optional[str] = O.LIKE,
+    preprocess: Optional[str] = O.PREPROCESS,
 ) -> None:
-    """Write one ONNX graph: inputs (image, target int64[N]) -> outputs (logits, map [N, H, W] in [0, 1])."""
+    """Write one ONNX graph: inputs (image, target int64[N]) -> outputs (logits, map [N, H, W] in [0, 1]).
+
+    With --like, the score is the similarity to that reference, held in the graph as a constant
+    (target 1: similarity, 0: dissimilarity); --preprocess then says how to read a reference image."""
     import onnx
 
     from .export import export
     from .model import load
 
-    graph = export(load(model, size=parse_size(size), fixed_inputs=_feeds(feed), head=head), method, layer,
-                   n_samples=n_samples, noise_level=noise_level, steps=steps, region=region)
+    m = load(model, size=parse_size(size), fixed_inputs=_feeds(feed), head=head)
+    if like is not None:
+        from .explainer import Explainer
+
+        m = Explainer(m, "cpu", preprocess=preprocess).like(_reference(like)).model
+    elif preprocess is not None:
+        raise OnnxsalError("--preprocess reads a --like reference image; the exported graph takes preprocessed tensors")
+    graph = export(m, method, layer, n_samples=n_samples, noise_level=noise_level, steps=steps, region=region)
     tmp = output + ".part"
     onnx.save(graph, tmp)
     os.replace(tmp, output)

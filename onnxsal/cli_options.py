@@ -14,6 +14,8 @@ SCORE = typer.Option("logit", help="logit (final softmax/sigmoid removed) or pro
 OPTION = typer.Option([], "--option", "-O", help="method option key=value, e.g. -O window=16")
 REGION = typer.Option("won", "--region", help="per-pixel outputs: the pixels a class target scores: won (those "
                       "the class wins), peak (its highest pixel: a keypoint heatmap's) or all")
+LIKE = typer.Option(None, "--like", help="reference image (or .npy of its output vector): score = cosine "
+                    "similarity of each image's output to it (embedding models)")
 HEAD = typer.Option(None, "--head", help="the model output to score, for models with several "
                     "(default: the first floating-point one)")
 FEED = typer.Option([], "--feed", help="a model input besides the image, held at a value: NAME=1.5,2 or NAME=file.npy; "

@@ -4,7 +4,9 @@ object, a depth map), and how a file's output is read as such.
 A class index scores its map over the pixels the model assigns to it (pytorch-grad-cam's
 SemanticSegmentationTarget with the predicted mask). Which axis holds the classes follows the
 input's layout unless only the other order puts the input's grid on the spatial axes; one map's
-pixels are those above 0.5 after a Sigmoid, above 0 as logits; one map with its channel axis
+pixels are those above 0.5 after a Sigmoid, above 0 as logits; maps that each come out of a Sigmoid
+(a multi-label segmentation, sigmoid heatmaps) are each their own probability, a class's pixels
+those of its map above 0.5, wherever other classes overlap them; one map with its channel axis
 squeezed away gets the axis back in the graph.
 """
 
@@ -30,7 +32,13 @@ class DenseOutput:
     height: int
     width: int
     channels_last: bool
-    threshold: float = 0.0     # one map (a binary segmentation): its class's pixels are those above this
+    threshold: float = 0.0     # one map, or maps after a Sigmoid (0.5): a class's pixels are those above this
+
+    @property
+    def independent(self) -> bool:
+        """Whether each map is read on its own: one map, or maps each after a Sigmoid, where a
+        softmax or an argmax over the classes would tie classes that the model did not tie."""
+        return self.classes == 1 or self.threshold == 0.5
 
     def maps(self, row: np.ndarray) -> np.ndarray:
         """A flattened output row as (classes, height * width)."""
@@ -40,17 +48,21 @@ class DenseOutput:
     def won(self, maps: np.ndarray) -> np.ndarray:
         """(classes, height * width) whether each class has each pixel: the class whose map is highest
         there, or for a single map (a person, a salient object, a lesion) its pixels above the
-        threshold, since an argmax over one map gives the class every pixel, background included."""
-        if self.classes == 1:
+        threshold, since an argmax over one map gives the class every pixel, background included
+        (and the same for each of several maps after a Sigmoid, whose classes may overlap)."""
+        if self.independent:
             return maps > self.threshold
         return np.arange(self.classes)[:, None] == maps.argmax(axis=0)[None, :]
 
     def probability(self, maps: np.ndarray, cls: int) -> np.ndarray:
         """(height * width) class ``cls``'s probability at each pixel: a softmax over the classes
-        there, or one map's sigmoid (the map itself when it is one already)."""
+        there, or one map's sigmoid (the map itself when it is one already, as each map after a
+        Sigmoid is)."""
         z = np.asarray(maps, np.float64)
+        if self.threshold == 0.5:
+            return z[cls]
         if self.classes == 1:
-            return z[0] if self.threshold == 0.5 else 0.5 * (1.0 + np.tanh(0.5 * z[0]))
+            return 0.5 * (1.0 + np.tanh(0.5 * z[0]))
         e = np.exp(z - z.max(axis=0, keepdims=True))
         return e[cls] / e.sum(axis=0)
 
@@ -66,8 +78,9 @@ class DenseOutput:
             return (f"one map, {self.height}x{self.width}, {what}: its target scores the map over its pixels above "
                     f"{self.threshold:g}")
         order = ", classes last" if self.channels_last else ""
+        pixels = "where it is above 0.5 (each map after a Sigmoid)" if self.independent else "it wins"
         return (f"{self.classes} classes per pixel, {self.height}x{self.width}{order}: a class target scores its map "
-                "over the pixels it wins (--region peak: its highest pixel, for keypoint heatmaps)")
+                f"over the pixels {pixels} (--region peak: its highest pixel, for keypoint heatmaps)")
 
     def flat(self, maps: np.ndarray) -> np.ndarray:
         """(classes, height * width) back to a flattened output row."""
@@ -156,4 +169,4 @@ def find_dense(proto: onnx.ModelProto, logits: str, out_shape: tuple, layout: st
     c, h, w = (out_shape[3], out_shape[1], out_shape[2]) if last else out_shape[1:]
     if h * w <= 1:
         return None
-    return DenseOutput(int(c), int(h), int(w), last, 0.5 if c == 1 and made_by(proto, logits, "Sigmoid") else 0.0)
+    return DenseOutput(int(c), int(h), int(w), last, 0.5 if made_by(proto, logits, "Sigmoid") else 0.0)

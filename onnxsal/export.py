@@ -355,9 +355,17 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
                                     e.const(grid, np.int64)], axis=0)
             pixels = e.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.ones(1, np.float32)))
         else:
-            won = e.op("Greater", [own, e.const(dense.threshold)]) if dense.classes == 1 else \
-                e.op("Equal", [e.op("ArgMax", [own], axis=c_ax, keepdims=1),
-                               e.op("Reshape", [target, e.const([-1, 1, 1, 1], np.int64)])])
+            if dense.classes == 1:
+                won = e.op("Greater", [own, e.const(dense.threshold)])
+            elif dense.independent:   # the class's own map above its threshold (maps each after a Sigmoid)
+                hot_class = e.op("OneHot", [target, e.const([dense.classes], np.int64), e.const([0.0, 1.0])], axis=-1)
+                per = [-1, 1, 1, dense.classes] if dense.channels_last else [-1, dense.classes, 1, 1]
+                class_map = e.reduce("ReduceSum", e.op("Mul", [own, e.op("Reshape", [hot_class, e.const(per, np.int64)])]),
+                                     [c_ax], keepdims=1)
+                won = e.op("Greater", [class_map, e.const(dense.threshold)])
+            else:
+                won = e.op("Equal", [e.op("ArgMax", [own], axis=c_ax, keepdims=1),
+                                     e.op("Reshape", [target, e.const([-1, 1, 1, 1], np.int64)])])
             pixels = e.op("Cast", [won], to=TensorProto.FLOAT)
             pixels = e.op("Add", [pixels, e.op("Sub", [e.const(1.0), e.reduce("ReduceMax", pixels, [1, 2, 3])])])
         if clean is not None:

@@ -5,6 +5,7 @@ all of them. Checked against torch.autograd of the map's maximum and of its sum,
 and on one that permutes its maps channels last.
 """
 
+import copy
 import json
 import warnings
 
@@ -168,3 +169,191 @@ def test_aug_smooth_finds_each_copy_s_own_peak(pose):
     won = ex.explain(x[:1], "gradcam", 2, region="won", aug_smooth=True, layer=INNER).raw[0]
     assert np.abs(won - got).max() > 1e-2            # the check tells the regions apart
     np.testing.assert_allclose(got, np.mean(maps, axis=0), atol=1e-4)
+
+
+def torch_maps(net, x) -> np.ndarray:
+    with torch.no_grad():
+        return net.maps(torch.tensor(x)).numpy()          # (N, K, h, w) whichever way the file lays them out
+
+
+@pytest.mark.parametrize("region", ["peak", "all", "won"])
+def test_deletion_and_insertion_read_the_pixels_the_region_scores(pose, region):
+    """The curves read the class over the pixels its target scored in the original image: the
+    heatmap's value at the original peak as the model gives it, or a softmax over the keypoints
+    averaged over every pixel or over those the keypoint wins."""
+    from onnxsal.evaluate.faithfulness import deletion_insertion, probabilities, segment_pixels
+
+    net, path, x = pose
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    own = torch_maps(net, x[:1])[0].reshape(KEYPOINTS, -1)
+    rng = np.random.default_rng(3)
+    xb = (x[:1] + rng.standard_normal((3,) + x.shape[1:])).astype(np.float32)
+    maps = torch_maps(net, xb).reshape(3, KEYPOINTS, -1)
+    e = np.exp(maps - maps.max(axis=1, keepdims=True))
+    soft = e / e.sum(axis=1, keepdims=True)
+    for k in range(KEYPOINTS):
+        pixels = {"peak": np.arange(own.shape[1]) == own[k].argmax(), "all": np.ones(own.shape[1], bool),
+                  "won": own.argmax(axis=0) == k}[region]
+        if not pixels.any():
+            continue
+        np.testing.assert_array_equal(segment_pixels(ex, x[:1], k, region), pixels, err_msg=f"keypoint {k}")
+        want = maps[:, k, pixels][:, 0] if region == "peak" else soft[:, k, pixels].mean(axis=1)
+        np.testing.assert_allclose(probabilities(ex, xb, k, pixels, region), want, rtol=1e-5, atol=1e-7,
+                                   err_msg=f"keypoint {k}")
+    k = 1
+    curves = deletion_insertion(ex, x[:1], rng.random((SIZE, SIZE)), k, step=32, region=region)
+    start = own[k].max() if region == "peak" else probabilities(ex, x[:1], k, segment_pixels(ex, x[:1], k, region),
+                                                                region)[0]
+    assert curves.deletion[0] == pytest.approx(float(start), rel=1e-5)      # nothing deleted yet: the image's own
+
+
+def test_evaluate_and_sanity_explain_and_read_the_region(pose):
+    """`evaluate` and `sanity` take the region as `explain` does: the maps they rank and compare are
+    the region's (torch.autograd of the peak), and the curves read the peak."""
+    from onnxsal.evaluate.faithfulness import deletion_insertion, evaluate
+    from onnxsal.evaluate.randomize import cascade, randomize, weight_layers
+    from onnxsal.evaluate.sanity import sanity_check
+    from onnxsal.graph.weights import array as weight_array
+    from onnxsal.postprocess import normalize
+
+    net, path, x = pose
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    rep = evaluate(ex, [x[:1]], ["saliency"], target=1, step=64, region="peak")
+    assert rep.settings["region"] == "peak" and "peak" in rep.settings["score"]
+    curves = rep.results[0].curves
+    assert curves.deletion[0] == pytest.approx(float(torch_maps(net, x[:1])[0, 1].max()), rel=1e-5)
+    gx = gradient(net, x[:1], 1, "peak")[0]
+    want = deletion_insertion(ex, x[:1], np.abs(gx).max(axis=0), 1, step=64, region="peak")   # the peak's map's order
+    np.testing.assert_allclose(curves.deletion, want.deletion, rtol=1e-6)
+    np.testing.assert_allclose(curves.insertion, want.insertion, rtol=1e-6)
+    san = sanity_check(ex, [x[:1]], ["saliency"], modes=("cascading",), target=1, region="peak", max_steps=2)
+    np.testing.assert_allclose(san.original["saliency"][0], normalize(np.abs(gx).max(axis=0)[None])[0], atol=1e-5)
+    layers = weight_layers(ex.model.light)
+    for k, group in enumerate(cascade(layers, 2)):     # each randomised model's map is its own peak's too
+        drawn = randomize(ex.model.light, group, 0, all_layers=layers)
+        twin = copy.deepcopy(net)
+        state = {i.name: torch.tensor(weight_array(i)) for i in drawn.graph.initializer}
+        twin.load_state_dict({name: state[name] for name in twin.state_dict()})
+        gx = gradient(twin, x[:1], 1, "peak")[0]
+        assert np.abs(san.maps[("saliency", k)][0] - san.original["saliency"][0]).max() > 0.05
+        np.testing.assert_allclose(san.maps[("saliency", k)][0], normalize(np.abs(gx).max(axis=0)[None])[0],
+                                   atol=1e-5, err_msg=f"step {k}")
+
+
+def test_cli_evaluate_and_sanity_take_a_region(pose, tmp_path, capsys):
+    from PIL import Image
+
+    net, path, x = pose
+    Image.fromarray(np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE, 3)).astype(np.uint8)).save(tmp_path / "p.png")
+    common = ["--preprocess", "unit", "-t", "1", "-q"]
+    assert main(["evaluate", path, str(tmp_path / "p.png"), "--region", "peak", "--step", "64",
+                 "-o", str(tmp_path / "e")] + common) == 0
+    report = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert report["settings"]["region"] == "peak"
+    assert main(["sanity", path, str(tmp_path / "p.png"), "--region", "all", "-m", "saliency", "--max-steps", "2",
+                 "--mode", "cascading", "-o", str(tmp_path / "s")] + common) == 0
+    assert json.loads((tmp_path / "s" / "sanity.json").read_text())["region"] == "all"
+    capsys.readouterr()
+    assert main(["evaluate", path, str(tmp_path / "p.png"), "--region", "tip", "-o", str(tmp_path / "e")] + common) == 2
+    assert "region must be one of won, peak, all, not 'tip'" in capsys.readouterr().err
+
+
+class Activated(nn.Module):
+    def __init__(self, act: str):
+        super().__init__()
+        torch.manual_seed(9)
+        self.net = Heatmaps()
+        self.act = act
+
+    def forward(self, x):
+        y = self.net.maps(x)
+        return torch.sigmoid(y) if self.act == "sigmoid" else torch.softmax(y, dim=1)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "softmax"])
+def test_a_peak_is_the_activated_map_s_as_explain_picks_it(act, tmp_path):
+    """After a final activation, the peak is the activated map's highest pixel (as ``explain``
+    picks it; a softmax over the maps moves it) and the curves read the activated value there."""
+    from onnxsal.evaluate.faithfulness import probabilities, segment_pixels
+
+    net = Activated(act).eval()
+    path = str(tmp_path / f"{act}.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.randn(1, 3, SIZE, SIZE), path, input_names=["image"], output_names=["maps"],
+                          opset_version=13, dynamo=False, dynamic_axes={"image": {0: "n"}})
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    assert ex.model.activation == (None if act == "sigmoid" else act)   # sigmoid maps are scored as they are
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    with torch.no_grad():
+        out = net(torch.tensor(x)).numpy().reshape(3, KEYPOINTS, -1)
+        logits = net.net.maps(torch.tensor(x)).numpy().reshape(3, KEYPOINTS, -1)
+    moved = 0
+    for k in range(KEYPOINTS):
+        peak = int(out[0, k].argmax())
+        moved += peak != int(logits[0, k].argmax())
+        pixels = segment_pixels(ex, x[:1], k, "peak")
+        assert np.flatnonzero(pixels).tolist() == [peak]
+        np.testing.assert_allclose(probabilities(ex, x, k, pixels, "peak"), out[:, k, peak], rtol=1e-5)
+        assert ex.explain(x[:1], "saliency", k, region="peak").targets[0].seed.reshape(KEYPOINTS, -1)[k, peak] == 1
+    assert moved or act == "sigmoid"          # the check tells the two readings apart
+
+
+@pytest.fixture(scope="module")
+def multilabel(tmp_path_factory):
+    """Maps each after a Sigmoid (a multi-label segmentation): classes overlap; keypoint 1's blob is
+    made strong, so an argmax over the classes would take pixels away from the others."""
+    net = Activated("sigmoid").eval()
+    with torch.no_grad():
+        net.net.head.bias.copy_(torch.tensor([0.5, 1.0, 0.0, -0.5]))
+    path = str(tmp_path_factory.mktemp("multilabel") / "multilabel.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.randn(1, 3, SIZE, SIZE), path, input_names=["image"], output_names=["masks"],
+                          opset_version=13, dynamo=False, dynamic_axes={"image": {0: "n"}})
+    x = np.random.default_rng(5).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    return net, path, x
+
+
+def test_a_sigmoid_map_s_pixels_are_those_above_one_half(multilabel):
+    """Each class's pixels are those where its own map is above 0.5, overlaps included:
+    torch.autograd of the class map's sum over them; the curves read its mean there as it is."""
+    from onnxsal.evaluate.faithfulness import probabilities, segment_pixels
+
+    net, path, x = multilabel
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    assert ex.model.dense.independent and "above 0.5" in ex.model.dense.describe()
+    with torch.no_grad():
+        out = net(torch.tensor(x)).numpy()
+    above = out[0] > 0.5
+    overlap = above.sum(axis=0) > 1
+    assert overlap.any() and (above.reshape(KEYPOINTS, -1).any(axis=1)).sum() >= 3     # the check sees overlaps
+    for k in range(KEYPOINTS):
+        pixels = above[k] if above[k].any() else np.ones_like(above[k])
+        xt = torch.tensor(x[:1], requires_grad=True)
+        (net(xt)[0, k] * torch.tensor(pixels, dtype=torch.float32)).sum().backward()
+        g = np.abs(xt.grad.numpy()[0]).max(axis=0)
+        res = ex.explain(x[:1], "saliency", k)
+        np.testing.assert_allclose(res.raw[0], g, rtol=1e-4, atol=1e-6 * g.max(), err_msg=f"class {k}")
+        np.testing.assert_array_equal(segment_pixels(ex, x[:1], k), pixels.reshape(-1))
+        np.testing.assert_allclose(probabilities(ex, x, k, pixels.reshape(-1)), out[:, k][:, pixels].mean(axis=1),
+                                   rtol=1e-5)
+    shares = above.reshape(KEYPOINTS, -1).mean(axis=1)
+    top = ex.explain(x[:1], "saliency", top_k=KEYPOINTS).targets
+    assert [t.index for t in top] == list(np.lexsort((-out[0].reshape(KEYPOINTS, -1).mean(axis=1), -shares)))
+
+
+def test_the_exported_graph_takes_a_sigmoid_map_s_own_pixels(multilabel):
+    import onnxruntime as ort
+
+    from onnxsal.export import export
+
+    net, path, x = multilabel
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    sess = ort.InferenceSession(export(path, "saliency").SerializeToString())
+    for targets in ([0, 3], [1, 2]):
+        _, maps = sess.run(["logits", "map"], {"image": x, "target": np.array(targets, np.int64)})
+        for k in range(2):
+            want = ex.explain(x[k:k + 1], "saliency", targets[k]).map
+            np.testing.assert_allclose(maps[k], want, atol=1e-5, err_msg=f"image {k} class {targets[k]}")

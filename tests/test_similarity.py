@@ -5,6 +5,7 @@ Maps are checked against torch.autograd of ``torch.nn.functional.cosine_similari
 embeddings, and against the CAM formulas on PyTorch's activations and gradients, on two networks.
 """
 
+import copy
 import json
 import warnings
 
@@ -53,16 +54,21 @@ class Residual(nn.Module):
 NETS = {"plain": Plain, "residual": Residual}
 
 
-@pytest.fixture(scope="module", params=list(NETS))
-def embedder(request, tmp_path_factory):
+def exported(kind: str, folder) -> tuple[nn.Module, str]:
     torch.manual_seed(6)
-    net = NETS[request.param]().eval()
+    net = NETS[kind]().eval()
     varied_batch_norm(net)
-    path = str(tmp_path_factory.mktemp(request.param) / "embed.onnx")
+    path = str(folder / "embed.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, torch.randn(1, 3, 16, 16), path, input_names=["image"], output_names=["embedding"],
                           opset_version=13, dynamo=False, dynamic_axes={"image": {0: "n"}})
+    return net, path
+
+
+@pytest.fixture(scope="module", params=list(NETS))
+def embedder(request, tmp_path_factory):
+    net, path = exported(request.param, tmp_path_factory.mktemp(request.param))
     rng = np.random.default_rng(6)
     x, ref = rng.standard_normal((2, 2, 3, 16, 16)).astype(np.float32)
     return request.param, net, path, x, ref
@@ -179,3 +185,81 @@ def test_deletion_and_insertion_read_the_similarity_itself(embedder):
         c = cosine(net, torch.tensor(x), ref[:1]).numpy()
     np.testing.assert_allclose(probabilities(ex, x, 1), c, rtol=1e-5)
     np.testing.assert_allclose(probabilities(ex, x, 0), -c, rtol=1e-5)
+
+
+def test_evaluate_reads_the_similarity_and_its_maps(embedder):
+    from onnxsal.evaluate.faithfulness import evaluate
+
+    kind, net, path, x, ref = embedder
+    ex = onnxsal.Explainer(path, "cpu", preprocess="raw").like(ref[:1])
+    rep = evaluate(ex, [x[:1]], ["saliency"], step=64)
+    with torch.no_grad():
+        c = float(cosine(net, torch.tensor(x[:1]), ref[:1]))
+    r = rep.results[0]
+    assert r.target == (1 if c > 0 else 0) and rep.settings["score"] == "the target's score as the model gives it"
+    assert r.curves.deletion[0] == pytest.approx(c if c > 0 else -c, rel=1e-5)    # nothing deleted yet
+
+
+@pytest.mark.parametrize("reference", ["image", "vector"])
+def test_sanity_randomises_the_model_not_the_reference_vector(reference, tmp_path):
+    """Each randomised model scores the similarity of its own embeddings: of the image and, for a
+    reference image, of the reference too; a reference vector stays as given, like a fixed class.
+    Checked against torch.autograd on the same randomised weights."""
+    from onnxsal.evaluate.randomize import cascade, randomize, weight_layers
+    from onnxsal.evaluate.sanity import sanity_check
+    from onnxsal.graph.weights import array as weight_array
+    from onnxsal.postprocess import normalize
+
+    net, path = exported("plain", tmp_path)       # initializers named as the module's parameters
+    rng = np.random.default_rng(2)
+    x, ref = rng.standard_normal((2, 1, 3, 16, 16)).astype(np.float32)
+    base = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    like = ref if reference == "image" else base.predict(ref)
+    san = sanity_check(base, [x], ["saliency"], modes=("cascading",), max_steps=2, target="similarity", like=like)
+    layers = weight_layers(base.model.light)
+    for k, group in enumerate([[]] + cascade(layers, 2)):
+        twin = copy.deepcopy(net)
+        if group:
+            drawn = randomize(base.model.light, group, 0, all_layers=layers)
+            state = {i.name: torch.tensor(weight_array(i)) for i in drawn.graph.initializer}
+            twin.load_state_dict({name: state[name] for name in twin.state_dict()})
+        xt = torch.tensor(x, requires_grad=True)
+        r = embed(twin if reference == "image" else net, ref)
+        cosine(twin, xt, r).sum().backward()
+        want = normalize(np.abs(xt.grad.numpy()[0]).max(axis=0)[None])[0]
+        got = san.original["saliency"][0] if k == 0 else san.maps[("saliency", k - 1)][0]
+        np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"step {k}")
+        assert k == 0 or np.abs(got - san.original["saliency"][0]).max() > 0.05       # the weights did change
+    assert san.model == path
+
+
+def test_cli_evaluate_sanity_and_export_take_a_reference(embedder, tmp_path, capsys):
+    import onnxruntime as ort
+    from PIL import Image
+
+    kind, net, path, x, ref = embedder
+    rng = np.random.default_rng(1)
+    for name in ("probe", "ref"):
+        Image.fromarray(rng.uniform(0, 255, (16, 16, 3)).astype(np.uint8)).save(tmp_path / f"{name}.png")
+    probe, like = str(tmp_path / "probe.png"), ["--like", str(tmp_path / "ref.png"), "--preprocess", "unit", "-q"]
+    assert main(["evaluate", path, probe, "--step", "64", "-o", str(tmp_path / "e")] + like) == 0
+    report = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    x, r = (np.asarray(Image.open(tmp_path / f"{n}.png"), np.float32).transpose(2, 0, 1)[None] / 255
+            for n in ("probe", "ref"))
+    with torch.no_grad():
+        c = float(cosine(net, torch.tensor(x), r))
+    assert report["methods"]["gradcam"]["curves"]["deletion"][0] == pytest.approx(abs(c), rel=1e-4)
+    assert main(["sanity", path, probe, "-m", "saliency", "--max-steps", "2", "--mode", "cascading",
+                 "-o", str(tmp_path / "s")] + like) == 0
+    assert json.loads((tmp_path / "s" / "sanity.json").read_text())["targets"]["probe"] in ("similarity",
+                                                                                           "dissimilarity")
+    out = str(tmp_path / "like.explain.onnx")
+    assert main(["export", path, "-m", "saliency", "-o", out] + like[:4]) == 0
+    sess = ort.InferenceSession(out)
+    scores, _ = sess.run(["logits", "map"], {"image": x, "target": np.array([1], np.int64)})
+    assert scores[0, 0] == pytest.approx(c, rel=1e-4)
+    capsys.readouterr()
+    np.save(tmp_path / "short.npy", np.ones(3, np.float32))
+    assert main(["evaluate", path, probe, "-o", str(tmp_path / "e"), "--like", str(tmp_path / "short.npy"),
+                 "--preprocess", "unit"]) == 2
+    assert "holds 3 values" in capsys.readouterr().err

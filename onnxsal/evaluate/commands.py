@@ -96,6 +96,8 @@ def sanity(
     target: Optional[str] = O.TARGET,
     layer: Optional[str] = O.LAYER,
     score: str = O.SCORE,
+    region: str = O.REGION,
+    like: Optional[str] = O.LIKE,
     option: List[str] = O.OPTION,
     out_dir: str = O.OUT_DIR,
     cmap: str = typer.Option("gray", help="matplotlib colormap of the figure"),
@@ -117,7 +119,7 @@ def sanity(
     Writes sanity.csv, sanity.json and sanity_<image>.png (one row per method: the original map,
     then the map after each cascading step) into --out.
     """
-    from ..cli import _explainer, _feeds, out
+    from ..cli import _explainer, _feeds, _reference, out
     from .sanity import figure, sanity_check
 
     modes = {"both": ("cascading", "independent"), "cascading": ("cascading",), "independent": ("independent",)}
@@ -143,8 +145,8 @@ def sanity(
             bar.update(task, completed=done, total=total, description=what[:60])
 
         rep = sanity_check(ex, files, methods, modes=modes[mode], permuted=perm, seed=seed, max_steps=max_steps,
-                           target=target, layer=layer, score=score, options=options, threshold=threshold,
-                           progress=report)
+                           target=target, layer=layer, score=score, region=region, options=options,
+                           threshold=threshold, like=None if like is None else _reference(like), progress=report)
     os.makedirs(out_dir, exist_ok=True)
     written = [os.path.join(out_dir, "sanity.csv"), os.path.join(out_dir, "sanity.json")]
     _write_csv(written[0], rep.rows())
@@ -210,6 +212,8 @@ def evaluate(
     target: Optional[str] = O.TARGET,
     layer: Optional[str] = O.LAYER,
     score: str = O.SCORE,
+    region: str = O.REGION,
+    like: Optional[str] = O.LIKE,
     option: List[str] = O.OPTION,
     out_dir: str = O.OUT_DIR,
     preprocess: Optional[str] = O.PREPROCESS,
@@ -230,7 +234,7 @@ def evaluate(
     Writes evaluation.csv (one row per image and method), evaluation.json (means, spreads, mean
     curves, settings) and curves.png into --out.
     """
-    from ..cli import _explainer, out
+    from ..cli import _explainer, _reference, out
     from .faithfulness import SUBSTRATES, evaluate as run
     from .localization import find_mask, load_mask
 
@@ -254,6 +258,8 @@ def evaluate(
                 raise MissingFileError(f"no mask for {os.path.basename(f)} in {masks} (expected {stem}.png or similar)")
             mask_arrays.append(load_mask(path))
     ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
+    if like is not None:
+        ex = ex.like(_reference(like))
     with _progress(quiet) as bar:
         task = bar.add_task("evaluate", total=None)
 
@@ -262,7 +268,7 @@ def evaluate(
 
         rep = run(ex, files, methods, masks=mask_arrays, step=step, deletion=substrate, insertion=start,
                   blur_sigma=blur_sigma, tolerance=tolerance, target=target, layer=layer, score=score,
-                  options=options, progress=report)
+                  region=region, options=options, progress=report)
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, n) for n in ("evaluation.csv", "evaluation.json", "curves.png")]
     _write_csv(paths[0], rep.rows())
@@ -335,8 +341,11 @@ def curves_figure(path: str, rep) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("fraction of pixels changed")
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
         ax.legend(fontsize=7)
-    ax_d.set_ylabel("probability of the target class")
+    values = [v for m in rep.methods for r in rep.of(m) for v in (r.curves.deletion, r.curves.insertion)]
+    lo, hi = float(np.min(values)), float(np.max(values))
+    for ax in (ax_d, ax_i):      # a heatmap's value or a similarity need not lie in [0, 1]
+        ax.set_ylim(min(0.0, lo - 0.02 * abs(lo)), max(1.02, hi + 0.02 * abs(hi)))
+    ax_d.set_ylabel(rep.settings["score"] if len(rep.settings["score"]) < 40 else "target's score")
     fig.tight_layout()
     fig.savefig(path)

@@ -19,8 +19,10 @@ Everything happens in the model's input space, at its input size:
 * the probability is the model's softmax over its last axis (per step, for a text recogniser's
   (N, steps, characters)), or sigmoid for a single-unit output and for each class of a model that
   ends in a sigmoid over its classes, computed from its logits, so models that end without an
-  activation are scored the same way; a detector's best box, a segment's mean over its pixels; a
-  score onnxsal adds (a SimCC keypoint's confidence, a cosine similarity) as it is.
+  activation are scored the same way; a detector's best box, a segment's mean over its pixels (those
+  its target scores: the pixels it wins in the original image, or all of them); a heatmap's value at
+  the original peak as the model outputs it; a score onnxsal adds (a SimCC keypoint's confidence, a
+  cosine similarity) as it is.
 Each curve is one batched run of all its steps.
 """
 
@@ -34,6 +36,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import ImageError, MethodError
+from ..engine import check_region, make_targets
 from ..explainer import Explainer
 from ..methods import get as get_method
 from ..postprocess import resize, smooth
@@ -74,12 +77,21 @@ def auc(x: np.ndarray, y: np.ndarray) -> float:
     return float(((y[1:] + y[:-1]) * np.diff(x)).sum() / 2)
 
 
-def probabilities(ex: Explainer, xb: np.ndarray, target: int, pixels: Optional[np.ndarray] = None) -> np.ndarray:
+def probabilities(ex: Explainer, xb: np.ndarray, target: int, pixels: Optional[np.ndarray] = None,
+                  region: str = "won") -> np.ndarray:
     """(N,) probability of `target` for a batch: softmax of the logits, or sigmoid for one unit
     and for each class of a multi-label model (one that ends in a sigmoid over its classes); for a
     detector, the confidence of the class's most confident box; for a per-pixel model, the class's
-    mean probability over ``pixels``, those the original image gives it (``segment_pixels``)."""
+    mean probability over ``pixels``, those its target scores in the original image
+    (``segment_pixels``), or with ``region="peak"`` its map's value at that one pixel as the model
+    outputs it: a keypoint heatmap's confidence, which a softmax over keypoints would flatten."""
     m = ex.model
+    if m.dense is not None and region == "peak":
+        if pixels is None:
+            raise ValueError("a heatmap's peak value needs the peak's pixel (segment_pixels)")
+        (out,) = ex.engine.outputs(xb, [m.output])
+        z = out.reshape(len(xb), -1).astype(np.float64)
+        return np.stack([m.dense.maps(r)[target][pixels].mean() for r in z])
     (logits,) = ex.engine.outputs(xb, [m.logits])
     z = logits.reshape(len(xb), -1).astype(np.float64)
     if m.detection is not None:         # a detector: the class's best box, wherever it moves to (0 when gone)
@@ -130,21 +142,24 @@ def substrate(ex: Explainer, x: np.ndarray, kind: str, blur_sigma: Optional[floa
     raise MethodError(f"substrate must be one of {', '.join(SUBSTRATES)}, not {kind!r}")
 
 
-def segment_pixels(ex: Explainer, x: np.ndarray, target: int) -> Optional[np.ndarray]:
-    """A per-pixel model's pixels of class ``target`` in ``x``'s own output (every pixel when it
-    has none), as its target scores them; None for other models."""
+def segment_pixels(ex: Explainer, x: np.ndarray, target: int, region: str = "won") -> Optional[np.ndarray]:
+    """A per-pixel model's pixels that class ``target``'s target scores in ``x``'s own output, as
+    ``explain`` picks them for ``region`` (``engine.REGIONS``); None for other models."""
     m = ex.model
     if m.dense is None:
         return None
-    (logits,) = ex.engine.outputs(np.asarray(x, np.float32)[:1], [m.logits])
-    return m.dense.pixels(m.dense.maps(logits.reshape(-1)), target)
+    check_region(m, region)
+    logits, out = ex.engine.outputs(np.asarray(x, np.float32)[:1], [m.logits, m.output])
+    row = (logits if m.activation is None else out).reshape(-1)
+    (t,) = make_targets(m, [int(target)], row=row, region=region)
+    return m.dense.maps(t.seed)[int(target)] != 0
 
 
 def curve(ex: Explainer, first: np.ndarray, rest: np.ndarray, rank: np.ndarray, step: int, target: int,
-          pixels: Optional[np.ndarray] = None) -> np.ndarray:
+          pixels: Optional[np.ndarray] = None, region: str = "won") -> np.ndarray:
     """Probabilities as the pixels of rank < k take their value from `first` and the others from
     `rest`, for k = 0, step, 2 step, ..., all: deletion is (substrate, x), insertion (x, start).
-    ``pixels``: a per-pixel model's class pixels (``segment_pixels``)."""
+    ``pixels``, ``region``: a per-pixel model's class pixels (``segment_pixels``) and how they were picked."""
     n = rank.size
     counts = np.rint(fractions(n, step) * n).astype(np.int64)
     nhwc = ex.model.input.layout == "NHWC"
@@ -154,7 +169,7 @@ def curve(ex: Explainer, first: np.ndarray, rest: np.ndarray, rank: np.ndarray, 
         masks = (rank[None] < c[:, None, None]).astype(np.float32)      # 1 where `first` shows
         m = _spatial(masks, nhwc)
         xb = (first * m + rest * (1 - m)).astype(np.float32)
-        out.append(probabilities(ex, xb, target, pixels))
+        out.append(probabilities(ex, xb, target, pixels, region))
     return np.concatenate(out)
 
 
@@ -175,8 +190,9 @@ class Curves:
 
 def deletion_insertion(ex: Explainer, x: np.ndarray, saliency: np.ndarray, target: int, *,
                        step: Optional[int] = None, deletion: str = "black", insertion: str = "blur",
-                       blur_sigma: Optional[float] = None) -> Curves:
-    """Both curves for one input `x` (1, ...) and a map at the model's input size."""
+                       blur_sigma: Optional[float] = None, region: str = "won") -> Curves:
+    """Both curves for one input `x` (1, ...) and a map at the model's input size; ``region``: the
+    pixels of a per-pixel model's class that its probability is read over, as ``explain`` takes it."""
     size = ex.model.input.size
     if np.shape(saliency) != tuple(size):
         raise ImageError(f"the map is {np.shape(saliency)}; deletion and insertion need it at the input size {size}")
@@ -186,9 +202,9 @@ def deletion_insertion(ex: Explainer, x: np.ndarray, saliency: np.ndarray, targe
     rank = pixel_order(saliency)
     x = np.asarray(x, np.float32)
     xs = fractions(rank.size, step)
-    pixels = segment_pixels(ex, x, target)
-    dele = curve(ex, substrate(ex, x, deletion, blur_sigma), x, rank, step, target, pixels)
-    ins = curve(ex, x, substrate(ex, x, insertion, blur_sigma), rank, step, target, pixels)
+    pixels = segment_pixels(ex, x, target, region)
+    dele = curve(ex, substrate(ex, x, deletion, blur_sigma), x, rank, step, target, pixels, region)
+    ins = curve(ex, x, substrate(ex, x, insertion, blur_sigma), rank, step, target, pixels, region)
     return Curves(xs, dele, ins)
 
 
@@ -285,11 +301,14 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
              masks: Optional[Sequence[Optional[np.ndarray]]] = None, step: Optional[int] = None,
              deletion: str = "black", insertion: str = "blur", blur_sigma: Optional[float] = None,
              tolerance: float = TOLERANCE, target=None, layer: Optional[str] = None, score: str = "logit",
-             options: Optional[dict[str, dict]] = None, progress: Optional[Report] = None) -> EvaluationReport:
+             region: str = "won", options: Optional[dict[str, dict]] = None,
+             progress: Optional[Report] = None) -> EvaluationReport:
     """Deletion/insertion AUC for every method on every image, and the pointing games where a mask is given.
 
     The target of an image is fixed by the first method (the model's top class unless
-    `target` is given) and shared by all methods, so they explain the same decision.
+    `target` is given) and shared by all methods, so they explain the same decision. `region`: a
+    per-pixel model's class pixels, as ``Explainer.explain`` takes it; the curves read the class over
+    the same pixels.
     """
     methods = [get_method(m).name for m in methods]
     if not methods:
@@ -298,13 +317,14 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
         if kind not in SUBSTRATES:
             raise MethodError(f"substrate must be one of {', '.join(SUBSTRATES)}, not {kind!r}")
     options = options or {}
+    check_region(ex.model, region)
     size = ex.model.input.size
     step = int(step) if step else default_step(size)
     report = EvaluationReport(ex.model.path, methods, [], {
         "step": step, "steps": len(fractions(size[0] * size[1], step)) - 1, "input_size": list(size),
         "deletion_substrate": deletion, "insertion_start": insertion,
         "blur_sigma": float(blur_sigma) if blur_sigma else min(size) * BLUR_FRACTION,
-        "tolerance": tolerance, "score": "probability of the target class"})
+        "tolerance": tolerance, "score": _score_read(ex, region)} | ({"region": region} if ex.model.dense else {}))
     total = len(images) * len(methods)
     done = 0
     for i, (item, name) in enumerate(zip(images, run_names(list(images)))):
@@ -316,7 +336,7 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
             if progress:
                 progress(done, total, f"{name}: {m}")
             start = time.perf_counter()
-            res = ex.explain(p, m, t, layer=layer, score=score, **options.get(m, {}))
+            res = ex.explain(p, m, t, layer=layer, score=score, region=region, **options.get(m, {}))
             seconds = time.perf_counter() - start
             t = res.targets[0].index
             if mask is not None and np.shape(mask) != res.maps.shape[-2:]:
@@ -325,7 +345,7 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
                                  f"image is {w}x{h}: masks must have the image's size")
             at_input = resize(res.raw[:1], size)[0]
             curves = deletion_insertion(ex, p.tensor, at_input, t, step=step, deletion=deletion,
-                                        insertion=insertion, blur_sigma=blur_sigma)
+                                        insertion=insertion, blur_sigma=blur_sigma, region=region)
             hit = energy = None
             if mask is not None:
                 full = resize(at_input[None], res.maps.shape[-2:])[0]
@@ -337,3 +357,12 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
             if progress:
                 progress(done, total, f"{name}: {m}")
     return report
+
+
+def _score_read(ex: Explainer, region: str) -> str:
+    """What the curves read, for the report."""
+    if ex.model.dense is not None and region == "peak":
+        return "the target class's map at its peak, as the model outputs it"
+    if ex.model.score_as_is:
+        return "the target's score as the model gives it"
+    return "probability of the target class"

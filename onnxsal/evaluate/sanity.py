@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from ..engine import check_region
 from ..errors import MethodError, ModelError
 from ..explainer import Explainer
 from ..methods import get as get_method
@@ -102,6 +103,7 @@ class SanityReport:
     maps: dict = field(default_factory=dict)       # (method, step index in `steps`) -> (I, H, W)
     scores: dict = field(default_factory=dict)     # (method, step index) -> (I, 4) in MEASURES order
     displays: list = field(default_factory=list)   # uint8 RGB per image (None for arrays)
+    region: str = ""                               # a per-pixel model's class pixels (engine.REGIONS)
 
     def steps_of(self, mode: str) -> list[int]:
         return [k for k, s in enumerate(self.steps) if s.mode == mode]
@@ -168,7 +170,8 @@ class SanityReport:
             entry["verdicts"] = {v.mode: {"passed": v.passed, "value": round(v.value, 4), "text": v.text}
                                  for v in self.verdicts() if v.method == m}
             methods[m] = entry
-        return {"model": self.model, "images": self.images, "targets": self.targets, "threshold": self.threshold,
+        return {"model": self.model, "images": self.images, "targets": self.targets,
+                **({"region": self.region} if self.region else {}), "threshold": self.threshold,
                 "verdict_measure": VERDICT_MEASURE, "measures": list(MEASURES),
                 "layers": [{"name": layer.name, "op": layer.op_type, "nodes": list(layer.nodes),
                             "initializers": list(layer.initializers)} for layer in self.layers],
@@ -194,14 +197,18 @@ def variant(ex: Explainer, proto, note: str) -> Explainer:
 def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, np.ndarray]],
                  methods: Sequence[str], *, modes: Sequence[str] = MODES, permuted: Optional[Explainer] = None,
                  seed: int = 0, max_steps: Optional[int] = 16, target=None, layer: Optional[str] = None,
-                 score: str = "logit", options: Optional[dict[str, dict]] = None,
-                 threshold: float = DEFAULT_THRESHOLD, progress: Optional[Report] = None) -> SanityReport:
+                 score: str = "logit", region: str = "won", options: Optional[dict[str, dict]] = None,
+                 threshold: float = DEFAULT_THRESHOLD, like=None, progress: Optional[Report] = None) -> SanityReport:
     """Run the randomisation tests for `methods` on `images` and compare every map with the original.
 
     `options` maps a method name to its options. The target of each image is fixed on the
     original model (its top class unless `target` is given) and kept for every randomised
     model, as in the paper. `permuted`: an Explainer on the same architecture trained on
-    permuted labels, for the data randomisation test.
+    permuted labels, for the data randomisation test. `region`: a per-pixel model's class pixels,
+    as ``Explainer.explain`` takes it. `like`: a reference (an image or an output vector) whose cosine
+    similarity is scored, as ``Explainer.like``; each randomised model scores its own outputs of the
+    image and of a reference image, so a reference image's embedding is randomised with the model
+    while a reference vector stays fixed, like a fixed target class.
     """
     methods = [get_method(m).name for m in methods]
     if not methods:
@@ -210,10 +217,12 @@ def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLik
     if bad:
         raise MethodError(f"unknown randomisation mode {bad[0]!r}; use cascading and/or independent")
     options = options or {}
+    base, ex = ex, (ex if like is None else ex.like(like))
+    check_region(ex.model, region)
     prepared = [p if isinstance(p, Prepared) else ex.prepare(p) for p in images]
     if not prepared:
         raise MethodError("give at least one image")
-    layers = weight_layers(ex.model.light)
+    layers = weight_layers(base.model.light)
     if not layers and modes:
         raise ModelError("the model has no float weight initializers (Conv, Gemm, MatMul...) to randomise")
     top_down = list(reversed(layers))
@@ -224,14 +233,14 @@ def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLik
         for i, group in enumerate(cascade(layers, max_steps), 1):
             label = block_label(blocks[i - 1])
             steps.append(Step("cascading", i, label if i == 1 else "+" + label, tuple(x.name for x in group)))
-            models.append(_maker(ex, group, layers, seed, f"cascading randomisation step {i}"))
+            models.append(_maker(base, group, layers, seed, f"cascading randomisation step {i}", like))
     if "independent" in modes:
         for i, block in enumerate(blocks, 1):
             steps.append(Step("independent", i, block_label(block), tuple(x.name for x in block)))
-            models.append(_maker(ex, block, layers, seed, f"independent randomisation of {block_label(block)}"))
+            models.append(_maker(base, block, layers, seed, f"independent randomisation of {block_label(block)}", like))
     if permuted is not None:
         steps.append(Step("data", 1, "permuted labels", ()))
-        models.append(lambda: permuted)
+        models.append(lambda: permuted if like is None else permuted.like(like))
 
     names = run_names(list(images))
     total = (1 + len(steps)) * len(prepared) * len(methods)
@@ -243,15 +252,15 @@ def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLik
         if progress:
             progress(done, total, what)
 
-    report = SanityReport(ex.model.path, methods, names, layers, steps, threshold, {},
-                          displays=[p.display for p in prepared])
+    report = SanityReport(base.model.path, methods, names, layers, steps, threshold, {},
+                          displays=[p.display for p in prepared], region=region if ex.model.dense else "")
     size = ex.model.input.size
     originals: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in methods}
     fixed: list[int] = []
     for p, name in zip(prepared, names):
         t = target
         for m in methods:
-            res = ex.explain(p, m, t, layer=layer, score=score, **options.get(m, {}))
+            res = ex.explain(p, m, t, layer=layer, score=score, region=region, **options.get(m, {}))
             t = res.targets[0].index           # the first method fixes the class for all the others
             originals[m].append(_pair(res.raw[:1], size))
             tick(f"{name}: {m} (original model)")
@@ -266,7 +275,7 @@ def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLik
             for i, p in enumerate(prepared):
                 what = f"{names[i]}: {m} ({step.mode} {step.label})"
                 res = vex.explain(p, m, fixed[i], layer=layer if step.mode != "data" else _layer_in(vex, layer),
-                                  score=score, **options.get(m, {}))
+                                  score=score, region=region, **options.get(m, {}))
                 raw, norm = _pair(res.raw[:1], size)
                 ref_raw, ref_norm = originals[m][i]
                 measured = compare(ref_raw, raw, ref_norm, norm)
@@ -280,9 +289,14 @@ def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLik
 
 
 def _maker(ex: Explainer, group: Sequence[WeightLayer], layers: Sequence[WeightLayer], seed: int,
-           note: str) -> Callable[[], Explainer]:
-    """Build the randomised model only when its step runs, so one copy of the weights is alive at a time."""
-    return lambda: variant(ex, randomize(ex.model.light, group, seed, all_layers=layers), note)
+           note: str, like=None) -> Callable[[], Explainer]:
+    """Build the randomised model only when its step runs, so one copy of the weights is alive at a
+    time; with ``like``, its similarity head goes on after the weights are drawn, so the head's
+    reference is never one of them."""
+    def make() -> Explainer:
+        vex = variant(ex, randomize(ex.model.light, group, seed, all_layers=layers), note)
+        return vex if like is None else vex.like(like)
+    return make
 
 
 def _layer_in(ex: Explainer, layer: Optional[str]) -> Optional[str]:
