@@ -21,6 +21,9 @@ import onnx
 from .graph.columns import RESHAPES
 
 MOVES = RESHAPES | {"Transpose"}      # a map moved on unchanged, or to channels-last
+# a map resampled to another grid: linear and nearest sampling keep a Sigmoid's maps probabilities
+# and a Softmax's summing to 1 at each pixel (a head that activates, then upsamples to the input)
+RESAMPLES = {"Resize", "Upsample"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class DenseOutput:
     width: int
     channels_last: bool
     threshold: float = 0.0     # one map, or maps after a Sigmoid (0.5): a class's pixels are those above this
+    softmaxed: bool = False    # the maps are a Softmax's output that stays in the scores (one behind a resize)
 
     @property
     def independent(self) -> bool:
@@ -59,7 +63,7 @@ class DenseOutput:
         there, or one map's sigmoid (the map itself when it is one already, as each map after a
         Sigmoid is)."""
         z = np.asarray(maps, np.float64)
-        if self.threshold == 0.5:
+        if self.threshold == 0.5 or self.softmaxed:
             return z[cls]
         if self.classes == 1:
             return 0.5 * (1.0 + np.tanh(0.5 * z[0]))
@@ -88,10 +92,11 @@ class DenseOutput:
 
 
 def made_by(proto: onnx.ModelProto, tensor: str, op_type: str) -> bool:
-    """Whether ``tensor`` is an ``op_type`` node's output, moved on unchanged (or transposed)."""
+    """Whether ``tensor`` is an ``op_type`` node's output, moved on unchanged (or transposed) or
+    resampled to another grid."""
     producer = {o: n for n in proto.graph.node for o in n.output}
     node = producer.get(tensor)
-    while node is not None and node.op_type in MOVES:
+    while node is not None and node.op_type in MOVES | RESAMPLES:
         node = producer.get(node.input[0])
     return node is not None and node.op_type == op_type
 
@@ -169,4 +174,5 @@ def find_dense(proto: onnx.ModelProto, logits: str, out_shape: tuple, layout: st
     c, h, w = (out_shape[3], out_shape[1], out_shape[2]) if last else out_shape[1:]
     if h * w <= 1:
         return None
-    return DenseOutput(int(c), int(h), int(w), last, 0.5 if made_by(proto, logits, "Sigmoid") else 0.0)
+    return DenseOutput(int(c), int(h), int(w), last, 0.5 if made_by(proto, logits, "Sigmoid") else 0.0,
+                       softmaxed=c > 1 and made_by(proto, logits, "Softmax"))

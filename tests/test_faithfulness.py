@@ -330,9 +330,11 @@ def _torch_export(net, path: str, size: tuple, output: str) -> str:
     return path
 
 
-def _segmenter(tmp_path, classes: int, last: bool = False, sigmoid: bool = False) -> str:
-    """A small per-pixel network exported by torch: ``classes`` maps (one map: a sigmoid or not),
-    permuted channels last when ``last``."""
+def _segmenter(tmp_path, classes: int, last: bool = False, act: str = "", resized: bool = False) -> str:
+    """A small per-pixel network exported by torch: ``classes`` maps, after a final ``act``
+    ("sigmoid", "softmax" over the classes, or none), permuted channels last when ``last``; with
+    ``resized`` the maps are made at half the input's grid and the activation's output is upsampled
+    (bilinear) to it, as a head that activates before it resizes."""
 
     import torch
     from torch import nn
@@ -342,39 +344,49 @@ def _segmenter(tmp_path, classes: int, last: bool = False, sigmoid: bool = False
     class Seg(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, classes, 3, padding=1))
+            self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2 if resized else 1), nn.ReLU(),
+                                     nn.Conv2d(8, classes, 3, padding=1))
 
         def forward(self, x):
             y = self.net(x)
-            y = torch.sigmoid(y) if sigmoid else y
+            y = torch.sigmoid(y) if act == "sigmoid" else torch.softmax(y, dim=1) if act == "softmax" else y
+            if resized:
+                y = nn.functional.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
             return y.permute(0, 2, 3, 1) if last else y
 
-    return _torch_export(Seg().eval(), str(tmp_path / f"seg{classes}{'l' * last}{'s' * sigmoid}.onnx"), (3, 12, 12),
-                         "maps")
+    return _torch_export(Seg().eval(), str(tmp_path / f"seg{classes}{'l' * last}{act}{'r' * resized}.onnx"),
+                         (3, 12, 12), "maps")
 
 
-@pytest.mark.parametrize("classes,last,sigmoid", [(3, False, False), (4, True, False), (1, False, True), (1, False, False)],
-                         ids=["3-classes", "channels-last", "one-map-sigmoid", "one-map-logits"])
-def test_a_segment_s_probability_is_its_mean_over_the_original_pixels(classes, last, sigmoid, tmp_path):
+@pytest.mark.parametrize("classes,last,act,resized", [
+    (3, False, "", False), (4, True, "", False), (1, False, "sigmoid", False), (1, False, "", False),
+    (1, False, "sigmoid", True), (3, False, "sigmoid", True), (3, True, "softmax", True)],
+    ids=["3-classes", "channels-last", "one-map-sigmoid", "one-map-logits", "one-map-sigmoid-resized",
+         "sigmoid-maps-resized", "softmax-resized"])
+def test_a_segment_s_probability_is_its_mean_over_the_original_pixels(classes, last, act, resized, tmp_path):
     """Read as a classifier, a segmentation model's probability was a softmax over every value of
-    every map, at one position: deletion and insertion curves near 0 whatever the map."""
+    every map, at one position: deletion and insertion curves near 0 whatever the map. Maps a
+    Sigmoid or a Softmax made are probabilities as they are, also when resized after it: a second
+    softmax would squeeze them, and "above 0" would give a sigmoid map every pixel."""
     from onnxsal.evaluate.faithfulness import probabilities, segment_pixels
 
-    ex = Explainer(_segmenter(tmp_path, classes, last, sigmoid), "cpu", preprocess="raw")
+    ex = Explainer(_segmenter(tmp_path, classes, last, act, resized), "cpu", preprocess="raw")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
     xb = np.concatenate([x, rng.standard_normal((2, 3, 12, 12)).astype(np.float32)])
     sess = __import__("onnxruntime").InferenceSession(ex.model.path)
     out = sess.run(None, {"x": xb})[0].astype(np.float64)
     maps = out.transpose(0, 3, 1, 2) if last else out                 # (N, C, h, w)
-    if classes == 1:
-        p = maps[:, 0] if sigmoid else 1 / (1 + np.exp(-maps[:, 0]))
-        own = maps[0, 0] > (0.5 if sigmoid else 0.0)
+    target = classes - 1
+    if act == "sigmoid":                 # each map its own probability, its pixels those above 0.5
+        p, own = maps[:, target], maps[0, target] > 0.5
+    elif classes == 1:
+        p, own = 1 / (1 + np.exp(-maps[:, 0])), maps[0, 0] > 0.0
     else:
         e = np.exp(maps - maps.max(axis=1, keepdims=True))
-        p = e[:, classes - 1] / e.sum(axis=1)
-        own = maps[0].argmax(axis=0) == classes - 1
-    target = classes - 1
+        p = maps[:, target] if act == "softmax" else e[:, target] / e.sum(axis=1)
+        own = maps[0].argmax(axis=0) == target
+    assert 0 < own.mean() < 1 or not resized               # the check tells "above 0.5" from every pixel
     own = own if own.any() else np.ones_like(own)
     np.testing.assert_array_equal(segment_pixels(ex, x, target), own.reshape(-1))
     np.testing.assert_allclose(probabilities(ex, xb, target, segment_pixels(ex, x, target)),
@@ -382,6 +394,19 @@ def test_a_segment_s_probability_is_its_mean_over_the_original_pixels(classes, l
     curves = deletion_insertion(ex, x, rng.random((12, 12)), target, step=16)
     np.testing.assert_allclose(curves.deletion[0], p[0][own].mean(), rtol=1e-5)     # nothing deleted yet
     np.testing.assert_allclose(curves.insertion[-1], p[0][own].mean(), rtol=1e-5)   # everything back
+    if resized:          # and explain scores the map over those pixels: central differences of that sum
+        eps = 1e-2
+        res = ex.explain(x, "saliency", target)
+        flat = own.reshape(-1)
+
+        def score(batch):
+            o = sess.run(None, {"x": batch.astype(np.float32)})[0].astype(np.float64)
+            o = o.transpose(0, 3, 1, 2) if last else o
+            return o[:, target].reshape(len(batch), -1)[:, flat].sum(axis=1)
+
+        steps = np.eye(x.size, dtype=np.float64).reshape(-1, *x.shape[1:]) * eps
+        grad = ((score(x + steps) - score(x - steps)) / (2 * eps)).reshape(x.shape[1:])
+        np.testing.assert_allclose(res.raw[0], np.abs(grad).max(axis=0), rtol=2e-2, atol=2e-3 * np.abs(grad).max())
 
 
 def test_a_class_that_wins_no_pixel_is_read_over_every_pixel():

@@ -28,6 +28,9 @@ from ..errors import ModelError
 
 LOCATION = "onnxsal:weights"
 MIN_BYTES = 65536     # smaller tensors stay inline: copying them costs nothing
+# Below this a tensor always stays inline, whatever MIN_BYTES is set to: ONNX Runtime's shape
+# inference reads a Resize's float scales by value at session creation, and refuses external ones.
+INLINE_BYTES = 64
 _FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 _stores: "weakref.WeakValueDictionary[str, WeightStore]" = weakref.WeakValueDictionary()
 _ids = itertools.count(1)
@@ -84,7 +87,7 @@ def _placeholder(name: str, data_type: int, dims, store: Optional[WeightStore]) 
 
 def _large(t: TensorProto, min_bytes: Optional[int]) -> bool:
     limit = MIN_BYTES if min_bytes is None else min_bytes
-    return t.data_type in _FLOATS and t.data_location != TensorProto.EXTERNAL and _nbytes(t) >= limit
+    return t.data_type in _FLOATS and t.data_location != TensorProto.EXTERNAL and _nbytes(t) >= max(limit, INLINE_BYTES)
 
 
 def _take_out(model: onnx.ModelProto, take, store: Optional[WeightStore]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
