@@ -289,13 +289,15 @@ def export_cmd(
     feed: List[str] = O.FEED,
     head: Optional[str] = O.HEAD,
     region: str = O.REGION,
-    like: Optional[str] = O.LIKE,
+    like: Optional[str] = typer.Option(None, "--like", help="reference image or .npy of its output vector, held in "
+                                       "the graph; or 'input': the graph takes it as a third input, reference (1, D)"),
     preprocess: Optional[str] = O.PREPROCESS,
 ) -> None:
     """Write one ONNX graph: inputs (image, target int64[N]) -> outputs (logits, map [N, H, W] in [0, 1]).
 
-    With --like, the score is the similarity to that reference, held in the graph as a constant
-    (target 1: similarity, 0: dissimilarity); --preprocess then says how to read a reference image."""
+    With --like, the score is the similarity to a reference (target 1: similarity, 0:
+    dissimilarity), held in the graph as a constant or, with --like input, fed at run time;
+    --preprocess says how to read a reference image."""
     import onnx
 
     from .export import export
@@ -303,17 +305,23 @@ def export_cmd(
 
     m = load(model, size=parse_size(size), fixed_inputs=_feeds(feed), head=head)
     if like is not None:
+        import numpy as np
+
         from .explainer import Explainer
 
-        m = Explainer(m, "cpu", preprocess=preprocess).like(_reference(like)).model
+        held = np.ones(m.num_classes, np.float32) if like == "input" else _reference(like)   # "input": fed at run time
+        m = Explainer(m, "cpu", preprocess=preprocess).like(held).model
     elif preprocess is not None:
         raise OnnxsalError("--preprocess reads a --like reference image; the exported graph takes preprocessed tensors")
-    graph = export(m, method, layer, n_samples=n_samples, noise_level=noise_level, steps=steps, region=region)
+    graph = export(m, method, layer, n_samples=n_samples, noise_level=noise_level, steps=steps, region=region,
+                   reference_input=like == "input")
     tmp = output + ".part"
     onnx.save(graph, tmp)
     os.replace(tmp, output)
     inp = graph.graph.input[0]
-    out.print(f"wrote {esc(output)}: inputs {esc(inp.name)} + target (int64 class per image) -> logits, map ({method})")
+    extra = f" + reference (1, {m.num_classes})" if like == "input" else ""
+    out.print(f"wrote {esc(output)}: inputs {esc(inp.name)} + target (int64 class per image){extra} -> logits, map "
+              f"({method})")
 
 
 @app.command("methods")

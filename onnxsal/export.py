@@ -25,6 +25,7 @@ from .graph.weights import attach
 from .detection import DetectionList, QueryOutput
 from .labelled import ClassBest
 from .model import Model, load
+from .similarity import REFERENCE, as_input
 
 EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam",
               "layerig", "saliency", "smoothgrad", "ig", "inputxgradient", "fullgrad")
@@ -151,15 +152,22 @@ def _layer_ig_path(proto: onnx.ModelProto, x_name: str, layer: str, logits: str,
 
 
 def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_samples: int = 20,
-           noise_level: float = 0.15, steps: int = 32, region: str = "won") -> onnx.ModelProto:
+           noise_level: float = 0.15, steps: int = 32, region: str = "won",
+           reference_input: bool = False) -> onnx.ModelProto:
     """A standalone graph: inputs (image, target int64[N]); outputs (logits [N, C], map [N, H, W] in [0, 1]).
 
     For a per-pixel model the logits are its class maps, and a target class scores its map over the
     pixels the image's output assigns to it (its peak, or the whole map, with ``region``), as
     ``Explainer.explain`` does; for a detector they are its
     (N, rows, anchors) output, and a class scores its confidence at its most confident anchor (its most
-    confident kept detection, for final detections: with none, its map is empty)."""
+    confident kept detection, for final detections: with none, its map is empty).
+
+    ``reference_input``: for a model that scores a similarity (``Explainer.like``), the graph takes
+    the reference as a third input, ``reference`` (1, D), instead of holding it as a constant."""
     m: Model = load(model)
+    if reference_input and not any(t.name == REFERENCE for t in m.light.graph.initializer):
+        raise MethodError("a reference input needs a model that scores a similarity (Explainer.like, "
+                          "export --like input)")
     method = method.lower()
     if method not in EXPORTABLE:
         raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
@@ -267,14 +275,15 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         det = None
     width = dense.classes if dense is not None else det.width if isinstance(det, QueryOutput) else \
         det.rows if det is not None else m.num_classes
-    depth = e.const([width], np.int64, "depth")
+    binary = m.binary and dense is None and det is None
+    depth = "" if binary else e.const([width], np.int64, "depth")     # a single unit needs no one-hot
     if isinstance(det, DetectionList):          # every row scores a detection's score column
         hot_row = e.op("Add", [e.op("Mul", [rows_target, e.const(0, np.int64)]), e.const(4, np.int64)])
     elif det is not None and det.first:         # the class's row or column after the box rows or background
         hot_row = e.op("Add", [rows_target, e.const(det.first, np.int64)])
     else:
         hot_row = rows_target
-    if m.binary and dense is None and det is None:     # one unit: class 1 scores +logit, class 0 -logit
+    if binary:                                  # one unit: class 1 scores +logit, class 0 -logit
         sign = e.op("Sub", [e.op("Mul", [e.op("Cast", [rows_target], to=TensorProto.FLOAT), e.const(2.0)]), e.const(1.0)])
         onehot = e.op("Unsqueeze", [sign, e.const([1], np.int64)])
     else:
@@ -490,6 +499,8 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     g_model.metadata_props.add(key="onnxsal.export", value=method)
     if m.input.elem_type in PIXEL_TYPES:      # a model of integer pixels takes them here too
         _take_pixels(g, x_name, m.input.elem_type, e.name(f"{x_name}_real"))
+    if reference_input:
+        as_input(g)
     _toposort(g)
     g_model = attach(g_model)
     onnx.checker.check_model(g_model)

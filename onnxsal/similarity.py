@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from .errors import TargetError
 from .graph.surgery import Appender
 
 EPS = 1e-8        # torch.nn.functional.cosine_similarity's
+REFERENCE = "onnxsal_similarity_reference"     # the reference's unit vector, (1, D): a constant, or computed
+# from the exported graph's `reference` input (`as_input`)
 
 
 def reference_vector(values: np.ndarray, width: int, what: str) -> np.ndarray:
@@ -39,7 +42,39 @@ def with_similarity(proto: onnx.ModelProto, output: str, reference: np.ndarray) 
     unit = (reference / np.linalg.norm(reference)).astype(np.float32)
     e = a.op("Flatten", [output], axis=1)
     norm = a.op("Sqrt", [a.reduce("ReduceSum", a.op("Mul", [e, e]), [1])])
-    dot = a.reduce("ReduceSum", a.op("Mul", [e, a.const(unit[None, :])]), [1])
+    if any(t.name == REFERENCE for t in out.graph.initializer):
+        raise TargetError("the model already scores a similarity; start again from the model itself")
+    out.graph.initializer.append(numpy_helper.from_array(unit[None, :], REFERENCE))
+    dot = a.reduce("ReduceSum", a.op("Mul", [e, REFERENCE]), [1])
     sim = a.op("Div", [dot, a.op("Max", [norm, a.const(EPS)])], "similarity")
     a.declare(sim, onnx.TensorProto.FLOAT, [1], output, output=True)
     return out, sim
+
+
+def as_input(graph: onnx.GraphProto, name: str = "reference") -> None:
+    """Turn the similarity head's constant reference into a graph input ``name``, (1, D), any
+    non-zero vector: the graph computes its unit vector where the constant stood, so the forward
+    pass and its gradient both read the reference fed at run time."""
+    held = next((t for t in graph.initializer if t.name == REFERENCE), None)
+    if held is None:
+        raise TargetError("a reference input needs a model that scores a similarity (Explainer.like)")
+    width = int(held.dims[-1])
+    graph.initializer.remove(held)
+    graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, width]))
+
+    def const(value, dtype=np.float32) -> str:
+        t = numpy_helper.from_array(np.asarray(value, dtype), f"{REFERENCE}/{len(graph.initializer)}")
+        graph.initializer.append(t)
+        return t.name
+
+    def node(op: str, inputs: list, out: str, **attrs) -> str:
+        graph.node.insert(0, helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    # inserted at the front in reverse order of use, so the graph stays topologically sorted
+    norm = f"{REFERENCE}/norm"
+    node("Div", [name, f"{REFERENCE}/floor"], REFERENCE)
+    node("Max", [norm, const(EPS)], f"{REFERENCE}/floor")
+    node("Sqrt", [f"{REFERENCE}/square_sum"], norm)
+    node("ReduceSum", [f"{REFERENCE}/square", const([1], np.int64)], f"{REFERENCE}/square_sum", keepdims=1)
+    node("Mul", [name, name], f"{REFERENCE}/square")

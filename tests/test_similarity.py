@@ -263,3 +263,55 @@ def test_cli_evaluate_sanity_and_export_take_a_reference(embedder, tmp_path, cap
     assert main(["evaluate", path, probe, "-o", str(tmp_path / "e"), "--like", str(tmp_path / "short.npy"),
                  "--preprocess", "unit"]) == 2
     assert "holds 3 values" in capsys.readouterr().err
+
+
+def test_the_exported_graph_can_take_the_reference_as_an_input(embedder):
+    """One exported graph for any reference fed at run time: its maps and scores are those of the
+    explainer holding each reference, for a reference image's output and for an arbitrary vector."""
+    import onnxruntime as ort
+
+    from onnxsal.errors import MethodError
+    from onnxsal.export import export
+
+    kind, net, path, x, ref = embedder
+    base = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    held = base.like(np.ones(DIM, np.float32))
+    references = [base.predict(ref[:1]), np.random.default_rng(7).standard_normal(DIM).astype(np.float32) * 3]
+    for method in ("saliency", "gradcam", "ig"):
+        graph = export(held.model, method, reference_input=True, steps=16)
+        assert [i.name for i in graph.graph.input] == ["image", "target", "reference"]
+        sess = ort.InferenceSession(graph.SerializeToString())
+        got = []
+        for r in references:
+            scores, maps = sess.run(["logits", "map"], {"image": x, "target": np.array([1, 0], np.int64),
+                                                        "reference": r[None]})
+            with torch.no_grad():
+                want = torch.nn.functional.cosine_similarity(net(torch.tensor(x)).flatten(1), torch.tensor(r[None]))
+            np.testing.assert_allclose(scores[:, 0], want.numpy(), rtol=1e-5, err_msg=method)
+            fixed = ort.InferenceSession(export(base.like(r).model, method, steps=16).SerializeToString())
+            np.testing.assert_allclose(maps, fixed.run(["map"], {"image": x, "target": np.array([1, 0], np.int64)})[0],
+                                       atol=1e-5, err_msg=method)
+            got.append(maps)
+        assert np.abs(got[0] - got[1]).max() > 1e-2          # the reference fed does change the maps
+    want = base.like(references[1]).explain(x[:1], "saliency", "similarity").map
+    sess = ort.InferenceSession(export(held.model, "saliency", reference_input=True).SerializeToString())
+    np.testing.assert_allclose(sess.run(["map"], {"image": x[:1], "target": np.array([1], np.int64),
+                                                  "reference": references[1][None]})[0][0], want, atol=1e-5)
+    with pytest.raises(MethodError, match="a reference input needs a model that scores a similarity"):
+        export(path, "saliency", reference_input=True)
+    with pytest.raises(TargetError, match="already scores a similarity"):
+        held.like(np.ones(1, np.float32))
+
+
+def test_cli_export_like_input(embedder, tmp_path):
+    import onnxruntime as ort
+
+    kind, net, path, x, ref = embedder
+    out = str(tmp_path / "any.explain.onnx")
+    assert main(["export", path, "-m", "gradcam", "--like", "input", "-o", out]) == 0
+    sess = ort.InferenceSession(out)
+    r = np.random.default_rng(3).standard_normal((1, DIM)).astype(np.float32)
+    scores, _ = sess.run(["logits", "map"], {"image": x, "target": np.array([1, 1], np.int64), "reference": r})
+    with torch.no_grad():
+        want = torch.nn.functional.cosine_similarity(net(torch.tensor(x)).flatten(1), torch.tensor(r))
+    np.testing.assert_allclose(scores[:, 0], want.numpy(), rtol=1e-5)
