@@ -365,12 +365,12 @@ def _fix_size(proto: onnx.ModelProto, name: str, layout: str, size: tuple[int, i
                 dims[ax].dim_value = v
 
 
-def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str]]:
+def _final_node(proto: onnx.ModelProto, output: str) -> tuple[Optional[onnx.NodeProto], set]:
+    """The node that makes ``output`` before the moves and quantiser pairs after it, and the tensors
+    whose shape a Reshape on the way restores (Reshape(y, Shape(x)))."""
     producer = {o: n for n in proto.graph.node for o in n.output}
-    shapes = tensor_shapes(proto)
-    t = output
-    node = producer.get(t)
-    restored = set()      # tensors whose shape a Reshape on the way restores (Reshape(y, Shape(x)))
+    node = producer.get(output)
+    restored = set()
     while node is not None and (node.op_type in PASSTHROUGH or _requantised(node, producer)):
         if node.op_type == "DequantizeLinear":         # a quantiser pair after the softmax (TFLite's output)
             node = producer[node.input[0]]
@@ -378,8 +378,14 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
             src = producer.get(node.input[1])
             if src is not None and src.op_type == "Shape":
                 restored.add(src.input[0])
-        t = node.input[0]
-        node = producer.get(t)
+        node = producer.get(node.input[0])
+    return node, restored
+
+
+def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str]]:
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    shapes = tensor_shapes(proto)
+    node, restored = _final_node(proto, output)
     if node is None:
         return output, None
     if node.op_type in ("Softmax", "LogSoftmax"):
@@ -397,6 +403,21 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
         if shape is not None and (int(np.prod([d for d in shape[1:] if d])) == 1 or len(shape) == 2):
             return node.input[0], "sigmoid"
     return output, None
+
+
+def probabilities_of(proto: onnx.ModelProto, output: str) -> str:
+    """``Exp`` of a log-probability output, added to ``proto``'s graph; its name."""
+    from .graph.surgery import Appender
+
+    a = Appender(proto, "onnxsal_probabilities")
+    p = a.op("Exp", [output], "probabilities")
+    vi = next((v for v in list(proto.graph.output) + list(proto.graph.value_info) if v.name == output), None)
+    if vi is not None and vi.type.tensor_type.HasField("shape"):
+        dims = [d.dim_value or None for d in vi.type.tensor_type.shape.dim][1:]
+        a.declare(p, onnx.TensorProto.FLOAT, dims, output, output=True)
+    else:
+        proto.graph.output.insert(0, onnx.helper.make_tensor_value_info(p, onnx.TensorProto.FLOAT, None))
+    return p
 
 
 def _ranked_from(proto: onnx.ModelProto, output: str, shapes: dict) -> Optional[tuple[str, str]]:
@@ -765,6 +786,14 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if ranked is not None:                     # a classifier's top-k values: its classes, not their ranks
         graph_out, output_note = ranked
     logits, activation = _find_logits(proto, graph_out)
+    final = _final_node(proto, graph_out)[0]
+    if final is not None and final.op_type == "LogSoftmax" and listed is None:
+        # log-probabilities: what the model's probability, its top classes and --score probability
+        # read is their exp (scored as log p, a target's gradient would be that of log p, not of p)
+        graph_out = probabilities_of(proto, graph_out)
+        shapes = tensor_shapes(proto)
+        output_note = "; ".join(filter(None, [output_note, f"{final.output[0]} holds log-probabilities (a final "
+                                              "LogSoftmax): onnxsal reads their exp, the probabilities"]))
     out_shape = shapes.get(logits, (0, None))[1]
     if out_shape is None or None in out_shape[1:]:
         proto = infer(proto)
