@@ -304,12 +304,13 @@ def export_cmd(
     from .model import load
 
     m = load(model, size=parse_size(size), fixed_inputs=_feeds(feed), head=head)
+    width = m.num_classes           # an output row's values: the width of a reference vector
     if like is not None:
         import numpy as np
 
         from .explainer import Explainer
 
-        held = np.ones(m.num_classes, np.float32) if like == "input" else _reference(like)   # "input": fed at run time
+        held = np.ones(width, np.float32) if like == "input" else _reference(like)   # "input": fed at run time
         m = Explainer(m, "cpu", preprocess=preprocess).like(held).model
     elif preprocess is not None:
         raise OnnxsalError("--preprocess reads a --like reference image; the exported graph takes preprocessed tensors")
@@ -319,7 +320,7 @@ def export_cmd(
     onnx.save(graph, tmp)
     os.replace(tmp, output)
     inp = graph.graph.input[0]
-    extra = f" + reference (1, {m.num_classes})" if like == "input" else ""
+    extra = f" + reference (1, {width})" if like == "input" else ""
     out.print(f"wrote {esc(output)}: inputs {esc(inp.name)} + target (int64 class per image){extra} -> logits, map "
               f"({method})")
 

@@ -303,12 +303,13 @@ def test_the_exported_graph_can_take_the_reference_as_an_input(embedder):
         held.like(np.ones(1, np.float32))
 
 
-def test_cli_export_like_input(embedder, tmp_path):
+def test_cli_export_like_input(embedder, tmp_path, capsys):
     import onnxruntime as ort
 
     kind, net, path, x, ref = embedder
     out = str(tmp_path / "any.explain.onnx")
     assert main(["export", path, "-m", "gradcam", "--like", "input", "-o", out]) == 0
+    assert f"+ reference (1, {DIM})" in capsys.readouterr().out
     sess = ort.InferenceSession(out)
     r = np.random.default_rng(3).standard_normal((1, DIM)).astype(np.float32)
     scores, _ = sess.run(["logits", "map"], {"image": x, "target": np.array([1, 1], np.int64), "reference": r})
