@@ -23,8 +23,10 @@ def inits(model):
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-def float_bytes(model):
-    return sum(len(t.raw_data) + 4 * len(t.float_data) for t in model.graph.initializer)
+def float_bytes(model, at_least: int = 0):
+    """Bytes held inline by the initializers of ``at_least`` bytes or more."""
+    sizes = [len(t.raw_data) + 4 * len(t.float_data) for t in model.graph.initializer]
+    return sum(b for b in sizes if b >= at_least)
 
 
 def test_detach_leaves_placeholders_and_attach_restores_every_tensor():
@@ -32,8 +34,9 @@ def test_detach_leaves_placeholders_and_attach_restores_every_tensor():
     before = model.SerializeToString()
     light, store = weights.detach(model, min_bytes=0)
     assert model.SerializeToString() == before                       # the given proto is untouched
-    assert float_bytes(light) == 0 and set(store) == {"w1", "b1", "w2", "b2", "wf", "bf"}
-    assert all(weights.is_placeholder(t) for t in light.graph.initializer)
+    assert set(store) == {"w1", "w2", "wf"}          # a bias of a few floats stays inline (INLINE_BYTES)
+    assert float_bytes(light) == sum(inits(model)[k].nbytes for k in ("b1", "b2", "bf")) < 3 * weights.INLINE_BYTES
+    assert all(weights.is_placeholder(t) == (t.name in store) for t in light.graph.initializer)
     full = weights.attach(light)
     assert all(not weights.is_placeholder(t) for t in full.graph.initializer)
     a, b = inits(full), inits(model)
@@ -68,9 +71,19 @@ def test_sessions_get_large_inline_constants_as_external_arrays():
     g = vjp(m.light, m.logits, [m.input.name])
     added = [t.name for t in g.graph.initializer if not weights.is_placeholder(t)]
     assert added                                                         # the VJP's own constants are inline
+    # a large constant a rule adds (a flipped kernel, an interpolation matrix), read by the gradient
+    a = np.linspace(-1, 1, 3 * 8, dtype=np.float32).reshape(3, 8)        # 96 bytes each
+    g.graph.initializer.extend([numpy_helper.from_array(a, "added_matrix"), numpy_helper.from_array(a.T.copy(), "back")])
+    seed_in = f"grad_{m.logits}"
+    for n in g.graph.node:
+        n.input[:] = ["seed_mixed" if i == seed_in else i for i in n.input]
+    g.graph.node.insert(0, onnx.helper.make_node("MatMul", ["seed_wide", "back"], ["seed_mixed"]))
+    g.graph.node.insert(0, onnx.helper.make_node("MatMul", [seed_in, "added_matrix"], ["seed_wide"]))
     light, arrays = weights.for_session(g, min_bytes=0)
-    assert float_bytes(light) == 0
-    assert set(arrays) == {t.name for t in g.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert float_bytes(light, weights.INLINE_BYTES) == 0 < float_bytes(light)     # scalars and biases stay
+    assert set(arrays) == {t.name for t in g.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and
+                           (weights.is_placeholder(t) or weights.array(t).nbytes >= weights.INLINE_BYTES)}
+    assert {"added_matrix", "back"} <= set(arrays) and all(name not in arrays for name in added)
     opts = ort.SessionOptions()
     opts.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
     sess = ort.InferenceSession(light.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -84,7 +97,7 @@ def test_sessions_get_large_inline_constants_as_external_arrays():
 
 def test_model_proto_is_self_contained_and_equal_to_the_light_graph_with_its_weights():
     m = load(tiny.conv_net(size=16))
-    assert float_bytes(m.light) == 0
+    assert float_bytes(m.light, weights.INLINE_BYTES) == 0
     full = m.proto
     assert m.proto is full                                               # built once
     assert float_bytes(full) > 0
