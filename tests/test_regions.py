@@ -42,6 +42,15 @@ class Heatmaps(nn.Module):
         return y.permute(0, 2, 3, 1) if self.last else y
 
 
+def exported(net: nn.Module, path, output: str) -> str:
+    """``net`` written by the TorchScript exporter, input "image" (batch free) of SIZE x SIZE."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.randn(1, 3, SIZE, SIZE), str(path), input_names=["image"], output_names=[output],
+                          opset_version=13, dynamo=False, dynamic_axes={"image": {0: "n"}})
+    return str(path)
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["nchw", "channels-last"])
 def pose(request, tmp_path_factory):
     torch.manual_seed(8)
@@ -49,11 +58,7 @@ def pose(request, tmp_path_factory):
     with torch.no_grad():            # keypoint 0 covers the most pixels, keypoint 1 has the highest peak
         net.head.bias.copy_(torch.tensor([0.0, -1.0, 0.0, -0.5]))
         net.head.weight[1] *= 10.0
-    path = str(tmp_path_factory.mktemp("pose") / "pose.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, torch.randn(1, 3, SIZE, SIZE), path, input_names=["image"], output_names=["heatmaps"],
-                          opset_version=13, dynamo=False, dynamic_axes={"image": {0: "n"}})
+    path = exported(net, tmp_path_factory.mktemp("pose") / "pose.onnx", "heatmaps")
     x = np.random.default_rng(8).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
     return net, path, x
 
@@ -277,11 +282,7 @@ def test_a_peak_is_the_activated_map_s_as_explain_picks_it(act, tmp_path):
     from onnxsal.evaluate.faithfulness import probabilities, segment_pixels
 
     net = Activated(act).eval()
-    path = str(tmp_path / f"{act}.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, torch.randn(1, 3, SIZE, SIZE), path, input_names=["image"], output_names=["maps"],
-                          opset_version=13, dynamo=False, dynamic_axes={"image": {0: "n"}})
+    path = exported(net, tmp_path / f"{act}.onnx", "maps")
     ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
     assert ex.model.activation == (None if act == "sigmoid" else act)   # sigmoid maps are scored as they are
     rng = np.random.default_rng(4)
@@ -307,11 +308,7 @@ def multilabel(tmp_path_factory):
     net = Activated("sigmoid").eval()
     with torch.no_grad():
         net.net.head.bias.copy_(torch.tensor([0.5, 1.0, 0.0, -0.5]))
-    path = str(tmp_path_factory.mktemp("multilabel") / "multilabel.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, torch.randn(1, 3, SIZE, SIZE), path, input_names=["image"], output_names=["masks"],
-                          opset_version=13, dynamo=False, dynamic_axes={"image": {0: "n"}})
+    path = exported(net, tmp_path_factory.mktemp("multilabel") / "multilabel.onnx", "masks")
     x = np.random.default_rng(5).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
     return net, path, x
 
