@@ -243,6 +243,15 @@ SHAPE = [
     case("ReduceSumSquare", {"x": rnd(2, 3, 4)}, {"axes": [0, 2], "keepdims": 0}, id="rsumsq"),
     case("ReduceLogSumExp", {"x": rnd(2, 3, 4)}, {"axes": [-1], "keepdims": 1}, id="rlogsumexp"),
     case("ReduceLogSumExp", {"x": rnd(2, 3, 4)}, {"keepdims": 0}, id="rlogsumexp-all"),
+    case("ReduceLogSum", {"x": pos(2, 3, 4)}, {"axes": [1], "keepdims": 0}, id="rlogsum"),
+    case("ReduceLogSum", {"x": pos(2, 3, 4)}, {"keepdims": 1}, inits={"a": np.array([0, 2], I64)}, opset=18,
+         id="rlogsum-opset18-input"),
+    case("ReduceProd", {"x": rnd(2, 3, 4)}, {"axes": [2], "keepdims": 1}, id="rprod"),
+    case("ReduceProd", {"x": rnd(2, 3, 4)}, {"keepdims": 0}, inits={"a": np.array([0, 1], I64)}, opset=18,
+         id="rprod-opset18-input"),
+    # groups (rows) with no zero, one zero and two zeros: the zero's cofactor is the rest's product
+    case("ReduceProd", {"x": np.array([[1.5, -2.0, 0.5], [0.0, 3.0, -1.5], [0.0, 2.0, 0.0]])},
+         {"axes": [1], "keepdims": 0}, id="rprod-zeros"),
     case("DepthToSpace", {"x": rnd(2, 8, 3, 2, dtype=F32)}, {"blocksize": 2, "mode": "DCR"}, id="d2s-dcr"),
     case("DepthToSpace", {"x": rnd(2, 18, 2, 3, dtype=F32)}, {"blocksize": 3, "mode": "CRD"}, id="d2s-crd"),
     case("SpaceToDepth", {"x": rnd(2, 3, 4, 6, dtype=F32)}, {"blocksize": 2}, id="s2d"),
@@ -519,6 +528,7 @@ def test_max_min_ties_share_the_gradient_like_pytorch():
     ("Einsum", {"a": rnd(3, 3)}, {"equation": "ii->i"}, {}, 13, "repeated label"),
     ("Einsum", {"a": rnd(2, 3, 4)}, {"equation": "...ij->ij"}, {}, 13, "summed out"),
     ("ReduceL2", {"x": rnd(2, 3)}, {"noop_with_empty_axes": 1}, {}, 18, "noop_with_empty_axes"),
+    ("ReduceProd", {"x": rnd(2, 3)}, {"noop_with_empty_axes": 1}, {}, 18, "noop_with_empty_axes"),
 ])
 def test_new_rules_refuse_what_they_cannot_differentiate(op, inputs, attrs, inits, opset, why):
     m = one_node_model(op, inputs, attrs, inits, opset=opset)

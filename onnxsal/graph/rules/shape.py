@@ -644,6 +644,43 @@ def reduce_norms(ctx: RuleContext, gy: Grads) -> Grads:
     return [ctx.op("Mul", [d, g])] + [None] * (len(ctx.inputs) - 1)
 
 
+@vjp_rule("ReduceLogSum")
+def reduce_log_sum(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = log(sum_axes x): gx = expand(gy / sum), the sum taken again rather than read as exp(y)."""
+    x = ctx.inputs[0]
+    axes = _reduce_axes(ctx, _rank(ctx, x))
+    if axes is None:
+        raise _unsupported(ctx, "noop_with_empty_axes=1 with no axes")
+    (g,) = _kept_dims(ctx, axes, gy[0])
+    g = ctx.op("Div", [g, ctx.reduce_sum(x, axes, keepdims=True)])
+    return [_expand_back(ctx, g, x)] + [None] * (len(ctx.inputs) - 1)
+
+
+@vjp_rule("ReduceProd")
+def reduce_prod(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = prod_axes x: gx = gy * the product of the other entries, exact where entries are 0.
+
+    ``y / x`` would divide by zero; instead the zeros are counted per reduced group: with none, an
+    entry's cofactor is p / x (p the product of the group); with one, the zero entry's is the
+    product of the rest and every other entry's is 0; with two or more, all are 0.
+    """
+    x = ctx.inputs[0]
+    axes = _reduce_axes(ctx, _rank(ctx, x))
+    if axes is None:
+        raise _unsupported(ctx, "noop_with_empty_axes=1 with no axes")
+    (g,) = _kept_dims(ctx, axes, gy[0])
+    zero = ctx.op("Equal", [x, ctx.const(0.0, like=x)])
+    zeros = ctx.reduce_sum(ctx.op("Cast", [zero], to=ctx.elem_type(x)), axes, keepdims=True)
+    safe = ctx.op("Where", [zero, ctx.const(1.0, like=x), x])
+    kept = [safe, ctx.const(np.asarray(axes, np.int64))] if ctx.opset >= 18 else [safe]
+    prod = ctx.op("ReduceProd", kept, keepdims=1, **({} if ctx.opset >= 18 else {"axes": axes}))
+    own = ctx.op("Equal", [zeros, ctx.const(1.0, like=x)])          # the group's one zero is this entry
+    none = ctx.op("Equal", [zeros, ctx.const(0.0, like=x)])
+    ok = ctx.op("Or", [ctx.op("And", [zero, own]), ctx.op("And", [ctx.op("Not", [zero]), none])])
+    cofactor = ctx.op("Where", [ok, ctx.op("Div", [prod, safe]), ctx.const(0.0, like=x)])
+    return [ctx.op("Mul", [cofactor, g])] + [None] * (len(ctx.inputs) - 1)
+
+
 @vjp_rule("SpaceToDepth")
 def space_to_depth(ctx: RuleContext, gy: Grads) -> Grads:
     """A permutation of elements: its transpose is its inverse, DepthToSpace in DCR order."""
