@@ -114,7 +114,8 @@ def run_batches(model: onnx.ModelProto, make_x, fn, batches=(1, 3), seed: int = 
 
 def test_rules_registered():
     for module, ops in ((conv, ["Conv", "ConvTranspose"]),
-                        (pool, ["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"]),
+                        (pool, ["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
+                                "GlobalLpPool"]),
                         (norm, ["BatchNormalization", "InstanceNormalization", "LayerNormalization", "LRN",
                                "GroupNormalization"]),
                         (resize, ["Resize"])):
@@ -511,6 +512,55 @@ def test_global_average_pool(dtype):
     check_torch(m, {"x": x}, lambda t: F.adaptive_avg_pool2d(t, 1))
     run_batches(m, lambda b: _rng(b).standard_normal((b, 3, 5, 4)).astype(dtype),
                 lambda t: F.adaptive_avg_pool2d(t, 1))
+
+
+def _lp_sum(t, p: int, k, s, pad=(0, 0), ceil=False, dilation=1):
+    """PyTorch's reference for ONNX LpPool: (sum over the window of |x|^p)^(1/p), zero padding."""
+    u = t.abs() ** p
+    summed = F.avg_pool2d(u, k, s, pad, ceil_mode=ceil, count_include_pad=True) * (k[0] * k[1]) if dilation == 1 \
+        else F.conv2d(u.reshape(-1, 1, *u.shape[2:]), torch.ones(1, 1, *k, dtype=u.dtype), stride=s, padding=pad,
+                      dilation=dilation).reshape(u.shape[0], u.shape[1], -1, 1)
+    return summed ** (1.0 / p)
+
+
+LPPOOL_CASES = [
+    ("p2_2x2_s2", 2, dict(kernel_shape=[2, 2], strides=[2, 2], p=2), lambda t: _lp_sum(t, 2, (2, 2), 2), 17),
+    ("p3_3x3_s2_p1", 3, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], p=3),
+     lambda t: _lp_sum(t, 3, (3, 3), 2, (1, 1)), 17),
+    ("p1_3x2_s1", 1, dict(kernel_shape=[3, 2], p=1), lambda t: _lp_sum(t, 1, (3, 2), 1), 17),
+    ("p2_3x3_s2_ceil", 2, dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1, p=2), None, 18),
+    ("p2_same_upper", 2, dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER", p=2), None, 17),
+]
+
+
+@pytest.mark.parametrize("case", LPPOOL_CASES, ids=[c[0] for c in LPPOOL_CASES])
+def test_lp_pool(case):
+    name, p, attrs, fn, opset = case
+    x = _rng(20).uniform(0.2, 1.5, (2, 3, 8, 7)).astype(F32) * np.where(_rng(21).random((2, 3, 8, 7)) < 0.5, -1, 1)
+    model = one_node_model("LpPool", {"x": x.astype(F32)}, attrs, opset=opset)
+    check_vjp(model, "y", ["x"], {"x": x.astype(F32)}, eps=1e-3, rtol=1e-2, atol=1e-3)
+    if fn is not None:
+        check_torch(model, {"x": x.astype(F32)}, fn)
+
+
+def test_lp_pool_of_a_window_of_zeros_passes_zero():
+    x = _rng(24).uniform(0.2, 1.5, (1, 2, 4, 4)).astype(F32)
+    x[0, 0, :2, :2] = 0                    # one whole window of zeros: its norm's gradient is 0, not NaN
+    for p in (2, 3):
+        m = one_node_model("LpPool", {"x": x}, dict(kernel_shape=[2, 2], strides=[2, 2], p=p))
+        got = derived_grads(m, "y", ["x"], {"x": x}, np.ones((1, 2, 2, 2), F32))["grad_x"]
+        assert np.isfinite(got).all() and not got[0, 0, :2, :2].any() and got[0, 1].all()
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_global_lp_pool(p):
+    x = (_rng(22).uniform(0.2, 1.5, (2, 3, 5, 4)) * np.where(_rng(23).random((2, 3, 5, 4)) < 0.5, -1, 1)).astype(F32)
+    m = one_node_model("GlobalLpPool", {"x": x}, {"p": p})
+    check_torch(m, {"x": x}, lambda t: (t.abs() ** p).sum(dim=(2, 3), keepdim=True) ** (1.0 / p))
+    zero = np.zeros_like(x)
+    zero[0, 0] = x[0, 0]            # a channel of zeros: the norm's gradient there is 0, not NaN
+    got = derived_grads(m, "y", ["x"], {"x": zero}, np.ones((2, 3, 1, 1), F32))["grad_x"]
+    assert np.isfinite(got).all() and not got[1].any()
 
 
 def test_global_max_pool():

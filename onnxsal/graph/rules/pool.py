@@ -1,4 +1,4 @@
-"""VJP rules for MaxPool, AveragePool, GlobalAveragePool and GlobalMaxPool.
+"""VJP rules for MaxPool, AveragePool, LpPool, their global forms, and MaxUnpool.
 
 Max pooling routes each output's gradient to the ONE input position that
 won the window (``dx[argmax(o)] += dy[o]``), exactly like PyTorch's
@@ -191,13 +191,79 @@ def average_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str
     inv_div = ctx.op("Mul", [ctx.op("AveragePool", [ones], **attrs), ctx.const(inv_counts, like=dy)])
     g = ctx.op("Mul", [dy, inv_div])
 
+    return [_window_sum_transposed(ctx, g, x, kernel, strides, dilations, h_in, h_out, pb, pe)]
+
+
+def _window_sum_transposed(ctx: RuleContext, g: str, x: str, kernel: list[int], strides: list[int],
+                           dilations: list[int], h_in: list[int], h_out: list[int], pb: list[int],
+                           pe: list[int]) -> str:
+    """``S^T g``: each output's value added back to every input position of its window, as a
+    ConvTranspose with a kernel of ones on the ``(N*C, 1, ...)`` view (see the module docstring)."""
+    n = len(kernel)
     geo = [transpose_geometry(h, ho, k, s, d, b, e)
            for h, ho, k, s, d, b, e in zip(h_in, h_out, kernel, strides, dilations, pb, pe)]
     g1 = ctx.op("Reshape", [g, ctx.const(np.asarray([-1, 1] + [0] * n, np.int64))])
-    ones_k = ctx.const(np.ones((1, 1) + tuple(kernel)), like=dy)
+    ones_k = ctx.const(np.ones((1, 1) + tuple(kernel)), like=g)
     dx1 = ctx.op("ConvTranspose", [g1, ones_k], kernel_shape=kernel, strides=strides, dilations=dilations,
                  pads=[t[0] for t in geo] + [t[1] for t in geo], output_padding=[t[2] for t in geo])
-    return [ctx.op("Reshape", [dx1, ctx.shape_of(x)])]
+    return ctx.op("Reshape", [dx1, ctx.shape_of(x)])
+
+
+# ---------------------------------------------------------------------------------------
+# Lp pooling: y = (S |x|^p)^(1/p), the window sums S of average pooling without the divisor.
+
+
+def _lp_factors(ctx: RuleContext, dy: str, x: str, y: str) -> tuple[str, str]:
+    """``dy * y^(1-p)`` (0 where a window is all zeros, as ReduceL2's rule) and
+    ``sign(x) |x|^(p-1)``: their product through S^T is the gradient."""
+    p = float(ctx.attr("p", 2))
+    if p == 1.0:
+        return dy, ctx.op("Sign", [x])
+    zero = ctx.const(0.0, like=y)
+    safe = ctx.op("Where", [ctx.op("Greater", [y, zero]), y, ctx.const(1.0, like=y)])
+    scale = ctx.op("Where", [ctx.op("Greater", [y, zero]), ctx.op("Pow", [safe, ctx.const(1.0 - p, like=y)]), zero])
+    return ctx.op("Mul", [dy, scale]), _signed_power(ctx, x, p - 1.0)
+
+
+def _signed_power(ctx: RuleContext, t: str, e: float) -> str:
+    """``sign(t) |t|^e`` (``t`` itself for e = 1)."""
+    if e == 1.0:
+        return t
+    return ctx.op("Mul", [ctx.op("Sign", [t]), ctx.op("Pow", [ctx.op("Abs", [t]), ctx.const(e, like=t)])])
+
+
+@vjp_rule("LpPool")
+def lp_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
+    """``dx = S^T(dy y^(1-p)) sign(x) |x|^(p-1)``, with S^T as in average pooling's rule."""
+    dy = gy[0]
+    if dy is None or not ctx.needs_grad(0):
+        return [None]
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    n, kernel, strides, dilations = _pool_params(ctx, x)
+    h_in = spatial_sizes(ctx, x, n)
+    h_out = spatial_sizes(ctx, y, n)
+    if any(v is None for v in h_in + h_out):
+        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(needs static spatial sizes)")
+    pb, pe = begin_end_pads(ctx, h_in, kernel, strides, dilations)
+    g, local = _lp_factors(ctx, dy, x, y)
+    spread = _window_sum_transposed(ctx, g, x, kernel, strides, dilations, h_in, h_out, pb, pe)
+    return [ctx.op("Mul", [spread, local])]
+
+
+@vjp_rule("GlobalLpPool")
+def global_lp_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
+    """One window over all spatial positions: ``dx = dy sign(x) (|x| / y)^(p-1)``, the ratio taken
+    first so that a tiny norm cannot overflow; 0 where the norm is 0 (every x there is 0)."""
+    dy = gy[0]
+    if dy is None or not ctx.needs_grad(0):
+        return [None]
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    p = float(ctx.attr("p", 2))
+    if p == 1.0:
+        return [ctx.op("Mul", [ctx.op("Expand", [dy, ctx.shape_of(x)]), ctx.op("Sign", [x])])]
+    safe = ctx.op("Where", [ctx.op("Greater", [y, ctx.const(0.0, like=y)]), y, ctx.const(1.0, like=y)])
+    ratio = ctx.op("Div", [x, safe])           # |ratio| <= 1; x = 0 wherever y = 0
+    return [ctx.op("Mul", [dy, _signed_power(ctx, ratio, p - 1.0)])]
 
 
 @vjp_rule("GlobalAveragePool")
