@@ -746,6 +746,15 @@ def cum_sum(ctx: RuleContext, gy: Grads) -> Grads:
                    reverse=1 - int(ctx.attr("reverse", 0))), None]
 
 
+@vjp_rule("ReverseSequence")
+def reverse_sequence(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = each batch entry's first ``sequence_lens[b]`` steps reversed (tf.reverse_sequence, a
+    bidirectional RNN's backward pass as tf2onnx may write it): a permutation that is its own
+    inverse, so gx is gy reversed the same way."""
+    return [ctx.op("ReverseSequence", [gy[0], ctx.inputs[1]], batch_axis=int(ctx.attr("batch_axis", 1)),
+                   time_axis=int(ctx.attr("time_axis", 0))), None]
+
+
 @vjp_rule("Trilu")
 def trilu(ctx: RuleContext, gy: Grads) -> Grads:
     """y = x with the entries outside a triangle zeroed: gx = gy with the same entries zeroed."""
