@@ -19,6 +19,7 @@ and no per-channel weight tensor (measured on par with a ``group=C`` kernel).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -171,13 +172,10 @@ def average_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str
     dy = gy[0]
     if dy is None or not ctx.needs_grad(0):
         return [None]
-    x, y = ctx.inputs[0], ctx.outputs[0]
-    n, kernel, strides, dilations = _pool_params(ctx, x)
-    h_in = spatial_sizes(ctx, x, n)
-    h_out = spatial_sizes(ctx, y, n)
-    if any(v is None for v in h_in + h_out):
-        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(needs static spatial sizes)")
-    pb, pe = begin_end_pads(ctx, h_in, kernel, strides, dilations)
+    x = ctx.inputs[0]
+    w = _windows(ctx)
+    h_in, h_out, kernel, strides, dilations, pb = w.h_in, w.h_out, w.kernel, w.strides, w.dilations, w.pb
+    n = len(kernel)
 
     counts = np.ones((1, 1) + tuple(h_out))
     for i, (h, ho, k, s, d, b) in enumerate(zip(h_in, h_out, kernel, strides, dilations, pb)):
@@ -191,17 +189,40 @@ def average_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str
     inv_div = ctx.op("Mul", [ctx.op("AveragePool", [ones], **attrs), ctx.const(inv_counts, like=dy)])
     g = ctx.op("Mul", [dy, inv_div])
 
-    return [_window_sum_transposed(ctx, g, x, kernel, strides, dilations, h_in, h_out, pb, pe)]
+    return [_window_sum_transposed(ctx, g, x, w)]
 
 
-def _window_sum_transposed(ctx: RuleContext, g: str, x: str, kernel: list[int], strides: list[int],
-                           dilations: list[int], h_in: list[int], h_out: list[int], pb: list[int],
-                           pe: list[int]) -> str:
+@dataclass(frozen=True)
+class _Windows:
+    """A pool's window geometry along its spatial axes: sizes in and out, and its attributes."""
+
+    h_in: list[int]
+    h_out: list[int]
+    kernel: list[int]
+    strides: list[int]
+    dilations: list[int]
+    pb: list[int]          # pads at the beginning and at the end (auto_pad resolved)
+    pe: list[int]
+
+
+def _windows(ctx: RuleContext) -> _Windows:
+    """The pool node's window geometry; static spatial sizes are required."""
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    n, kernel, strides, dilations = _pool_params(ctx, x)
+    h_in = spatial_sizes(ctx, x, n)
+    h_out = spatial_sizes(ctx, y, n)
+    if any(v is None for v in h_in + h_out):
+        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(needs static spatial sizes)")
+    pb, pe = begin_end_pads(ctx, h_in, kernel, strides, dilations)
+    return _Windows(h_in, h_out, kernel, strides, dilations, pb, pe)
+
+
+def _window_sum_transposed(ctx: RuleContext, g: str, x: str, w: _Windows) -> str:
     """``S^T g``: each output's value added back to every input position of its window, as a
     ConvTranspose with a kernel of ones on the ``(N*C, 1, ...)`` view (see the module docstring)."""
-    n = len(kernel)
+    n, kernel, strides, dilations = len(w.kernel), w.kernel, w.strides, w.dilations
     geo = [transpose_geometry(h, ho, k, s, d, b, e)
-           for h, ho, k, s, d, b, e in zip(h_in, h_out, kernel, strides, dilations, pb, pe)]
+           for h, ho, k, s, d, b, e in zip(w.h_in, w.h_out, kernel, strides, dilations, w.pb, w.pe)]
     g1 = ctx.op("Reshape", [g, ctx.const(np.asarray([-1, 1] + [0] * n, np.int64))])
     ones_k = ctx.const(np.ones((1, 1) + tuple(kernel)), like=g)
     dx1 = ctx.op("ConvTranspose", [g1, ones_k], kernel_shape=kernel, strides=strides, dilations=dilations,
@@ -239,14 +260,8 @@ def lp_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
     if dy is None or not ctx.needs_grad(0):
         return [None]
     x, y = ctx.inputs[0], ctx.outputs[0]
-    n, kernel, strides, dilations = _pool_params(ctx, x)
-    h_in = spatial_sizes(ctx, x, n)
-    h_out = spatial_sizes(ctx, y, n)
-    if any(v is None for v in h_in + h_out):
-        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(needs static spatial sizes)")
-    pb, pe = begin_end_pads(ctx, h_in, kernel, strides, dilations)
     g, local = _lp_factors(ctx, dy, x, y)
-    spread = _window_sum_transposed(ctx, g, x, kernel, strides, dilations, h_in, h_out, pb, pe)
+    spread = _window_sum_transposed(ctx, g, x, _windows(ctx))
     return [ctx.op("Mul", [spread, local])]
 
 
