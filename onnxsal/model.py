@@ -388,6 +388,8 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
     node, restored = _final_node(proto, output)
     if node is None:
         return output, None
+    if _log_of_softmax(node, producer):      # log(softmax(z)) in two ops: LogSoftmax's logits
+        node = producer[node.input[0]]
     if node.op_type in ("Softmax", "LogSoftmax"):
         logits = node.input[0]
         flat = producer.get(logits)
@@ -403,6 +405,12 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
         if shape is not None and (int(np.prod([d for d in shape[1:] if d])) == 1 or len(shape) == 2):
             return node.input[0], "sigmoid"
     return output, None
+
+
+def _log_of_softmax(node: onnx.NodeProto, producer: dict) -> bool:
+    """Whether ``node`` is a ``Log`` of a ``Softmax``'s output, a LogSoftmax written as two ops."""
+    src = producer.get(node.input[0]) if node.op_type == "Log" else None
+    return src is not None and src.op_type == "Softmax"
 
 
 def probabilities_of(proto: onnx.ModelProto, output: str) -> str:
@@ -787,13 +795,15 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         graph_out, output_note = ranked
     logits, activation = _find_logits(proto, graph_out)
     final = _final_node(proto, graph_out)[0]
-    if final is not None and final.op_type == "LogSoftmax" and listed is None:
+    two_ops = final is not None and _log_of_softmax(final, {o: n for n in proto.graph.node for o in n.output})
+    if final is not None and (final.op_type == "LogSoftmax" or two_ops) and listed is None:
         # log-probabilities: what the model's probability, its top classes and --score probability
         # read is their exp (scored as log p, a target's gradient would be that of log p, not of p)
         graph_out = probabilities_of(proto, graph_out)
         shapes = tensor_shapes(proto)
-        output_note = "; ".join(filter(None, [output_note, f"{final.output[0]} holds log-probabilities (a final "
-                                              "LogSoftmax): onnxsal reads their exp, the probabilities"]))
+        made = "a Log of a Softmax" if two_ops else "a final LogSoftmax"
+        output_note = "; ".join(filter(None, [output_note, f"{final.output[0]} holds log-probabilities ({made}): "
+                                              "onnxsal reads their exp, the probabilities"]))
     out_shape = shapes.get(logits, (0, None))[1]
     if out_shape is None or None in out_shape[1:]:
         proto = infer(proto)

@@ -46,7 +46,14 @@ class Segmenter(nn.Module):
         return torch.log_softmax(self.logits(x), dim=1)
 
 
-NETS = {"classifier": Classifier, "segmenter": Segmenter}
+class TwoOps(Classifier):
+    """log(softmax(z)) written as two ops, as a hand-written log-likelihood head exports."""
+
+    def forward(self, x):
+        return torch.log(torch.softmax(self.logits(x), dim=1))
+
+
+NETS = {"classifier": Classifier, "segmenter": Segmenter, "log-of-softmax": TwoOps}
 
 
 @pytest.fixture(scope="module", params=list(NETS))
@@ -72,12 +79,13 @@ def test_the_output_read_is_the_probabilities(logsoftmax):
     ex = onnxsal.Explainer(path, "cpu", preprocess="raw")
     m = ex.model
     assert m.activation == "softmax" and m.output != "logp" and m.logits != "logp"
-    assert "logp holds log-probabilities (a final LogSoftmax): onnxsal reads their exp" in m.output_note
+    made = "a Log of a Softmax" if kind == "log-of-softmax" else "a final LogSoftmax"
+    assert f"logp holds log-probabilities ({made}): onnxsal reads their exp" in m.output_note
     with torch.no_grad():
         p = torch.softmax(net.logits(torch.tensor(x[:1])), dim=1).numpy()[0]
     np.testing.assert_allclose(ex.predict(x[:1]), p.reshape(-1), rtol=1e-5, atol=1e-7)
     res = ex.explain(x[:1], "saliency")
-    if kind == "classifier":
+    if kind != "segmenter":
         order = np.argsort(-p, kind="stable")
         assert [t["index"] for t in res.top(5)] == order.tolist()
         np.testing.assert_allclose([t["score"] for t in res.top(5)], p[order], rtol=1e-5)
@@ -125,3 +133,19 @@ def test_cli_summary_lists_probabilities(logsoftmax, tmp_path):
     assert main(["explain", path, str(tmp_path / "a.png"), "--preprocess", "unit", "-q", "-o", str(tmp_path)]) == 0
     top = json.loads((tmp_path / "a.json").read_text())["top"]
     assert all(0 <= t["score"] <= 1 for t in top)
+
+
+def test_a_log_of_anything_else_is_the_output_itself(tmp_path):
+    """Only a Log of a Softmax is read as log-probabilities: log(1 + relu(z)) stays the output."""
+    class Logged(Classifier):
+        def forward(self, x):
+            return torch.log(1 + torch.relu(self.logits(x)))
+
+    net = Logged().eval()
+    path = str(tmp_path / "logged.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.randn(1, 3, 16, 16), path, input_names=["x"], output_names=["out"],
+                          opset_version=13, dynamo=False)
+    m = onnxsal.load(path)
+    assert m.output == "out" and m.activation is None and not m.output_note
