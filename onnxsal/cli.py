@@ -290,7 +290,7 @@ def export_cmd(
     head: Optional[str] = O.HEAD,
     region: str = O.REGION,
     like: Optional[str] = typer.Option(None, "--like", help="reference image or .npy of its output vector, held in "
-                                       "the graph; or 'input': the graph takes it as a third input, reference (1, D)"),
+                                       "the graph; or 'input': the graph takes it as a third input, reference (1 or N, D)"),
     preprocess: Optional[str] = O.PREPROCESS,
 ) -> None:
     """Write one ONNX graph: inputs (image, target int64[N]) -> outputs (logits, map [N, H, W] in [0, 1]).
@@ -320,7 +320,7 @@ def export_cmd(
     onnx.save(graph, tmp)
     os.replace(tmp, output)
     inp = graph.graph.input[0]
-    extra = f" + reference (1, {width})" if like == "input" else ""
+    extra = f" + reference (1 or N, {width})" if like == "input" else ""
     out.print(f"wrote {esc(output)}: inputs {esc(inp.name)} + target (int64 class per image){extra} -> logits, map "
               f"({method})")
 

@@ -25,7 +25,7 @@ from .graph.weights import attach
 from .detection import DetectionList, QueryOutput
 from .labelled import ClassBest
 from .model import Model, load
-from .similarity import REFERENCE, as_input
+from .similarity import REFERENCE, as_input, reference_width
 
 EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam",
               "layerig", "saliency", "smoothgrad", "ig", "inputxgradient", "fullgrad")
@@ -163,7 +163,8 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     confident kept detection, for final detections: with none, its map is empty).
 
     ``reference_input``: for a model that scores a similarity (``Explainer.like``), the graph takes
-    the reference as a third input, ``reference`` (1, D), instead of holding it as a constant."""
+    the reference as a third input, ``reference``, instead of holding it as a constant: (1, D) for
+    every image, or (N, D), each image's own."""
     m: Model = load(model)
     if reference_input and not any(t.name == REFERENCE for t in m.light.graph.initializer):
         raise MethodError("a reference input needs a model that scores a similarity (Explainer.like, "
@@ -499,8 +500,14 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     g_model.metadata_props.add(key="onnxsal.export", value=method)
     if m.input.elem_type in PIXEL_TYPES:      # a model of integer pixels takes them here too
         _take_pixels(g, x_name, m.input.elem_type, e.name(f"{x_name}_real"))
-    if reference_input:
-        as_input(g)
+    if reference_input:             # "reference": (1, D), or one row per image, repeated for stacked copies
+        source = ""
+        if clean is not None:
+            width = e.const([reference_width(g)], np.int64)
+            n1 = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
+            per_image = e.op("Expand", ["reference", e.op("Concat", [n1, width], axis=0)])
+            source = e.op("Concat", [per_image, e.op("Tile", [per_image, e.const([clean[0], 1], np.int64)])], axis=0)
+        as_input(g, source=source)
     _toposort(g)
     g_model = attach(g_model)
     onnx.checker.check_model(g_model)

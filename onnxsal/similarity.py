@@ -51,16 +51,19 @@ def with_similarity(proto: onnx.ModelProto, output: str, reference: np.ndarray) 
     return out, sim
 
 
-def as_input(graph: onnx.GraphProto, name: str = "reference") -> None:
-    """Turn the similarity head's constant reference into a graph input ``name``, (1, D), any
-    non-zero vector: the graph computes its unit vector where the constant stood, so the forward
-    pass and its gradient both read the reference fed at run time."""
+def as_input(graph: onnx.GraphProto, name: str = "reference", source: str = "") -> None:
+    """Turn the similarity head's constant reference into a graph input ``name``, (1, D) or one row
+    per image, any non-zero vectors: the graph computes their unit vectors where the constant stood,
+    so the forward pass and its gradient both read the references fed at run time. ``source``: the
+    rows to normalise when they are not the input itself (the input's rows repeated for the stacked
+    copies an exported SmoothGrad or IG runs); the caller then sorts the graph."""
     held = next((t for t in graph.initializer if t.name == REFERENCE), None)
     if held is None:
         raise TargetError("a reference input needs a model that scores a similarity (Explainer.like)")
     width = int(held.dims[-1])
     graph.initializer.remove(held)
-    graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, width]))
+    graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["R", width]))
+    rows = source or name
 
     def const(value, dtype=np.float32) -> str:
         t = numpy_helper.from_array(np.asarray(value, dtype), f"{REFERENCE}/{len(graph.initializer)}")
@@ -73,8 +76,16 @@ def as_input(graph: onnx.GraphProto, name: str = "reference") -> None:
 
     # inserted at the front in reverse order of use, so the graph stays topologically sorted
     norm = f"{REFERENCE}/norm"
-    node("Div", [name, f"{REFERENCE}/floor"], REFERENCE)
+    node("Div", [rows, f"{REFERENCE}/floor"], REFERENCE)
     node("Max", [norm, const(EPS)], f"{REFERENCE}/floor")
     node("Sqrt", [f"{REFERENCE}/square_sum"], norm)
     node("ReduceSum", [f"{REFERENCE}/square", const([1], np.int64)], f"{REFERENCE}/square_sum", keepdims=1)
-    node("Mul", [name, name], f"{REFERENCE}/square")
+    node("Mul", [rows, rows], f"{REFERENCE}/square")
+
+
+def reference_width(graph: onnx.GraphProto) -> int:
+    """The width D of the similarity head's reference, which the model must have."""
+    held = next((t for t in graph.initializer if t.name == REFERENCE), None)
+    if held is None:
+        raise TargetError("a reference input needs a model that scores a similarity (Explainer.like)")
+    return int(held.dims[-1])

@@ -309,10 +309,36 @@ def test_cli_export_like_input(embedder, tmp_path, capsys):
     kind, net, path, x, ref = embedder
     out = str(tmp_path / "any.explain.onnx")
     assert main(["export", path, "-m", "gradcam", "--like", "input", "-o", out]) == 0
-    assert f"+ reference (1, {DIM})" in capsys.readouterr().out
+    assert f"+ reference (1 or N, {DIM})" in capsys.readouterr().out
     sess = ort.InferenceSession(out)
     r = np.random.default_rng(3).standard_normal((1, DIM)).astype(np.float32)
     scores, _ = sess.run(["logits", "map"], {"image": x, "target": np.array([1, 1], np.int64), "reference": r})
     with torch.no_grad():
         want = torch.nn.functional.cosine_similarity(net(torch.tensor(x)).flatten(1), torch.tensor(r))
+    np.testing.assert_allclose(scores[:, 0], want.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["saliency", "gradcam", "ig", "layerig", "fullgrad", "shapleycam"])
+def test_each_image_can_bring_its_own_reference(embedder, method):
+    """A (N, D) reference input pairs each image with its own reference, in the methods that run
+    one row per image and in those that stack copies (IG's path points, LayerIG's): each image's
+    map and score are those of the graph holding its reference, run on it alone."""
+    import onnxruntime as ort
+
+    from onnxsal.export import export
+
+    kind, net, path, x, ref = embedder
+    base = onnxsal.Explainer(path, "cpu", preprocess="raw")
+    refs = np.stack([base.predict(ref[:1]), np.random.default_rng(9).standard_normal(DIM).astype(np.float32)])
+    graph = export(base.like(np.ones(DIM, np.float32)).model, method, reference_input=True, steps=8)
+    sess = ort.InferenceSession(graph.SerializeToString())
+    targets = np.array([1, 0], np.int64)
+    scores, maps = sess.run(["logits", "map"], {"image": x, "target": targets, "reference": refs})
+    for k in range(2):
+        alone = ort.InferenceSession(export(base.like(refs[k]).model, method, steps=8).SerializeToString())
+        s1, m1 = alone.run(["logits", "map"], {"image": x[k:k + 1], "target": targets[k:k + 1]})
+        np.testing.assert_allclose(scores[k], s1[0], rtol=1e-5, err_msg=f"{method} image {k}")
+        np.testing.assert_allclose(maps[k], m1[0], atol=1e-5, err_msg=f"{method} image {k}")
+    with torch.no_grad():
+        want = torch.nn.functional.cosine_similarity(net(torch.tensor(x)).flatten(1), torch.tensor(refs))
     np.testing.assert_allclose(scores[:, 0], want.numpy(), rtol=1e-5)
