@@ -390,6 +390,9 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
         return output, None
     if _log_of_softmax(node, producer):      # log(softmax(z)) in two ops: LogSoftmax's logits
         node = producer[node.input[0]]
+    written = _written_softmax(proto, node, producer)
+    if written is not None:
+        return written, "softmax"
     if node.op_type in ("Softmax", "LogSoftmax"):
         logits = node.input[0]
         flat = producer.get(logits)
@@ -405,6 +408,49 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
         if shape is not None and (int(np.prod([d for d in shape[1:] if d])) == 1 or len(shape) == 2):
             return node.input[0], "sigmoid"
     return output, None
+
+
+def _written_softmax(proto: onnx.ModelProto, node: onnx.NodeProto, producer: dict) -> Optional[str]:
+    """The logits of a softmax written out as ``exp(z) / sum(exp(z))`` over the class axis (axis 1,
+    or -1 for classes last; ``z - max(z)`` first, in its stable form), as hand-written PyTorch code
+    exports it; None for anything else (a spatial softmax over a map's pixels). Read as the output
+    itself, its probabilities would be scored as logits."""
+    if node.op_type != "Div" or len(node.input) != 2:
+        return None
+    ex, red = producer.get(node.input[0]), producer.get(node.input[1])
+    if ex is None or red is None or ex.op_type != "Exp" or red.op_type != "ReduceSum" or \
+            red.input[0] != node.input[0] or not int(_node_attr(red, "keepdims", 1)):
+        return None
+    axes = _node_attr(red, "axes")
+    if axes is None and len(red.input) > 1 and red.input[1]:
+        held = _constant(proto, red.input[1])
+        axes = None if held is None else [int(a) for a in held.reshape(-1)]
+    if not axes or len(axes) != 1 or axes[0] not in (1, -1):    # the class axis, first or last after the batch
+        return None
+    z = ex.input[0]
+    sub = producer.get(z)
+    if sub is not None and sub.op_type == "Sub":          # the stable form: softmax(z - max z) = softmax(z)
+        top = producer.get(sub.input[1])
+        if top is not None and top.op_type == "ReduceMax" and top.input[0] == sub.input[0]:
+            z = sub.input[0]
+    return z
+
+
+def _node_attr(node: onnx.NodeProto, name: str, default=None):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _constant(proto: onnx.ModelProto, name: str) -> Optional[np.ndarray]:
+    """A tensor's value when an initializer or a Constant node holds it."""
+    from .graph.weights import array
+
+    for t in proto.graph.initializer:
+        if t.name == name:
+            return array(t)
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name and n.attribute and n.attribute[0].name == "value":
+            return onnx.numpy_helper.to_array(n.attribute[0].t)
+    return None
 
 
 def _log_of_softmax(node: onnx.NodeProto, producer: dict) -> bool:
