@@ -25,7 +25,7 @@ from .graph.weights import attach
 from .detection import DetectionList, QueryOutput
 from .labelled import ClassBest
 from .model import Model, load
-from .similarity import REFERENCE, as_input, reference_width
+from .similarity import as_input, holds_reference, reference_width
 
 EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam",
               "layerig", "saliency", "smoothgrad", "ig", "inputxgradient", "fullgrad")
@@ -166,7 +166,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     the reference as a third input, ``reference``, instead of holding it as a constant: (1, D) for
     every image, or (N, D), each image's own."""
     m: Model = load(model)
-    if reference_input and not any(t.name == REFERENCE for t in m.light.graph.initializer):
+    if reference_input and not holds_reference(m.light.graph):
         raise MethodError("a reference input needs a model that scores a similarity (Explainer.like, "
                           "export --like input)")
     method = method.lower()
@@ -348,13 +348,17 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     else:
         # a class scores its map over the pixels each image's output assigns to it (all of them when none)
         c_ax = 3 if dense.channels_last else 1
+        per_class = [-1, 1, 1, dense.classes] if dense.channels_last else [-1, dense.classes, 1, 1]
+
+        def class_map(keepdims: int) -> str:
+            """Each image's own map of its target class, picked by a one-hot over the class axis."""
+            hot = e.op("OneHot", [target, e.const([dense.classes], np.int64), e.const([0.0, 1.0])], axis=-1)
+            return e.reduce("ReduceSum", e.op("Mul", [own, e.op("Reshape", [hot, e.const(per_class, np.int64)])]),
+                            [c_ax], keepdims=keepdims)
+
         if region == "peak":          # the class map's highest pixel (a keypoint heatmap's peak)
             hw = dense.height * dense.width
-            hot_class = e.op("OneHot", [target, e.const([dense.classes], np.int64), e.const([0.0, 1.0])], axis=-1)
-            per = [-1, 1, 1, dense.classes] if dense.channels_last else [-1, dense.classes, 1, 1]
-            class_map = e.reduce("ReduceSum", e.op("Mul", [own, e.op("Reshape", [hot_class, e.const(per, np.int64)])]),
-                                 [c_ax], keepdims=0)
-            peak = e.op("ArgMax", [e.op("Reshape", [class_map, e.const([-1, hw], np.int64)])], axis=1, keepdims=0)
+            peak = e.op("ArgMax", [e.op("Reshape", [class_map(0), e.const([-1, hw], np.int64)])], axis=1, keepdims=0)
             won = e.op("Reshape", [e.op("OneHot", [peak, e.const([hw], np.int64), e.const([0.0, 1.0])], axis=-1),
                                    e.const([-1, dense.height, dense.width, 1] if dense.channels_last
                                            else [-1, 1, dense.height, dense.width], np.int64)])
@@ -368,11 +372,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
             if dense.classes == 1:
                 won = e.op("Greater", [own, e.const(dense.threshold)])
             elif dense.independent:   # the class's own map above its threshold (maps each after a Sigmoid)
-                hot_class = e.op("OneHot", [target, e.const([dense.classes], np.int64), e.const([0.0, 1.0])], axis=-1)
-                per = [-1, 1, 1, dense.classes] if dense.channels_last else [-1, dense.classes, 1, 1]
-                class_map = e.reduce("ReduceSum", e.op("Mul", [own, e.op("Reshape", [hot_class, e.const(per, np.int64)])]),
-                                     [c_ax], keepdims=1)
-                won = e.op("Greater", [class_map, e.const(dense.threshold)])
+                won = e.op("Greater", [class_map(1), e.const(dense.threshold)])
             else:
                 won = e.op("Equal", [e.op("ArgMax", [own], axis=c_ax, keepdims=1),
                                      e.op("Reshape", [target, e.const([-1, 1, 1, 1], np.int64)])])
@@ -380,7 +380,6 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
             pixels = e.op("Add", [pixels, e.op("Sub", [e.const(1.0), e.reduce("ReduceMax", pixels, [1, 2, 3])])])
         if clean is not None:
             pixels = e.op("Concat", [pixels, e.op("Tile", [pixels, e.const([clean[0], 1, 1, 1], np.int64)])], axis=0)
-        per_class = [-1, 1, 1, dense.classes] if dense.channels_last else [-1, dense.classes, 1, 1]
         e.op("Mul", [e.op("Reshape", [onehot, e.const(per_class, np.int64)]), pixels], out=grad_y)
 
     def normalize_and_squeeze(mp: str, axis: int) -> str:
@@ -507,7 +506,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
             n1 = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
             per_image = e.op("Expand", ["reference", e.op("Concat", [n1, width], axis=0)])
             source = e.op("Concat", [per_image, e.op("Tile", [per_image, e.const([clean[0], 1], np.int64)])], axis=0)
-        as_input(g, source=source)
+        as_input(g_model, source=source)
     _toposort(g)
     g_model = attach(g_model)
     onnx.checker.check_model(g_model)

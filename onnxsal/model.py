@@ -33,6 +33,7 @@ from .graph.training import as_scored_alone, training_ops
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.qoperator import qoperator_ops, to_qdq
 from .graph.simplify import constants
+from .graph.surgery import node_attrs
 from .graph.weights import WeightStore, attach, detach
 from .labelled import add_class_best, labelled_lists
 from .simcc import add_keypoint_scores, find_simcc
@@ -382,17 +383,21 @@ def _final_node(proto: onnx.ModelProto, output: str) -> tuple[Optional[onnx.Node
     return node, restored
 
 
-def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str]]:
+def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str], str]:
+    """The logits and the final activation that ``output`` is made by, and, when that output holds
+    log-probabilities, a note naming the tensor and what makes them ("" otherwise)."""
     producer = {o: n for n in proto.graph.node for o in n.output}
     shapes = tensor_shapes(proto)
     node, restored = _final_node(proto, output)
     if node is None:
-        return output, None
+        return output, None, ""
+    logged = f"{node.output[0]} holds log-probabilities (a final LogSoftmax)" if node.op_type == "LogSoftmax" else ""
     if _log_of_softmax(node, producer):      # log(softmax(z)) in two ops: LogSoftmax's logits
+        logged = f"{node.output[0]} holds log-probabilities (a Log of a Softmax)"
         node = producer[node.input[0]]
     written = _written_softmax(proto, node, producer)
     if written is not None:
-        return written, "softmax"
+        return written, "softmax", ""
     if node.op_type in ("Softmax", "LogSoftmax"):
         logits = node.input[0]
         flat = producer.get(logits)
@@ -401,13 +406,13 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
         # Flatten, whose first axis is the batch.
         if flat is not None and flat.op_type == "Flatten" and flat.input[0] in restored:
             logits = flat.input[0]
-        return logits, "softmax"
+        return logits, "softmax", logged
     if node.op_type == "Sigmoid":
         # one unit: a binary classifier; (N, C): a multi-label one, each class its own logit
         shape = shapes.get(node.input[0], (0, None))[1]
         if shape is not None and (int(np.prod([d for d in shape[1:] if d])) == 1 or len(shape) == 2):
-            return node.input[0], "sigmoid"
-    return output, None
+            return node.input[0], "sigmoid", ""
+    return output, None, ""
 
 
 def _written_softmax(proto: onnx.ModelProto, node: onnx.NodeProto, producer: dict) -> Optional[str]:
@@ -418,12 +423,13 @@ def _written_softmax(proto: onnx.ModelProto, node: onnx.NodeProto, producer: dic
     if node.op_type != "Div" or len(node.input) != 2:
         return None
     ex, red = producer.get(node.input[0]), producer.get(node.input[1])
+    attrs = node_attrs(red) if red is not None else {}
     if ex is None or red is None or ex.op_type != "Exp" or red.op_type != "ReduceSum" or \
-            red.input[0] != node.input[0] or not int(_node_attr(red, "keepdims", 1)):
+            red.input[0] != node.input[0] or not int(attrs.get("keepdims", 1)):
         return None
-    axes = _node_attr(red, "axes")
+    axes = attrs.get("axes")
     if axes is None and len(red.input) > 1 and red.input[1]:
-        held = _constant(proto, red.input[1])
+        held = constants(proto.graph).get(red.input[1])
         axes = None if held is None else [int(a) for a in held.reshape(-1)]
     if not axes or len(axes) != 1 or axes[0] not in (1, -1):    # the class axis, first or last after the batch
         return None
@@ -434,23 +440,6 @@ def _written_softmax(proto: onnx.ModelProto, node: onnx.NodeProto, producer: dic
         if top is not None and top.op_type == "ReduceMax" and top.input[0] == sub.input[0]:
             z = sub.input[0]
     return z
-
-
-def _node_attr(node: onnx.NodeProto, name: str, default=None):
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
-def _constant(proto: onnx.ModelProto, name: str) -> Optional[np.ndarray]:
-    """A tensor's value when an initializer or a Constant node holds it."""
-    from .graph.weights import array
-
-    for t in proto.graph.initializer:
-        if t.name == name:
-            return array(t)
-    for n in proto.graph.node:
-        if n.op_type == "Constant" and n.output[0] == name and n.attribute and n.attribute[0].name == "value":
-            return onnx.numpy_helper.to_array(n.attribute[0].t)
-    return None
 
 
 def _log_of_softmax(node: onnx.NodeProto, producer: dict) -> bool:
@@ -839,17 +828,13 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     ranked = _ranked_from(proto, graph_out, shapes)
     if ranked is not None:                     # a classifier's top-k values: its classes, not their ranks
         graph_out, output_note = ranked
-    logits, activation = _find_logits(proto, graph_out)
-    final = _final_node(proto, graph_out)[0]
-    two_ops = final is not None and _log_of_softmax(final, {o: n for n in proto.graph.node for o in n.output})
-    if final is not None and (final.op_type == "LogSoftmax" or two_ops) and listed is None:
+    logits, activation, logged = _find_logits(proto, graph_out)
+    if logged and listed is None:
         # log-probabilities: what the model's probability, its top classes and --score probability
         # read is their exp (scored as log p, a target's gradient would be that of log p, not of p)
         graph_out = probabilities_of(proto, graph_out)
         shapes = tensor_shapes(proto)
-        made = "a Log of a Softmax" if two_ops else "a final LogSoftmax"
-        output_note = "; ".join(filter(None, [output_note, f"{final.output[0]} holds log-probabilities ({made}): "
-                                              "onnxsal reads their exp, the probabilities"]))
+        output_note = "; ".join(filter(None, [output_note, f"{logged}: onnxsal reads their exp, the probabilities"]))
     out_shape = shapes.get(logits, (0, None))[1]
     if out_shape is None or None in out_shape[1:]:
         proto = infer(proto)
