@@ -39,6 +39,13 @@ def kinked(*shape, kinks, scale=1.0, gap=0.05, dtype=np.float64):
     return a.astype(dtype)
 
 
+def _off_integer(a: np.ndarray, gap: float = 0.2) -> np.ndarray:
+    """``a`` moved so its fractional part lies in [gap, 1 - gap]: a quotient fmod never jumps near."""
+    whole = np.trunc(a)
+    frac = np.clip(np.abs(a - whole), gap, 1 - gap)
+    return whole + np.sign(a + 1e-12) * frac
+
+
 def pos(*shape, dtype=np.float64):
     return (R.random(shape) + 0.5).astype(dtype)
 
@@ -57,6 +64,10 @@ def _run_case(c):
 
 F32 = np.float32
 I64 = np.int64
+
+_MOD_B = pos(2, 3) * np.where(R.random((2, 3)) < 0.5, -1.0, 1.0)
+_MOD_Q = _off_integer(rnd(2, 3) * 3)
+_MOD_COL = np.array([[0.5], [-1.5], [2.5]])
 
 ELEMENTWISE = [
     case("Add", {"a": rnd(2, 3, 4), "b": rnd(2, 3, 4)}, id="add-same"),
@@ -99,9 +110,10 @@ ELEMENTWISE = [
     case("Sin", {"x": rnd(2, 3)}),
     case("Cos", {"x": rnd(2, 3)}),
     case("Sign", {"x": rnd(2, 3, lo=0.1)}),
-    case("Floor", {"x": rnd(2, 3) * 3 + 0.5}),
-    case("Ceil", {"x": rnd(2, 3, dtype=F32) * 3 + 0.5}),
-    case("Round", {"x": rnd(2, 3, dtype=F32) * 3 + 0.25}),
+    # steps at the integers (Round's at the halves): the samples stay 0.2 away from them
+    case("Floor", {"x": _off_integer(rnd(2, 3) * 3)}),
+    case("Ceil", {"x": _off_integer(rnd(2, 3) * 3).astype(F32)}),
+    case("Round", {"x": (_off_integer(rnd(2, 3) * 3) + 0.5).astype(F32)}),
 ]
 
 ACTIVATIONS = [
@@ -250,6 +262,20 @@ SHAPE = [
          inits={"lens": np.array([5, 2, 1], I64)}, id="reverse-sequence-time-major"),
     case("ReverseSequence", {"x": rnd(3, 4, 2)}, {"batch_axis": 0, "time_axis": 1},
          inits={"lens": np.array([4, 3, 0], I64)}, id="reverse-sequence-batch-major"),
+    # fmod: a / b kept 0.2 or more from every integer, where y jumps by b; divisors of both signs
+    case("Mod", {"a": _MOD_Q * _MOD_B, "b": _MOD_B}, {"fmod": 1}, id="mod-fmod"),
+    case("Mod", {"a": _off_integer(rnd(2, 3, 4) * 3) * 0.7}, {"fmod": 1}, inits={"b": np.array(0.7)},
+         id="mod-fmod-const-divisor"),
+    case("Mod", {"a": _off_integer(rnd(2, 3, 4) * 3) * _MOD_COL, "b": _MOD_COL}, {"fmod": 1},
+         id="mod-fmod-broadcast-divisor"),
+    case("Compress", {"x": rnd(2, 4, 3)}, {"axis": 1}, inits={"c": np.array([True, False, True, True])},
+         id="compress-axis"),
+    case("Compress", {"x": rnd(2, 3, 4)}, {"axis": -1}, inits={"c": np.array([False, True])},
+         id="compress-short-condition"),
+    case("Compress", {"x": rnd(2, 3, 2)}, inits={"c": np.array([1, 0, 0, 1, 1, 0, 1, 1, 0], dtype=bool)},
+         id="compress-flat"),
+    case("Compress", {"x": rnd(3, 2), "c": np.array([True, False, True])}, {"axis": 0}, wrt=["x"],
+         id="compress-runtime-condition"),
     case("ReduceProd", {"x": rnd(2, 3, 4)}, {"axes": [2], "keepdims": 1}, id="rprod"),
     case("ReduceProd", {"x": rnd(2, 3, 4)}, {"keepdims": 0}, inits={"a": np.array([0, 1], I64)}, opset=18,
          id="rprod-opset18-input"),

@@ -227,6 +227,25 @@ def where(ctx: RuleContext, gy: Grads) -> Grads:
     return [None, ga, gb]
 
 
+@vjp_rule("Mod")
+def mod(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = fmod(a, b) = a - b * trunc(a / b) (a float Mod has ``fmod=1``; torch.fmod): ga = gy,
+    gb = -gy * trunc(a / b), as PyTorch's fmod backward.
+
+    The quotient is read back from the forward output, q = round((a - y) / b): a / b computed
+    again may round across an integer (0.3 / 0.1 is 2.9999999999999996), and the q that made y
+    is the one whose derivative it is.
+    """
+    a, b = ctx.inputs
+    g = gy[0]
+    ga = ctx.unbroadcast(g, a) if ctx.needs_grad(0) else None
+    gb = None
+    if ctx.needs_grad(1):
+        q = ctx.op("Round", [ctx.op("Div", [ctx.op("Sub", [a, ctx.outputs[0]]), b])])
+        gb = ctx.op("Neg", [ctx.unbroadcast(ctx.op("Mul", [g, q]), b)])
+    return [ga, gb]
+
+
 @vjp_rule("Sin")
 def sin(ctx: RuleContext, gy: Grads) -> Grads:
     """y = sin(x): gx = gy * cos(x)."""

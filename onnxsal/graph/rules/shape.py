@@ -769,6 +769,26 @@ def scatter_elements(ctx: RuleContext, gy: Grads) -> Grads:
     return _scatter_vjp(ctx, gy, "GatherElements", axis=int(ctx.attr("axis", 0)))
 
 
+@vjp_rule("Compress")
+def compress(ctx: RuleContext, gy: Grads) -> Grads:
+    """y = the slices of x along ``axis`` (of x flattened, without one) where the condition is
+    true: gx = gy written back at those places, zeros elsewhere. The places are distinct, so a
+    plain ScatterElements (opset 11) does it; a condition shorter than the axis drops the rest.
+    """
+    x, cond = ctx.inputs[:2]
+    g = gy[0]
+    kept = ctx.op("Reshape", [ctx.op("NonZero", [cond]), ctx.const([-1])])
+    axis = ctx.attr("axis")
+    if axis is None:
+        flat = ctx.op("Reshape", [ctx.zeros_like(x), ctx.const([-1])])
+        return [ctx.op("Reshape", [ctx.op("ScatterElements", [flat, kept, g], axis=0), ctx.shape_of(x)]), None]
+    r = _rank(ctx, x)
+    axis = _norm_axis(int(axis), r)
+    along = ctx.op("Reshape", [kept, ctx.const([-1 if a == axis else 1 for a in range(r)])])
+    where = ctx.op("Expand", [along, ctx.shape_of(g)])
+    return [ctx.op("ScatterElements", [ctx.zeros_like(x), where, g], axis=axis), None]
+
+
 @vjp_rule("GatherND")
 def gather_nd(ctx: RuleContext, gy: Grads) -> Grads:
     """y = x read at index tuples: gx = gy scatter-added at them into zeros like x (opset 16)."""
