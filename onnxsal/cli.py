@@ -118,6 +118,8 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
                 + (", each input's grid held" if dynamic else "")) if m.qoperator else "QDQ"
         out.print(f"  quantised {m.quantisers} QuantizeLinear on activations ({esc(form)}): gradients pass straight "
                   "through them within their range")
+    if m.written:
+        out.print(f"  written   {esc('; '.join(m.written))}")
     if m.expanded:
         out.print(f"  fused ops {esc(', '.join(m.expanded))} (ONNX Runtime's), run as the standard ops they fuse")
     if m.training:

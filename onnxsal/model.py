@@ -30,10 +30,10 @@ from .graph.image_input import as_image, needs_image_input
 from .graph.functions import inline as inline_functions
 from .graph.integer_input import as_real, integer_image_input, pixel_preprocess
 from .graph.training import as_scored_alone, training_ops
+from .graph.written import written_activations
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.qoperator import qoperator_ops, to_qdq
 from .graph.simplify import constants
-from .graph.surgery import node_attrs
 from .graph.weights import WeightStore, attach, detach
 from .labelled import add_class_best, labelled_lists
 from .simcc import add_keypoint_scores, find_simcc
@@ -127,6 +127,7 @@ class Model:
     fixed_batch: int = 0                     # the batch size the file fixes (0: free); onnxsal frees it
     output_note: str = ""                    # how the scored tensor stands to the file's output, when not the output itself
     score_as_is: bool = False                # a score onnxsal added (a keypoint's confidence, a similarity): no softmax
+    written: tuple[str, ...] = ()            # activations written out by hand, read as their op (graph/written.py)
     _full: Optional[onnx.ModelProto] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -395,9 +396,6 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
     if _log_of_softmax(node, producer):      # log(softmax(z)) in two ops: LogSoftmax's logits
         logged = f"{node.output[0]} holds log-probabilities (a Log of a Softmax)"
         node = producer[node.input[0]]
-    written = _written_softmax(proto, node, producer)
-    if written is not None:
-        return written, "softmax", ""
     if node.op_type in ("Softmax", "LogSoftmax"):
         logits = node.input[0]
         flat = producer.get(logits)
@@ -413,33 +411,6 @@ def _find_logits(proto: onnx.ModelProto, output: str) -> tuple[str, Optional[str
         if shape is not None and (int(np.prod([d for d in shape[1:] if d])) == 1 or len(shape) == 2):
             return node.input[0], "sigmoid", ""
     return output, None, ""
-
-
-def _written_softmax(proto: onnx.ModelProto, node: onnx.NodeProto, producer: dict) -> Optional[str]:
-    """The logits of a softmax written out as ``exp(z) / sum(exp(z))`` over the class axis (axis 1,
-    or -1 for classes last; ``z - max(z)`` first, in its stable form), as hand-written PyTorch code
-    exports it; None for anything else (a spatial softmax over a map's pixels). Read as the output
-    itself, its probabilities would be scored as logits."""
-    if node.op_type != "Div" or len(node.input) != 2:
-        return None
-    ex, red = producer.get(node.input[0]), producer.get(node.input[1])
-    attrs = node_attrs(red) if red is not None else {}
-    if ex is None or red is None or ex.op_type != "Exp" or red.op_type != "ReduceSum" or \
-            red.input[0] != node.input[0] or not int(attrs.get("keepdims", 1)):
-        return None
-    axes = attrs.get("axes")
-    if axes is None and len(red.input) > 1 and red.input[1]:
-        held = constants(proto.graph).get(red.input[1])
-        axes = None if held is None else [int(a) for a in held.reshape(-1)]
-    if not axes or len(axes) != 1 or axes[0] not in (1, -1):    # the class axis, first or last after the batch
-        return None
-    z = ex.input[0]
-    sub = producer.get(z)
-    if sub is not None and sub.op_type == "Sub":          # the stable form: softmax(z - max z) = softmax(z)
-        top = producer.get(sub.input[1])
-        if top is not None and top.op_type == "ReduceMax" and top.input[0] == sub.input[0]:
-            z = sub.input[0]
-    return z
 
 
 def _log_of_softmax(node: onnx.NodeProto, producer: dict) -> bool:
@@ -776,7 +747,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         to_float32(proto, lift)
     fused = fused_ops(proto)                        # ONNX Runtime's fused ops, as standard ops (graph/contrib.py)
     qoperator = qoperator_ops(proto)                # integer ops, as float ops between quantisers (graph/qoperator.py)
-    upgraded = upgrade_opset(proto)
+    upgraded, written = written_activations(upgrade_opset(proto))   # 1 / (1 + exp(-z)) as a Sigmoid (graph/written.py)
     trained = tuple(training_ops(upgraded))         # training-mode nodes, scored as at batch 1 (graph/training.py)
     light, store = detach(to_qdq(expand(as_scored_alone(upgraded))))   # the weights leave the graph once, here
 
@@ -899,4 +870,4 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
                  _find_layers(proto, image.size), spec, label_list, meta, aliases, dense, detection,
                  tuple(sorted(LIFTED_NAMES[t] for t in lift)), tuple(fused), _activation_quantisers(light),
                  tuple(qoperator), own, trained, "; ".join(read_as), one_image, fixed_batch, output_note,
-                 simcc is not None)
+                 simcc is not None, tuple(written))
