@@ -11,7 +11,7 @@ import importlib
 
 from . import activations, elementwise, linear, shape  # noqa: F401
 
-_OPTIONAL = ("conv", "pool", "norm", "resize", "quant", "sample")
+_OPTIONAL = ("conv", "pool", "norm", "resize", "quant", "sample", "spectral")
 
 for _name in _OPTIONAL:
     _full = f"{__name__}.{_name}"
