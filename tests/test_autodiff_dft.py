@@ -77,7 +77,7 @@ def test_an_irfft_whose_bins_do_not_match_its_length_is_refused():
 def _global_filter_graph(weight: np.ndarray, conv: np.ndarray, fc: np.ndarray) -> onnx.ModelProto:
     """image -> Conv -> h + irfft2(rfft2(h) * w) -> Relu -> mean -> Gemm, as the dynamo exporter
     writes it (norm="ortho" as a division by sqrt(H W) on each side)."""
-    c, hh, ww = conv.shape[0], 16, 16
+    hh, ww = 16, 16
     nodes, k = [], [0]
 
     def op(t, ins, **a):
