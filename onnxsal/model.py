@@ -40,7 +40,7 @@ from .simcc import add_keypoint_scores, find_simcc
 from .preprocess import Preprocess
 from .sidecar import Sidecar, read_sidecar
 
-CONV_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv"}
+CONV_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv", "DeformConv"}
 # Ops that keep a conv's spatial map and are commonly fused with it; their output is also a candidate.
 FOLLOWERS = {"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish",
              "Tanh", "BatchNormalization", "InstanceNormalization", "GroupNormalization", "Mul", "Add", "Gelu"}

@@ -119,10 +119,12 @@ def derived_grads(model: onnx.ModelProto, y: str, wrt: Sequence[str], feeds: Map
 
 def check_vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], feeds: Mapping[str, np.ndarray], *,
               eps: Optional[float] = None, rtol: Optional[float] = None, atol: Optional[float] = None,
-              seed: int = 0, rules=None) -> dict:
+              seed: int = 0, rules=None, forward_atol: float = 1e-6) -> dict:
     """Assert that onnxsal's ``grad_<x>`` matches finite differences for every x in ``wrt``.
 
-    ``wrt`` must be graph inputs (they are what a difference can perturb).
+    ``wrt`` must be graph inputs (they are what a difference can perturb). ``forward_atol`` bounds
+    the derived graph's own ``y`` against the model's: wider where the gradient graph computes an
+    op written out (DeformConv's sampling), not by its fused kernel.
     Returns the derived graph's outputs for further checks.
     """
     rng = np.random.default_rng(seed)
@@ -136,7 +138,7 @@ def check_vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], feeds: Mapping
     y0 = f_y(feeds)
     cot = rng.standard_normal(y0.shape).astype(y0.dtype)
     got = derived_grads(model, y, wrt, feeds, cot, rules=rules)
-    np.testing.assert_allclose(got[y], y0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[y], y0, rtol=1e-6, atol=forward_atol)
     c64 = cot.astype(np.float64)
 
     def f(fd: Mapping[str, np.ndarray]) -> float:

@@ -87,8 +87,8 @@ def _global_filter_graph(weight: np.ndarray, conv: np.ndarray, fc: np.ndarray) -
         return out
 
     h = op("Conv", ["image", "conv_w"], pads=[1, 1, 1, 1])
-    sig_ = op("Unsqueeze", [h, "last"])                                     # (N, C, H, W, 1)
-    f = op("DFT", [sig_, "len_w", "ax3"], onesided=1)                       # rfft over W
+    signal = op("Unsqueeze", [h, "last"])                                   # (N, C, H, W, 1)
+    f = op("DFT", [signal, "len_w", "ax3"], onesided=1)                       # rfft over W
     f = op("DFT", [f, "len_h", "ax2"])                                      # fft over H
     f = op("Div", [f, "root"])
     re, im = op("Slice", [f, "z0", "z1", "ax4"]), op("Slice", [f, "z1", "z2", "ax4"])

@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LayerError, OpsetTooOldError, UnsupportedOpError
-from . import functions, recurrent
+from . import deform, functions, recurrent
 from .normalize import FLOAT_TYPES, normalize, opset_of, upgrade_opset
 from .simplify import Folder
 from .surgery import FreshNames, op_key
@@ -602,6 +602,9 @@ def _vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[
     refused: dict[str, str] = {}
     if recurrent.has_recurrent(model):
         model, refused = recurrent.unroll(model)
+    if deform.has_deform(model):
+        model, also = deform.expand(model)
+        refused.update(also)
     if len(set(wrt)) != len(wrt):
         raise LayerError(f"duplicate tensors in gradient inputs {wrt!r}")
     _set_outputs(model, [y, *outputs])   # unrequested model outputs must not block simplification

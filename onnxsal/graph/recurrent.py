@@ -35,7 +35,7 @@ class Refused(Exception):
     """The node cannot be unrolled; the message says why."""
 
 
-class _Emitter:
+class Emitter:
     """Appends nodes and constants under one name prefix."""
 
     def __init__(self, prefix: str, taken: set) -> None:
@@ -52,7 +52,7 @@ class _Emitter:
         return outs[0] if n_out == 1 else outs
 
 
-def _unroll(node: onnx.NodeProto, consts: Folder, shapes: dict, em: _Emitter) -> None:
+def _unroll(node: onnx.NodeProto, consts: Folder, shapes: dict, em: Emitter) -> None:
     op = node.op_type
     a = node_attrs(node)
     hidden = int(a.get("hidden_size", 0))
@@ -212,7 +212,7 @@ def unroll(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     new_nodes, refused = [], {}
     for k, node in enumerate(g.node):
         if node.op_type in RECURRENT and node.domain in ("", "ai.onnx"):
-            em = _Emitter(f"onnxsal_rnn{k}", taken)
+            em = Emitter(f"onnxsal_rnn{k}", taken)
             try:
                 _unroll(node, consts, shapes, em)
             except Refused as why:
