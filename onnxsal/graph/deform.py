@@ -23,8 +23,11 @@ from .recurrent import Emitter, Refused
 from .surgery import node_attrs, tensor_names
 
 
+DEFORM = ("DeformConv",)
+
+
 def has_deform(model: onnx.ModelProto) -> bool:
-    return any(n.op_type == "DeformConv" and n.domain in ("", "ai.onnx") for n in model.graph.node)
+    return any(n.op_type in DEFORM and n.domain in ("", "ai.onnx") for n in model.graph.node)
 
 
 def expand(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
@@ -36,7 +39,7 @@ def expand(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     taken = tensor_names(g)
     nodes, refused = [], {}
     for k, node in enumerate(g.node):
-        if node.op_type == "DeformConv" and node.domain in ("", "ai.onnx"):
+        if node.op_type in DEFORM and node.domain in ("", "ai.onnx"):
             em = Emitter(f"onnxsal_deform{k}", taken)
             try:
                 _expand(node, shapes, em, opset)
