@@ -19,8 +19,7 @@ import numpy as np
 import onnx
 
 from .normalize import _infer_inplace, opset_of, tensor_shapes
-from .recurrent import Emitter, Refused
-from .surgery import node_attrs, tensor_names
+from .surgery import Emitter, Refused, node_attrs, write_out
 
 
 DEFORM = ("DeformConv",)
@@ -33,25 +32,9 @@ def has_deform(model: onnx.ModelProto) -> bool:
 def expand(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     """Rewrite every DeformConv whose sizes are known, in place; returns the model (shapes
     inferred again) and {node name: reason} for the ones left as they were."""
-    g = model.graph
-    shapes = tensor_shapes(model)
-    opset = opset_of(model)
-    taken = tensor_names(g)
-    nodes, refused = [], {}
-    for k, node in enumerate(g.node):
-        if node.op_type in DEFORM and node.domain in ("", "ai.onnx"):
-            em = Emitter(f"onnxsal_deform{k}", taken)
-            try:
-                _expand(node, shapes, em, opset)
-            except Refused as why:
-                refused[node.name or node.output[0]] = f"DeformConv with {why} cannot be written out"
-            else:
-                nodes += em.nodes
-                g.initializer.extend(em.inits)
-                continue
-        nodes.append(node)
-    del g.node[:]
-    g.node.extend(nodes)
+    shapes, opset = tensor_shapes(model), opset_of(model)
+    refused = write_out(model, lambda n: n.op_type in DEFORM, "onnxsal_deform", "cannot be written out",
+                        lambda node, em: _expand(node, shapes, em, opset))
     return _infer_inplace(model), refused
 
 

@@ -15,41 +15,18 @@ reaches the user through the autodiff's UnsupportedOpError for that node.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from .normalize import _infer_inplace, opset_of, tensor_shapes
 from .simplify import Folder, constants
-from .surgery import FreshNames, node_attrs, tensor_names
+from .surgery import Emitter, Refused, node_attrs, write_out
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
 ACTIVATIONS = ("Sigmoid", "Tanh", "Relu")
-
-
-class Refused(Exception):
-    """The node cannot be unrolled; the message says why."""
-
-
-class Emitter:
-    """Appends nodes and constants under one name prefix."""
-
-    def __init__(self, prefix: str, taken: set) -> None:
-        self.name, self.nodes, self.inits = FreshNames(taken, prefix + "/"), [], []
-
-    def const(self, arr: np.ndarray, hint: str = "c") -> str:
-        n = self.name(hint)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), n))
-        return n
-
-    def op(self, op_type: str, inputs: list, n_out: int = 1, out: Optional[list] = None, **attrs):
-        outs = out or [self.name(op_type) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type + "_node"), **attrs))
-        return outs[0] if n_out == 1 else outs
 
 
 def _unroll(node: onnx.NodeProto, consts: Folder, shapes: dict, em: Emitter) -> None:
@@ -208,20 +185,6 @@ def unroll(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
         from .probe import probe_shapes
 
         shapes.update(probe_shapes(model, lost))
-    taken = tensor_names(g)
-    new_nodes, refused = [], {}
-    for k, node in enumerate(g.node):
-        if node.op_type in RECURRENT and node.domain in ("", "ai.onnx"):
-            em = Emitter(f"onnxsal_rnn{k}", taken)
-            try:
-                _unroll(node, consts, shapes, em)
-            except Refused as why:
-                refused[node.name or node.output[0]] = f"{node.op_type} with {why} cannot be unrolled"
-            else:
-                new_nodes += em.nodes
-                g.initializer.extend(em.inits)
-                continue
-        new_nodes.append(node)
-    del g.node[:]
-    g.node.extend(new_nodes)
+    refused = write_out(model, lambda n: n.op_type in RECURRENT, "onnxsal_rnn", "cannot be unrolled",
+                        lambda node, em: _unroll(node, consts, shapes, em))
     return _infer_inplace(model), refused

@@ -8,7 +8,7 @@ tail costs only its own share of the forward pass.
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -263,3 +263,49 @@ def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
     for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
         if vi.name == old:
             vi.name = new
+
+
+class Refused(Exception):
+    """The node cannot be written out (`write_out`); the message says why."""
+
+
+class Emitter:
+    """Appends nodes and constants under one name prefix: the ops one node is written out as."""
+
+    def __init__(self, prefix: str, taken: set) -> None:
+        self.name, self.nodes, self.inits = FreshNames(taken, prefix + "/"), [], []
+
+    def const(self, arr: np.ndarray, hint: str = "c") -> str:
+        n = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), n))
+        return n
+
+    def op(self, op_type: str, inputs: list, n_out: int = 1, out: Optional[list] = None, **attrs):
+        outs = out or [self.name(op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type + "_node"), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def write_out(model: onnx.ModelProto, wanted: Callable[[onnx.NodeProto], bool], prefix: str, failing: str,
+              write: Callable[[onnx.NodeProto, "Emitter"], None]) -> dict:
+    """Replace, in place, each default-domain node ``wanted`` picks by the nodes ``write`` emits
+    for it (the ops a fused node stands for, before differentiation); a node ``write`` refuses
+    stays. Returns {node name: "<op> with <why> <failing>"} for those."""
+    g = model.graph
+    taken = tensor_names(g)
+    nodes, refused = [], {}
+    for k, node in enumerate(g.node):
+        if wanted(node) and node.domain in ("", "ai.onnx"):
+            em = Emitter(f"{prefix}{k}", taken)
+            try:
+                write(node, em)
+            except Refused as why:
+                refused[node.name or node.output[0]] = f"{node.op_type} with {why} {failing}"
+            else:
+                nodes += em.nodes
+                g.initializer.extend(em.inits)
+                continue
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return refused
