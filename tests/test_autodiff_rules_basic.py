@@ -371,6 +371,17 @@ def _vi(name, shape, et=TensorProto.DOUBLE):
     return helper.make_tensor_value_info(name, et, shape)
 
 
+@pytest.mark.parametrize("index", [-1, -3, 0, 2])
+def test_gather_scalar_on_an_axis_of_run_time_size(index):
+    """x[:, -1] on a sequence whose length the file leaves open (a token axis at a free image
+    width): one gradient graph, checked at two lengths."""
+    m = one_node_model("Gather", {"x": rnd(2, 5, 3)}, {"axis": 1}, {"i": np.array(index, I64)})
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "t"
+    for length in (5, 8):
+        x = rnd(2, length, 3)
+        check_vjp(m, "y", ["x"], {"x": x})
+
+
 def test_fanout_accumulates_and_intermediate_outputs():
     """x used three times (two branches + residual): the gradients must add up."""
     nodes = [helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Sigmoid", ["x"], ["s"]),

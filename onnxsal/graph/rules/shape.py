@@ -447,11 +447,9 @@ def gather(ctx: RuleContext, gy: Grads) -> Grads:
     idx = idx.astype(np.int64)
     if idx.ndim == 0:
         i = int(idx)
-        if i < 0:
-            if d is None:
-                raise _unsupported(ctx, "negative index on an axis of run-time size")
-            i += d
         gu = ctx.unsqueeze(g, [axis])
+        if i < 0:             # counted from the end: -i - 1 entries after it, whatever the axis's size
+            return [_pad(ctx, gu, r, {axis: _sub(ctx, _dim(ctx, x, axis), -i)}, {axis: -i - 1}), None]
         dim = d if d is not None else _dim(ctx, x, axis)
         return [_pad(ctx, gu, r, {axis: i}, {axis: _sub(ctx, _sub(ctx, dim, i), 1)}), None]
     flat = (np.where(idx < 0, idx + d, idx) if d is not None else idx).reshape(-1)
