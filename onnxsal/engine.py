@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from .detection import DetectionList
-from .errors import TargetError
+from .errors import OpsetTooOldError, TargetError, UnsupportedOpError
 from .graph.simplify import simplify_inplace
 from .graph.surgery import expose, replace
 from .model import Model
@@ -123,7 +123,7 @@ class Engine:
         y = self.model.score_tensor(score)
         wrt, extra = list(wrt), list(extra)
         key = f"vjp:{y}|{','.join(wrt)}|{','.join(extra)}|{rules_name}"
-        sess = self.runtime.session(key, lambda: vjp(self.model.light, y, wrt, rules=rules, outputs=extra))
+        sess = self.runtime.session(key, lambda: _derived(vjp, self.model.light, y, wrt, rules=rules, outputs=extra))
         names = [o.name for o in sess.get_outputs()]
         cot = sess.get_inputs()
         grad_in = next(i for i in cot if i.name != self.model.input.name)
@@ -146,7 +146,7 @@ class Engine:
 
         y = self.model.score_tensor(score)
         key = f"replacevjp:{y}|{layer}"
-        sess = self.runtime.session(key, lambda: vjp(replace(self.model.light, layer, [y]), y, [layer]))
+        sess = self.runtime.session(key, lambda: _derived(vjp, replace(self.model.light, layer, [y]), y, [layer]))
         names = [o.name for o in sess.get_outputs()]
         grad_in = next(i for i in sess.get_inputs() if i.name == "grad_" + y)
         out = self.runtime.run_batched(sess, {layer: acts.astype(np.float32), grad_in.name: seed_rows(seeds, grad_in.shape)},
@@ -192,6 +192,20 @@ class Engine:
         """The image feed of a replaced-layer graph (one row, shared), when a path around the layer needs it."""
         image = self.model.input.name
         return {image: x} if any(i.name == image for i in sess.get_inputs()) else None
+
+
+def _derived(vjp, *args, **kwargs) -> onnx.ModelProto:
+    """``vjp(*args, **kwargs)``; an op it cannot differentiate names, besides the op and node, the
+    methods that still explain the model (forward passes only)."""
+    try:
+        return vjp(*args, **kwargs)
+    except OpsetTooOldError:
+        raise
+    except UnsupportedOpError as exc:
+        from .methods import gradient_free
+
+        raise UnsupportedOpError(exc.op_type, exc.node_name, f"{exc.where}; methods without gradients still "
+                                 f"explain this model: {', '.join(gradient_free())}") from None
 
 
 def seed_rows(seeds: np.ndarray, cotangent_shape: Sequence) -> np.ndarray:

@@ -45,6 +45,7 @@ class UnsupportedOpError(OnnxsalError):
     def __init__(self, op_type: str, node_name: str, where: str = "") -> None:
         self.op_type = op_type
         self.node_name = node_name
+        self.where = where
         msg = f"cannot differentiate op {op_type!r} (node {node_name!r})"
         if where:
             msg += f" {where}"

@@ -630,8 +630,7 @@ def _vjp(model: onnx.ModelProto, y: str, wrt: Sequence[str], *, rules: Optional[
                                      node.name or node.output[0],
                                      f"on the path from {', '.join(repr(w) for w in wrt)} to {y!r}: it turns {src!r} "
                                      f"into {kind} values, and the score depends on the input only through them, so "
-                                     "every gradient would be zero; perturbation methods (occlusion, rise, scorecam) "
-                                     "still explain this model"
+                                     "every gradient would be zero"
                                      + ("; a model quantised in QDQ form (QuantizeLinear/DequantizeLinear around float "
                                         "ops) keeps its gradients" if node.op_type.startswith(("QLinear", "QGemm"))
                                         or node.op_type.endswith("Integer") else ""))

@@ -28,7 +28,7 @@ from .surgery import node_attrs
 
 def written_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """``model`` with each hand-written sigmoid and class softmax replaced by its op, and one
-    note per replacement ("Sigmoid at <node>"); ``model`` itself when it has none."""
+    note per replacement, naming the node; ``model`` itself when it has none."""
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     held = constants(g)
@@ -49,7 +49,7 @@ def written_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     replaced = {id(old): new for old, new in found}
     nodes = [replaced.get(id(n), n) for n in g.node]
     outputs = {o.name for o in g.output}
-    while True:              # drop the pieces nothing reads any more; one another node reads stays
+    while True:              # drop the pieces nothing reads any more; a piece another node reads stays
         read = {i for n in nodes for i in n.input} | outputs
         keep = [n for n in nodes if id(n) not in pieces or any(o in read for o in n.output)]
         if len(keep) == len(nodes):

@@ -25,6 +25,7 @@ class MethodSpec:
     family: str          # "cam", "perturbation" or "gradient"
     needs_layer: bool
     summary: str
+    gradient_free: bool = False    # forward passes only: runs where the gradient graph cannot be built
 
     @property
     def defaults(self) -> dict:
@@ -36,12 +37,20 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def method(name: str, *, family: str, needs_layer: bool = False) -> Callable[[Callable], Callable]:
+def method(name: str, *, family: str, needs_layer: bool = False, gradient_free: bool = False
+           ) -> Callable[[Callable], Callable]:
     def register(fn: Callable) -> Callable:
         first = (fn.__doc__ or "").strip().split("\n\n")[0]
-        _REGISTRY[name] = MethodSpec(name, fn, family, needs_layer, " ".join(first.split()))
+        _REGISTRY[name] = MethodSpec(name, fn, family, needs_layer, " ".join(first.split()), gradient_free)
         return fn
     return register
+
+
+def gradient_free() -> list[str]:
+    """Names of the methods that run forward passes only, so they explain a model whose gradient
+    graph cannot be built (an op without a rule on the path)."""
+    _load()
+    return sorted(n for n, spec in _REGISTRY.items() if spec.gradient_free)
 
 
 def methods() -> list[str]:

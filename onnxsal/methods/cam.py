@@ -196,7 +196,7 @@ def projected(maps: np.ndarray) -> np.ndarray:
     return np.maximum(np.stack([first_component(m) for m in maps]), 0).astype(np.float32)
 
 
-@method("eigencam", family="cam", needs_layer=True)
+@method("eigencam", family="cam", needs_layer=True, gradient_free=True)
 def eigencam(ctx: Context, aug_smooth: bool = False) -> np.ndarray:
     """Eigen-CAM: the first principal component of the layer's activations (no gradients, class-agnostic)."""
     if aug_smooth:
@@ -220,7 +220,7 @@ def eigengradcam(ctx: Context, aug_smooth: bool = False) -> np.ndarray:
     return projected(g * a)
 
 
-@method("fem", family="cam", needs_layer=True)
+@method("fem", family="cam", needs_layer=True, gradient_free=True)
 def fem(ctx: Context, k: float = 2.0, aug_smooth: bool = False) -> np.ndarray:
     """FEM (Fuad et al. 2020): each channel weighted by the share of its positions above its mean + k
     standard deviations (no gradients, the same map for every class)."""
@@ -276,7 +276,7 @@ def kernel_component(m: np.ndarray, kernel: str = "sigmoid", gamma: Optional[flo
     return (top * np.sqrt(max(vals[-1], 0.0))).reshape(m.shape[1:])
 
 
-@method("kpcacam", family="cam", needs_layer=True)
+@method("kpcacam", family="cam", needs_layer=True, gradient_free=True)
 def kpcacam(ctx: Context, kernel: str = "sigmoid", gamma: Optional[float] = None, aug_smooth: bool = False
             ) -> np.ndarray:
     """KPCA-CAM (Karmani et al. 2024): Eigen-CAM with kernel PCA (no gradients, the same map for every class)."""

@@ -52,7 +52,7 @@ def _score_cam(ctx: Context, channels: Optional[np.ndarray], weighting: str) -> 
     return np.maximum(cam, 0)
 
 
-@method("scorecam", family="cam", needs_layer=True)
+@method("scorecam", family="cam", needs_layer=True, gradient_free=True)
 def scorecam(ctx: Context, weighting: str = "softmax") -> np.ndarray:
     """Score-CAM: each channel masks the input; the target's score on the masked input weights the channel.
 
@@ -62,7 +62,7 @@ def scorecam(ctx: Context, weighting: str = "softmax") -> np.ndarray:
     return _score_cam(ctx, None, weighting)
 
 
-@method("fasterscorecam", family="cam", needs_layer=True)
+@method("fasterscorecam", family="cam", needs_layer=True, gradient_free=True)
 def fasterscorecam(ctx: Context, max_n: int = 10, weighting: str = "softmax") -> np.ndarray:
     """Faster-Score-CAM: Score-CAM over the max_n channels whose activations vary most."""
     if max_n < 1:
@@ -129,7 +129,7 @@ def channels_worth_ablating(acts: np.ndarray, ratio: float) -> np.ndarray:
     return np.unique(np.concatenate([order[::-1][:n], order[:n]]))
 
 
-@method("ablationcam", family="cam", needs_layer=True)
+@method("ablationcam", family="cam", needs_layer=True, gradient_free=True)
 def ablationcam(ctx: Context, ratio_channels_to_ablate: float = 1.0) -> np.ndarray:
     """Ablation-CAM: each channel weighted by the relative drop of the target's score when the channel is switched off.
 
@@ -160,7 +160,7 @@ def window_starts(n: int, window: int, stride: int) -> np.ndarray:
     return np.arange(0, n - window + 1, stride)
 
 
-@method("occlusion", family="perturbation")
+@method("occlusion", family="perturbation", gradient_free=True)
 def occlusion(ctx: Context, window: Optional[int] = None, stride: Optional[int] = None, baseline: float = 0.0) -> np.ndarray:
     """Occlusion: slide a window of `baseline` over the input; a pixel's value is the mean score drop
     over every window covering it (Captum's definition). Pixels no window covers get 0."""
@@ -195,7 +195,7 @@ def rise_masks(n: int, size: tuple[int, int], s: int, p: float, rng: np.random.G
     return np.stack([up[i, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(n)]).astype(np.float32)
 
 
-@method("rise", family="perturbation")
+@method("rise", family="perturbation", gradient_free=True)
 def rise(ctx: Context, n_masks: int = 1000, cells: int = 8, p: float = 0.5, seed: int = 0) -> np.ndarray:
     """RISE: the score-weighted mean of random smooth masks, divided by the keep probability p."""
     if not 0 < p <= 1 or cells < 1 or n_masks < 1:
