@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from .detection import DetectionList
-from .errors import OpsetTooOldError, TargetError, UnsupportedOpError
+from .errors import TargetError, UnsupportedOpError
 from .graph.simplify import simplify_inplace
 from .graph.surgery import expose, replace
 from .model import Model
@@ -199,8 +199,6 @@ def _derived(vjp, *args, **kwargs) -> onnx.ModelProto:
     methods that still explain the model (forward passes only)."""
     try:
         return vjp(*args, **kwargs)
-    except OpsetTooOldError:
-        raise
     except UnsupportedOpError as exc:
         from .methods import gradient_free
 
