@@ -135,6 +135,7 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     if m.labels:
         shown = ", ".join(m.labels[:10]) + (" ..." if len(m.labels) > 10 else "")
         out.print(f"  labels    {esc(shown)}")
+    out.print(f"  gradients {esc(_gradient_state(m))}")
     tokens = m.token_layers()
     if tokens:
         out.print("  token layers (transformer; pass one with --layer): " + ", ".join(
@@ -153,6 +154,18 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
         table.add_row(mark, esc(layer.tensor), esc(layer.node), layer.op_type, "x".join(map(str, layer.shape)))
     out.print(table)
     out.print(f"  default layer (*): {esc(default.tensor)}")
+
+
+def _gradient_state(m) -> str:
+    """Whether the gradient graph builds for the default score, or why not: what a user needs to
+    know before picking a gradient or a CAM method."""
+    from .engine import gradient_graph
+
+    try:
+        g = gradient_graph(m.light, m.score_tensor("logit"), [m.input.name])
+    except OnnxsalError as exc:
+        return f"none: {exc}"
+    return f"the gradient graph builds ({len(g.graph.node)} nodes)"
 
 
 @app.command()

@@ -118,12 +118,10 @@ class Engine:
         `whole` runs the rows as one batch, never in chunks: rules that pair rows (DeepLIFT's
         input and baseline halves) need them together.
         """
-        from .graph.autodiff import vjp
-
         y = self.model.score_tensor(score)
         wrt, extra = list(wrt), list(extra)
         key = f"vjp:{y}|{','.join(wrt)}|{','.join(extra)}|{rules_name}"
-        sess = self.runtime.session(key, lambda: _derived(vjp, self.model.light, y, wrt, rules=rules, outputs=extra))
+        sess = self.runtime.session(key, lambda: gradient_graph(self.model.light, y, wrt, rules=rules, outputs=extra))
         names = [o.name for o in sess.get_outputs()]
         cot = sess.get_inputs()
         grad_in = next(i for i in cot if i.name != self.model.input.name)
@@ -142,11 +140,9 @@ class Engine:
         already run (to pick the targets), and Layer IG moves the activations along a path. Paths
         around the layer (a skip connection across it) run forward from `x` (one row, shared).
         """
-        from .graph.autodiff import vjp
-
         y = self.model.score_tensor(score)
         key = f"replacevjp:{y}|{layer}"
-        sess = self.runtime.session(key, lambda: _derived(vjp, replace(self.model.light, layer, [y]), y, [layer]))
+        sess = self.runtime.session(key, lambda: gradient_graph(replace(self.model.light, layer, [y]), y, [layer]))
         names = [o.name for o in sess.get_outputs()]
         grad_in = next(i for i in sess.get_inputs() if i.name == "grad_" + y)
         out = self.runtime.run_batched(sess, {layer: acts.astype(np.float32), grad_in.name: seed_rows(seeds, grad_in.shape)},
@@ -194,11 +190,13 @@ class Engine:
         return {image: x} if any(i.name == image for i in sess.get_inputs()) else None
 
 
-def _derived(vjp, *args, **kwargs) -> onnx.ModelProto:
-    """``vjp(*args, **kwargs)``; an op it cannot differentiate names, besides the op and node, the
+def gradient_graph(model: onnx.ModelProto, y: str, wrt: Sequence[str], **kwargs) -> onnx.ModelProto:
+    """``graph.autodiff.vjp``; an op it cannot differentiate names, besides the op and node, the
     methods that still explain the model (forward passes only)."""
+    from .graph.autodiff import vjp
+
     try:
-        return vjp(*args, **kwargs)
+        return vjp(model, y, wrt, **kwargs)
     except UnsupportedOpError as exc:
         from .methods import gradient_free
 

@@ -2,6 +2,8 @@
 the gradient methods fail with one error that names the op, the node and the methods that still
 explain the model, and each of those methods does explain it, from the API and from the CLI."""
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -60,3 +62,16 @@ def test_the_cli_says_it_in_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "'Det'" in err and "occlusion" in err, err
+
+
+def test_inspect_says_whether_the_gradient_graph_builds(tmp_path, capsys):
+    import os
+
+    from onnxsal.cli import main
+
+    assert main(["inspect", _with_det(str(tmp_path / "det.onnx"))]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "gradients none: cannot differentiate op 'Det'" in text and "still explain this model: ablationcam" in text
+    demo = os.path.join(os.path.dirname(__file__), "..", "models", "demo", "demo_shapes.onnx")
+    assert main(["inspect", demo]) == 0
+    assert re.search(r"gradients the gradient graph builds \(\d+ nodes\)", capsys.readouterr().out)
