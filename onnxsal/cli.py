@@ -165,6 +165,8 @@ def _gradient_state(m) -> str:
         g = gradient_graph(m.light, m.score_tensor("logit"), [m.input.name])
     except OnnxsalError as exc:
         return f"none: {exc}"
+    except Exception as exc:          # inspect still shows the rest of what it found
+        return f"none: building it failed ({type(exc).__name__}: {exc})"
     return f"the gradient graph builds ({len(g.graph.node)} nodes)"
 
 
