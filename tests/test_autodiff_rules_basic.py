@@ -218,6 +218,15 @@ SHAPE = [
     case("ScatterElements", {"x": rnd(3, 4), "u": rnd(3, 2)}, {"axis": 1, "reduction": "add"},
          inits={"i": np.array([[1, 1], [0, 3], [2, 2]], I64)}, node_inputs=["x", "i", "u"], opset=16,
          id="scatter-elements-add-repeats"),
+    # batch_dims (tf.gather(..., batch_dims=b) through tf2onnx): each entry's own tuples, repeats included
+    case("GatherND", {"x": rnd(3, 4, 2)}, {"batch_dims": 1}, inits={"i": np.array([[[1], [3], [1]], [[0], [0], [2]],
+                                                                                  [[3], [2], [1]]], I64)},
+         opset=16, id="gathernd-batch-dims-1"),
+    case("GatherND", {"x": rnd(2, 3, 4, 5)}, {"batch_dims": 2}, inits={"i": np.array(
+        [[[[1, 4], [1, 4]], [[0, 0], [3, 2]], [[2, 1], [0, 3]]], [[[3, 3], [1, 0]], [[2, 2], [2, 2]], [[0, 4], [1, 1]]]],
+        I64)}, opset=16, id="gathernd-batch-dims-2"),
+    case("GatherND", {"x": rnd(3, 4, 2)}, {"batch_dims": 1}, inits={"i": np.array([[2, 1], [0, 0], [3, 1]], I64)},
+         opset=16, id="gathernd-batch-dims-scalar-reads"),
     case("GatherND", {"x": rnd(3, 4, 2)}, inits={"i": np.array([[1, 2], [0, 0], [1, 2]], I64)}, opset=16,
          id="gathernd-repeats"),
     case("MaxUnpool", {"x": rnd(2, 2, 2, 3, dtype=F32)}, {"kernel_shape": [2, 2], "strides": [2, 2]},
@@ -380,6 +389,18 @@ def test_gather_scalar_on_an_axis_of_run_time_size(index):
     for length in (5, 8):
         x = rnd(2, length, 3)
         check_vjp(m, "y", ["x"], {"x": x})
+
+
+def test_gather_nd_batch_dims_at_a_free_batch():
+    """The batch coordinates come from the run's own batch size: one gradient graph, two batches."""
+    x, i = rnd(3, 4, 2), np.array([[[1], [3]], [[0], [0]], [[3], [2]]], I64)
+    m = one_node_model("GatherND", {"x": x, "i": i}, {"batch_dims": 1}, opset=16)
+    for vi in m.graph.input:
+        vi.type.tensor_type.shape.dim[0].dim_param = "n"
+    m.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    for n in (3, 5):
+        feeds = {"x": rnd(n, 4, 2), "i": R.integers(0, 4, (n, 2, 1)).astype(I64)}
+        check_vjp(m, "y", ["x"], feeds)
 
 
 def test_fanout_accumulates_and_intermediate_outputs():
@@ -584,8 +605,6 @@ def test_new_rules_refuse_what_they_cannot_differentiate(op, inputs, attrs, init
      {"i": np.array([[1]], I64), "u": np.ones((1, 3))}, 18, [4, 3], "ScatterND reduction 'mul'"),
     (helper.make_node("ScatterElements", ["x", "i", "u"], ["y"], reduction="max", name="n"),
      {"i": np.zeros((1, 3), I64), "u": np.ones((1, 3))}, 18, [4, 3], "ScatterElements reduction 'max'"),
-    (helper.make_node("GatherND", ["x", "i"], ["y"], batch_dims=1, name="n"),
-     {"i": np.zeros((4, 1), I64)}, 17, [4], "GatherND with batch_dims"),
 ])
 def test_scatter_and_gather_nd_refusals_name_the_reason(node, inits, opset, y_shape, why):
     m = _graph([node], [_vi("x", [4, 3])], [_vi("y", y_shape)],

@@ -789,10 +789,31 @@ def compress(ctx: RuleContext, gy: Grads) -> Grads:
 
 @vjp_rule("GatherND")
 def gather_nd(ctx: RuleContext, gy: Grads) -> Grads:
-    """y = x read at index tuples: gx = gy scatter-added at them into zeros like x (opset 16)."""
-    if int(ctx.attr("batch_dims", 0)):
-        raise _unsupported(ctx, "GatherND with batch_dims")
+    """y = x read at index tuples: gx = gy scatter-added at them into zeros like x (opset 16).
+
+    With ``batch_dims`` b (tf2onnx writes ``tf.gather(..., batch_dims=b)`` this way), each tuple
+    indexes its own batch entry: the entry's b coordinates are put in front of every tuple, which
+    makes them plain tuples into all of x, and ScatterND takes no batch_dims."""
     if ctx.opset < 16:
         raise _needs_16(ctx, "GatherND needs opset >= 16 to add up repeated indices")
     x, ind = ctx.inputs[:2]
+    batch = int(ctx.attr("batch_dims", 0))
+    if batch:
+        ind = _with_batch_coordinates(ctx, x, ind, batch)
     return [ctx.op("ScatterND", [ctx.zeros_like(x), ind, gy[0]], reduction="add"), None]
+
+
+def _with_batch_coordinates(ctx: RuleContext, x: str, ind: str, batch: int) -> str:
+    """GatherND's indices (B1..Bb, ..., k) with each entry's batch coordinates in front: (B1..Bb, ..., b + k)."""
+    q = ctx.rank(ind)
+    if q is None:
+        raise _unsupported(ctx, f"rank of the GatherND indices {ind!r} unknown")
+    lead = ctx.op("Slice", [ctx.shape_of(ind), ctx.const([0]), ctx.const([-1])])   # the tuples' grid
+    parts = []
+    for a in range(batch):
+        size = _dim(ctx, x, a)
+        count = ctx.const(np.array(size, np.int64)) if isinstance(size, int) else ctx.squeeze(size, [0])
+        along = ctx.op("Range", [ctx.const(np.array(0, np.int64)), count, ctx.const(np.array(1, np.int64))])
+        placed = ctx.op("Reshape", [along, ctx.const([-1 if k == a else 1 for k in range(q - 1)])])
+        parts.append(ctx.unsqueeze(ctx.op("Expand", [placed, lead]), [q - 1]))
+    return ctx.op("Concat", parts + [ind], axis=-1)
