@@ -68,10 +68,10 @@ def _expand(node: onnx.NodeProto, shapes: dict, em: Emitter, opset: int) -> None
     dy, dx = (em.op("Reshape", [em.op("Gather", [pairs, em.const(np.array(i, np.int64))], axis=3),
                                 em.const(np.array([-1, taps, oh, ow], np.int64))]) for i in (0, 1))
     # GridSample's normalised coordinates (align_corners=0): u = (2 p + 1) / size - 1
-    y = em.op("Add", [dy, em.const(rows[:, :, None])])
-    xx = em.op("Add", [dx, em.const(cols[:, None, :])])
-    gy = em.op("Sub", [em.op("Mul", [y, em.const(np.array(2.0 / h, dt))]), em.const(np.array(1.0 - 1.0 / h, dt))])
-    gx = em.op("Sub", [em.op("Mul", [xx, em.const(np.array(2.0 / wd, dt))]), em.const(np.array(1.0 - 1.0 / wd, dt))])
+    at_row = em.op("Add", [dy, em.const(rows[:, :, None])])
+    at_col = em.op("Add", [dx, em.const(cols[:, None, :])])
+    gy = em.op("Sub", [em.op("Mul", [at_row, em.const(np.array(2.0 / h, dt))]), em.const(np.array(1.0 - 1.0 / h, dt))])
+    gx = em.op("Sub", [em.op("Mul", [at_col, em.const(np.array(2.0 / wd, dt))]), em.const(np.array(1.0 - 1.0 / wd, dt))])
     last = em.const(np.array([-1], np.int64))
     grid = em.op("Concat", [em.op("Unsqueeze", [gx, last]), em.op("Unsqueeze", [gy, last])], axis=-1)
     grid = em.op("Reshape", [grid, em.const(np.array([-1, taps * oh, ow, 2], np.int64))])
@@ -83,6 +83,6 @@ def _expand(node: onnx.NodeProto, shapes: dict, em: Emitter, opset: int) -> None
     if mask is not None:       # (N, og * taps, oh, ow): one weight per tap and place, shared by the group
         m = em.op("Reshape", [mask, em.const(np.array([-1, og, 1, taps, oh, ow], np.int64))])
         read = em.op("Mul", [read, m])
-    cols_ = em.op("Reshape", [read, em.const(np.array([-1, c * taps, oh, ow], np.int64))])
+    stacked = em.op("Reshape", [read, em.const(np.array([-1, c * taps, oh, ow], np.int64))])   # taps as channels
     flat_w = em.op("Reshape", [w, em.const(np.array([oc, -1, 1, 1], np.int64))])
-    em.op("Conv", [cols_, flat_w] + ([bias] if bias else []), out=[node.output[0]], group=groups)
+    em.op("Conv", [stacked, flat_w] + ([bias] if bias else []), out=[node.output[0]], group=groups)
