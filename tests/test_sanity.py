@@ -107,6 +107,24 @@ def test_weight_layers_of_the_tiny_net_in_topological_order():
     assert [[x.name for x in s] for s in steps] == [["fc"], ["fc", "conv2"], ["fc", "conv2", "conv1"]]
 
 
+def test_a_deformable_convolution_is_a_weight_layer():
+    """Its weight and bias are drawn; the Conv that predicts its offsets is a layer of its own."""
+    rng = np.random.default_rng(0)
+    arrays = {"w_off": rng.normal(0, 0.3, (18, 3, 3, 3)), "w": rng.normal(0, 1, (4, 3, 3, 3)), "b": rng.normal(0, 1, 4),
+              "wf": rng.normal(0, 1, (5, 4)), "hw": np.array([2, 3])}
+    nodes = [helper.make_node("Conv", ["image", "w_off"], ["off"], pads=[1, 1, 1, 1], name="offsets"),
+             helper.make_node("DeformConv", ["image", "w", "off", "b"], ["d"], pads=[1, 1, 1, 1], name="deform"),
+             helper.make_node("ReduceMean", ["d", "hw"], ["m"], keepdims=0, name="mean"),
+             helper.make_node("Gemm", ["m", "wf"], ["logits"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "dcn", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 5])],
+                              [numpy_helper.from_array(v.astype(np.int64 if k == "hw" else np.float32), k)
+                               for k, v in arrays.items()])
+    layers = weight_layers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
+    assert [(layer.name, layer.initializers) for layer in layers] == [("offsets", ("w_off",)), ("deform", ("w", "b")),
+                                                                      ("fc", ("wf",))]
+
+
 def bn_matmul_net() -> onnx.ModelProto:
     """Conv + unfolded BatchNorm, MatMul (transposed weight) + bias Add, a constant scalar Mul."""
     rng = np.random.default_rng(0)

@@ -31,6 +31,9 @@ from ..graph.weights import array as tensor_value
 # op type -> input positions that hold trained parameters (None: any initializer input)
 WEIGHT_INPUTS: dict[str, Optional[tuple[int, ...]]] = {
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": None, "MatMul": None, "Einsum": None,
+    # a deformable convolution's weights and bias; its offsets and mask are computed (by a Conv,
+    # a layer of its own)
+    "DeformConv": (1, 3),
     # running mean and variance are statistics of the layer below, not trained weights;
     # a variance drawn from a normal could also be negative and make the layer undefined
     "BatchNormalization": (1, 2), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2),
