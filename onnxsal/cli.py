@@ -346,12 +346,13 @@ def export_cmd(
 def list_methods() -> None:
     """List the available methods and their options."""
     table = Table()
-    for col in ("method", "family", "options", "what it computes"):
+    for col in ("method", "family", "runs", "options", "what it computes"):
         table.add_column(col)
     for name in method_names():
         spec = get_method(name)
         opts = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
-        table.add_row(name, spec.family, opts, spec.summary)
+        runs = "forward only" if spec.gradient_free else "gradients"   # what a model without a gradient graph still runs
+        table.add_row(name, spec.family, runs, opts, spec.summary)
     out.print(table)
 
 

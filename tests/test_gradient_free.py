@@ -75,3 +75,14 @@ def test_inspect_says_whether_the_gradient_graph_builds(tmp_path, capsys):
     demo = os.path.join(os.path.dirname(__file__), "..", "models", "demo", "demo_shapes.onnx")
     assert main(["inspect", demo]) == 0
     assert re.search(r"gradients the gradient graph builds \(\d+ nodes\)", capsys.readouterr().out)
+
+
+def test_the_methods_table_says_which_run_forward_only(capsys):
+    from onnxsal.cli import main
+
+    assert main(["methods"]) == 0
+    rows = {line.split("│")[1].strip(): line for line in capsys.readouterr().out.splitlines()
+            if line.count("│") > 3 and line.split("│")[1].strip()}
+    assert set(gradient_free()) <= set(rows)
+    for name, line in rows.items():
+        assert ("forward only" in line) == (name in gradient_free()), name
