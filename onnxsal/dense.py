@@ -91,14 +91,14 @@ class DenseOutput:
         return np.ascontiguousarray(maps.T if self.channels_last else maps).reshape(-1)
 
 
-def made_by(proto: onnx.ModelProto, tensor: str, op_type: str) -> bool:
-    """Whether ``tensor`` is an ``op_type`` node's output, moved on unchanged (or transposed) or
-    resampled to another grid."""
+def made_by(proto: onnx.ModelProto, tensor: str) -> Optional[str]:
+    """The op type of the node whose output ``tensor`` is, moved on unchanged (or transposed) or
+    resampled to another grid; None for a graph input or constant."""
     producer = {o: n for n in proto.graph.node for o in n.output}
     node = producer.get(tensor)
     while node is not None and node.op_type in MOVES | RESAMPLES:
         node = producer.get(node.input[0])
-    return node is not None and node.op_type == op_type
+    return None if node is None else node.op_type
 
 
 def on_grid(hw: Sequence, size: tuple) -> bool:
@@ -174,5 +174,6 @@ def find_dense(proto: onnx.ModelProto, logits: str, out_shape: tuple, layout: st
     c, h, w = (out_shape[3], out_shape[1], out_shape[2]) if last else out_shape[1:]
     if h * w <= 1:
         return None
-    return DenseOutput(int(c), int(h), int(w), last, 0.5 if made_by(proto, logits, "Sigmoid") else 0.0,
-                       softmaxed=c > 1 and made_by(proto, logits, "Softmax"))
+    maker = made_by(proto, logits)
+    return DenseOutput(int(c), int(h), int(w), last, 0.5 if maker == "Sigmoid" else 0.0,
+                       softmaxed=c > 1 and maker == "Softmax")

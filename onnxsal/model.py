@@ -34,6 +34,7 @@ from .graph.written import written_activations
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.qoperator import qoperator_ops, to_qdq
 from .graph.simplify import constants
+from .graph.surgery import constant_ints
 from .graph.weights import WeightStore, attach, detach
 from .labelled import add_class_best, labelled_lists
 from .simcc import add_keypoint_scores, find_simcc
@@ -520,9 +521,7 @@ def _spatial_mean(node: onnx.NodeProto, consts) -> bool:
     writes ``adaptive_avg_pool2d(x, 1)``."""
     if node.op_type != "ReduceMean":
         return False
-    axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
-    if axes is None and len(node.input) > 1 and consts.get(node.input[1]) is not None:
-        axes = [int(v) for v in np.ravel(consts.get(node.input[1]))]
+    axes = constant_ints(node, 1, "axes", consts)
     return axes is not None and sorted(a % 4 for a in axes) == [2, 3]
 
 

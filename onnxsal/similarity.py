@@ -46,9 +46,8 @@ def with_similarity(proto: onnx.ModelProto, output: str, reference: np.ndarray) 
     unit = (reference / np.linalg.norm(reference)).astype(np.float32)
     out.graph.initializer.append(numpy_helper.from_array(unit[None, :], REFERENCE))
     e = a.op("Flatten", [output], axis=1)
-    norm = a.op("Sqrt", [a.reduce("ReduceSum", a.op("Mul", [e, e]), [1])])
     dot = a.reduce("ReduceSum", a.op("Mul", [e, REFERENCE]), [1])
-    sim = a.op("Div", [dot, a.op("Max", [norm, a.const(EPS)])], "similarity")
+    sim = a.op("Div", [dot, _row_norms(a, e)], "similarity")
     a.declare(sim, onnx.TensorProto.FLOAT, [1], output, output=True)
     return out, sim
 
@@ -73,8 +72,12 @@ def as_input(model: onnx.ModelProto, name: str = "reference", source: str = "") 
     model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["R", width]))
     rows = source or name
     a = Appender(model, "onnxsal_reference")
-    norm = a.op("Sqrt", [a.reduce("ReduceSum", a.op("Mul", [rows, rows]), [1])])
-    rename_tensor(model.graph, REFERENCE, a.op("Div", [rows, a.op("Max", [norm, a.const(EPS)])], "unit_reference"))
+    rename_tensor(model.graph, REFERENCE, a.op("Div", [rows, _row_norms(a, rows)], "unit_reference"))
+
+
+def _row_norms(a: Appender, rows: str) -> str:
+    """Each row's L2 norm of a (N, D) tensor, at least EPS (as cosine_similarity clamps it), (N, 1)."""
+    return a.op("Max", [a.op("Sqrt", [a.reduce("ReduceSum", a.op("Mul", [rows, rows]), [1])]), a.const(EPS)])
 
 
 def reference_width(graph: onnx.GraphProto) -> int:

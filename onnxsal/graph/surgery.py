@@ -246,6 +246,17 @@ def op_key(node: onnx.NodeProto, sep: str = ":") -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}{sep}{node.op_type}"
 
 
+def constant_ints(node: onnx.NodeProto, index: int, attr: str, consts) -> Optional[list[int]]:
+    """An ints operand that old opsets give as attribute ``attr`` and new ones as constant input
+    ``index`` (a reduction's axes); None when absent or computed at run time. ``consts``: a
+    name -> array lookup (``simplify.constants``)."""
+    value = next((list(a.ints) for a in node.attribute if a.name == attr), None)
+    if value is None and len(node.input) > index and node.input[index]:
+        held = consts.get(node.input[index])
+        value = None if held is None else np.ravel(held).tolist()
+    return None if value is None else [int(v) for v in value]
+
+
 def node_attrs(node: onnx.NodeProto) -> dict:
     """A node's attributes as Python values."""
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from .simplify import constants
-from .surgery import node_attrs
+from .surgery import constant_ints, node_attrs
 
 
 def written_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -121,21 +121,12 @@ def _softmax_input(n: onnx.NodeProto, producer: dict, held: dict) -> Optional[tu
     e, red = _made(n.input[0], "Exp", producer), _made(n.input[1], "ReduceSum", producer)
     if e is None or red is None or red.input[0] != n.input[0]:
         return None
-    axes = _axes(red, held)
+    axes = constant_ints(red, 1, "axes", held)
     if not int(node_attrs(red).get("keepdims", 1)) or axes is None or len(axes) != 1 or axes[0] not in (1, -1):
         return None
     z = e.input[0]
     sub = _made(z, "Sub", producer)
     top = _made(sub.input[1], "ReduceMax", producer) if sub is not None else None
-    if top is not None and top.input[0] == sub.input[0] and _axes(top, held) == axes:
+    if top is not None and top.input[0] == sub.input[0] and constant_ints(top, 1, "axes", held) == axes:
         z = sub.input[0]
     return z, axes[0]
-
-
-def _axes(node: onnx.NodeProto, held: dict) -> Optional[list[int]]:
-    """A reduction's axes, from its attribute or its constant second input (opset 18)."""
-    axes = node_attrs(node).get("axes")
-    if axes is None and len(node.input) > 1 and node.input[1]:
-        v = held.get(node.input[1])
-        axes = None if v is None else [int(a) for a in np.asarray(v).reshape(-1)]
-    return None if axes is None else [int(a) for a in axes]

@@ -240,10 +240,15 @@ def _lp_factors(ctx: RuleContext, dy: str, x: str, y: str) -> tuple[str, str]:
     p = float(ctx.attr("p", 2))
     if p == 1.0:
         return dy, ctx.op("Sign", [x])
-    zero = ctx.const(0.0, like=y)
-    safe = ctx.op("Where", [ctx.op("Greater", [y, zero]), y, ctx.const(1.0, like=y)])
-    scale = ctx.op("Where", [ctx.op("Greater", [y, zero]), ctx.op("Pow", [safe, ctx.const(1.0 - p, like=y)]), zero])
+    positive, safe = _nonzero_norm(ctx, y)
+    scale = ctx.op("Where", [positive, ctx.op("Pow", [safe, ctx.const(1.0 - p, like=y)]), ctx.const(0.0, like=y)])
     return ctx.op("Mul", [dy, scale]), _signed_power(ctx, x, p - 1.0)
+
+
+def _nonzero_norm(ctx: RuleContext, y: str) -> tuple[str, str]:
+    """``[y > 0]`` and ``y`` with 1 where it is 0: a norm to divide by (its windows of zeros pass 0)."""
+    positive = ctx.op("Greater", [y, ctx.const(0.0, like=y)])
+    return positive, ctx.op("Where", [positive, y, ctx.const(1.0, like=y)])
 
 
 def _signed_power(ctx: RuleContext, t: str, e: float) -> str:
@@ -276,8 +281,7 @@ def global_lp_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[s
     p = float(ctx.attr("p", 2))
     if p == 1.0:
         return [ctx.op("Mul", [ctx.op("Expand", [dy, ctx.shape_of(x)]), ctx.op("Sign", [x])])]
-    safe = ctx.op("Where", [ctx.op("Greater", [y, ctx.const(0.0, like=y)]), y, ctx.const(1.0, like=y)])
-    ratio = ctx.op("Div", [x, safe])           # |ratio| <= 1; x = 0 wherever y = 0
+    ratio = ctx.op("Div", [x, _nonzero_norm(ctx, y)[1]])      # |ratio| <= 1; x = 0 wherever y = 0
     return [ctx.op("Mul", [dy, _signed_power(ctx, ratio, p - 1.0)])]
 
 
