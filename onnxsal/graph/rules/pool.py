@@ -80,11 +80,13 @@ def max_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
       class are ``a*s >= dk`` apart, hence disjoint, so each class is a plain
       scatter; the ``prod(a)`` partial gradients are summed.
 
-    For windows that tile the input (kernel == stride, as in VGG) a block
-    formulation -- lay each window out as a last axis, ArgMax, Where -- is
-    also exact, but measured no faster on ORT CPU: it does more total work
-    (two transposes and broadcasts over a short axis) than the Indices pass
-    plus the scatter, so every case goes through the indices.
+    For windows that tile the input (kernel == stride, as in VGG) two other
+    forms are exact too: a block form (each window laid out as a last axis,
+    ArgMax, Where) and a phase form (the k*k strided slices compared with
+    ``y``, each keeping what no earlier phase matched).  Both do more passes
+    over the input than the Indices pass plus MaxUnpool and run about 3x
+    slower on ORT's CPU (``benchmarks/bench_pool_backward.py``), so every
+    case goes through the indices.
     """
     dy = gy[0]
     if dy is None or not ctx.needs_grad(0):
