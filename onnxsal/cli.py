@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .export import EXPORTABLE
 from .methods import check_options, get as get_method, methods as method_names
-from .errors import MethodError, ModelError, OnnxsalError, TargetError
+from .errors import MethodError, ModelError, OnnxsalError, OutputError, TargetError
 from . import cli_options as O
 from .preprocess import collect_images, output_names, parse_size
 
@@ -62,6 +62,14 @@ def _option(text: str) -> tuple[str, object]:
     except ValueError:
         parsed = value
     return key.strip(), parsed
+
+
+def _make_folder(folder: str) -> None:
+    """The output folder, made with its parents as needed; a path the system refuses says so."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot make the output folder {folder!r}: {exc.strerror or exc}") from exc
 
 
 def _feeds(feed: Optional[List[str]]) -> Optional[dict]:
@@ -243,7 +251,7 @@ def explain(
                 results.append(res)
                 bar.advance(task)
     # write everything into a scratch folder first, so a failure leaves nothing half-written in --out
-    os.makedirs(out_dir, exist_ok=True)
+    _make_folder(out_dir)
     scratch = tempfile.mkdtemp(prefix=".onnxsal-", dir=out_dir)
     try:
         written = []
@@ -333,9 +341,13 @@ def export_cmd(
         raise OnnxsalError("--preprocess reads a --like reference image; the exported graph takes preprocessed tensors")
     graph = export(m, method, layer, n_samples=n_samples, noise_level=noise_level, steps=steps, region=region,
                    reference_input=like == "input")
+    _make_folder(os.path.dirname(output) or ".")
     tmp = output + ".part"
-    onnx.save(graph, tmp)
-    os.replace(tmp, output)
+    try:
+        onnx.save(graph, tmp)
+        os.replace(tmp, output)
+    except OSError as exc:
+        raise OutputError(f"cannot write {output!r}: {exc.strerror or exc}") from exc
     inp = graph.graph.input[0]
     extra = f" + reference (1 or N, {width})" if like == "input" else ""
     out.print(f"wrote {esc(output)}: inputs {esc(inp.name)} + target (int64 class per image){extra} -> logits, map "
@@ -378,6 +390,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         app(args=argv, standalone_mode=False)
     except OnnxsalError as exc:
         err.print(f"[bold red]error:[/] {esc(str(exc))}", highlight=False, soft_wrap=True)
+        return 2
+    except OSError as exc:  # a file a command writes (a figure, a table) that the system refuses
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(f"[bold red]error:[/] {esc(str(exc.strerror or exc))}{esc(str(where))}", highlight=False, soft_wrap=True)
         return 2
     except typer.Exit as exc:
         return exc.exit_code

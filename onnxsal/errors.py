@@ -61,6 +61,11 @@ class OpsetTooOldError(UnsupportedOpError):
         super().__init__(op_type, node_name, where)
 
 
+class OutputError(OnnxsalError):
+    """A result cannot be written where the user asked (a folder that cannot be made, no permission,
+    a full disk)."""
+
+
 class DeviceError(OnnxsalError):
     """The requested execution device is not available."""
 

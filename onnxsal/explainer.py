@@ -15,7 +15,7 @@ import onnx
 from .methods import check_options, get as get_method
 from .context import Context
 from .engine import Engine, Target, check_region, make_targets
-from .errors import ImageError, TargetError
+from .errors import ImageError, OutputError, TargetError
 from .detection import Detection, QueryOutput, ranked
 from .labelled import ClassBest
 from .model import DenseOutput, Layer, Model, load
@@ -112,10 +112,16 @@ class Explanation:
     def save(self, out_dir: Union[str, os.PathLike], cmap: str = "jet", alpha: float = 0.5) -> list[str]:
         """Write <name>.<method>.png (overlay with colorbar) and .npy (the maps), and add this
         method's entry to <name>.json (model, input size, top-5, and one entry per method)."""
+        try:
+            return self._write(os.fspath(out_dir), cmap, alpha)
+        except OSError as exc:
+            raise OutputError(f"cannot write the results to {os.fspath(out_dir)!r}: {exc.strerror or exc}") from exc
+
+    def _write(self, out_dir: str, cmap: str, alpha: float) -> list[str]:
         from .render import save_overlay
 
         os.makedirs(out_dir, exist_ok=True)
-        base = os.path.join(os.fspath(out_dir), self.name)
+        base = os.path.join(out_dir, self.name)
         stem = f"{base}.{self.method}"
         titles = [f"{self.method}: {t.label} ({self._score_of(t):.3g})" for t in self.targets]
         save_overlay(stem + ".png", self.image, self.maps, titles, cmap=cmap, alpha=alpha)

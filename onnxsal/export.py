@@ -25,6 +25,7 @@ from .graph.weights import attach
 from .detection import DetectionList, QueryOutput
 from .labelled import ClassBest
 from .model import Model, load
+from .methods import number_option
 from .similarity import as_input, holds_reference, reference_width
 
 EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam",
@@ -165,6 +166,12 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     ``reference_input``: for a model that scores a similarity (``Explainer.like``), the graph takes
     the reference as a third input, ``reference``, instead of holding it as a constant: (1, D) for
     every image, or (N, D), each image's own."""
+    steps = number_option("export's steps", steps, int, False)
+    n_samples = number_option("export's n_samples", n_samples, int, False)
+    noise_level = number_option("export's noise_level", noise_level, float, False)
+    if steps < 1 or n_samples < 1 or noise_level < 0:
+        raise MethodError(f"export needs steps >= 1, n_samples >= 1 and noise_level >= 0, not {steps}, {n_samples} "
+                          f"and {noise_level}")
     m: Model = load(model)
     if reference_input and not holds_reference(m.light.graph):
         raise MethodError("a reference input needs a model that scores a similarity (Explainer.like, "

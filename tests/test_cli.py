@@ -61,6 +61,10 @@ def test_inspect_shows_layers(files, capsys):
     (["explain", "{model}", "{tmp}/cat.png", "-m", "occlusion", "--target", "7"], "out of range"),
     (["explain", "{model}", "{tmp}/cat.png", "-m", "occlusion", "--target", "zebra"], "unknown target label"),
     (["explain", "{model}", "{tmp}/cat.png", "--device", "tpu"], "unknown device"),
+    (["explain", "{model}", "{tmp}/cat.png", "-m", "occlusion", "-O", "window=0"], "window must be between 1"),
+    (["explain", "{model}", "{tmp}/cat.png", "-m", "occlusion", "-O", "window=2.5"], "takes a whole number"),
+    (["explain", "{model}", "{tmp}/cat.png", "-m", "smoothgrad", "-O", "noise_level=nan"], "takes a number"),
+    (["explain", "{model}", "{tmp}/cat.png", "-m", "smoothgrad", "-O", "noise_level=NaN"], "must be finite"),
 ])
 def test_errors_are_one_line(files, capsys, args, message):
     tmp, model = files
@@ -130,3 +134,43 @@ def test_explain_takes_folders_and_keeps_same_named_images_apart(files):
                                                                         "dogs_001.gradcam.png"]
     (tmp / "empty").mkdir()
     assert main(["explain", model, str(tmp / "empty"), "-m", "gradcam", "--out", str(out)]) != 0
+
+
+def test_output_paths_that_cannot_be_made_are_one_line(files, capsys):
+    """A folder below a file cannot be made: explain's --out and export's -o say so in one line."""
+    tmp, model = files
+    (tmp / "plain").write_text("a file, not a folder")
+    for args in (["explain", model, str(tmp / "cat.png"), "-m", "gradcam", "--out", str(tmp / "plain" / "out")],
+                 ["export", model, "-m", "gradcam", "-o", str(tmp / "plain" / "g.onnx")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "cannot make the output folder" in err and len(err.splitlines()) == 1, err
+
+
+def test_export_makes_the_output_folder(files, capsys):
+    tmp, model = files
+    target = tmp / "new" / "nested" / "g.onnx"
+    assert main(["export", model, "-m", "gradcam", "-o", str(target)]) == 0
+    assert target.is_file() and not (tmp / "new" / "nested" / "g.onnx.part").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0", "-m", "ig"], "steps >= 1"),
+    (["--n-samples", "0", "-m", "smoothgrad"], "n_samples >= 1"),
+    (["--noise-level", "-1", "-m", "smoothgrad"], "noise_level >= 0"),
+])
+def test_export_settings_are_checked(files, capsys, args, message):
+    tmp, model = files
+    assert main(["export", model, "-o", str(tmp / "g.onnx")] + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not (tmp / "g.onnx").exists()
+
+
+def test_evaluate_outputs_that_cannot_be_written_are_one_line(files, capsys):
+    """sanity writes its tables and figures itself: a refused path is one plain line, exit 2."""
+    tmp, model = files
+    (tmp / "plain").write_text("a file, not a folder")
+    assert main(["sanity", model, str(tmp / "cat.png"), "-m", "gradcam", "--out", str(tmp / "plain" / "out"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Not a directory" in err and "unexpected" not in err and len(err.splitlines()) == 1, err

@@ -10,8 +10,9 @@ input's for the others); shared post-processing does the rest.
 from __future__ import annotations
 
 import inspect
+import typing
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -32,6 +33,11 @@ class MethodSpec:
         sig = inspect.signature(self.fn)
         return {k: p.default for k, p in sig.parameters.items()
                 if p.default is not inspect.Parameter.empty and k != "ctx"}
+
+    @property
+    def hints(self) -> dict:
+        """The options' declared types: what ``check_options`` holds a value to."""
+        return typing.get_type_hints(self.fn)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -75,11 +81,46 @@ def check_options(spec: MethodSpec, options: dict) -> dict:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise MethodError(f"{spec.name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(allowed)) or 'none'}")
+    hints = spec.hints
+    checked = {}
     for key, value in options.items():          # a switch given "maybe" must not silently mean True
         default = allowed[key]
         if isinstance(default, bool) and not isinstance(value, (bool, np.bool_)):
             raise MethodError(f"{spec.name}'s option {key} is true or false, not {value!r}")
-    return {**allowed, **options}
+        kind = _numeric(hints.get(key))
+        if kind is not None:
+            value = number_option(f"{spec.name}'s option {key}", value, *kind)
+        elif isinstance(value, (float, np.floating)) and not np.isfinite(value):
+            raise MethodError(f"{spec.name}'s option {key} must be finite, not {value!r}")
+        checked[key] = value
+    return {**allowed, **checked}
+
+
+def _numeric(hint) -> Optional[tuple[type, bool]]:
+    """(int or float, whether None is allowed) for an option declared as one of them or Optional of
+    one; None for any other declaration (strings, unions with arrays), which the method checks."""
+    args = typing.get_args(hint)
+    kinds = [a for a in args if a is not type(None)] if args else [hint]
+    if len(kinds) == 1 and kinds[0] in (int, float):
+        return kinds[0], type(None) in args
+    return None
+
+
+def number_option(what: str, value, kind: type, optional: bool):
+    """``value`` as the declared number: a count must be whole, and none may be NaN or infinite
+    (a NaN noise level or window would give NaN maps, not an error)."""
+    if value is None and optional:
+        return None
+    whole = "a whole number" if kind is int else "a number"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise MethodError(f"{what} takes {whole}, not {value!r}")
+    if not np.isfinite(value):
+        raise MethodError(f"{what} must be finite, not {value!r}")
+    if kind is int:
+        if float(value) != int(value):
+            raise MethodError(f"{what} takes {whole}, not {value!r}")
+        return int(value)
+    return float(value)
 
 
 def _load() -> None:

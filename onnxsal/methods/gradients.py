@@ -237,7 +237,7 @@ def saliency(ctx: Context, reduce: str = "max_abs") -> np.ndarray:
 
 
 @method("smoothgrad", family="gradient")
-def smoothgrad(ctx: Context, n_samples: int = 20, noise_level: float = 0.15, seed: int = 0,
+def smoothgrad(ctx: Context, n_samples: int = 20, noise_level: float = 0.15, seed: Optional[int] = 0,
                reduce: str = "max_abs", nt_type: str = "smoothgrad") -> np.ndarray:
     """SmoothGrad: the gradient averaged over noisy copies of the input."""
     if n_samples < 1 or noise_level < 0:
@@ -250,7 +250,7 @@ def smoothgrad(ctx: Context, n_samples: int = 20, noise_level: float = 0.15, see
 def integrated_gradients(ctx: Context, steps: int = 50, baseline: Union[str, float] = "zero",
                          rule: str = "gausslegendre", blur_sigma: float = 5.0, reduce: str = "sum",
                          nt_samples: int = 0, nt_level: float = 0.15, nt_type: str = "smoothgrad",
-                         nt_seed: int = 0) -> np.ndarray:
+                         nt_seed: Optional[int] = 0) -> np.ndarray:
     """Integrated Gradients: (x - x0) times the mean gradient on the straight path from the baseline."""
     x0 = baseline_for(ctx, baseline, blur_sigma)
     attr = tunnelled(ctx, lambda c: ig_attr(c, steps, x0, rule, blur_sigma), nt_samples, nt_level, nt_type, nt_seed)
@@ -259,7 +259,7 @@ def integrated_gradients(ctx: Context, steps: int = 50, baseline: Union[str, flo
 
 @method("gradientshap", family="gradient")
 def gradient_shap(ctx: Context, n_samples: int = 20, noise_level: float = 0.0, baseline: Union[str, float] = "zero",
-                  blur_sigma: float = 5.0, seed: int = 0, reduce: str = "sum") -> np.ndarray:
+                  blur_sigma: float = 5.0, seed: Optional[int] = 0, reduce: str = "sum") -> np.ndarray:
     """GradientSHAP: input-minus-baseline times the gradient at random points between a baseline and the input."""
     if n_samples < 1 or noise_level < 0:
         raise MethodError("gradientshap needs n_samples >= 1 and noise_level >= 0")
@@ -292,7 +292,7 @@ def deeplift_attr(ctx: Context, baseline, blur_sigma: float) -> np.ndarray:
 @method("deeplift", family="gradient")
 def deeplift(ctx: Context, baseline: Union[str, float] = "zero", blur_sigma: float = 5.0,
              reduce: str = "sum", nt_samples: int = 0, nt_level: float = 0.15, nt_type: str = "smoothgrad",
-             nt_seed: int = 0) -> np.ndarray:
+             nt_seed: Optional[int] = 0) -> np.ndarray:
     """DeepLIFT (Rescale): differences from a baseline pushed back with ratio-of-differences multipliers."""
     bases = baselines_for(ctx, baseline, blur_sigma)
     attr = tunnelled(ctx, lambda c: deeplift_attr(c, bases, blur_sigma), nt_samples, nt_level, nt_type, nt_seed)
@@ -301,7 +301,7 @@ def deeplift(ctx: Context, baseline: Union[str, float] = "zero", blur_sigma: flo
 
 @method("inputxgradient", family="gradient")
 def input_x_gradient(ctx: Context, reduce: str = "sum", nt_samples: int = 0, nt_level: float = 0.15,
-                     nt_type: str = "smoothgrad", nt_seed: int = 0) -> np.ndarray:
+                     nt_type: str = "smoothgrad", nt_seed: Optional[int] = 0) -> np.ndarray:
     """Input x Gradient: the input times its gradient."""
     attr = tunnelled(ctx, lambda c: _x(c) * vanilla_attr(c), nt_samples, nt_level, nt_type, nt_seed)
     return reduce_channels(attr, reduce)
@@ -309,13 +309,13 @@ def input_x_gradient(ctx: Context, reduce: str = "sum", nt_samples: int = 0, nt_
 
 @method("guidedbackprop", family="gradient")
 def guided_backprop(ctx: Context, reduce: str = "max_abs", nt_samples: int = 0, nt_level: float = 0.15,
-                    nt_type: str = "smoothgrad", nt_seed: int = 0) -> np.ndarray:
+                    nt_type: str = "smoothgrad", nt_seed: Optional[int] = 0) -> np.ndarray:
     """Guided Backprop: gradients through ReLUs that pass only positive signals both ways."""
     return reduce_channels(tunnelled(ctx, guided_grads, nt_samples, nt_level, nt_type, nt_seed), reduce)
 
 
 @method("deconvnet", family="gradient")
 def deconvnet(ctx: Context, reduce: str = "max_abs", nt_samples: int = 0, nt_level: float = 0.15,
-              nt_type: str = "smoothgrad", nt_seed: int = 0) -> np.ndarray:
+              nt_type: str = "smoothgrad", nt_seed: Optional[int] = 0) -> np.ndarray:
     """Deconvnet: gradients through ReLUs that pass only positive signals, ignoring the forward mask."""
     return reduce_channels(tunnelled(ctx, deconv_grads, nt_samples, nt_level, nt_type, nt_seed), reduce)

@@ -165,8 +165,8 @@ def occlusion(ctx: Context, window: Optional[int] = None, stride: Optional[int] 
     """Occlusion: slide a window of `baseline` over the input; a pixel's value is the mean score drop
     over every window covering it (Captum's definition). Pixels no window covers get 0."""
     H, W = ctx.input_size
-    window = int(window or max(2, min(H, W) // 7))
-    stride = int(stride or max(1, window // 2))
+    window = int(window if window is not None else max(2, min(H, W) // 7))    # 0 is a bad window, not "auto"
+    stride = int(stride if stride is not None else max(1, window // 2))
     if window < 1 or stride < 1 or window > min(H, W):
         raise MethodError(f"occlusion window must be between 1 and {min(H, W)} and stride >= 1")
     ys, xs = window_starts(H, window, stride), window_starts(W, window, stride)
@@ -196,7 +196,7 @@ def rise_masks(n: int, size: tuple[int, int], s: int, p: float, rng: np.random.G
 
 
 @method("rise", family="perturbation", gradient_free=True)
-def rise(ctx: Context, n_masks: int = 1000, cells: int = 8, p: float = 0.5, seed: int = 0) -> np.ndarray:
+def rise(ctx: Context, n_masks: int = 1000, cells: int = 8, p: float = 0.5, seed: Optional[int] = 0) -> np.ndarray:
     """RISE: the score-weighted mean of random smooth masks, divided by the keep probability p."""
     if not 0 < p <= 1 or cells < 1 or n_masks < 1:
         raise MethodError("rise needs 0 < p <= 1, cells >= 1, n_masks >= 1")

@@ -1,0 +1,84 @@
+"""Method options and output paths a user can get wrong: a typed error with a clear message, never a
+NaN map, a silently replaced value or a traceback."""
+
+import os
+
+import numpy as np
+import pytest
+
+import onnxsal
+from onnxsal.errors import MethodError, OutputError
+from onnxsal.export import export
+from onnxsal.methods import check_options, get
+
+import tiny
+
+
+@pytest.fixture(scope="module")
+def ex():
+    return onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw")
+
+
+X = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize("method,options,message", [
+    ("smoothgrad", {"noise_level": "nan"}, "noise_level takes a number, not 'nan'"),
+    ("smoothgrad", {"noise_level": float("nan")}, "noise_level must be finite"),
+    ("smoothgrad", {"noise_level": float("inf")}, "noise_level must be finite"),
+    ("smoothgrad", {"n_samples": 2.5}, "n_samples takes a whole number, not 2.5"),
+    ("smoothgrad", {"n_samples": True}, "n_samples takes a whole number, not True"),
+    ("smoothgrad", {"seed": "seven"}, "seed takes a whole number"),
+    ("ig", {"steps": "ten"}, "steps takes a whole number"),
+    ("ig", {"baseline": float("nan")}, "baseline must be finite"),
+    ("rise", {"p": float("nan")}, "p must be finite"),
+    ("occlusion", {"window": 0}, "window must be between 1"),
+    ("occlusion", {"stride": 0}, "stride >= 1"),
+    ("occlusion", {"window": "abc"}, "window takes a whole number"),
+    ("occlusion", {"baseline": float("nan")}, "baseline must be finite"),
+    ("ablationcam", {"ratio_channels_to_ablate": [0.5]}, "takes a number"),
+])
+def test_bad_option_values_are_refused(ex, method, options, message):
+    with pytest.raises(MethodError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ex.explain(X, method, target=0, **options)
+
+
+def test_whole_floats_count_and_none_seeds_draw_afresh(ex):
+    """A count given as 3.0 (JSON's or NumPy's float) is the count 3; seed None draws new noise."""
+    opts = check_options(get("smoothgrad"), {"n_samples": 3.0, "seed": None, "noise_level": np.float32(0.1)})
+    assert opts["n_samples"] == 3 and isinstance(opts["n_samples"], int) and opts["seed"] is None
+    assert opts["noise_level"] == pytest.approx(0.1)
+    a = ex.explain(X, "smoothgrad", target=0, n_samples=3.0, seed=1).maps
+    b = ex.explain(X, "smoothgrad", target=0, n_samples=np.int64(3), seed=1).maps
+    np.testing.assert_array_equal(a, b)
+    c = ex.explain(X, "smoothgrad", target=0, n_samples=3, seed=None).maps
+    assert not np.array_equal(a, c)
+
+
+def test_an_explicit_occlusion_window_is_kept(ex):
+    """Only None means the automatic window; any number given is that window."""
+    res = ex.explain(X, "occlusion", target=0, window=3, stride=1)
+    assert res.summary()["options"]["window"] == 3
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"method": "ig", "steps": 0}, "steps >= 1"),
+    ({"method": "layerig", "steps": -2}, "steps >= 1"),
+    ({"method": "smoothgrad", "n_samples": 0}, "n_samples >= 1"),
+    ({"method": "smoothgrad", "noise_level": -0.1}, "noise_level >= 0"),
+    ({"method": "smoothgrad", "noise_level": float("nan")}, "noise_level must be finite"),
+    ({"method": "ig", "steps": 2.5}, "steps takes a whole number"),
+])
+def test_export_refuses_bad_settings(kwargs, message):
+    with pytest.raises(MethodError, match=message):
+        export(tiny.conv_net(size=16), **kwargs)
+
+
+def test_saving_where_no_folder_can_be_made_is_an_output_error(ex, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    res = ex.explain(X, "gradcam", target=0)
+    with pytest.raises(OutputError, match="cannot write the results to"):
+        res.save(blocker / "sub")
+    written = res.save(tmp_path / "new" / "deeper")          # missing parents are made
+    assert written and all(os.path.isfile(p) for p in written)
