@@ -291,6 +291,8 @@ class Explainer:
                 return m.labels.index(t)
             known = f"; labels: {', '.join(m.labels[:20])}" if m.labels else " (the model has no labels; use an index)"
             raise TargetError(f"unknown target label {t!r}{known}")
+        if isinstance(t, (bool, np.bool_)) or (isinstance(t, (float, np.floating)) and not float(t).is_integer()):
+            raise TargetError(f"target {t!r} is not a class index or label")
         i = int(t)
         if not 0 <= i < n:
             raise TargetError(f"target {i} is out of range: the model has {n} classes (0..{n - 1})")

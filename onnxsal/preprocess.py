@@ -306,7 +306,10 @@ def _check_array(arr: np.ndarray, layout: str, channels: int, size: tuple) -> np
                          f"{', '.join(map(str, want))}) (in Python, explain_batch takes a batch)")
     if arr.ndim != 4 or arr.shape[0] != 1 or tuple(arr.shape[1:]) != want:
         raise ImageError(f"array input has shape {tuple(np.shape(arr))}; the model takes (1, {', '.join(map(str, want))}) ({layout})")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():      # a NaN pixel would give a NaN score, and a map read from nothing
+        raise ImageError(f"array input holds {int(np.sum(~np.isfinite(out)))} NaN or infinite values")
+    return out
 
 
 def parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:

@@ -1,13 +1,15 @@
-"""Method options and output paths a user can get wrong: a typed error with a clear message, never a
-NaN map, a silently replaced value or a traceback."""
+"""Method options, targets, input arrays and output paths a user can get wrong: a typed error with a
+clear message, never a NaN map, a silently replaced value or a traceback."""
 
 import os
 
 import numpy as np
+import onnx
 import pytest
 
 import onnxsal
-from onnxsal.errors import MethodError, OutputError
+from onnxsal.cli import main
+from onnxsal.errors import ImageError, MethodError, OutputError, TargetError
 from onnxsal.export import export
 from onnxsal.methods import check_options, get
 
@@ -82,3 +84,36 @@ def test_saving_where_no_folder_can_be_made_is_an_output_error(ex, tmp_path):
         res.save(blocker / "sub")
     written = res.save(tmp_path / "new" / "deeper")          # missing parents are made
     assert written and all(os.path.isfile(p) for p in written)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_are_refused(ex, bad):
+    """A NaN pixel gives NaN scores; the map normalised from them would look like a result."""
+    x = X.copy()
+    x[0, 1, 3, 4] = bad
+    with pytest.raises(ImageError, match="1 NaN or infinite values"):
+        ex.explain(x, "saliency", target=0)
+    with pytest.raises(ImageError, match="NaN or infinite"):
+        ex.explain_batch(np.concatenate([X, x]), "saliency", targets=0)
+
+
+def test_non_finite_npy_files_are_one_line(tmp_path, capsys):
+    onnx.save(tiny.conv_net(size=16), tmp_path / "m.onnx")
+    x = X.copy()
+    x[0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    assert main(["explain", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), "-m", "saliency",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "NaN or infinite" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("target", [1.5, True, np.float32(0.25)])
+def test_targets_that_are_not_indices_are_refused(ex, target):
+    with pytest.raises(TargetError, match="is not a class index or label"):
+        ex.explain(X, "saliency", target=target)
+
+
+def test_whole_float_targets_are_indices(ex):
+    assert ex.explain(X, "saliency", target=2.0).targets[0].index == 2
+    assert ex.explain(X, "saliency", target=np.int64(1)).targets[0].index == 1
