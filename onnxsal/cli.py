@@ -213,6 +213,9 @@ def explain(
     """Explain images: writes <image>.<method>.png / .npy and <image>.json into --out."""
     from rich.progress import Progress
 
+    from .render import check_style
+
+    check_style(cmap, alpha)                  # before any work: the overlays come last
     opts = dict(_option(o) for o in option)
     specs = [get_method(m) for m in method]
     for spec in specs:

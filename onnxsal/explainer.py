@@ -12,10 +12,10 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from .methods import check_options, get as get_method
+from .methods import check_options, get as get_method, number_option
 from .context import Context
 from .engine import Engine, Target, check_region, make_targets
-from .errors import ImageError, OutputError, TargetError
+from .errors import ImageError, MethodError, OutputError, TargetError
 from .detection import Detection, QueryOutput, ranked
 from .labelled import ClassBest
 from .model import DenseOutput, Layer, Model, load
@@ -112,6 +112,9 @@ class Explanation:
     def save(self, out_dir: Union[str, os.PathLike], cmap: str = "jet", alpha: float = 0.5) -> list[str]:
         """Write <name>.<method>.png (overlay with colorbar) and .npy (the maps), and add this
         method's entry to <name>.json (model, input size, top-5, and one entry per method)."""
+        from .render import check_style
+
+        check_style(cmap, alpha)
         try:
             return self._write(os.fspath(out_dir), cmap, alpha)
         except OSError as exc:
@@ -192,6 +195,9 @@ class Explainer:
                  std: Optional[Sequence[float]] = None, scale: Optional[float] = None, bgr: Optional[bool] = None,
                  batch_size: Optional[int] = None, memory_mb: int = 2048, threads: Optional[int] = None,
                  fixed_inputs: Optional[Mapping[str, Any]] = None, head: Optional[str] = None) -> None:
+        for name, value in (("batch_size", batch_size), ("threads", threads), ("memory_mb", memory_mb)):
+            if value is not None and number_option(name, value, int, False) < 1:
+                raise MethodError(f"{name} must be at least 1, not {value}")
         self.runtime = Runtime(device, threads=threads, memory_mb=memory_mb)
         self.model = load(model, size=size, labels=labels, fixed_inputs=fixed_inputs, head=head)
         base = preprocess if isinstance(preprocess, Preprocess) else self.model.preprocess
@@ -331,6 +337,10 @@ class Explainer:
         the image's output), "peak" (its highest: a keypoint heatmap's) or "all"."""
         spec = get_method(method)
         opts = check_options(spec, options)
+        if smooth is not None:
+            smooth = number_option("smooth", smooth, float, False)
+            if smooth < 0:
+                raise MethodError(f"smooth is a Gaussian sigma in pixels, >= 0, not {smooth}")
         if score not in ("logit", "probability"):
             raise TargetError(f"score must be 'logit' or 'probability', not {score!r}")
         prepared = image if isinstance(image, Prepared) else self.prepare(image)

@@ -81,6 +81,10 @@ class Preprocess:
         elif color == "L":
             color = "RGB"
         mean, std = self.mean, self.std
+        _check_numbers("mean", mean, channels, zero=True)
+        _check_numbers("std", std, channels, zero=False)
+        if not (np.isfinite(self.scale) and self.scale != 0):
+            raise ImageError(f"scale multiplies the pixels and must be finite and non-zero, not {self.scale}")
         if channels == 1:
             mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
         return dataclasses.replace(self, layout=layout, size=tuple(size), color=color, mean=tuple(mean), std=tuple(std))
@@ -282,6 +286,18 @@ def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Opti
         notes.append("converted the grayscale image to RGB for this 3-channel model")
     display = np.asarray((img.convert("L") if img.mode == "F" else img).convert("RGB"), dtype=np.uint8)
     return Prepared(spec.to_tensor(img), display, name, notes)
+
+
+def _check_numbers(name: str, values: Sequence[float], channels: int, zero: bool) -> None:
+    """A mean or std fits the model's channels (one value each, or one for all; three, the presets'
+    count, for a grey model, which takes their average) and holds finite values (a std also
+    non-zero)."""
+    fits = len(values) in (1, 3, channels)
+    ok = all(np.isfinite(v) and (zero or v != 0) for v in values)
+    if not fits or not ok:
+        what = "finite" if zero else "finite, non-zero"
+        raise ImageError(f"{name} must hold {what} values, one per channel ({channels}) or one for all, "
+                         f"not {list(values)}")
 
 
 def _stem(path: str) -> str:

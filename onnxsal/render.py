@@ -12,6 +12,21 @@ from matplotlib.figure import Figure  # the object API: no pyplot, no global bac
 MIN_PANEL = 320  # small inputs (a 64x64 image) are drawn larger so the map is readable
 
 
+def check_style(cmap: str, alpha: float = 0.5) -> None:
+    """Refuse a colormap matplotlib does not know, or an opacity outside [0, 1], before any work:
+    matplotlib's own errors come late (at the first figure) and span several lines."""
+    import matplotlib
+
+    from .errors import OutputError
+
+    if not isinstance(cmap, str) or cmap not in matplotlib.colormaps:
+        common = ("jet", "viridis", "inferno", "magma", "turbo", "gray", "hot", "coolwarm", "RdBu")
+        known = ", ".join(n for n in common if n in matplotlib.colormaps)
+        raise OutputError(f"unknown colormap {cmap!r}; matplotlib's include {known} (and each with _r, reversed)")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) or not 0 <= alpha <= 1:
+        raise OutputError(f"alpha is the overlay's opacity, between 0 and 1, not {alpha!r}")
+
+
 def save_overlay(path: str, image: Optional[np.ndarray], maps: np.ndarray, titles: Sequence[str],
                  cmap: str = "jet", alpha: float = 0.5) -> None:
     """One panel per map (the image with the map over it) and a shared colorbar, saved as PNG."""

@@ -117,3 +117,75 @@ def test_targets_that_are_not_indices_are_refused(ex, target):
 def test_whole_float_targets_are_indices(ex):
     assert ex.explain(X, "saliency", target=2.0).targets[0].index == 2
     assert ex.explain(X, "saliency", target=np.int64(1)).targets[0].index == 1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"batch_size": -3}, "batch_size must be at least 1"),
+    ({"batch_size": 2.5}, "batch_size takes a whole number"),
+    ({"threads": 0}, "threads must be at least 1"),
+    ({"memory_mb": 0}, "memory_mb must be at least 1"),
+])
+def test_run_settings_are_checked(kwargs, message):
+    with pytest.raises(MethodError, match=message):
+        onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"mean": [1.0, 2.0]}, r"mean must hold finite values, one per channel \(3\) or one for all"),
+    ({"mean": [0.0, float("nan"), 0.0]}, "mean must hold finite values"),
+    ({"std": [0.0, 0.0, 0.0]}, "std must hold finite, non-zero values"),
+    ({"std": [1.0, float("inf"), 1.0]}, "std must hold finite, non-zero values"),
+    ({"scale": 0.0}, "scale multiplies the pixels and must be finite and non-zero"),
+    ({"scale": float("nan")}, "scale multiplies the pixels and must be finite and non-zero"),
+])
+def test_preprocessing_settings_are_checked(kwargs, message):
+    with pytest.raises(ImageError, match=message):
+        onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="imagenet", **kwargs)
+
+
+def test_one_mean_and_std_serve_every_channel():
+    ex1 = onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw", mean=[0.5], std=[2.0])
+    ex3 = onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw", mean=[0.5] * 3, std=[2.0] * 3)
+    img = (np.random.default_rng(1).random((16, 16, 3)) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(ex1.prepare(img).tensor, ex3.prepare(img).tensor)
+
+
+@pytest.mark.parametrize("smooth,message", [(-1.0, "smooth is a Gaussian sigma in pixels, >= 0"),
+                                            (float("nan"), "smooth must be finite"), ("wide", "smooth takes a number")])
+def test_smoothing_is_checked(ex, smooth, message):
+    with pytest.raises(MethodError, match=message):
+        ex.explain(X, "gradcam", target=0, smooth=smooth)
+
+
+@pytest.mark.parametrize("kwargs,message", [({"cmap": "nosuch"}, "unknown colormap 'nosuch'"),
+                                            ({"alpha": 2.0}, "alpha is the overlay's opacity"),
+                                            ({"alpha": float("nan")}, "alpha is the overlay's opacity")])
+def test_overlay_style_is_checked(ex, tmp_path, kwargs, message):
+    res = ex.explain(X, "gradcam", target=0)
+    with pytest.raises(OutputError, match=message):
+        res.save(tmp_path / "o", **kwargs)
+    assert not (tmp_path / "o").exists()
+    assert res.save(tmp_path / "o", cmap="viridis_r", alpha=1)
+
+
+def test_cli_checks_the_overlay_style_before_any_work(tmp_path, capsys):
+    onnx.save(tiny.conv_net(size=16), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", X)
+    for flags, message in ((["--cmap", "nosuch"], "unknown colormap"), (["--alpha", "1.5"], "opacity"),
+                           (["--batch-size", "0"], "batch_size must be at least 1"),
+                           (["--smooth", "-2"], "smooth is a Gaussian sigma")):
+        code = main(["explain", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), "-m", "gradcam",
+                     "--out", str(tmp_path / "o")] + flags)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_sanity_checks_its_colormap_first(tmp_path, capsys):
+    onnx.save(tiny.conv_net(size=16), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", X)
+    assert main(["sanity", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), "-m", "gradcam", "--cmap", "nosuch",
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown colormap 'nosuch'" in err and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()

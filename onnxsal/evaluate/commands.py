@@ -120,8 +120,10 @@ def sanity(
     then the map after each cascading step) into --out.
     """
     from ..cli import _explainer, _feeds, _reference, out
+    from ..render import check_style
     from .sanity import figure, sanity_check
 
+    check_style(cmap)
     modes = {"both": ("cascading", "independent"), "cascading": ("cascading",), "independent": ("independent",)}
     if mode not in modes:
         raise MethodError(f"--mode must be cascading, independent or both, not {mode!r}")
