@@ -189,3 +189,31 @@ def test_sanity_checks_its_colormap_first(tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown colormap 'nosuch'" in err and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"seed": -1}, "seed must be 0 or more"),
+    ({"max_steps": 0}, "max_steps must be at least 1"),
+    ({"threshold": float("nan")}, "threshold must be finite"),
+    ({"threshold": 1.5}, "threshold is a Spearman rank correlation, between -1 and 1"),
+])
+def test_sanity_settings_are_checked(ex, kwargs, message):
+    from onnxsal.evaluate.sanity import sanity_check
+
+    with pytest.raises(MethodError, match=message):
+        sanity_check(ex, [X], ["gradcam"], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"step": 0}, "step must be at least 1 pixel"),
+    ({"step": 1.5}, "step takes a whole number"),
+    ({"blur_sigma": 0.0}, "blur_sigma must be above 0"),
+    ({"blur_sigma": float("nan")}, "blur_sigma must be finite"),
+    ({"tolerance": -1.0}, "tolerance is a distance in pixels"),
+    ({"tolerance": float("inf")}, "tolerance must be finite"),
+])
+def test_evaluation_settings_are_checked(ex, kwargs, message):
+    from onnxsal.evaluate.faithfulness import evaluate
+
+    with pytest.raises(MethodError, match=message):
+        evaluate(ex, [X], ["gradcam"], **kwargs)

@@ -243,8 +243,6 @@ def evaluate(
     for name, kind in (("--substrate", substrate), ("--start", start)):
         if kind not in SUBSTRATES:
             raise MethodError(f"{name} must be one of {', '.join(SUBSTRATES)}, not {kind!r}")
-    if step is not None and step < 1:
-        raise MethodError("--step must be at least 1 pixel")
     methods = _method_names(method)
     options = _method_options(methods, option)
     files = collect_images(images)

@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import ImageError, MethodError
 from ..engine import check_region, make_targets
 from ..explainer import Explainer
-from ..methods import get as get_method
+from ..methods import get as get_method, number_option
 from ..postprocess import resize, smooth
 from ..preprocess import Prepared, run_names
 from .localization import TOLERANCE, energy_inside, pointing_hit
@@ -316,6 +316,12 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
     for kind in (deletion, insertion):
         if kind not in SUBSTRATES:
             raise MethodError(f"substrate must be one of {', '.join(SUBSTRATES)}, not {kind!r}")
+    if step is not None and number_option("step", step, int, False) < 1:
+        raise MethodError(f"step must be at least 1 pixel, not {step}")
+    if blur_sigma is not None and number_option("blur_sigma", blur_sigma, float, False) <= 0:
+        raise MethodError(f"blur_sigma must be above 0 (None: the input size / 16), not {blur_sigma}")
+    if number_option("tolerance", tolerance, float, False) < 0:
+        raise MethodError(f"tolerance is a distance in pixels, 0 or more, not {tolerance}")
     options = options or {}
     check_region(ex.model, region)
     size = ex.model.input.size

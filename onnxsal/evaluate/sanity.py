@@ -40,7 +40,7 @@ import numpy as np
 from ..engine import check_region
 from ..errors import MethodError, ModelError
 from ..explainer import Explainer
-from ..methods import get as get_method
+from ..methods import get as get_method, number_option
 from ..postprocess import finish, resize
 from ..preprocess import Prepared, run_names
 from .randomize import WeightLayer, block_label, blocks_of, cascade, randomize, weight_layers
@@ -213,6 +213,12 @@ def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLik
     methods = [get_method(m).name for m in methods]
     if not methods:
         raise MethodError("give at least one method")
+    if number_option("seed", seed, int, False) < 0:
+        raise MethodError(f"seed must be 0 or more, not {seed}")
+    if max_steps is not None and number_option("max_steps", max_steps, int, False) < 1:
+        raise MethodError(f"max_steps must be at least 1 (None: one step per layer), not {max_steps}")
+    if not -1 <= number_option("threshold", threshold, float, False) <= 1:
+        raise MethodError(f"threshold is a Spearman rank correlation, between -1 and 1, not {threshold}")
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise MethodError(f"unknown randomisation mode {bad[0]!r}; use cascading and/or independent")
