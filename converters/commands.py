@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import typer
@@ -21,8 +22,9 @@ PREPROCESS_HELP = "preset stored in the file: imagenet, caffe, tf, unit, raw (ex
 def _numbers(text: Optional[str], what: str, kind=float) -> Optional[list]:
     if text is None:
         return None
+    parts = re.split(r"\s*[,x]\s*|\s+", text.strip())   # 1,3,224,224 / 1, 3, 224, 224 / 224x224 / 1 3 224 224
     try:
-        return [kind(v) for v in text.replace("x", ",").replace(" ", ",").split(",") if v]
+        return [kind(v) for v in parts]     # an empty part ("1,3,x,32") is no number either
     except ValueError:
         raise ConversionError(f"{what} takes numbers separated by commas, not {text!r}") from None
 

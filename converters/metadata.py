@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from importlib import metadata as importlib_metadata
@@ -69,6 +70,9 @@ def preprocess_spec(preset: Optional[str] = None, mean: Optional[Sequence[float]
             raise ConversionError(f"--{what} takes 1 or 3 numbers, not {len(values)}")
     if any(v == 0 for v in spec.std):
         raise ConversionError("--std values must be non-zero")
+    if not all(math.isfinite(v) for v in (*spec.mean, *spec.std, spec.scale)) or spec.scale == 0:
+        raise ConversionError(f"--mean, --std and --scale must be finite, and --scale non-zero: mean "
+                              f"{list(spec.mean)}, std {list(spec.std)}, scale {spec.scale}")
     spec = spec.replace(layout=layout, size=tuple(int(v) for v in size) if size else None)
     if channels == 1:
         spec = spec.replace(color="L")

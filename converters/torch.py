@@ -207,7 +207,11 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
     example = torch.randn(shape, generator=gen)
     notes: list[str] = []
 
-    names = _probe(torch, module, example) if layers else []
+    try:
+        names = _probe(torch, module, example) if layers else []
+    except Exception as exc:          # the module's own forward pass, on the example input
+        raise ConversionError(f"the module fails on an input of shape {tuple(shape)}: {type(exc).__name__}: "
+                              f"{metadata.first_line(exc)}") from exc
     wide = _wrapper(torch, module, names).eval()  # a train-mode wrapper would put the module back in train mode
     extra = {LAYER_PREFIX + n: n for n in names}
     buffer = io.BytesIO()

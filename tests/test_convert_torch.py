@@ -264,3 +264,25 @@ def test_api_accepts_a_module_and_an_importable_factory(tmp_path):
     res = convert(seq, tmp_path / "seq.onnx", input_shape=(1, 1, 12, 12), preprocess="unit", labels=["no", "yes"])
     assert res.check <= 1e-4 and "0" in res.layers
     assert isinstance(load_factory("torch.nn:Identity"), nn.Identity)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--input-shape", "1,3,x,32"], "--input-shape takes numbers separated by commas, not '1,3,x,32'"),
+    (["--input-shape", "1,1,32,32"], "the module fails on an input of shape (1, 1, 32, 32): RuntimeError"),
+    (["--input-shape", "1,3,32,32", "--scale", "nan"], "--scale must be finite"),
+    (["--input-shape", "1,3,32,32", "--preprocess", "imagenet", "--mean", "0,inf,0"], "--scale must be finite"),
+    (["--input-shape", "1,3,32,32", "--scale", "0"], "--scale non-zero"),
+])
+def test_bad_conversion_settings_are_one_line(net_file, tmp_path, capsys, args, message):
+    out = tmp_path / "a.onnx"
+    assert cli_main(["convert", "torch", f"{net_file}:make", "-o", str(out)] + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "unexpected" not in err, err
+    assert not out.exists()
+
+
+def test_input_shapes_take_commas_spaces_or_x():
+    from converters.commands import _numbers
+
+    for text in ("1,3,32,32", "1, 3, 32, 32", "1 3 32 32", "1x3x32x32"):
+        assert _numbers(text, "--input-shape", int) == [1, 3, 32, 32]
