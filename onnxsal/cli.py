@@ -35,8 +35,11 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _labels(path: Optional[str]) -> Optional[list[str]]:
+    """--labels: a text file with one label per line, or the labels themselves as a,b,c (as convert takes them)."""
     if not path:
         return None
+    if not os.path.exists(path) and "," in path:
+        return [part.strip() for part in path.split(",")]
     if not os.path.exists(path):
         from .errors import MissingFileError
         raise MissingFileError(f"labels file not found: {path}")

@@ -843,6 +843,13 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         output_note = (f"{argmaxed} is the ArgMax of {count} class scores ({graph_out}); onnxsal scores them, "
                        "every class its own")
     label_list = list(labels) if labels else None
+    if label_list is not None:       # a labels file off by one (a background line) would name every class wrongly
+        want = detection.classes if detection is not None else num_classes
+        fits = {want} | ({2} if want == 1 else set())     # a single sigmoid unit: names for 0 and 1
+        if isinstance(detection, QueryOutput) and detection.first:
+            fits.add(detection.width)                       # the background column named too
+        if len(label_list) not in fits:
+            raise ModelError(f"{len(label_list)} labels given, but the model scores {want} classes")
     if label_list is None and META_LABELS in meta:
         try:
             label_list = [str(x) for x in json.loads(meta[META_LABELS])]

@@ -217,3 +217,30 @@ def test_evaluation_settings_are_checked(ex, kwargs, message):
 
     with pytest.raises(MethodError, match=message):
         evaluate(ex, [X], ["gradcam"], **kwargs)
+
+
+def test_labels_must_name_every_class():
+    """A labels file with one line too many (a background class) would shift every name by one."""
+    from onnxsal.errors import ModelError
+
+    with pytest.raises(ModelError, match="4 labels given, but the model scores 3 classes"):
+        onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw", labels=["bg", "a", "b", "c"])
+    ex3 = onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw", labels=["a", "b", "c"])
+    assert ex3.explain(X, "saliency", target="c").targets[0].index == 2
+    unit = tiny.conv_net(size=16, classes=1, softmax=False)       # one sigmoid-less unit: names for 0 and 1
+    assert onnxsal.Explainer(unit, "cpu", preprocess="raw", labels=["no", "yes"]).model.label(1) == "yes"
+    with pytest.raises(ModelError, match="3 labels given, but the model scores 1 classes"):
+        onnxsal.Explainer(unit, "cpu", preprocess="raw", labels=["no", "yes", "maybe"])
+
+
+def test_cli_labels_take_a_file_or_a_comma_list(tmp_path, capsys):
+    onnx.save(tiny.conv_net(size=16), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", X)
+    (tmp_path / "labels.txt").write_text("cat\ndog\nfox\n")
+    for labels in ("cat,dog,fox", str(tmp_path / "labels.txt")):
+        assert main(["explain", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), "-m", "saliency", "--target", "fox",
+                     "--labels", labels, "--out", str(tmp_path / "o")]) == 0
+        assert "fox (2)" in capsys.readouterr().out
+    assert main(["explain", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), "--labels", "cat,dog",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "2 labels given, but the model scores 3 classes" in capsys.readouterr().err
