@@ -365,7 +365,12 @@ class Explainer:
         targets = self.targets(None if lazy else logits if m.activation is None else out, target, top_k, score, region)
         ctx = Context(self.engine, prepared.tensor, targets, the_layer, score, progress, acts=acts[0] if acts else None,
                       clean=None if lazy else (logits, out))
-        raw = np.asarray(spec.fn(ctx, **opts), np.float32)
+        try:
+            raw = np.asarray(spec.fn(ctx, **opts), np.float32)
+        except MemoryError as exc:       # NumPy's own message names an array shape, not the setting behind it
+            given = ", ".join(f"{k}={v}" for k, v in options.items()) or "its defaults"
+            raise MethodError(f"{spec.name} ran out of memory with {given}: it holds all its noisy copies, path "
+                              "points or masks of the image at once; ask for fewer") from exc
         if lazy:
             ctx.logits()                  # the method's own pass had them, or a forward pass fills them now
             logits, out = ctx.clean

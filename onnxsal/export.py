@@ -26,6 +26,7 @@ from .detection import DetectionList, QueryOutput
 from .labelled import ClassBest
 from .model import Model, load
 from .methods import number_option
+from .methods.gradients import ig_path
 from .similarity import as_input, holds_reference, reference_width
 
 EXPORTABLE = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "shapleycam",
@@ -119,8 +120,8 @@ def _layer_ig_path(proto: onnx.ModelProto, x_name: str, layer: str, logits: str,
     from .graph.surgery import split
 
     split(proto, layer, [logits])
-    nodes, w = np.polynomial.legendre.leggauss(int(steps))
-    alphas = np.concatenate([[1.0], 0.5 * (nodes + 1)]).astype(np.float32)
+    nodes, w = ig_path(int(steps), "gausslegendre", more="")
+    alphas = np.concatenate([[1.0], nodes]).astype(np.float32)
     g = proto.graph
     n = lambda s: LIG + s  # noqa: E731
     consts = {n("one"): np.array([1], np.int64), n("axis0"): np.array([0], np.int64),
@@ -149,7 +150,7 @@ def _layer_ig_path(proto: onnx.ModelProto, x_name: str, layer: str, logits: str,
     ])
     g.initializer.append(numpy_helper.from_array(np.array(0, np.float32), n("zero_f")))
     _toposort(g)
-    return n("P"), n("d"), (0.5 * w).astype(np.float32)
+    return n("P"), n("d"), w.astype(np.float32)
 
 
 def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_samples: int = 20,
@@ -266,13 +267,13 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
             weights = np.full(k, 1.0 / k, np.float32)
         else:
             k = int(steps)
-            nodes, w = np.polynomial.legendre.leggauss(k)
-            alphas = e.const((0.5 * (nodes + 1)).reshape(k, 1, 1, 1, 1))
+            nodes, w = ig_path(k, "gausslegendre", more="")
+            alphas = e.const(nodes.reshape(k, 1, 1, 1, 1))
             path = e.op("Mul", [e.op("Unsqueeze", [img, e.const([0], np.int64)]), alphas])
             shape = e.op("Concat", [e.const([-1], np.int64), e.op("Slice", [e.op("Shape", [img]), e.const([1], np.int64),
                                                                           e.const([nrank], np.int64)])], axis=0)
             extra = e.op("Reshape", [path, shape])
-            weights = (0.5 * w).astype(np.float32)
+            weights = w.astype(np.float32)
         e.op("Concat", [img, extra], out=rows, axis=0)
         rows_target = e.op("Concat", [target, e.op("Tile", [target, e.const([k], np.int64)])], axis=0)
         clean = (k, weights)

@@ -244,3 +244,21 @@ def test_cli_labels_take_a_file_or_a_comma_list(tmp_path, capsys):
     assert main(["explain", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), "--labels", "cat,dog",
                  "--out", str(tmp_path / "o")]) == 2
     assert "2 labels given, but the model scores 3 classes" in capsys.readouterr().err
+
+
+def test_gauss_legendre_node_count_is_capped(ex):
+    """NumPy's leggauss solves an n x n eigenproblem: 10^6 nodes would ask for terabytes."""
+    from onnxsal.methods.gradients import MAX_GAUSS_NODES, ig_path
+
+    with pytest.raises(MethodError, match="Gauss-Legendre takes at most 4096 steps, not 1000000.*rule=trapezoid"):
+        ex.explain(X, "ig", target=0, steps=1_000_000)
+    with pytest.raises(MethodError, match="Gauss-Legendre takes at most 4096 steps, not 5000 \\(its nodes cost time "
+                                          "cubic in the count\\)$"):
+        export(tiny.conv_net(size=16), "ig", steps=5000)
+    alphas, w = ig_path(MAX_GAUSS_NODES, "gausslegendre")
+    assert len(alphas) == MAX_GAUSS_NODES and w.sum() == pytest.approx(1.0)
+
+
+def test_running_out_of_memory_names_the_setting(ex):
+    with pytest.raises(MethodError, match="smoothgrad ran out of memory with n_samples=100000000"):
+        ex.explain(X, "smoothgrad", target=0, n_samples=100_000_000)
