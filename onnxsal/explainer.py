@@ -274,7 +274,10 @@ class Explainer:
                 raise TargetError("top_k must be at least 1")
             indices = order[:top_k]
         else:
-            items = list(target) if isinstance(target, (list, tuple)) else [target]
+            items = list(target) if isinstance(target, (list, tuple)) else (
+                list(target.reshape(-1)) if isinstance(target, np.ndarray) else [target])
+            if not items:
+                raise TargetError("give at least one target (a class index or label), or none for the top classes")
             indices = [self._resolve(t) for t in items]
         return make_targets(m, indices, score, row=scores, region=region)
 
@@ -337,6 +340,9 @@ class Explainer:
         the image's output), "peak" (its highest: a keypoint heatmap's) or "all"."""
         spec = get_method(method)
         opts = check_options(spec, options)
+        if number_option("top_k", top_k, int, False, error=TargetError) < 1:
+            raise TargetError(f"top_k must be at least 1, not {top_k}")
+        top_k = int(top_k)
         if smooth is not None:
             smooth = number_option("smooth", smooth, float, False)
             if smooth < 0:

@@ -262,3 +262,19 @@ def test_gauss_legendre_node_count_is_capped(ex):
 def test_running_out_of_memory_names_the_setting(ex):
     with pytest.raises(MethodError, match="smoothgrad ran out of memory with n_samples=100000000"):
         ex.explain(X, "smoothgrad", target=0, n_samples=100_000_000)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"target": []}, "give at least one target"),
+    ({"top_k": 1.5}, "top_k takes a whole number, not 1.5"),
+    ({"top_k": True}, "top_k takes a whole number, not True"),
+    ({"top_k": 0}, "top_k must be at least 1, not 0"),
+])
+def test_target_settings_are_target_errors(ex, kwargs, message):
+    with pytest.raises(TargetError, match=message):
+        ex.explain(X, "saliency", **kwargs)
+
+
+def test_integer_arrays_of_targets_are_lists_of_classes(ex):
+    assert [t.index for t in ex.explain(X, "saliency", target=np.array([2, 0])).targets] == [2, 0]
+    assert len(ex.explain(X, "saliency", top_k=2.0).targets) == 2

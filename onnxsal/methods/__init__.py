@@ -106,19 +106,19 @@ def _numeric(hint) -> Optional[tuple[type, bool]]:
     return None
 
 
-def number_option(what: str, value, kind: type, optional: bool):
+def number_option(what: str, value, kind: type, optional: bool, error: type = MethodError):
     """``value`` as the declared number: a count must be whole, and none may be NaN or infinite
-    (a NaN noise level or window would give NaN maps, not an error)."""
+    (a NaN noise level or window would give NaN maps, not an error). ``error``: the type raised."""
     if value is None and optional:
         return None
     whole = "a whole number" if kind is int else "a number"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise MethodError(f"{what} takes {whole}, not {value!r}")
+        raise error(f"{what} takes {whole}, not {value!r}")
     if not np.isfinite(value):
-        raise MethodError(f"{what} must be finite, not {value!r}")
+        raise error(f"{what} must be finite, not {value!r}")
     if kind is int:
         if float(value) != int(value):
-            raise MethodError(f"{what} takes {whole}, not {value!r}")
+            raise error(f"{what} takes {whole}, not {value!r}")
         return int(value)
     return float(value)
 
