@@ -89,6 +89,9 @@ def test_bad_held_inputs_are_model_errors(exported):
         load(path, fixed_inputs={"meta": META[:, :3], "temperature": 1.0})
     with pytest.raises(ModelError, match="inputs left are image, temperature"):
         load(path, fixed_inputs={"meta": META})
+    for bad in (np.nan, np.inf):        # a NaN held value gives NaN scores, and maps normalised from them
+        with pytest.raises(ModelError, match="the value for input 'temperature' holds NaN or infinite values"):
+            load(path, fixed_inputs={"meta": META, "temperature": bad})
 
 
 def test_cli_feed_from_numbers_and_npy(exported, tmp_path, capsys):

@@ -61,6 +61,8 @@ def hold(model: onnx.ModelProto, values: Mapping[str, Value]) -> onnx.ModelProto
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         dims = static_dims(vi)
         array = _shaped(name, array.astype(dtype), dims)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():   # NaN scores would follow, not an error
+            raise ModelError(f"the value for input {name!r} holds NaN or infinite values")
         per_image = (dims is not None and len(dims) >= 2 and array.shape[0] == 1
                      and (dims[0] is None or dims[0] == image_dims[0]))
         g.input.remove(vi)
