@@ -38,13 +38,13 @@ def _labels(path: Optional[str]) -> Optional[list[str]]:
     """--labels: a text file with one label per line, or the labels themselves as a,b,c (as convert takes them)."""
     if not path:
         return None
-    if not os.path.exists(path) and "," in path:
+    if os.path.exists(path):
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip()]
+    if "," in path:
         return [part.strip() for part in path.split(",")]
-    if not os.path.exists(path):
-        from .errors import MissingFileError
-        raise MissingFileError(f"labels file not found: {path}")
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    from .errors import MissingFileError
+    raise MissingFileError(f"labels file not found: {path}")
 
 
 def _floats(text: Optional[str]) -> Optional[list[float]]:

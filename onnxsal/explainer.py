@@ -270,9 +270,7 @@ class Explainer:
                                       "explain; give --target-weights to score any value of its output")
             else:
                 order = list(np.argsort(-scores.reshape(-1), kind="stable"))
-            if top_k < 1:
-                raise TargetError("top_k must be at least 1")
-            indices = order[:top_k]
+            indices = order[:top_k]          # top_k checked by explain, before any work
         else:
             items = list(target) if isinstance(target, (list, tuple)) else (
                 list(target.reshape(-1)) if isinstance(target, np.ndarray) else [target])
@@ -340,9 +338,9 @@ class Explainer:
         the image's output), "peak" (its highest: a keypoint heatmap's) or "all"."""
         spec = get_method(method)
         opts = check_options(spec, options)
-        if number_option("top_k", top_k, int, False, error=TargetError) < 1:
+        top_k = number_option("top_k", top_k, int, False, error=TargetError)
+        if top_k < 1:
             raise TargetError(f"top_k must be at least 1, not {top_k}")
-        top_k = int(top_k)
         if smooth is not None:
             smooth = number_option("smooth", smooth, float, False)
             if smooth < 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import typing
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Optional
 
 import numpy as np
@@ -28,15 +29,16 @@ class MethodSpec:
     summary: str
     gradient_free: bool = False    # forward passes only: runs where the gradient graph cannot be built
 
-    @property
+    @cached_property
     def defaults(self) -> dict:
         sig = inspect.signature(self.fn)
         return {k: p.default for k, p in sig.parameters.items()
                 if p.default is not inspect.Parameter.empty and k != "ctx"}
 
-    @property
+    @cached_property
     def hints(self) -> dict:
-        """The options' declared types: what ``check_options`` holds a value to."""
+        """The options' declared types: what ``check_options`` holds a value to (read once per
+        method, not per image)."""
         return typing.get_type_hints(self.fn)
 
 
