@@ -29,22 +29,15 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
 
 
+def show_progress(quiet: bool) -> bool:
+    """Progress bars only on a terminal: elsewhere rich has nothing to redraw, and a transient bar
+    would still end in a blank line before the summary or the one-line error."""
+    return not quiet and err.is_terminal
+
+
 def fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {esc(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def _labels(path: Optional[str]) -> Optional[list[str]]:
-    """--labels: a text file with one label per line, or the labels themselves as a,b,c (as convert takes them)."""
-    if not path:
-        return None
-    if os.path.exists(path):
-        with open(path) as f:
-            return [line.strip() for line in f if line.strip()]
-    if "," in path:
-        return [part.strip() for part in path.split(",")]
-    from .errors import MissingFileError
-    raise MissingFileError(f"labels file not found: {path}")
 
 
 def _floats(text: Optional[str]) -> Optional[list[float]]:
@@ -93,7 +86,7 @@ def _explainer(model: str, device: str, size: Optional[str], preprocess: Optiona
                batch_size: Optional[int], feed: Optional[List[str]] = None, head: Optional[str] = None):
     from .explainer import Explainer
 
-    return Explainer(model, device, preprocess=preprocess, size=parse_size(size), labels=_labels(labels),
+    return Explainer(model, device, preprocess=preprocess, size=parse_size(size), labels=labels,
                      mean=_floats(mean), std=_floats(std), scale=scale, bgr=bgr, batch_size=batch_size,
                      fixed_inputs=_feeds(feed), head=head)
 
@@ -238,7 +231,7 @@ def explain(
             raise TargetError("give --like or --target-weights, not both")
         ex = ex.like(_reference(like))
     results = []
-    with Progress(console=err, transient=True, disable=quiet) as bar:
+    with Progress(console=err, transient=True, disable=not show_progress(quiet)) as bar:
         task = bar.add_task("explaining", total=len(images) * len(specs))
         rows = bar.add_task("  batches", total=None)
 

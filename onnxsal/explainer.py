@@ -135,14 +135,20 @@ class Explanation:
             try:
                 with open(base + ".json") as f:
                     old = json.load(f)
-                if old.get("model") == self.model_path:
-                    summary["methods"] = old.get("methods", {})
+                if old.get("model") == self.model_path and _classes(old.get("top")) == _classes(summary["top"]):
+                    summary["methods"] = old.get("methods", {})    # an earlier run on the same scores
             except (OSError, ValueError):
                 pass
         summary["methods"][self.method] = self.method_summary()
         with open(base + ".json", "w") as f:
             json.dump(summary, f, indent=2)
         return [stem + ".png", stem + ".npy", base + ".json"]
+
+
+def _classes(top: object) -> list:
+    """The (index, label) pairs of a summary's top classes: a run scoring something else (a --like
+    reference) lists other ones, and its methods must not join this summary."""
+    return [(t.get("index"), t.get("label")) for t in top if isinstance(t, dict)] if isinstance(top, list) else []
 
 
 def class_shares(dense: DenseOutput, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -198,6 +204,8 @@ class Explainer:
         for name, value in (("batch_size", batch_size), ("threads", threads), ("memory_mb", memory_mb)):
             if value is not None and number_option(name, value, int, False) < 1:
                 raise MethodError(f"{name} must be at least 1, not {value}")
+        if preprocess is not None and not isinstance(preprocess, (str, Preprocess)):
+            raise ImageError(f"preprocess is a preset name or a Preprocess, not {type(preprocess).__name__}")
         self.runtime = Runtime(device, threads=threads, memory_mb=memory_mb)
         self.model = load(model, size=size, labels=labels, fixed_inputs=fixed_inputs, head=head)
         base = preprocess if isinstance(preprocess, Preprocess) else self.model.preprocess
@@ -246,6 +254,7 @@ class Explainer:
         other.model.output_note = (f"scored the cosine similarity of output {m.output!r} to {what}"
                                    + (" output" if what.endswith("'s") else ""))
         other.model.score_as_is = True
+        other.model.path = m.path             # the summary names the file, not the derived graph
         return other
 
     def targets(self, scores: np.ndarray, target: Union[int, str, Sequence[Union[int, str]], np.ndarray, None],
@@ -288,6 +297,8 @@ class Explainer:
                               f"{'probabilities' if score == 'probability' else 'logits'} per image hold {n}")
         if not np.isfinite(w).all():
             raise TargetError("target weights must be finite")
+        if not w.any():        # a score of 0 for every input: every gradient map would be blank
+            raise TargetError("target weights are all zero; the score would be 0 for every input")
         return Target(-1, "weights", w.astype(np.float32).reshape(-1))
 
     def _resolve(self, t: Union[int, str, np.integer]) -> int:
@@ -298,7 +309,8 @@ class Explainer:
                 return m.labels.index(t)
             known = f"; labels: {', '.join(m.labels[:20])}" if m.labels else " (the model has no labels; use an index)"
             raise TargetError(f"unknown target label {t!r}{known}")
-        if isinstance(t, (bool, np.bool_)) or (isinstance(t, (float, np.floating)) and not float(t).is_integer()):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (str, int, float, np.integer, np.floating)) or (
+                isinstance(t, (float, np.floating)) and not float(t).is_integer()):
             raise TargetError(f"target {t!r} is not a class index or label")
         i = int(t)
         if not 0 <= i < n:
@@ -320,7 +332,11 @@ class Explainer:
         inputs, or a list of files, arrays or PIL images. ``targets``: None (each image's top
         class), one class for all, or one per image. Other arguments as for `explain`. Each image
         is explained on its own, so its maps equal those of `explain`; stack them with
-        ``np.stack([e.map for e in results])``."""
+        ``np.stack([e.map for e in results])``. ``target=``, Captum's spelling, is taken too."""
+        if "target" in kwargs:
+            if targets is not None:
+                raise TargetError("give targets= or target=, not both")
+            targets = kwargs.pop("target")
         if isinstance(images, np.ndarray) and images.ndim < 2:
             raise ImageError(f"a batch array needs a leading batch axis; it has shape {images.shape}")
         rows = [images[i:i + 1] for i in range(len(images))] if isinstance(images, np.ndarray) else list(images)

@@ -38,7 +38,7 @@ from .graph.surgery import constant_ints
 from .graph.weights import WeightStore, attach, detach
 from .labelled import add_class_best, labelled_lists
 from .simcc import add_keypoint_scores, find_simcc
-from .preprocess import Preprocess
+from .preprocess import Preprocess, parse_size
 from .sidecar import Sidecar, read_sidecar
 
 CONV_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv", "DeformConv"}
@@ -703,6 +703,35 @@ def _metadata(proto: onnx.ModelProto) -> dict:
     return {p.key: p.value for p in proto.metadata_props}
 
 
+def read_labels(labels: Union[str, os.PathLike, Sequence, None]) -> Optional[list[str]]:
+    """Class names as a list. A string is read as ``--labels`` reads it, a file with one name per
+    line or the names as ``a,b,c``: taken as a sequence, it would name each class by one letter."""
+    if labels is None or isinstance(labels, str) and not labels:
+        return None
+    if isinstance(labels, (str, os.PathLike)):
+        text = os.fspath(labels)
+        if os.path.exists(text):
+            with open(text) as f:
+                return [line.strip() for line in f if line.strip()]
+        if "," in text:
+            return [part.strip() for part in text.split(",")]
+        raise MissingFileError(f"labels file not found: {text}")
+    if not isinstance(labels, (Sequence, np.ndarray)):
+        raise ModelError(f"labels are a list of class names, a labels file or 'a,b,c', not {type(labels).__name__}")
+    return [str(x) for x in labels]
+
+
+def checked_size(size: Union[str, Sequence[int], None]) -> Optional[tuple[int, int]]:
+    """(H, W) as whole numbers from 1; a string as ``--size`` reads it ('224x224', '96')."""
+    if size is None or isinstance(size, str):
+        return parse_size(size)
+    hw = tuple(size) if isinstance(size, (Sequence, np.ndarray)) else None
+    if hw is None or len(hw) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+                                             for v in hw):
+        raise SizeError(f"size is (H, W) in whole pixels from 1, or 'HxW', not {size!r}")
+    return int(hw[0]), int(hw[1])
+
+
 def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optional[Sequence[int]] = None,
          preprocess: Optional[Preprocess] = None, labels: Optional[Sequence[str]] = None,
          fixed_inputs: Optional[Mapping[str, Value]] = None, head: Optional[str] = None) -> Model:
@@ -710,11 +739,21 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     inputs besides the image at given values (graph/fixed.py); `head` names the output to score."""
     if isinstance(model, Model):
         return model
+    size, labels = checked_size(size), read_labels(labels)
+    if isinstance(model, (bytes, bytearray)):   # a serialised model, as onnxruntime.InferenceSession takes one
+        try:
+            model = onnx.ModelProto.FromString(bytes(model))
+        except Exception as exc:
+            raise ModelError(f"the bytes given are not a readable ONNX model: {type(exc).__name__}") from exc
     if isinstance(model, onnx.ModelProto):
         proto, path = model, "<memory>"
-    else:
+        if not proto.graph.node:
+            raise ModelError("the model given has no graph nodes")
+    elif isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         proto = read_proto(path)
+    else:
+        raise ModelError(f"a model is an ONNX file's path, an onnx.ModelProto or its bytes, not {type(model).__name__}")
     proto = free_negative_dims(proto)             # a -1 written for a dynamic dim (graph/normalize.py)
     own = tuple(sorted({f.name for f in proto.functions}))
     if own:                                     # the model's own functions, written out (graph/functions.py)

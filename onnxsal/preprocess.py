@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError, MissingFileError
+from .errors import ImageError, MissingFileError, OnnxsalError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -237,11 +237,22 @@ class Prepared:
 
 
 def read_npy(path: str, what: str, error: type) -> np.ndarray:
-    """A .npy file's array (no pickles); a missing file or unreadable data is a one-line `error`."""
+    """A .npy file's array (no pickles); a missing file or unreadable data is a one-line `error`.
+
+    The header is read first: without it ``np.load`` takes any other file for a pickle and
+    answers with advice about ``allow_pickle``, which misleads for a PNG given by mistake."""
     if not os.path.exists(path):
         raise MissingFileError(f"{what} not found: {path}")
     try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if head != b"\x93NUMPY":
+            kind = "a .npz archive (save one array with np.save)" if head.startswith(b"PK") else \
+                "not a .npy file (no NumPy header)"
+            raise error(f"cannot read {what} {path}: it is {kind}")
         return np.load(path, allow_pickle=False)
+    except OnnxsalError:
+        raise
     except Exception as exc:
         raise error(f"cannot read {what} {path} as a NumPy array: {type(exc).__name__}: {exc}") from exc
 
@@ -250,6 +261,12 @@ def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Opti
             layout: str, channels: int, size: tuple) -> Prepared:
     """Load an image file, a PIL image, or an already preprocessed array into model input."""
     notes: list[str] = []
+    if not isinstance(source, (str, os.PathLike, np.ndarray, Image.Image)):
+        if not hasattr(source, "__array__"):      # a torch or JAX tensor, a TF eager tensor: NumPy reads them
+            raise ImageError(f"an input is an image file's path, a PIL image or an array, not {type(source).__name__}")
+        source = np.asarray(source)
+    if isinstance(source, np.ndarray) and source.size == 0:
+        raise ImageError(f"array input is empty (shape {source.shape})")
     if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".npy"):
         path = os.fspath(source)
         arr = read_npy(path, "input", ImageError)

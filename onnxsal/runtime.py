@@ -58,21 +58,23 @@ class Runtime:
         self._choose(device)
 
     def _choose(self, device: str) -> None:
+        if device is not None and not isinstance(device, str):
+            raise DeviceError(f"device is a name (auto, cpu, cuda or cuda:N), not {type(device).__name__} {device!r}")
         device = (device or "auto").lower()
         if device == "cpu":
             return
         if not (device == "auto" or device == "cuda" or device.startswith("cuda:")):
             raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+        if device.startswith("cuda:"):       # the spelling first: it is wrong on any machine
+            number = device.split(":", 1)[1]
+            if not number.isdigit():
+                raise DeviceError(f"bad device {device!r}; use cuda:N with N a GPU number from 0")
+            self._device_id = int(number)
         available = ort.get_available_providers()
         if "CUDAExecutionProvider" not in available:
             if device == "auto":
                 return
             raise DeviceError("CUDA was requested but this onnxruntime has no CUDA provider; install onnxsal[gpu]")
-        if device.startswith("cuda:"):
-            try:
-                self._device_id = int(device.split(":", 1)[1])
-            except ValueError:
-                raise DeviceError(f"bad device {device!r}; use cuda:N") from None
         _preload_cuda()
         if self._probe_cuda():
             self._providers = [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]

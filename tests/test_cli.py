@@ -65,15 +65,21 @@ def test_inspect_shows_layers(files, capsys):
     (["explain", "{model}", "{tmp}/cat.png", "-m", "occlusion", "-O", "window=2.5"], "takes a whole number"),
     (["explain", "{model}", "{tmp}/cat.png", "-m", "smoothgrad", "-O", "noise_level=nan"], "takes a number"),
     (["explain", "{model}", "{tmp}/cat.png", "-m", "smoothgrad", "-O", "noise_level=NaN"], "must be finite"),
+    (["explain", "{model}", "{tmp}/cat.png", "--target-weights", "{tmp}/zeros.npy"], "target weights are all zero"),
+    (["explain", "{model}", "{tmp}/cat.png", "--target-weights", "{tmp}/cat.png"], "not a .npy file"),
+    (["sanity", "{model}", "{tmp}/junk.png"], "cannot read"),
+    (["evaluate", "{model}", "{tmp}/junk.png"], "cannot read"),
 ])
 def test_errors_are_one_line(files, capsys, args, message):
+    """Exactly one line on stderr: no blank line left by a progress bar where stderr is no terminal."""
     tmp, model = files
     (tmp / "junk.png").write_text("not an image")
+    np.save(tmp / "zeros.npy", np.zeros(3, np.float32))
     out = tmp / "o"
     code = main([a.format(tmp=tmp, model=model) for a in args] + ["--out", str(out)])
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err
     assert code != 0
-    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert message in err and err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists() or os.listdir(out) == []
 
 

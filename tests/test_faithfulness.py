@@ -187,6 +187,12 @@ def test_load_mask_png_and_npy(tmp_path):
     assert (load_mask(tmp_path / "m.jpg") != mask).mean() < 0.01
     Image.fromarray(np.zeros(mask.shape, np.uint8)).save(tmp_path / "black.png")
     assert not load_mask(tmp_path / "black.png").any()
+    (tmp_path / "png.npy").write_bytes((tmp_path / "m.png").read_bytes())     # named .npy, but a PNG
+    np.savez(tmp_path / "both.npz", mask=mask)
+    os.replace(tmp_path / "both.npz", tmp_path / "both.npy")
+    for name, says in (("png.npy", "not a .npy file"), ("both.npy", "a .npz archive")):
+        with pytest.raises(ImageError, match=f"cannot read mask .*{name}: it is {says}"):
+            load_mask(tmp_path / name)
 
 
 # the whole evaluation and the command -------------------------------------------------------

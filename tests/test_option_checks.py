@@ -278,3 +278,96 @@ def test_target_settings_are_target_errors(ex, kwargs, message):
 def test_integer_arrays_of_targets_are_lists_of_classes(ex):
     assert [t.index for t in ex.explain(X, "saliency", target=np.array([2, 0])).targets] == [2, 0]
     assert len(ex.explain(X, "saliency", top_k=2.0).targets) == 2
+
+
+# arguments of the wrong kind, through the API ----------------------------------------------------
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda ex: ex.explain(X, None), MethodError, "a method is named by a string"),
+    (lambda ex: ex.explain(X, 5), MethodError, "a method is named by a string"),
+    (lambda ex: ex.explain(X, "saliency", target={"a": 1}), TargetError, "is not a class index or label"),
+    (lambda ex: ex.explain(X, "saliency", target=[None]), TargetError, "target None is not a class index"),
+    (lambda ex: ex.explain(None, "saliency"), ImageError, "not NoneType"),
+    (lambda ex: ex.explain([1, 2, 3], "saliency"), ImageError, "not list"),
+    (lambda ex: ex.explain(np.zeros((0, 0, 3), np.uint8), "saliency"), ImageError, "array input is empty"),
+    (lambda ex: ex.explain(np.zeros((1, 3, 0, 16), np.float32), "saliency"), ImageError, "array input is empty"),
+    (lambda ex: ex.explain_batch([X, X], "saliency", targets=[0], target=[0, 1]), TargetError, "not both"),
+    (lambda ex: ex.explain_batch([X, X], "saliency", target=[0]), TargetError, "1 targets for 2 images"),
+])
+def test_arguments_of_the_wrong_kind_are_typed_errors(ex, call, error, message):
+    with pytest.raises(error, match=message):
+        call(ex)
+
+
+def test_captum_spelling_of_batch_targets(ex):
+    """explain_batch(target=...) as Captum's attribute() spells it: the same maps as targets=."""
+    a = ex.explain_batch(np.concatenate([X, X[:, :, ::-1]]), "saliency", target=[0, 2])
+    b = ex.explain_batch(np.concatenate([X, X[:, :, ::-1]]), "saliency", targets=[0, 2])
+    assert [r.target.index for r in a] == [0, 2]
+    for r, s in zip(a, b):
+        np.testing.assert_array_equal(r.map, s.map)
+
+
+def test_array_likes_are_read_by_numpy(ex):
+    """A tensor of another library (anything with __array__) is the array it holds."""
+    class Held:
+        def __array__(self, dtype=None, copy=None):
+            return X if dtype is None else X.astype(dtype)
+
+    np.testing.assert_array_equal(ex.explain(Held(), "saliency", target=1).map, ex.explain(X, "saliency", target=1).map)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"device": 3}, "DeviceError", "device is a name"),
+    ({"device": "cuda:x"}, "DeviceError", "bad device 'cuda:x'"),
+    ({"device": "cuda:-1"}, "DeviceError", "bad device"),
+    ({"preprocess": 5}, "ImageError", "preprocess is a preset name or a Preprocess, not int"),
+    ({"size": (0, 16)}, "SizeError", r"size is \(H, W\) in whole pixels"),
+    ({"size": (16.5, 16)}, "SizeError", r"size is \(H, W\) in whole pixels"),
+    ({"size": 16}, "SizeError", r"size is \(H, W\) in whole pixels"),
+    ({"size": "16x"}, "ImageError", "must look like 224x224"),
+    ({"labels": 4}, "ModelError", "labels are a list of class names"),
+    ({"labels": "nofile"}, "MissingFileError", "labels file not found: nofile"),
+])
+def test_explainer_settings_of_the_wrong_kind(kwargs, error, message):
+    import onnxsal.errors as errors
+
+    with pytest.raises(getattr(errors, error), match=message):
+        onnxsal.Explainer(tiny.conv_net(size=16), **{"device": "cpu", "preprocess": "raw", **kwargs})
+
+
+def test_models_by_path_bytes_or_proto_and_nothing_else(tmp_path):
+    from onnxsal.errors import ModelError
+
+    proto = tiny.conv_net(size=16)
+    onnx.save(proto, tmp_path / "m.onnx")
+    ref = onnxsal.Explainer(proto, "cpu", preprocess="raw").explain(X, "saliency", target=1).map
+    for given in (str(tmp_path / "m.onnx"), tmp_path / "m.onnx", proto.SerializeToString()):
+        got = onnxsal.Explainer(given, "cpu", preprocess="raw").explain(X, "saliency", target=1).map
+        np.testing.assert_array_equal(got, ref)
+    for given, message in ((5, "not int"), (None, "not NoneType"), (b"\x01junk", "bytes given are not a readable"),
+                           (onnx.ModelProto(), "has no graph nodes")):
+        with pytest.raises(ModelError, match=message):
+            onnxsal.Explainer(given, "cpu", preprocess="raw")
+
+
+def test_sizes_and_labels_as_the_command_line_writes_them(tmp_path):
+    """size='16x16' and labels='a,b,c' (or a labels file) mean what --size and --labels mean;
+    a string of labels is not a sequence of one-letter names."""
+    ex = onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw", size="16x16", labels="cat,dog,fox")
+    assert ex.model.input.size == (16, 16) and ex.model.labels == ["cat", "dog", "fox"]
+    (tmp_path / "labels.txt").write_text("cat\ndog\n\nfox\n")
+    assert onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw",
+                             labels=tmp_path / "labels.txt").model.labels == ["cat", "dog", "fox"]
+
+
+def test_vjp_takes_a_path_and_one_name(tmp_path):
+    proto = tiny.conv_net(size=16)
+    onnx.save(proto, tmp_path / "m.onnx")
+    out = proto.graph.output[0].name
+    a = onnxsal.vjp(str(tmp_path / "m.onnx"), out, "image")
+    b = onnxsal.vjp(proto, out, ["image"])
+    assert [o.name for o in a.graph.output] == [o.name for o in b.graph.output] and "grad_image" in \
+        [o.name for o in a.graph.output]
+    with pytest.raises(onnxsal.errors.ModelError, match="not int"):
+        onnxsal.vjp(5, out, "image")

@@ -170,6 +170,14 @@ def test_cli_explains_how_alike_two_images_are(embedder, tmp_path, capsys):
     assert summary["top"][0]["label"] == "similarity"
     np.testing.assert_allclose(summary["top"][0]["score"], want, rtol=1e-4)
     assert "scored the cosine similarity of output 'embedding' to ref.png's output" in summary["notes"]
+    assert summary["model"] == str(path)              # the file explained, not the derived graph
+    assert main(["explain", path, str(tmp_path / "probe.png"), "--preprocess", "unit", "-m", "saliency",
+                 "-o", str(tmp_path / "out"), "-q"]) == 0
+    plain = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert list(plain["methods"]) == ["saliency"]     # scored otherwise: the similarity run's maps are not kept
+    assert main(["explain", path, str(tmp_path / "probe.png"), "--preprocess", "unit", "-m", "gradcam",
+                 "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert sorted(json.loads((tmp_path / "out" / "probe.json").read_text())["methods"]) == ["gradcam", "saliency"]
     np.save(tmp_path / "short.npy", np.ones(3, np.float32))
     assert main(["explain", path, str(tmp_path / "probe.png"), "--like", str(tmp_path / "short.npy"),
                  "--preprocess", "unit", "-o", str(tmp_path / "out")]) == 2

@@ -60,10 +60,10 @@ def _method_options(methods: list[str], option: List[str]) -> dict[str, dict]:
 def _progress(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..cli import err
+    from ..cli import err, show_progress
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err, transient=True, disable=quiet)
+                    console=err, transient=True, disable=not show_progress(quiet))
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:

@@ -19,6 +19,7 @@ from typing import Optional, Union
 import numpy as np
 
 from ..errors import ImageError, MissingFileError
+from ..preprocess import read_npy
 
 TOLERANCE = 15
 MASK_SUFFIXES = (".png", ".bmp", ".gif", ".tif", ".tiff", ".jpg", ".jpeg", ".webp", ".npy")
@@ -69,11 +70,7 @@ def load_mask(path: Union[str, os.PathLike]) -> np.ndarray:
     if not os.path.exists(path):
         raise MissingFileError(f"mask not found: {path}")
     if path.endswith(".npy"):
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            raise ImageError(f"cannot read {path} as a NumPy array: {exc}") from exc
-        arr = np.squeeze(arr)
+        arr = np.squeeze(read_npy(path, "mask", ImageError))
         if arr.ndim != 2:
             raise ImageError(f"mask {path} has shape {arr.shape}; expected a 2-D array")
         return arr != 0

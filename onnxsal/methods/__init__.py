@@ -69,6 +69,9 @@ def methods() -> list[str]:
 
 def get(name: str) -> MethodSpec:
     _load()
+    if not isinstance(name, str):
+        raise MethodError(f"a method is named by a string (one of {', '.join(sorted(_REGISTRY))}), "
+                          f"not {type(name).__name__} {name!r}")
     def plain(text: str) -> str:   # "Grad-CAM", "grad_cam" and "gradcam" name the same method
         return text.lower().replace("-", "").replace("_", "")
 
