@@ -7,10 +7,11 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
+from PIL import Image
 
 from .methods import check_options, get as get_method, number_option
 from .context import Context
@@ -186,6 +187,20 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def input_rows(images: Any) -> list:
+    """Single inputs of a batch: an (N, ...) array's rows, or a list's items. One path, PIL image
+    or Prepared stands for itself: a string read as a sequence would be one letter per image."""
+    if isinstance(images, (str, os.PathLike, Image.Image, Prepared)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        if images.ndim < 2:
+            raise ImageError(f"a batch array needs a leading batch axis; it has shape {images.shape}")
+        return [images[i:i + 1] for i in range(len(images))]
+    if not isinstance(images, (Sequence, Iterable)):
+        raise ImageError(f"images are a list of inputs or an (N, ...) array, not {type(images).__name__}")
+    return list(images)
+
+
 class Explainer:
     """Loads a model once; explains any number of inputs with any method.
 
@@ -337,9 +352,7 @@ class Explainer:
             if targets is not None:
                 raise TargetError("give targets= or target=, not both")
             targets = kwargs.pop("target")
-        if isinstance(images, np.ndarray) and images.ndim < 2:
-            raise ImageError(f"a batch array needs a leading batch axis; it has shape {images.shape}")
-        rows = [images[i:i + 1] for i in range(len(images))] if isinstance(images, np.ndarray) else list(images)
+        rows = input_rows(images)
         per = list(targets) if isinstance(targets, (list, tuple)) else [targets] * len(rows)
         if len(per) != len(rows):
             raise TargetError(f"{len(per)} targets for {len(rows)} images; give one per image, or one for all")

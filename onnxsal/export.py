@@ -158,6 +158,9 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
            reference_input: bool = False) -> onnx.ModelProto:
     """A standalone graph: inputs (image, target int64[N]); outputs (logits [N, C], map [N, H, W] in [0, 1]).
 
+    ``model``: a path, an onnx.ModelProto, a loaded Model, or an Explainer (its model as set up:
+    ``export(ex.like(reference))`` exports a similarity).
+
     For a per-pixel model the logits are its class maps, and a target class scores its map over the
     pixels the image's output assigns to it (its peak, or the whole map, with ``region``), as
     ``Explainer.explain`` does; for a detector they are its
@@ -173,11 +176,13 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     if steps < 1 or n_samples < 1 or noise_level < 0:
         raise MethodError(f"export needs steps >= 1, n_samples >= 1 and noise_level >= 0, not {steps}, {n_samples} "
                           f"and {noise_level}")
-    m: Model = load(model)
+    from .explainer import Explainer
+
+    m: Model = load(model.model if isinstance(model, Explainer) else model)   # an Explainer's own model, as set up
     if reference_input and not holds_reference(m.light.graph):
         raise MethodError("a reference input needs a model that scores a similarity (Explainer.like, "
                           "export --like input)")
-    method = method.lower()
+    method = method.lower() if isinstance(method, str) else method
     if method not in EXPORTABLE:
         raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
     check_region(m, region)

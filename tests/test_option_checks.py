@@ -371,3 +371,58 @@ def test_vjp_takes_a_path_and_one_name(tmp_path):
         [o.name for o in a.graph.output]
     with pytest.raises(onnxsal.errors.ModelError, match="not int"):
         onnxsal.vjp(5, out, "image")
+
+
+@pytest.mark.parametrize("which", ["sanity", "evaluate"])
+@pytest.mark.parametrize("args,kwargs,error,message", [
+    (([X], []), {}, MethodError, "give at least one method"),
+    (([], ["gradcam"]), {}, MethodError, "give at least one image"),
+    (([X], 5), {}, MethodError, "methods are a name or a list of names, not int"),
+    ((5, ["gradcam"]), {}, ImageError, "images are a list of inputs"),
+    (([X], ["gradcam"]), {"options": 5}, MethodError, "options map each method's name to a dict"),
+    (([X], ["gradcam"]), {"options": {"gradcam": 5}}, MethodError, "options map each method's name to a dict"),
+    (([X], ["gradcam"]), {"options": {"occlusion": {"window": 4}}}, MethodError,
+     "options given for occlusion, which is not among the methods run"),
+])
+def test_sanity_and_evaluate_arguments(ex, which, args, kwargs, error, message):
+    from onnxsal.evaluate.faithfulness import evaluate
+    from onnxsal.evaluate.sanity import sanity_check
+
+    run = sanity_check if which == "sanity" else evaluate
+    with pytest.raises(error, match=message):
+        run(ex, *args, **kwargs)
+
+
+def test_one_method_one_image_and_method_spellings(ex, tmp_path):
+    """A single name or input stands alone (not one per letter); options may name a method as its
+    users spell it; evaluate's masks come one per image."""
+    from onnxsal.evaluate.faithfulness import evaluate
+    from onnxsal.evaluate.sanity import sanity_check
+
+    one = evaluate(ex, X, "occlusion", step=64, options={"Occlusion": {"window": 4}})
+    listed = evaluate(ex, [X], ["occlusion"], step=64, options={"occlusion": {"window": 4}})
+    assert one.methods == ["occlusion"] and len(one.images) == 1
+    np.testing.assert_array_equal(one.results[0].curves.deletion, listed.results[0].curves.deletion)
+    other = evaluate(ex, X, "occlusion", step=64, options={"occlusion": {"window": 8}})
+    assert not np.array_equal(other.results[0].curves.deletion, one.results[0].curves.deletion)   # options used
+    rep = sanity_check(ex, X, "saliency", max_steps=1)
+    assert len(rep.images) == 1 and rep.methods == ["saliency"]
+    np.save(tmp_path / "x.npy", X)
+    by_path = evaluate(ex, str(tmp_path / "x.npy"), "occlusion", step=64, options={"occlusion": {"window": 4}})
+    assert by_path.images == ["x"]
+    np.testing.assert_array_equal(by_path.results[0].curves.deletion, one.results[0].curves.deletion)
+    with pytest.raises(ImageError, match="1 masks for 2 images"):
+        evaluate(ex, np.concatenate([X, X]), ["saliency"], masks=[np.ones((16, 16), bool)], step=64)
+
+
+def test_export_takes_an_explainer_and_names_its_methods(ex, tmp_path):
+    import onnxruntime as ort
+
+    proto = tiny.conv_net(size=16)
+    a, b = export(proto, "saliency"), export(onnxsal.Explainer(proto, "cpu", preprocess="raw"), "saliency")
+    feed = {"image": X, "target": np.array([1], np.int64)}
+    outs = [ort.InferenceSession(g.SerializeToString()).run(None, feed) for g in (a, b)]
+    for u, v in zip(*outs):
+        np.testing.assert_array_equal(u, v)
+    with pytest.raises(MethodError, match="export supports gradcam"):
+        export(proto, None)

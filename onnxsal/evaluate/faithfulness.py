@@ -38,9 +38,10 @@ import numpy as np
 from ..errors import ImageError, MethodError
 from ..engine import check_region, make_targets
 from ..explainer import Explainer
-from ..methods import get as get_method, number_option
+from ..methods import number_option
 from ..postprocess import resize, smooth
 from ..preprocess import Prepared, run_names
+from .arguments import image_list, method_names, method_options
 from .localization import TOLERANCE, energy_inside, pointing_hit
 
 STEPS_AT_224 = 224          # the paper: 224 pixels a step on 224x224 images, i.e. 224 steps
@@ -310,9 +311,12 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
     per-pixel model's class pixels, as ``Explainer.explain`` takes it; the curves read the class over
     the same pixels.
     """
-    methods = [get_method(m).name for m in methods]
-    if not methods:
-        raise MethodError("give at least one method")
+    methods = method_names(methods)
+    images = image_list(images)
+    options = method_options(options, methods)
+    if masks is not None and len(masks) != len(images):
+        raise ImageError(f"{len(masks)} masks for {len(images)} images; give one per image (None where an image "
+                         "has none)")
     for kind in (deletion, insertion):
         if kind not in SUBSTRATES:
             raise MethodError(f"substrate must be one of {', '.join(SUBSTRATES)}, not {kind!r}")
@@ -322,7 +326,6 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
         raise MethodError(f"blur_sigma must be above 0 (None: the input size / 16), not {blur_sigma}")
     if number_option("tolerance", tolerance, float, False) < 0:
         raise MethodError(f"tolerance is a distance in pixels, 0 or more, not {tolerance}")
-    options = options or {}
     check_region(ex.model, region)
     size = ex.model.input.size
     step = int(step) if step else default_step(size)

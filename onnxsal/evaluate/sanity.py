@@ -40,9 +40,10 @@ import numpy as np
 from ..engine import check_region
 from ..errors import MethodError, ModelError
 from ..explainer import Explainer
-from ..methods import get as get_method, number_option
+from ..methods import number_option
 from ..postprocess import finish, resize
 from ..preprocess import Prepared, run_names
+from .arguments import image_list, method_names, method_options
 from .randomize import WeightLayer, block_label, blocks_of, cascade, randomize, weight_layers
 from .similarity import MEASURES, compare
 
@@ -210,9 +211,9 @@ def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLik
     image and of a reference image, so a reference image's embedding is randomised with the model
     while a reference vector stays fixed, like a fixed target class.
     """
-    methods = [get_method(m).name for m in methods]
-    if not methods:
-        raise MethodError("give at least one method")
+    methods = method_names(methods)
+    images = image_list(images)
+    options = method_options(options, methods)
     if number_option("seed", seed, int, False) < 0:
         raise MethodError(f"seed must be 0 or more, not {seed}")
     if max_steps is not None and number_option("max_steps", max_steps, int, False) < 1:
@@ -222,12 +223,9 @@ def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLik
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise MethodError(f"unknown randomisation mode {bad[0]!r}; use cascading and/or independent")
-    options = options or {}
     base, ex = ex, (ex if like is None else ex.like(like))
     check_region(ex.model, region)
     prepared = [p if isinstance(p, Prepared) else ex.prepare(p) for p in images]
-    if not prepared:
-        raise MethodError("give at least one image")
     layers = weight_layers(base.model.light)
     if not layers and modes:
         raise ModelError("the model has no float weight initializers (Conv, Gemm, MatMul...) to randomise")
