@@ -6,27 +6,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 import typer
 
-from onnxsal.errors import ConversionError
 
 convert_app = typer.Typer(add_completion=False, no_args_is_help=True,
                           help="Convert a Keras or PyTorch model to ONNX with onnxsal's metadata.")
 
 PREPROCESS_HELP = "preset stored in the file: imagenet, caffe, tf, unit, raw (explain then needs no flag)"
-
-
-def _numbers(text: Optional[str], what: str, kind=float) -> Optional[list]:
-    if text is None:
-        return None
-    parts = re.split(r"\s*[,x]\s*|\s+", text.strip())   # 1,3,224,224 / 1, 3, 224, 224 / 224x224 / 1 3 224 224
-    try:
-        return [kind(v) for v in parts]     # an empty part ("1,3,x,32") is no number either
-    except ValueError:
-        raise ConversionError(f"{what} takes numbers separated by commas, not {text!r}") from None
 
 
 def _report(result, output: str) -> None:
@@ -60,8 +48,8 @@ def keras_command(
     """Keras (.keras, legacy .h5) or SavedModel -> ONNX via tf2onnx, NHWC input with a dynamic batch."""
     from .keras import convert
 
-    result = convert(model, output, preprocess=preprocess, mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"),
-                     scale=scale, bgr=bgr, labels=labels, input_shape=_numbers(input_shape, "--input-shape", int),
+    result = convert(model, output, preprocess=preprocess, mean=mean, std=std,
+                     scale=scale, bgr=bgr, labels=labels, input_shape=input_shape,
                      opset=opset, layers=layers, check=check)
     _report(result, output)
 
@@ -85,8 +73,8 @@ def torch_command(
     from .torch import convert, load_factory
 
     module = load_factory(factory)
-    result = convert(module, output, input_shape=_numbers(input_shape, "--input-shape", int), preprocess=preprocess,
-                     mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), scale=scale, bgr=bgr,
+    result = convert(module, output, input_shape=input_shape, preprocess=preprocess,
+                     mean=mean, std=std, scale=scale, bgr=bgr,
                      labels=labels, opset=opset, layers=layers, check=check, source=factory)
     _report(result, output)
 

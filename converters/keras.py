@@ -105,11 +105,11 @@ def _as_shape(input_shape: Optional[Sequence[int]]) -> Optional[tuple]:
     """(H, W, C) from 3 numbers or (N, H, W, C) from 4."""
     if input_shape is None:
         return None
-    dims = tuple(int(d) for d in input_shape)
+    dims = tuple(metadata.numbers(input_shape, "--input-shape", int))
     if len(dims) == 4:
         dims = dims[1:]
     if len(dims) != 3 or min(dims) <= 0:
-        raise ConversionError(f"--input-shape for Keras takes H,W,C or N,H,W,C, not {','.join(map(str, input_shape))}")
+        raise ConversionError(f"--input-shape for Keras takes H,W,C or N,H,W,C, not {','.join(map(str, dims))}")
     return dims
 
 
@@ -470,8 +470,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
     import tf2onnx
     from tf2onnx import tf_loader
 
-    if opset < 17:
-        raise ConversionError(f"opset {opset} is too old; onnxsal converts with opset 17 or newer")
+    opset = metadata.check_opset(opset)
     start = time.perf_counter()
     notes: list[str] = []
     source_path = None
@@ -555,8 +554,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
     diff = None
     if check:
         x = _check_input(shape, spec, dtype)
-        if check_inputs is not None:
-            x = np.concatenate([x, np.asarray(check_inputs).astype(dtype).reshape((-1,) + x.shape[1:])])
+        x = metadata.with_check_inputs(x, check_inputs, dtype)
         diff = metadata.compare(metadata.run_onnx(proto, x), call(x))
         if diff > metadata.CHECK_TOLERANCE:
             raise ConversionError(f"ONNX Runtime and TensorFlow disagree by {diff:.3g} (relative) on the check input")

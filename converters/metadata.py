@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import re
 from importlib import metadata as importlib_metadata
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
@@ -23,8 +24,8 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from onnxsal.errors import ConversionError, MissingFileError
-from onnxsal.model import META_LABELS, META_LAYERS, META_PREPROCESS
+from onnxsal.errors import ConversionError, OutputError
+from onnxsal.model import META_LABELS, META_LAYERS, META_PREPROCESS, read_labels  # noqa: F401 (converters' too)
 from onnxsal.graph.surgery import rename_tensor
 from onnxsal.preprocess import PRESETS, Preprocess, make_spec
 
@@ -52,6 +53,55 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
+def numbers(values: Union[str, float, Sequence[float], np.ndarray, None], what: str, kind: type = float
+            ) -> Optional[list]:
+    """Numbers as the CLI writes them ('1,3,224,224', '224x224', '1 3 224 224') or as Python gives
+    them. A count must be whole: 32.5 is refused, not truncated to 32."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        parts: list = re.split(r"\s*[,x]\s*|\s+", values.strip())
+        try:
+            parts = [float(v) for v in parts]     # an empty part ("1,3,x,32") is no number either
+        except ValueError:
+            raise ConversionError(f"{what} takes numbers separated by commas, not {values!r}") from None
+    elif isinstance(values, (int, float, np.number)) and not isinstance(values, bool):
+        parts = [values]
+    elif isinstance(values, (Sequence, np.ndarray)) and all(
+            isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_)) for v in values):
+        parts = list(values)
+    else:
+        raise ConversionError(f"{what} takes numbers, not {values!r}")
+    if kind is int:
+        if not all(float(v).is_integer() for v in parts):
+            raise ConversionError(f"{what} takes whole numbers, not {values!r}")
+        return [int(v) for v in parts]
+    return [float(v) for v in parts]
+
+
+def check_opset(opset: int) -> int:
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)):
+        raise ConversionError(f"opset is a whole number, not {opset!r}")
+    if opset < 17:
+        raise ConversionError(f"opset {opset} is too old; onnxsal converts with opset 17 or newer")
+    return int(opset)
+
+
+def with_check_inputs(x: np.ndarray, check_inputs: Optional[np.ndarray], dtype) -> np.ndarray:
+    """The random check batch plus the user's own inputs, which must be finite and shaped like one
+    example input (or a batch of them): a NaN on both sides would pass any comparison."""
+    if check_inputs is None:
+        return x
+    extra = np.asarray(check_inputs)
+    one = tuple(x.shape[1:])
+    if extra.shape != one and tuple(extra.shape[1:]) != one:
+        raise ConversionError(f"check_inputs have shape {extra.shape}; the example input is {one}, "
+                              f"so give {one} or (N, {', '.join(map(str, one))})")
+    if extra.dtype.kind not in "biuf" or not np.isfinite(extra.astype(np.float64)).all():
+        raise ConversionError("check_inputs must hold finite numbers")
+    return np.concatenate([x, extra.astype(dtype).reshape((-1,) + one)])
+
+
 def preprocess_spec(preset: Optional[str] = None, mean: Optional[Sequence[float]] = None,
                     std: Optional[Sequence[float]] = None, scale: Optional[float] = None,
                     bgr: Optional[bool] = None, *, layout: str, size: Optional[Sequence[int]] = None,
@@ -62,6 +112,9 @@ def preprocess_spec(preset: Optional[str] = None, mean: Optional[Sequence[float]
     """
     if preset is not None and preset not in PRESETS:
         raise ConversionError(f"unknown preprocessing preset {preset!r}; choose from {', '.join(PRESETS)}")
+    mean, std = numbers(mean, "--mean"), numbers(std, "--std")
+    if scale is not None:
+        (scale,) = numbers(scale, "--scale")
     spec = make_spec(preset, mean, std, scale, bgr)
     if spec is None:
         return None
@@ -77,21 +130,6 @@ def preprocess_spec(preset: Optional[str] = None, mean: Optional[Sequence[float]
     if channels == 1:
         spec = spec.replace(color="L")
     return spec
-
-
-def read_labels(labels: Union[str, os.PathLike, Sequence[str], None]) -> Optional[list[str]]:
-    """Labels from a list, a text file (one per line) or a comma-separated string."""
-    if labels is None:
-        return None
-    if isinstance(labels, (list, tuple)):
-        return [str(x) for x in labels]
-    text = os.fspath(labels)
-    if os.path.exists(text):
-        with open(text, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    if "," in text:
-        return [part.strip() for part in text.split(",") if part.strip()]
-    raise MissingFileError(f"labels file not found: {text} (or give them comma-separated: --labels cat,dog)")
 
 
 def versions(packages: Iterable[str]) -> dict[str, str]:
@@ -287,10 +325,14 @@ def save(proto: onnx.ModelProto, path: Union[str, os.PathLike]) -> str:
         raise ConversionError(f"the converted model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
     if proto.ByteSize() >= 2 ** 31:
         raise ConversionError("the converted model is larger than 2 GB, which one ONNX file cannot hold")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write the model to {path!r}: it is a folder; give a file name")
     tmp = path + ".part"
-    with open(tmp, "wb") as f:
-        f.write(proto.SerializeToString())
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(proto.SerializeToString())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write the model to {path!r}: {exc.strerror or exc}") from exc
     return path

@@ -96,11 +96,11 @@ def load_factory(spec: str):
 def _shape(input_shape: Optional[Sequence[int]]) -> tuple:
     if input_shape is None:
         raise ConversionError("give the example input shape, e.g. --input-shape 1,3,224,224")
-    dims = tuple(int(d) for d in input_shape)
+    dims = tuple(metadata.numbers(input_shape, "--input-shape", int))
     if len(dims) == 3:
         dims = (1,) + dims
     if len(dims) != 4 or min(dims) <= 0:
-        raise ConversionError(f"--input-shape takes N,C,H,W, not {','.join(map(str, input_shape))}")
+        raise ConversionError(f"--input-shape takes N,C,H,W, not {','.join(map(str, dims))}")
     return dims
 
 
@@ -190,8 +190,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
     torch = import_torch()
     if not isinstance(module, torch.nn.Module):
         raise ConversionError(f"expected a torch.nn.Module, not {type(module).__name__}")
-    if opset < 17:
-        raise ConversionError(f"opset {opset} is too old; onnxsal converts with opset 17 or newer")
+    opset = metadata.check_opset(opset)
     start = time.perf_counter()
     shape = _shape(input_shape)
     if shape[1] in (1, 3):
@@ -239,8 +238,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
         x = torch.randn((2,) + shape[1:], generator=gen).numpy()
         if spec is not None:
             x = np.clip(x, -2.5, 2.5)  # roughly the range of normalised pixels
-        if check_inputs is not None:
-            x = np.concatenate([x, np.asarray(check_inputs, np.float32).reshape((-1,) + x.shape[1:])])
+        x = metadata.with_check_inputs(x, check_inputs, np.float32)
         with torch.no_grad():
             want = _first_tensor(torch, module(torch.from_numpy(x))).numpy()
         diff = metadata.compare(metadata.run_onnx(proto, x), want)

@@ -711,11 +711,11 @@ def read_labels(labels: Union[str, os.PathLike, Sequence, None]) -> Optional[lis
     if isinstance(labels, (str, os.PathLike)):
         text = os.fspath(labels)
         if os.path.exists(text):
-            with open(text) as f:
+            with open(text, encoding="utf-8") as f:
                 return [line.strip() for line in f if line.strip()]
         if "," in text:
-            return [part.strip() for part in text.split(",")]
-        raise MissingFileError(f"labels file not found: {text}")
+            return [part.strip() for part in text.split(",") if part.strip()]
+        raise MissingFileError(f"labels file not found: {text} (or give them comma-separated: --labels cat,dog)")
     if not isinstance(labels, (Sequence, np.ndarray)):
         raise ModelError(f"labels are a list of class names, a labels file or 'a,b,c', not {type(labels).__name__}")
     return [str(x) for x in labels]

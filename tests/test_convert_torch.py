@@ -282,7 +282,48 @@ def test_bad_conversion_settings_are_one_line(net_file, tmp_path, capsys, args, 
 
 
 def test_input_shapes_take_commas_spaces_or_x():
-    from converters.commands import _numbers
+    from converters.metadata import numbers
 
-    for text in ("1,3,32,32", "1, 3, 32, 32", "1 3 32 32", "1x3x32x32"):
-        assert _numbers(text, "--input-shape", int) == [1, 3, 32, 32]
+    for given in ("1,3,32,32", "1, 3, 32, 32", "1 3 32 32", "1x3x32x32", (1, 3, 32, 32), [1.0, 3, 32, 32],
+                  np.array([1, 3, 32, 32])):
+        assert numbers(given, "--input-shape", int) == [1, 3, 32, 32]
+    assert numbers("0.5", "--mean") == [0.5] and numbers(0.5, "--mean") == [0.5]
+
+
+SEQ = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"input_shape": (1, 3, 32.5, 32)}, "ConversionError", "takes whole numbers, not"),
+    ({"input_shape": (1, 3, True, 32)}, "ConversionError", "takes numbers, not"),
+    ({"input_shape": "1,3,-32,32"}, "ConversionError", "takes N,C,H,W, not 1,3,-32,32"),
+    ({"mean": ["a", 0, 0]}, "ConversionError", "--mean takes numbers"),
+    ({"scale": "x"}, "ConversionError", "--scale takes numbers separated by commas"),
+    ({"opset": "17"}, "ConversionError", "opset is a whole number, not '17'"),
+    ({"check_inputs": np.zeros((2, 3, 16, 16), np.float32)}, "ConversionError", "check_inputs have shape"),
+    ({"check_inputs": np.full((1, 3, 32, 32), np.nan, np.float32)}, "ConversionError", "must hold finite numbers"),
+    ({"output": "{tmp}"}, "OutputError", "it is a folder"),
+    ({"output": "{tmp}/plain/m.onnx"}, "OutputError", "cannot write the model to"),
+])
+def test_conversion_arguments_of_the_wrong_kind(tmp_path, kwargs, error, message):
+    """Settings given from Python are read as the CLI reads them, and refused in one typed error."""
+    import onnxsal.errors as errors
+    from converters.torch import convert
+
+    (tmp_path / "plain").write_text("a file, not a folder")
+    given = {"input_shape": (1, 3, 32, 32), **{k: v.format(tmp=tmp_path) if isinstance(v, str) and k == "output"
+                                                 else v for k, v in kwargs.items()}}
+    output = given.pop("output", None)
+    with pytest.raises(getattr(errors, error), match=message):
+        convert(SEQ, output, **given)
+
+
+def test_conversion_settings_as_strings_mean_what_the_cli_means(tmp_path):
+    from converters.torch import convert
+
+    a = convert(SEQ, tmp_path / "a.onnx", input_shape="1,3,32,32", mean="0.5", std="0.25,0.25,0.25", labels="no,yes")
+    b = convert(SEQ, tmp_path / "b.onnx", input_shape=(1, 3, 32, 32), mean=[0.5], std=[0.25] * 3, labels=["no", "yes"])
+    meta = [{p.key: p.value for p in onnx.load(tmp_path / f"{n}.onnx").metadata_props} for n in "ab"]
+    assert meta[0]["onnxsal.preprocess"] == meta[1]["onnxsal.preprocess"] and meta[0]["onnxsal.labels"] == \
+        meta[1]["onnxsal.labels"]
+    assert json.loads(meta[0]["onnxsal.preprocess"])["mean"] == [0.5] and a.check is not None and b.check is not None
