@@ -63,6 +63,9 @@ class Explanation:
     def top(self, k: int = 5) -> list[dict]:
         """The k highest-scoring classes; for a per-pixel model, those covering most pixels, the
         score being their share of the pixels; for a detector, each class's best box's confidence."""
+        k = number_option("k", k, int, False, error=TargetError)
+        if k < 1:
+            raise TargetError(f"top takes k from 1, not {k}")
         if self.dense is not None and self.region == "peak":     # heatmaps: by their peaks
             values, order = class_peaks(self.dense, self.scores)
         elif self.dense is not None:
@@ -116,6 +119,8 @@ class Explanation:
         from .render import check_style
 
         check_style(cmap, alpha)
+        if not isinstance(out_dir, (str, os.PathLike)):
+            raise OutputError(f"save takes a folder's path, not {type(out_dir).__name__}")
         try:
             return self._write(os.fspath(out_dir), cmap, alpha)
         except OSError as exc:

@@ -187,6 +187,10 @@ class Model:
                     "use occlusion, rise or a gradient method such as saliency"
                 )
             return self.default_layer
+        if isinstance(name, Layer):            # one of `layers` (or inspect's), passed back as it is
+            name = name.tensor
+        if not isinstance(name, str):
+            raise LayerError(f"a layer is named by its tensor, node or framework layer name, not {type(name).__name__}")
         name = self.layer_aliases.get(name, name)
         for layer in self.layers:
             if name in (layer.tensor, layer.node):

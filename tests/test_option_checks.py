@@ -426,3 +426,38 @@ def test_export_takes_an_explainer_and_names_its_methods(ex, tmp_path):
         np.testing.assert_array_equal(u, v)
     with pytest.raises(MethodError, match="export supports gradcam"):
         export(proto, None)
+
+
+def test_surgery_takes_paths_and_single_names(tmp_path):
+    proto = tiny.conv_net(size=16)
+    onnx.save(proto, tmp_path / "m.onnx")
+    out = proto.graph.output[0].name
+    layer = onnxsal.load(proto).layers[-1].tensor
+    a, b = onnxsal.expose(str(tmp_path / "m.onnx"), layer), onnxsal.expose(proto, [layer])
+    assert [o.name for o in a.graph.output] == [o.name for o in b.graph.output] == [layer]
+    assert [o.name for o in onnxsal.replace(proto, layer, out).graph.output] == [out]
+    head, tail = onnxsal.split(tmp_path / "m.onnx", layer, out)
+    assert [o.name for o in tail.graph.output] == [out] and [i.name for i in tail.graph.input] == [layer]
+    from onnxsal.errors import ModelError
+
+    with pytest.raises(ModelError, match="not int"):
+        onnxsal.expose(5, [layer])
+
+
+def test_results_and_layers_of_the_wrong_kind(ex, tmp_path):
+    from onnxsal.errors import LayerError, ModelError
+
+    res = ex.explain(X, "gradcam", target=0)
+    with pytest.raises(OutputError, match="save takes a folder's path, not int"):
+        res.save(5)
+    for k, message in (("x", "k takes a whole number"), (0, "top takes k from 1, not 0"), (-1, "from 1, not -1")):
+        with pytest.raises(TargetError, match=message):
+            res.top(k)
+    assert [t["index"] for t in res.top(2)] == [t["index"] for t in res.top(5)[:2]]
+    layer = ex.model.layers[0]                 # a Layer passed back as the layer: its tensor
+    np.testing.assert_array_equal(ex.explain(X, "gradcam", target=0, layer=layer).map,
+                                  ex.explain(X, "gradcam", target=0, layer=layer.tensor).map)
+    with pytest.raises(LayerError, match="a layer is named by its tensor"):
+        ex.explain(X, "gradcam", target=0, layer=3)
+    with pytest.raises(ModelError, match="fixed inputs map each input's name to its value, not int"):
+        onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw", fixed_inputs=5)

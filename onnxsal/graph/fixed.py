@@ -38,6 +38,8 @@ def parse_value(text: str) -> np.ndarray:
 
 def hold(model: onnx.ModelProto, values: Mapping[str, Value]) -> onnx.ModelProto:
     """A copy of ``model`` whose inputs in ``values`` are constants; the one input left is the image's."""
+    if not isinstance(values, Mapping):
+        raise ModelError(f"fixed inputs map each input's name to its value, not {type(values).__name__}")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph

@@ -8,13 +8,14 @@ tail costs only its own share of the forward pass.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Optional, Sequence
+import os
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import LayerError, MethodError
+from ..errors import LayerError, MethodError, ModelError
 from .normalize import BATCH, opset_of, tensor_shapes
 
 
@@ -87,8 +88,21 @@ def _rebuild(model: onnx.ModelProto, nodes, inputs, outputs) -> onnx.ModelProto:
     return out
 
 
+def _given(model: Union[onnx.ModelProto, str, os.PathLike], names: Union[str, Sequence[str]]
+           ) -> tuple[onnx.ModelProto, list[str]]:
+    """A model given by path is read; one tensor name is a list of one, not one name per letter."""
+    if isinstance(model, (str, os.PathLike)):
+        from ..model import read_proto
+
+        model = read_proto(model)
+    elif not isinstance(model, onnx.ModelProto):
+        raise ModelError(f"a model is an ONNX file's path or an onnx.ModelProto, not {type(model).__name__}")
+    return model, [names] if isinstance(names, str) else list(names)
+
+
 def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
     """The model with `tensors` as its outputs, in that order, and nothing else computed."""
+    model, tensors = _given(model, tensors)
     g = model.graph
     shapes = tensor_shapes(model)
     outputs = [_value_info(model, t, shapes) for t in tensors]
@@ -104,6 +118,7 @@ def split(model: onnx.ModelProto, at: str, outputs: Sequence[str]) -> tuple[onnx
     Raises LayerError when the tail still needs a model input, i.e. a path from
     the input reaches the outputs around `at` (a skip connection across it).
     """
+    model, outputs = _given(model, outputs)
     head = expose(model, [at])
     g = model.graph
     inits = {i.name for i in g.initializer}
@@ -124,6 +139,7 @@ def replace(model: onnx.ModelProto, at: str, outputs: Sequence[str]) -> onnx.Mod
     it) still run from the model's own inputs, which stay inputs when they are needed.  Where
     `at` cuts the network in two this is `split`'s tail.
     """
+    model, outputs = _given(model, outputs)
     g = model.graph
     inits = {i.name for i in g.initializer}
     shapes = tensor_shapes(model)
