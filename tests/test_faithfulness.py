@@ -272,10 +272,16 @@ def test_evaluate_command_errors_are_one_line(folder, capsys):
     assert code != 0 and "no mask for b.png" in err and len(err.splitlines()) == 1
     code = main(["evaluate", model, str(tmp / "images"), "--substrate", "grey"])
     assert code != 0 and "--substrate" in capsys.readouterr().err
-    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp / "masks" / "b.png")
+    Image.fromarray(np.full((16, 32), 255, np.uint8)).save(tmp / "masks" / "b.png")
     code = main(["evaluate", model, str(tmp / "images"), "--masks", str(tmp / "masks"), "--out", str(tmp / "o")])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "the mask of b is 32x16 pixels but the image is 32x32" in err
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp / "masks" / "b.png")     # nothing to point at
+    code = main(["evaluate", model, str(tmp / "images"), "--masks", str(tmp / "masks"), "--out", str(tmp / "o"),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "error: the mask of b is empty: the pointing game needs an object in it\n"
+    assert not (tmp / "o").exists()
 
 
 # the demo model -----------------------------------------------------------------------------
