@@ -16,7 +16,7 @@ from PIL import Image
 from .methods import check_options, get as get_method, number_option
 from .context import Context
 from .engine import Engine, Target, check_region, make_targets
-from .errors import ImageError, MethodError, OutputError, TargetError
+from .errors import ImageError, MethodError, ModelError, OutputError, TargetError
 from .detection import Detection, QueryOutput, ranked
 from .labelled import ClassBest
 from .model import DenseOutput, Layer, Model, load
@@ -190,6 +190,30 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
     return v
+
+
+def _flat_map_notes(targets: Sequence[Target], raw: np.ndarray, cam: bool) -> list[str]:
+    """A map with one value everywhere normalises to a blank image that looks like a result: say so."""
+    notes = []
+    rows = raw.reshape(len(targets), -1) if raw.size and len(targets) else []
+    for t, r in zip(targets, rows):
+        if np.ptp(r) != 0:
+            continue
+        if r[0] == 0:
+            notes.append(f"the map for {t.label!r} is 0 everywhere: a blank map, not a faint one"
+                         + (" (the layer holds no positive evidence for it)" if cam else ""))
+        else:
+            notes.append(f"the map for {t.label!r} holds one value everywhere ({float(r[0]):.3g}): every pixel counts "
+                         "alike, and the normalised map shows 0")
+    return notes
+
+
+def _check_scores(logits: np.ndarray, out: np.ndarray) -> None:
+    """A NaN in the model's output leaves no score to explain, and would sort first among classes."""
+    bad = int(np.isnan(logits).sum()) or int(np.isnan(out).sum())
+    if bad:
+        raise ModelError(f"the model's output for this input holds NaN ({bad} of {logits.size} values): there is "
+                         "no score to explain")
 
 
 def input_rows(images: Any) -> list:
@@ -398,6 +422,7 @@ class Explainer:
             wanted = [m.logits, m.output] + extra + ([the_layer.tensor] if the_layer else [])
             logits, out, *acts = self.engine.outputs(prepared.tensor, wanted)   # one forward pass for all of them
             logits, out = logits.reshape(-1), out.reshape(-1)
+            _check_scores(logits, out)
             if extra:
                 boxes = acts.pop(0)
         targets = self.targets(None if lazy else logits if m.activation is None else out, target, top_k, score, region)
@@ -412,6 +437,7 @@ class Explainer:
         if lazy:
             ctx.logits()                  # the method's own pass had them, or a forward pass fills them now
             logits, out = ctx.clean
+            _check_scores(logits, out)
         maps = finish(raw, m.input.size, smooth)
         if prepared.display is not None and prepared.display.shape[:2] != tuple(m.input.size):
             maps = np.clip(resize(maps, prepared.display.shape[:2]), 0, 1)
@@ -449,6 +475,7 @@ class Explainer:
                          f"give a token layer with --layer, e.g. {hint.tensor!r}")
         if not np.isfinite(raw).all():
             raise ImageError(f"{spec.name} produced non-finite values on this input")
+        notes.extend(_flat_map_notes(targets, raw, spec.family == "cam"))
         settings = dict(opts)
         if smooth:
             settings["smooth"] = smooth

@@ -461,3 +461,48 @@ def test_results_and_layers_of_the_wrong_kind(ex, tmp_path):
         ex.explain(X, "gradcam", target=0, layer=3)
     with pytest.raises(ModelError, match="fixed inputs map each input's name to its value, not int"):
         onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw", fixed_inputs=5)
+
+
+def _pooled(last: str, opset: int = 13) -> onnx.ModelProto:
+    """Image -> per-channel mean -> `last` (Log, or an ArgMax the scores are read back from)."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0)]
+    if last == "Log":
+        nodes.append(helper.make_node("Log", ["m"], ["y"]))
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    else:
+        nodes.append(helper.make_node("ArgMax", ["m"], ["y"], axis=1))
+        out = helper.make_tensor_value_info("y", TensorProto.INT64, ["N", 1])
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [out])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_a_nan_score_is_refused_not_explained():
+    """log of a negative channel mean: NaN scores. Saliency's gradient (1/m) would still be finite
+    and give a map of a score that does not exist."""
+    from onnxsal.errors import ModelError
+
+    ex = onnxsal.Explainer(_pooled("Log"), "cpu", preprocess="raw")
+    x = np.ones((1, 3, 8, 8), np.float32)
+    x[:, 1] = -1.0
+    for method, target in (("saliency", None), ("saliency", 0), ("occlusion", None)):
+        with pytest.raises(ModelError, match=r"output for this input holds NaN \(1 of 3 values\)"):
+            ex.explain(x, method, target)
+    assert np.isfinite(ex.explain(np.ones((1, 3, 8, 8), np.float32), "saliency", 0).raw).all()
+
+
+def test_flat_maps_say_so():
+    """A map of one value normalises to a blank image; the notes say why, and which value it held."""
+    ex = onnxsal.Explainer(_pooled("ArgMax"), "cpu", preprocess="raw")
+    x = np.random.default_rng(0).random((1, 3, 8, 8)).astype(np.float32)
+    res = ex.explain(x, "inputxgradient", target=0)
+    assert not any("one value everywhere" in n for n in res.notes)      # x * 1/64 varies with x
+    res = ex.explain(x, "saliency", target=0)                         # |d mean / dx| = 1/64 everywhere
+    assert not res.map.any()
+    assert f"the map for '0' holds one value everywhere ({1 / 64:.3g}): every pixel counts alike, and the " \
+           "normalised map shows 0" in res.notes
+    tiny_ex = onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw")
+    res = tiny_ex.explain(np.zeros_like(X), "inputxgradient", target=1)   # x = 0: every product is 0
+    assert "the map for 'class1' is 0 everywhere: a blank map, not a faint one" in res.notes
+    assert not any("everywhere" in n for n in tiny_ex.explain(X, "saliency", target=1).notes)
