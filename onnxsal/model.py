@@ -736,6 +736,21 @@ def checked_size(size: Union[str, Sequence[int], None]) -> Optional[tuple[int, i
     return int(hw[0]), int(hw[1])
 
 
+def _check_fits(hw: Sequence[int], channels) -> None:
+    """A size asked for a dynamic input must leave room for the network's activations, which take
+    many times the input: past a quarter of the machine's memory for the input alone, the run
+    would end with the system killing the process, not with an error."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):     # not a POSIX system: no check
+        return
+    c = channels if isinstance(channels, int) and channels > 0 else 3
+    need = int(hw[0]) * int(hw[1]) * c * 4
+    if need > memory // 4:
+        raise SizeError(f"a {hw[0]}x{hw[1]} input holds {need / 2 ** 30:.1f} GiB as float32, more than a quarter "
+                        f"of this machine's {memory / 2 ** 30:.0f} GiB, before any activation; ask for a smaller size")
+
+
 def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optional[Sequence[int]] = None,
          preprocess: Optional[Preprocess] = None, labels: Optional[Sequence[str]] = None,
          fixed_inputs: Optional[Mapping[str, Value]] = None, head: Optional[str] = None) -> Model:
@@ -810,6 +825,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         want = tuple(size) if size else (tuple(spec.size) if spec is not None and spec.size else None)
         if want is None:
             raise SizeError(f"input {vi.name!r} has a dynamic size {_dims(vi)}; give one with --size HxW (API: size=(H, W))")
+        _check_fits(want, channels)
         _fix_size(light, vi.name, layout, want)  # type: ignore[arg-type]
         hw = want
     elif size is not None and tuple(size) != tuple(hw):

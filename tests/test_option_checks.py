@@ -506,3 +506,19 @@ def test_flat_maps_say_so():
     res = tiny_ex.explain(np.zeros_like(X), "inputxgradient", target=1)   # x = 0: every product is 0
     assert "the map for 'class1' is 0 everywhere: a blank map, not a faint one" in res.notes
     assert not any("everywhere" in n for n in tiny_ex.explain(X, "saliency", target=1).notes)
+
+
+def test_a_size_past_the_machine_is_refused_before_the_run(monkeypatch):
+    """--size 100000x100000 on a dynamic model ended with the system killing the process."""
+    import onnxsal.model as model_module
+    from onnxsal.errors import SizeError
+
+    proto = tiny.conv_net(size=16)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 2 ** 18}          # 1 GiB
+    monkeypatch.setattr(model_module.os, "sysconf", lambda name: pages[name])
+    with pytest.raises(SizeError, match=r"a 8000x8000 input holds 0.7 GiB as float32, more than a quarter of this "
+                                        r"machine's 1 GiB"):
+        onnxsal.load(proto, size=(8000, 8000))
+    assert onnxsal.load(proto, size=(4000, 4000)).input.size == (4000, 4000)     # 0.18 GiB: taken
