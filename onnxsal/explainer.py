@@ -195,7 +195,7 @@ def _jsonable(v: Any) -> Any:
 def _flat_map_notes(targets: Sequence[Target], raw: np.ndarray, cam: bool) -> list[str]:
     """A map with one value everywhere normalises to a blank image that looks like a result: say so."""
     notes = []
-    rows = raw.reshape(len(targets), -1) if raw.size and len(targets) else []
+    rows = raw.reshape(len(raw), -1) if raw.size and raw.ndim >= 2 and len(raw) == len(targets) else []
     for t, r in zip(targets, rows):
         if np.ptp(r) != 0:
             continue
@@ -210,10 +210,11 @@ def _flat_map_notes(targets: Sequence[Target], raw: np.ndarray, cam: bool) -> li
 
 def _check_scores(logits: np.ndarray, out: np.ndarray) -> None:
     """A NaN in the model's output leaves no score to explain, and would sort first among classes."""
-    bad = int(np.isnan(logits).sum()) or int(np.isnan(out).sum())
-    if bad:
-        raise ModelError(f"the model's output for this input holds NaN ({bad} of {logits.size} values): there is "
-                         "no score to explain")
+    for row in (logits, out):
+        bad = int(np.isnan(row).sum())
+        if bad:
+            raise ModelError(f"the model's output for this input holds NaN ({bad} of {row.size} values): there is "
+                             "no score to explain")
 
 
 def input_rows(images: Any) -> list:
