@@ -715,7 +715,7 @@ def read_labels(labels: Union[str, os.PathLike, Sequence, None]) -> Optional[lis
     if isinstance(labels, (str, os.PathLike)):
         text = os.fspath(labels)
         if os.path.exists(text):
-            with open(text, encoding="utf-8") as f:
+            with open(text, encoding="utf-8-sig") as f:   # a BOM (Windows editors write one) is no part of a name
                 return [line.strip() for line in f if line.strip()]
         if "," in text:
             return [part.strip() for part in text.split(",") if part.strip()]

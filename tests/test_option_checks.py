@@ -356,7 +356,7 @@ def test_sizes_and_labels_as_the_command_line_writes_them(tmp_path):
     a string of labels is not a sequence of one-letter names."""
     ex = onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw", size="16x16", labels="cat,dog,fox")
     assert ex.model.input.size == (16, 16) and ex.model.labels == ["cat", "dog", "fox"]
-    (tmp_path / "labels.txt").write_text("cat\ndog\n\nfox\n")
+    (tmp_path / "labels.txt").write_bytes("\ufeffcat\r\ndog\r\n\r\nfox\r\n".encode("utf-8"))   # Notepad's BOM and CRLF
     assert onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw",
                              labels=tmp_path / "labels.txt").model.labels == ["cat", "dog", "fox"]
 
