@@ -27,7 +27,7 @@ class Sidecar:
 
 def _read(folder: str, name: str) -> Optional[dict]:
     try:
-        with open(os.path.join(folder, name)) as f:
+        with open(os.path.join(folder, name), encoding="utf-8-sig") as f:   # JSON in UTF-8, a BOM allowed
             data = json.load(f)
     except (OSError, ValueError):
         return None

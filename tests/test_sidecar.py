@@ -87,6 +87,16 @@ def test_odd_folders_are_ignored(tmp_path, config, processor):
         assert side.preprocess is None and m.preprocess is None
 
 
+def test_a_bom_is_read_past(tmp_path):
+    """Files saved by Windows editors start with a byte-order mark, which json.load refuses."""
+    path = hf_folder(tmp_path, classifier())
+    for name in ("config.json", "preprocessor_config.json"):
+        text = (tmp_path / name).read_text()
+        (tmp_path / name).write_bytes(("\ufeff" + text).encode("utf-8"))
+    side = read_sidecar(path)
+    assert side.labels == LABELS and side.preprocess is not None and list(side.preprocess.mean) == MEAN
+
+
 def test_broken_json_is_ignored(tmp_path):
     path = hf_folder(tmp_path, classifier())
     (tmp_path / "config.json").write_text("{not json")
