@@ -5,8 +5,6 @@
     result.map, result.scores, result.save("out/")
 """
 
-import os
-
 from .errors import OnnxsalError
 from .explainer import Explainer, Explanation
 from .graph.surgery import expose, replace, split
@@ -17,20 +15,11 @@ from .preprocess import Preprocess
 
 def vjp(model, y, wrt, **kwargs):
     """The model plus a cotangent input ``grad_<y>`` and outputs ``grad_<x>`` for each x in `wrt`.
-    `model`: an onnx.ModelProto or an ONNX file's path; `wrt`: one tensor name or a list of them."""
-    import onnx
-
-    from .errors import ModelError
+    `model`: an onnx.ModelProto, an ONNX file's path or a loaded Model; `wrt`: one tensor name or a list."""
     from .graph.autodiff import vjp as _vjp
-    from .model import read_proto
+    from .graph.surgery import as_proto
 
-    if isinstance(model, (str, os.PathLike)):
-        model = read_proto(model)
-    elif isinstance(model, Model):
-        model = model.proto
-    elif not isinstance(model, onnx.ModelProto):
-        raise ModelError(f"a model is an ONNX file's path or an onnx.ModelProto, not {type(model).__name__}")
-    return _vjp(model, y, [wrt] if isinstance(wrt, str) else wrt, **kwargs)
+    return _vjp(as_proto(model), y, [wrt] if isinstance(wrt, str) else wrt, **kwargs)
 
 
 __all__ = ["Explainer", "Explanation", "Model", "OnnxsalError", "Preprocess", "expose", "load", "methods", "replace",

@@ -369,6 +369,8 @@ def test_vjp_takes_a_path_and_one_name(tmp_path):
     b = onnxsal.vjp(proto, out, ["image"])
     assert [o.name for o in a.graph.output] == [o.name for o in b.graph.output] and "grad_image" in \
         [o.name for o in a.graph.output]
+    c = onnxsal.vjp(onnxsal.load(proto), out, "image")            # a loaded Model: its proto
+    assert "grad_image" in [o.name for o in c.graph.output]
     with pytest.raises(onnxsal.errors.ModelError, match="not int"):
         onnxsal.vjp(5, out, "image")
 

@@ -88,16 +88,23 @@ def _rebuild(model: onnx.ModelProto, nodes, inputs, outputs) -> onnx.ModelProto:
     return out
 
 
-def _given(model: Union[onnx.ModelProto, str, os.PathLike], names: Union[str, Sequence[str]]
-           ) -> tuple[onnx.ModelProto, list[str]]:
-    """A model given by path is read; one tensor name is a list of one, not one name per letter."""
+def as_proto(model: Union[onnx.ModelProto, str, os.PathLike, object]) -> onnx.ModelProto:
+    """The public graph functions' model: an onnx.ModelProto, an ONNX file's path, or a loaded
+    onnxsal Model (its ``proto``)."""
     if isinstance(model, (str, os.PathLike)):
         from ..model import read_proto
 
-        model = read_proto(model)
-    elif not isinstance(model, onnx.ModelProto):
+        return read_proto(model)
+    proto = model if isinstance(model, onnx.ModelProto) else getattr(model, "proto", None)
+    if not isinstance(proto, onnx.ModelProto):
         raise ModelError(f"a model is an ONNX file's path or an onnx.ModelProto, not {type(model).__name__}")
-    return model, [names] if isinstance(names, str) else list(names)
+    return proto
+
+
+def _given(model: Union[onnx.ModelProto, str, os.PathLike], names: Union[str, Sequence[str]]
+           ) -> tuple[onnx.ModelProto, list[str]]:
+    """One tensor name is a list of one, not one name per letter."""
+    return as_proto(model), [names] if isinstance(names, str) else list(names)
 
 
 def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
