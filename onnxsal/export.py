@@ -153,6 +153,21 @@ def _layer_ig_path(proto: onnx.ModelProto, x_name: str, layer: str, logits: str,
     return n("P"), n("d"), w.astype(np.float32)
 
 
+def _checked_target(e: "_Emitter", target: str, n: int) -> str:
+    """The target input, made to fail in ONNX Runtime when a class is outside 0..n-1.
+
+    A one-hot row of class 99 is all zeros, so a service asking for it would get a blank map and
+    no error. Gather refuses an index outside [-n, n-1]: one Gather of the target and one of
+    target - n (which refuses the negatives) leave only 0..n-1. Both read an int64 zero, so the
+    checked target is the target plus 0 and depends on both; the nodes are named for what they check."""
+    zeros = e.const(np.zeros(n, np.int64), np.int64, "classes")
+    below = e.op("Gather", [zeros, target], hint="target_below")
+    e.g.node[-1].name = f"target_must_be_below_{n}"          # ONNX Runtime's error names the node
+    not_negative = e.op("Gather", [zeros, e.op("Sub", [target, e.const(n, np.int64)])], hint="target_from")
+    e.g.node[-1].name = "target_must_be_0_or_more"
+    return e.op("Add", [e.op("Add", [target, below]), not_negative], hint="target_checked")
+
+
 def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_samples: int = 20,
            noise_level: float = 0.15, steps: int = 32, region: str = "won",
            reference_input: bool = False) -> onnx.ModelProto:
@@ -243,8 +258,8 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     inputs = [i for i in g.input if i.name not in fed]
     del g.input[:]
     g.input.extend(inputs)
-    target = "target"
-    g.input.append(helper.make_tensor_value_info(target, TensorProto.INT64, ["N"]))
+    g.input.append(helper.make_tensor_value_info("target", TensorProto.INT64, ["N"]))
+    target = _checked_target(e, "target", m.n_targets)
 
     rows_target = target
     clean = None

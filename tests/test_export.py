@@ -40,6 +40,23 @@ def test_exported_maps_equal_engine_maps(layout, method):
         np.testing.assert_allclose(logits[i], res.logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["gradcam", "ig"])
+@pytest.mark.parametrize("classes,softmax", [(3, True), (1, False)])
+def test_a_target_out_of_range_fails_in_onnx_runtime(method, classes, softmax):
+    """A one-hot row of class 99 is all zeros: without the check a service got a blank map and no
+    error (and a single unit's 2t - 1 scored 5 as 9 times the logit). ONNX Runtime's error names
+    the check that failed."""
+    graph = export(tiny.conv_net(size=16, classes=classes, softmax=softmax), method)
+    n = max(classes, 2)                                   # a single unit: classes 0 and 1
+    x = np.random.default_rng(0).random((2, 3, 16, 16)).astype(np.float32)
+    _, maps = run(graph, x, [0, n - 1])
+    assert maps.shape == (2, 16, 16) and maps.reshape(2, -1).max(axis=1).min() > 0
+    for target, check in (([n, 0], f"target_must_be_below_{n}"), ([0, 99], f"target_must_be_below_{n}"),
+                          ([-1, 0], "target_must_be_0_or_more"), ([0, -n - 1], f"target_must_be_below_{n}")):
+        with pytest.raises(Exception, match=f"Name:'{check}'.*out of data bounds"):
+            run(graph, x, target)
+
+
 def test_exported_smoothgrad_is_noisy_saliency():
     model = tiny.conv_net(seed=4)
     x = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32)
