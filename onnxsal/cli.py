@@ -212,6 +212,9 @@ def explain(
     from .render import check_style
 
     check_style(cmap, alpha)                  # before any work: the overlays come last
+    if top_k > 1 and (target or target_weights is not None):
+        raise TargetError(f"give --target (or --target-weights) or --top-k {top_k}, not both: --top-k picks the "
+                          "classes itself")
     opts = dict(_option(o) for o in option)
     specs = [get_method(m) for m in method]
     for spec in specs:

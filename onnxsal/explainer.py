@@ -400,6 +400,8 @@ class Explainer:
         top_k = number_option("top_k", top_k, int, False, error=TargetError)
         if top_k < 1:
             raise TargetError(f"top_k must be at least 1, not {top_k}")
+        if top_k > 1 and target is not None:       # one of them would be ignored
+            raise TargetError(f"give a target or top_k={top_k}, not both: top_k picks the classes itself")
         if smooth is not None:
             smooth = number_option("smooth", smooth, float, False)
             if smooth < 0:

@@ -67,6 +67,8 @@ def test_inspect_shows_layers(files, capsys):
     (["explain", "{model}", "{tmp}/cat.png", "-m", "smoothgrad", "-O", "noise_level=NaN"], "must be finite"),
     (["explain", "{model}", "{tmp}/cat.png", "--target-weights", "{tmp}/zeros.npy"], "target weights are all zero"),
     (["explain", "{model}", "{tmp}/cat.png", "--target-weights", "{tmp}/cat.png"], "not a .npy file"),
+    (["explain", "{model}", "{tmp}/cat.png", "-t", "1", "-k", "2"], "give --target (or --target-weights) or --top-k 2"),
+    (["explain", "{model}", "{tmp}/cat.png", "--target-weights", "{tmp}/zeros.npy", "-k", "2"], "not both"),
     (["sanity", "{model}", "{tmp}/junk.png"], "cannot read"),
     (["evaluate", "{model}", "{tmp}/junk.png"], "cannot read"),
 ])

@@ -293,6 +293,7 @@ def test_integer_arrays_of_targets_are_lists_of_classes(ex):
     (lambda ex: ex.explain(np.zeros((1, 3, 0, 16), np.float32), "saliency"), ImageError, "array input is empty"),
     (lambda ex: ex.explain_batch([X, X], "saliency", targets=[0], target=[0, 1]), TargetError, "not both"),
     (lambda ex: ex.explain_batch([X, X], "saliency", target=[0]), TargetError, "1 targets for 2 images"),
+    (lambda ex: ex.explain(X, "saliency", target=1, top_k=2), TargetError, "give a target or top_k=2, not both"),
 ])
 def test_arguments_of_the_wrong_kind_are_typed_errors(ex, call, error, message):
     with pytest.raises(error, match=message):
