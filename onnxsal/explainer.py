@@ -479,6 +479,8 @@ class Explainer:
         if not np.isfinite(raw).all():
             raise ImageError(f"{spec.name} produced non-finite values on this input")
         notes.extend(_flat_map_notes(targets, raw, spec.family == "cam"))
+        if layer is not None and the_layer is None:     # said, not refused: one --layer serves several methods
+            notes.append(f"{spec.name} explains the input itself; it does not use the layer {layer!r}")
         settings = dict(opts)
         if smooth:
             settings["smooth"] = smooth

@@ -525,3 +525,12 @@ def test_a_size_past_the_machine_is_refused_before_the_run(monkeypatch):
                                         r"machine's 1 GiB"):
         onnxsal.load(proto, size=(8000, 8000))
     assert onnxsal.load(proto, size=(4000, 4000)).input.size == (4000, 4000)     # 0.18 GiB: taken
+
+
+def test_a_layer_a_method_does_not_use_is_noted(ex):
+    """One --layer serves every CAM of a run; a gradient method beside them says it ignored it."""
+    layer = ex.model.layers[0].tensor
+    res = ex.explain(X, "saliency", target=0, layer=layer)
+    assert f"saliency explains the input itself; it does not use the layer {layer!r}" in res.notes
+    np.testing.assert_array_equal(res.map, ex.explain(X, "saliency", target=0).map)
+    assert not any("does not use the layer" in n for n in ex.explain(X, "gradcam", target=0, layer=layer).notes)
