@@ -448,6 +448,9 @@ class Explainer:
         notes = list(prepared.notes)
         if m.activation is not None and score == "logit":
             notes.append(f"scored the logits before the final {m.activation} ({m.logits!r})")
+        elif m.activation is None and score == "probability" and not m.score_as_is:
+            notes.append("the model's output ends in no softmax or sigmoid, so the probability scored is the "
+                         "output as it is")
         if m.detection is not None:
             notes.extend(box_notes(m, targets, logits if score == "logit" else out, boxes))
         if m.lifted_from:

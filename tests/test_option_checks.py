@@ -534,3 +534,12 @@ def test_a_layer_a_method_does_not_use_is_noted(ex):
     assert f"saliency explains the input itself; it does not use the layer {layer!r}" in res.notes
     np.testing.assert_array_equal(res.map, ex.explain(X, "saliency", target=0).map)
     assert not any("does not use the layer" in n for n in ex.explain(X, "gradcam", target=0, layer=layer).notes)
+
+
+def test_a_probability_score_without_a_final_activation_is_noted():
+    ex = onnxsal.Explainer(tiny.conv_net(size=16, softmax=False), "cpu", preprocess="raw")
+    res = ex.explain(X, "saliency", target=0, score="probability")
+    assert "the model's output ends in no softmax or sigmoid, so the probability scored is the output as it is" \
+        in res.notes
+    np.testing.assert_array_equal(res.map, ex.explain(X, "saliency", target=0).map)
+    assert not any("ends in no softmax" in n for n in ex.explain(X, "saliency", target=0).notes)
