@@ -310,9 +310,10 @@ def export_cmd(
     output: str = typer.Option(..., "--output", "-o", help="where to write the standalone explainer graph"),
     layer: Optional[str] = O.LAYER,
     size: Optional[str] = O.SIZE,
-    n_samples: int = typer.Option(20, help="smoothgrad: noisy copies per image"),
-    noise_level: float = typer.Option(0.15, help="smoothgrad: noise sd as a fraction of the input range"),
-    steps: int = typer.Option(32, help="ig: Gauss-Legendre steps from a zero baseline"),
+    n_samples: Optional[int] = typer.Option(None, help="smoothgrad: noisy copies per image (default 20)"),
+    noise_level: Optional[float] = typer.Option(None, help="smoothgrad: noise sd as a fraction of the input range "
+                                                "(default 0.15)"),
+    steps: Optional[int] = typer.Option(None, help="ig, layerig: Gauss-Legendre steps from a zero baseline (default 32)"),
     feed: List[str] = O.FEED,
     head: Optional[str] = O.HEAD,
     region: str = O.REGION,
@@ -330,6 +331,12 @@ def export_cmd(
     from .export import export
     from .model import load
 
+    name = method.lower()
+    unused = [flag for flag, value, users in (("--n-samples", n_samples, ("smoothgrad",)),
+                                              ("--noise-level", noise_level, ("smoothgrad",)),
+                                              ("--steps", steps, ("ig", "layerig"))) if value is not None and name not in users]
+    if unused:                                  # before any work: the graph would silently leave them out
+        raise MethodError(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by -m {method}")
     m = load(model, size=parse_size(size), fixed_inputs=_feeds(feed), head=head)
     width = m.num_classes           # an output row's values: the width of a reference vector
     if like is not None:
@@ -341,8 +348,8 @@ def export_cmd(
         m = Explainer(m, "cpu", preprocess=preprocess).like(held).model
     elif preprocess is not None:
         raise OnnxsalError("--preprocess reads a --like reference image; the exported graph takes preprocessed tensors")
-    graph = export(m, method, layer, n_samples=n_samples, noise_level=noise_level, steps=steps, region=region,
-                   reference_input=like == "input")
+    given = {k: v for k, v in (("n_samples", n_samples), ("noise_level", noise_level), ("steps", steps)) if v is not None}
+    graph = export(m, method, layer, region=region, reference_input=like == "input", **given)
     _make_folder(os.path.dirname(output) or ".")
     tmp = output + ".part"
     try:

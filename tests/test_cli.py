@@ -166,6 +166,8 @@ def test_export_makes_the_output_folder(files, capsys):
     (["--steps", "0", "-m", "ig"], "steps >= 1"),
     (["--n-samples", "0", "-m", "smoothgrad"], "n_samples >= 1"),
     (["--noise-level", "-1", "-m", "smoothgrad"], "noise_level >= 0"),
+    (["--steps", "64", "-m", "gradcam"], "--steps is not used by -m gradcam"),
+    (["--n-samples", "4", "--steps", "8", "-m", "ig"], "--n-samples is not used by -m ig"),
 ])
 def test_export_settings_are_checked(files, capsys, args, message):
     tmp, model = files
@@ -182,3 +184,23 @@ def test_evaluate_outputs_that_cannot_be_written_are_one_line(files, capsys):
                  "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "Not a directory" in err and "unexpected" not in err and len(err.splitlines()) == 1, err
+
+
+def test_export_settings_reach_the_graph(files):
+    """--steps and --n-samples are passed on when given, and export's own defaults apply otherwise."""
+    import onnxruntime as ort
+
+    from onnxsal.export import export
+
+    tmp, model = files
+    x = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32)
+    feed = {"image": x, "target": np.array([1], np.int64)}
+
+    def maps(graph_or_path):
+        data = graph_or_path.SerializeToString() if isinstance(graph_or_path, onnx.ModelProto) else str(graph_or_path)
+        return ort.InferenceSession(data).run(["map"], feed)[0]
+
+    for args, kwargs in ((["-m", "ig", "--steps", "3"], {"steps": 3}), (["-m", "ig"], {})):
+        assert main(["export", model, "-o", str(tmp / "g.onnx")] + args) == 0
+        np.testing.assert_array_equal(maps(tmp / "g.onnx"), maps(export(onnx.load(model), "ig", **kwargs)))
+    assert not np.array_equal(maps(export(onnx.load(model), "ig", steps=3)), maps(export(onnx.load(model), "ig")))
