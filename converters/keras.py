@@ -38,6 +38,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxsal.errors import ConversionError, MissingFileError
+from onnxsal.model import read_labels
 from onnxsal.graph.integer_input import PIXEL_TYPES
 
 from . import metadata
@@ -478,7 +479,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
         source_path = os.fspath(model)
         model = load(source_path)
     shape = _as_shape(input_shape)
-    label_list = metadata.read_labels(labels)
+    label_list = read_labels(labels)
 
     is_keras = isinstance(model, keras.Model)
     extra_names: list[str] = []

@@ -24,8 +24,8 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from onnxsal.errors import ConversionError, OutputError
-from onnxsal.model import META_LABELS, META_LAYERS, META_PREPROCESS, read_labels  # noqa: F401 (converters' too)
+from onnxsal.errors import ConversionError
+from onnxsal.model import META_LABELS, META_LAYERS, META_PREPROCESS, write_proto
 from onnxsal.graph.surgery import rename_tensor
 from onnxsal.preprocess import PRESETS, Preprocess, make_spec
 
@@ -325,14 +325,4 @@ def save(proto: onnx.ModelProto, path: Union[str, os.PathLike]) -> str:
         raise ConversionError(f"the converted model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
     if proto.ByteSize() >= 2 ** 31:
         raise ConversionError("the converted model is larger than 2 GB, which one ONNX file cannot hold")
-    if os.path.isdir(path):
-        raise OutputError(f"cannot write the model to {path!r}: it is a folder; give a file name")
-    tmp = path + ".part"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(proto.SerializeToString())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write the model to {path!r}: {exc.strerror or exc}") from exc
-    return path
+    return write_proto(proto, path)

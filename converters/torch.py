@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from onnxsal.errors import ConversionError, MissingFileError
+from onnxsal.model import read_labels
 
 from . import metadata
 
@@ -200,7 +201,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
     else:
         raise ConversionError(f"input shape {shape} has no 1- or 3-channel axis; onnxsal explains images")
     spec = metadata.preprocess_spec(preprocess, mean, std, scale, bgr, layout=layout, size=size, channels=channels)
-    label_list = metadata.read_labels(labels)
+    label_list = read_labels(labels)
     module.eval()
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(shape, generator=gen)

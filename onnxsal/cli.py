@@ -326,10 +326,8 @@ def export_cmd(
     With --like, the score is the similarity to a reference (target 1: similarity, 0:
     dissimilarity), held in the graph as a constant or, with --like input, fed at run time;
     --preprocess says how to read a reference image."""
-    import onnx
-
     from .export import export
-    from .model import load
+    from .model import load, write_proto
 
     name = method.lower()
     unused = [flag for flag, value, users in (("--n-samples", n_samples, ("smoothgrad",)),
@@ -350,13 +348,7 @@ def export_cmd(
         raise OnnxsalError("--preprocess reads a --like reference image; the exported graph takes preprocessed tensors")
     given = {k: v for k, v in (("n_samples", n_samples), ("noise_level", noise_level), ("steps", steps)) if v is not None}
     graph = export(m, method, layer, region=region, reference_input=like == "input", **given)
-    _make_folder(os.path.dirname(output) or ".")
-    tmp = output + ".part"
-    try:
-        onnx.save(graph, tmp)
-        os.replace(tmp, output)
-    except OSError as exc:
-        raise OutputError(f"cannot write {output!r}: {exc.strerror or exc}") from exc
+    write_proto(graph, output)
     inp = graph.graph.input[0]
     extra = f" + reference (1 or N, {width})" if like == "input" else ""
     out.print(f"wrote {esc(output)}: inputs {esc(inp.name)} + target (int64 class per image){extra} -> logits, map "

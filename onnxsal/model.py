@@ -20,7 +20,7 @@ import onnx
 from .dense import DenseOutput, find_dense, resized_from, squeezed_map, unsqueezed
 from .detection import (Detection, QueryOutput, add_anchor_scores, anchor_pair, dominating, find_anchor_rows,
                         find_detection, find_detection_list, find_queries, score_maps, ultralytics_metadata)
-from .errors import LayerError, MissingFileError, ModelError, SizeError
+from .errors import LayerError, MissingFileError, ModelError, OutputError, SizeError
 from .graph.normalize import (FLOAT_TYPES, free_negative_dims, infer, normalize_traced, static_dims, tensor_shapes,
                               upgrade_opset, without_weight_data)
 from .graph.columns import RESHAPES
@@ -283,6 +283,28 @@ def read_proto(path: Union[str, os.PathLike]) -> onnx.ModelProto:
     except Exception as exc:
         raise ModelError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
     return proto
+
+
+def write_proto(proto: onnx.ModelProto, path: Union[str, os.PathLike]) -> str:
+    """Write a model file whole or not at all (through ``<path>.part``), making its folder; a path
+    the system refuses is an OutputError. ``export`` and the converters write through here."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write the model to {path!r}: it is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write the model to {path!r}: cannot make the output folder {folder!r}: "
+                          f"{exc.strerror or exc}") from exc
+    tmp = path + ".part"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(proto.SerializeToString())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write the model to {path!r}: {exc.strerror or exc}") from exc
+    return path
 
 
 def _load_external_weights(proto: onnx.ModelProto, path: str) -> None:

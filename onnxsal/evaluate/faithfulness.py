@@ -334,7 +334,7 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
         "deletion_substrate": deletion, "insertion_start": insertion,
         "blur_sigma": float(blur_sigma) if blur_sigma else min(size) * BLUR_FRACTION,
         "tolerance": tolerance, "score": _score_read(ex, region)} | ({"region": region} if ex.model.dense else {}))
-    names = run_names(list(images))
+    names = run_names(images)
     empty = [n for n, mk in zip(names, masks or []) if mk is not None and not np.asarray(mk).any()]
     if empty:                          # before any work: the pointing game would fail after the curves
         raise ImageError(f"the mask of {empty[0]} is empty: the pointing game needs an object in it")
