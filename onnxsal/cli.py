@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -60,12 +61,45 @@ def _option(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
-def _make_folder(folder: str) -> None:
-    """The output folder, made with its parents as needed; a path the system refuses says so."""
+@contextlib.contextmanager
+def output_folder(folder: str) -> Iterator[str]:
+    """The output folder, made with its parents and tried with a scratch file before any work: a path
+    the system refuses (below a file, read-only, in /proc) is an OutputError at once, not after
+    minutes of RISE or a sanity cascade. If the work then fails, the folders made here go again
+    (only those, and only while empty), so a failed run leaves nothing behind."""
+    made = []
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        made.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
+        _remove_empty(made)
         raise OutputError(f"cannot make the output folder {folder!r}: {exc.strerror or exc}") from exc
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".onnxsal-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        _remove_empty(made)
+        raise OutputError(f"cannot write into the output folder {folder!r}: {exc.strerror or exc}") from exc
+    try:
+        yield folder
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
+def _remove_empty(folders: list[str]) -> None:
+    for path in folders:                      # deepest first
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
 
 
 def _feeds(feed: Optional[List[str]]) -> Optional[dict]:
@@ -223,49 +257,49 @@ def explain(
     if unknown:
         raise MethodError(f"no chosen method takes option {', '.join(unknown)}")
     images = collect_images(images)
-    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
-    targets = target or None
-    if target_weights is not None:
-        if target:
-            raise TargetError("give --target or --target-weights, not both")
-        targets = _weights(target_weights)
-    if like is not None:
+    with output_folder(out_dir):
+        ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
+        targets = target or None
         if target_weights is not None:
-            raise TargetError("give --like or --target-weights, not both")
-        ex = ex.like(_reference(like))
-    results = []
-    with Progress(console=err, transient=True, disable=not show_progress(quiet)) as bar:
-        task = bar.add_task("explaining", total=len(images) * len(specs))
-        rows = bar.add_task("  batches", total=None)
+            if target:
+                raise TargetError("give --target or --target-weights, not both")
+            targets = _weights(target_weights)
+        if like is not None:
+            if target_weights is not None:
+                raise TargetError("give --like or --target-weights, not both")
+            ex = ex.like(_reference(like))
+        results = []
+        with Progress(console=err, transient=True, disable=not show_progress(quiet)) as bar:
+            task = bar.add_task("explaining", total=len(images) * len(specs))
+            rows = bar.add_task("  batches", total=None)
 
-        def batches(done: int, total: int) -> None:   # long runs (RISE, Score-CAM, IG) report each batch
-            bar.update(rows, completed=done, total=total)
+            def batches(done: int, total: int) -> None:   # long runs (RISE, Score-CAM, IG) report each batch
+                bar.update(rows, completed=done, total=total)
 
-        names = output_names(images)
-        for image in images:
-            prepared = ex.prepare(image)
-            prepared.name = names[image]
-            for spec in specs:
-                bar.update(task, description=f"{prepared.name}: {spec.name}")
-                kw = {k: v for k, v in opts.items() if k in spec.defaults}
-                res = ex.explain(prepared, spec.name, targets, top_k=top_k, layer=layer, score=score, smooth=smooth,
-                                 region=region, progress=batches, **kw)
-                results.append(res)
-                bar.advance(task)
-    # write everything into a scratch folder first, so a failure leaves nothing half-written in --out
-    _make_folder(out_dir)
-    scratch = tempfile.mkdtemp(prefix=".onnxsal-", dir=out_dir)
-    try:
-        written = []
-        for res in results:
-            summary = os.path.join(out_dir, res.name + ".json")
-            if os.path.exists(summary) and not os.path.exists(os.path.join(scratch, res.name + ".json")):
-                shutil.copy(summary, scratch)     # an earlier run's methods stay in the summary
-            written += res.save(scratch, cmap=cmap, alpha=alpha)
-        for path in dict.fromkeys(written):
-            shutil.move(path, os.path.join(out_dir, os.path.basename(path)))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            names = output_names(images)
+            for image in images:
+                prepared = ex.prepare(image)
+                prepared.name = names[image]
+                for spec in specs:
+                    bar.update(task, description=f"{prepared.name}: {spec.name}")
+                    kw = {k: v for k, v in opts.items() if k in spec.defaults}
+                    res = ex.explain(prepared, spec.name, targets, top_k=top_k, layer=layer, score=score, smooth=smooth,
+                                     region=region, progress=batches, **kw)
+                    results.append(res)
+                    bar.advance(task)
+        # write everything into a scratch folder first, so a failure leaves nothing half-written in --out
+        scratch = tempfile.mkdtemp(prefix=".onnxsal-", dir=out_dir)
+        try:
+            written = []
+            for res in results:
+                summary = os.path.join(out_dir, res.name + ".json")
+                if os.path.exists(summary) and not os.path.exists(os.path.join(scratch, res.name + ".json")):
+                    shutil.copy(summary, scratch)     # an earlier run's methods stay in the summary
+                written += res.save(scratch, cmap=cmap, alpha=alpha)
+            for path in dict.fromkeys(written):
+                shutil.move(path, os.path.join(out_dir, os.path.basename(path)))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     if quiet:
         return
     out.print(f"device: {ex.device}")

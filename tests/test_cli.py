@@ -176,14 +176,85 @@ def test_export_settings_are_checked(files, capsys, args, message):
     assert message in err and len(err.splitlines()) == 1 and not (tmp / "g.onnx").exists()
 
 
-def test_evaluate_outputs_that_cannot_be_written_are_one_line(files, capsys):
-    """sanity writes its tables and figures itself: a refused path is one plain line, exit 2."""
+@pytest.mark.parametrize("command,runner", [
+    ("explain", "onnxsal.explainer.Explainer.explain"),
+    ("sanity", "onnxsal.evaluate.sanity.sanity_check"),
+    ("evaluate", "onnxsal.evaluate.faithfulness.evaluate"),
+])
+def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(files, capsys, monkeypatch, command,
+                                                                           runner):
+    """explain, sanity and evaluate make and try --out first: a refused path costs no explaining."""
     tmp, model = files
     (tmp / "plain").write_text("a file, not a folder")
-    assert main(["sanity", model, str(tmp / "cat.png"), "-m", "gradcam", "--out", str(tmp / "plain" / "out"),
+
+    def never(*args, **kwargs):
+        raise AssertionError(f"{command} ran before it checked its output folder")
+
+    monkeypatch.setattr(runner, never)
+    assert main([command, model, str(tmp / "cat.png"), "-m", "gradcam", "--out", str(tmp / "plain" / "out"),
                  "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "Not a directory" in err and "unexpected" not in err and len(err.splitlines()) == 1, err
+    assert f"cannot make the output folder '{tmp / 'plain' / 'out'}'" in err and "Not a directory" in err, err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(files, capsys, monkeypatch):
+    """A folder that exists but takes no files (read-only, another user's) is tried with a scratch file first."""
+    import errno
+    import tempfile
+
+    tmp, model = files
+    (tmp / "ro").mkdir()
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    def never(*args, **kwargs):
+        raise AssertionError("explained before the output folder was tried")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    monkeypatch.setattr("onnxsal.explainer.Explainer.explain", never)
+    assert main(["explain", model, str(tmp / "cat.png"), "--out", str(tmp / "ro" / "new"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot write into the output folder '{tmp / 'ro' / 'new'}': Permission denied" in err, err
+    assert os.listdir(tmp / "ro") == []
+
+
+@pytest.mark.parametrize("command", ["explain", "sanity", "evaluate"])
+def test_a_failed_run_leaves_no_output_folder_behind(files, capsys, command):
+    """The folders --out made are taken away again when the work fails; a folder that was there stays."""
+    tmp, model = files
+    (tmp / "junk.png").write_bytes(b"not an image")
+    new = tmp / "new" / "nested"
+    assert main([command, model, str(tmp / "junk.png"), "-m", "gradcam", "--out", str(new), "--quiet"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert not (tmp / "new").exists()
+    (tmp / "kept").mkdir()
+    assert main([command, model, str(tmp / "junk.png"), "-m", "gradcam", "--out", str(tmp / "kept"), "--quiet"]) == 2
+    assert (tmp / "kept").is_dir() and os.listdir(tmp / "kept") == []
+
+
+@pytest.mark.parametrize("command,writer", [
+    ("sanity", "onnxsal.evaluate.sanity.figure"),
+    ("evaluate", "onnxsal.evaluate.commands.curves_figure"),
+])
+def test_a_table_or_figure_the_system_refuses_names_its_file(files, capsys, monkeypatch, command, writer):
+    """A full disk while sanity or evaluate write their figure: one line naming the file, exit 2."""
+    import errno
+
+    tmp, model = files
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer, full)
+    out = tmp / "o"
+    assert main([command, model, str(tmp / "cat.png"), "-m", "gradcam", "--out", str(out), "--quiet",
+                 "--max-steps" if command == "sanity" else "--step", "1" if command == "sanity" else "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    name = "sanity_cat.png" if command == "sanity" else "curves.png"
+    assert f"cannot write '{out / name}': No space left on device" in err and len(err.splitlines()) == 1, err
+    assert "unexpected" not in err
 
 
 def test_export_settings_reach_the_graph(files):

@@ -7,17 +7,18 @@ into ``--out``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import typer
 from rich.markup import escape as esc
 
 from onnxsal import cli_options as O
 
-from ..errors import MethodError, MissingFileError
+from ..errors import MethodError, MissingFileError, OutputError
 from ..preprocess import collect_images
 
 SANITY_DEFAULT = ["gradcam", "saliency", "guidedbackprop"]
@@ -64,6 +65,15 @@ def _progress(quiet: bool):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, transient=True, disable=not show_progress(quiet))
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """A table or figure the system refuses to write (a full disk) names its file, as an OutputError."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"cannot write {path!r}: {exc.strerror or exc}") from exc
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
@@ -119,7 +129,7 @@ def sanity(
     Writes sanity.csv, sanity.json and sanity_<image>.png (one row per method: the original map,
     then the map after each cascading step) into --out.
     """
-    from ..cli import _explainer, _feeds, _reference, out
+    from ..cli import _explainer, _feeds, _reference, out, output_folder
     from ..render import check_style
     from .sanity import figure, sanity_check
 
@@ -130,34 +140,37 @@ def sanity(
     methods = _method_names(method)
     options = _method_options(methods, option)
     files = collect_images(images)
-    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
-    perm = None
-    if permuted:
-        from ..explainer import Explainer
+    with output_folder(out_dir):
+        ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
+        perm = None
+        if permuted:
+            from ..explainer import Explainer
 
-        perm = Explainer(permuted, ex.device, preprocess=ex.model.preprocess, labels=ex.model.labels,
-                         batch_size=batch_size, fixed_inputs=_feeds(feed), head=head)
-        if perm.model.input.size != ex.model.input.size or perm.model.num_classes != ex.model.num_classes:
-            raise MethodError(f"{permuted} does not match the model (input {perm.model.input.size}, "
-                              f"{perm.model.num_classes} classes): the data randomisation test needs the same architecture")
-    with _progress(quiet) as bar:
-        task = bar.add_task("sanity", total=None)
+            perm = Explainer(permuted, ex.device, preprocess=ex.model.preprocess, labels=ex.model.labels,
+                             batch_size=batch_size, fixed_inputs=_feeds(feed), head=head)
+            if perm.model.input.size != ex.model.input.size or perm.model.num_classes != ex.model.num_classes:
+                raise MethodError(f"{permuted} does not match the model (input {perm.model.input.size}, "
+                                  f"{perm.model.num_classes} classes): the data randomisation test needs the same "
+                                  "architecture")
+        with _progress(quiet) as bar:
+            task = bar.add_task("sanity", total=None)
 
-        def report(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=what[:60])
+            def report(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=what[:60])
 
-        rep = sanity_check(ex, files, methods, modes=modes[mode], permuted=perm, seed=seed, max_steps=max_steps,
-                           target=target, layer=layer, score=score, region=region, options=options,
-                           threshold=threshold, like=None if like is None else _reference(like), progress=report)
-    os.makedirs(out_dir, exist_ok=True)
-    written = [os.path.join(out_dir, "sanity.csv"), os.path.join(out_dir, "sanity.json")]
-    _write_csv(written[0], rep.rows())
-    with open(written[1], "w") as f:
-        json.dump(rep.summary(), f, indent=2)
-    for i, name in enumerate(rep.images):
-        path = os.path.join(out_dir, f"sanity_{name}.png")
-        figure(path, rep, i, cmap=cmap)
-        written.append(path)
+            rep = sanity_check(ex, files, methods, modes=modes[mode], permuted=perm, seed=seed, max_steps=max_steps,
+                               target=target, layer=layer, score=score, region=region, options=options,
+                               threshold=threshold, like=None if like is None else _reference(like), progress=report)
+        written = [os.path.join(out_dir, "sanity.csv"), os.path.join(out_dir, "sanity.json")]
+        with _writing(written[0]):
+            _write_csv(written[0], rep.rows())
+        with _writing(written[1]), open(written[1], "w") as f:
+            json.dump(rep.summary(), f, indent=2)
+        for i, name in enumerate(rep.images):
+            path = os.path.join(out_dir, f"sanity_{name}.png")
+            with _writing(path):
+                figure(path, rep, i, cmap=cmap)
+            written.append(path)
     if quiet:
         return
     print_sanity(rep, out)
@@ -236,7 +249,7 @@ def evaluate(
     Writes evaluation.csv (one row per image and method), evaluation.json (means, spreads, mean
     curves, settings) and curves.png into --out.
     """
-    from ..cli import _explainer, _reference, out
+    from ..cli import _explainer, _reference, out, output_folder
     from .faithfulness import SUBSTRATES, evaluate as run
     from .localization import find_mask, load_mask
 
@@ -246,35 +259,38 @@ def evaluate(
     methods = _method_names(method)
     options = _method_options(methods, option)
     files = collect_images(images)
-    mask_arrays = None
-    if masks is not None:
-        if not os.path.isdir(masks):
-            raise MissingFileError(f"masks folder not found: {masks}")
-        mask_arrays = []
-        for f in files:
-            stem = os.path.basename(f).rsplit(".", 1)[0]
-            path = find_mask(masks, stem)
-            if path is None:
-                raise MissingFileError(f"no mask for {os.path.basename(f)} in {masks} (expected {stem}.png or similar)")
-            mask_arrays.append(load_mask(path))
-    ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
-    if like is not None:
-        ex = ex.like(_reference(like))
-    with _progress(quiet) as bar:
-        task = bar.add_task("evaluate", total=None)
+    with output_folder(out_dir):
+        mask_arrays = None
+        if masks is not None:
+            if not os.path.isdir(masks):
+                raise MissingFileError(f"masks folder not found: {masks}")
+            mask_arrays = []
+            for f in files:
+                stem = os.path.basename(f).rsplit(".", 1)[0]
+                path = find_mask(masks, stem)
+                if path is None:
+                    raise MissingFileError(f"no mask for {os.path.basename(f)} in {masks} "
+                                           f"(expected {stem}.png or similar)")
+                mask_arrays.append(load_mask(path))
+        ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
+        if like is not None:
+            ex = ex.like(_reference(like))
+        with _progress(quiet) as bar:
+            task = bar.add_task("evaluate", total=None)
 
-        def report(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=what[:60])
+            def report(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=what[:60])
 
-        rep = run(ex, files, methods, masks=mask_arrays, step=step, deletion=substrate, insertion=start,
-                  blur_sigma=blur_sigma, tolerance=tolerance, target=target, layer=layer, score=score,
-                  region=region, options=options, progress=report)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, n) for n in ("evaluation.csv", "evaluation.json", "curves.png")]
-    _write_csv(paths[0], rep.rows())
-    with open(paths[1], "w") as f:
-        json.dump(rep.summary(), f, indent=2)
-    curves_figure(paths[2], rep)
+            rep = run(ex, files, methods, masks=mask_arrays, step=step, deletion=substrate, insertion=start,
+                      blur_sigma=blur_sigma, tolerance=tolerance, target=target, layer=layer, score=score,
+                      region=region, options=options, progress=report)
+        paths = [os.path.join(out_dir, n) for n in ("evaluation.csv", "evaluation.json", "curves.png")]
+        with _writing(paths[0]):
+            _write_csv(paths[0], rep.rows())
+        with _writing(paths[1]), open(paths[1], "w") as f:
+            json.dump(rep.summary(), f, indent=2)
+        with _writing(paths[2]):
+            curves_figure(paths[2], rep)
     if quiet:
         return
     print_evaluation(rep, out)
