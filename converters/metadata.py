@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import re
 from importlib import metadata as importlib_metadata
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
@@ -28,6 +27,7 @@ from onnxsal.errors import ConversionError
 from onnxsal.model import META_LABELS, META_LAYERS, META_PREPROCESS, write_proto
 from onnxsal.graph.surgery import rename_tensor
 from onnxsal.preprocess import PRESETS, Preprocess, make_spec
+from onnxsal.values import Numbers, number, numbers as read_numbers, switch
 
 META_SOURCE = "onnxsal.source"
 BATCH = "batch"
@@ -53,30 +53,10 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
-def numbers(values: Union[str, float, Sequence[float], np.ndarray, None], what: str, kind: type = float
-            ) -> Optional[list]:
+def numbers(values: Numbers, what: str, kind: type = float) -> Optional[list]:
     """Numbers as the CLI writes them ('1,3,224,224', '224x224', '1 3 224 224') or as Python gives
-    them. A count must be whole: 32.5 is refused, not truncated to 32."""
-    if values is None:
-        return None
-    if isinstance(values, str):
-        parts: list = re.split(r"\s*[,x]\s*|\s+", values.strip())
-        try:
-            parts = [float(v) for v in parts]     # an empty part ("1,3,x,32") is no number either
-        except ValueError:
-            raise ConversionError(f"{what} takes numbers separated by commas, not {values!r}") from None
-    elif isinstance(values, (int, float, np.number)) and not isinstance(values, bool):
-        parts = [values]
-    elif isinstance(values, (Sequence, np.ndarray)) and all(
-            isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_)) for v in values):
-        parts = list(values)
-    else:
-        raise ConversionError(f"{what} takes numbers, not {values!r}")
-    if kind is int:
-        if not all(float(v).is_integer() for v in parts):
-            raise ConversionError(f"{what} takes whole numbers, not {values!r}")
-        return [int(v) for v in parts]
-    return [float(v) for v in parts]
+    them (:func:`onnxsal.values.numbers`), refused as a ConversionError."""
+    return read_numbers(values, what, ConversionError, kind)
 
 
 def check_opset(opset: int) -> int:
@@ -113,8 +93,8 @@ def preprocess_spec(preset: Optional[str] = None, mean: Optional[Sequence[float]
     if preset is not None and preset not in PRESETS:
         raise ConversionError(f"unknown preprocessing preset {preset!r}; choose from {', '.join(PRESETS)}")
     mean, std = numbers(mean, "--mean"), numbers(std, "--std")
-    if scale is not None:
-        (scale,) = numbers(scale, "--scale")
+    scale = number(scale, "--scale", ConversionError)
+    bgr = switch(bgr, "--bgr", ConversionError)
     spec = make_spec(preset, mean, std, scale, bgr)
     if spec is None:
         return None

@@ -17,9 +17,10 @@ from rich.table import Table
 
 from .export import EXPORTABLE
 from .methods import check_options, get as get_method, methods as method_names
-from .errors import MethodError, ModelError, OnnxsalError, OutputError, TargetError
+from .errors import ImageError, MethodError, ModelError, OnnxsalError, OutputError, TargetError
 from . import cli_options as O
 from .preprocess import collect_images, output_names, parse_size
+from .values import numbers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,15 +40,6 @@ def show_progress(quiet: bool) -> bool:
 def fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {esc(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def _floats(text: Optional[str]) -> Optional[list[float]]:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise OnnxsalError(f"expected numbers separated by commas, not {text!r}") from None
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -121,7 +113,7 @@ def _explainer(model: str, device: str, size: Optional[str], preprocess: Optiona
     from .explainer import Explainer
 
     return Explainer(model, device, preprocess=preprocess, size=parse_size(size), labels=labels,
-                     mean=_floats(mean), std=_floats(std), scale=scale, bgr=bgr, batch_size=batch_size,
+                     mean=numbers(mean, "--mean", ImageError), std=numbers(std, "--std", ImageError), scale=scale, bgr=bgr, batch_size=batch_size,
                      fixed_inputs=_feeds(feed), head=head)
 
 

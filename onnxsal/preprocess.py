@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, MissingFileError, OnnxsalError
+from .values import number, numbers, switch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,14 +81,16 @@ class Preprocess:
             color = "L"
         elif color == "L":
             color = "RGB"
-        mean, std = self.mean, self.std
+        mean, std = numbers(self.mean, "mean", ImageError), numbers(self.std, "std", ImageError)
         _check_numbers("mean", mean, channels, zero=True)
         _check_numbers("std", std, channels, zero=False)
-        if not (np.isfinite(self.scale) and self.scale != 0):
+        scale = number(self.scale, "scale", ImageError)
+        if not (np.isfinite(scale) and scale != 0):
             raise ImageError(f"scale multiplies the pixels and must be finite and non-zero, not {self.scale}")
         if channels == 1:
             mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
-        return dataclasses.replace(self, layout=layout, size=tuple(size), color=color, mean=tuple(mean), std=tuple(std))
+        return dataclasses.replace(self, layout=layout, size=tuple(size), color=color, mean=tuple(mean), std=tuple(std),
+                                   scale=scale)
 
     def describe(self) -> str:
         name = self.preset or "custom"
@@ -361,7 +364,10 @@ def parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
 
 def make_spec(preset: Optional[str] = None, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
               scale: Optional[float] = None, bgr: Optional[bool] = None, base: Optional[Preprocess] = None) -> Optional[Preprocess]:
-    """Combine metadata (`base`) with user overrides; None when nothing is known."""
+    """Combine metadata (`base`) with user overrides; None when nothing is known. The overrides are
+    read as the CLI writes them too ('0.5,0.4,0.3'), and anything else is an ImageError."""
+    mean, std = numbers(mean, "mean", ImageError), numbers(std, "std", ImageError)
+    scale, bgr = number(scale, "scale", ImageError), switch(bgr, "bgr", ImageError)
     spec = Preprocess.from_preset(preset) if preset else base
     if spec is None and any(v is not None for v in (mean, std, scale, bgr)):
         spec = Preprocess.from_preset("raw")

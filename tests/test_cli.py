@@ -69,6 +69,8 @@ def test_inspect_shows_layers(files, capsys):
     (["explain", "{model}", "{tmp}/cat.png", "--target-weights", "{tmp}/cat.png"], "not a .npy file"),
     (["explain", "{model}", "{tmp}/cat.png", "-t", "1", "-k", "2"], "give --target (or --target-weights) or --top-k 2"),
     (["explain", "{model}", "{tmp}/cat.png", "--target-weights", "{tmp}/zeros.npy", "-k", "2"], "not both"),
+    (["explain", "{model}", "{tmp}/cat.png", "--mean", "0.5,x"], "--mean takes numbers separated by commas, not '0.5,x'"),
+    (["sanity", "{model}", "{tmp}/cat.png", "--std", "1;2;3"], "--std takes numbers separated by commas, not '1;2;3'"),
     (["sanity", "{model}", "{tmp}/junk.png"], "cannot read"),
     (["evaluate", "{model}", "{tmp}/junk.png"], "cannot read"),
 ])

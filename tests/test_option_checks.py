@@ -144,6 +144,24 @@ def test_preprocessing_settings_are_checked(kwargs, message):
         onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="imagenet", **kwargs)
 
 
+def test_preprocessing_numbers_as_the_command_line_writes_them():
+    """mean='0.5,0.4,0.3', a lone number, a NumPy row and scale='2' mean what --mean and --scale mean,
+    in Explainer and in a Preprocess given whole."""
+    img = (np.random.default_rng(1).random((16, 16, 3)) * 255).astype(np.uint8)
+
+    def tensor(**kwargs):
+        return onnxsal.Explainer(tiny.conv_net(size=16), "cpu", **kwargs).prepare(img).tensor
+
+    ref = tensor(preprocess="raw", mean=[0.5, 0.4, 0.3], std=[2.0] * 3, scale=2.0, bgr=True)
+    np.testing.assert_allclose(ref, ((img[..., ::-1] * 2.0 - [0.5, 0.4, 0.3]) / 2.0).transpose(2, 0, 1)[None],
+                               rtol=1e-6)
+    for kwargs in ({"mean": "0.5,0.4,0.3", "std": 2, "scale": "2", "bgr": np.bool_(True)},
+                   {"mean": np.array([0.5, 0.4, 0.3]), "std": "2", "scale": np.float32(2), "bgr": True}):
+        np.testing.assert_array_equal(tensor(preprocess="raw", **kwargs), ref)
+    whole = onnxsal.Preprocess(preset="raw", mean="0.5 0.4 0.3", std=2.0, scale="2", color="BGR")
+    np.testing.assert_array_equal(tensor(preprocess=whole), ref)
+
+
 def test_one_mean_and_std_serve_every_channel():
     ex1 = onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw", mean=[0.5], std=[2.0])
     ex3 = onnxsal.Explainer(tiny.conv_net(size=16), "cpu", preprocess="raw", mean=[0.5] * 3, std=[2.0] * 3)
@@ -329,6 +347,14 @@ def test_array_likes_are_read_by_numpy(ex):
     ({"size": "16x"}, "ImageError", "must look like 224x224"),
     ({"labels": 4}, "ModelError", "labels are a list of class names"),
     ({"labels": "nofile"}, "MissingFileError", "labels file not found: nofile"),
+    ({"mean": [0.2, "a", 0.1]}, "ImageError", r"mean takes numbers, not \[0.2, 'a', 0.1\]"),
+    ({"std": [[0.5, 0.5, 0.5]]}, "ImageError", "std takes numbers, not"),
+    ({"mean": "0.5,x"}, "ImageError", "mean takes numbers separated by commas, not '0.5,x'"),
+    ({"scale": "1,2"}, "ImageError", "scale takes one number, not '1,2'"),
+    ({"scale": [2.0]}, "ImageError", r"scale takes one number, not \[2.0\]"),
+    ({"bgr": "no"}, "ImageError", "bgr is True or False, not 'no'"),
+    ({"preprocess": onnxsal.Preprocess(mean=("a",))}, "ImageError", r"mean takes numbers, not \('a',\)"),
+    ({"preprocess": onnxsal.Preprocess(scale="x")}, "ImageError", "scale takes one number, not 'x'"),
 ])
 def test_explainer_settings_of_the_wrong_kind(kwargs, error, message):
     import onnxsal.errors as errors
