@@ -17,9 +17,9 @@ def vjp(model, y, wrt, **kwargs):
     """The model plus a cotangent input ``grad_<y>`` and outputs ``grad_<x>`` for each x in `wrt`.
     `model`: an onnx.ModelProto, an ONNX file's path or a loaded Model; `wrt`: one tensor name or a list."""
     from .graph.autodiff import vjp as _vjp
-    from .graph.surgery import as_proto
+    from .graph.surgery import as_proto, given_names
 
-    return _vjp(as_proto(model), y, [wrt] if isinstance(wrt, str) else wrt, **kwargs)
+    return _vjp(as_proto(model), y, given_names(wrt, "the wrt tensors"), **kwargs)
 
 
 __all__ = ["Explainer", "Explanation", "Model", "OnnxsalError", "Preprocess", "expose", "load", "methods", "replace",

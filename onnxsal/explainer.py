@@ -408,6 +408,8 @@ class Explainer:
                 raise MethodError(f"smooth is a Gaussian sigma in pixels, >= 0, not {smooth}")
         if score not in ("logit", "probability"):
             raise TargetError(f"score must be 'logit' or 'probability', not {score!r}")
+        if progress is not None and not callable(progress):
+            raise MethodError(f"progress is a function called with (done, total), not {type(progress).__name__}")
         prepared = image if isinstance(image, Prepared) else self.prepare(image)
         m = self.model
         the_layer: Optional[Layer] = m.find_layer(layer) if spec.needs_layer or layer is not None and spec.family == "cam" else None

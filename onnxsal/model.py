@@ -20,7 +20,7 @@ import onnx
 from .dense import DenseOutput, find_dense, resized_from, squeezed_map, unsqueezed
 from .detection import (Detection, QueryOutput, add_anchor_scores, anchor_pair, dominating, find_anchor_rows,
                         find_detection, find_detection_list, find_queries, score_maps, ultralytics_metadata)
-from .errors import LayerError, MissingFileError, ModelError, OutputError, SizeError
+from .errors import ImageError, LayerError, MissingFileError, ModelError, OutputError, SizeError
 from .graph.normalize import (FLOAT_TYPES, free_negative_dims, infer, normalize_traced, static_dims, tensor_shapes,
                               upgrade_opset, without_weight_data)
 from .graph.columns import RESHAPES
@@ -781,6 +781,10 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if isinstance(model, Model):
         return model
     size, labels = checked_size(size), read_labels(labels)
+    if isinstance(preprocess, str):               # a preset's name, as Explainer and --preprocess take it
+        preprocess = Preprocess.from_preset(preprocess)
+    elif preprocess is not None and not isinstance(preprocess, Preprocess):
+        raise ImageError(f"preprocess is a preset name or a Preprocess, not {type(preprocess).__name__}")
     if isinstance(model, (bytes, bytearray)):   # a serialised model, as onnxruntime.InferenceSession takes one
         try:
             model = onnx.ModelProto.FromString(bytes(model))

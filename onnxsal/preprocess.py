@@ -76,6 +76,10 @@ class Preprocess:
 
     def fitted(self, layout: str, size: tuple, channels: int) -> "Preprocess":
         """The spec bound to a model's actual input: its layout, size and channel count."""
+        if self.color not in ("RGB", "BGR", "L"):
+            raise ImageError(f"color is RGB, BGR or L (grey), not {self.color!r}")
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise ImageError(f"preset is a name (or None), not {self.preset!r}")
         color = self.color
         if channels == 1:
             color = "L"

@@ -312,6 +312,7 @@ def test_integer_arrays_of_targets_are_lists_of_classes(ex):
     (lambda ex: ex.explain_batch([X, X], "saliency", targets=[0], target=[0, 1]), TargetError, "not both"),
     (lambda ex: ex.explain_batch([X, X], "saliency", target=[0]), TargetError, "1 targets for 2 images"),
     (lambda ex: ex.explain(X, "saliency", target=1, top_k=2), TargetError, "give a target or top_k=2, not both"),
+    (lambda ex: ex.explain(X, "rise", progress=5), MethodError, r"progress is a function called with \(done, total\)"),
 ])
 def test_arguments_of_the_wrong_kind_are_typed_errors(ex, call, error, message):
     with pytest.raises(error, match=message):
@@ -355,6 +356,9 @@ def test_array_likes_are_read_by_numpy(ex):
     ({"bgr": "no"}, "ImageError", "bgr is True or False, not 'no'"),
     ({"preprocess": onnxsal.Preprocess(mean=("a",))}, "ImageError", r"mean takes numbers, not \('a',\)"),
     ({"preprocess": onnxsal.Preprocess(scale="x")}, "ImageError", "scale takes one number, not 'x'"),
+    ({"preprocess": onnxsal.Preprocess(color="CMYK")}, "ImageError", "color is RGB, BGR or L"),
+    ({"preprocess": onnxsal.Preprocess(color="bgr")}, "ImageError", "color is RGB, BGR or L"),
+    ({"preprocess": onnxsal.Preprocess(preset=5)}, "ImageError", "preset is a name"),
 ])
 def test_explainer_settings_of_the_wrong_kind(kwargs, error, message):
     import onnxsal.errors as errors
@@ -400,6 +404,8 @@ def test_vjp_takes_a_path_and_one_name(tmp_path):
     assert "grad_image" in [o.name for o in c.graph.output]
     with pytest.raises(onnxsal.errors.ModelError, match="not int"):
         onnxsal.vjp(5, out, "image")
+    with pytest.raises(onnxsal.errors.LayerError, match="the wrt tensors are named by strings"):
+        onnxsal.vjp(proto, out, 0)
 
 
 @pytest.mark.parametrize("which", ["sanity", "evaluate"])
@@ -471,6 +477,26 @@ def test_surgery_takes_paths_and_single_names(tmp_path):
 
     with pytest.raises(ModelError, match="not int"):
         onnxsal.expose(5, [layer])
+    from onnxsal.errors import LayerError
+
+    for call in (lambda: onnxsal.expose(proto, 3), lambda: onnxsal.expose(proto, [layer, 3]),
+                 lambda: onnxsal.split(proto, layer, {out: 1}), lambda: onnxsal.replace(proto, layer, None)):
+        with pytest.raises(LayerError, match="tensors are named by strings"):
+            call()
+    for call in (lambda: onnxsal.split(proto, [layer], out), lambda: onnxsal.replace(proto, 2, out),
+                 lambda: onnxsal.split(proto, None, out)):
+        with pytest.raises(LayerError, match="the tensor to cut at"):
+            call()
+
+
+def test_load_takes_a_preset_name_as_explainer_does():
+    proto = tiny.conv_net(size=16)
+    assert onnxsal.load(proto, preprocess="imagenet").preprocess.preset == "imagenet"
+    np.testing.assert_array_equal(onnxsal.load(proto, preprocess="unit").preprocess.mean, (0.0, 0.0, 0.0))
+    with pytest.raises(ImageError, match="preprocess is a preset name or a Preprocess, not int"):
+        onnxsal.load(proto, preprocess=5)
+    with pytest.raises(ImageError, match="unknown preprocessing preset 'nope'"):
+        onnxsal.load(proto, preprocess="nope")
 
 
 def test_results_and_layers_of_the_wrong_kind(ex, tmp_path):

@@ -101,10 +101,24 @@ def as_proto(model: Union[onnx.ModelProto, str, os.PathLike, object]) -> onnx.Mo
     return proto
 
 
+def given_names(names: Union[str, Sequence[str]], what: str = "tensors") -> list[str]:
+    """Tensor names as given: one name is a list of one, not one name per letter, and anything but
+    names (an index, a Layer's position) is a LayerError naming what was given."""
+    listed = [names] if isinstance(names, str) else names
+    if not isinstance(listed, (list, tuple)) or not all(isinstance(n, str) for n in listed):
+        raise LayerError(f"{what} are named by strings (one name or a list of names), not {names!r}")
+    return list(listed)
+
+
 def _given(model: Union[onnx.ModelProto, str, os.PathLike], names: Union[str, Sequence[str]]
            ) -> tuple[onnx.ModelProto, list[str]]:
-    """One tensor name is a list of one, not one name per letter."""
-    return as_proto(model), [names] if isinstance(names, str) else list(names)
+    return as_proto(model), given_names(names)
+
+
+def _cut_at(at: object) -> str:
+    if not isinstance(at, str):
+        raise LayerError(f"the tensor to cut at is one name, not {at!r}")
+    return at
 
 
 def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
@@ -125,7 +139,7 @@ def split(model: onnx.ModelProto, at: str, outputs: Sequence[str]) -> tuple[onnx
     Raises LayerError when the tail still needs a model input, i.e. a path from
     the input reaches the outputs around `at` (a skip connection across it).
     """
-    model, outputs = _given(model, outputs)
+    model, outputs, at = *_given(model, outputs), _cut_at(at)
     head = expose(model, [at])
     g = model.graph
     inits = {i.name for i in g.initializer}
@@ -146,7 +160,7 @@ def replace(model: onnx.ModelProto, at: str, outputs: Sequence[str]) -> onnx.Mod
     it) still run from the model's own inputs, which stay inputs when they are needed.  Where
     `at` cuts the network in two this is `split`'s tail.
     """
-    model, outputs = _given(model, outputs)
+    model, outputs, at = *_given(model, outputs), _cut_at(at)
     g = model.graph
     inits = {i.name for i in g.initializer}
     shapes = tensor_shapes(model)
