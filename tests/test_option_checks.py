@@ -418,6 +418,7 @@ def test_vjp_takes_a_path_and_one_name(tmp_path):
     (([X], ["gradcam"]), {"options": {"gradcam": 5}}, MethodError, "options map each method's name to a dict"),
     (([X], ["gradcam"]), {"options": {"occlusion": {"window": 4}}}, MethodError,
      "options given for occlusion, which is not among the methods run"),
+    (([X], ["gradcam"]), {"progress": 5}, MethodError, r"progress is a function called with \(done, total, what\)"),
 ])
 def test_sanity_and_evaluate_arguments(ex, which, args, kwargs, error, message):
     from onnxsal.evaluate.faithfulness import evaluate
@@ -426,6 +427,62 @@ def test_sanity_and_evaluate_arguments(ex, which, args, kwargs, error, message):
     run = sanity_check if which == "sanity" else evaluate
     with pytest.raises(error, match=message):
         run(ex, *args, **kwargs)
+    with pytest.raises(onnxsal.errors.ModelError, match=r"ex is an onnxsal.Explainer \(Explainer\('model.onnx'\)\), "
+                       "not str"):
+        run("model.onnx", [X], ["gradcam"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"permuted": "permuted.onnx"}, "permuted is an onnxsal.Explainer"),
+    ({"modes": ["sideways"]}, "unknown randomisation mode 'sideways'"),
+    ({"modes": 5}, "modes are a name or a list of names, not 5"),
+])
+def test_sanity_settings_of_the_wrong_kind(ex, kwargs, message):
+    from onnxsal.evaluate.sanity import sanity_check
+
+    with pytest.raises(onnxsal.errors.OnnxsalError, match=message):
+        sanity_check(ex, [X], ["saliency"], max_steps=1, **kwargs)
+
+
+def test_one_randomisation_mode_is_one_mode_not_one_per_letter(ex):
+    from onnxsal.evaluate.sanity import sanity_check
+
+    rep = sanity_check(ex, [X], "saliency", modes="independent", max_steps=2)
+    assert {s.mode for s in rep.steps} == {"independent"} and len(rep.steps) == 2
+
+
+@pytest.mark.parametrize("masks,message", [
+    ([5], "the mask of array must be a 2-D array of the image's size, not int"),
+    (["nosuch.png"], "mask not found: nosuch.png"),
+    ([np.ones((16, 16, 3), bool)], r"not an array of shape \(16, 16, 3\) and dtype bool"),
+    ([np.full((16, 16), "a")], "and dtype <U1"),
+    ([np.ones((8, 8), bool)], "the mask of array is 8x8 pixels but the image is 16x16"),
+    ([np.zeros((16, 16), bool)], "the mask of array is empty"),
+    (np.ones((1, 16, 16), bool), "masks are a list with one mask"),
+])
+def test_masks_are_checked_before_any_work(ex, monkeypatch, masks, message):
+    """A mask the pointing game cannot read is refused before the first map, not after the curves."""
+    from onnxsal.evaluate.faithfulness import evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("explained before the masks were checked")
+
+    monkeypatch.setattr(type(ex), "explain", never)
+    with pytest.raises(onnxsal.errors.OnnxsalError, match=message):
+        evaluate(ex, [X], ["saliency"], masks=masks, step=64)
+
+
+def test_masks_may_be_given_as_files(ex, tmp_path):
+    from PIL import Image
+
+    from onnxsal.evaluate.faithfulness import evaluate
+
+    mask = np.zeros((16, 16), bool)
+    mask[4:9, 6:12] = True
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    by_file = evaluate(ex, [X], ["saliency"], masks=[tmp_path / "m.png"], step=64)
+    by_array = evaluate(ex, [X], ["saliency"], masks=[mask], step=64)
+    assert by_file.results[0].energy == by_array.results[0].energy and by_file.results[0].hit is not None
 
 
 def test_one_method_one_image_and_method_spellings(ex, tmp_path):

@@ -3,18 +3,39 @@ stand alone, and options come per method."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from ..errors import MethodError
-from ..explainer import input_rows
+from ..errors import MethodError, ModelError
+from ..explainer import Explainer, input_rows
 from ..methods import get as get_method
+
+
+def explainer(ex: Any, what: str = "ex") -> Explainer:
+    """The Explainer to run: the model is opened once, with its settings, by ``Explainer(...)``."""
+    if not isinstance(ex, Explainer):
+        raise ModelError(f"{what} is an onnxsal.Explainer (Explainer('model.onnx')), not {type(ex).__name__}")
+    return ex
+
+
+def progress_report(progress: Optional[Callable]) -> Optional[Callable]:
+    if progress is not None and not callable(progress):
+        raise MethodError(f"progress is a function called with (done, total, what), not {type(progress).__name__}")
+    return progress
+
+
+def names_of(given: Union[str, Sequence[str]], what: str) -> list[str]:
+    """A name or a list or tuple of names; one name is not one per letter."""
+    listed = [given] if isinstance(given, str) else list(given) if isinstance(given, (list, tuple)) else None
+    if listed is None or not all(isinstance(n, str) for n in listed):
+        raise MethodError(f"{what} are a name or a list of names, not {given!r}")
+    return listed
 
 
 def method_names(methods: Union[str, Sequence[str]]) -> list[str]:
     """Registered names, one per method; a single name is one method, not one per letter."""
-    given = [methods] if isinstance(methods, str) else list(methods) if isinstance(methods, (list, tuple)) else None
-    if given is None:
+    if not isinstance(methods, (str, list, tuple)):
         raise MethodError(f"methods are a name or a list of names, not {type(methods).__name__}")
+    given = [methods] if isinstance(methods, str) else list(methods)
     if not given:
         raise MethodError("give at least one method")
     return [get_method(m).name for m in given]

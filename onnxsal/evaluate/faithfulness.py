@@ -41,8 +41,8 @@ from ..explainer import Explainer
 from ..methods import number_option
 from ..postprocess import resize, smooth
 from ..preprocess import Prepared, run_names
-from .arguments import image_list, method_names, method_options
-from .localization import TOLERANCE, energy_inside, pointing_hit
+from .arguments import explainer, image_list, method_names, method_options, progress_report
+from .localization import TOLERANCE, energy_inside, load_mask, pointing_hit
 
 STEPS_AT_224 = 224          # the paper: 224 pixels a step on 224x224 images, i.e. 224 steps
 BLUR_FRACTION = 1 / 16      # insertion start: sigma = min(H, W) / 16 (4 px at 64, 14 px at 224)
@@ -298,6 +298,29 @@ def _rank(values: np.ndarray) -> np.ndarray:
     return rankdata(values)
 
 
+def _checked_masks(masks: Sequence, names: Sequence[str], prepared: Sequence[Prepared], size: tuple) -> list:
+    """Each mask (an array, or a file's path read by ``load_mask``) a 2-D array of the size its
+    image's maps come at (the image's own, or the model's input for a tensor), with an object in it."""
+    out = []
+    for mask, name, p in zip(masks, names, prepared):
+        if isinstance(mask, (str, os.PathLike)):
+            mask = load_mask(mask)
+        out.append(mask)
+        if mask is None:
+            continue
+        a = np.asarray(mask) if isinstance(mask, (np.ndarray, list, tuple)) or hasattr(mask, "__array__") else None
+        if a is None or a.ndim != 2 or a.dtype.kind not in "biuf":
+            what = type(mask).__name__ if a is None else f"an array of shape {a.shape} and dtype {a.dtype}"
+            raise ImageError(f"the mask of {name} must be a 2-D array of the image's size, not {what}")
+        h, w = p.display.shape[:2] if p.display is not None else size
+        if a.shape != (h, w):
+            raise ImageError(f"the mask of {name} is {a.shape[1]}x{a.shape[0]} pixels but the image is {w}x{h}: "
+                             "masks must have the image's size")
+        if not a.any():
+            raise ImageError(f"the mask of {name} is empty: the pointing game needs an object in it")
+    return out
+
+
 def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, np.ndarray]], methods: Sequence[str], *,
              masks: Optional[Sequence[Optional[np.ndarray]]] = None, step: Optional[int] = None,
              deletion: str = "black", insertion: str = "blur", blur_sigma: Optional[float] = None,
@@ -311,9 +334,12 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
     per-pixel model's class pixels, as ``Explainer.explain`` takes it; the curves read the class over
     the same pixels.
     """
+    ex, progress = explainer(ex), progress_report(progress)
     methods = method_names(methods)
     images = image_list(images)
     options = method_options(options, methods)
+    if masks is not None and not isinstance(masks, (list, tuple)):
+        raise ImageError(f"masks are a list with one mask (or None) per image, not {type(masks).__name__}")
     if masks is not None and len(masks) != len(images):
         raise ImageError(f"{len(masks)} masks for {len(images)} images; give one per image (None where an image "
                          "has none)")
@@ -335,13 +361,12 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
         "blur_sigma": float(blur_sigma) if blur_sigma else min(size) * BLUR_FRACTION,
         "tolerance": tolerance, "score": _score_read(ex, region)} | ({"region": region} if ex.model.dense else {}))
     names = run_names(images)
-    empty = [n for n, mk in zip(names, masks or []) if mk is not None and not np.asarray(mk).any()]
-    if empty:                          # before any work: the pointing game would fail after the curves
-        raise ImageError(f"the mask of {empty[0]} is empty: the pointing game needs an object in it")
+    prepared = [item if isinstance(item, Prepared) else ex.prepare(item) for item in images]
+    if masks is not None:              # before any work: the pointing game would fail after the curves
+        masks = _checked_masks(masks, names, prepared, size)
     total = len(images) * len(methods)
     done = 0
-    for i, (item, name) in enumerate(zip(images, names)):
-        p = item if isinstance(item, Prepared) else ex.prepare(item)
+    for i, (p, name) in enumerate(zip(prepared, names)):
         report.images.append(name)
         mask = masks[i] if masks is not None else None
         t = target
@@ -352,10 +377,6 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
             res = ex.explain(p, m, t, layer=layer, score=score, region=region, **options.get(m, {}))
             seconds = time.perf_counter() - start
             t = res.targets[0].index
-            if mask is not None and np.shape(mask) != res.maps.shape[-2:]:
-                h, w = res.maps.shape[-2:]
-                raise ImageError(f"the mask of {name} is {np.shape(mask)[1]}x{np.shape(mask)[0]} pixels but the "
-                                 f"image is {w}x{h}: masks must have the image's size")
             at_input = resize(res.raw[:1], size)[0]
             curves = deletion_insertion(ex, p.tensor, at_input, t, step=step, deletion=deletion,
                                         insertion=insertion, blur_sigma=blur_sigma, region=region)

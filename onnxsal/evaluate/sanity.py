@@ -43,7 +43,7 @@ from ..explainer import Explainer
 from ..methods import number_option
 from ..postprocess import finish, resize
 from ..preprocess import Prepared, run_names
-from .arguments import image_list, method_names, method_options
+from .arguments import explainer, image_list, method_names, method_options, names_of, progress_report
 from .randomize import WeightLayer, block_label, blocks_of, cascade, randomize, weight_layers
 from .similarity import MEASURES, compare
 
@@ -211,9 +211,13 @@ def sanity_check(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLik
     image and of a reference image, so a reference image's embedding is randomised with the model
     while a reference vector stays fixed, like a fixed target class.
     """
+    ex, progress = explainer(ex), progress_report(progress)
+    if permuted is not None:
+        explainer(permuted, "permuted")
     methods = method_names(methods)
     images = image_list(images)
     options = method_options(options, methods)
+    modes = names_of(modes, "modes")
     if number_option("seed", seed, int, False) < 0:
         raise MethodError(f"seed must be 0 or more, not {seed}")
     if max_steps is not None and number_option("max_steps", max_steps, int, False) < 1:
