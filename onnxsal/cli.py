@@ -53,6 +53,22 @@ def _option(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
+def method_options(methods: List[str], option: List[str]) -> dict[str, dict]:
+    """-O key=value pairs, each given to every chosen method that takes that option (explain,
+    sanity and evaluate alike); an option no chosen method takes is refused, not dropped."""
+    opts = dict(_option(o) for o in option)
+    specs = [get_method(m) for m in methods]
+    unknown = [k for k in opts if not any(k in s.defaults for s in specs)]
+    if unknown:
+        raise MethodError(f"no chosen method takes option {', '.join(unknown)}")
+    out = {}
+    for s in specs:
+        mine = {k: v for k, v in opts.items() if k in s.defaults}
+        check_options(s, mine)
+        out[s.name] = mine
+    return out
+
+
 @contextlib.contextmanager
 def output_folder(folder: str) -> Iterator[str]:
     """The output folder, made with its parents and tried with a scratch file before any work: a path
@@ -241,13 +257,8 @@ def explain(
     if top_k > 1 and (target or target_weights is not None):
         raise TargetError(f"give --target (or --target-weights) or --top-k {top_k}, not both: --top-k picks the "
                           "classes itself")
-    opts = dict(_option(o) for o in option)
     specs = [get_method(m) for m in method]
-    for spec in specs:
-        check_options(spec, {k: v for k, v in opts.items() if k in spec.defaults})
-    unknown = [k for k in opts if not any(k in s.defaults for s in specs)]
-    if unknown:
-        raise MethodError(f"no chosen method takes option {', '.join(unknown)}")
+    per_method = method_options([s.name for s in specs], option)
     images = collect_images(images)
     with output_folder(out_dir):
         ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
@@ -274,7 +285,7 @@ def explain(
                 prepared.name = names[image]
                 for spec in specs:
                     bar.update(task, description=f"{prepared.name}: {spec.name}")
-                    kw = {k: v for k, v in opts.items() if k in spec.defaults}
+                    kw = per_method[spec.name]
                     res = ex.explain(prepared, spec.name, targets, top_k=top_k, layer=layer, score=score, smooth=smooth,
                                      region=region, progress=batches, **kw)
                     results.append(res)

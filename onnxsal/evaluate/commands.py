@@ -40,24 +40,6 @@ def _method_names(method: List[str]) -> list[str]:
     return list(dict.fromkeys(get_method(m).name for m in method))
 
 
-def _method_options(methods: list[str], option: List[str]) -> dict[str, dict]:
-    """-O key=value pairs, each given to the chosen methods that take that option."""
-    from ..cli import _option
-    from ..methods import check_options, get as get_method
-
-    opts = dict(_option(o) for o in option)
-    specs = [get_method(m) for m in methods]
-    unknown = [k for k in opts if not any(k in s.defaults for s in specs)]
-    if unknown:
-        raise MethodError(f"no chosen method takes option {', '.join(unknown)}")
-    out = {}
-    for s in specs:
-        mine = {k: v for k, v in opts.items() if k in s.defaults}
-        check_options(s, mine)
-        out[s.name] = mine
-    return out
-
-
 def _progress(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -129,7 +111,7 @@ def sanity(
     Writes sanity.csv, sanity.json and sanity_<image>.png (one row per method: the original map,
     then the map after each cascading step) into --out.
     """
-    from ..cli import _explainer, _feeds, _reference, out, output_folder
+    from ..cli import _explainer, _feeds, _reference, method_options, out, output_folder
     from ..render import check_style
     from .sanity import figure, sanity_check
 
@@ -138,7 +120,7 @@ def sanity(
     if mode not in modes:
         raise MethodError(f"--mode must be cascading, independent or both, not {mode!r}")
     methods = _method_names(method)
-    options = _method_options(methods, option)
+    options = method_options(methods, option)
     files = collect_images(images)
     with output_folder(out_dir):
         ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
@@ -249,7 +231,7 @@ def evaluate(
     Writes evaluation.csv (one row per image and method), evaluation.json (means, spreads, mean
     curves, settings) and curves.png into --out.
     """
-    from ..cli import _explainer, _reference, out, output_folder
+    from ..cli import _explainer, _reference, method_options, out, output_folder
     from .faithfulness import SUBSTRATES, evaluate as run
     from .localization import find_mask, load_mask
 
@@ -257,7 +239,7 @@ def evaluate(
         if kind not in SUBSTRATES:
             raise MethodError(f"{name} must be one of {', '.join(SUBSTRATES)}, not {kind!r}")
     methods = _method_names(method)
-    options = _method_options(methods, option)
+    options = method_options(methods, option)
     files = collect_images(images)
     with output_folder(out_dir):
         mask_arrays = None
