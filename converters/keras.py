@@ -471,7 +471,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
     import tf2onnx
     from tf2onnx import tf_loader
 
-    opset = metadata.check_opset(opset)
+    opset = metadata.check_opset(opset, max(tf2onnx.constants.OPSET_TO_IR_VERSION), "tf2onnx")
     start = time.perf_counter()
     notes: list[str] = []
     source_path = None

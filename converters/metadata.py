@@ -11,14 +11,16 @@ one was. No framework is imported in this module.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
+import sys
 from importlib import metadata as importlib_metadata
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -59,12 +61,35 @@ def numbers(values: Numbers, what: str, kind: type = float) -> Optional[list]:
     return read_numbers(values, what, ConversionError, kind)
 
 
-def check_opset(opset: int) -> int:
+def check_opset(opset: int, newest: int, exporter: str) -> int:
+    """An opset from 17 to the newest the exporter writes, checked before the export: past it,
+    tf2onnx warns on stderr and torch.onnx prints its whole graph on stdout before failing."""
     if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)):
         raise ConversionError(f"opset is a whole number, not {opset!r}")
     if opset < 17:
         raise ConversionError(f"opset {opset} is too old; onnxsal converts with opset 17 or newer")
+    newest = min(newest, onnx.defs.onnx_opset_version())
+    if opset > newest:
+        raise ConversionError(f"opset {opset} is newer than {exporter} writes here; use 17 to {newest}")
     return int(opset)
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Standard output silenced at the file descriptor for the duration: torch.onnx's C++ side
+    prints the whole TorchScript graph there when an export fails, which Python's own redirection
+    does not catch. Nothing onnxsal prints runs inside."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 1)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
 
 
 def with_check_inputs(x: np.ndarray, check_inputs: Optional[np.ndarray], dtype) -> np.ndarray:

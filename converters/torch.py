@@ -177,6 +177,16 @@ def _probe(torch, module, example) -> list[str]:
     return list(cap.values)
 
 
+def _newest_opset(torch: Any) -> int:
+    """The newest opset torch.onnx's TorchScript exporter writes (20 in torch 2.13 and 2.14)."""
+    try:
+        from torch.onnx import _constants
+
+        return int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):    # a private module: a later torch may move it
+        return 20
+
+
 def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape: Sequence[int],
             preprocess: Optional[str] = None, mean: Optional[Sequence[float]] = None,
             std: Optional[Sequence[float]] = None, scale: Optional[float] = None, bgr: Optional[bool] = None,
@@ -191,7 +201,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
     torch = import_torch()
     if not isinstance(module, torch.nn.Module):
         raise ConversionError(f"expected a torch.nn.Module, not {type(module).__name__}")
-    opset = metadata.check_opset(opset)
+    opset = metadata.check_opset(opset, _newest_opset(torch), "torch.onnx's TorchScript exporter")
     start = time.perf_counter()
     shape = _shape(input_shape)
     if shape[1] in (1, 3):
@@ -216,7 +226,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
     extra = {LAYER_PREFIX + n: n for n in names}
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), metadata.quiet_stdout():
             warnings.simplefilter("ignore")
             torch.onnx.export(wide, (example,), buffer, dynamo=False, opset_version=opset,
                               input_names=["input"], output_names=["output"] + list(extra),

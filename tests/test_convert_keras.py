@@ -357,6 +357,11 @@ def test_cli_convert_keras(fer_hdf5, tmp_path, capsys):
     assert rc == 2
     rc = cli_main(["convert", "keras", fer_hdf5, "-o", str(out), "--preprocess", "nope"])
     assert rc == 2
+    capsys.readouterr()
+    rc = cli_main(["convert", "keras", fer_hdf5, "-o", str(tmp_path / "new.onnx"), "--opset", "19"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "opset 19 is newer than tf2onnx writes here; use 17 to 18" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "new.onnx").exists()
 
 
 APPS = {

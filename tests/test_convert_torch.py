@@ -281,6 +281,38 @@ def test_bad_conversion_settings_are_one_line(net_file, tmp_path, capsys, args, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("opset", ["16", "21", "99"])
+def test_an_opset_the_exporter_does_not_write_is_refused_first(net_file, tmp_path, capfd, opset):
+    """Past the exporter's newest opset, torch.onnx would print its whole graph on stdout (from C++)."""
+    assert cli_main(["convert", "torch", f"{net_file}:make", "-o", str(tmp_path / "a.onnx"), "--input-shape",
+                     "1,3,32,32", "--opset", opset]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, (out, err)
+    assert ("use 17 to 20" if opset != "16" else "opset 16 is too old") in err
+
+
+def test_a_failed_export_prints_one_line_and_no_graph(tmp_path, capfd):
+    """An op the exporter cannot write: one error line, and none of torch.onnx's graph dump on stdout."""
+    (tmp_path / "fft.py").write_text(
+        "import torch\n"
+        "class F(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.c = torch.nn.Conv2d(3, 2, 3)\n"
+        "    def forward(self, x):\n"
+        "        return torch.fft.fft2(self.c(x)).abs().mean((2, 3))\n"
+        "def make():\n"
+        "    return F()\n")
+    assert cli_main(["convert", "torch", f"{tmp_path / 'fft.py'}:make", "-o", str(tmp_path / "a.onnx"),
+                     "--input-shape", "1,3,16,16"]) == 2
+    out, err = capfd.readouterr()
+    assert out == "", out[:300]
+    assert "torch.onnx.export failed: UnsupportedOperatorError" in err and "fft_fft2" in err
+    assert len(err.strip().splitlines()) == 1, err
+    print("stdout still works")
+    assert capfd.readouterr().out == "stdout still works\n"
+
+
 def test_input_shapes_take_commas_spaces_or_x():
     from converters.metadata import numbers
 
