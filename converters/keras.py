@@ -39,6 +39,7 @@ from onnx import numpy_helper
 
 from onnxsal.errors import ConversionError, MissingFileError
 from onnxsal.model import read_labels
+from onnxsal.outputs import check_model_path
 from onnxsal.graph.integer_input import PIXEL_TYPES
 
 from . import metadata
@@ -472,6 +473,8 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
     from tf2onnx import tf_loader
 
     opset = metadata.check_opset(opset, max(tf2onnx.constants.OPSET_TO_IR_VERSION), "tf2onnx")
+    if output is not None:
+        check_model_path(output)                # before the conversion, which can take a minute
     start = time.perf_counter()
     notes: list[str] = []
     source_path = None

@@ -32,6 +32,7 @@ import onnx
 
 from onnxsal.errors import ConversionError, MissingFileError
 from onnxsal.model import read_labels
+from onnxsal.outputs import check_model_path
 
 from . import metadata
 
@@ -202,6 +203,8 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
     if not isinstance(module, torch.nn.Module):
         raise ConversionError(f"expected a torch.nn.Module, not {type(module).__name__}")
     opset = metadata.check_opset(opset, _newest_opset(torch), "torch.onnx's TorchScript exporter")
+    if output is not None:
+        check_model_path(output)                # before the conversion, which can take a minute
     start = time.perf_counter()
     shape = _shape(input_shape)
     if shape[1] in (1, 3):

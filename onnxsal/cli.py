@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-from typing import TYPE_CHECKING, Iterator, List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
@@ -17,9 +16,10 @@ from rich.table import Table
 
 from .export import EXPORTABLE
 from .methods import check_options, get as get_method, methods as method_names
-from .errors import ImageError, MethodError, ModelError, OnnxsalError, OutputError, TargetError
+from .errors import ImageError, MethodError, ModelError, OnnxsalError, TargetError
 from . import cli_options as O
 from .preprocess import collect_images, output_names, parse_size
+from .outputs import check_model_path, output_folder
 from .values import numbers
 
 if TYPE_CHECKING:
@@ -67,47 +67,6 @@ def method_options(methods: List[str], option: List[str]) -> dict[str, dict]:
         check_options(s, mine)
         out[s.name] = mine
     return out
-
-
-@contextlib.contextmanager
-def output_folder(folder: str) -> Iterator[str]:
-    """The output folder, made with its parents and tried with a scratch file before any work: a path
-    the system refuses (below a file, read-only, in /proc) is an OutputError at once, not after
-    minutes of RISE or a sanity cascade. If the work then fails, the folders made here go again
-    (only those, and only while empty), so a failed run leaves nothing behind."""
-    made = []
-    path = os.path.abspath(folder)
-    while not os.path.exists(path):
-        made.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        _remove_empty(made)
-        raise OutputError(f"cannot make the output folder {folder!r}: {exc.strerror or exc}") from exc
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".onnxsal-", dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as exc:
-        _remove_empty(made)
-        raise OutputError(f"cannot write into the output folder {folder!r}: {exc.strerror or exc}") from exc
-    try:
-        yield folder
-    except BaseException:
-        _remove_empty(made)
-        raise
-
-
-def _remove_empty(folders: list[str]) -> None:
-    for path in folders:                      # deepest first
-        try:
-            os.rmdir(path)
-        except OSError:
-            return
 
 
 def _feeds(feed: Optional[List[str]]) -> Optional[dict]:
@@ -372,6 +331,7 @@ def export_cmd(
                                               ("--steps", steps, ("ig", "layerig"))) if value is not None and name not in users]
     if unused:                                  # before any work: the graph would silently leave them out
         raise MethodError(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by -m {method}")
+    check_model_path(output)                    # before the work: a large model's graph takes a while
     m = load(model, size=parse_size(size), fixed_inputs=_feeds(feed), head=head)
     width = m.num_classes           # an output row's values: the width of a reference vector
     if like is not None:
@@ -382,7 +342,7 @@ def export_cmd(
         held = np.ones(width, np.float32) if like == "input" else _reference(like)   # "input": fed at run time
         m = Explainer(m, "cpu", preprocess=preprocess).like(held).model
     elif preprocess is not None:
-        raise OnnxsalError("--preprocess reads a --like reference image; the exported graph takes preprocessed tensors")
+        raise ImageError("--preprocess reads a --like reference image; the exported graph takes preprocessed tensors")
     given = {k: v for k, v in (("n_samples", n_samples), ("noise_level", noise_level), ("steps", steps)) if v is not None}
     graph = export(m, method, layer, region=region, reference_input=like == "input", **given)
     write_proto(graph, output)

@@ -222,6 +222,23 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(file
     assert os.listdir(tmp / "ro") == []
 
 
+def test_export_tries_its_output_before_building_the_graph(files, capsys, monkeypatch):
+    """export's -o is tried first; the folders made for the try are gone when the run then fails."""
+    tmp, model = files
+    (tmp / "plain").write_text("a file, not a folder")
+
+    def never(*args, **kwargs):
+        raise AssertionError("built the graph before trying the output path")
+
+    monkeypatch.setattr("onnxsal.export.export", never)
+    assert main(["export", model, "-m", "gradcam", "-o", str(tmp / "plain" / "g.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot write the model to '{tmp / 'plain' / 'g.onnx'}': cannot make the output folder" in err, err
+    (tmp / "junk.onnx").write_text("not a model")
+    assert main(["export", str(tmp / "junk.onnx"), "-m", "gradcam", "-o", str(tmp / "new" / "deep" / "g.onnx")]) == 2
+    assert "not a readable ONNX" in capsys.readouterr().err and not (tmp / "new").exists()
+
+
 @pytest.mark.parametrize("command", ["explain", "sanity", "evaluate"])
 def test_a_failed_run_leaves_no_output_folder_behind(files, capsys, command):
     """The folders --out made are taken away again when the work fails; a folder that was there stays."""

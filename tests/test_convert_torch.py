@@ -352,6 +352,26 @@ def test_conversion_arguments_of_the_wrong_kind(tmp_path, kwargs, error, message
         convert(SEQ, output, **given)
 
 
+def test_the_output_path_is_tried_before_the_export(tmp_path, monkeypatch):
+    """A path that cannot be written stops the conversion before torch.onnx runs, and leaves no folder."""
+    import torch
+
+    from converters.torch import convert
+    from onnxsal.errors import ConversionError, OutputError
+
+    (tmp_path / "plain").write_text("a file, not a folder")
+
+    def never(*args, **kwargs):
+        raise AssertionError("exported before trying the output path")
+
+    monkeypatch.setattr(torch.onnx, "export", never)
+    with pytest.raises(OutputError, match="cannot write the model to .*cannot make the output folder"):
+        convert(SEQ, tmp_path / "plain" / "m.onnx", input_shape=(1, 3, 32, 32))
+    with pytest.raises(ConversionError, match="torch.onnx.export failed: AssertionError: exported before"):
+        convert(SEQ, tmp_path / "new" / "deep" / "m.onnx", input_shape=(1, 3, 32, 32))
+    assert not (tmp_path / "new").exists()
+
+
 def test_conversion_settings_as_strings_mean_what_the_cli_means(tmp_path):
     from converters.torch import convert
 

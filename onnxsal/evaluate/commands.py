@@ -111,7 +111,8 @@ def sanity(
     Writes sanity.csv, sanity.json and sanity_<image>.png (one row per method: the original map,
     then the map after each cascading step) into --out.
     """
-    from ..cli import _explainer, _feeds, _reference, method_options, out, output_folder
+    from ..cli import _explainer, _feeds, _reference, method_options, out
+    from ..outputs import output_folder
     from ..render import check_style
     from .sanity import figure, sanity_check
 
@@ -231,7 +232,8 @@ def evaluate(
     Writes evaluation.csv (one row per image and method), evaluation.json (means, spreads, mean
     curves, settings) and curves.png into --out.
     """
-    from ..cli import _explainer, _reference, method_options, out, output_folder
+    from ..cli import _explainer, _reference, method_options, out
+    from ..outputs import output_folder
     from .faithfulness import SUBSTRATES, evaluate as run
     from .localization import find_mask, load_mask
 
