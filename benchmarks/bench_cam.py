@@ -1,6 +1,6 @@
 """CAM methods: onnxsal (ONNX Runtime) against pytorch-grad-cam (PyTorch), same network and layer.
 
-    .venv-bench/bin/python benchmarks/bench_cam.py [--net resnet50] [--scorecam-net mobilenet_v2]
+    .venv-bench/bin/python benchmarks/bench_cam.py [--net resnet50] [--scorecam-net mobilenet_v2] [--two-layers]
 
 The gradient CAMs (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Grad-CAM element-wise,
 EigenGrad-CAM, Finer-CAM, ShapleyCAM with its ReST target) and the gradient-free Eigen-CAM, FEM and KPCA-CAM run on `--net` at its last block, FullGrad on all
@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     ap.add_argument("--ablation-ratio", type=float, default=1.0, help="Ablation-CAM's ratio_channels_to_ablate")
+    ap.add_argument("--two-layers", action="store_true", help="also Grad-CAM and LayerCAM over the last two stages "
+                    "(pytorch-grad-cam's target_layers=[layer3[-1], layer4[-1]]; ResNets)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
     from pytorch_grad_cam import (FEM, AblationCAM, EigenCAM, EigenGradCAM, FinerCAM, FullGrad, GradCAM, GradCAMElementWise,
@@ -79,7 +81,40 @@ def main() -> None:
         rows.append([f"{method} ({name}, {where})", t_ref, t_ours, t_ref / t_ours, pearson(ours, ref)])
         print(rows[-1], flush=True)
         getattr(cam, "base_cam", cam).activations_and_grads.release()     # FinerCAM wraps a Grad-CAM
+    if args.two_layers:
+        rows += two_layer_rows(args, x, cache, {"gradcam": GradCAM, "layercam": LayerCAM}, ClassifierOutputTarget)
     print(table(["method", "pytorch-grad-cam s", "onnxsal s", "speed-up", "Pearson"], rows))
+
+
+def stage_output(ex, stage: str) -> str:
+    """The ONNX tensor of a ResNet stage's last block output (torch.onnx names it <stage>.<i>/relu_2)."""
+    return [la.tensor for la in ex.model.layers if la.tensor.startswith(f"/{stage}/") and
+            la.tensor.endswith("relu_2/Relu_output_0")][-1]
+
+
+def two_layer_rows(args, x, cache, classes: dict, target_cls) -> list:
+    """A CAM averaged over two target layers, on both sides; also the largest difference of the maps."""
+    import numpy as np
+
+    if args.net not in cache:
+        cache[args.net] = (torch_net(args.net), onnxsal.Explainer(onnx_path(args.net, args.size), "cpu",
+                                                                     preprocess="raw"))
+    net, ex = cache[args.net]
+    xt = torch.tensor(x)
+    target = int(net(xt).argmax())
+    layers = [stage_output(ex, "layer3"), stage_output(ex, "layer4")]
+    rows = []
+    for method, cls in classes.items():
+        cam = cls(model=net, target_layers=[net.layer3[-1], net.layer4[-1]])
+        reference = lambda: cam(input_tensor=xt, targets=[target_cls(target)])  # noqa: E731
+        ours = lambda: ex.explain(x, method, target=target, layer=layers)  # noqa: E731
+        ours()
+        t_ref, t_ours = timeit_side_by_side([reference, ours], args.repeat, warmup=1)
+        ref, got = reference()[0], ours().map
+        rows.append([f"{method} (layer3 + layer4)", t_ref, t_ours, t_ref / t_ours, pearson(got, ref)])
+        print(rows[-1], f"max |difference| {float(np.abs(got - ref).max()):.2e}", flush=True)
+        cam.activations_and_grads.release()
+    return rows
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def explain(
     target_weights: Optional[str] = typer.Option(None, "--target-weights",
                                                  help=".npy of weights shaped like one output row: score = sum(w * output)"),
     like: Optional[str] = O.LIKE,
-    layer: Optional[str] = O.LAYER,
+    layer: List[str] = O.LAYERS,
     out_dir: str = O.OUT_DIR,
     score: str = O.SCORE,
     region: str = O.REGION,
@@ -218,6 +218,7 @@ def explain(
                           "classes itself")
     specs = [get_method(m) for m in method]
     per_method = method_options([s.name for s in specs], option)
+    chosen = O.one_or_many(layer)
     images = collect_images(images)
     with output_folder(out_dir):
         ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
@@ -245,7 +246,7 @@ def explain(
                 for spec in specs:
                     bar.update(task, description=f"{prepared.name}: {spec.name}")
                     kw = per_method[spec.name]
-                    res = ex.explain(prepared, spec.name, targets, top_k=top_k, layer=layer, score=score, smooth=smooth,
+                    res = ex.explain(prepared, spec.name, targets, top_k=top_k, layer=chosen, score=score, smooth=smooth,
                                      region=region, progress=batches, **kw)
                     results.append(res)
                     bar.advance(task)
@@ -268,8 +269,10 @@ def explain(
     noted: set = set()
     for res in results:
         tgt = ", ".join(f"{t.label} ({t.index})" for t in res.targets)
-        alias = {t: k for k, t in ex.model.layer_aliases.items()}.get(res.layer)
-        where = f" at {alias} ({res.layer})" if alias else (f" at {res.layer}" if res.layer else "")
+        aliases = {t: k for k, t in ex.model.layer_aliases.items()}
+        where = ", ".join(f"{aliases[t]} ({t})" if t in aliases else t
+                          for t in ([res.layer] if isinstance(res.layer, str) else res.layer or []))
+        where = f" at {where}" if where else ""
         out.print(esc(f"{res.name}: {res.method}{where} -> {tgt}  [{res.seconds:.2f}s]  "
                       f"{os.path.join(out_dir, res.name + '.' + res.method + '.png')}"))
         for note in res.notes:

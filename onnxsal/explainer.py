@@ -16,7 +16,7 @@ from PIL import Image
 from .methods import check_options, get as get_method, number_option
 from .context import Context
 from .engine import Engine, Target, check_region, make_targets
-from .errors import ImageError, MethodError, ModelError, OutputError, TargetError
+from .errors import ImageError, LayerError, MethodError, ModelError, OutputError, TargetError
 from .detection import Detection, QueryOutput, ranked
 from .labelled import ClassBest
 from .model import DenseOutput, Layer, Model, load
@@ -25,6 +25,28 @@ from .preprocess import Prepared, Preprocess, make_spec, prepare
 from .runtime import Progress, Runtime
 
 ImageLike = Union[str, os.PathLike, np.ndarray, "Image.Image"]  # noqa: F821
+
+# CAMs whose maps pytorch-grad-cam averages over several target layers: its BaseCAM subclasses
+MULTI_LAYER = frozenset({"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "eigencam",
+                         "eigengradcam", "fem", "kpcacam", "shapleycam", "finercam", "scorecam", "fasterscorecam",
+                         "ablationcam"})
+
+
+def combine_layers(maps: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """One map from each layer's (T, h, w) maps, as pytorch-grad-cam combines its target layers: each
+    map's positive part min-maxed (with its 1e-7 guard) at its own resolution and resized to the
+    input, the mean over the layers, min-maxed again. A layer at a finer resolution thus sharpens
+    the map without outweighing the coarse one: every layer counts alike."""
+    def scaled(m: np.ndarray) -> np.ndarray:
+        flat = m.reshape(len(m), -1)
+        flat = flat - flat.min(axis=1, keepdims=True)
+        return (flat / (EPS_SCALE + flat.max(axis=1, keepdims=True))).reshape(m.shape)
+
+    per = [resize(scaled(np.maximum(m.astype(np.float64), 0)), size) for m in maps]
+    return scaled(np.maximum(np.mean(per, axis=0), 0)).astype(np.float32)
+
+
+EPS_SCALE = 1e-7
 
 
 @dataclass
@@ -36,7 +58,7 @@ class Explanation:
     targets: list[Target]
     method: str
     options: dict
-    layer: Optional[str]
+    layer: Union[str, list, None]   # the layer's tensor; a list of them for a CAM over several layers
     scores: np.ndarray          # (C,) the model's output row on the input (probabilities when it has a softmax)
     logits: np.ndarray          # (C,) the scored logits
     seconds: float
@@ -388,6 +410,21 @@ class Explainer:
             raise TargetError(f"{len(per)} targets for {len(rows)} images; give one per image, or one for all")
         return [self.explain(row, method, t, **kwargs) for row, t in zip(rows, per)]
 
+    def _layers(self, spec, layer) -> list[Layer]:
+        """The layers a method reads: none for one that explains the input itself, one by default, and
+        for a CAM any number, as pytorch-grad-cam's ``target_layers`` (see ``combine_layers``)."""
+        if not (spec.needs_layer or layer is not None and spec.family == "cam"):
+            return []
+        if not isinstance(layer, (list, tuple)):
+            return [self.model.find_layer(layer)]
+        if not layer:
+            raise LayerError("give at least one layer (or none, for the default)")
+        found = list({la.tensor: la for la in map(self.model.find_layer, layer)}.values())
+        if len(found) > 1 and spec.name not in MULTI_LAYER:
+            raise LayerError(f"{spec.name} reads one layer; several layers are averaged for "
+                             f"{', '.join(sorted(MULTI_LAYER))}")
+        return found
+
     def explain(self, image: Union[ImageLike, Prepared], method: str = "gradcam", target=None, *, top_k: int = 1,
                 layer: Optional[str] = None, score: str = "logit", smooth: Optional[float] = None,
                 region: str = "won", progress: Optional[Progress] = None, **options) -> Explanation:
@@ -412,7 +449,8 @@ class Explainer:
             raise MethodError(f"progress is a function called with (done, total), not {type(progress).__name__}")
         prepared = image if isinstance(image, Prepared) else self.prepare(image)
         m = self.model
-        the_layer: Optional[Layer] = m.find_layer(layer) if spec.needs_layer or layer is not None and spec.family == "cam" else None
+        layers = self._layers(spec, layer)
+        the_layer: Optional[Layer] = layers[0] if layers else None
         start = time.perf_counter()
         # With the targets given, a gradient method's own pass usually has the scores of x (Context.clean),
         # so the forward pass that would pick the targets is skipped (ResNet-50 saliency: 0.26 -> 0.12 s).
@@ -424,21 +462,27 @@ class Explainer:
         if not lazy:
             extra = [m.detection.boxes] if isinstance(m.detection, (QueryOutput, ClassBest)) and m.detection.boxes \
                 else []  # box notes
-            wanted = [m.logits, m.output] + extra + ([the_layer.tensor] if the_layer else [])
+            wanted = [m.logits, m.output] + extra + [la.tensor for la in layers]
             logits, out, *acts = self.engine.outputs(prepared.tensor, wanted)   # one forward pass for all of them
             logits, out = logits.reshape(-1), out.reshape(-1)
             _check_scores(logits, out)
             if extra:
                 boxes = acts.pop(0)
         targets = self.targets(None if lazy else logits if m.activation is None else out, target, top_k, score, region)
-        ctx = Context(self.engine, prepared.tensor, targets, the_layer, score, progress, acts=acts[0] if acts else None,
-                      clean=None if lazy else (logits, out))
-        try:
-            raw = np.asarray(spec.fn(ctx, **opts), np.float32)
-        except MemoryError as exc:       # NumPy's own message names an array shape, not the setting behind it
-            given = ", ".join(f"{k}={v}" for k, v in options.items()) or "its defaults"
-            raise MethodError(f"{spec.name} ran out of memory with {given}: it holds all its noisy copies, path "
-                              "points or masks of the image at once; ask for fewer") from exc
+        per_layer, infos = [], []
+        for i, the_one in enumerate(layers or [None]):
+            ctx = Context(self.engine, prepared.tensor, targets, the_one, score, progress,
+                          acts=acts[i] if i < len(acts) else None, clean=None if lazy else (logits, out))
+            try:
+                per_layer.append(np.asarray(spec.fn(ctx, **opts), np.float32))
+            except MemoryError as exc:   # NumPy's own message names an array shape, not the setting behind it
+                given = ", ".join(f"{k}={v}" for k, v in options.items()) or "its defaults"
+                raise MethodError(f"{spec.name} ran out of memory with {given}: it holds all its noisy copies, "
+                                  "path points or masks of the image at once; ask for fewer") from exc
+            infos.append(ctx.info)
+        raw = per_layer[0] if len(per_layer) == 1 else combine_layers(per_layer, m.input.size)
+        info = infos[0] if len(infos) == 1 else {k: [i.get(k) for i in infos] for k in dict.fromkeys(
+            k for i in infos for k in i)}     # several layers: each reported number per layer, in order
         if lazy:
             ctx.logits()                  # the method's own pass had them, or a forward pass fills them now
             logits, out = ctx.clean
@@ -485,14 +529,16 @@ class Explainer:
             raise ImageError(f"{spec.name} produced non-finite values on this input")
         notes.extend(_flat_map_notes(targets, raw, spec.family == "cam"))
         if layer is not None and the_layer is None:     # said, not refused: one --layer serves several methods
-            notes.append(f"{spec.name} explains the input itself; it does not use the layer {layer!r}")
+            named = ", ".join(map(str, layer)) if isinstance(layer, (list, tuple)) else repr(layer)
+            notes.append(f"{spec.name} explains the input itself; it does not use the layer {named}")
         settings = dict(opts)
         if smooth:
             settings["smooth"] = smooth
         settings["score"] = score
         if m.dense is not None:
             settings["region"] = region
-        return Explanation(maps, raw, targets, spec.name, settings, the_layer.tensor if the_layer else None,
-                           out, logits, seconds, prepared.name, prepared.display, notes, ctx.info,
+        chosen = None if not layers else layers[0].tensor if len(layers) == 1 else [la.tensor for la in layers]
+        return Explanation(maps, raw, targets, spec.name, settings, chosen,
+                           out, logits, seconds, prepared.name, prepared.display, notes, info,
                            m.path, m.input.size, m.labels if not m.binary else (m.labels or ["0", "1"]), m.dense,
                            m.detection, m.binary and m.activation == "sigmoid", region)

@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .engine import check_region
-from .errors import MethodError
+from .errors import LayerError, MethodError
 from .graph.autodiff import vjp
 from .graph.integer_input import PIXEL_TYPES
 from .graph.normalize import opset_of
@@ -222,6 +222,11 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
                           "model with a dynamic batch")
     x_name = m.input.name
     cam = method not in GRADIENT
+    if cam and isinstance(layer, (list, tuple)):
+        if len(layer) != 1:
+            raise LayerError(f"export writes a CAM of one layer, not of {len(layer)}: explain averages several "
+                             "layers (layer=[...], --layer repeated)")
+        layer = layer[0]
     lay = m.find_layer(layer) if cam else None     # resolved on the model as given (aliases, node names)
     proto, renamed = _free_names(m.light, ("logits", "map", "target"), keep=x_name)
     logits = renamed.get(m.logits, m.logits)

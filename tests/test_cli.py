@@ -44,6 +44,25 @@ def test_explain_writes_png_npy_json(files, capsys):
     assert Image.open(out / "cat.scorecam.png").size[0] > 48
 
 
+def test_explain_averages_a_cam_over_repeated_layers(files, capsys):
+    tmp, model = files
+    out = tmp / "results"
+    assert main(["explain", model, str(tmp / "cat.png"), "-m", "gradcam", "--layer", "relu1", "-l", "relu2",
+                 "--out", str(out)]) == 0
+    assert "gradcam at relu1, relu2 ->" in capsys.readouterr().out
+    summary = json.loads((out / "cat.json").read_text())
+    assert summary["methods"]["gradcam"]["layer"] == ["relu1", "relu2"]
+    assert main(["explain", model, str(tmp / "cat.png"), "-m", "guidedgradcam", "-l", "relu1", "-l", "relu2",
+                 "--out", str(out)]) == 2
+    assert "guidedgradcam reads one layer" in capsys.readouterr().err
+    for command in ("sanity", "evaluate"):
+        assert main([command, model, str(tmp / "cat.png"), "-m", "gradcam", "-l", "relu1", "-l", "relu2", "--out",
+                     str(tmp / command), "-q"]) == 0
+        assert main([command, model, str(tmp / "cat.png"), "-m", "guidedgradcam", "-l", "relu1", "-l", "relu2",
+                     "--out", str(tmp / command), "-q"]) == 2
+        assert "guidedgradcam reads one layer" in capsys.readouterr().err
+
+
 def test_inspect_shows_layers(files, capsys):
     _, model = files
     assert main(["inspect", model]) == 0

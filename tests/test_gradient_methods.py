@@ -130,6 +130,67 @@ def test_cams_match_numpy_formulas_on_torch_gradients(case, layer, index):
             np.testing.assert_allclose(res.raw[0], expected, atol=1e-4 * scale, rtol=1e-3, err_msg=name)
 
 
+def ref_layers_combined(cams, size):
+    """pytorch-grad-cam's aggregate over target layers, written out with PyTorch's own bilinear resize
+    (align_corners=False, as cv2.resize): per layer ReLU, min-max with a 1e-7 guard, resize; then
+    the mean over the layers, min-maxed again."""
+    def scaled(m):
+        m = m - m.min()
+        return m / (1e-7 + m.max())
+
+    per = []
+    for cam in cams:
+        c = torch.tensor(scaled(np.maximum(cam, 0)))[None, None]
+        per.append(torch.nn.functional.interpolate(c, size=size, mode="bilinear", align_corners=False)[0, 0].numpy())
+    return scaled(np.maximum(np.mean(per, axis=0), 0))
+
+
+@pytest.mark.parametrize("name", ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise",
+                                  "eigencam"])
+def test_a_cam_over_several_layers_is_pytorch_grad_cams_mean_of_scaled_maps(case, name):
+    """layer=[a, b] as pytorch-grad-cam's target_layers=[a, b]: each layer's CAM from torch.autograd's
+    activations and gradients, combined as its BaseCAM does."""
+    model, x, ex, net = case
+    for target in (0, 2):
+        cams = [ref_cams(*torch_layer_grads(net, x, index, target))[name] for index in (1, 3)]
+        res = ex.explain(x, name, target=target, layer=["relu1", "relu2"])
+        assert res.layer == ["relu1", "relu2"] and res.raw.shape == (1,) + x.shape[2:]
+        np.testing.assert_allclose(res.raw[0], ref_layers_combined(cams, x.shape[2:]), atol=2e-5, err_msg=name)
+        one = ex.explain(x, name, target=target, layer=["relu2", "relu2"])    # one layer, named twice
+        assert one.layer == "relu2"
+        np.testing.assert_array_equal(one.raw, ex.explain(x, name, target=target, layer="relu2").raw)
+
+
+def test_a_layer_with_a_blank_map_counts_as_zeros():
+    """A layer whose CAM is nowhere positive adds zeros to the mean (the 1e-7 guard), not NaN."""
+    from onnxsal.explainer import combine_layers
+
+    rng = np.random.default_rng(0)
+    live = rng.random((2, 4, 4)).astype(np.float32)
+    got = combine_layers([np.full((2, 8, 8), -1.0, np.float32), live], (8, 8))
+    alone = ref_layers_combined([live[1]], (8, 8))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[1], alone, atol=1e-6)
+
+
+def test_several_layers_only_where_pytorch_grad_cam_takes_them(case):
+    from onnxsal.errors import LayerError
+
+    model, x, ex, net = case
+    for name in ("guidedgradcam", "layerig"):
+        with pytest.raises(LayerError, match=f"{name} reads one layer; several layers are averaged for ablationcam"):
+            ex.explain(x, name, target=0, layer=["relu1", "relu2"])
+    with pytest.raises(LayerError, match="give at least one layer"):
+        ex.explain(x, "gradcam", target=0, layer=[])
+    with pytest.raises(LayerError, match="unknown layer 'nope'"):
+        ex.explain(x, "gradcam", target=0, layer=["relu1", "nope"])
+    res = ex.explain(x, "scorecam", target=0, layer=("relu1", "relu2"))   # a gradient-free CAM as well
+    per = [ex.explain(x, "scorecam", target=0, layer=la).raw[0] for la in ("relu1", "relu2")]
+    np.testing.assert_allclose(res.raw[0], ref_layers_combined(per, x.shape[2:]), atol=2e-5)
+    assert ex.explain(x, "saliency", target=0, layer=["relu1", "relu2"]).notes[-1].endswith(
+        "does not use the layer relu1, relu2")
+
+
 def test_eigen_smooth_is_the_principal_component_of_the_weighted_activations(case):
     model, x, ex, net = case
     a, g = torch_layer_grads(net, x, 3, 1)

@@ -507,6 +507,15 @@ def test_one_method_one_image_and_method_spellings(ex, tmp_path):
         evaluate(ex, np.concatenate([X, X]), ["saliency"], masks=[np.ones((16, 16), bool)], step=64)
 
 
+def test_export_writes_one_layer(ex):
+    from onnxsal.errors import LayerError
+
+    with pytest.raises(LayerError, match="export writes a CAM of one layer, not of 2"):
+        export(ex.model, "gradcam", ["relu1", "relu2"])
+    one = export(ex.model, "gradcam", ["relu1"])
+    assert onnx.helper.printable_graph(one.graph) == onnx.helper.printable_graph(export(ex.model, "gradcam", "relu1").graph)
+
+
 def test_export_takes_an_explainer_and_names_its_methods(ex, tmp_path):
     import onnxruntime as ort
 

@@ -287,6 +287,16 @@ def test_sanity_check_on_an_nhwc_model():
     assert rep.original["gradcam"].shape == (1, 16, 16) and len(rep.verdicts()) == 1
 
 
+def test_the_permuted_model_reads_the_same_several_layers():
+    """A CAM over several layers runs over the same layers on the permuted-label model, not its default."""
+    ex = Explainer(tiny.conv_net(size=16), "cpu")
+    x = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32)
+    twin = Explainer(tiny.conv_net(size=16), "cpu")
+    rep = sanity_check(ex, [x], ["gradcam"], modes=(), permuted=twin, layer=["relu1", "relu2"])
+    np.testing.assert_allclose(rep.scores[("gradcam", 0)], 1.0, atol=1e-6)
+    assert rep.original["gradcam"].shape == (1, 16, 16)
+
+
 def test_identical_models_are_perfectly_similar():
     ex = Explainer(tiny.conv_net(size=16), "cpu")
     x = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32)

@@ -86,7 +86,7 @@ def sanity(
     seed: int = typer.Option(0, help="seed of the random weights"),
     max_steps: int = typer.Option(16, help="deep models: randomise layers in at most this many blocks"),
     target: Optional[str] = O.TARGET,
-    layer: Optional[str] = O.LAYER,
+    layer: List[str] = O.LAYERS,
     score: str = O.SCORE,
     region: str = O.REGION,
     like: Optional[str] = O.LIKE,
@@ -142,7 +142,7 @@ def sanity(
                 bar.update(task, completed=done, total=total, description=what[:60])
 
             rep = sanity_check(ex, files, methods, modes=modes[mode], permuted=perm, seed=seed, max_steps=max_steps,
-                               target=target, layer=layer, score=score, region=region, options=options,
+                               target=target, layer=O.one_or_many(layer), score=score, region=region, options=options,
                                threshold=threshold, like=None if like is None else _reference(like), progress=report)
         written = [os.path.join(out_dir, "sanity.csv"), os.path.join(out_dir, "sanity.json")]
         with _writing(written[0]):
@@ -208,7 +208,7 @@ def evaluate(
     blur_sigma: Optional[float] = typer.Option(None, help="Gaussian sigma in input pixels (default: input size / 16)"),
     tolerance: float = typer.Option(15, help="pointing game tolerance in image pixels"),
     target: Optional[str] = O.TARGET,
-    layer: Optional[str] = O.LAYER,
+    layer: List[str] = O.LAYERS,
     score: str = O.SCORE,
     region: str = O.REGION,
     like: Optional[str] = O.LIKE,
@@ -266,7 +266,7 @@ def evaluate(
                 bar.update(task, completed=done, total=total, description=what[:60])
 
             rep = run(ex, files, methods, masks=mask_arrays, step=step, deletion=substrate, insertion=start,
-                      blur_sigma=blur_sigma, tolerance=tolerance, target=target, layer=layer, score=score,
+                      blur_sigma=blur_sigma, tolerance=tolerance, target=target, layer=O.one_or_many(layer), score=score,
                       region=region, options=options, progress=report)
         paths = [os.path.join(out_dir, n) for n in ("evaluation.csv", "evaluation.json", "curves.png")]
         with _writing(paths[0]):

@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..engine import check_region
-from ..errors import MethodError, ModelError
+from ..errors import LayerError, MethodError, ModelError
 from ..explainer import Explainer
 from ..methods import number_option
 from ..postprocess import finish, resize
@@ -307,14 +307,16 @@ def _maker(ex: Explainer, group: Sequence[WeightLayer], layers: Sequence[WeightL
     return make
 
 
-def _layer_in(ex: Explainer, layer: Optional[str]) -> Optional[str]:
-    """A CAM layer chosen on the original model, if the permuted-label model has it; else its default."""
+def _layer_in(ex: Explainer, layer: Union[str, Sequence[str], None]) -> Union[str, Sequence[str], None]:
+    """The CAM layer (or layers) chosen on the original model, if the permuted-label model has them all;
+    else its default."""
     if layer is None:
         return None
     try:
-        ex.model.find_layer(layer)
+        for name in layer if isinstance(layer, (list, tuple)) else [layer]:
+            ex.model.find_layer(name)
         return layer
-    except Exception:
+    except LayerError:
         return None
 
 
