@@ -351,8 +351,8 @@ def export_cmd(
     write_proto(graph, output)
     inp = graph.graph.input[0]
     extra = f" + reference (1 or N, {width})" if like == "input" else ""
-    out.print(f"wrote {esc(output)}: inputs {esc(inp.name)} + target (int64 class per image){extra} -> logits, map "
-              f"({method})")
+    out.print(f"wrote {esc(output)}: inputs {esc(inp.name)} + target (int64 class per image, or one for all){extra} "
+              f"-> logits, map ({method})", soft_wrap=True)
 
 
 @app.command("methods")

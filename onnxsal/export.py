@@ -171,7 +171,8 @@ def _checked_target(e: "_Emitter", target: str, n: int) -> str:
 def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_samples: int = 20,
            noise_level: float = 0.15, steps: int = 32, region: str = "won",
            reference_input: bool = False) -> onnx.ModelProto:
-    """A standalone graph: inputs (image, target int64[N]); outputs (logits [N, C], map [N, H, W] in [0, 1]).
+    """A standalone graph: inputs (image, target int64[N] or [1] for all); outputs (logits [N, C], map [N, H, W]
+    in [0, 1]).
 
     ``model``: a path, an onnx.ModelProto, a loaded Model, or an Explainer (its model as set up:
     ``export(ex.like(reference))`` exports a similarity).
@@ -254,6 +255,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         g_model = vjp(proto, logits, [wrt] + [t for t, _ in biases], outputs=[wrt] if cam else [])
     e = _Emitter(g_model)
     g = e.g
+    model_nodes = len(g.node)                    # the gradient graph's own nodes, before the explainer's
     grad_y = f"grad_{scored}"
     fed = {grad_y}
     if method == "shapleycam":      # the Hessian is applied to the activations themselves
@@ -265,6 +267,10 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     g.input.extend(inputs)
     g.input.append(helper.make_tensor_value_info("target", TensorProto.INT64, ["N"]))
     target = _checked_target(e, "target", m.n_targets)
+    # one target serves every image (as explain_batch's one-for-all); N targets, one per image
+    n_images = e.op("Slice", [e.op("Shape", [x_name]), e.const([0], np.int64), e.const([1], np.int64)])
+    target = e.op("Expand", [target, n_images], hint="target_per_image")
+    e.g.node[-1].name = "target_must_be_one_or_one_per_image"     # ONNX Runtime's error names the node
 
     rows_target = target
     clean = None
@@ -274,7 +280,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         clean = (k, lig_weights)
     elif method in ("smoothgrad", "ig"):
         rows = e.name("rows")
-        for node in g.node:                       # the VJP graph now runs on the stacked rows
+        for node in g.node[:model_nodes]:         # the VJP graph now runs on the stacked rows
             for k, i in enumerate(node.input):
                 if i == x_name:
                     node.input[k] = rows

@@ -40,6 +40,20 @@ def test_exported_maps_equal_engine_maps(layout, method):
         np.testing.assert_allclose(logits[i], res.logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["gradcam", "shapleycam", "layerig", "saliency", "ig", "smoothgrad", "fullgrad"])
+def test_one_target_serves_every_image(method):
+    """target [c] for N images is target [c] * N, as explain_batch takes one target for all."""
+    graph = export(tiny.conv_net(size=16, seed=4), method, n_samples=4, noise_level=0.0)
+    x = np.random.default_rng(0).random((3, 3, 16, 16)).astype(np.float32)
+    logits_one, maps_one = run(graph, x, [2])
+    logits_all, maps_all = run(graph, x, [2, 2, 2])
+    assert maps_one.shape == (3, 16, 16)
+    np.testing.assert_allclose(maps_one, maps_all, atol=1e-6)
+    np.testing.assert_allclose(logits_one, logits_all, atol=1e-6)
+    with pytest.raises(Exception, match="Name:'target_must_be_one_or_one_per_image'"):  # neither one nor N
+        run(graph, x, [2, 1])
+
+
 @pytest.mark.parametrize("method", ["gradcam", "ig"])
 @pytest.mark.parametrize("classes,softmax", [(3, True), (1, False)])
 def test_a_target_out_of_range_fails_in_onnx_runtime(method, classes, softmax):
