@@ -539,12 +539,12 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
     if m.input.elem_type in PIXEL_TYPES:      # a model of integer pixels takes them here too
         _take_pixels(g, x_name, m.input.elem_type, e.name(f"{x_name}_real"))
     if reference_input:             # "reference": (1, D), or one row per image, repeated for stacked copies
-        source = ""
+        d = reference_width(g)
+        n1 = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
+        source = e.op("Expand", ["reference", e.op("Concat", [n1, e.const([d], np.int64)], axis=0)])
+        e.g.node[-1].name = f"reference_must_be_1_or_N_rows_of_{d}"    # ONNX Runtime's error names the node
         if clean is not None:
-            width = e.const([reference_width(g)], np.int64)
-            n1 = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
-            per_image = e.op("Expand", ["reference", e.op("Concat", [n1, width], axis=0)])
-            source = e.op("Concat", [per_image, e.op("Tile", [per_image, e.const([clean[0], 1], np.int64)])], axis=0)
+            source = e.op("Concat", [source, e.op("Tile", [source, e.const([clean[0], 1], np.int64)])], axis=0)
         as_input(g_model, source=source)
     _toposort(g)
     g_model = attach(g_model)

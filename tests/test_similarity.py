@@ -350,3 +350,7 @@ def test_each_image_can_bring_its_own_reference(embedder, method):
     with torch.no_grad():
         want = torch.nn.functional.cosine_similarity(net(torch.tensor(x)).flatten(1), torch.tensor(refs))
     np.testing.assert_allclose(scores[:, 0], want.numpy(), rtol=1e-5)
+    with pytest.raises(Exception, match=f"Name:'reference_must_be_1_or_N_rows_of_{DIM}'"):   # 3 for 2 images
+        sess.run(["logits", "map"], {"image": x, "target": targets, "reference": np.concatenate([refs, refs[:1]])})
+    with pytest.raises(Exception, match=f"(?s)input: reference .*Got: {DIM - 1} Expected: {DIM}"):   # its own check
+        sess.run(["logits", "map"], {"image": x, "target": targets, "reference": refs[:, :-1]})
