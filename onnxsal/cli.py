@@ -88,8 +88,8 @@ def _explainer(model: str, device: str, size: Optional[str], preprocess: Optiona
     from .explainer import Explainer
 
     return Explainer(model, device, preprocess=preprocess, size=parse_size(size), labels=labels,
-                     mean=numbers(mean, "--mean", ImageError), std=numbers(std, "--std", ImageError), scale=scale, bgr=bgr, batch_size=batch_size,
-                     fixed_inputs=_feeds(feed), head=head)
+                     mean=numbers(mean, "--mean", ImageError), std=numbers(std, "--std", ImageError), scale=scale,
+                     bgr=bgr, batch_size=batch_size, fixed_inputs=_feeds(feed), head=head)
 
 
 @app.command()

@@ -13,10 +13,6 @@ LAYER = typer.Option(None, "--layer", "-l", help="layer tensor, node or framewor
 LAYERS = typer.Option([], "--layer", "-l", help="layer tensor, node or framework layer name for CAM methods; "
                       "repeat it to average a CAM over several layers, as pytorch-grad-cam's target_layers")
 
-
-def one_or_many(given: list) -> "str | list | None":
-    """A repeatable option's values as the API takes them: none, one value, or the list."""
-    return None if not given else given[0] if len(given) == 1 else list(given)
 SCORE = typer.Option("logit", help="logit (final softmax/sigmoid removed) or probability")
 OPTION = typer.Option([], "--option", "-O", help="method option key=value, e.g. -O window=16")
 REGION = typer.Option("won", "--region", help="per-pixel outputs: the pixels a class target scores: won (those "
@@ -38,3 +34,8 @@ LABELS = typer.Option(None, help="text file with one label per line, or a,b,c")
 DEVICE = typer.Option("auto", help="auto, cpu, cuda or cuda:N")
 BATCH_SIZE = typer.Option(None, help="rows per ONNX Runtime run (default: from a memory budget)")
 QUIET = typer.Option(False, "--quiet", "-q", help="print nothing but errors")
+
+
+def one_or_many(given: list) -> "str | list | None":
+    """A repeatable option's values as the API takes them: none, one value, or the list."""
+    return None if not given else given[0] if len(given) == 1 else list(given)

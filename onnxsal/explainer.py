@@ -31,6 +31,8 @@ MULTI_LAYER = frozenset({"gradcam", "gradcam++", "xgradcam", "layercam", "hiresc
                          "eigengradcam", "fem", "kpcacam", "shapleycam", "finercam", "scorecam", "fasterscorecam",
                          "ablationcam"})
 
+EPS_SCALE = 1e-7            # pytorch-grad-cam's guard in scale_cam_image
+
 
 def combine_layers(maps: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
     """One map from each layer's (T, h, w) maps, as pytorch-grad-cam combines its target layers: each
@@ -44,9 +46,6 @@ def combine_layers(maps: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndar
 
     per = [resize(scaled(np.maximum(m.astype(np.float64), 0)), size) for m in maps]
     return scaled(np.maximum(np.mean(per, axis=0), 0)).astype(np.float32)
-
-
-EPS_SCALE = 1e-7
 
 
 @dataclass
@@ -426,12 +425,13 @@ class Explainer:
         return found
 
     def explain(self, image: Union[ImageLike, Prepared], method: str = "gradcam", target=None, *, top_k: int = 1,
-                layer: Optional[str] = None, score: str = "logit", smooth: Optional[float] = None,
+                layer: Union[str, Layer, Sequence[str], None] = None, score: str = "logit", smooth: Optional[float] = None,
                 region: str = "won", progress: Optional[Progress] = None, **options) -> Explanation:
         """Explain one input. `target`: class index, label or a list of them; default the top `top_k` classes.
         A float array shaped like one output row is a weighting instead: score = sum(target * output).
         `region`: which pixels of a per-pixel model's class map a class scores: "won" (those it wins in
-        the image's output), "peak" (its highest: a keypoint heatmap's) or "all"."""
+        the image's output), "peak" (its highest: a keypoint heatmap's) or "all". `layer`: a CAM's layer, or
+        a list of them, combined as pytorch-grad-cam's ``target_layers`` (``combine_layers``)."""
         spec = get_method(method)
         opts = check_options(spec, options)
         top_k = number_option("top_k", top_k, int, False, error=TargetError)
