@@ -9,12 +9,13 @@ flags for converted models.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import BinaryIO, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -171,11 +172,17 @@ def run_names(items: Sequence) -> list[str]:
     return out
 
 
-def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Decode any format Pillow reads and honour EXIF orientation; the modes as `displayable`."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise MissingFileError(f"image not found: {path}")
+def load_image(path: Union[str, os.PathLike, bytes, bytearray, BinaryIO]) -> Image.Image:
+    """Decode any format Pillow reads and honour EXIF orientation; the modes as `displayable`. Besides
+    a path, an encoded file's bytes or an open binary file (an upload a service holds) are read."""
+    if isinstance(path, (bytes, bytearray)):
+        path, what = io.BytesIO(path), "the image bytes"
+    elif hasattr(path, "read"):
+        what = "the image file given"
+    else:
+        path = what = os.fspath(path)
+        if not os.path.exists(path):
+            raise MissingFileError(f"image not found: {path}")
     try:
         with warnings.catch_warnings():     # a 100-megapixel photo is an image, not an attack
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -185,10 +192,10 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
                 img = ImageOps.exif_transpose(im) or im
                 img = img.copy()
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"cannot read {path}: {str(exc).rstrip('.')} (Pillow's guard); downscale it first") from exc
+        raise ImageError(f"cannot read {what}: {str(exc).rstrip('.')} (Pillow's guard); downscale it first") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot read {path} as an image ({type(exc).__name__}: {str(exc)[:80]})") from exc
-    img = displayable(img, path)
+        raise ImageError(f"cannot read {what} as an image ({type(exc).__name__}: {str(exc)[:80]})") from exc
+    img = displayable(img, what)
     img.info["frames"] = frames          # an animation or a stack: its first frame is read
     return img
 
@@ -268,9 +275,11 @@ def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Opti
             layout: str, channels: int, size: tuple) -> Prepared:
     """Load an image file, a PIL image, or an already preprocessed array into model input."""
     notes: list[str] = []
-    if not isinstance(source, (str, os.PathLike, np.ndarray, Image.Image)):
+    encoded = isinstance(source, (bytes, bytearray)) or hasattr(source, "read")   # an upload's bytes or file
+    if not encoded and not isinstance(source, (str, os.PathLike, np.ndarray, Image.Image)):
         if not hasattr(source, "__array__"):      # a torch or JAX tensor, a TF eager tensor: NumPy reads them
-            raise ImageError(f"an input is an image file's path, a PIL image or an array, not {type(source).__name__}")
+            raise ImageError(f"an input is an image file's path, bytes or open file, a PIL image or an array, "
+                             f"not {type(source).__name__}")
         source = np.asarray(source)
     if isinstance(source, np.ndarray) and source.size == 0:
         raise ImageError(f"array input is empty (shape {source.shape})")
@@ -282,7 +291,9 @@ def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Opti
         # an image's pixels, as np.asarray(Image.open(...)) gives them (a batch of one too): taken as-is
         # they would feed 0-255 to a float model (silently, when it is channels-last and of the same size)
         pixels = source[0] if source.ndim == 4 and len(source) == 1 else source
-        if pixels.ndim == 2 or pixels.ndim == 3 and pixels.shape[2] in (1, 3):
+        # with alpha too (RGBA, grey + alpha), unless the model itself takes that many channels
+        alpha = pixels.ndim == 3 and pixels.shape[2] in (2, 4) and pixels.shape[2] != channels
+        if pixels.ndim == 2 or pixels.ndim == 3 and pixels.shape[2] in (1, 3) or alpha:
             source = Image.fromarray(pixels[:, :, 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
             notes.append("took the uint8 (H, W[, C]) array as an image's pixels")
     if isinstance(source, np.ndarray):
@@ -293,7 +304,7 @@ def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Opti
     if isinstance(source, Image.Image):
         img, name = displayable(source), "image"
     else:
-        img, name = load_image(source), _stem(os.fspath(source))
+        img, name = load_image(source), "image" if encoded else _stem(os.fspath(source))
         if img.info.get("frames", 1) > 1:
             notes.append(f"read the first of the image's {img.info['frames']} frames")
     if spec is None:

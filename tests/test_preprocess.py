@@ -146,6 +146,46 @@ def test_a_uint8_pixel_array_is_an_image(layout):
         prepare(p, None, layout=layout, channels=3, size=(4, 5))
 
 
+def test_pixel_arrays_with_alpha_are_images_flattened_onto_white(tmp_path):
+    """np.asarray of an RGBA or grey + alpha PNG: read as the file is (alpha onto white), unless the
+    model itself takes four (or two) channels, where the array is its own tensor."""
+    p = pixels()
+    alpha = np.full(p.shape[:2] + (1,), 255, np.uint8)
+    alpha[0, 0] = 0                                       # one transparent pixel: white there
+    spec = Preprocess.from_preset("unit").fitted("NCHW", (4, 5), 3)
+    for arr, mode in ((np.concatenate([p, alpha], axis=2), "RGBA"),
+                      (np.concatenate([p[:, :, :1], alpha], axis=2), "LA")):
+        prep = prepare(arr, spec, layout="NCHW", channels=3, size=(4, 5))
+        Image.fromarray(arr, mode).save(tmp_path / f"{mode}.png")        # the same pixels as a file on disk
+        want = prepare(tmp_path / f"{mode}.png", spec, layout="NCHW", channels=3, size=(4, 5)).tensor
+        np.testing.assert_array_equal(prep.tensor, want)
+        assert prep.tensor[0, :, 0, 0].tolist() == [1.0, 1.0, 1.0]
+        assert "took the uint8 (H, W[, C]) array as an image's pixels" in prep.notes
+    four = np.concatenate([p, alpha], axis=2)[None]      # a 4-channel uint8 NHWC model's own input
+    prep4 = prepare(four, None, layout="NHWC", channels=4, size=(4, 5))
+    np.testing.assert_array_equal(prep4.tensor, four)
+
+
+def test_an_encoded_image_s_bytes_or_open_file_is_read_as_the_file(tmp_path):
+    """A service holds an upload as bytes or a file object: both read as the file on disk would."""
+    import io
+
+    Image.fromarray(pixels()).save(tmp_path / "a.png")
+    spec = Preprocess.from_preset("imagenet").fitted("NCHW", (4, 5), 3)
+    want = prepare(tmp_path / "a.png", spec, layout="NCHW", channels=3, size=(4, 5))
+    data = (tmp_path / "a.png").read_bytes()
+    with open(tmp_path / "a.png", "rb") as f:
+        for given in (data, bytearray(data), io.BytesIO(data), f):
+            got = prepare(given, spec, layout="NCHW", channels=3, size=(4, 5))
+            np.testing.assert_array_equal(got.tensor, want.tensor)
+            np.testing.assert_array_equal(got.display, want.display)
+            assert got.name == "image"
+    with pytest.raises(ImageError, match="cannot read the image bytes as an image"):
+        prepare(b"not an image", spec, layout="NCHW", channels=3, size=(4, 5))
+    with pytest.raises(ImageError, match="cannot read the image file given as an image"):
+        prepare(io.BytesIO(b"GIF89a truncated"), spec, layout="NCHW", channels=3, size=(4, 5))
+
+
 def test_deep_greyscale_is_scaled_not_clipped(tmp_path):
     """16-bit PNG/TIFF, 32-bit integer and float images: Pillow's own convert clips them at 255."""
     deep = (np.arange(4 * 5).reshape(4, 5) * 3000 + 7).astype(np.uint16)  # 7 .. 57007, most above 255
