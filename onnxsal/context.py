@@ -24,6 +24,7 @@ class Context:
     info: dict = field(default_factory=dict)   # numbers a method reports back (e.g. IG's completeness gap)
     acts: Optional[np.ndarray] = None          # the layer's activations, when already computed
     clean: Optional[tuple] = None              # (logits, output) of x itself, when a gradient pass had them
+    together: Optional["JointGradients"] = None  # a CAM over several layers: their gradients from one pass
 
     @property
     def model(self) -> Model:
@@ -123,3 +124,27 @@ class Context:
 
     def rng(self, seed: Optional[int]) -> np.random.Generator:
         return np.random.default_rng(seed)
+
+
+@dataclass
+class JointGradients:
+    """The targets' gradients w.r.t. several layers, from one pass through the network after the first
+    (``Engine.layers_gradients``), made at the first layer's request and read by the others."""
+    engine: Engine
+    x: np.ndarray
+    acts: dict                    # layer tensor -> (1, ...) activations of x
+    seeds: np.ndarray
+    score: str
+    progress: Optional[Progress] = None
+    grads: Optional[dict] = None
+    tried: bool = False
+
+    def of(self, layer: str) -> Optional[np.ndarray]:
+        """(T, ...) gradients at ``layer``; None where one pass cannot serve the layers (the method then
+        runs its own pass per layer)."""
+        if not self.tried:
+            self.tried = True
+            rows = {t: np.repeat(a, len(self.seeds), axis=0) for t, a in self.acts.items()}
+            self.grads = self.engine.layers_gradients(rows, self.seeds, list(self.acts), self.x, score=self.score,
+                                                      progress=self.progress)
+        return None if self.grads is None else self.grads[layer]

@@ -14,7 +14,7 @@ import onnx
 from PIL import Image
 
 from .methods import check_options, get as get_method, number_option
-from .context import Context
+from .context import Context, JointGradients
 from .engine import Engine, Target, check_region, make_targets
 from .errors import ImageError, LayerError, MethodError, ModelError, OutputError, TargetError
 from .detection import Detection, QueryOutput, ranked
@@ -470,9 +470,13 @@ class Explainer:
                 boxes = acts.pop(0)
         targets = self.targets(None if lazy else logits if m.activation is None else out, target, top_k, score, region)
         per_layer, infos = [], []
+        together = JointGradients(self.engine, prepared.tensor, {la.tensor: a for la, a in zip(layers, acts)},
+                                  np.stack([t.seed for t in targets]).astype(np.float32), score, progress) \
+            if len(layers) > 1 else None
         for i, the_one in enumerate(layers or [None]):
             ctx = Context(self.engine, prepared.tensor, targets, the_one, score, progress,
-                          acts=acts[i] if i < len(acts) else None, clean=None if lazy else (logits, out))
+                          acts=acts[i] if i < len(acts) else None, clean=None if lazy else (logits, out),
+                          together=together)
             try:
                 per_layer.append(np.asarray(spec.fn(ctx, **opts), np.float32))
             except MemoryError as exc:   # NumPy's own message names an array shape, not the setting behind it

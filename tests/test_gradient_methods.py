@@ -161,6 +161,36 @@ def test_a_cam_over_several_layers_is_pytorch_grad_cams_mean_of_scaled_maps(case
         np.testing.assert_array_equal(one.raw, ex.explain(x, name, target=target, layer="relu2").raw)
 
 
+def test_several_layers_take_their_gradients_from_one_pass(case, monkeypatch):
+    """One backward pass serves every layer (as pytorch-grad-cam's); where it cannot, each layer runs
+    its own, with the same maps."""
+    from onnxsal.engine import Engine
+
+    model, x, ex, net = case
+    joint = {name: ex.explain(x, name, target=[0, 2], layer=["relu1", "relu2"]).raw
+             for name in ("gradcam", "layercam", "eigengradcam")}
+    calls = []
+    own = Engine.layers_gradients
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return own(self, *args, **kwargs)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a layer ran its own gradient pass")
+
+    monkeypatch.setattr(Engine, "layers_gradients", counted)
+    monkeypatch.setattr(Engine, "layer_gradients", never)
+    again = ex.explain(x, "gradcam", target=[0, 2], layer=["relu2", "relu1"])
+    assert len(calls) == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(Engine, "layers_gradients", lambda *args, **kwargs: None)     # no joint pass
+    for name, raw in joint.items():
+        np.testing.assert_allclose(ex.explain(x, name, target=[0, 2], layer=["relu1", "relu2"]).raw, raw,
+                                   atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(again.raw, joint["gradcam"], atol=1e-6)
+
+
 def test_a_layer_with_a_blank_map_counts_as_zeros():
     """A layer whose CAM is nowhere positive adds zeros to the mean (the 1e-7 guard), not NaN."""
     from onnxsal.explainer import combine_layers

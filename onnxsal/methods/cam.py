@@ -46,10 +46,12 @@ def layer_grads(ctx: Context, seeds: Optional[np.ndarray] = None, score: Optiona
     VJP of the network after the layer alone (``Engine.layer_gradients``). ``seeds``/``score``
     replace the targets' cotangent rows and the scored tensor (Finer-CAM's own score).
     """
+    shared = ctx.together.of(ctx.layer.tensor) if ctx.together is not None and seeds is None and score is None \
+        else None                  # several layers: one pass gave every layer's gradients
     seeds = ctx.seeds if seeds is None else seeds
     acts = np.repeat(ctx.activations(), len(seeds), axis=0)
-    g = ctx.engine.layer_gradients(acts, seeds, ctx.layer.tensor, ctx.x, score=score or ctx.score,
-                                   progress=ctx.progress)
+    g = shared if shared is not None else ctx.engine.layer_gradients(
+        acts, seeds, ctx.layer.tensor, ctx.x, score=score or ctx.score, progress=ctx.progress)
     return ctx.layer.grid(acts), ctx.layer.grid(g)
 
 
