@@ -20,7 +20,7 @@ from typing import BinaryIO, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError, MissingFileError, OnnxsalError
+from .errors import ImageError, MissingFileError, OnnxsalError, SizeError
 from .values import number, numbers, switch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -369,11 +369,11 @@ def parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
     try:
         parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
     except ValueError:
-        raise ImageError(f"--size must look like 224x224, not {text!r}") from None
+        raise SizeError(f"--size must look like 224x224, not {text!r}") from None
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0:
-        raise ImageError(f"--size must look like 224x224, not {text!r}")
+        raise SizeError(f"--size must look like 224x224, not {text!r}")
     return parts[0], parts[1]
 
 

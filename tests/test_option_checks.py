@@ -345,7 +345,7 @@ def test_array_likes_are_read_by_numpy(ex):
     ({"size": (0, 16)}, "SizeError", r"size is \(H, W\) in whole pixels"),
     ({"size": (16.5, 16)}, "SizeError", r"size is \(H, W\) in whole pixels"),
     ({"size": 16}, "SizeError", r"size is \(H, W\) in whole pixels"),
-    ({"size": "16x"}, "ImageError", "must look like 224x224"),
+    ({"size": "16x"}, "SizeError", "must look like 224x224"),
     ({"labels": 4}, "ModelError", "labels are a list of class names"),
     ({"labels": "nofile"}, "MissingFileError", "labels file not found: nofile"),
     ({"mean": [0.2, "a", 0.1]}, "ImageError", r"mean takes numbers, not \[0.2, 'a', 0.1\]"),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onnxsal.errors import ImageError, MissingFileError
+from onnxsal.errors import ImageError, MissingFileError, SizeError
 from onnxsal.preprocess import Preprocess, load_image, make_spec, parse_size, prepare
 
 
@@ -119,7 +119,7 @@ def test_bad_inputs(tmp_path):
     Image.fromarray(pixels()).save(tmp_path / "a.png")
     with pytest.raises(ImageError, match="preprocess"):
         prepare(tmp_path / "a.png", None, layout="NCHW", channels=3, size=(4, 5))
-    with pytest.raises(ImageError):
+    with pytest.raises(SizeError, match="--size must look like 224x224, not 'big'"):
         parse_size("big")
     assert parse_size("224x200") == (224, 200) and parse_size("96") == (96, 96)
 

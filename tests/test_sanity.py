@@ -297,6 +297,26 @@ def test_the_permuted_model_reads_the_same_several_layers():
     assert rep.original["gradcam"].shape == (1, 16, 16)
 
 
+def test_a_figure_that_cannot_be_written_is_an_output_error(tmp_path):
+    from onnxsal.errors import OutputError
+    from onnxsal.evaluate.sanity import figure
+
+    ex = Explainer(tiny.conv_net(size=16), "cpu")
+    x = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32)
+    rep = sanity_check(ex, [x], ["saliency"], modes=("cascading",), max_steps=1)
+    (tmp_path / "plain").write_text("a file, not a folder")
+    with pytest.raises(OutputError, match=r"cannot write '.*plain/fig.png': Not a directory"):
+        figure(str(tmp_path / "plain" / "fig.png"), rep)
+    figure(str(tmp_path / "fig.png"), rep)
+    assert (tmp_path / "fig.png").stat().st_size > 0
+    from onnxsal.evaluate.commands import curves_figure
+    from onnxsal.evaluate.faithfulness import evaluate
+
+    scores = evaluate(ex, [x], ["saliency"], step=64)
+    with pytest.raises(OutputError, match=r"cannot write '.*plain/curves.png': Not a directory"):
+        curves_figure(str(tmp_path / "plain" / "curves.png"), scores)
+
+
 def test_identical_models_are_perfectly_similar():
     ex = Explainer(tiny.conv_net(size=16), "cpu")
     x = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32)

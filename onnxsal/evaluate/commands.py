@@ -348,4 +348,7 @@ def curves_figure(path: str, rep) -> None:
         ax.set_ylim(min(0.0, lo - 0.02 * abs(lo)), max(1.02, hi + 0.02 * abs(hi)))
     ax_d.set_ylabel(rep.settings["score"] if len(rep.settings["score"]) < 40 else "target's score")
     fig.tight_layout()
-    fig.savefig(path)
+    try:
+        fig.savefig(path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path!r}: {exc.strerror or exc}") from exc

@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..engine import check_region
-from ..errors import LayerError, MethodError, ModelError
+from ..errors import LayerError, MethodError, ModelError, OutputError
 from ..explainer import Explainer
 from ..methods import number_option
 from ..postprocess import finish, resize
@@ -364,7 +364,10 @@ def figure(path: str, report: SanityReport, image: int = 0, cmap: str = "gray") 
     name = report.images[image]
     fig.suptitle(f"{name} ({report.targets[name]}): cascading randomisation from the logits", fontsize=9,
                  y=1 - 0.12 / height, va="top")
-    fig.savefig(path, dpi=100)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:           # a folder that is not there, a full disk: named, as Explanation.save does
+        raise OutputError(f"cannot write {path!r}: {exc.strerror or exc}") from exc
 
 
 def _wrap(text: str, width: int = 18) -> str:
