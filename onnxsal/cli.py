@@ -219,7 +219,12 @@ def explain(
     specs = [get_method(m) for m in method]
     per_method = method_options([s.name for s in specs], option)
     chosen = O.one_or_many(layer)
-    images = collect_images(images)
+    if "-" in images:                       # an encoded image on standard input, as `curl ... |` gives it
+        if images.count("-") > 1:
+            raise ImageError("standard input ('-') holds one image; give it once")
+        if sys.stdin is None or sys.stdin.isatty():
+            raise ImageError("'-' reads an image from standard input, but nothing is piped to it")
+    images = [found for item in images for found in (["-"] if item == "-" else collect_images([item]))]
     with output_folder(out_dir):
         ex = _explainer(model, device, size, preprocess, mean, std, scale, bgr, labels, batch_size, feed, head)
         targets = target or None
@@ -239,10 +244,10 @@ def explain(
             def batches(done: int, total: int) -> None:   # long runs (RISE, Score-CAM, IG) report each batch
                 bar.update(rows, completed=done, total=total)
 
-            names = output_names(images)
+            names = output_names([i for i in images if i != "-"])
             for image in images:
-                prepared = ex.prepare(image)
-                prepared.name = names[image]
+                prepared = ex.prepare(sys.stdin.buffer.read() if image == "-" else image)
+                prepared.name = "stdin" if image == "-" else names[image]
                 for spec in specs:
                     bar.update(task, description=f"{prepared.name}: {spec.name}")
                     kw = per_method[spec.name]

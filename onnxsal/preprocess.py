@@ -194,7 +194,8 @@ def load_image(path: Union[str, os.PathLike, bytes, bytearray, BinaryIO]) -> Ima
     except Image.DecompressionBombError as exc:
         raise ImageError(f"cannot read {what}: {str(exc).rstrip('.')} (Pillow's guard); downscale it first") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot read {what} as an image ({type(exc).__name__}: {str(exc)[:80]})") from exc
+        detail = str(exc) if isinstance(path, str) else str(exc).split(" <_io.")[0]   # no object address
+        raise ImageError(f"cannot read {what} as an image ({type(exc).__name__}: {detail[:80]})") from exc
     img = displayable(img, what)
     img.info["frames"] = frames          # an animation or a stack: its first frame is read
     return img

@@ -63,6 +63,27 @@ def test_explain_averages_a_cam_over_repeated_layers(files, capsys):
         assert "guidedgradcam reads one layer" in capsys.readouterr().err
 
 
+def test_explain_reads_an_image_piped_to_standard_input(files):
+    """`curl ... | onnxsal explain model.onnx -`: '-' is an encoded image on stdin, named "stdin"."""
+    tmp, model = files
+    out = tmp / "piped"
+    cli = [sys.executable, "-m", "onnxsal.cli", "explain", model]
+    data = (tmp / "cat.png").read_bytes()
+    run = subprocess.run(cli + [str(tmp / "dog.jpg"), "-", "-m", "gradcam", "--out", str(out), "-q"], input=data,
+                         capture_output=True)
+    assert run.returncode == 0, run.stderr
+    assert sorted(os.listdir(out)) == ["dog.gradcam.npy", "dog.gradcam.png", "dog.json", "stdin.gradcam.npy",
+                                       "stdin.gradcam.png", "stdin.json"]
+    assert main(["explain", model, str(tmp / "cat.png"), "-m", "gradcam", "--out", str(tmp / "file"), "-q"]) == 0
+    np.testing.assert_array_equal(np.load(out / "stdin.gradcam.npy"), np.load(tmp / "file" / "cat.gradcam.npy"))
+    for args, given, message in ((["-", "-"], data, "standard input ('-') holds one image; give it once"),
+                                 (["-"], b"junk", "cannot read the image bytes as an image (UnidentifiedImageError: "
+                                                  "cannot identify image file)")):
+        run = subprocess.run(cli + args + ["--out", str(out)], input=given, capture_output=True)
+        err = run.stderr.decode().strip()
+        assert run.returncode == 2 and err == f"error: {message}", err
+
+
 def test_inspect_shows_layers(files, capsys):
     _, model = files
     assert main(["inspect", model]) == 0
