@@ -55,6 +55,15 @@ def test_whole_floats_count_and_none_seeds_draw_afresh(ex):
     np.testing.assert_array_equal(a, b)
     c = ex.explain(X, "smoothgrad", target=0, n_samples=3, seed=None).maps
     assert not np.array_equal(a, c)
+    d = ex.explain(X, "smoothgrad", target=0, n_samples=np.array(3), seed=np.array(1)).maps   # 0-d arrays
+    np.testing.assert_array_equal(a, d)
+    opts = check_options(get("smoothgrad"), {"n_samples": np.array(3.0), "noise_level": np.array(0.1)})
+    assert opts["n_samples"] == 3 and isinstance(opts["n_samples"], int) and opts["noise_level"] == pytest.approx(0.1)
+    for bad, message in ((np.array([3]), "n_samples takes a whole number, not array"),
+                         (np.array(2.5), r"n_samples takes a whole number, not np.float64\(2.5\)"),
+                         (np.array(True), "n_samples takes a whole number, not")):
+        with pytest.raises(MethodError, match=message):
+            check_options(get("smoothgrad"), {"n_samples": bad})
 
 
 def test_an_explicit_occlusion_window_is_kept(ex):

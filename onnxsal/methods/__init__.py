@@ -117,6 +117,8 @@ def number_option(what: str, value, kind: type, optional: bool, error: type = Me
     if value is None and optional:
         return None
     whole = "a whole number" if kind is int else "a number"
+    if isinstance(value, np.ndarray) and value.ndim == 0:     # np.array(5), as a NumPy reduction gives one
+        value = value[()]
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise error(f"{what} takes {whole}, not {value!r}")
     if not np.isfinite(value):
