@@ -56,7 +56,7 @@ class Engine:
         self.runtime = runtime
         self.batch_size = batch_size
         self.simplify = simplify          # False: forward passes run the model's own graph (benchmarks compare)
-        self._joint: dict[str, bool] = {}  # layers_gradients: whether one pass serves those layers
+        self._joint: dict[str, Optional[onnx.ModelProto]] = {}   # layers_gradients: the tail, or None
 
     def _forward_graph(self, model: onnx.ModelProto) -> onnx.ModelProto:
         return simplify_inplace(model) if self.simplify else model
@@ -155,23 +155,21 @@ class Engine:
                          score: str = "logit", progress: Optional[Progress] = None) -> Optional[dict[str, np.ndarray]]:
         """d score / d each of several layers from one pass, as one backward pass gives pytorch-grad-cam
         every target layer's gradient: the network after the first layer (in graph order), fed that
-        layer's activations (``acts`` by layer, one row per seed), differentiated w.r.t. it and the later
-        layers it computes. None
-        when a later layer is not computed there (it does not reach the score)."""
+        layer's activations (``acts`` by layer, one row per seed), differentiated w.r.t. it and the
+        later layers it computes. None when a later layer is not computed there (it does not reach
+        the score): the caller then takes each layer's own pass."""
         y = self.model.score_tensor(score)
         order = {o: i for i, n in enumerate(self.model.light.graph.node) for o in n.output}
         first, *rest = sorted(layers, key=lambda t: order.get(t, -1))
         key = f"replacevjp:{y}|{first}|" + "|".join(rest)
-        if key not in self._joint:
+        if key not in self._joint:                 # the tail is cut once; its graph is kept with its session
             tail = replace(self.model.light, first, [y])
             made = {o for n in tail.graph.node for o in n.output}
-            self._joint[key] = all(t in made for t in rest)
-            if self._joint[key]:
-                self.runtime.session(key, lambda: gradient_graph(tail, y, [first] + rest))
-        if not self._joint[key]:
+            self._joint[key] = tail if all(t in made for t in rest) else None
+        tail = self._joint[key]
+        if tail is None:
             return None
-        sess = self.runtime.session(key, lambda: gradient_graph(replace(self.model.light, first, [y]), y,
-                                                                [first] + rest))
+        sess = self.runtime.session(key, lambda: gradient_graph(tail, y, [first] + rest))
         names = [o.name for o in sess.get_outputs()]
         grad_in = next(i for i in sess.get_inputs() if i.name == "grad_" + y)
         feed = {first: acts[first].astype(np.float32), grad_in.name: seed_rows(seeds, grad_in.shape)}

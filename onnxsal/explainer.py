@@ -24,7 +24,7 @@ from .postprocess import finish, resize
 from .preprocess import Prepared, Preprocess, make_spec, prepare
 from .runtime import Progress, Runtime
 
-ImageLike = Union[str, os.PathLike, np.ndarray, "Image.Image"]  # noqa: F821
+ImageLike = Union[str, os.PathLike, bytes, "BinaryIO", np.ndarray, "Image.Image"]  # noqa: F821
 
 # CAMs whose maps pytorch-grad-cam averages over several target layers: its BaseCAM subclasses
 MULTI_LAYER = frozenset({"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "eigencam",

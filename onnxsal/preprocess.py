@@ -272,9 +272,10 @@ def read_npy(path: str, what: str, error: type) -> np.ndarray:
         raise error(f"cannot read {what} {path} as a NumPy array: {type(exc).__name__}: {exc}") from exc
 
 
-def prepare(source: Union[str, os.PathLike, np.ndarray, Image.Image], spec: Optional[Preprocess], *,
+def prepare(source: Union[str, os.PathLike, bytes, BinaryIO, np.ndarray, Image.Image], spec: Optional[Preprocess], *,
             layout: str, channels: int, size: tuple) -> Prepared:
-    """Load an image file, a PIL image, or an already preprocessed array into model input."""
+    """Load an image file (by path, bytes or open file), a PIL image, or an already preprocessed array
+    into model input."""
     notes: list[str] = []
     encoded = isinstance(source, (bytes, bytearray)) or hasattr(source, "read")   # an upload's bytes or file
     if not encoded and not isinstance(source, (str, os.PathLike, np.ndarray, Image.Image)):
