@@ -272,9 +272,9 @@ def explain(
         return
     out.print(f"device: {ex.device}")
     noted: set = set()
+    aliases = {t: k for k, t in ex.model.layer_aliases.items()}
     for res in results:
         tgt = ", ".join(f"{t.label} ({t.index})" for t in res.targets)
-        aliases = {t: k for k, t in ex.model.layer_aliases.items()}
         where = ", ".join(f"{aliases[t]} ({t})" if t in aliases else t
                           for t in ([res.layer] if isinstance(res.layer, str) else res.layer or []))
         where = f" at {where}" if where else ""

@@ -56,7 +56,7 @@ class Engine:
         self.runtime = runtime
         self.batch_size = batch_size
         self.simplify = simplify          # False: forward passes run the model's own graph (benchmarks compare)
-        self._joint: dict[str, Optional[onnx.ModelProto]] = {}   # layers_gradients: the tail, or None
+        self._joint: dict[tuple, Optional[tuple]] = {}   # layers_gradients: (first, rest, tail), or None
 
     def _forward_graph(self, model: onnx.ModelProto) -> onnx.ModelProto:
         return simplify_inplace(model) if self.simplify else model
@@ -159,16 +159,17 @@ class Engine:
         later layers it computes. None when a later layer is not computed there (it does not reach
         the score): the caller then takes each layer's own pass."""
         y = self.model.score_tensor(score)
-        order = {o: i for i, n in enumerate(self.model.light.graph.node) for o in n.output}
-        first, *rest = sorted(layers, key=lambda t: order.get(t, -1))
-        key = f"replacevjp:{y}|{first}|" + "|".join(rest)
-        if key not in self._joint:                 # the tail is cut once; its graph is kept with its session
+        asked = (y,) + tuple(sorted(layers))
+        if asked not in self._joint:       # ordered and cut once per set of layers; the tail kept with its session
+            order = {o: i for i, n in enumerate(self.model.light.graph.node) for o in n.output}
+            first, *rest = sorted(layers, key=lambda t: order.get(t, -1))
             tail = replace(self.model.light, first, [y])
             made = {o for n in tail.graph.node for o in n.output}
-            self._joint[key] = tail if all(t in made for t in rest) else None
-        tail = self._joint[key]
-        if tail is None:
+            self._joint[asked] = (first, rest, tail) if all(t in made for t in rest) else None
+        if self._joint[asked] is None:
             return None
+        first, rest, tail = self._joint[asked]
+        key = f"replacevjp:{y}|{first}|" + "|".join(rest)
         sess = self.runtime.session(key, lambda: gradient_graph(tail, y, [first] + rest))
         names = [o.name for o in sess.get_outputs()]
         grad_in = next(i for i in sess.get_inputs() if i.name == "grad_" + y)

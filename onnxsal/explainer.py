@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from PIL import Image
 
-from .methods import check_options, get as get_method, number_option
+from .methods import check_options, get as get_method, methods as method_names, number_option
 from .context import Context, JointGradients
 from .engine import Engine, Target, check_region, make_targets
 from .errors import ImageError, LayerError, MethodError, ModelError, OutputError, TargetError
@@ -26,10 +26,9 @@ from .runtime import Progress, Runtime
 
 ImageLike = Union[str, os.PathLike, bytes, "BinaryIO", np.ndarray, "Image.Image"]  # noqa: F821
 
-# CAMs whose maps pytorch-grad-cam averages over several target layers: its BaseCAM subclasses
-MULTI_LAYER = frozenset({"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcamelementwise", "eigencam",
-                         "eigengradcam", "fem", "kpcacam", "shapleycam", "finercam", "scorecam", "fasterscorecam",
-                         "ablationcam"})
+# CAMs that read one layer only: every other CAM averages several, as pytorch-grad-cam's BaseCAM
+# subclasses do; Guided Grad-CAM multiplies one CAM by Guided Backprop, Captum's Layer IG takes one layer
+ONE_LAYER = frozenset({"guidedgradcam", "layerig"})
 
 EPS_SCALE = 1e-7            # pytorch-grad-cam's guard in scale_cam_image
 
@@ -419,9 +418,9 @@ class Explainer:
         if not layer:
             raise LayerError("give at least one layer (or none, for the default)")
         found = list({la.tensor: la for la in map(self.model.find_layer, layer)}.values())
-        if len(found) > 1 and spec.name not in MULTI_LAYER:
-            raise LayerError(f"{spec.name} reads one layer; several layers are averaged for "
-                             f"{', '.join(sorted(MULTI_LAYER))}")
+        if len(found) > 1 and spec.name in ONE_LAYER:
+            several = [n for n in method_names() if get_method(n).family == "cam" and n not in ONE_LAYER]
+            raise LayerError(f"{spec.name} reads one layer; several layers are averaged for {', '.join(several)}")
         return found
 
     def explain(self, image: Union[ImageLike, Prepared], method: str = "gradcam", target=None, *, top_k: int = 1,

@@ -13,11 +13,12 @@ from .errors import OutputError
 
 
 @contextlib.contextmanager
-def output_folder(folder: str) -> Iterator[str]:
+def output_folder(folder: str, keep: bool = True) -> Iterator[str]:
     """The output folder, made with its parents and tried with a scratch file before any work: a path
     the system refuses (below a file, read-only, in /proc) is an OutputError at once, not after
     minutes of RISE or a sanity cascade. If the work then fails, the folders made here go again
-    (only those, and only while empty), so a failed run leaves nothing behind."""
+    (only those, and only while empty), so a failed run leaves nothing behind; with ``keep=False``
+    they go in any case (a try before work that writes them itself)."""
     made = _missing(folder)
     try:
         os.makedirs(folder, exist_ok=True)
@@ -36,6 +37,8 @@ def output_folder(folder: str) -> Iterator[str]:
     except BaseException:
         _remove_empty(made)
         raise
+    if not keep:
+        _remove_empty(made)
 
 
 def _remove_empty(folders: list[str]) -> None:
@@ -65,12 +68,9 @@ def check_model_path(path: Union[str, os.PathLike]) -> str:
     path = os.fspath(path)
     if os.path.isdir(path):
         raise OutputError(f"cannot write the model to {path!r}: it is a folder; give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    made = _missing(folder)
     try:
-        with output_folder(folder):
+        with output_folder(os.path.dirname(os.path.abspath(path)), keep=False):
             pass
     except OutputError as exc:
         raise OutputError(f"cannot write the model to {path!r}: {exc}") from exc
-    _remove_empty(made)
     return path
