@@ -14,7 +14,7 @@ import onnx
 from PIL import Image
 
 from .methods import check_options, get as get_method, methods as method_names, number_option
-from .context import Context, JointGradients
+from .context import Context, JointGradients, TooManyRows
 from .engine import Engine, Target, check_region, make_targets
 from .errors import ImageError, LayerError, MethodError, ModelError, OutputError, TargetError
 from .detection import Detection, QueryOutput, ranked
@@ -480,8 +480,9 @@ class Explainer:
                 per_layer.append(np.asarray(spec.fn(ctx, **opts), np.float32))
             except MemoryError as exc:   # NumPy's own message names an array shape, not the setting behind it
                 given = ", ".join(f"{k}={v}" for k, v in options.items()) or "its defaults"
-                raise MethodError(f"{spec.name} ran out of memory with {given}: it holds all its noisy copies, "
-                                  "path points or masks of the image at once; ask for fewer") from exc
+                why = f"would run out of memory with {given}: {exc}" if isinstance(exc, TooManyRows) else \
+                    f"ran out of memory with {given}: it holds all its noisy copies, path points or masks of the image at once"
+                raise MethodError(f"{spec.name} {why}; ask for fewer") from exc
             infos.append(ctx.info)
         raw = per_layer[0] if len(per_layer) == 1 else combine_layers(per_layer, m.input.size)
         info = infos[0] if len(infos) == 1 else {k: [i.get(k) for i in infos] for k in dict.fromkeys(

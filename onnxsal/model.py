@@ -758,13 +758,20 @@ def checked_size(size: Union[str, Sequence[int], None]) -> Optional[tuple[int, i
     return int(hw[0]), int(hw[1])
 
 
+def physical_memory() -> Optional[int]:
+    """The machine's memory in bytes; None where the system does not say (not POSIX)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def _check_fits(hw: Sequence[int], channels) -> None:
     """A size asked for a dynamic input must leave room for the network's activations, which take
     many times the input: past a quarter of the machine's memory for the input alone, the run
     would end with the system killing the process, not with an error."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):     # not a POSIX system: no check
+    memory = physical_memory()
+    if memory is None:
         return
     c = channels if isinstance(channels, int) and channels > 0 else 3
     need = int(hw[0]) * int(hw[1]) * c * 4

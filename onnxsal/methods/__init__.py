@@ -95,6 +95,10 @@ def check_options(spec: MethodSpec, options: dict) -> dict:
         kind = _numeric(hints.get(key))
         if kind is not None:
             value = number_option(f"{spec.name}'s option {key}", value, *kind)
+            if (key == "seed" or key.endswith("_seed")) and value is not None and value < 0:
+                raise MethodError(f"{spec.name}'s option {key} is a whole number >= 0, not {value}")
+        elif hints.get(key) is str and not isinstance(value, str):     # a name, read by `in` and `==`
+            raise MethodError(f"{spec.name}'s option {key} takes a name, not {type(value).__name__} {value!r}")
         elif isinstance(value, (float, np.floating)) and not np.isfinite(value):
             raise MethodError(f"{spec.name}'s option {key} must be finite, not {value!r}")
         checked[key] = value

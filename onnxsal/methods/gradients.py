@@ -68,6 +68,7 @@ def vanilla_attr(ctx: Context) -> np.ndarray:
 def input_noise(ctx: Context, rng: np.random.Generator, n: int, level: float) -> np.ndarray:
     """(n, ...) Gaussian noise, sd = level * (max - min) of x, in the model's layout.  Drawn
     channels-first, so a seed gives the same noise whatever the model's layout."""
+    ctx.hold(n, "noisy copies of the input and their gradients")
     sigma = level * float(ctx.x.max() - ctx.x.min())
     return ctx.model_layout(rng.normal(0.0, sigma, (n,) + _x(ctx).shape[1:]).astype(np.float32))
 
@@ -218,6 +219,7 @@ def gradientshap_attr(ctx: Context, n_samples: int, noise_level: float, baseline
 def ig_attr(ctx: Context, steps: int, baseline, rule: str, blur_sigma: float) -> np.ndarray:
     x0 = baseline_for(ctx, baseline, blur_sigma)
     alphas, weights = ig_path(int(steps), rule)
+    ctx.hold(len(alphas), "path points and their gradients")
     path = x0 + alphas.reshape((-1,) + (1,) * (ctx.x.ndim - 1)).astype(np.float32) * (ctx.x - x0)
     grads = input_grads(ctx, path.astype(np.float32))           # (T, S, C, H, W)
     avg = np.einsum("s,ts...->t...", weights.astype(np.float32), grads)

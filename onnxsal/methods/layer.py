@@ -26,6 +26,7 @@ def layer_ig_attr(ctx: Context, steps: int, baseline, rule: str, blur_sigma: flo
     x0 = baseline_for(ctx, baseline, blur_sigma)
     (a0,) = ctx.engine.outputs(x0, [ctx.layer.tensor])
     alphas, weights = ig_path(int(steps), rule)
+    ctx.hold(len(alphas) * len(ctx.targets), "path points in the layer (a set per target) and their gradients", 2, a.size)
     path = (a0 + alphas.reshape((-1,) + (1,) * (a.ndim - 1)).astype(np.float32) * (a - a0)).astype(np.float32)
     t, s = len(ctx.targets), len(path)
     rows = np.tile(path, (t,) + (1,) * (a.ndim - 1))                     # target-major rows

@@ -170,6 +170,7 @@ def occlusion(ctx: Context, window: Optional[int] = None, stride: Optional[int] 
     if window < 1 or stride < 1 or window > min(H, W):
         raise MethodError(f"occlusion window must be between 1 and {min(H, W)} and stride >= 1")
     ys, xs = window_starts(H, window, stride), window_starts(W, window, stride)
+    ctx.hold(len(ys) * len(xs), "occluded copies of the input", 2)
     masks = np.ones((len(ys) * len(xs), H, W), np.float32)
     k = 0
     for y in ys:
@@ -200,6 +201,9 @@ def rise(ctx: Context, n_masks: int = 1000, cells: int = 8, p: float = 0.5, seed
     """RISE: the score-weighted mean of random smooth masks, divided by the keep probability p."""
     if not 0 < p <= 1 or cells < 1 or n_masks < 1:
         raise MethodError("rise needs 0 < p <= 1, cells >= 1, n_masks >= 1")
+    if cells > max(ctx.input_size):             # finer than a pixel: each mask would be a pixel grid anyway
+        raise MethodError(f"rise's cells must be at most the input's larger side, {max(ctx.input_size)}, not {cells}")
+    ctx.hold(n_masks, "masked copies of the input", 2)
     masks = rise_masks(int(n_masks), ctx.input_size, int(cells), float(p), ctx.rng(seed))
     scores = ctx.scores(ctx.blend(masks))                 # (N, T)
     return (np.einsum("nt,nhw->thw", scores.astype(np.float32), masks) / (n_masks * p)).astype(np.float32)
