@@ -49,13 +49,13 @@ class Context:
     def hold(self, rows: int, what: str, copies: Optional[int] = None, row_size: Optional[int] = None) -> None:
         """Refuse, before drawing them, more rows than memory holds at once: `copies` float32 arrays
         of `rows` rows of `row_size` elements (the input's size; by default the rows and one gradient
-        per target). Past a quarter of the machine's memory NumPy's allocation may still succeed, and
+        per target). Past half the machine's memory NumPy's allocation may still succeed, and
         the system then kills the process as the rows are written: no MemoryError names the setting."""
         memory = physical_memory()
         copies = 1 + len(self.targets) if copies is None else copies
         need = int(rows) * int(row_size or self.x.size) * 4 * copies
-        if memory is not None and need > memory // 4:
-            raise TooManyRows(f"{rows} {what} would take {need / 2 ** 30:.1f} GiB, more than a quarter of this "
+        if memory is not None and need > memory // 2:
+            raise TooManyRows(f"{rows} {what} would take {need / 2 ** 30:.1f} GiB, more than half of this "
                               f"machine's {memory / 2 ** 30:.0f} GiB")
 
     def spatial(self, masks: np.ndarray) -> np.ndarray:
