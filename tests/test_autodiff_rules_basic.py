@@ -205,6 +205,11 @@ SHAPE = [
          node_inputs=["x", "p", "", "a"], opset=18, id="pad-reflect-axes"),
     case("Pad", {"x": rnd(2, 3, 5, 4)}, {"mode": "wrap"}, inits={"p": np.array([0, 0, 2, 3, 0, 0, 4, 1], I64)},
          opset=19, id="pad-wrap"),
+    # crops first, then wraps what is left (ONNX Runtime's order): the pad copies the cropped axis's far end
+    case("Pad", {"x": rnd(2, 3, 5, 4)}, {"mode": "wrap"}, inits={"p": np.array([0, 0, 2, -1, 0, 0, -1, 3], I64)},
+         opset=19, id="pad-wrap-crops"),
+    case("Pad", {"x": rnd(2, 3, 5, 4)}, {"mode": "reflect"}, inits={"p": np.array([0, 0, -2, 1, 0, 0, 1, -1], I64)},
+         id="pad-reflect-crops"),
     case("Pad", {"x": rnd(3, 2)}, {"mode": "edge"}, inits={"p": np.array([0, 2, 0, 3], I64)}, id="pad-edge-short-axis"),
     case("Tile", {"x": rnd(2, 3), "r": np.array([3, 2], I64)}, wrt=["x"], id="tile-runtime-repeats"),
     case("ScatterND", {"x": rnd(2, 4, 3), "u": rnd(2, 3)}, inits={"i": np.array([[1, 2], [0, 0]], I64)},

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import helper
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +31,7 @@ from gradcheck import check_vjp, derived_grads, one_node_model, run
 from onnxsal.errors import UnsupportedOpError
 from onnxsal.graph.autodiff import vjp
 from onnxsal.graph.autodiff import VJP_RULES
+from onnxsal.graph.normalize import normalize, tensor_shapes
 from onnxsal.graph.rules import conv, norm, pool, resize
 from onnxsal.graph.rules.conv import flipped_conv_weight
 from onnxsal.graph.rules.resize import interpolation_matrix
@@ -388,6 +390,14 @@ MAXPOOL_CASES = [
     ("3x2_s21", (7, 6), dict(kernel_shape=[3, 2], strides=[2, 1]), lambda t: F.max_pool2d(t, (3, 2), (2, 1)), 17),
     ("same_upper_s2", (9, 8), dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
      lambda t: F.max_pool2d(F.pad(t, (0, 1, 1, 1), value=-1e9), 3, 2), 17),
+    # ceil mode whose last window would start in the end padding: dropped, 5x7 -> 3x4 (inference says 4x5)
+    ("2x2_s2_p1_ceil_drops_last", (5, 7), dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1),
+     lambda t: F.max_pool2d(t, 2, 2, 1, ceil_mode=True), 17),
+    ("3x2_s2_ceil_end_pad_only", (7, 8), dict(kernel_shape=[3, 2], strides=[2, 2], pads=[0, 0, 1, 1], ceil_mode=1),
+     lambda t: F.max_pool2d(F.pad(t, (0, 1, 0, 1), value=-1e9), (3, 2), 2, ceil_mode=True)[..., :4, :4], 17),
+    # SAME with a dilation: the runtime pads for the undilated kernel (1 here), 7x8 -> 6x7, not 7x8
+    ("same_lower_dil2", (7, 8), dict(kernel_shape=[2, 2], strides=[1, 1], dilations=[2, 2], auto_pad="SAME_LOWER"),
+     lambda t: F.max_pool2d(F.pad(t, (1, 0, 1, 0), value=-1e9), 2, 1, dilation=2), 12),
 ]
 
 
@@ -479,6 +489,13 @@ AVGPOOL_CASES = [
     ("same_lower_s2_incl", (9, 7), dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_LOWER",
                                        count_include_pad=1), None, 17),
     ("valid_s2", (9, 7), dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="VALID"), None, 17),
+    ("2x2_s2_p1_ceil_drops_last_incl", (5, 7),
+     dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1, count_include_pad=1),
+     lambda t: F.avg_pool2d(t, 2, 2, 1, ceil_mode=True, count_include_pad=True), 17),
+    ("2x2_s2_p1_ceil_drops_last_excl", (5, 7), dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1),
+     lambda t: F.avg_pool2d(t, 2, 2, 1, ceil_mode=True, count_include_pad=False), 17),
+    ("same_lower_dil2_incl", (7, 8), dict(kernel_shape=[3, 2], strides=[1, 2], dilations=[1, 2], auto_pad="SAME_LOWER",
+                                          count_include_pad=1), None, 19),
 ]
 
 
@@ -491,6 +508,38 @@ def test_average_pool(case):
     _ort_forward_adjoint_check(model, x)
     if fn is not None:
         check_torch(model, {"x": x}, fn)
+
+
+def test_pools_keep_the_runtime_s_windows_where_inference_sizes_them_otherwise():
+    """normalize rewrites such a pool with explicit pads: the same values (the divisor of a pool that
+    counts its padding scaled back in), sizes that ONNX's inference and ONNX Runtime agree on, and a
+    rule-independent rewrite only where one is needed."""
+    x = _rng(14).standard_normal((2, 3, 5, 7)).astype(F32)
+    for op, extra in (("MaxPool", {}), ("AveragePool", {"count_include_pad": 1}), ("AveragePool", {}),
+                      ("LpPool", {"p": 2})):
+        m = one_node_model(op, {"x": x}, dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1,
+                                               **extra), opset=18)
+        assert [d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim] == [2, 3, 4, 5]   # inference
+        want = run(m, {"x": x})["y"]
+        assert want.shape == (2, 3, 3, 4)
+        nm = normalize(m)
+        assert tensor_shapes(nm)["y"][1][1:] == (3, 3, 4)
+        pool = next(n for n in nm.graph.node if n.op_type == op)
+        assert {a.name: helper.get_attribute_value(a) for a in pool.attribute}["pads"] == [1, 1, 0, 0]
+        assert not any(a.name == "ceil_mode" for a in pool.attribute)
+        np.testing.assert_allclose(run(nm, {"x": x})["y"], want, rtol=1e-6, atol=1e-7)
+    plain = one_node_model("MaxPool", {"x": x}, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1))
+    assert normalize(plain).graph.node[0].attribute == plain.graph.node[0].attribute    # sizes agree: left alone
+    # a file whose writer ran ONNX's inference declares the wrong sizes on the tensors after the pool too
+    pool = helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)
+    graph = helper.make_graph([pool, helper.make_node("Relu", ["p"], ["r"]), helper.make_node("Neg", ["r"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 5, 7])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    declared = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert {vi.name: vi.type.tensor_type.shape.dim[3].dim_value for vi in declared.graph.value_info} == {"p": 5, "r": 5}
+    assert {k: v[1][1:] for k, v in tensor_shapes(normalize(declared)).items() if k in "pr"} == {"p": (3, 3, 4),
+                                                                                                "r": (3, 3, 4)}
+    check_vjp(declared, "y", ["x"], {"x": x}, **PIECEWISE)
 
 
 def test_average_pool_1d_and_batches():
@@ -530,6 +579,8 @@ LPPOOL_CASES = [
     ("p1_3x2_s1", 1, dict(kernel_shape=[3, 2], p=1), lambda t: _lp_sum(t, 1, (3, 2), 1), 17),
     ("p2_3x3_s2_ceil", 2, dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1, p=2), None, 18),
     ("p2_same_upper", 2, dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER", p=2), None, 17),
+    ("p3_ceil_drops_last", 3, dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1, p=3),
+     lambda t: _lp_sum(t, 3, (2, 2), 2, (1, 1), ceil=True), 18),
 ]
 
 
@@ -879,3 +930,17 @@ def test_col2im_with_a_run_time_image_shape_is_refused_by_name():
     m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 18)])
     with pytest.raises(UnsupportedOpError, match="Col2Im.*fold.*image or block shape computed at run time"):
         vjp(m, "y", ["x"])
+
+
+def test_a_pool_that_cannot_be_rewritten_is_refused_by_name():
+    """Where no explicit pads give the runtime's windows (here the end pads would be 2, and the
+    runtime takes pads below the kernel's 2 only), the gradient would declare sizes the runtime's
+    load-time inference contradicts: refused, named. The forward pass still runs as the file has it."""
+    x = _rng(14).standard_normal((2, 3, 5, 7)).astype(F32)
+    attrs = dict(kernel_shape=[2, 2], strides=[2, 2], dilations=[4, 4], auto_pad="SAME_UPPER", ceil_mode=1)
+    for op in ("MaxPool", "AveragePool"):
+        m = one_node_model(op, {"x": x}, attrs, opset=19)
+        assert run(normalize(m), {"x": x})["y"].shape == (2, 3, 2, 3)
+        with pytest.raises(UnsupportedOpError, match=rf"'{op}'.*ONNX's shape inference sizes its output \[3, 4\] "
+                                                     r"and ONNX Runtime \[2, 3\], and no explicit padding"):
+            vjp(m, "y", ["x"])

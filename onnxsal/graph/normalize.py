@@ -18,6 +18,7 @@ from onnx import numpy_helper, shape_inference, version_converter
 
 from ..errors import ModelError
 from . import batch_axis, weights
+from .pool_geometry import POOLS, explicit_pads, may_differ, node_windows
 
 MIN_OPSET = 13
 BATCH = "N"
@@ -543,6 +544,54 @@ def _infer_shapes(model: onnx.ModelProto, data_prop: bool) -> None:
     model.graph.output.extend(light.graph.output)
 
 
+def runtime_pools(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Pooling nodes whose windows ONNX's inference and ONNX Runtime size differently, rewritten
+    with explicit pads where both agree (``pool_geometry``). One node per pass, in graph order: a
+    pool after a rewritten one sees its true input size only in the next pass's inference."""
+    pools = [i for i, n in enumerate(model.graph.node) if n.op_type in POOLS and n.domain in ("", "ai.onnx")
+             and may_differ({a.name: onnx.helper.get_attribute_value(a) for a in n.attribute})]
+    copied = False
+    for _ in range(len(pools)):
+        try:
+            shapes = tensor_shapes(shape_inference.infer_shapes(without_weight_data(model)))
+        except Exception:
+            return model
+        for i in pools:
+            node = model.graph.node[i]
+            x, y = shapes.get(node.input[0], (0, None))[1], shapes.get(node.output[0], (0, None))[1]
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            n = len(attrs.get("kernel_shape") or [])
+            if not n or x is None or y is None or len(x) != n + 2 or len(y) != n + 2 \
+                    or any(v is None for v in x[2:]):
+                continue
+            try:
+                sizes = [out for _, _, out in node_windows(attrs, x[2:])]
+                pads = explicit_pads(attrs, x[2:])
+            except (ValueError, ZeroDivisionError):       # attributes the runtime refuses anyway
+                continue
+            if list(y[2:]) == sizes or pads is None:
+                continue
+            if not copied:
+                # and forget the sizes the file declares for its outputs: a writer that ran ONNX's inference
+                # wrote the wrong ones there, and a declared output wins over an inferred one (inner tensors'
+                # declared sizes are inferred afresh)
+                model, copied = copy.deepcopy(model), True
+                for vi in model.graph.output:
+                    vi.type.tensor_type.ClearField("shape")
+            _rewrite_pool(model.graph.node[i], attrs, pads)
+            break
+        else:
+            return model
+    return model
+
+
+def _rewrite_pool(node: onnx.NodeProto, attrs: dict, pads: list[int]) -> None:
+    """`node` with explicit `pads` and ``ceil_mode=0`` (``pool_geometry.explicit_pads``)."""
+    attrs = {k: v for k, v in attrs.items() if k not in ("auto_pad", "ceil_mode", "pads")}
+    del node.attribute[:]
+    node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in {**attrs, "pads": pads}.items())
+
+
 def _infer_inplace(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         _infer_shapes(model, data_prop=True)
@@ -567,7 +616,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
 def normalize_traced(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """`normalize`'s model, and the ops the batch trace found reading across the batch
     (`one_image_ops`), from the one trace that frees it."""
-    folded = fold_integer_constants(upgrade_opset(model))
+    folded = runtime_pools(fold_integer_constants(upgrade_opset(model)))
     tracer = batch_tracer(folded)
     free = dynamic_batch(folded, tracer)          # dynamic_batch already copied
     return _infer_inplace(_weights_not_inputs(free)), (tracer.across if tracer is not None else [])

@@ -28,7 +28,8 @@ from onnx import helper
 from ...errors import UnsupportedOpError
 from ..autodiff import RuleContext, vjp_rule
 from . import blocked
-from .conv import INT64_MAX, begin_end_pads, dilated, ints_attr, spatial_sizes, transpose_geometry
+from ..pool_geometry import node_windows
+from .conv import INT64_MAX, dilated, ints_attr, spatial_sizes, transpose_geometry
 
 
 def _pool_params(ctx: RuleContext, x: str) -> tuple[int, list[int], list[int], list[int]]:
@@ -91,6 +92,10 @@ def max_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
     dy = gy[0]
     if dy is None or not ctx.needs_grad(0):
         return [None]
+    x = ctx.inputs[0]
+    h_in = spatial_sizes(ctx, x, len(_pool_params(ctx, x)[1]))
+    if all(v is not None for v in h_in):
+        _check_sizes(ctx, _runtime_windows(ctx, h_in)[2])
     return [route_to_argmax(ctx, dy, max_pool_indices(ctx))]
 
 
@@ -208,15 +213,33 @@ class _Windows:
 
 
 def _windows(ctx: RuleContext) -> _Windows:
-    """The pool node's window geometry; static spatial sizes are required."""
-    x, y = ctx.inputs[0], ctx.outputs[0]
+    """The pool node's window geometry as ONNX Runtime lays it out (``pool_geometry``: its ceil-mode
+    and dilated SAME windows are not those of ONNX's inference); static input sizes are required."""
+    x = ctx.inputs[0]
     n, kernel, strides, dilations = _pool_params(ctx, x)
     h_in = spatial_sizes(ctx, x, n)
-    h_out = spatial_sizes(ctx, y, n)
-    if any(v is None for v in h_in + h_out):
+    if any(v is None for v in h_in):
         raise UnsupportedOpError(ctx.node.op_type, ctx.node.name, "(needs static spatial sizes)")
-    pb, pe = begin_end_pads(ctx, h_in, kernel, strides, dilations)
+    pb, pe, h_out = _runtime_windows(ctx, h_in)
+    _check_sizes(ctx, h_out)
     return _Windows(h_in, h_out, kernel, strides, dilations, pb, pe)
+
+
+def _runtime_windows(ctx: RuleContext, h_in: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Begin pads, end pads and output sizes per spatial axis, as ONNX Runtime computes them."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in ctx.node.attribute}
+    return tuple(list(v) for v in zip(*node_windows(attrs, h_in)))     # type: ignore[return-value]
+
+
+def _check_sizes(ctx: RuleContext, h_out: list[int]) -> None:
+    """Refuse a pool whose output the graph's inferred shapes size otherwise than ONNX Runtime does:
+    ``normalize`` rewrites such pools with explicit pads, so one left is a pool it could not (its
+    pads would reach the kernel's size), and every size the gradient declares would clash."""
+    inferred = spatial_sizes(ctx, ctx.outputs[0], len(h_out))
+    if all(v is not None for v in inferred) and list(inferred) != list(h_out):
+        raise UnsupportedOpError(ctx.node.op_type, ctx.node.name,
+                                 f"(ONNX's shape inference sizes its output {inferred} and ONNX Runtime {h_out}, "
+                                 "and no explicit padding reconciles them)")
 
 
 def _window_sum_transposed(ctx: RuleContext, g: str, x: str, w: _Windows) -> str:

@@ -338,7 +338,9 @@ def _unpad_copies(ctx: RuleContext, g: str, x: str, axis: int, before: int, afte
     """Adjoint of a reflect, edge or wrap Pad along one axis: every input element receives the
     gradients of all the output positions that copy it.
 
-    The copy map comes from ``np.pad`` on the indices (the ONNX reference pads the same way).
+    The copy map comes from ``np.pad`` on the indices (ONNX's mode names are numpy's), after the
+    crops of negative pads, as ONNX Runtime orders them: a wrap pad then copies the cropped axis's
+    far end, not the original's.
     Output positions split into runs that copy consecutive, reversed or repeated (edge) inputs;
     each run becomes a slice of ``g`` (reversed, or summed for an edge run) zero-padded to the
     input's length at the place it came from, and the runs add up.
@@ -348,8 +350,8 @@ def _unpad_copies(ctx: RuleContext, g: str, x: str, axis: int, before: int, afte
     if n is None:
         raise _unsupported(ctx, f"{mode} Pad needs a static size on axis {axis}")
     n = int(n)
-    source = np.pad(np.arange(n), (max(before, 0), max(after, 0)), mode=mode)    # ONNX's mode names are numpy's
-    source = source[max(-before, 0): len(source) - max(-after, 0)]
+    kept = np.arange(n)[max(-before, 0): n - max(-after, 0)]
+    source = np.pad(kept, (max(before, 0), max(after, 0)), mode=mode)
     r = _rank(ctx, g)
     total = None
     for i, j, step in _source_runs(source):
