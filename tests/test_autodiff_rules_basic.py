@@ -223,6 +223,19 @@ SHAPE = [
     case("ScatterElements", {"x": rnd(3, 4), "u": rnd(3, 2)}, {"axis": 1, "reduction": "add"},
          inits={"i": np.array([[1, 1], [0, 3], [2, 2]], I64)}, node_inputs=["x", "i", "u"], opset=16,
          id="scatter-elements-add-repeats"),
+    # a replacing scatter that writes a place twice keeps the last update there: only it gets the gradient
+    # (-1 and 2 are one place on an axis of 3, whose size the batch-free graph leaves unknown)
+    case("ScatterElements", {"x": rnd(3, 4), "u": rnd(3, 2)}, {"axis": 1},
+         inits={"i": np.array([[1, 1], [0, 3], [2, -2]], I64)}, node_inputs=["x", "i", "u"], id="scatter-elements-repeats"),
+    case("ScatterElements", {"x": rnd(3, 4), "u": rnd(2, 4)}, {"axis": 0},
+         inits={"i": np.array([[2, 0, 1, 2], [-1, 1, 2, 1]], I64)}, node_inputs=["x", "i", "u"],
+         id="scatter-elements-repeats-axis0"),
+    case("ScatterND", {"x": rnd(4, 3), "u": rnd(3, 3)}, inits={"i": np.array([[1], [3], [-3]], I64)},
+         node_inputs=["x", "i", "u"], id="scatternd-repeats"),
+    case("ScatterND", {"x": rnd(4, 3), "u": rnd(3)}, inits={"i": np.array([[0, 1], [2, 2], [0, 1]], I64)},
+         node_inputs=["x", "i", "u"], id="scatternd-repeated-elements"),
+    case("ScatterElements", {"x": rnd(3, 4), "i": np.array([[1, 1], [0, 3], [2, 2]], I64), "u": rnd(3, 2)}, {"axis": 1},
+         wrt=["x", "u"], id="scatter-elements-runtime-indices"),
     # batch_dims (tf.gather(..., batch_dims=b) through tf2onnx): each entry's own tuples, repeats included
     case("GatherND", {"x": rnd(3, 4, 2)}, {"batch_dims": 1}, inits={"i": np.array([[[1], [3], [1]], [[0], [0], [2]],
                                                                                   [[3], [2], [1]]], I64)},
@@ -649,3 +662,15 @@ def test_saturated_sigmoid_and_tanh_keep_their_derivative(op, exact, dtype, rtol
     got = derived_grads(m, "y", ["x"], {"x": x}, np.ones_like(x))["grad_x"]
     want = exact(x.astype(np.float64))
     np.testing.assert_allclose(got, want, rtol=rtol, atol=0)
+
+
+def test_distinct_scatter_places_need_no_winner_check():
+    """Constant indices that write each place once are read back as they are; repeated or run-time
+    ones add the check of which update each place kept."""
+    x, u = rnd(3, 4), rnd(2, 4)
+    ops = {}
+    for name, i in (("distinct", [[2, 0, 1, 2], [0, 1, 2, 1]]), ("repeated", [[2, 0, 1, 2], [2, 1, 2, 1]])):
+        m = one_node_model("ScatterElements", {"x": x, "u": u}, {"axis": 0}, {"i": np.array(i, I64)},
+                           node_inputs=["x", "i", "u"])
+        ops[name] = [n.op_type for n in vjp(m, "y", ["x", "u"]).graph.node]
+    assert "Equal" not in ops["distinct"] and ops["repeated"].count("Equal") == 1

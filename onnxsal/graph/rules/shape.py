@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from ...errors import OpsetTooOldError, UnsupportedOpError
 from ..autodiff import INT64_MAX, RuleContext, vjp_rule
@@ -599,7 +599,11 @@ def _scatter_vjp(ctx: RuleContext, gy: Grads, gather: str, **attrs) -> Grads:
     """y = data with ``updates`` written (or added) at ``indices``: the updates' gradient is gy
     read back there (``gather``, the scatter's own reading op); the data's is gy, with the written
     positions zeroed when the scatter replaces rather than adds.  Product and min/max reductions
-    are refused."""
+    are refused.
+
+    A replacing scatter with repeated indices keeps one of the updates written to a place (ONNX
+    leaves which to the runtime; ONNX Runtime's CPU kernel keeps the last), and only that one gets
+    the place's gradient: the scatter itself, run on the updates' own positions, says which won."""
     reduction = ctx.attr("reduction", "none")
     if reduction not in ("none", "add"):
         raise _unsupported(ctx, f"{ctx.node.op_type} reduction {reduction!r}")
@@ -609,7 +613,45 @@ def _scatter_vjp(ctx: RuleContext, gy: Grads, gather: str, **attrs) -> Grads:
         gd = gy[0] if reduction == "add" else ctx.op(ctx.node.op_type, [gy[0], ind, ctx.zeros_like(upd)], **attrs)
     if ctx.needs_grad(2):
         gu = ctx.op(gather, [gy[0], ind], **attrs)
+        if reduction == "none" and not _distinct_targets(ctx, gather, **attrs):
+            gu = ctx.op("Mul", [gu, _won(ctx, gather, **attrs)])
     return [gd, None, gu]
+
+
+def _distinct_targets(ctx: RuleContext, gather: str, **attrs) -> bool:
+    """Whether constant indices write each place at most once (a repeated place needs ``_won``)."""
+    ind = ctx.const_value(ctx.inputs[1])
+    if ind is None:
+        return False
+    ind = np.asarray(ind, np.int64)
+    shape = ctx.shape(ctx.inputs[0])
+    if gather == "GatherND":                    # each index tuple (last axis) addresses one slice
+        tuples = ind.reshape(-1, ind.shape[-1]) if ind.ndim else ind.reshape(1, -1)
+        sizes = None if shape is None else shape[:tuples.shape[1]]
+        if (tuples < 0).any():                  # -1 and size - 1 are one place, where the size is known
+            if sizes is None or any(v is None for v in sizes):
+                return False
+            tuples = np.where(tuples < 0, tuples + np.asarray(sizes, np.int64), tuples)
+        return len(np.unique(tuples, axis=0)) == len(tuples)
+    axis = _norm_axis(int(attrs.get("axis", 0)), ind.ndim)
+    size = None if shape is None or len(shape) != ind.ndim else shape[axis]
+    if (ind < 0).any() and size is None:
+        return False
+    places = np.stack(np.meshgrid(*[np.arange(n) for n in ind.shape], indexing="ij"), -1)
+    places[..., axis] = np.where(ind < 0, ind + (size or 0), ind)
+    places = places.reshape(-1, ind.ndim)
+    return len(np.unique(places, axis=0)) == len(places)
+
+
+def _won(ctx: RuleContext, gather: str, **attrs) -> str:
+    """1 where an update is the one its place keeps, else 0 (float, the updates' shape): each
+    update's own position written by the same scatter, then read back at its place."""
+    data, ind, upd = ctx.inputs[:3]
+    ids = ctx.op("Reshape", [ctx.op("Range", [ctx.const(np.int64(0)), ctx.op("Size", [upd]), ctx.const(np.int64(1))]),
+                             ctx.shape_of(upd)])
+    blank = ctx.op("ConstantOfShape", [ctx.shape_of(data)], value=helper.make_tensor("v", TensorProto.INT64, [1], [-1]))
+    kept = ctx.op(gather, [ctx.op(ctx.node.op_type, [blank, ind, ids], **attrs), ind], **attrs)
+    return ctx.op("Cast", [ctx.op("Equal", [kept, ids])], to=ctx.elem_type(upd) or TensorProto.FLOAT)
 
 
 @vjp_rule("ScatterND")
