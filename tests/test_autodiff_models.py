@@ -370,9 +370,25 @@ class CeilPools(nn.Module):
         return self.head(self.pool2(torch.relu(self.c2(self.pool1(torch.relu(self.c1(x)))))).flatten(1))
 
 
+class SameDilated(nn.Module):
+    """``padding="same"`` with dilations, which torch.onnx writes as ``auto_pad=SAME_UPPER`` and ONNX
+    Runtime refuses to run in that form (an even kernel too: its odd pad unit goes at the end)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding="same", dilation=2)
+        self.c2 = nn.Conv2d(8, 8, 2, padding="same", dilation=3)
+        self.head = nn.Linear(8, 10)
+        self.probe = self.c2
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
 NETS = {"vgg": VGGish, "resnet": ResNetish, "mobilenetv2": MobileNetV2ish, "se_hard": SENet, "vit": ViTish,
         "modern": Modern, "shuffle": ShuffleNetish, "window": WindowNet, "mha": TorchMHA,
-        "copies": Copies, "spelled_hard": SpelledHardNet, "selecting": Selecting, "ceil_pools": CeilPools}
+        "copies": Copies, "spelled_hard": SpelledHardNet, "selecting": Selecting, "ceil_pools": CeilPools,
+        "same_dilated": SameDilated}
 OPSET = {"modern": 18}          # Mish is an op from opset 18
 
 
@@ -464,7 +480,7 @@ def exported(tmp_path_factory):
 CASES = [("vgg", False), ("resnet", False), ("mobilenetv2", False), ("se_hard", False), ("vit", False),
          ("vit", True), ("resnet", True), ("spelled_hard", False), ("modern", True), ("shuffle", True), ("window", True), ("mha", True),
          ("copies", False), ("copies", True), ("selecting", False), ("selecting", True), ("ceil_pools", False),
-         ("ceil_pools", True)]
+         ("ceil_pools", True), ("same_dilated", False), ("same_dilated", True)]
 
 
 @pytest.mark.parametrize("name,dynamic", CASES, ids=[f"{n}{'-dyn' if d else ''}" for n, d in CASES])

@@ -544,6 +544,56 @@ def _infer_shapes(model: onnx.ModelProto, data_prop: bool) -> None:
     model.graph.output.extend(light.graph.output)
 
 
+def dilated_same_convs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Conv nodes with ``auto_pad=SAME_*`` and a dilation, given the explicit pads ONNX defines for
+    them. ONNX Runtime refuses to run such a node ("Dilation not supported for AutoPadType"), and
+    torch.onnx writes ``nn.Conv2d(padding="same", dilation=2)`` so; the pads are PyTorch's too (the
+    odd unit at the end for SAME_UPPER). A stride above 1 needs the input's static size."""
+    def same_dilated(n: onnx.NodeProto) -> bool:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        return n.op_type == "Conv" and n.domain in ("", "ai.onnx") and attrs.get("auto_pad") in (b"SAME_UPPER", b"SAME_LOWER") \
+            and any(int(d) != 1 for d in attrs.get("dilations") or [])
+    todo = [i for i, n in enumerate(model.graph.node) if same_dilated(n)]
+    if not todo:
+        return model
+    shapes = None
+    model = copy.deepcopy(model)
+    for i in todo:
+        node = model.graph.node[i]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        kernel = [int(k) for k in attrs.get("kernel_shape") or []]
+        if not kernel:                                   # read off the weight's shape
+            w = {t.name: list(t.dims) for t in model.graph.initializer}.get(node.input[1])
+            if w is None:
+                continue
+            kernel = [int(k) for k in w[2:]]
+        n = len(kernel)
+        strides = [int(s) for s in attrs.get("strides") or [1] * n]
+        dilations = [int(d) for d in attrs.get("dilations")]
+        sizes: list = [None] * n
+        if any(s != 1 for s in strides):
+            if shapes is None:
+                try:
+                    shapes = tensor_shapes(shape_inference.infer_shapes(without_weight_data(model)))
+                except Exception:
+                    shapes = {}
+            x = shapes.get(node.input[0], (0, None))[1]
+            if x is None or len(x) != n + 2 or any(v is None for v in x[2:]):
+                continue                                 # left as it is: the runtime's own error follows
+            sizes = list(x[2:])
+        begin, end = [], []
+        for k, s, d, h in zip(kernel, strides, dilations, sizes):
+            dk = d * (k - 1) + 1
+            total = dk - 1 if s == 1 else max(0, (-(-h // s) - 1) * s + dk - h)
+            b = total // 2 if attrs["auto_pad"] == b"SAME_UPPER" else total - total // 2
+            begin.append(b)
+            end.append(total - b)
+        kept = {k: v for k, v in attrs.items() if k != "auto_pad"}
+        del node.attribute[:]
+        node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in {**kept, "pads": begin + end}.items())
+    return model
+
+
 def runtime_pools(model: onnx.ModelProto) -> onnx.ModelProto:
     """Pooling nodes whose windows ONNX's inference and ONNX Runtime size differently, rewritten
     with explicit pads where both agree (``pool_geometry``). One node per pass, in graph order: a
@@ -616,7 +666,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
 def normalize_traced(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """`normalize`'s model, and the ops the batch trace found reading across the batch
     (`one_image_ops`), from the one trace that frees it."""
-    folded = runtime_pools(fold_integer_constants(upgrade_opset(model)))
+    folded = runtime_pools(dilated_same_convs(fold_integer_constants(upgrade_opset(model))))
     tracer = batch_tracer(folded)
     free = dynamic_batch(folded, tracer)          # dynamic_batch already copied
     return _infer_inplace(_weights_not_inputs(free)), (tracer.across if tracer is not None else [])
