@@ -72,6 +72,34 @@ def import_tensorflow():
 
 
 @contextlib.contextmanager
+def _pad_fusion_keeps_explicit_pads():
+    """tf2onnx merges a zero Pad into the Conv2D after it unless the convolution pads itself "SAME";
+    a dilated "same" convolution, which TensorFlow writes as SpaceToBatchND -> Conv2D -> BatchToSpaceND,
+    has by then become a Conv2D with EXPLICIT pads, and the merge replaces those pads with the Pad's
+    (``ZeroPadding2D`` before ``Conv2D(padding="same", dilation_rate=2)`` gave wrong sizes or values).
+    While the rewriter runs, such convolutions read as "SAME", so it leaves their Pad as a node."""
+    from tf2onnx import tfonnx
+
+    original = tfonnx.rewrite_conv2d_with_pad
+
+    def rewrite(g, ops):
+        explicit = [op for op in ops if op.type == "Conv2D" and op.get_attr_value("padding") == b"EXPLICIT"]
+        for op in explicit:
+            op.set_attr("padding", "SAME")
+        try:
+            return original(g, ops)
+        finally:
+            for op in explicit:
+                op.set_attr("padding", "EXPLICIT")
+
+    tfonnx.rewrite_conv2d_with_pad = rewrite
+    try:
+        yield
+    finally:
+        tfonnx.rewrite_conv2d_with_pad = original
+
+
+@contextlib.contextmanager
 def _quiet_ctx():
     """Silence Keras's "structure of `inputs` doesn't match" notes, which are noise here."""
     with warnings.catch_warnings():
@@ -530,7 +558,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
         _allow_inlining(graph_def)
         del frozen
         weights = [k + ":0" for k in lifted]
-        with _quiet_ctx():
+        with _quiet_ctx(), _pad_fusion_keeps_explicit_pads():
             proto, _ = tf2onnx.convert.from_graph_def(graph_def, name=name, input_names=inputs + weights,
                                                       output_names=outputs, opset=opset, tensors_to_rename=rename)
     except ConversionError:

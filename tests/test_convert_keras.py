@@ -564,3 +564,36 @@ def test_graph_onnx_cannot_run_is_a_conversion_error():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     with pytest.raises(ConversionError, match="Erfc"):
         run_onnx(helper.make_model(g), np.zeros(1, np.float32))
+
+
+def test_padding_before_a_dilated_same_convolution_is_kept(tf):
+    """TensorFlow writes a dilated "same" convolution as SpaceToBatchND -> Conv2D -> BatchToSpaceND;
+    tf2onnx folds that into a Conv with explicit pads, and then merged a preceding ZeroPadding2D into
+    it by replacing those pads (an output of the wrong size, or wrong values). The conversion's own
+    check against Keras passes now, and the input gradient matches tf.GradientTape."""
+    import numpy as np
+
+    from converters.keras import convert
+    from onnxsal.graph.autodiff import vjp
+    from gradcheck import run
+
+    keras = tf.keras
+    tf.random.set_seed(0)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.ZeroPadding2D(((1, 0), (0, 2)))(inp)
+    x = keras.layers.Conv2D(4, 3, padding="same", dilation_rate=2, activation="relu")(x)
+    x = keras.layers.ZeroPadding2D(1)(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", dilation_rate=2)(x)
+    model = keras.Model(inp, keras.layers.Dense(5)(keras.layers.Flatten()(x)))
+    proto = convert(model, preprocess="raw").proto
+    assert [n.op_type for n in proto.graph.node].count("Pad") == 2
+    xb = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    cot = np.random.default_rng(1).standard_normal((2, 5)).astype(np.float32)
+    xt = tf.constant(xb)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        score = tf.reduce_sum(model(xt, training=False) * cot)
+    want = tape.gradient(score, xt).numpy()
+    i, o = proto.graph.input[0].name, proto.graph.output[0].name
+    got = run(vjp(proto, o, [i]), {i: xb, f"grad_{o}": cot})[f"grad_{i}"]
+    assert rel_err(got, want) < 1e-4
