@@ -589,7 +589,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
         x = metadata.with_check_inputs(x, check_inputs, dtype)
         diff = metadata.compare(metadata.run_onnx(proto, x), call(x))
         if diff > metadata.CHECK_TOLERANCE:
-            raise ConversionError(f"ONNX Runtime and TensorFlow disagree by {diff:.3g} (relative) on the check input")
+            raise ConversionError(metadata.disagreement("TensorFlow", diff))
     seconds = time.perf_counter() - start
     source = {
         "framework": "keras" if is_keras else "tensorflow-savedmodel",

@@ -37,6 +37,14 @@ BATCH = "batch"
 CHECK_TOLERANCE = 1e-4
 
 
+def disagreement(framework: str, diff: float) -> str:
+    """The conversion check's refusal. A converter's faults read far above the tolerance (0.27 for
+    tf2onnx's lost padding); a value just above it can be float32 rounding in a network that cancels
+    much (stacked normalisations), which the user may judge and convert anyway."""
+    return (f"ONNX Runtime and {framework} disagree by {diff:.3g} (relative to the output's scale; the check "
+            f"allows {CHECK_TOLERANCE:g}) on the check input; --no-check (check=False) converts without it")
+
+
 @dataclass
 class Conversion:
     """What a converter produced and what it found on the way."""

@@ -257,7 +257,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
             want = _first_tensor(torch, module(torch.from_numpy(x))).numpy()
         diff = metadata.compare(metadata.run_onnx(proto, x), want)
         if diff > metadata.CHECK_TOLERANCE:
-            raise ConversionError(f"ONNX Runtime and PyTorch disagree by {diff:.3g} (relative) on the check input")
+            raise ConversionError(metadata.disagreement("PyTorch", diff))
     seconds = time.perf_counter() - start
     info = {
         "framework": "pytorch",

@@ -381,3 +381,17 @@ def test_conversion_settings_as_strings_mean_what_the_cli_means(tmp_path):
     assert meta[0]["onnxsal.preprocess"] == meta[1]["onnxsal.preprocess"] and meta[0]["onnxsal.labels"] == \
         meta[1]["onnxsal.labels"]
     assert json.loads(meta[0]["onnxsal.preprocess"])["mean"] == [0.5] and a.check is not None and b.check is not None
+
+
+def test_a_failed_check_says_by_how_much_and_how_to_convert_anyway(tmp_path, monkeypatch):
+    from converters import metadata
+    from converters.torch import convert
+    from onnxsal.errors import ConversionError
+
+    monkeypatch.setattr(metadata, "compare", lambda a, b: 1.01e-4)
+    with pytest.raises(ConversionError, match=r"ONNX Runtime and PyTorch disagree by 0.000101 \(relative to the output's "
+                                              r"scale; the check allows 0.0001\) on the check input; --no-check "
+                                              r"\(check=False\) converts without it$"):
+        convert(SEQ, tmp_path / "a.onnx", input_shape=(1, 3, 12, 12), preprocess="unit")
+    assert not (tmp_path / "a.onnx").exists()
+    assert convert(SEQ, tmp_path / "a.onnx", input_shape=(1, 3, 12, 12), preprocess="unit", check=False).check is None
