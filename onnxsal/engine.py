@@ -42,7 +42,7 @@ REGIONS = ("won", "peak", "all")
 
 def check_region(model: Model, region: str) -> None:
     """A typed error for a region that is none of REGIONS, or one given for no per-pixel output."""
-    if region not in REGIONS:
+    if not isinstance(region, str) or region not in REGIONS:      # an array cannot be tested with `in`
         raise TargetError(f"region must be one of {', '.join(REGIONS)}, not {region!r}")
     if region != "won" and model.dense is None:
         raise TargetError(f"region {region!r} picks pixels of a per-pixel output (segmentation maps, keypoint "

@@ -442,7 +442,7 @@ class Explainer:
             smooth = number_option("smooth", smooth, float, False)
             if smooth < 0:
                 raise MethodError(f"smooth is a Gaussian sigma in pixels, >= 0, not {smooth}")
-        if score not in ("logit", "probability"):
+        if not isinstance(score, str) or score not in ("logit", "probability"):
             raise TargetError(f"score must be 'logit' or 'probability', not {score!r}")
         if progress is not None and not callable(progress):
             raise MethodError(f"progress is a function called with (done, total), not {type(progress).__name__}")

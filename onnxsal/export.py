@@ -199,7 +199,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         raise MethodError("a reference input needs a model that scores a similarity (Explainer.like, "
                           "export --like input)")
     method = method.lower() if isinstance(method, str) else method
-    if method not in EXPORTABLE:
+    if not isinstance(method, str) or method not in EXPORTABLE:
         raise MethodError(f"export supports {', '.join(EXPORTABLE)}, not {method!r}")
     check_region(m, region)
     stacks = method in ("smoothgrad", "ig", "layerig")     # copies of the image run in one batch

@@ -51,7 +51,7 @@ class Preprocess:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "Preprocess":
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ImageError(f"unknown preprocessing preset {name!r}; choose from {', '.join(PRESETS)}")
         color, scale, mean, std = PRESETS[name]
         spec = cls(preset=name, color=color, scale=scale, mean=tuple(mean), std=tuple(std))

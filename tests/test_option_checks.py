@@ -10,6 +10,7 @@ import pytest
 import onnxsal
 from onnxsal.cli import main
 from onnxsal.errors import ImageError, MethodError, OutputError, TargetError
+from onnxsal.evaluate.faithfulness import evaluate
 from onnxsal.export import export
 from onnxsal.methods import check_options, get
 
@@ -245,7 +246,6 @@ def test_sanity_settings_are_checked(ex, kwargs, message):
     ({"tolerance": float("inf")}, "tolerance must be finite"),
 ])
 def test_evaluation_settings_are_checked(ex, kwargs, message):
-    from onnxsal.evaluate.faithfulness import evaluate
 
     with pytest.raises(MethodError, match=message):
         evaluate(ex, [X], ["gradcam"], **kwargs)
@@ -363,6 +363,12 @@ def test_integer_arrays_of_targets_are_lists_of_classes(ex):
     (lambda ex: ex.explain_batch([X, X], "saliency", target=[0]), TargetError, "1 targets for 2 images"),
     (lambda ex: ex.explain(X, "saliency", target=1, top_k=2), TargetError, "give a target or top_k=2, not both"),
     (lambda ex: ex.explain(X, "rise", progress=5), MethodError, r"progress is a function called with \(done, total\)"),
+    # names given as arrays, which `in` cannot test against the choices
+    (lambda ex: ex.explain(X, "saliency", score=np.array([1.0, 2.0])), TargetError, "score must be 'logit' or"),
+    (lambda ex: ex.explain(X, "saliency", region=np.array(["won", "all"])), TargetError, "region must be one of won"),
+    (lambda ex: evaluate(ex, [X], ["saliency"], deletion=np.array([1, 2])), MethodError, "substrate must be one of"),
+    (lambda ex: export(ex, np.array([1.0, 2.0])), MethodError, "export supports gradcam"),
+    (lambda ex: onnxsal.Preprocess.from_preset(np.array([1, 2])), ImageError, "unknown preprocessing preset array"),
 ])
 def test_arguments_of_the_wrong_kind_are_typed_errors(ex, call, error, message):
     with pytest.raises(error, match=message):
@@ -471,7 +477,6 @@ def test_vjp_takes_a_path_and_one_name(tmp_path):
     (([X], ["gradcam"]), {"progress": 5}, MethodError, r"progress is a function called with \(done, total, what\)"),
 ])
 def test_sanity_and_evaluate_arguments(ex, which, args, kwargs, error, message):
-    from onnxsal.evaluate.faithfulness import evaluate
     from onnxsal.evaluate.sanity import sanity_check
 
     run = sanity_check if which == "sanity" else evaluate
@@ -512,7 +517,6 @@ def test_one_randomisation_mode_is_one_mode_not_one_per_letter(ex):
 ])
 def test_masks_are_checked_before_any_work(ex, monkeypatch, masks, message):
     """A mask the pointing game cannot read is refused before the first map, not after the curves."""
-    from onnxsal.evaluate.faithfulness import evaluate
 
     def never(*args, **kwargs):
         raise AssertionError("explained before the masks were checked")
@@ -525,7 +529,6 @@ def test_masks_are_checked_before_any_work(ex, monkeypatch, masks, message):
 def test_masks_may_be_given_as_files(ex, tmp_path):
     from PIL import Image
 
-    from onnxsal.evaluate.faithfulness import evaluate
 
     mask = np.zeros((16, 16), bool)
     mask[4:9, 6:12] = True
@@ -538,7 +541,6 @@ def test_masks_may_be_given_as_files(ex, tmp_path):
 def test_one_method_one_image_and_method_spellings(ex, tmp_path):
     """A single name or input stands alone (not one per letter); options may name a method as its
     users spell it; evaluate's masks come one per image."""
-    from onnxsal.evaluate.faithfulness import evaluate
     from onnxsal.evaluate.sanity import sanity_check
 
     one = evaluate(ex, X, "occlusion", step=64, options={"Occlusion": {"window": 4}})

@@ -344,7 +344,7 @@ def evaluate(ex: Explainer, images: Sequence[Union[Prepared, str, os.PathLike, n
         raise ImageError(f"{len(masks)} masks for {len(images)} images; give one per image (None where an image "
                          "has none)")
     for kind in (deletion, insertion):
-        if kind not in SUBSTRATES:
+        if not isinstance(kind, str) or kind not in SUBSTRATES:
             raise MethodError(f"substrate must be one of {', '.join(SUBSTRATES)}, not {kind!r}")
     if step is not None and number_option("step", step, int, False) < 1:
         raise MethodError(f"step must be at least 1 pixel, not {step}")
