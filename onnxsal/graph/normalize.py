@@ -558,12 +558,13 @@ def dilated_same_convs(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     shapes = None
     model = copy.deepcopy(model)
+    weight_dims = {t.name: list(t.dims) for t in model.graph.initializer}
     for i in todo:
         node = model.graph.node[i]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         kernel = [int(k) for k in attrs.get("kernel_shape") or []]
         if not kernel:                                   # read off the weight's shape
-            w = {t.name: list(t.dims) for t in model.graph.initializer}.get(node.input[1])
+            w = weight_dims.get(node.input[1])
             if w is None:
                 continue
             kernel = [int(k) for k in w[2:]]

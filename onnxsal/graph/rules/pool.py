@@ -234,7 +234,8 @@ def _runtime_windows(ctx: RuleContext, h_in: list[int]) -> tuple[list[int], list
 def _check_sizes(ctx: RuleContext, h_out: list[int]) -> None:
     """Refuse a pool whose output the graph's inferred shapes size otherwise than ONNX Runtime does:
     ``normalize`` rewrites such pools with explicit pads, so one left is a pool it could not (its
-    pads would reach the kernel's size), and every size the gradient declares would clash."""
+    pads would reach the kernel's size or start below 0), and every size the gradient declares would
+    clash."""
     inferred = spatial_sizes(ctx, ctx.outputs[0], len(h_out))
     if all(v is not None for v in inferred) and list(inferred) != list(h_out):
         raise UnsupportedOpError(ctx.node.op_type, ctx.node.name,
