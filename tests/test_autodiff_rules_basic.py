@@ -674,3 +674,50 @@ def test_distinct_scatter_places_need_no_winner_check():
                            node_inputs=["x", "i", "u"])
         ops[name] = [n.op_type for n in vjp(m, "y", ["x", "u"]).graph.node]
     assert "Equal" not in ops["distinct"] and ops["repeated"].count("Equal") == 1
+
+
+def test_control_flow_that_reads_the_input_is_refused_not_skipped():
+    """An If's branches read outer tensors without listing them as inputs (torch.onnx writes
+    ``x.squeeze(1)`` of a size it cannot see so). Such a node on the path was invisible: the gradient
+    came out as zeros. It is now on the path, and refused by name; an If that reads no tensor on the
+    path is still no obstacle."""
+    x = rnd(2, 3)
+    then_branch = helper.make_graph([helper.make_node("Neg", ["t"], ["a"])], "then", [],
+                                    [helper.make_tensor_value_info("a", TensorProto.DOUBLE, None)])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["t"], ["b"])], "else", [],
+                                    [helper.make_tensor_value_info("b", TensorProto.DOUBLE, None)])
+    nodes = [helper.make_node("Exp", ["x"], ["t"]),
+             helper.make_node("If", ["c"], ["u"], name="squeeze_if", then_branch=then_branch, else_branch=else_branch),
+             helper.make_node("Mul", ["u", "x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 3])],
+                              [numpy_helper.from_array(np.array(True), "c")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UnsupportedOpError, match=r"cannot differentiate op 'If' \(node 'squeeze_if'\)"):
+        vjp(m, "y", ["x"])
+    const_branch = helper.make_graph([helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones((2, 3))))],
+                                     "then", [], [helper.make_tensor_value_info("k", TensorProto.DOUBLE, None)])
+    nodes[1] = helper.make_node("If", ["c"], ["u"], name="constant_if", then_branch=const_branch, else_branch=const_branch)
+    m2 = helper.make_model(helper.make_graph(nodes, "g", list(graph.input), list(graph.output), list(graph.initializer)),
+                           opset_imports=[helper.make_opsetid("", 17)])
+    check_vjp(m2, "y", ["x"], {"x": x})
+
+
+def test_clip_bounds_computed_from_the_input_get_their_gradient():
+    """``x.clamp(min=-1, max=x.abs().mean())``: the upper bound depends on x, so the places it clips
+    pass their gradient to it (torch.clamp's), and through it back to every x."""
+    x = rnd(3, 4) * 2
+    nodes = [helper.make_node("Abs", ["x"], ["a"]), helper.make_node("ReduceMean", ["a"], ["m"], keepdims=0),
+             helper.make_node("Neg", ["m"], ["lo"]), helper.make_node("Clip", ["x", "lo", "m"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [3, 4])])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    check_vjp(m, "y", ["x"], {"x": x})
+    cot = rnd(3, 4)
+    got = derived_grads(m, "y", ["x"], {"x": x}, cot)["grad_x"]
+    import torch
+
+    xt = torch.tensor(x, requires_grad=True)
+    bound = xt.abs().mean()
+    (torch.clamp(xt, min=-bound, max=bound) * torch.tensor(cot)).sum().backward()
+    np.testing.assert_allclose(got, xt.grad.numpy(), rtol=1e-10, atol=1e-12)

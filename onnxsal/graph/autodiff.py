@@ -422,13 +422,25 @@ def _check_names(graph: onnx.GraphProto, y: str, wrt: Sequence[str], outputs: Se
                 raise LayerError(f"unknown tensor {n!r} (asked as gradient {kind}); it is not in the model graph")
 
 
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads: its inputs, and the outer names its If/Loop/Scan bodies capture,
+    which are inputs too though the node does not list them (torch.onnx writes ``x.squeeze(1)`` of an
+    unknown size as an If whose branches read ``x``)."""
+    names = [i for i in node.input if i]
+    for attr in node.attribute:
+        for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            local = {i.name for i in body.input} | {i.name for i in body.initializer} | {o for n in body.node for o in n.output}
+            names += [i for i in (r for n in body.node for r in _reads(n)) if i not in local]
+    return names
+
+
 def _path(graph: onnx.GraphProto, builder: _Builder, y: str, wrt: Sequence[str]) -> tuple[list[int], set]:
     """Indices of the nodes between ``wrt`` and ``y``, and the tensors on that path."""
     reach = set(wrt)
     for node in graph.node:
         if node.op_type in NON_DIFFERENTIABLE:
             continue
-        if any(i in reach for i in node.input if i):
+        if any(i in reach for i in _reads(node)):
             for o in node.output:
                 if o and (_is_float(builder, o) or node.op_type in INTEGER_CARRIERS):
                     reach.add(o)
@@ -440,7 +452,7 @@ def _path(graph: onnx.GraphProto, builder: _Builder, y: str, wrt: Sequence[str])
             continue
         if node.op_type in NON_DIFFERENTIABLE:
             continue
-        ins = [i for i in node.input if i and i in reach]
+        ins = [i for i in _reads(node) if i in reach]
         if not ins:
             continue
         on_path.append(idx)

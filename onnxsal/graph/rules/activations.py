@@ -15,6 +15,7 @@ one-sided value training frameworks use (Relu'(0) = 0, strict Clip bounds).
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from ..autodiff import RuleContext, vjp_rule
 from . import blocked
@@ -97,9 +98,20 @@ def _blocked_clip_mask(ctx: RuleContext, y: str, lo: str | None, hi: str | None)
 
 @vjp_rule("Clip")
 def clip(ctx: RuleContext, gy: Grads) -> Grads:
-    """y = min(max(x, lo), hi): gx = gy * [lo < x < hi]; the bounds get no gradient."""
+    """y = min(max(x, lo), hi): gx = gy * [lo < x < hi]. A bound that is itself computed from the
+    input (``x.clamp(max=x.abs().mean())``) gets the gradient of the places it clipped, as
+    torch.clamp's: glo = sum(gy * [x < lo]), ghi = sum(gy * [x > hi])."""
     m = _clip_mask(ctx)
-    return [gy[0] if m is None else ctx.op("Mul", [gy[0], m])]
+    grads = [gy[0] if m is None else ctx.op("Mul", [gy[0], m])]
+    for i, beyond in ((1, "Less"), (2, "Greater")):
+        if not ctx.needs_grad(i):
+            grads.append(None)
+            continue
+        bound = ctx.inputs[i]
+        where = ctx.op("Cast", [ctx.op(beyond, [ctx.inputs[0], bound])], to=ctx.elem_type(gy[0]) or TensorProto.FLOAT)
+        total = ctx.op("ReduceSum", [ctx.op("Mul", [gy[0], where])], keepdims=0)
+        grads.append(ctx.op("Reshape", [total, ctx.shape_of(bound)]))
+    return grads
 
 
 def guided_clip(ctx: RuleContext, gy: Grads) -> Grads:
