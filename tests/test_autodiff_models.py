@@ -385,10 +385,28 @@ class SameDilated(nn.Module):
         return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
 
 
+class SqueezedIf(nn.Module):
+    """``nn.LocalResponseNorm`` (AlexNet, GoogLeNet v1) and ``F.pad`` of an unsqueezed tensor: the
+    TorchScript exporter writes their ``squeeze(1)`` as an If on a shape, whose branches read the
+    tensor. Its gradient was silently zero; the If is now replaced by the branch its shapes fix."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.lrn = nn.LocalResponseNorm(3, alpha=0.5, beta=0.75, k=1.0)   # a large alpha: the norm matters
+        self.head = nn.Linear(8, 10)
+        self.probe = self.c1
+
+    def forward(self, x):
+        a = self.lrn(torch.relu(self.c1(x)))
+        b = F.pad(a.unsqueeze(1), (0, 0, 0, 0, 1, 0)).squeeze(1)[:, 1:]
+        return self.head((a * b).mean((2, 3)))
+
+
 NETS = {"vgg": VGGish, "resnet": ResNetish, "mobilenetv2": MobileNetV2ish, "se_hard": SENet, "vit": ViTish,
         "modern": Modern, "shuffle": ShuffleNetish, "window": WindowNet, "mha": TorchMHA,
         "copies": Copies, "spelled_hard": SpelledHardNet, "selecting": Selecting, "ceil_pools": CeilPools,
-        "same_dilated": SameDilated}
+        "same_dilated": SameDilated, "squeezed_if": SqueezedIf}
 OPSET = {"modern": 18}          # Mish is an op from opset 18
 
 
@@ -480,7 +498,8 @@ def exported(tmp_path_factory):
 CASES = [("vgg", False), ("resnet", False), ("mobilenetv2", False), ("se_hard", False), ("vit", False),
          ("vit", True), ("resnet", True), ("spelled_hard", False), ("modern", True), ("shuffle", True), ("window", True), ("mha", True),
          ("copies", False), ("copies", True), ("selecting", False), ("selecting", True), ("ceil_pools", False),
-         ("ceil_pools", True), ("same_dilated", False), ("same_dilated", True)]
+         ("ceil_pools", True), ("same_dilated", False), ("same_dilated", True),
+         ("squeezed_if", False), ("squeezed_if", True)]
 
 
 @pytest.mark.parametrize("name,dynamic", CASES, ids=[f"{n}{'-dyn' if d else ''}" for n, d in CASES])

@@ -677,27 +677,46 @@ def test_distinct_scatter_places_need_no_winner_check():
 
 
 def test_control_flow_that_reads_the_input_is_refused_not_skipped():
-    """An If's branches read outer tensors without listing them as inputs (torch.onnx writes
-    ``x.squeeze(1)`` of a size it cannot see so). Such a node on the path was invisible: the gradient
-    came out as zeros. It is now on the path, and refused by name; an If that reads no tensor on the
-    path is still no obstacle."""
+    """An If's branches read outer tensors without listing them as inputs. Such a node on the path
+    was invisible: the gradient came out as zeros. One whose condition depends on the input's values
+    is now on the path, and refused by name; one whose condition is fixed is its branch
+    (``static_if``); an If that reads no tensor on the path is no obstacle."""
     x = rnd(2, 3)
     then_branch = helper.make_graph([helper.make_node("Neg", ["t"], ["a"])], "then", [],
                                     [helper.make_tensor_value_info("a", TensorProto.DOUBLE, None)])
     else_branch = helper.make_graph([helper.make_node("Identity", ["t"], ["b"])], "else", [],
                                     [helper.make_tensor_value_info("b", TensorProto.DOUBLE, None)])
-    nodes = [helper.make_node("Exp", ["x"], ["t"]),
-             helper.make_node("If", ["c"], ["u"], name="squeeze_if", then_branch=then_branch, else_branch=else_branch),
+    nodes = [helper.make_node("Exp", ["x"], ["t"]), helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["u"], name="data_if", then_branch=then_branch, else_branch=else_branch),
              helper.make_node("Mul", ["u", "x"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 3])],
-                              [numpy_helper.from_array(np.array(True), "c")])
+                              [numpy_helper.from_array(np.array(0.0), "zero")])
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    with pytest.raises(UnsupportedOpError, match=r"cannot differentiate op 'If' \(node 'squeeze_if'\)"):
+    with pytest.raises(UnsupportedOpError, match=r"cannot differentiate op 'If' \(node 'data_if'\)"):
         vjp(m, "y", ["x"])
+    fixed = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Size", ["shape"], ["rank"]),
+             helper.make_node("Equal", ["rank", "two"], ["c"])]
+    m1 = helper.make_model(helper.make_graph(nodes[:1] + fixed + nodes[3:], "g", list(graph.input), list(graph.output),
+                                             [numpy_helper.from_array(np.array(2, np.int64), "two")]),
+                           opset_imports=[helper.make_opsetid("", 17)])
+    assert "If" not in [n.op_type for n in vjp(m1, "y", ["x"]).graph.node]
+    cot = rnd(2, 3)
+    got = derived_grads(m1, "y", ["x"], {"x": x}, cot)      # the then branch: y = -exp(x) * x
+    np.testing.assert_allclose(got["y"], -np.exp(x) * x, rtol=1e-12)
+    np.testing.assert_allclose(got["grad_x"], -cot * np.exp(x) * (1 + x), rtol=1e-10)
+    batch = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Gather", ["shape", "zero_i"], ["n"]),
+             helper.make_node("Equal", ["n", "one_i"], ["c"])]      # x.squeeze(0): fixed only for one batch
+    m3 = helper.make_model(helper.make_graph(nodes[:1] + batch + nodes[3:], "g", list(graph.input), list(graph.output),
+                                             [numpy_helper.from_array(np.array(0, np.int64), "zero_i"),
+                                              numpy_helper.from_array(np.array(1, np.int64), "one_i")]),
+                           opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UnsupportedOpError, match=r"cannot differentiate op 'If' \(node 'data_if'\)"):
+        vjp(m3, "y", ["x"])
     const_branch = helper.make_graph([helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones((2, 3))))],
                                      "then", [], [helper.make_tensor_value_info("k", TensorProto.DOUBLE, None)])
-    nodes[1] = helper.make_node("If", ["c"], ["u"], name="constant_if", then_branch=const_branch, else_branch=const_branch)
+    nodes[3] = helper.make_node("If", ["c"], ["u"], name="constant_if", then_branch=const_branch, else_branch=const_branch)
     m2 = helper.make_model(helper.make_graph(nodes, "g", list(graph.input), list(graph.output), list(graph.initializer)),
                            opset_imports=[helper.make_opsetid("", 17)])
     check_vjp(m2, "y", ["x"], {"x": x})

@@ -19,6 +19,7 @@ from onnx import numpy_helper, shape_inference, version_converter
 from ..errors import ModelError
 from . import batch_axis, weights
 from .pool_geometry import POOLS, explicit_pads, may_differ, node_windows
+from .static_if import inline_static_ifs
 
 MIN_OPSET = 13
 BATCH = "N"
@@ -670,7 +671,11 @@ def normalize_traced(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
     folded = runtime_pools(dilated_same_convs(fold_integer_constants(upgrade_opset(model))))
     tracer = batch_tracer(folded)
     free = dynamic_batch(folded, tracer)          # dynamic_batch already copied
-    return _infer_inplace(_weights_not_inputs(free)), (tracer.across if tracer is not None else [])
+    out = _infer_inplace(_weights_not_inputs(free))
+    inlined = inline_static_ifs(out)              # reads the If's condition at batch 1 and 2: the batch free
+    if inlined is not out:
+        out = _infer_inplace(inlined)
+    return out, (tracer.across if tracer is not None else [])
 
 
 def fold_integer_constants(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -62,36 +62,9 @@ def probe(model: onnx.ModelProto, shapes_of: Sequence[str], values_of: Sequence[
     """``probe_shapes`` of ``shapes_of``, and the values at batch 1 of ``values_of`` (the indices a
     ScatterND writes, built from shapes at run time), from one session; both empty when the model
     cannot run on a stand-in input."""
-    import onnxruntime as ort
-
-    from ..runtime import open_session
-    from .surgery import expose
-
     names = list(dict.fromkeys(list(shapes_of) + list(values_of)))
-    if not names:
-        return {}, {}
-    try:
-        light, arrays = for_session(expose(model, names))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        opts.intra_op_num_threads = 1
-        sess = open_session(light, arrays, opts, ["CPUExecutionProvider"])
-        runs = []
-        for batch in (1, 2) if shapes_of else (1,):     # a second batch tells which dims follow it
-            feeds = _feeds(light, batch)
-            if feeds is None:
-                return {}, {}
-            try:
-                runs.append(sess.run(names, feeds))
-            except Exception:
-                if batch == 1:
-                    raise
-                # a graph that only runs one image at a time (its export fixed the batch where
-                # onnxsal could not free it): the engine runs it row by row, so the one-row
-                # shapes are its shapes; only the leading axis is left free
-                runs.append([np.empty((0,) + np.shape(v)[1:], np.asarray(v).dtype) if np.ndim(v) else v
-                             for v in runs[0]])
-    except Exception:
+    runs = _runs(model, names, (1, 2) if shapes_of else (1,))   # a second batch tells which dims follow it
+    if runs is None:
         return {}, {}
     shapes, wanted = {}, set(shapes_of)
     for name, a, b in zip(names, *runs) if shapes_of else ():
@@ -101,6 +74,53 @@ def probe(model: onnx.ModelProto, shapes_of: Sequence[str], values_of: Sequence[
             shapes[name] = (helper.np_dtype_to_tensor_dtype(a.dtype), shape)
     values = set(values_of)
     return shapes, {n: np.asarray(v) for n, v in zip(names, runs[0]) if n in values}
+
+
+def steady_values(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The values of `names` that are the same at batch 1 and batch 2 of a stand-in input (for
+    tensors computed from shapes alone, which the caller must make sure of: a value computed from
+    the input's data would be the stand-in's)."""
+    runs = _runs(model, list(dict.fromkeys(names)), (1, 2))
+    if runs is None or len(runs[1]) != len(runs[0]):
+        return {}
+    return {n: np.asarray(a) for n, a, b in zip(dict.fromkeys(names), *runs)
+            if np.shape(a) == np.shape(b) and np.array_equal(a, b)}
+
+
+def _runs(model: onnx.ModelProto, names: list[str], batches: Sequence[int]) -> Optional[list[list]]:
+    """`names`' values from one session of the model exposing them, one list per batch; None when
+    the model cannot run on a stand-in input."""
+    import onnxruntime as ort
+
+    from ..runtime import open_session
+    from .surgery import expose
+
+    if not names:
+        return None
+    try:
+        light, arrays = for_session(expose(model, names))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        opts.intra_op_num_threads = 1
+        sess = open_session(light, arrays, opts, ["CPUExecutionProvider"])
+        runs: list[list] = []
+        for batch in batches:
+            feeds = _feeds(light, batch)
+            if feeds is None:
+                return None
+            try:
+                runs.append(sess.run(names, feeds))
+            except Exception:
+                if batch == batches[0]:
+                    raise
+                # a graph that only runs one image at a time (its export fixed the batch where
+                # onnxsal could not free it): the engine runs it row by row, so the one-row
+                # shapes are its shapes; only the leading axis is left free
+                runs.append([np.empty((0,) + np.shape(v)[1:], np.asarray(v).dtype) if np.ndim(v) else v
+                             for v in runs[0]])
+    except Exception:
+        return None
+    return runs
 
 
 def type_proto(elem_type: int, shape: Shape) -> onnx.TypeProto:
