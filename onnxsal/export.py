@@ -328,7 +328,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         onehot = e.op("Unsqueeze", [sign, e.const([1], np.int64)])
     else:
         onehot = e.op("OneHot", [hot_row, depth, e.const([0.0, 1.0])], axis=-1)
-    n_img = e.op("Gather", [e.op("Shape", [target]), e.const(0, np.int64)])
+    n_img = e.op("Squeeze", [n_images, e.const([0], np.int64)])     # the image count as a scalar
     if clean is not None:
         n_rows = e.op("Gather", [e.op("Shape", [rows_target]), e.const(0, np.int64)])
         row = e.op("Range", [e.const(0, np.int64), n_rows, e.const(1, np.int64)])
@@ -336,8 +336,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         mask = e.op("Cast", [extra_row], to=TensorProto.FLOAT)
         onehot = e.op("Mul", [onehot, e.op("Unsqueeze", [mask, e.const([1], np.int64)])])
     if dense is not None or det is not None and not isinstance(det, DetectionList):   # picked in the images' own rows
-        own = e.op("Slice", [logits, e.const([0], np.int64), e.op("Unsqueeze", [n_img, e.const([0], np.int64)]),
-                             e.const([0], np.int64)])
+        own = e.op("Slice", [logits, e.const([0], np.int64), n_images, e.const([0], np.int64)])
     if isinstance(det, DetectionList):
         # a class scores its most confident kept detection (none: no cotangent, an empty map), picked
         # in every row's own output: a row index is no detection of its own in a noisy copy or on IG's path
@@ -458,10 +457,9 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
 
         layer_rank = len(tensor_shapes(m.light)[lay.tensor][1])
         k, weights = clean
-        n1 = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
-        logits_out = e.op("Slice", [logits, e.const([0], np.int64), n1, e.const([0], np.int64)])
+        logits_out = e.op("Slice", [logits, e.const([0], np.int64), n_images, e.const([0], np.int64)])
         gp = f"grad_{path_t}"
-        rest = e.op("Slice", [gp, n1, e.const([np.iinfo(np.int64).max], np.int64), e.const([0], np.int64)])
+        rest = e.op("Slice", [gp, n_images, e.const([np.iinfo(np.int64).max], np.int64), e.const([0], np.int64)])
         tail = e.op("Slice", [e.op("Shape", [gp]), e.const([1], np.int64), e.const([np.iinfo(np.int64).max], np.int64)])
         stacked = e.op("Reshape", [rest, e.op("Concat", [e.const([k, -1], np.int64), tail], axis=0)])
         mean_g = e.reduce("ReduceSum", e.op("Mul", [stacked, e.const(weights.reshape((-1,) + (1,) * layer_rank))]), [0], keepdims=0)
@@ -499,9 +497,8 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         gx = f"grad_{x_name}"
         if clean is not None:
             k, weights = clean
-            n1 = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])      # n_img: the clean rows, from above
-            logits_out = e.op("Slice", [logits, e.const([0], np.int64), n1, e.const([0], np.int64)])
-            rest = e.op("Slice", [gx, n1, e.const([np.iinfo(np.int64).max], np.int64), e.const([0], np.int64)])
+            logits_out = e.op("Slice", [logits, e.const([0], np.int64), n_images, e.const([0], np.int64)])  # clean rows first
+            rest = e.op("Slice", [gx, n_images, e.const([np.iinfo(np.int64).max], np.int64), e.const([0], np.int64)])
             tail = e.op("Slice", [e.op("Shape", [gx]), e.const([1], np.int64), e.const([4], np.int64)])
             stacked = e.op("Reshape", [rest, e.op("Concat", [e.const([k], np.int64), e.const([-1], np.int64), tail], axis=0)])
             gx = e.reduce("ReduceSum", e.op("Mul", [stacked, e.const(weights.reshape(k, 1, 1, 1, 1))]), [0], keepdims=0)
@@ -540,8 +537,7 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
         _take_pixels(g, x_name, m.input.elem_type, e.name(f"{x_name}_real"))
     if reference_input:             # "reference": (1, D), or one row per image, repeated for stacked copies
         d = reference_width(g)
-        n1 = e.op("Unsqueeze", [n_img, e.const([0], np.int64)])
-        source = e.op("Expand", ["reference", e.op("Concat", [n1, e.const([d], np.int64)], axis=0)])
+        source = e.op("Expand", ["reference", e.op("Concat", [n_images, e.const([d], np.int64)], axis=0)])
         e.g.node[-1].name = f"reference_must_be_1_or_N_rows_of_{d}"    # ONNX Runtime's error names the node
         if clean is not None:
             source = e.op("Concat", [source, e.op("Tile", [source, e.const([clean[0], 1], np.int64)])], axis=0)

@@ -21,11 +21,9 @@ from .probe import steady_values
 SHAPE_READERS = ("Shape", "Size")
 
 
-def _shape_only(graph: onnx.GraphProto, name: str) -> bool:
-    """Whether `name` depends on the graph's inputs through Shape/Size nodes only (constants and
+def _shape_only(producer: dict, inputs: set, name: str) -> bool:
+    """Whether `name` depends on the graph's `inputs` through Shape/Size nodes only (constants and
     initializers are fine): its value then follows from the sizes, not from any pixel."""
-    producer = {o: n for n in graph.node for o in n.output}
-    inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
     stack, seen = [name], set()
     while stack:
         t = stack.pop()
@@ -73,8 +71,11 @@ def inline_static_ifs(model: onnx.ModelProto) -> onnx.ModelProto:
     (a copy; the model itself where there is none). Branches that hold control flow of their own
     are left, as are conditions the stand-in runs do not fix."""
     graph = model.graph
-    ifs = [n for n in graph.node if n.op_type == "If" and n.domain in ("", "ai.onnx")
-           and _shape_only(graph, n.input[0]) and not _holds_control_flow(n)]
+    ifs = [n for n in graph.node if n.op_type == "If" and n.domain in ("", "ai.onnx") and not _holds_control_flow(n)]
+    if ifs:
+        producer = {o: n for n in graph.node for o in n.output}
+        inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+        ifs = [n for n in ifs if _shape_only(producer, inputs, n.input[0])]
     if not ifs:
         return model
     values = steady_values(model, [n.input[0] for n in ifs])
