@@ -10,6 +10,7 @@ missing, and a user must be told which device ran.
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -108,7 +109,7 @@ class Runtime:
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.log_severity_level = 3
+            opts.log_severity_level = 4     # ONNX Runtime's failures come back as exceptions, said in one line
             shapes = tensor_shapes(model)
             dense = _row_matrix_bytes(model, arrays, shapes) > PREPACK_LIMIT
             if dense:
@@ -199,7 +200,19 @@ def _fill(rows: np.ndarray, size: int) -> np.ndarray:
 
 
 def _first_line(exc: Exception) -> str:
-    return next((part.strip() for part in str(exc).splitlines() if part.strip()), type(exc).__name__)
+    """ONNX Runtime's reason, without its status prefix and, where it failed a check of its own
+    (`file.h:88 signature condition was false. message`), without the C++ location and condition
+    when a message follows them: that is the part a user can act on."""
+    line = next((part.strip() for part in str(exc).splitlines() if part.strip()), type(exc).__name__)
+    line = _STATUS.sub("", line)
+    check = _CHECK.search(line)
+    if check and check.group(2).strip():
+        line = line[:check.start()] + check.group(2).strip()
+    return line
+
+
+_STATUS = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_CHECK = re.compile(r"/onnxruntime_src/\S+:\d+ (.*) was false\.(.*)$")
 
 
 def _unrunnable(exc: Exception, padded: int) -> ModelError:
@@ -233,7 +246,10 @@ def open_session(model: onnx.ModelProto, arrays: dict[str, np.ndarray], opts: or
     values = [ort.OrtValue.ortvalue_from_numpy(a if a.flags.c_contiguous else a.copy(order="C")) for a in arrays.values()]
     if values:
         opts.add_external_initializers(list(arrays), values)
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    except Exception as exc:        # the graph breaks one of ONNX Runtime's own rules (a pad as large as its kernel)
+        raise ModelError(f"ONNX Runtime could not load the model: {_first_line(exc)}") from exc
     sess._onnxsal_weights = values  # type: ignore[attr-defined]
     return sess
 

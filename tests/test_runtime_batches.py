@@ -170,3 +170,29 @@ def test_a_run_onnx_runtime_cannot_do_raises_a_model_error_in_one_line(fixed_row
     with pytest.raises(ModelError, match=said) as err:
         rt.run_batched(sess, {"x": np.zeros((2, 3), np.float32)})
     assert "\n" not in str(err.value)
+
+
+def test_a_graph_onnx_runtime_refuses_to_load_is_a_model_error_in_one_line(tmp_path, capfd):
+    """An average pool that does not count its padding, with a pad as large as its kernel: ONNX
+    allows it, ONNX Runtime refuses it when the session starts (and onnxsal cannot move such pads
+    into a Pad node). The API gets a ModelError with the runtime's reason, without its C++ location,
+    and nothing else reaches the terminal."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxsal.errors import ModelError
+
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]),
+                           helper.make_node("AveragePool", ["c"], ["p"], kernel_shape=[2, 2], pads=[0, 0, 2, 2]),
+                           helper.make_node("ReduceMean", ["p"], ["y"], axes=[2, 3], keepdims=0)], "refused",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                          [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
+    path = tmp_path / "refused.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    ex = onnxsal.Explainer(str(path), preprocess="unit")
+    capfd.readouterr()
+    with pytest.raises(ModelError) as err:
+        ex.explain(np.zeros((16, 16, 3), np.uint8), method="saliency")
+    assert str(err.value) == ("ONNX Runtime could not load the model: Exception during initialization: "
+                              "Pad should be smaller than kernel.")
+    assert capfd.readouterr() == ("", "")
