@@ -15,11 +15,12 @@ import itertools
 
 import numpy as np
 import onnx
+import pytest
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from onnxsal.graph.normalize import normalize
-from onnxsal.graph.pool_geometry import explicit_pads, may_differ, node_windows
+from onnxsal.graph.pool_geometry import explicit_pads, may_differ, node_windows, pads_movable
 
 
 def _model(op: str, attrs: dict, h: int) -> onnx.ModelProto:
@@ -84,3 +85,54 @@ def test_pool_windows_are_the_runtime_s():
     assert not mismatches, mismatches[:5]
     # ONNX Runtime 1.32 and ONNX 1.23: 1126 configurations sized otherwise by inference, 1089 of them rewritten
     assert counts["inference_differs"] > 1000 and counts["rewritten"] > 1000 and counts["left"] < 50, counts
+
+
+def _reference(op: str, attrs: dict, x: np.ndarray) -> np.ndarray:
+    """One axis of a pool with explicit pads and no ceil mode, from its definition: the cells of
+    each window that fall inside the input, their max, their root sum of squares, or their sum over
+    the kernel's size (an average that counts its padding)."""
+    (k,), (s,), (d,), (pb, pe) = attrs["kernel_shape"], attrs["strides"], attrs["dilations"], attrs["pads"]
+    h = x.size
+    out = []
+    for start in range(-pb, h + pe - d * (k - 1), s):
+        cells = [x[i] for i in range(start, start + d * k, d) if 0 <= i < h]
+        if op == "MaxPool":
+            out.append(max(cells, default=-np.inf))
+        elif op == "LpPool":
+            out.append(np.sqrt(sum(c * c for c in cells)))
+        else:
+            out.append(sum(cells) / k)
+    return np.array(out, np.float32)
+
+
+def test_pads_as_wide_as_the_kernel_move_into_a_pad_node():
+    """ONNX allows a pad as large as the kernel (torch.onnx writes one at opsets before 10 for a
+    ceil-mode pool), ONNX Runtime refuses it: `normalize` moves such pads into a Pad node where the
+    pool gives the same values, and leaves the others to the runtime's refusal."""
+    rng = np.random.default_rng(1)
+    moved = kept = 0
+    for op, h, attrs in configurations():
+        if attrs.get("ceil_mode") or "pads" not in attrs or max(attrs["pads"]) < attrs["kernel_shape"][0]:
+            continue
+        model = _model(op, attrs, h)
+        x = rng.standard_normal((1, 1, h)).astype(np.float32)
+        with pytest.raises(Exception, match="Pad should be smaller than kernel"):
+            _run(model, x)
+        normal = normalize(model)
+        if not pads_movable(op, attrs):
+            assert [n.op_type for n in normal.graph.node] == [op]
+            kept += 1
+            continue
+        assert [n.op_type for n in normal.graph.node] == ["Pad", op], (op, h, attrs)
+        if op == "MaxPool":     # its argmax positions would count the Pad node's cells: left as it is
+            with_argmax = _model(op, attrs, h)
+            with_argmax.graph.node[0].output.append("i")
+            assert [n.op_type for n in normalize(with_argmax).graph.node] == [op]
+        want = _reference(op, attrs, x[0, 0])
+        got = _run(normal, x)
+        if op == "MaxPool":     # a window wholly in the padding: ONNX Runtime gives -inf or the lowest float
+            got = np.where(got <= np.finfo(np.float32).min, -np.inf, got)
+        np.testing.assert_allclose(got.ravel(), want, rtol=1e-6, atol=1e-6, err_msg=str((op, h, attrs)))
+        moved += 1
+    assert moved > 2000 and kept > 600, (moved, kept)      # 2106 and 702
+

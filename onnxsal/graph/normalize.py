@@ -18,7 +18,7 @@ from onnx import numpy_helper, shape_inference, version_converter
 
 from ..errors import ModelError
 from . import batch_axis, weights
-from .pool_geometry import POOLS, explicit_pads, may_differ, node_windows
+from .pool_geometry import POOLS, explicit_pads, may_differ, node_windows, pads_movable
 from .static_if import inline_static_ifs
 
 MIN_OPSET = 13
@@ -637,6 +637,75 @@ def runtime_pools(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def wide_pool_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Pools with a pad at least as large as their kernel, their pads moved into a Pad node before
+    them. ONNX allows such pads and ONNX Runtime refuses them ("Pad should be smaller than
+    kernel"): torch.onnx writes ``nn.MaxPool2d(2, 2, padding=1, ceil_mode=True)`` so at opsets
+    before 10, which have no ceil mode, where the last window keeps a place in the end padding.
+    A pool whose pads cannot move (``pool_geometry.pads_movable``) is left as it is, and ONNX
+    Runtime's refusal follows."""
+    def wide(n: onnx.NodeProto) -> Optional[dict]:
+        if n.op_type not in POOLS or n.domain not in ("", "ai.onnx"):
+            return None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        kernel = [int(k) for k in attrs.get("kernel_shape") or []]
+        pads = [int(p) for p in attrs.get("pads") or []]
+        auto_pad = attrs.get("auto_pad", b"NOTSET") or b"NOTSET"
+        if auto_pad not in (b"NOTSET", "NOTSET") or int(attrs.get("ceil_mode", 0)) or len(pads) != 2 * len(kernel):
+            return None
+        as_wide = any(p >= kernel[i % len(kernel)] for i, p in enumerate(pads))
+        return attrs if as_wide and pads_movable(n.op_type, attrs, _argmax(n)) else None
+    todo = [(i, attrs) for i, n in enumerate(model.graph.node) if (attrs := wide(n)) is not None]
+    if not todo:
+        return model
+    model = copy.deepcopy(model)
+    g = model.graph
+    elem = {}
+    if any(g.node[i].op_type == "MaxPool" for i, _ in todo):
+        try:
+            elem = {k: t for k, (t, _) in tensor_shapes(shape_inference.infer_shapes(without_weight_data(model))).items()}
+        except Exception:
+            pass
+    taken = {v for n in g.node for v in list(n.input) + list(n.output)} | {t.name for t in g.initializer} \
+        | {v.name for v in g.input}
+    added: list[tuple[int, onnx.NodeProto]] = []
+    for i, attrs in todo:
+        node = g.node[i]
+        if node.op_type == "MaxPool":
+            dtype = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+                     onnx.TensorProto.DOUBLE: np.float64}.get(elem.get(node.input[0]))
+            if dtype is None:
+                continue                                  # no -inf to pad with that is known to fit
+        n = len(attrs["kernel_shape"])
+        pads = [0, 0] + [int(p) for p in attrs["pads"][:n]] + [0, 0] + [int(p) for p in attrs["pads"][n:]]
+        base = _fresh(f"{node.name or node.output[0]}/pads", taken)
+        g.initializer.append(numpy_helper.from_array(np.array(pads, np.int64), base + "/amounts"))
+        inputs = [node.input[0], base + "/amounts"]
+        if node.op_type == "MaxPool":
+            g.initializer.append(numpy_helper.from_array(np.array(-np.inf, dtype), base + "/value"))
+            inputs.append(base + "/value")
+        added.append((i, onnx.helper.make_node("Pad", inputs, [base], name=base, mode="constant")))
+        node.input[0] = base
+        for a in node.attribute:
+            if a.name == "pads":
+                a.ints[:] = [0] * (2 * n)
+    for i, pad in reversed(added):
+        g.node.insert(i, pad)
+    return model
+
+
+def _argmax(node: onnx.NodeProto) -> bool:
+    return len(node.output) > 1 and bool(node.output[1])
+
+
+def _fresh(name: str, taken: set) -> str:
+    out, k = name, 1
+    while out in taken:
+        out, k = f"{name}_{k}", k + 1
+    taken.update({out, out + "/amounts", out + "/value"})
+    return out
+
+
 def _rewrite_pool(node: onnx.NodeProto, attrs: dict, pads: list[int]) -> None:
     """`node` with explicit `pads` and ``ceil_mode=0`` (``pool_geometry.explicit_pads``)."""
     attrs = {k: v for k, v in attrs.items() if k not in ("auto_pad", "ceil_mode", "pads")}
@@ -668,7 +737,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
 def normalize_traced(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """`normalize`'s model, and the ops the batch trace found reading across the batch
     (`one_image_ops`), from the one trace that frees it."""
-    folded = runtime_pools(dilated_same_convs(fold_integer_constants(upgrade_opset(model))))
+    folded = wide_pool_pads(runtime_pools(dilated_same_convs(fold_integer_constants(upgrade_opset(model)))))
     tracer = batch_tracer(folded)
     free = dynamic_batch(folded, tracer)          # dynamic_batch already copied
     out = _infer_inplace(_weights_not_inputs(free))

@@ -67,6 +67,15 @@ def node_windows(attrs: dict, in_sizes: Sequence[int]) -> list[tuple[int, int, i
             for i, (h, k, s, d) in enumerate(zip(in_sizes, kernel, strides, dilations))]
 
 
+def pads_movable(op_type: str, attrs: dict, argmax: bool = False) -> bool:
+    """Whether a pool's pads can become a Pad node before it with the same values: a max pool
+    (padding at -inf) that does not report its argmax positions, a sum of powers (padding at 0:
+    |0|^p adds nothing), or an average that counts its padding."""
+    if op_type == "MaxPool":
+        return not argmax
+    return op_type == "LpPool" or op_type == "AveragePool" and int(attrs.get("count_include_pad", 0)) == 1
+
+
 def explicit_pads(attrs: dict, in_sizes: Sequence[int]) -> Optional[list[int]]:
     """Explicit pads under which ``ceil_mode=0`` gives the runtime's windows and ONNX's inference
     agrees: the begin pads it applies and end pads cut or grown to end at its last window. Every
