@@ -413,13 +413,32 @@ class WideCeilPools(CeilPools):
         self.head = nn.Linear(8 * 5 * 5, 10)
 
 
+class FilledLike(nn.Module):
+    """`torch.ones_like` and `full_like` as bounds and a gate: at opset 7 torch.onnx writes them as
+    the experimental ConstantFill, which ONNX Runtime does not run."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 10)
+        self.probe = self.c1
+
+    def forward(self, x):
+        a = self.c1(x)
+        a = torch.max(torch.min(a, torch.full_like(a, 0.7)), -torch.ones_like(a)) * a
+        return self.head(self.bn(a).mean((2, 3)))
+
+
 NETS = {"vgg": VGGish, "resnet": ResNetish, "mobilenetv2": MobileNetV2ish, "se_hard": SENet, "vit": ViTish,
         "modern": Modern, "shuffle": ShuffleNetish, "window": WindowNet, "mha": TorchMHA,
         "copies": Copies, "spelled_hard": SpelledHardNet, "selecting": Selecting, "ceil_pools": CeilPools,
-        "same_dilated": SameDilated, "squeezed_if": SqueezedIf, "ceil_pools_opset9": WideCeilPools}
+        "same_dilated": SameDilated, "squeezed_if": SqueezedIf, "ceil_pools_opset9": WideCeilPools,
+        "filled_opset7": FilledLike}
 # Mish is an op from opset 18; opset 9 has no ceil mode, so torch.onnx writes the ceil-mode pools
-# with an end pad as large as their kernel, which ONNX Runtime refuses as it stands
-OPSET = {"modern": 18, "ceil_pools_opset9": 9}
+# with an end pad as large as their kernel, which ONNX Runtime refuses as it stands; at opset 7 it
+# writes ones_like as ConstantFill
+OPSET = {"modern": 18, "ceil_pools_opset9": 9, "filled_opset7": 7}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -511,7 +530,7 @@ CASES = [("vgg", False), ("resnet", False), ("mobilenetv2", False), ("se_hard", 
          ("vit", True), ("resnet", True), ("spelled_hard", False), ("modern", True), ("shuffle", True), ("window", True), ("mha", True),
          ("copies", False), ("copies", True), ("selecting", False), ("selecting", True), ("ceil_pools", False),
          ("ceil_pools", True), ("ceil_pools_opset9", False), ("ceil_pools_opset9", True), ("same_dilated", False),
-         ("same_dilated", True),
+         ("same_dilated", True), ("filled_opset7", False), ("filled_opset7", True),
          ("squeezed_if", False), ("squeezed_if", True)]
 
 
@@ -570,6 +589,11 @@ def test_opset9_ceil_pools_have_pads_as_wide_as_their_kernels(exported):
     assert wide == ["MaxPool"]
     with pytest.raises(Exception, match="Pad should be smaller than kernel"):
         run(model, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+
+
+def test_opset7_export_fills_with_constant_fill(exported):
+    _, model, _ = exported("filled_opset7", True)
+    assert sum(n.op_type == "ConstantFill" for n in model.graph.node) == 2
 
 
 def test_mobilenet_covers_strided_depthwise_path(exported):

@@ -352,6 +352,36 @@ def test_experimental_ops_of_old_opsets_are_written_as_standard_ones(op, attrs, 
     check_vjp(m.proto, "y", ["x"], {"x": x})
 
 
+@pytest.mark.parametrize("attrs,source", [({"value": 2.0}, "x"), ({"value": 0.5, "input_as_shape": 1}, "shape"),
+                                          ({"value": -3.0, "input_as_shape": 1, "extra_shape": [4]}, "shape3"),
+                                          ({"value": 1.5, "shape": [1, 3, 4, 4]}, None)])
+def test_constant_fill_of_old_opsets_becomes_constant_of_shape(attrs, source):
+    """torch.onnx writes `torch.ones_like` at opsets 7 and 8 as the experimental ConstantFill, which
+    ONNX Runtime does not run: each of its forms is written as a ConstantOfShape of that shape."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from gradcheck import check_vjp
+
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Slice", ["shape"], ["shape3"], starts=[0], ends=[3])]
+    nodes.append(helper.make_node("ConstantFill", [source] if source else [], ["fill"], **attrs))
+    nodes.append(helper.make_node("Mul", ["x", "fill"], ["xf"]))
+    nodes.append(helper.make_node("Mul", ["xf", "x"], ["y"]))
+    g = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 7)])
+    model.ir_version = 3
+    x = np.random.default_rng(4).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    with pytest.raises(Exception, match="ConstantFill"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    m = load(model)
+    assert "ConstantFill" not in {n.op_type for n in m.proto.graph.node}
+    got = ort.InferenceSession(m.proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(got, x * x * attrs["value"], rtol=1e-6)
+    check_vjp(m.proto, "y", ["x"], {"x": x})
+
+
 def test_per_activation_batch_norm_of_old_opsets_is_written_out():
     """BatchNormalization with spatial=0 (opsets 1-8: statistics per activation) has no opset-9 form."""
     import onnxruntime as ort

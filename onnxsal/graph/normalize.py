@@ -124,6 +124,48 @@ def _standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def constant_fills(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The experimental ``ConstantFill`` of opsets 1-9 written as ``ConstantOfShape``. torch.onnx
+    writes ``torch.ones_like`` and ``full_like`` so at opsets 7 and 8; the version converter passes
+    the node through, and neither ONNX Runtime ("not a registered function/op") nor shape inference
+    knows it, so everything after it had no shape. Its output's shape is the input's values
+    (``input_as_shape=1``), the input's shape, or the ``shape`` attribute, then ``extra_shape``."""
+    fills = [i for i, n in enumerate(model.graph.node) if n.op_type == "ConstantFill" and n.domain in ("", "ai.onnx")]
+    if not fills:
+        return model
+    model = copy.deepcopy(model)
+    g = model.graph
+    nodes = []
+    for n in g.node:
+        if n.op_type != "ConstantFill" or n.domain not in ("", "ai.onnx"):
+            nodes.append(n)
+            continue
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(int(a.get("dtype", onnx.TensorProto.FLOAT)))
+        value = numpy_helper.from_array(np.array([a.get("value", 0.0)], dtype))
+        base = n.name or n.output[0]
+        extra = [int(v) for v in a.get("extra_shape") or []]
+        if not n.input or not n.input[0]:
+            shape = [int(v) for v in a.get("shape") or []] + extra
+            nodes.append(onnx.helper.make_node("Constant", [], [n.output[0]], name=base, value=numpy_helper.from_array(
+                np.full(shape, a.get("value", 0.0), dtype))))
+            continue
+        shape = base + "/shape"
+        if int(a.get("input_as_shape", 0)):
+            nodes.append(onnx.helper.make_node("Cast", [n.input[0]], [shape], name=shape, to=onnx.TensorProto.INT64))
+        else:
+            nodes.append(onnx.helper.make_node("Shape", [n.input[0]], [shape], name=shape))
+        if extra:
+            g.initializer.append(numpy_helper.from_array(np.array(extra, np.int64), base + "/extra_shape"))
+            nodes.append(onnx.helper.make_node("Concat", [shape, base + "/extra_shape"], [base + "/full_shape"],
+                                               name=base + "/full_shape", axis=0))
+            shape = base + "/full_shape"
+        nodes.append(onnx.helper.make_node("ConstantOfShape", [shape], [n.output[0]], name=base, value=value))
+    del g.node[:]
+    g.node.extend(nodes)
+    return model
+
+
 def _const_values(graph: onnx.GraphProto) -> dict:
     vals = {init.name: init for init in graph.initializer}
     for node in graph.node:
@@ -737,7 +779,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
 def normalize_traced(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """`normalize`'s model, and the ops the batch trace found reading across the batch
     (`one_image_ops`), from the one trace that frees it."""
-    folded = wide_pool_pads(runtime_pools(dilated_same_convs(fold_integer_constants(upgrade_opset(model)))))
+    folded = wide_pool_pads(runtime_pools(dilated_same_convs(fold_integer_constants(constant_fills(upgrade_opset(model))))))
     tracer = batch_tracer(folded)
     free = dynamic_batch(folded, tracer)          # dynamic_batch already copied
     out = _infer_inplace(_weights_not_inputs(free))
