@@ -171,3 +171,37 @@ def test_float16_weights_behind_casts():
     a, b = (onnxsal.Explainer(m, "cpu", preprocess="raw").explain(x, "gradcam", target=0) for m in (stored, rounded))
     np.testing.assert_allclose(a.raw, b.raw, rtol=1e-6, atol=1e-7)
     assert "the model's float16 tensors run in float32 here" in a.notes
+
+
+class _Resampled(torch.nn.Module):
+    """Upsampled by 1.5, a scale that the output and input sizes do not give back (16 / 11)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 4, 3, stride=3, padding=1)
+        self.up = torch.nn.Upsample(scale_factor=1.5, mode="bilinear")
+        self.head = torch.nn.Linear(4 * 16 * 16, 10)
+
+    def forward(self, x):
+        return self.head(self.up(torch.relu(self.c1(x))).flatten(1))
+
+
+def test_float16_resize_reads_its_scales_through_the_conversion_s_cast(tmp_path):
+    """onnxconverter_common keeps a Resize in float32 and casts its float16 scales to it: the
+    gradient must use those scales (1.5), not the ratio of the sizes, as the runtime does."""
+    torch.manual_seed(0)
+    net = _Resampled().eval()
+    model16 = float16.convert_float_to_float16(export(net, tmp_path / "m.onnx", dynamic=True))
+    resize = next(n for n in model16.graph.node if n.op_type == "Resize")
+    assert any(n.op_type == "Cast" and n.output[0] == resize.input[2] for n in model16.graph.node)
+    net = _rounded(net)
+    ex = onnxsal.Explainer(model16, "cpu", preprocess="raw")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    seeds = rng.standard_normal((2, 10)).astype(np.float32)
+    out = ex.engine.gradients(x, seeds, wrt=["input"])
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    logits = net(xt)
+    (logits * torch.tensor(seeds, dtype=torch.float64)).sum().backward()
+    assert rel_err(out["logits"], logits.detach().numpy()) < 1e-5
+    assert rel_err(out["grad_input"], xt.grad.numpy()) < 1e-4

@@ -40,6 +40,7 @@ VJP_RULES: dict[str, Rule] = {}
 PREFIX = "onnxsal_bw/"
 GRAD_PREFIX = "grad_"
 INT64_MAX = np.iinfo(np.int64).max
+SMALL_FLOAT = 16          # elements: a float tensor computed from constants that the builder folds
 
 
 # Ops whose outputs never carry gradient even when fed by a differentiable
@@ -122,12 +123,19 @@ class _Builder:
             self.used.update(node.input)
             self.used.update(node.output)
             self.used.add(node.name)
-        self._folder = Folder(g, self.opset, self._leaf, cache=self.consts,
-                              admit=lambda n: self.elem_type(n) not in FLOAT_TYPES,
-                              accept=lambda v: v.dtype.kind in "iub" and v.size <= 4096)
+        # Small integer tensors (pad amounts, slice axes) and tiny float ones (a Resize's scales
+        # behind a Cast, as float16 conversions write them) fold; larger float ones are weights.
+        self._folder = Folder(g, self.opset, self._leaf, cache=self.consts, admit=self._foldable,
+                              accept=lambda v: v.size <= (4096 if v.dtype.kind in "iub" else SMALL_FLOAT))
         self.fresh = FreshNames(self.used, PREFIX)
         self._shape_cache: dict[str, str] = {}
         self._scalar_cache: dict[tuple, str] = {}
+
+    def _foldable(self, name: str) -> bool:
+        if self.elem_type(name) not in FLOAT_TYPES:
+            return True
+        shape = self.shape(name)
+        return shape is not None and None not in shape and int(np.prod(shape)) <= SMALL_FLOAT
 
     def const_value(self, name: str) -> Optional[np.ndarray]:
         """A constant's value, or that of a small integer tensor computed from constants only

@@ -115,8 +115,9 @@ class Folder:
 
     ``leaf(name)`` gives a constant's value (None for anything else); ``admit(name)`` may refuse
     a tensor before its producer is visited, and ``accept(value)`` an evaluated output, which is
-    then not kept. The VJP builder folds small integer tensors (pad amounts, slice axes) and
-    refuses floats at once; the recurrent unrolling folds reordered weights.
+    then not kept. The VJP builder folds small integer tensors (pad amounts, slice axes) and float
+    ones of at most a few elements (a Resize's scales behind a Cast), and refuses larger floats at
+    once; the recurrent unrolling folds reordered weights.
     """
 
     def __init__(self, graph: onnx.GraphProto, opset: int, leaf: Callable[[str], Optional[np.ndarray]],

@@ -161,8 +161,11 @@ def _scales(ctx: RuleContext, in_shape: tuple, out_shape: Optional[tuple]
 
     Given ``scales``, the transform uses those values and the output size is
     ``floor(n * scale)``; given ``sizes``, the scale is ``float32(m) / float32(n)``.
-    When neither is a constant the statically inferred output shape stands in
-    for ``sizes`` (exact for size-driven resizes and for any integral scale).
+    Scales computed from constants (a float16 file's, behind a Cast) count as
+    constants. When neither is known the statically inferred output shape
+    stands in for ``sizes``: exact for sizes-driven resizes and for scales
+    computed at run time as output over input size (torch.onnx's ``size=`` at
+    opsets 9 and 10), a reading of the ratio for any other scale.
     """
     rank = len(in_shape)
     axes = ctx.attr("axes")
