@@ -382,6 +382,28 @@ def test_constant_fill_of_old_opsets_becomes_constant_of_shape(attrs, source):
     check_vjp(m.proto, "y", ["x"], {"x": x})
 
 
+@pytest.mark.parametrize("mode", ["reflect", "edge"])
+def test_an_old_pad_s_idle_value_does_not_survive_the_upgrade(mode):
+    """A Pad of opsets 2-10 may carry a `value` that its reflect or edge mode ignores; the version
+    converter keeps it, and opset 11's Pad has no such attribute, so the upgraded graph would not load."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from gradcheck import check_vjp
+
+    g = helper.make_graph([helper.make_node("Pad", ["x"], ["y"], pads=[0, 0, 1, 2, 0, 0, 2, 1], mode=mode, value=0.5)],
+                          "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 2)])
+    model.ir_version = 3
+    x = np.random.default_rng(6).standard_normal((1, 3, 4, 5)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    m = load(model)
+    got = ort.InferenceSession(m.proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    np.testing.assert_array_equal(got, want)
+    check_vjp(m.proto, "y", ["x"], {"x": x})
+
+
 def test_per_activation_batch_norm_of_old_opsets_is_written_out():
     """BatchNormalization with spatial=0 (opsets 1-8: statistics per activation) has no opset-9 form."""
     import onnxruntime as ort

@@ -61,10 +61,20 @@ def _per_activation(n: onnx.NodeProto) -> bool:
     return n.op_type == "BatchNormalization" and any(a.name == "spatial" and a.i == 0 for a in n.attribute)
 
 
+def _idle_pad_value(n: onnx.NodeProto) -> bool:
+    """A Pad of opsets 2-10 in reflect or edge mode with a ``value`` attribute, which those modes
+    ignore: the version converter keeps the attribute, which opset 11's Pad does not have, so the
+    upgraded graph would not load ("Unrecognized attribute: value")."""
+    a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+    return n.op_type == "Pad" and "value" in a and a.get("mode", b"constant") not in (b"constant", "constant")
+
+
 def _standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with its `EXPERIMENTAL` ops and per-activation BatchNormalizations written
-    as standard ops; ``model`` itself when it has none."""
-    if not any((n.op_type in EXPERIMENTAL or _per_activation(n)) and n.domain in ("", "ai.onnx") for n in model.graph.node):
+    as standard ops, and idle Pad values dropped (``_idle_pad_value``); ``model`` itself when it has
+    none."""
+    if not any((n.op_type in EXPERIMENTAL or _per_activation(n) or _idle_pad_value(n)) and n.domain in ("", "ai.onnx")
+               for n in model.graph.node):
         return model
     out = copy.deepcopy(model)
     g = out.graph
@@ -90,6 +100,10 @@ def _standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         return output
 
     for n in g.node:
+        if _idle_pad_value(n) and n.domain in ("", "ai.onnx"):
+            kept = [x for x in n.attribute if x.name != "value"]
+            del n.attribute[:]
+            n.attribute.extend(kept)
         if (n.op_type not in EXPERIMENTAL and not _per_activation(n)) or n.domain not in ("", "ai.onnx"):
             nodes.append(n)
             continue
