@@ -140,7 +140,11 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
     if m.labels:
         shown = ", ".join(m.labels[:10]) + (" ..." if len(m.labels) > 10 else "")
         out.print(f"  labels    {esc(shown)}")
-    out.print(f"  gradients {esc(_gradient_state(m))}")
+    refused = _runtime_refusal(m)
+    if refused:
+        out.print(f"  runtime   no method can run it: {esc(refused)}")
+    else:
+        out.print(f"  gradients {esc(_gradient_state(m))}")
     tokens = m.token_layers()
     if tokens:
         out.print("  token layers (transformer; pass one with --layer): " + ", ".join(
@@ -159,6 +163,18 @@ def inspect(model: str = typer.Argument(..., help="ONNX model file"),
         table.add_row(mark, esc(layer.tensor), esc(layer.node), layer.op_type, "x".join(map(str, layer.shape)))
     out.print(table)
     out.print(f"  default layer (*): {esc(default.tensor)}")
+
+
+def _runtime_refusal(m) -> Optional[str]:
+    """ONNX Runtime's refusal to load the model's graph (a pool whose pad is as large as its kernel
+    and cannot move into a Pad node), or None: every method, gradient-free ones too, runs it."""
+    from .runtime import Runtime
+
+    try:
+        Runtime("cpu").session("inspect", lambda: m.light)
+    except OnnxsalError as exc:
+        return str(exc)
+    return None
 
 
 def _gradient_state(m) -> str:

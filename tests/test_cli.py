@@ -91,6 +91,22 @@ def test_inspect_shows_layers(files, capsys):
     assert "NCHW" in text and "relu2" in text and "default layer" in text and "logits" in text
 
 
+def test_inspect_and_explain_say_when_onnx_runtime_refuses_the_model(tmp_path, capsys):
+    """A model ONNX Runtime will not load: `inspect` says so in place of the gradient line (which
+    would otherwise offer the gradient-free methods), and `explain` exits with that one line."""
+    path = str(tmp_path / "refused.onnx")
+    onnx.save(tiny.refused_pool_net(), path)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "img.png")
+    reason = "ONNX Runtime could not load the model: Exception during initialization: Pad should be smaller than kernel."
+    assert main(["inspect", path]) == 0
+    text = capsys.readouterr().out
+    assert f"runtime   no method can run it: {reason}" in text and "gradients" not in text
+    assert main(["explain", path, str(tmp_path / "img.png"), "-m", "occlusion", "--preprocess", "unit",
+                 "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert reason in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("args,message", [
     (["explain", "{tmp}/none.onnx", "{tmp}/cat.png"], "model file not found"),
     (["explain", "{model}", "{tmp}/none.png"], "image not found"),

@@ -177,18 +177,10 @@ def test_a_graph_onnx_runtime_refuses_to_load_is_a_model_error_in_one_line(tmp_p
     allows it, ONNX Runtime refuses it when the session starts (and onnxsal cannot move such pads
     into a Pad node). The API gets a ModelError with the runtime's reason, without its C++ location,
     and nothing else reaches the terminal."""
-    from onnx import TensorProto, helper, numpy_helper
-
     from onnxsal.errors import ModelError
 
-    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]),
-                           helper.make_node("AveragePool", ["c"], ["p"], kernel_shape=[2, 2], pads=[0, 0, 2, 2]),
-                           helper.make_node("ReduceMean", ["p"], ["y"], axes=[2, 3], keepdims=0)], "refused",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-                          [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
     path = tmp_path / "refused.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(tiny.refused_pool_net(), path)
     ex = onnxsal.Explainer(str(path), preprocess="unit")
     capfd.readouterr()
     with pytest.raises(ModelError) as err:

@@ -53,6 +53,18 @@ def conv_net(layout: str = "NCHW", size: int = 16, classes: int = 3, seed: int =
     return model
 
 
+def refused_pool_net() -> onnx.ModelProto:
+    """Conv then an average pool that does not count its padding, with a pad as large as its kernel:
+    ONNX allows it, ONNX Runtime refuses to load it, and no Pad node can stand in for those pads."""
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]),
+                           helper.make_node("AveragePool", ["c"], ["p"], kernel_shape=[2, 2], pads=[0, 0, 2, 2]),
+                           helper.make_node("ReduceMean", ["p"], ["y"], axes=[2, 3], keepdims=0)], "refused",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                          [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def dense_net(size: int = 8, classes: int = 3, seed: int = 0) -> onnx.ModelProto:
     """No conv layer at all: Flatten-Gemm-Softmax."""
     rng = np.random.default_rng(seed)
