@@ -49,6 +49,22 @@ def converted(tmp_path_factory):
     return get
 
 
+def _matches_rounded_net(model16: onnx.ModelProto, net: torch.nn.Module, images: int, seed: int):
+    """The lifted model's logits and input gradient against torch.autograd on `net` (the network with
+    its weights rounded to float16, in float64); returns the images and onnxsal's outputs."""
+    ex = onnxsal.Explainer(model16, "cpu", preprocess="raw")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((images, 3, 32, 32)).astype(np.float32)
+    seeds = rng.standard_normal((images, 10)).astype(np.float32)
+    out = ex.engine.gradients(x, seeds, wrt=["input"])
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    logits = net(xt)
+    (logits * torch.tensor(seeds, dtype=torch.float64)).sum().backward()
+    assert rel_err(out["logits"], logits.detach().numpy()) < 1e-5
+    assert rel_err(out["grad_input"], xt.grad.numpy()) < 1e-4
+    return x, out
+
+
 CASES = [("resnet", False), ("resnet", True), ("mobilenetv2", False), ("vgg", True)]
 
 
@@ -57,17 +73,7 @@ def test_float16_model_gradient_is_its_float32_lift(converted, name, keep_io_typ
     net, model16 = converted(name, keep_io_types)
     in_type = model16.graph.input[0].type.tensor_type.elem_type
     assert in_type == (TensorProto.FLOAT if keep_io_types else TensorProto.FLOAT16)
-    ex = onnxsal.Explainer(model16, "cpu", preprocess="raw")
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
-    seeds = rng.standard_normal((3, 10)).astype(np.float32)
-    out = ex.engine.gradients(x, seeds, wrt=["input"])
-
-    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    logits = net(xt)
-    (logits * torch.tensor(seeds, dtype=torch.float64)).sum().backward()
-    assert rel_err(out["logits"], logits.detach().numpy()) < 1e-5
-    assert rel_err(out["grad_input"], xt.grad.numpy()) < 1e-4
+    x, out = _matches_rounded_net(model16, net, images=3, seed=3)
 
     # and it is the converted model: ONNX Runtime running it in float16 gives the same logits to its rounding
     sess = ort.InferenceSession(model16.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -194,14 +200,4 @@ def test_float16_resize_reads_its_scales_through_the_conversion_s_cast(tmp_path)
     model16 = float16.convert_float_to_float16(export(net, tmp_path / "m.onnx", dynamic=True))
     resize = next(n for n in model16.graph.node if n.op_type == "Resize")
     assert any(n.op_type == "Cast" and n.output[0] == resize.input[2] for n in model16.graph.node)
-    net = _rounded(net)
-    ex = onnxsal.Explainer(model16, "cpu", preprocess="raw")
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
-    seeds = rng.standard_normal((2, 10)).astype(np.float32)
-    out = ex.engine.gradients(x, seeds, wrt=["input"])
-    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    logits = net(xt)
-    (logits * torch.tensor(seeds, dtype=torch.float64)).sum().backward()
-    assert rel_err(out["logits"], logits.detach().numpy()) < 1e-5
-    assert rel_err(out["grad_input"], xt.grad.numpy()) < 1e-4
+    _matches_rounded_net(model16, _rounded(net), images=2, seed=5)

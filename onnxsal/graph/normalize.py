@@ -144,8 +144,7 @@ def constant_fills(model: onnx.ModelProto) -> onnx.ModelProto:
     the node through, and neither ONNX Runtime ("not a registered function/op") nor shape inference
     knows it, so everything after it had no shape. Its output's shape is the input's values
     (``input_as_shape=1``), the input's shape, or the ``shape`` attribute, then ``extra_shape``."""
-    fills = [i for i, n in enumerate(model.graph.node) if n.op_type == "ConstantFill" and n.domain in ("", "ai.onnx")]
-    if not fills:
+    if not any(n.op_type == "ConstantFill" and n.domain in ("", "ai.onnx") for n in model.graph.node):
         return model
     model = copy.deepcopy(model)
     g = model.graph
@@ -793,7 +792,9 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
 def normalize_traced(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """`normalize`'s model, and the ops the batch trace found reading across the batch
     (`one_image_ops`), from the one trace that frees it."""
-    folded = wide_pool_pads(runtime_pools(dilated_same_convs(fold_integer_constants(constant_fills(upgrade_opset(model))))))
+    folded = upgrade_opset(model)
+    for rewrite in (constant_fills, fold_integer_constants, dilated_same_convs, runtime_pools, wide_pool_pads):
+        folded = rewrite(folded)
     tracer = batch_tracer(folded)
     free = dynamic_batch(folded, tracer)          # dynamic_batch already copied
     out = _infer_inplace(_weights_not_inputs(free))
