@@ -74,21 +74,32 @@ class Engine:
 
     def pin_mixed_rows(self) -> None:
         """Run every image alone when the model reads across its batch: the ops the trace names
-        (``model.one_image``), or, for a file that fixed its batch, two images that give other
-        values together than alone (`rows_independent`)."""
+        (``model.one_image``), or two images that give other values together than alone
+        (`rows_independent`). The trace runs only where the file fixed its batch; a file with a
+        free batch can still reduce over it (``x / x.abs().mean()`` without a dim), and SmoothGrad's
+        copies or IG's path would then mix in one run."""
         m = self.model
         self.runtime.fixed_rows = m.fixed_batch
-        if m.fixed_batch and not m.one_image and not self.rows_independent():
+        if not m.one_image and (m.fixed_batch or self._may_mix_rows()) and not self.rows_independent():
             m.one_image = ("a run of two images differed from each image run alone",)
         self.runtime.one_image = bool(m.one_image)
 
-    def rows_independent(self) -> bool:
-        """Whether two random inputs run together give what each gives alone (checked once per model
-        whose file fixed its batch).
+    def _may_mix_rows(self) -> bool:
+        """Whether a graph with a free batch has a node that could read across it (`may_mix_rows`):
+        the check of `rows_independent` costs a session and three runs, so it runs only then."""
+        from .graph.batch_axis import may_mix_rows
+        from .graph.normalize import _const_values, tensor_shapes
 
-        onnxsal frees such a batch by tracing it through the graph (`graph/batch_axis.py`); an op the
+        g = self.model.light.graph
+        ranks = {k: len(v) for k, (_, v) in tensor_shapes(self.model.light).items() if v is not None}
+        return may_mix_rows(g, ranks, _const_values(g)) is not None
+
+    def rows_independent(self) -> bool:
+        """Whether two random inputs run together give what each gives alone (checked once per model).
+
+        onnxsal frees a fixed batch by tracing it through the graph (`graph/batch_axis.py`); an op the
         trace cannot follow may still read across the rows of a run without any error (a resize to a
-        size that names the batch of 1)."""
+        size that names the batch of 1), and a free batch is not traced at all."""
         i = self.model.input
         shape = (2, i.channels, i.height, i.width) if i.layout == "NCHW" else (2, i.height, i.width, i.channels)
         x = np.random.default_rng(0).random(shape, dtype=np.float32)

@@ -637,3 +637,33 @@ def test_a_graph_pinned_to_one_image_gets_its_shapes_from_a_one_image_run():
     res = onnxsal.Explainer(model, "cpu", preprocess="raw").explain(x, method="saliency", target=1)
     one = onnxsal.Explainer(model, "cpu", preprocess="raw", batch_size=1).explain(x, method="saliency", target=1)
     np.testing.assert_allclose(res.raw, one.raw, rtol=1e-6)
+
+
+@pytest.mark.parametrize("nodes,flagged", [
+    ([("ReduceMean", ["x"], {"keepdims": 0})], True),                       # every axis, the batch's too
+    ([("ReduceMean", ["x"], {"axes": [2, 3]})], False),
+    ([("ReduceSum", ["x"], {"axes": [-4]})], True),
+    ([("Shape", ["x"], {}), ("Gather", ["o0", "zero"], {"axis": 0})], False),   # shape arithmetic
+    ([("Softmax", ["x"], {"axis": 0})], True),
+    ([("Softmax", ["x"], {"axis": 1})], False),
+    ([("Transpose", ["x"], {"perm": [1, 0, 2, 3]})], True),
+    ([("Transpose", ["x"], {"perm": [0, 2, 3, 1]})], False),
+    ([("Reshape", ["x", "one_row"], {})], True),
+    ([("Reshape", ["x", "rows"], {})], False),
+    ([("Flatten", ["x"], {"axis": 0})], True),
+    ([("Flatten", ["x"], {})], False),
+])
+def test_the_screen_for_free_batch_graphs_that_could_mix_rows(nodes, flagged):
+    """`may_mix_rows` decides whether a free-batch model gets the load-time check of two images run
+    together against each alone: only graphs with a node that could read across the batch do."""
+    from onnx import numpy_helper
+
+    from onnxsal.graph.batch_axis import may_mix_rows
+
+    consts = {"zero": numpy_helper.from_array(np.array(0, np.int64), "zero"),
+              "one_row": numpy_helper.from_array(np.array([1, -1], np.int64), "one_row"),
+              "rows": numpy_helper.from_array(np.array([0, -1], np.int64), "rows")}
+    g = helper.make_graph([helper.make_node(op, ins, [f"o{k}"], name=f"n{k}", **attrs)
+                           for k, (op, ins, attrs) in enumerate(nodes)], "g", [], [])
+    found = may_mix_rows(g, {"x": 4, "o0": 1}, consts)
+    assert (found is not None) == flagged, found

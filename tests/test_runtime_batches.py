@@ -188,3 +188,29 @@ def test_a_graph_onnx_runtime_refuses_to_load_is_a_model_error_in_one_line(tmp_p
     assert str(err.value) == ("ONNX Runtime could not load the model: Exception during initialization: "
                               "Pad should be smaller than kernel.")
     assert capfd.readouterr() == ("", "")
+
+
+def test_a_free_batch_graph_that_reduces_over_its_batch_runs_each_image_alone():
+    """`x / mean(|x|)` with no axes averages over the batch too. The file's batch is free, so no
+    trace reads it; the load check of two images together against each alone catches it, and a run
+    of several rows (SmoothGrad's copies, IG's path) then gives each row its own value, as the
+    model gives an image alone. A graph that keeps its rows apart is not pinned."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(2).standard_normal((4, 3 * 8 * 8)).astype(np.float32)
+    nodes = [helper.make_node("Abs", ["x"], ["a"]), helper.make_node("ReduceMean", ["a"], ["m"], keepdims=0),
+             helper.make_node("Div", ["x", "m"], ["n"]), helper.make_node("Flatten", ["n"], ["f"]),
+             helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [numpy_helper.from_array(w, "w")])
+    ex = onnxsal.Explainer(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), "cpu", preprocess="raw")
+    assert ex.model.one_image == ("a run of two images differed from each image run alone",)
+    x = np.random.default_rng(3).random((3, 3, 8, 8)).astype(np.float32)
+    seeds = np.eye(4, dtype=np.float32)[[0, 1, 2]]
+    together = ex.engine.gradients(x, seeds, wrt=["x"])
+    for k in range(3):
+        alone = ex.engine.gradients(x[k:k + 1], seeds[k:k + 1], wrt=["x"])
+        np.testing.assert_allclose(together["grad_x"][k], alone["grad_x"][0], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(together["y"][k], alone["y"][0], rtol=1e-5)
+    kept_apart = onnxsal.Explainer(tiny.conv_net(size=16), "cpu")
+    assert kept_apart.model.one_image == () and not kept_apart.engine.runtime._sessions   # the screen spared it the runs

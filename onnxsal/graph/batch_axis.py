@@ -479,3 +479,54 @@ def _einsum_axis(tracer: Tracer, node: onnx.NodeProto, ins: list) -> int:
             tracer.reason = "sums over the batch axis"
         return LOST
     return result.index(letter)
+
+
+# Ops whose `axis` attribute, at 0, makes them work along the batch of a free-batch graph.
+_AXIS_OPS = {"Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "TopK", "Concat", "Split", "Gather",
+             "GatherElements", "ScatterElements", "CumSum", "ArgMax", "ArgMin", "Flatten", "LayerNormalization"}
+
+
+def may_mix_rows(graph: onnx.GraphProto, ranks: dict[str, int], consts: dict) -> Optional[str]:
+    """The first node of a graph with a free batch that could read across it, or None: a reduction
+    over every axis or over axis 0 (``x / x.abs().mean()`` without a dim), an op along axis 0, a
+    Transpose that moves it, a stored Reshape target that does not keep it first. `ranks`: inputs'
+    ranks where known; `consts`: name -> TensorProto of constants.
+
+    A screen, not a trace: it decides whether the load-time run of two images together against
+    each alone is worth its cost (a session and three runs). A Reshape whose target is computed
+    (``Shape`` -> ``Gather``, as exporters write a free batch) passes it."""
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        op = node.op_type
+        data = node.input[0] if node.input else ""
+        rank = ranks.get(data)
+        if not data or data in consts or (rank is not None and rank <= 1):
+            continue                                   # stored tensors and shape arithmetic
+        if op in _REDUCE:
+            axes = _attr(node, "axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                t = consts.get(node.input[1])
+                axes = None if t is None else [int(v) for v in onnx.numpy_helper.to_array(t).ravel()]
+                if t is None:
+                    return f"{op} {node.name!r}"               # axes computed at run time
+            if not axes:
+                if not _attr(node, "noop_with_empty_axes", 0):
+                    return f"{op} {node.name!r}"
+            elif any(v == 0 or (rank is not None and v == -rank) for v in axes):
+                return f"{op} {node.name!r}"
+        elif op in _AXIS_OPS:
+            axis = _attr(node, "axis", _ONE_AXIS.get(op, 0) if op != "Flatten" else 1)
+            if axis == 0 or (rank is not None and axis == -rank):
+                return f"{op} {node.name!r}"
+        elif op == "Transpose":
+            perm = _attr(node, "perm")
+            if perm is None or perm[0] != 0:
+                return f"{op} {node.name!r}"
+        elif op == "Reshape" and len(node.input) > 1:
+            t = consts.get(node.input[1])
+            if t is not None:
+                target = onnx.numpy_helper.to_array(t).ravel()
+                if target.size and int(target[0]) not in (0, -1):
+                    return f"{op} {node.name!r}"
+    return None
