@@ -218,9 +218,10 @@ def export(model, method: str = "gradcam", layer: Optional[str] = None, *, n_sam
                               "graph runs one image at a time (its export fixed a batch of 1 where onnxsal cannot "
                               "free it); export gradcam or saliency, or export the model with a dynamic batch")
     if m.one_image and stacks:
+        advice = ("or export the model with a dynamic batch" if m.fixed_batch else
+                  "and give the exported graph one image per run")
         raise MethodError(f"export -m {method} runs its copies of the image in one batch, and this model's graph "
-                          f"reads across its batch ({m.one_image[0]}); export gradcam or saliency, or export the "
-                          "model with a dynamic batch")
+                          f"reads across its batch ({m.one_image[0]}); export gradcam or saliency, {advice}")
     x_name = m.input.name
     cam = method not in GRADIENT
     if cam and isinstance(layer, (list, tuple)):

@@ -132,3 +132,27 @@ def test_exported_layer_ig_refuses_a_layer_with_a_skip_connection_around_it(vit)
     _, model, ln1 = vit
     with pytest.raises(LayerError, match="other paths"):
         export(model, "layerig", ln1.output[0])
+
+
+def test_a_free_batch_model_that_reads_across_its_batch_exports_no_stacked_method(tmp_path, capsys):
+    """SmoothGrad's and IG's exported graphs run their copies of the image as rows of one batch; a
+    model whose graph averages over the whole batch would mix them, so export refuses those and
+    says how to use the single-pass ones."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(2).standard_normal((4, 3 * 8 * 8)).astype(np.float32)
+    nodes = [helper.make_node("Abs", ["image"], ["a"]), helper.make_node("ReduceMean", ["a"], ["m"], keepdims=0),
+             helper.make_node("Div", ["image", "m"], ["n"]), helper.make_node("Flatten", ["n"], ["f"]),
+             helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                          [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnxsal.errors.MethodError, match=r"reads across its batch \(a run of two images differed "
+                       r"from each image run alone\); export gradcam or saliency, and give the exported graph one "
+                       r"image per run"):
+        export(model, "ig")
+    x = np.random.default_rng(1).random((1, 3, 8, 8)).astype(np.float32)
+    _, maps = run(export(model, "saliency"), x, [2])
+    np.testing.assert_allclose(maps[0], onnxsal.Explainer(model, "cpu").explain(x, "saliency", target=2).map,
+                               atol=1e-6)
