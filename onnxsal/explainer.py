@@ -514,8 +514,9 @@ class Explainer:
                          "nodes): each image is scored as on its own, at batch 1; export after model.eval() to use "
                          "the running statistics")
         if m.one_image:
-            notes.append(f"the model's graph reads across its batch ({m.one_image[0]}): it was exported for one "
-                         "image at a time, so every run took one row")
+            why = "it was exported for one image at a time" if m.fixed_batch else "each image is scored as on its own"
+            notes.append(f"the model's graph reads across its batch ({m.one_image[0]}): {why}, so every run took "
+                         "one row")
         elif self.runtime.padded:
             notes.append(f"the model's graph only runs at the batch of {m.fixed_batch} its file fixes (onnxsal "
                          f"cannot free it), so every run was filled to {m.fixed_batch} rows")

@@ -212,5 +212,8 @@ def test_a_free_batch_graph_that_reduces_over_its_batch_runs_each_image_alone():
         alone = ex.engine.gradients(x[k:k + 1], seeds[k:k + 1], wrt=["x"])
         np.testing.assert_allclose(together["grad_x"][k], alone["grad_x"][0], rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(together["y"][k], alone["y"][0], rtol=1e-5)
+    notes = ex.explain(x[:1], "saliency", target=0).notes
+    assert ("the model's graph reads across its batch (a run of two images differed from each image run alone): "
+            "each image is scored as on its own, so every run took one row") in notes
     kept_apart = onnxsal.Explainer(tiny.conv_net(size=16), "cpu")
     assert kept_apart.model.one_image == () and not kept_apart.engine.runtime._sessions   # the screen spared it the runs
