@@ -65,8 +65,12 @@ def _idle_pad_value(n: onnx.NodeProto) -> bool:
     """A Pad of opsets 2-10 in reflect or edge mode with a ``value`` attribute, which those modes
     ignore: the version converter keeps the attribute, which opset 11's Pad does not have, so the
     upgraded graph would not load ("Unrecognized attribute: value")."""
-    a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
-    return n.op_type == "Pad" and "value" in a and a.get("mode", b"constant") not in (b"constant", "constant")
+    from .surgery import node_attrs
+
+    if n.op_type != "Pad":
+        return False
+    a = node_attrs(n)
+    return "value" in a and a.get("mode", b"constant") not in (b"constant", "constant")
 
 
 def _standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -144,16 +148,19 @@ def constant_fills(model: onnx.ModelProto) -> onnx.ModelProto:
     the node through, and neither ONNX Runtime ("not a registered function/op") nor shape inference
     knows it, so everything after it had no shape. Its output's shape is the input's values
     (``input_as_shape=1``), the input's shape, or the ``shape`` attribute, then ``extra_shape``."""
+    from .surgery import ReadableNames, node_attrs
+
     if not any(n.op_type == "ConstantFill" and n.domain in ("", "ai.onnx") for n in model.graph.node):
         return model
     model = copy.deepcopy(model)
     g = model.graph
+    names = ReadableNames(g)
     nodes = []
     for n in g.node:
         if n.op_type != "ConstantFill" or n.domain not in ("", "ai.onnx"):
             nodes.append(n)
             continue
-        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        a = node_attrs(n)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(int(a.get("dtype", onnx.TensorProto.FLOAT)))
         value = numpy_helper.from_array(np.array([a.get("value", 0.0)], dtype))
         base = n.name or n.output[0]
@@ -163,16 +170,16 @@ def constant_fills(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(onnx.helper.make_node("Constant", [], [n.output[0]], name=base, value=numpy_helper.from_array(
                 np.full(shape, a.get("value", 0.0), dtype))))
             continue
-        shape = base + "/shape"
+        shape = names(base + "/shape")
         if int(a.get("input_as_shape", 0)):
             nodes.append(onnx.helper.make_node("Cast", [n.input[0]], [shape], name=shape, to=onnx.TensorProto.INT64))
         else:
             nodes.append(onnx.helper.make_node("Shape", [n.input[0]], [shape], name=shape))
         if extra:
-            g.initializer.append(numpy_helper.from_array(np.array(extra, np.int64), base + "/extra_shape"))
-            nodes.append(onnx.helper.make_node("Concat", [shape, base + "/extra_shape"], [base + "/full_shape"],
-                                               name=base + "/full_shape", axis=0))
-            shape = base + "/full_shape"
+            stored, full = names(base + "/extra_shape"), names(base + "/full_shape")
+            g.initializer.append(numpy_helper.from_array(np.array(extra, np.int64), stored))
+            nodes.append(onnx.helper.make_node("Concat", [shape, stored], [full], name=full, axis=0))
+            shape = full
         nodes.append(onnx.helper.make_node("ConstantOfShape", [shape], [n.output[0]], name=base, value=value))
     del g.node[:]
     g.node.extend(nodes)
@@ -605,8 +612,10 @@ def dilated_same_convs(model: onnx.ModelProto) -> onnx.ModelProto:
     them. ONNX Runtime refuses to run such a node ("Dilation not supported for AutoPadType"), and
     torch.onnx writes ``nn.Conv2d(padding="same", dilation=2)`` so; the pads are PyTorch's too (the
     odd unit at the end for SAME_UPPER). A stride above 1 needs the input's static size."""
+    from .surgery import node_attrs
+
     def same_dilated(n: onnx.NodeProto) -> bool:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        attrs = node_attrs(n)
         return n.op_type == "Conv" and n.domain in ("", "ai.onnx") and attrs.get("auto_pad") in (b"SAME_UPPER", b"SAME_LOWER") \
             and any(int(d) != 1 for d in attrs.get("dilations") or [])
     todo = [i for i, n in enumerate(model.graph.node) if same_dilated(n)]
@@ -617,7 +626,7 @@ def dilated_same_convs(model: onnx.ModelProto) -> onnx.ModelProto:
     weight_dims = {t.name: list(t.dims) for t in model.graph.initializer}
     for i in todo:
         node = model.graph.node[i]
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attrs(node)
         kernel = [int(k) for k in attrs.get("kernel_shape") or []]
         if not kernel:                                   # read off the weight's shape
             w = weight_dims.get(node.input[1])
@@ -655,8 +664,10 @@ def runtime_pools(model: onnx.ModelProto) -> onnx.ModelProto:
     """Pooling nodes whose windows ONNX's inference and ONNX Runtime size differently, rewritten
     with explicit pads where both agree (``pool_geometry``). One node per pass, in graph order: a
     pool after a rewritten one sees its true input size only in the next pass's inference."""
+    from .surgery import node_attrs
+
     pools = [i for i, n in enumerate(model.graph.node) if n.op_type in POOLS and n.domain in ("", "ai.onnx")
-             and may_differ({a.name: onnx.helper.get_attribute_value(a) for a in n.attribute})]
+             and may_differ(node_attrs(n))]
     copied = False
     for _ in range(len(pools)):
         try:
@@ -666,7 +677,7 @@ def runtime_pools(model: onnx.ModelProto) -> onnx.ModelProto:
         for i in pools:
             node = model.graph.node[i]
             x, y = shapes.get(node.input[0], (0, None))[1], shapes.get(node.output[0], (0, None))[1]
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            attrs = node_attrs(node)
             n = len(attrs.get("kernel_shape") or [])
             if not n or x is None or y is None or len(x) != n + 2 or len(y) != n + 2 \
                     or any(v is None for v in x[2:]):
@@ -699,10 +710,12 @@ def wide_pool_pads(model: onnx.ModelProto) -> onnx.ModelProto:
     before 10, which have no ceil mode, where the last window keeps a place in the end padding.
     A pool whose pads cannot move (``pool_geometry.pads_movable``) is left as it is, and ONNX
     Runtime's refusal follows."""
+    from .surgery import ReadableNames, node_attrs
+
     def wide(n: onnx.NodeProto) -> Optional[dict]:
         if n.op_type not in POOLS or n.domain not in ("", "ai.onnx"):
             return None
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        attrs = node_attrs(n)
         kernel = [int(k) for k in attrs.get("kernel_shape") or []]
         pads = [int(p) for p in attrs.get("pads") or []]
         auto_pad = attrs.get("auto_pad", b"NOTSET") or b"NOTSET"
@@ -721,8 +734,7 @@ def wide_pool_pads(model: onnx.ModelProto) -> onnx.ModelProto:
             elem = {k: t for k, (t, _) in tensor_shapes(shape_inference.infer_shapes(without_weight_data(model))).items()}
         except Exception:
             pass
-    taken = {v for n in g.node for v in list(n.input) + list(n.output)} | {t.name for t in g.initializer} \
-        | {v.name for v in g.input}
+    names = ReadableNames(g)
     added: list[tuple[int, onnx.NodeProto]] = []
     for i, attrs in todo:
         node = g.node[i]
@@ -733,12 +745,12 @@ def wide_pool_pads(model: onnx.ModelProto) -> onnx.ModelProto:
                 continue                                  # no -inf to pad with that is known to fit
         n = len(attrs["kernel_shape"])
         pads = [0, 0] + [int(p) for p in attrs["pads"][:n]] + [0, 0] + [int(p) for p in attrs["pads"][n:]]
-        base = _fresh(f"{node.name or node.output[0]}/pads", taken)
-        g.initializer.append(numpy_helper.from_array(np.array(pads, np.int64), base + "/amounts"))
-        inputs = [node.input[0], base + "/amounts"]
+        base = names(f"{node.name or node.output[0]}/pads")
+        inputs = [node.input[0], names(base + "/amounts")]
+        g.initializer.append(numpy_helper.from_array(np.array(pads, np.int64), inputs[1]))
         if node.op_type == "MaxPool":
-            g.initializer.append(numpy_helper.from_array(np.array(-np.inf, dtype), base + "/value"))
-            inputs.append(base + "/value")
+            inputs.append(names(base + "/value"))
+            g.initializer.append(numpy_helper.from_array(np.array(-np.inf, dtype), inputs[2]))
         added.append((i, onnx.helper.make_node("Pad", inputs, [base], name=base, mode="constant")))
         node.input[0] = base
         for a in node.attribute:
@@ -751,14 +763,6 @@ def wide_pool_pads(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _argmax(node: onnx.NodeProto) -> bool:
     return len(node.output) > 1 and bool(node.output[1])
-
-
-def _fresh(name: str, taken: set) -> str:
-    out, k = name, 1
-    while out in taken:
-        out, k = f"{name}_{k}", k + 1
-    taken.update({out, out + "/amounts", out + "/value"})
-    return out
 
 
 def _rewrite_pool(node: onnx.NodeProto, attrs: dict, pads: list[int]) -> None:

@@ -29,6 +29,7 @@ from ...errors import UnsupportedOpError
 from ..autodiff import RuleContext, vjp_rule
 from . import blocked
 from ..pool_geometry import node_windows
+from ..surgery import node_attrs
 from .conv import INT64_MAX, dilated, ints_attr, spatial_sizes, transpose_geometry
 
 
@@ -191,7 +192,7 @@ def average_pool(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str
         counts = counts * _window_counts(h, ho, k, s, d, b).reshape(shape)
     inv_counts = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
 
-    attrs = {a.name: helper.get_attribute_value(a) for a in ctx.node.attribute}
+    attrs = node_attrs(ctx.node)
     ones = ctx.const(np.ones((1, 1) + tuple(h_in)), like=dy)
     inv_div = ctx.op("Mul", [ctx.op("AveragePool", [ones], **attrs), ctx.const(inv_counts, like=dy)])
     g = ctx.op("Mul", [dy, inv_div])
@@ -227,8 +228,7 @@ def _windows(ctx: RuleContext) -> _Windows:
 
 def _runtime_windows(ctx: RuleContext, h_in: list[int]) -> tuple[list[int], list[int], list[int]]:
     """Begin pads, end pads and output sizes per spatial axis, as ONNX Runtime computes them."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in ctx.node.attribute}
-    return tuple(list(v) for v in zip(*node_windows(attrs, h_in)))     # type: ignore[return-value]
+    return tuple(list(v) for v in zip(*node_windows(node_attrs(ctx.node), h_in)))     # type: ignore[return-value]
 
 
 def _check_sizes(ctx: RuleContext, h_out: list[int]) -> None:
