@@ -168,7 +168,7 @@ class Runtime:
             except Exception as exc:
                 if whole and self.fixed_rows > 1 and rows != self.fixed_rows:
                     raise ModelError(f"this method runs {rows} rows together, and the model's graph may run only at "
-                                     f"the batch of {self.fixed_rows} its file fixes: {_first_line(exc)}") from exc
+                                     f"the batch of {self.fixed_rows} its file fixes: {ort_reason(exc)}") from exc
                 if whole or pad_to:
                     raise _unrunnable(exc, pad_to) from exc
                 if stop - start == 1:
@@ -199,7 +199,7 @@ def _fill(rows: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)])
 
 
-def _first_line(exc: Exception) -> str:
+def ort_reason(exc: Exception) -> str:
     """ONNX Runtime's reason, without its status prefix and, where it failed a check of its own
     (`file.h:88 signature condition was false. message`), without the C++ location and condition
     when a message follows them: that is the part a user can act on."""
@@ -218,7 +218,7 @@ _CHECK = re.compile(r"/onnxruntime_src/\S+:\d+ (.*) was false\.(.*)$")
 def _unrunnable(exc: Exception, padded: int) -> ModelError:
     """ONNX Runtime's failure of a run as one line."""
     how = f" at the batch of {padded} its file fixes" if padded else ""
-    return ModelError(f"ONNX Runtime could not run the model{how}: {_first_line(exc)}")
+    return ModelError(f"ONNX Runtime could not run the model{how}: {ort_reason(exc)}")
 
 
 PREPACK_LIMIT = 64 << 20
@@ -249,7 +249,7 @@ def open_session(model: onnx.ModelProto, arrays: dict[str, np.ndarray], opts: or
     try:
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     except Exception as exc:        # the graph breaks one of ONNX Runtime's own rules (a pad as large as its kernel)
-        raise ModelError(f"ONNX Runtime could not load the model: {_first_line(exc)}") from exc
+        raise ModelError(f"ONNX Runtime could not load the model: {ort_reason(exc)}") from exc
     sess._onnxsal_weights = values  # type: ignore[attr-defined]
     return sess
 
