@@ -27,6 +27,7 @@ TensorFlow is imported only inside these functions.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import time
@@ -41,6 +42,7 @@ from onnxsal.errors import ConversionError, MissingFileError
 from onnxsal.model import read_labels
 from onnxsal.outputs import check_model_path
 from onnxsal.graph.integer_input import PIXEL_TYPES
+from onnxsal.graph.precision import to_float32
 
 from . import metadata
 
@@ -106,6 +108,19 @@ def _quiet_ctx():
         warnings.filterwarnings("ignore", message=".*structure of `inputs` doesn't match.*")
         warnings.filterwarnings("ignore", category=UserWarning, module="keras")
         yield
+
+
+@contextlib.contextmanager
+def _quiet_tf2onnx():
+    """tf2onnx logs its optimisers' failures with whole tracebacks and goes on (it cannot fold a
+    bfloat16 constant); what matters in the result, the conversion's own checks name in one line."""
+    logger = logging.getLogger("tf2onnx")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def load(path: Union[str, os.PathLike]):
@@ -230,22 +245,18 @@ def _export_model(model, layers: bool):
     return wide, [layer.name for layer in chosen]
 
 
-def _erfc_as_erf(proto: onnx.ModelProto) -> None:
-    """Rewrite TensorFlow's ``Erfc`` (its exact GELU), which tf2onnx passes through, as 1 - Erf."""
-    nodes = []
-    for node in proto.graph.node:
-        if node.op_type == "Erfc" and node.domain in ("", "ai.onnx"):
-            erf = node.output[0] + "__erf"
-            one = node.output[0] + "__one"
-            nodes.append(onnx.helper.make_node("Constant", [], [one], name=one,
-                                               value=onnx.numpy_helper.from_array(np.array(1.0, np.float32))))
-            nodes.append(onnx.helper.make_node("Erf", [node.input[0]], [erf], name=erf))
-            nodes.append(onnx.helper.make_node("Sub", [one, erf], list(node.output), name=node.name))
-        else:
-            nodes.append(node)
-    if len(nodes) != len(proto.graph.node):
-        del proto.graph.node[:]
-        proto.graph.node.extend(nodes)
+def _erfc(ctx, node, name, args) -> None:
+    """tf2onnx handler for TensorFlow's ``Erfc`` (its exact GELU), which ONNX lacks: ``1 - Erf(x)``.
+
+    A handler rather than a rewrite of the finished graph, so the constant takes ``x``'s own type
+    (float16 under a mixed-precision policy) and tf2onnx does not report the op as unsupported."""
+    from tf2onnx import utils
+
+    dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+    one = ctx.make_const(utils.make_name(name + "_one"), np.array(1, dtype))
+    node.type = "Erf"
+    ctx.insert_new_node_on_output("Sub", node.output[0], name=utils.make_name(name + "_erfc"),
+                                  inputs=[one.output[0], node.output[0]])
 
 
 def _allow_inlining(graph_def) -> None:
@@ -268,6 +279,32 @@ def _allow_inlining(graph_def) -> None:
             clear(node.attr)
     for fn in graph_def.library.function:
         clear(fn.attr)
+
+
+# TensorFlow resizes that return float32 whatever their input's type.
+FLOAT32_RESIZES = ("ResizeBilinear", "ResizeBicubic", "ResizeArea", "ScaleAndTranslate")
+
+
+def _resize_from_float32(graph_def) -> None:
+    """Feed each float32-returning resize a float32 input.
+
+    Under a mixed-precision policy Keras resizes a float16 tensor, and TensorFlow's bilinear,
+    bicubic and area resizes return float32 anyway; tf2onnx's ``Resize`` keeps its input's type,
+    so the float32 ops after it met a float16 tensor and ONNX Runtime refused the graph. A cast in
+    front gives the same values: float16 to float32 is exact, and these kernels compute in float32.
+    """
+    from tensorflow.core.framework import types_pb2
+
+    for node in list(graph_def.node):
+        if node.op in FLOAT32_RESIZES and node.attr["T"].type != types_pb2.DT_FLOAT:
+            cast = graph_def.node.add()
+            cast.name = node.name + "/onnxsal_float32"
+            cast.op = "Cast"
+            cast.input.append(node.input[0])
+            cast.attr["SrcT"].type = node.attr["T"].type
+            cast.attr["DstT"].type = types_pb2.DT_FLOAT
+            node.input[0] = cast.name
+            node.attr["T"].type = types_pb2.DT_FLOAT
 
 
 def _lift_weights(graph_def, min_bytes: int):
@@ -556,11 +593,13 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
         del cf
         graph_def, lifted = _lift_weights(frozen, lift_bytes)
         _allow_inlining(graph_def)
+        _resize_from_float32(graph_def)
         del frozen
         weights = [k + ":0" for k in lifted]
-        with _quiet_ctx(), _pad_fusion_keeps_explicit_pads():
+        with _quiet_ctx(), _quiet_tf2onnx(), _pad_fusion_keeps_explicit_pads():
             proto, _ = tf2onnx.convert.from_graph_def(graph_def, name=name, input_names=inputs + weights,
-                                                      output_names=outputs, opset=opset, tensors_to_rename=rename)
+                                                      output_names=outputs, opset=opset, tensors_to_rename=rename,
+                                                      custom_op_handlers={"Erfc": (_erfc, [])})
     except ConversionError:
         raise
     except Exception as exc:
@@ -573,7 +612,13 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
         notes.append(f"{len(roots)} weight tensors of {lift_bytes >> 20} MiB or more kept out of tf2onnx; "
                      f"{n} ops on them folded")
 
-    _erfc_as_erf(proto)
+    half = metadata.half_type(proto)
+    if half == onnx.TensorProto.BFLOAT16:
+        # tf2onnx types TensorFlow's bfloat16 tensors as float16 (its casts) and bfloat16 (its
+        # constants) in one graph, which no runtime takes: the file is the float32 network instead,
+        # with the bfloat16-rounded weights, as onnxsal would run it anyway (graph/precision.py).
+        to_float32(proto, {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+        notes.append("the model computes in bfloat16; the file holds it in float32, with its bfloat16 weights")
     found, skipped = metadata.strip_outputs(proto, extra, channels_last=True)
     if layers and not extra_names:
         found = match_scopes(proto)
@@ -587,9 +632,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
     if check:
         x = _check_input(shape, spec, dtype)
         x = metadata.with_check_inputs(x, check_inputs, dtype)
-        diff = metadata.compare(metadata.run_onnx(proto, x), call(x))
-        if diff > metadata.CHECK_TOLERANCE:
-            raise ConversionError(metadata.disagreement("TensorFlow", diff))
+        diff = metadata.check_outputs(half, metadata.run_onnx(proto, x), call(x), "TensorFlow")
     seconds = time.perf_counter() - start
     source = {
         "framework": "keras" if is_keras else "tensorflow-savedmodel",

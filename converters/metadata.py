@@ -27,6 +27,7 @@ import onnx
 
 from onnxsal.errors import ConversionError
 from onnxsal.model import META_LABELS, META_LAYERS, META_PREPROCESS, write_proto
+from onnxsal.graph.precision import LIFTED_NAMES, source_types
 from onnxsal.graph.surgery import rename_tensor
 from onnxsal.preprocess import PRESETS, Preprocess, make_spec
 from onnxsal.values import Numbers, number, numbers as read_numbers, switch
@@ -35,14 +36,44 @@ META_SOURCE = "onnxsal.source"
 BATCH = "batch"
 # ONNX-side tolerance of the conversion check: ORT vs. the framework on the same input.
 CHECK_TOLERANCE = 1e-4
+# The same for a graph that computes in a half type (a Keras mixed-precision policy): each side rounds
+# every layer to the type's 11 (float16) or 8 (bfloat16) bits, in its own order, so a faithful
+# conversion of one convolution already reads 2e-4. A converter's faults read far above both.
+HALF_TOLERANCES = {onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.BFLOAT16: 5e-2}
 
 
-def disagreement(framework: str, diff: float) -> str:
-    """The conversion check's refusal. A converter's faults read far above the tolerance (0.27 for
-    tf2onnx's lost padding); a value just above it can be float32 rounding in a network that cancels
-    much (stacked normalisations), which the user may judge and convert anyway."""
-    return (f"ONNX Runtime and {framework} disagree by {diff:.3g} (relative to the output's scale; the check "
-            f"allows {CHECK_TOLERANCE:g}) on the check input; --no-check (check=False) converts without it")
+def half_type(proto: onnx.ModelProto) -> Optional[int]:
+    """The narrowest half type the graph computes in (weights, casts, constants), or None."""
+    found = source_types(proto, proto.graph.input[0].type.tensor_type.elem_type) & set(HALF_TOLERANCES)
+    return max(found, key=HALF_TOLERANCES.get) if found else None
+
+
+def check_tolerance(half: Optional[int]) -> float:
+    """How far ONNX Runtime may read from the framework: 1e-4, or more for a half-precision model."""
+    return CHECK_TOLERANCE if half is None else HALF_TOLERANCES[half]
+
+
+def check_outputs(half: Optional[int], got: np.ndarray, want: np.ndarray, framework: str) -> float:
+    """The conversion check: ONNX Runtime's output `got` against the framework's `want` on the same
+    input, for a model that computes in the `half` type (`half_type`) or in float32; returns their
+    difference, or raises ConversionError past the tolerance.
+
+    A converter's faults read far above the tolerance (0.27 for tf2onnx's lost padding); a value
+    just above it can be float32 rounding in a network that cancels much (stacked normalisations),
+    which the user may judge and convert anyway."""
+    computes_in = f" for a model that computes in {LIFTED_NAMES[half]}" if half is not None else ""
+    diff = compare(got, want)
+    if math.isinf(diff):
+        side = framework if not np.isfinite(np.asarray(want, np.float64)).all() else "ONNX Runtime"
+        other = "ONNX Runtime" if side == framework else framework
+        raise ConversionError(f"on the check input {side} gives NaN or infinite outputs where {other}'s are "
+                              f"finite{computes_in}; --no-check (check=False) converts without the check")
+    tolerance = check_tolerance(half)
+    if diff > tolerance:
+        raise ConversionError(f"ONNX Runtime and {framework} disagree by {diff:.3g} (relative to the output's "
+                              f"scale; the check allows {tolerance:g}{computes_in}) on the check input; "
+                              "--no-check (check=False) converts without it")
+    return diff
 
 
 @dataclass
@@ -308,6 +339,8 @@ def run_onnx(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """The first output of the converted model on `x`, in ONNX Runtime on the CPU."""
     import onnxruntime as ort
 
+    from onnxsal.runtime import ort_reason
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     unknown = sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")
@@ -318,15 +351,25 @@ def run_onnx(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
         session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return session.run([proto.graph.output[0].name], {session.get_inputs()[0].name: x})[0]
     except Exception as exc:
-        raise ConversionError(f"ONNX Runtime cannot run the converted model: {first_line(exc)}") from exc
+        raise ConversionError(f"ONNX Runtime cannot run the converted model: {ort_reason(exc)}") from exc
 
 
 def compare(got: np.ndarray, want: np.ndarray) -> float:
-    """Largest difference relative to the output's scale (absolute for outputs of magnitude <= 1)."""
+    """Largest difference relative to the output's scale (absolute for outputs of magnitude <= 1).
+
+    Equal infinities or NaNs on both sides agree (an exponential that overflows float16 in both);
+    a value finite on one side only is an infinite difference."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     if got.shape != want.shape:
         raise ConversionError(f"the ONNX output has shape {got.shape}, the framework's {want.shape}")
-    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    finite = np.isfinite(got) & np.isfinite(want)
+    if not (same | finite).all():
+        return math.inf
+    if not finite.any():
+        return 0.0
+    scale = max(1.0, float(np.abs(want[finite]).max()))
+    return float(np.where(finite, np.abs(got - want), 0.0).max() / scale)
 
 
 def save(proto: onnx.ModelProto, path: Union[str, os.PathLike]) -> str:

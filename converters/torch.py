@@ -255,9 +255,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
         x = metadata.with_check_inputs(x, check_inputs, np.float32)
         with torch.no_grad():
             want = _first_tensor(torch, module(torch.from_numpy(x))).numpy()
-        diff = metadata.compare(metadata.run_onnx(proto, x), want)
-        if diff > metadata.CHECK_TOLERANCE:
-            raise ConversionError(metadata.disagreement("PyTorch", diff))
+        diff = metadata.check_outputs(metadata.half_type(proto), metadata.run_onnx(proto, x), want, "PyTorch")
     seconds = time.perf_counter() - start
     info = {
         "framework": "pytorch",
