@@ -27,7 +27,7 @@ import onnx
 
 from onnxsal.errors import ConversionError
 from onnxsal.model import META_LABELS, META_LAYERS, META_PREPROCESS, write_proto
-from onnxsal.graph.precision import LIFTED_NAMES, source_types
+from onnxsal.graph.precision import LIFTED_NAMES, source_types, to_float32
 from onnxsal.graph.surgery import rename_tensor
 from onnxsal.preprocess import PRESETS, Preprocess, make_spec
 from onnxsal.values import Numbers, number, numbers as read_numbers, switch
@@ -336,7 +336,8 @@ def finish_graph(proto: onnx.ModelProto, labels: Optional[Sequence[str]]) -> int
 
 
 def run_onnx(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """The first output of the converted model on `x`, in ONNX Runtime on the CPU."""
+    """The first output of the converted model on `x` (float32), in ONNX Runtime on the CPU. A float16
+    input takes `x` in float16; a bfloat16 or float64 model runs lifted to float32, as onnxsal runs it."""
     import onnxruntime as ort
 
     from onnxsal.runtime import ort_reason
@@ -347,6 +348,14 @@ def run_onnx(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
                       and not onnx.defs.has(n.op_type)})
     if unknown:
         raise ConversionError(f"the converted graph still holds ops ONNX does not define: {', '.join(unknown)}")
+    if half_type(proto) == onnx.TensorProto.BFLOAT16 or proto.graph.input[0].type.tensor_type.elem_type == \
+            onnx.TensorProto.DOUBLE:   # ONNX Runtime's CPU build has neither convolution: run it as onnxsal does
+        lifted = onnx.ModelProto()
+        lifted.CopyFrom(proto)
+        to_float32(lifted, source_types(lifted, lifted.graph.input[0].type.tensor_type.elem_type))
+        proto = lifted
+    elif proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+        x = x.astype(np.float16)
     try:
         session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return session.run([proto.graph.output[0].name], {session.get_inputs()[0].name: x})[0]

@@ -106,6 +106,15 @@ def _shape(input_shape: Optional[Sequence[int]]) -> tuple:
     return dims
 
 
+def _module_dtype(torch, module):
+    """The floating type the module computes in: its first floating parameter's (or buffer's), so a
+    ``module.half()`` is traced and checked on float16 inputs, not refused for a float32 example."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 def _first_tensor(torch, out):
     if isinstance(out, torch.Tensor):
         return out
@@ -217,7 +226,8 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
     label_list = read_labels(labels)
     module.eval()
     gen = torch.Generator().manual_seed(0)
-    example = torch.randn(shape, generator=gen)
+    dtype = _module_dtype(torch, module)
+    example = torch.randn(shape, generator=gen).to(dtype)
     notes: list[str] = []
 
     try:
@@ -254,7 +264,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
             x = np.clip(x, -2.5, 2.5)  # roughly the range of normalised pixels
         x = metadata.with_check_inputs(x, check_inputs, np.float32)
         with torch.no_grad():
-            want = _first_tensor(torch, module(torch.from_numpy(x))).numpy()
+            want = _first_tensor(torch, module(torch.from_numpy(x).to(dtype))).float().numpy()
         diff = metadata.check_outputs(metadata.half_type(proto), metadata.run_onnx(proto, x), want, "PyTorch")
     seconds = time.perf_counter() - start
     info = {

@@ -395,3 +395,35 @@ def test_a_failed_check_says_by_how_much_and_how_to_convert_anyway(tmp_path, mon
         convert(SEQ, tmp_path / "a.onnx", input_shape=(1, 3, 12, 12), preprocess="unit")
     assert not (tmp_path / "a.onnx").exists()
     assert convert(SEQ, tmp_path / "a.onnx", input_shape=(1, 3, 12, 12), preprocess="unit", check=False).check is None
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_a_module_in_another_float_type_converts_and_explains(tmp_path, dtype):
+    """``module.half()``, ``.bfloat16()`` or ``.double()`` is traced on an example of its own type (a
+    float32 example failed in its first convolution) and checked in ONNX Runtime: a float16 file on
+    float16 inputs, a bfloat16 or float64 one lifted to float32, as onnxsal runs it. The input
+    gradient is torch.autograd's on the float32 network with the weights rounded to that type."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                        nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.7)
+    half = net.to(getattr(torch, dtype))
+    from converters.torch import convert
+
+    res = convert(half, tmp_path / "m.onnx", input_shape=(1, 3, 16, 16), preprocess="raw")
+    elem = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16,
+            "float64": onnx.TensorProto.DOUBLE}[dtype]
+    assert res.proto.graph.input[0].type.tensor_type.elem_type == elem
+    assert res.check <= {"float16": 1e-2, "bfloat16": 5e-2, "float64": 1e-4}[dtype]
+
+    ref = half.float()
+    x = torch.from_numpy(np.random.default_rng(5).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)).requires_grad_()
+    cot = torch.from_numpy(np.random.default_rng(6).normal(size=(2, 4)).astype(np.float32))
+    (ref(x) * cot).sum().backward()
+    want = x.grad.numpy()
+    ex = onnxsal.Explainer(res.path, "cpu")
+    name = ex.model.input.name
+    got = ex.engine.gradients(x.detach().numpy(), cot.numpy(), [name])[f"grad_{name}"]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
