@@ -625,7 +625,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
         if found:
             notes.append("layer names matched from TensorFlow name scopes (best effort: fused layers are missing)")
     if skipped:
-        notes.append(f"no channels-first tensor for layers {', '.join(skipped)}; they are left out of the layer map")
+        notes.append(f"no channels-first tensor for layers {metadata.some_names(skipped)}; they are left out of the layer map")
     metadata.finish_graph(proto, label_list)
 
     diff = None

@@ -88,6 +88,13 @@ class Conversion:
     notes: list[str] = field(default_factory=list)
 
 
+def some_names(names: Sequence[str], shown: int = 8) -> str:
+    """The first few of `names` and how many more: a ConvNeXt leaves some ninety layers unmapped,
+    and a note that lists them all fills the terminal."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message: framework errors can run to pages."""
     text = str(exc).strip()

@@ -254,7 +254,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
     _unwrap_names(proto.graph)
     found, skipped = metadata.strip_outputs(proto, extra, channels_last=False)
     if skipped:
-        notes.append(f"no tensor left for modules {', '.join(skipped)}; they are left out of the layer map")
+        notes.append(f"no tensor left for modules {metadata.some_names(skipped)}; they are left out of the layer map")
     metadata.finish_graph(proto, label_list)
 
     diff = None

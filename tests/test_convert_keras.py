@@ -597,3 +597,20 @@ def test_padding_before_a_dilated_same_convolution_is_kept(tf):
     i, o = proto.graph.input[0].name, proto.graph.output[0].name
     got = run(vjp(proto, o, [i]), {i: xb, f"grad_{o}": cot})[f"grad_{i}"]
     assert rel_err(got, want) < 1e-4
+
+
+def test_a_long_list_of_unmapped_layers_is_cut_short(tf):
+    """A ConvNeXt leaves some ninety layers without a channels-first tensor; the note names eight."""
+    import keras
+
+    from converters.keras import convert
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inp)
+    for i in range(11):   # pointwise Dense layers on a 4-D tensor, as in ConvNeXt: a MatMul over NHWC
+        x = keras.layers.Dense(4, name=f"pw{i}")(x)
+    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x)))
+    notes = [n for n in convert(model, preprocess="raw").notes if "left out of the layer map" in n]
+    assert notes == ["no channels-first tensor for layers pw0, pw1, pw2, pw3, pw4, pw5, pw6, pw7 and 3 more; "
+                     "they are left out of the layer map"]
