@@ -42,7 +42,6 @@ from onnxsal.errors import ConversionError, MissingFileError
 from onnxsal.model import read_labels
 from onnxsal.outputs import check_model_path
 from onnxsal.graph.integer_input import PIXEL_TYPES
-from onnxsal.graph.precision import to_float32
 
 from . import metadata
 
@@ -612,13 +611,6 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
         notes.append(f"{len(roots)} weight tensors of {lift_bytes >> 20} MiB or more kept out of tf2onnx; "
                      f"{n} ops on them folded")
 
-    half = metadata.half_type(proto)
-    if half == onnx.TensorProto.BFLOAT16:
-        # tf2onnx types TensorFlow's bfloat16 tensors as float16 (its casts) and bfloat16 (its
-        # constants) in one graph, which no runtime takes: the file is the float32 network instead,
-        # with the bfloat16-rounded weights, as onnxsal would run it anyway (graph/precision.py).
-        to_float32(proto, {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
-        notes.append("the model computes in bfloat16; the file holds it in float32, with its bfloat16 weights")
     found, skipped = metadata.strip_outputs(proto, extra, channels_last=True)
     if layers and not extra_names:
         found = match_scopes(proto)
@@ -627,6 +619,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
     if skipped:
         notes.append(f"no channels-first tensor for layers {metadata.some_names(skipped)}; they are left out of the layer map")
     metadata.finish_graph(proto, label_list)
+    half = metadata.settle_precision(proto, notes)   # a bfloat16 policy's file mixes float16 casts in
 
     diff = None
     if check:

@@ -342,29 +342,59 @@ def finish_graph(proto: onnx.ModelProto, labels: Optional[Sequence[str]]) -> int
     return num_classes
 
 
-def run_onnx(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """The first output of the converted model on `x` (float32), in ONNX Runtime on the CPU. A float16
-    input takes `x` in float16; a bfloat16 or float64 model runs lifted to float32, as onnxsal runs it."""
+def _session(proto: onnx.ModelProto):
     import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4            # its failures reach the user as ConversionError's one line
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def settle_precision(proto: onnx.ModelProto, notes: list[str]) -> Optional[int]:
+    """The half type the converted model computes in, for the check's tolerance (`half_type`).
+
+    A graph in float16, bfloat16 or float64 that ONNX Runtime's CPU build does not load as it is
+    (it has no bfloat16 or float64 convolution; torch.onnx writes float16 `Celu`s, which ONNX defines
+    for float32 only; tf2onnx types a bfloat16 model's casts as float16) is lifted to float32 in
+    place, as onnxsal runs it anyway (graph/precision.py), and `notes` says why."""
     from onnxsal.runtime import ort_reason
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    half = half_type(proto)
+    types = source_types(proto, proto.graph.input[0].type.tensor_type.elem_type)
+    if not types:
+        return half
+    try:
+        _session(proto)
+        return half
+    except Exception as exc:
+        reason = ort_reason(exc)
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+    lifted = onnx.ModelProto()
+    lifted.CopyFrom(proto)
+    to_float32(lifted, types)
+    try:
+        _session(lifted)
+    except Exception:
+        return half                  # not a matter of types: the check names what fails
+    proto.CopyFrom(lifted)
+    names = " and ".join(sorted(LIFTED_NAMES[t] for t in types))
+    notes.append(f"ONNX Runtime cannot run the model in {names} ({reason}); the file holds it in float32")
+    return half
+
+
+def run_onnx(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The first output of the converted model on `x` (float32, cast for a float16 input), in ONNX
+    Runtime on the CPU."""
+    from onnxsal.runtime import ort_reason
+
     unknown = sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")
                       and not onnx.defs.has(n.op_type)})
     if unknown:
         raise ConversionError(f"the converted graph still holds ops ONNX does not define: {', '.join(unknown)}")
-    if half_type(proto) == onnx.TensorProto.BFLOAT16 or proto.graph.input[0].type.tensor_type.elem_type == \
-            onnx.TensorProto.DOUBLE:   # ONNX Runtime's CPU build has neither convolution: run it as onnxsal does
-        lifted = onnx.ModelProto()
-        lifted.CopyFrom(proto)
-        to_float32(lifted, source_types(lifted, lifted.graph.input[0].type.tensor_type.elem_type))
-        proto = lifted
-    elif proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+    if proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
         x = x.astype(np.float16)
     try:
-        session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session = _session(proto)
         return session.run([proto.graph.output[0].name], {session.get_inputs()[0].name: x})[0]
     except Exception as exc:
         raise ConversionError(f"ONNX Runtime cannot run the converted model: {ort_reason(exc)}") from exc
@@ -385,7 +415,7 @@ def compare(got: np.ndarray, want: np.ndarray) -> float:
     if not finite.any():
         return 0.0
     scale = max(1.0, float(np.abs(want[finite]).max()))
-    return float(np.where(finite, np.abs(got - want), 0.0).max() / scale)
+    return float(np.abs(got[finite] - want[finite]).max() / scale)
 
 
 def save(proto: onnx.ModelProto, path: Union[str, os.PathLike]) -> str:

@@ -256,6 +256,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
     if skipped:
         notes.append(f"no tensor left for modules {metadata.some_names(skipped)}; they are left out of the layer map")
     metadata.finish_graph(proto, label_list)
+    half = metadata.settle_precision(proto, notes)
 
     diff = None
     if check:
@@ -265,7 +266,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
         x = metadata.with_check_inputs(x, check_inputs, np.float32)
         with torch.no_grad():
             want = _first_tensor(torch, module(torch.from_numpy(x).to(dtype))).float().numpy()
-        diff = metadata.check_outputs(metadata.half_type(proto), metadata.run_onnx(proto, x), want, "PyTorch")
+        diff = metadata.check_outputs(half, metadata.run_onnx(proto, x), want, "PyTorch")
     seconds = time.perf_counter() - start
     info = {
         "framework": "pytorch",

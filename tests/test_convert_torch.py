@@ -397,14 +397,18 @@ def test_a_failed_check_says_by_how_much_and_how_to_convert_anyway(tmp_path, mon
     assert convert(SEQ, tmp_path / "a.onnx", input_shape=(1, 3, 12, 12), preprocess="unit", check=False).check is None
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
-def test_a_module_in_another_float_type_converts_and_explains(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,act,kept", [("float16", nn.GELU, True), ("float16", nn.CELU, False),
+                                            ("bfloat16", nn.GELU, False), ("float64", nn.GELU, False)],
+                         ids=["float16", "float16-celu", "bfloat16", "float64"])
+def test_a_module_in_another_float_type_converts_and_explains(tmp_path, dtype, act, kept):
     """``module.half()``, ``.bfloat16()`` or ``.double()`` is traced on an example of its own type (a
-    float32 example failed in its first convolution) and checked in ONNX Runtime: a float16 file on
-    float16 inputs, a bfloat16 or float64 one lifted to float32, as onnxsal runs it. The input
-    gradient is torch.autograd's on the float32 network with the weights rounded to that type."""
+    float32 example failed in its first convolution). A file ONNX Runtime's CPU build runs keeps its
+    type and is checked on float16 inputs; one it does not (no bfloat16 or float64 convolution, and
+    torch.onnx writes a float16 ``Celu``, which ONNX defines for float32 only) is written lifted to
+    float32, as onnxsal runs it, with a note. The input gradient is torch.autograd's on the float32
+    network with the weights rounded to that type."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), act(), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, stride=2, padding=1),
                         nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
     with torch.no_grad():
         for p in net.parameters():
@@ -415,7 +419,15 @@ def test_a_module_in_another_float_type_converts_and_explains(tmp_path, dtype):
     res = convert(half, tmp_path / "m.onnx", input_shape=(1, 3, 16, 16), preprocess="raw")
     elem = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16,
             "float64": onnx.TensorProto.DOUBLE}[dtype]
-    assert res.proto.graph.input[0].type.tensor_type.elem_type == elem
+    written = res.proto.graph.input[0].type.tensor_type.elem_type
+    lifted = [n for n in res.notes if n.startswith(f"ONNX Runtime cannot run the model in {dtype} (")]
+    if kept:
+        assert written == elem and not lifted
+    else:
+        assert written == onnx.TensorProto.FLOAT and lifted and lifted[0].endswith("; the file holds it in float32")
+        assert not {t.data_type for t in res.proto.graph.initializer} & {elem}
+    if act is nn.CELU:
+        assert "Celu" in lifted[0]
     assert res.check <= {"float16": 1e-2, "bfloat16": 5e-2, "float64": 1e-4}[dtype]
 
     ref = half.float()
@@ -427,3 +439,4 @@ def test_a_module_in_another_float_type_converts_and_explains(tmp_path, dtype):
     name = ex.model.input.name
     got = ex.engine.gradients(x.detach().numpy(), cot.numpy(), [name])[f"grad_{name}"]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
