@@ -32,6 +32,7 @@ import onnx
 
 from onnxsal.errors import ConversionError, MissingFileError
 from onnxsal.model import read_labels
+from onnxsal.graph.normalize import dilated_same_convs
 from onnxsal.outputs import check_model_path
 
 from . import metadata
@@ -249,7 +250,8 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
         raise ConversionError(f"torch.onnx.export failed: {type(exc).__name__}: {metadata.first_line(exc)}") from exc
     finally:
         wide.capture.remove()
-    proto = onnx.load_from_string(buffer.getvalue())
+    # torch.onnx writes nn.Conv2d(padding="same", dilation=2) as auto_pad=SAME_UPPER, which ONNX Runtime refuses
+    proto = dilated_same_convs(onnx.load_from_string(buffer.getvalue()))
     del buffer
     _unwrap_names(proto.graph)
     found, skipped = metadata.strip_outputs(proto, extra, channels_last=False)

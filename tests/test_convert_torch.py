@@ -440,3 +440,27 @@ def test_a_module_in_another_float_type_converts_and_explains(tmp_path, dtype, a
     got = ex.engine.gradients(x.detach().numpy(), cot.numpy(), [name])[f"grad_{name}"]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")   # the asymmetric case, on purpose
+def test_a_dilated_same_convolution_converts(tmp_path, capfd):
+    """torch.onnx writes ``padding="same"`` with a dilation as ``auto_pad=SAME_UPPER``, which ONNX
+    Runtime refuses to run ("Dilation not supported"): the conversion check failed on it, and printed
+    ONNX Runtime's own error log besides. The file now holds PyTorch's explicit pads."""
+    from converters.torch import convert
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same", dilation=2), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
+                        nn.Conv2d(4, 4, 2, padding="same", dilation=3), nn.Flatten(), nn.LazyLinear(5)).eval()
+    net(torch.zeros(1, 3, 12, 12))
+    capfd.readouterr()
+    res = convert(net, tmp_path / "m.onnx", input_shape=(1, 3, 12, 12), preprocess="raw")
+    assert capfd.readouterr().err == ""
+    assert not [n for n in res.proto.graph.node if n.op_type == "Conv" and
+                any(a.name == "auto_pad" and a.s in (b"SAME_UPPER", b"SAME_LOWER") for a in n.attribute)]
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    cot = torch.randn(2, 5)
+    (net(x) * cot).sum().backward()
+    ex = onnxsal.Explainer(res.path, "cpu")
+    name = ex.model.input.name
+    got = ex.engine.gradients(x.detach().numpy(), cot.numpy(), [name])[f"grad_{name}"]
+    assert np.abs(got - x.grad.numpy()).max() <= 1e-4 * np.abs(x.grad.numpy()).max()
