@@ -535,6 +535,7 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
     tf, keras = import_tensorflow()
     import tf2onnx
     from tf2onnx import tf_loader
+    from tf2onnx.graph import GraphUtil
 
     opset = metadata.check_opset(opset, max(tf2onnx.constants.OPSET_TO_IR_VERSION), "tf2onnx")
     if output is not None:
@@ -611,6 +612,12 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
         notes.append(f"{len(roots)} weight tensors of {lift_bytes >> 20} MiB or more kept out of tf2onnx; "
                      f"{n} ops on them folded")
 
+    half, retyped = metadata.settle_precision(proto, notes)   # a bfloat16 policy's file mixes float16 casts in
+    if retyped:
+        # tf2onnx's transpose optimiser stops at the mixed casts of a bfloat16 policy and leaves its
+        # layers channels-last; on the float32 network it completes, as for any other model
+        with _quiet_tf2onnx():
+            proto = GraphUtil.optimize_model_proto(proto)
     found, skipped = metadata.strip_outputs(proto, extra, channels_last=True)
     if layers and not extra_names:
         found = match_scopes(proto)
@@ -619,7 +626,6 @@ def convert(model: Union[str, os.PathLike, Any], output: Union[str, os.PathLike,
     if skipped:
         notes.append(f"no channels-first tensor for layers {metadata.some_names(skipped)}; they are left out of the layer map")
     metadata.finish_graph(proto, label_list)
-    half = metadata.settle_precision(proto, notes)   # a bfloat16 policy's file mixes float16 casts in
 
     diff = None
     if check:

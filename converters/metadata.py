@@ -350,8 +350,9 @@ def _session(proto: onnx.ModelProto):
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def settle_precision(proto: onnx.ModelProto, notes: list[str]) -> Optional[int]:
-    """The half type the converted model computes in, for the check's tolerance (`half_type`).
+def settle_precision(proto: onnx.ModelProto, notes: list[str]) -> tuple[Optional[int], bool]:
+    """The half type the converted model computes in, for the check's tolerance (`half_type`), and
+    whether the graph was lifted to float32.
 
     A graph in float16, bfloat16 or float64 that ONNX Runtime's CPU build does not load as it is
     (it has no bfloat16 or float64 convolution; torch.onnx writes float16 `Celu`s, which ONNX defines
@@ -362,10 +363,10 @@ def settle_precision(proto: onnx.ModelProto, notes: list[str]) -> Optional[int]:
     half = half_type(proto)
     types = source_types(proto, proto.graph.input[0].type.tensor_type.elem_type)
     if not types:
-        return half
+        return half, False
     try:
         _session(proto)
-        return half
+        return half, False
     except Exception as exc:
         reason = ort_reason(exc)
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
@@ -375,11 +376,11 @@ def settle_precision(proto: onnx.ModelProto, notes: list[str]) -> Optional[int]:
     try:
         _session(lifted)
     except Exception:
-        return half                  # not a matter of types: the check names what fails
+        return half, False           # not a matter of types: the check names what fails
     proto.CopyFrom(lifted)
     names = " and ".join(sorted(LIFTED_NAMES[t] for t in types))
     notes.append(f"ONNX Runtime cannot run the model in {names} ({reason}); the file holds it in float32")
-    return half
+    return half, True
 
 
 def run_onnx(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

@@ -258,7 +258,7 @@ def convert(module, output: Union[str, os.PathLike, None] = None, *, input_shape
     if skipped:
         notes.append(f"no tensor left for modules {metadata.some_names(skipped)}; they are left out of the layer map")
     metadata.finish_graph(proto, label_list)
-    half = metadata.settle_precision(proto, notes)
+    half, _ = metadata.settle_precision(proto, notes)
 
     diff = None
     if check:
