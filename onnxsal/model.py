@@ -33,7 +33,7 @@ from .graph.training import as_scored_alone, training_ops
 from .graph.written import written_activations
 from .graph.precision import LIFTED_NAMES, source_types, to_float32
 from .graph.qoperator import qoperator_ops, to_qdq
-from .graph.simplify import constants
+from .graph.simplify import constants, drop_float_casts
 from .graph.surgery import constant_ints
 from .graph.weights import WeightStore, attach, detach
 from .labelled import add_class_best, labelled_lists
@@ -563,6 +563,14 @@ def _could_be_grid(shape: tuple, size: tuple[int, int]) -> bool:
     return 1 / 8 <= ratio <= 8
 
 
+def _mapped_tensors(meta: dict) -> set[str]:
+    """The tensors a converter's layer map (``onnxsal.layers``) names."""
+    try:
+        return {str(t) for t in dict(json.loads(meta[META_LAYERS])).values()} if META_LAYERS in meta else set()
+    except Exception:
+        return set()
+
+
 def _find_layers(proto: onnx.ModelProto, size: tuple[int, int]) -> list[Layer]:
     shapes = tensor_shapes(proto)
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -865,6 +873,7 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
         raise SizeError(f"the model's input is fixed at {hw[0]}x{hw[1]}, not {size[0]}x{size[1]}")
 
     proto, across = normalize_traced(light)
+    drop_float_casts(proto, keep=_mapped_tensors(meta))   # a lifted file's casts to its half type among them
     one_image = tuple(across)
     graph_out, argmaxed = _scored_output(proto, head, layout)
     pair = anchor_pair(proto, tensor_shapes(proto))    # an SSD-style head's confidences and boxes

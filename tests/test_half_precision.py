@@ -201,3 +201,38 @@ def test_float16_resize_reads_its_scales_through_the_conversion_s_cast(tmp_path)
     resize = next(n for n in model16.graph.node if n.op_type == "Resize")
     assert any(n.op_type == "Cast" and n.output[0] == resize.input[2] for n in model16.graph.node)
     _matches_rounded_net(model16, _rounded(net), images=2, seed=5)
+
+
+def test_casts_around_an_op_kept_in_float32_leave_with_the_lift():
+    """A half-precision file that keeps some ops in float32 (a Keras mixed-precision policy's batch
+    norms; onnxconverter_common's ``op_block_list``) casts around them, and lifted, those casts copy
+    float32 to float32. They go at load: the last Relu is the default CAM layer, as in the float32
+    file, not the bare convolution that the first cast cut off from it."""
+    base = tiny.conv_net(size=16)
+    mixed = float16.convert_float_to_float16(base, op_block_list=["Relu"])
+    assert len([n for n in mixed.graph.node if n.op_type == "Cast"]) >= 4
+    rounded = _retyped(_retyped(base, np.float16, TensorProto.FLOAT16), np.float32, TensorProto.FLOAT)
+    a, b = (onnxsal.Explainer(m, "cpu", preprocess="raw") for m in (mixed, rounded))
+    assert not [n for n in a.model.light.graph.node if n.op_type == "Cast"]
+    assert (a.model.default_layer.node, a.model.default_layer.op_type) == (b.model.default_layer.node, "Relu")
+    x = np.random.default_rng(5).random((1, 3, 16, 16), dtype=np.float32)
+    np.testing.assert_allclose(a.explain(x, "gradcam", target=1).raw, b.explain(x, "gradcam", target=1).raw,
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_a_cast_from_another_type_or_to_a_graph_output_stays():
+    """Only float32-to-float32 casts go, and an output keeps its name: a file whose scores are a Cast
+    of the logits still scores that output."""
+    from onnxsal.graph.simplify import drop_float_casts
+
+    x = onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    n = onnx.helper.make_tensor_value_info("n", TensorProto.INT64, [1, 2])
+    y = onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    nodes = [onnx.helper.make_node("Cast", ["x"], ["a"], to=TensorProto.FLOAT),
+             onnx.helper.make_node("Cast", ["n"], ["b"], to=TensorProto.FLOAT),
+             onnx.helper.make_node("Add", ["a", "b"], ["s"]),
+             onnx.helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)]
+    model = onnx.shape_inference.infer_shapes(onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", [x, n], [y])))
+    assert drop_float_casts(model) == 2
+    assert [(nd.op_type, list(nd.input), list(nd.output)) for nd in model.graph.node] == [
+        ("Cast", ["n"], ["b"]), ("Add", ["x", "b"], ["y"])]

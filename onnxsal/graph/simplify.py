@@ -150,8 +150,14 @@ class Folder:
         return self.cache.get(name)
 
 
-def _remove_passthrough(graph: onnx.GraphProto, protected: set) -> None:
+def _remove_passthrough(graph: onnx.GraphProto, protected: set,
+                        passes: Optional[Callable[[onnx.NodeProto], bool]] = None) -> None:
+    """Drop the nodes that pass their first input through unchanged (Identity, inference Dropout, or
+    what ``passes`` says), keeping every protected name: readers of a dropped output read its source,
+    or the source takes a protected output's name."""
     consts = constants(graph)
+    if passes is None:
+        passes = lambda node: node.op_type == "Identity" or _is_inference_dropout(node, consts)  # noqa: E731
     risky = _subgraph_reads(graph)
     graph_inputs = {i.name for i in graph.input} | {i.name for i in graph.initializer}
     keep_nodes = []
@@ -166,7 +172,7 @@ def _remove_passthrough(graph: onnx.GraphProto, protected: set) -> None:
             alias.clear()
 
     for node in list(graph.node):
-        if not (node.op_type == "Identity" or _is_inference_dropout(node, consts)):
+        if not passes(node):
             keep_nodes.append(node)
             continue
         src, dst = alias.get(node.input[0], node.input[0]), node.output[0]
@@ -182,6 +188,31 @@ def _remove_passthrough(graph: onnx.GraphProto, protected: set) -> None:
     flush()
     del graph.node[:]
     graph.node.extend(keep_nodes)
+
+
+def drop_float_casts(model: onnx.ModelProto, keep: Iterable[str] = ()) -> int:
+    """Remove the Casts to float32 of float32 tensors; returns how many.
+
+    A half-precision file lifted to float32 (graph/precision.py, or the converters for a file ONNX
+    Runtime cannot run in its type) keeps its casts between the half type and float32 (a Keras
+    mixed-precision policy computes each batch norm in float32, with a cast on either side) as
+    float32-to-float32 copies. Besides a pass each, forward and backward, they cut a convolution
+    off from its batch norm and activation, so the default CAM layer was the bare convolution where
+    the float32 network's is its activation. Types come from the graph's inferred value_info: a
+    Cast whose input type is unknown stays."""
+    g = model.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]
+             if vi.type.HasField("tensor_type")}
+    types.update((t.name, t.data_type) for t in g.initializer)
+
+    def same_type(node: onnx.NodeProto) -> bool:
+        return (node.op_type == "Cast" and _attr(node, "to", None) == TensorProto.FLOAT
+                and types.get(node.input[0]) == TensorProto.FLOAT)
+
+    before = len(g.node)
+    protected = set(keep) | {o.name for o in g.output} | {i.name for i in g.input}
+    _remove_passthrough(g, protected, same_type)
+    return before - len(g.node)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
