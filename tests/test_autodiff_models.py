@@ -693,6 +693,59 @@ def test_simplify_bn_after_shared_conv_weight_is_not_mutated():
     assert rel_err(run(s, {"x": x})["y"], run(m, {"x": x})["y"]) < 1e-5
 
 
+def _scaled_conv(op: str, shape: tuple, bias: bool = True, extra_reader: bool = False):
+    """Conv(2 -> 3) then ``op`` with a constant of ``shape``, then a Relu: tf2onnx's form of a Keras
+    batch norm's scale (``Mul`` by a (1, C, 1, 1) constant) among others."""
+    rng = np.random.default_rng(len(shape) + 7 * bias)
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, shape).astype(np.float32), "k")]
+    conv_in = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b"))
+        conv_in.append("b")
+    nodes = [helper.make_node("Conv", conv_in, ["c"], pads=[1, 1, 1, 1]), helper.make_node(op, ["c", "k"], ["s"]),
+             helper.make_node("Relu", ["s"], ["r" if extra_reader else "y"])]
+    if extra_reader:
+        nodes.append(helper.make_node("Add", ["r", "c"], ["y"]))
+    return _tiny(nodes, inits)
+
+
+@pytest.mark.parametrize("shape,bias", [((1, 3, 1, 1), True), ((3, 1, 1), False), ((), True), ((1,), False)])
+def test_simplify_folds_a_scale_per_channel_after_a_conv(shape, bias):
+    """The constant goes into the Conv's weights and bias; the Conv takes the Mul's output name, and
+    the values and the input gradient stay the same to float rounding."""
+    op = "Mul"
+    m = _scaled_conv(op, shape, bias)
+    s = simplify(m)
+    assert _ops(s) == ["Conv", "Relu"] and s.graph.node[0].output[0] == "s"
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 2, 4, 4)).astype(np.float32)
+    assert rel_err(run(s, {"x": x})["y"], run(m, {"x": x})["y"]) < 1e-6
+    cot = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    got = run(vjp(m, "y", ["x"]), {"x": x, "grad_y": cot})["grad_x"]
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    w, k = (torch.tensor(numpy_helper.to_array(t), dtype=torch.float64) for t in m.graph.initializer[:2])
+    b = torch.tensor(numpy_helper.to_array(m.graph.initializer[2]), dtype=torch.float64) if bias else None
+    c = torch.nn.functional.conv2d(xt, w, b, padding=1)
+    y = torch.relu(c * k)
+    (y * torch.tensor(cot, dtype=torch.float64)).sum().backward()
+    assert rel_err(got, xt.grad.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["width vector", "second reader", "kept", "spatial", "sum"])
+def test_simplify_leaves_a_conv_whose_output_is_not_only_scaled_per_channel(case):
+    """A (C,) vector broadcasts along the width, not the channels; a Conv output read elsewhere or
+    asked for by name keeps its value; a constant over the spatial axes is no per-channel scale;
+    a sum stays (its backward passes the gradient through, and ONNX Runtime fuses it forward)."""
+    shape = {"width vector": (4,), "spatial": (1, 1, 4, 4)}.get(case, (1, 3, 1, 1))
+    op = "Add" if case == "sum" else "Mul"
+    m = _scaled_conv(op, shape, extra_reader=case == "second reader")
+    s = simplify(m, keep=["c"] if case == "kept" else ())
+    assert op in _ops(s)
+    x = np.random.default_rng(2).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    assert rel_err(run(s, {"x": x})["y"], run(m, {"x": x})["y"]) < 1e-6
+
+
 def test_simplify_fuses_spelled_out_hard_activations(exported):
     """The three spelled-out hard activations (paddle's and Keras's hard-swish, a hard-sigmoid
     gate) each become one HardSigmoid; the values change only by float rounding."""

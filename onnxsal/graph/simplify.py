@@ -4,7 +4,8 @@ Every forward node on the differentiable path costs backward nodes too.
 Identity and inference Dropout cost nothing forward but add bookkeeping;
 a BatchNormalization right after a Conv is an affine map per channel that can
 live inside the Conv's weights, so folding it removes a full-size elementwise
-pass in both directions (most of a ResNet's non-conv backward work).  A
+pass in both directions (most of a ResNet's non-conv backward work); so can a
+product with a constant per channel right after a Conv.  A
 hard-sigmoid or hard-swish that an exporter spelled out in four elementwise
 ops becomes one HardSigmoid (and the Mul of hard-swish), which also makes
 plain forward passes faster: the engine's forward graphs go through here too.
@@ -271,6 +272,77 @@ def _fold_bn(graph: onnx.GraphProto, protected: set) -> None:
     graph.initializer.extend(new_inits)
 
 
+def _per_channel(v: np.ndarray, channels: int, rank: int) -> Optional[np.ndarray]:
+    """``v`` as one value per output channel of a rank-``rank`` Conv output, or None when its
+    broadcast would reach another axis (a (C,) vector aligns with the width, not the channels)."""
+    if v.dtype.kind != "f" or v.ndim > rank:
+        return None
+    shape = (1,) * (rank - v.ndim) + v.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(v.reshape(-1).astype(np.float64), (channels,))
+
+
+def _fold_scale(graph: onnx.GraphProto, protected: set) -> None:
+    """A Conv followed by a product with a constant per output channel (tf2onnx leaves a Keras
+    batch norm's scale as such a ``Mul``: 52 of them in Keras's MobileNetV2) takes the constant
+    into its weights and bias, as a BatchNormalization does in ``_fold_bn``. ONNX Runtime fuses
+    the pair in a forward pass, but the backward would still scale every gradient in a pass of its
+    own (9 % of that MobileNetV2's forward + VJP time). A sum needs no fold: its backward passes
+    the gradient through, and ONNX Runtime fuses a constant one into the Conv's bias."""
+    consts = constants(graph)
+    cons = _consumers(graph)
+    risky = _subgraph_reads(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    fresh = FreshNames(tensor_names(graph), PREFIX)
+    dead = set()
+    new_inits = []
+    folded: dict[str, np.ndarray] = {}          # weights and biases written by this pass, by name
+    for node in graph.node:
+        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        for c, k in (node.input, node.input[::-1]):
+            conv = producer.get(c)
+            if conv is not None and conv.op_type == "Conv" and (k in folded or consts.get(k) is not None):
+                break
+        else:
+            continue
+        if id(conv) in dead or c in protected or c in risky or len(cons.get(c, [])) != 1 or c == k:
+            continue
+        w = folded.get(conv.input[1], consts.get(conv.input[1]))
+        has_b = len(conv.input) > 2 and bool(conv.input[2])
+        b = folded.get(conv.input[2], consts.get(conv.input[2])) if has_b else None
+        v = folded.get(k, consts.get(k))
+        if w is None or (has_b and b is None) or v is None:
+            continue
+        m = w.shape[0]
+        per = _per_channel(v, m, w.ndim)
+        if per is None or np.result_type(v.dtype, w.dtype) != w.dtype:
+            continue
+        w_new = (w.astype(np.float64) * per.reshape((m,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+        b_new = (b.astype(np.float64) * per).astype(w.dtype) if b is not None else None
+        inputs = [conv.input[0]]
+        for value, stem in ((w_new, "W"), (b_new, "B")):
+            if value is None:
+                continue
+            name = fresh(stem)
+            folded[name] = value
+            new_inits.append(numpy_helper.from_array(value, name))
+            inputs.append(name)
+        del conv.input[:]
+        conv.input.extend(inputs)
+        conv.output[0] = node.output[0]
+        producer[node.output[0]] = conv
+        dead.add(id(node))
+    if not dead:
+        return
+    nodes = [n for n in graph.node if id(n) not in dead]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    graph.initializer.extend(t for t in new_inits if t.name in used)
+
+
 def _scalar(consts: Folder, name: str, rank: int = 0) -> Optional[float]:
     """The float value of a one-element constant of at most ``rank`` dimensions (more would
     broadcast its partner to a higher rank), else None."""
@@ -424,5 +496,6 @@ def simplify_inplace(model: onnx.ModelProto, keep: Optional[Iterable[str]] = ())
     _remove_passthrough(g, protected)
     _fold_bn(g, protected)
     _fuse_hard_sigmoid(g, opset_of(model), protected)
+    _fold_scale(g, protected)   # after the fusion, whose patterns scale a Conv's output too
     _drop_unused(g)
     return model
