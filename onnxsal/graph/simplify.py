@@ -27,6 +27,7 @@ from onnx import TensorProto, numpy_helper
 
 from . import weights
 from .normalize import opset_of
+from .pads import fold_zero_pads
 from .surgery import FreshNames, rename_tensor, subgraphs, tensor_names
 
 PREFIX = "onnxsal_fold/"
@@ -494,6 +495,7 @@ def simplify_inplace(model: onnx.ModelProto, keep: Optional[Iterable[str]] = ())
     g = model.graph
     protected = set(keep or ()) | {o.name for o in g.output} | {i.name for i in g.input}
     _remove_passthrough(g, protected)
+    fold_zero_pads(g, protected, constants(g))
     _fold_bn(g, protected)
     _fuse_hard_sigmoid(g, opset_of(model), protected)
     _fold_scale(g, protected)   # after the fusion, whose patterns scale a Conv's output too
