@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 import onnx
+
 from .surgery import node_attrs
 
 
