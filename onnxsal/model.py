@@ -563,14 +563,6 @@ def _could_be_grid(shape: tuple, size: tuple[int, int]) -> bool:
     return 1 / 8 <= ratio <= 8
 
 
-def _mapped_tensors(meta: dict) -> set[str]:
-    """The tensors a converter's layer map (``onnxsal.layers``) names."""
-    try:
-        return {str(t) for t in dict(json.loads(meta[META_LAYERS])).values()} if META_LAYERS in meta else set()
-    except Exception:
-        return set()
-
-
 def _find_layers(proto: onnx.ModelProto, size: tuple[int, int]) -> list[Layer]:
     shapes = tensor_shapes(proto)
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -872,8 +864,14 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     elif size is not None and tuple(size) != tuple(hw):
         raise SizeError(f"the model's input is fixed at {hw[0]}x{hw[1]}, not {size[0]}x{size[1]}")
 
+    aliases = {}
+    if META_LAYERS in meta:
+        try:
+            aliases = dict(json.loads(meta[META_LAYERS]))
+        except Exception:
+            aliases = {}
     proto, across = normalize_traced(light)
-    drop_float_casts(proto, keep=_mapped_tensors(meta))   # a lifted file's casts to its half type among them
+    drop_float_casts(proto, keep={str(t) for t in aliases.values()})   # a lifted file's casts to its half type among them
     one_image = tuple(across)
     graph_out, argmaxed = _scored_output(proto, head, layout)
     pair = anchor_pair(proto, tensor_shapes(proto))    # an SSD-style head's confidences and boxes
@@ -964,12 +962,6 @@ def load(model: Union[str, os.PathLike, onnx.ModelProto, "Model"], size: Optiona
     if label_list is None and side.labels is not None and \
             len(side.labels) == (detection.classes if detection is not None else num_classes):
         label_list = side.labels
-    aliases = {}
-    if META_LAYERS in meta:
-        try:
-            aliases = dict(json.loads(meta[META_LAYERS]))
-        except Exception:
-            aliases = {}
     image = ImageInput(vi.name, layout, int(channels), int(hw[0]), int(hw[1]), elem_type)
     if spec is not None:
         spec = spec.fitted(layout, (image.height, image.width), image.channels)

@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from . import weights
-from .normalize import opset_of
+from .normalize import opset_of, tensor_shapes
 from .pads import fold_zero_pads
 from .surgery import FreshNames, rename_tensor, subgraphs, tensor_names
 
@@ -203,9 +203,7 @@ def drop_float_casts(model: onnx.ModelProto, keep: Iterable[str] = ()) -> int:
     the float32 network's is its activation. Types come from the graph's inferred value_info: a
     Cast whose input type is unknown stays."""
     g = model.graph
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]
-             if vi.type.HasField("tensor_type")}
-    types.update((t.name, t.data_type) for t in g.initializer)
+    types = {name: elem for name, (elem, _) in tensor_shapes(model).items()}
 
     def same_type(node: onnx.NodeProto) -> bool:
         return (node.op_type == "Cast" and _attr(node, "to", None) == TensorProto.FLOAT
@@ -224,55 +222,6 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def _fold_bn(graph: onnx.GraphProto, protected: set) -> None:
-    consts = constants(graph)
-    cons = _consumers(graph)
-    risky = _subgraph_reads(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    fresh = FreshNames(tensor_names(graph), PREFIX)
-
-    dead = set()
-    new_inits = []
-    for bn in graph.node:
-        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
-            continue
-        if _attr(bn, "training_mode", 0) or any(o for o in bn.output[1:]):
-            continue
-        c = bn.input[0]
-        conv = producer.get(c)
-        if conv is None or conv.op_type != "Conv" or id(conv) in dead:
-            continue
-        if c in protected or c in risky or len(cons.get(c, [])) != 1:
-            continue
-        w = consts.get(conv.input[1])
-        b = consts.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-        stats = [consts.get(n) for n in bn.input[1:5]]
-        if w is None or (len(conv.input) > 2 and conv.input[2] and b is None) or any(s is None for s in stats):
-            continue
-        scale, bias, mean, var = (s.astype(np.float64) for s in stats)
-        eps = float(_attr(bn, "epsilon", 1e-5))
-        s = scale / np.sqrt(var + eps)
-        m = w.shape[0]
-        if s.shape != (m,):
-            continue
-        w_new = (w.astype(np.float64) * s.reshape((m,) + (1,) * (w.ndim - 1))).astype(w.dtype)
-        b0 = b.astype(np.float64) if b is not None else np.zeros(m)
-        b_new = ((b0 - mean) * s + bias).astype(w.dtype)
-        wn, bn_name = fresh("W"), fresh("B")
-        new_inits += [numpy_helper.from_array(w_new, wn), numpy_helper.from_array(b_new, bn_name)]
-        inputs = [conv.input[0], wn, bn_name]
-        del conv.input[:]
-        conv.input.extend(inputs)
-        conv.output[0] = bn.output[0]
-        dead.add(id(bn))
-    if not dead:
-        return
-    nodes = [n for n in graph.node if id(n) not in dead]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(new_inits)
-
-
 def _per_channel(v: np.ndarray, channels: int, rank: int) -> Optional[np.ndarray]:
     """``v`` as one value per output channel of a rank-``rank`` Conv output, or None when its
     broadcast would reach another axis (a (C,) vector aligns with the width, not the channels)."""
@@ -284,51 +233,83 @@ def _per_channel(v: np.ndarray, channels: int, rank: int) -> Optional[np.ndarray
     return np.broadcast_to(v.reshape(-1).astype(np.float64), (channels,))
 
 
-def _fold_scale(graph: onnx.GraphProto, protected: set) -> None:
-    """A Conv followed by a product with a constant per output channel (tf2onnx leaves a Keras
-    batch norm's scale as such a ``Mul``: 52 of them in Keras's MobileNetV2) takes the constant
-    into its weights and bias, as a BatchNormalization does in ``_fold_bn``. ONNX Runtime fuses
-    the pair in a forward pass, but the backward would still scale every gradient in a pass of its
-    own (9 % of that MobileNetV2's forward + VJP time). A sum needs no fold: its backward passes
-    the gradient through, and ONNX Runtime fuses a constant one into the Conv's bias."""
+def _conv_affine(node: onnx.NodeProto, value: Callable[[str], Optional[np.ndarray]]) -> Optional[tuple]:
+    """(the Conv output ``node`` reads, its per-channel scale, and the (mean, bias) to apply after
+    it, or None for a plain product) when ``node`` is an inference BatchNormalization or a product
+    with a constant, else None. The scale's shape is checked against the Conv by the caller."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "BatchNormalization":
+        if _attr(node, "training_mode", 0) or any(o for o in node.output[1:]):
+            return None
+        stats = [value(n) for n in node.input[1:5]]
+        if any(v is None for v in stats):
+            return None
+        scale, bias, mean, var = (v.astype(np.float64) for v in stats)
+        return node.input[0], scale / np.sqrt(var + float(_attr(node, "epsilon", 1e-5))), (mean, bias)
+    if node.op_type == "Mul" and len(node.input) == 2:
+        for c, k in (node.input, node.input[::-1]):
+            v = value(k)
+            if v is not None and c != k:
+                return c, v, None
+    return None
+
+
+def _fold_into_conv(graph: onnx.GraphProto, protected: set) -> None:
+    """A BatchNormalization, or a product with a constant per output channel, right after a Conv
+    goes into the Conv's weights and bias; the Conv takes its output name.
+
+    tf2onnx leaves a Keras batch norm's scale as such a ``Mul`` (52 of them in Keras's
+    MobileNetV2). ONNX Runtime fuses either into the Conv in a forward pass, but the backward would
+    still scale every gradient in a pass of its own. A sum needs no fold: its backward passes the
+    gradient through, and ONNX Runtime fuses a constant one into the Conv's bias. Weights this pass
+    wrote are read back by name, so a batch norm and a product after it both fold."""
     consts = constants(graph)
     cons = _consumers(graph)
     risky = _subgraph_reads(graph)
     producer = {o: n for n in graph.node for o in n.output}
     fresh = FreshNames(tensor_names(graph), PREFIX)
+    folded: dict[str, np.ndarray] = {}          # weights and biases written by this pass, by name
+
+    def value(name: str) -> Optional[np.ndarray]:
+        return folded[name] if name in folded else consts.get(name) if name else None
+
     dead = set()
     new_inits = []
-    folded: dict[str, np.ndarray] = {}          # weights and biases written by this pass, by name
     for node in graph.node:
-        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        found = _conv_affine(node, value)
+        if found is None:
             continue
-        for c, k in (node.input, node.input[::-1]):
-            conv = producer.get(c)
-            if conv is not None and conv.op_type == "Conv" and (k in folded or consts.get(k) is not None):
-                break
-        else:
+        c, s, shift = found
+        conv = producer.get(c)
+        if conv is None or conv.op_type != "Conv" or c in protected or c in risky or len(cons.get(c, [])) != 1:
             continue
-        if id(conv) in dead or c in protected or c in risky or len(cons.get(c, [])) != 1 or c == k:
-            continue
-        w = folded.get(conv.input[1], consts.get(conv.input[1]))
+        w = value(conv.input[1])
         has_b = len(conv.input) > 2 and bool(conv.input[2])
-        b = folded.get(conv.input[2], consts.get(conv.input[2])) if has_b else None
-        v = folded.get(k, consts.get(k))
-        if w is None or (has_b and b is None) or v is None:
+        b = value(conv.input[2]) if has_b else None
+        if w is None or (has_b and b is None):
             continue
         m = w.shape[0]
-        per = _per_channel(v, m, w.ndim)
-        if per is None or np.result_type(v.dtype, w.dtype) != w.dtype:
+        if shift is None:                       # a product: one value per channel, no wider type
+            s = _per_channel(s, m, w.ndim)
+            if s is None or np.result_type(found[1].dtype, w.dtype) != w.dtype:
+                continue
+        elif s.shape != (m,):
             continue
-        w_new = (w.astype(np.float64) * per.reshape((m,) + (1,) * (w.ndim - 1))).astype(w.dtype)
-        b_new = (b.astype(np.float64) * per).astype(w.dtype) if b is not None else None
+        w_new = (w.astype(np.float64) * s.reshape((m,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+        b0 = b.astype(np.float64) if b is not None else np.zeros(m)
+        if shift is not None:
+            mean, bias = shift
+            b_new = ((b0 - mean) * s + bias).astype(w.dtype)
+        else:
+            b_new = (b0 * s).astype(w.dtype) if b is not None else None
         inputs = [conv.input[0]]
-        for value, stem in ((w_new, "W"), (b_new, "B")):
-            if value is None:
+        for array, stem in ((w_new, "W"), (b_new, "B")):
+            if array is None:
                 continue
             name = fresh(stem)
-            folded[name] = value
-            new_inits.append(numpy_helper.from_array(value, name))
+            folded[name] = array
+            new_inits.append(numpy_helper.from_array(array, name))
             inputs.append(name)
         del conv.input[:]
         conv.input.extend(inputs)
@@ -496,8 +477,7 @@ def simplify_inplace(model: onnx.ModelProto, keep: Optional[Iterable[str]] = ())
     protected = set(keep or ()) | {o.name for o in g.output} | {i.name for i in g.input}
     _remove_passthrough(g, protected)
     fold_zero_pads(g, protected, constants(g))
-    _fold_bn(g, protected)
     _fuse_hard_sigmoid(g, opset_of(model), protected)
-    _fold_scale(g, protected)   # after the fusion, whose patterns scale a Conv's output too
+    _fold_into_conv(g, protected)   # after the fusion, whose patterns read a Conv's output too
     _drop_unused(g)
     return model
