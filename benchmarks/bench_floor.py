@@ -28,7 +28,7 @@ from bench_vjp import session
 
 from onnxsal.graph.autodiff import RuleContext, vjp
 from onnxsal.graph.rules import blocked
-from onnxsal.graph.rules.conv import ints_attr, spatial_sizes
+from onnxsal.graph.rules.conv import interleave_zeros, ints_attr, spatial_sizes
 from onnxsal.graph.surgery import expose
 from onnxsal.model import load
 
@@ -42,9 +42,9 @@ def copied_pool(ctx: RuleContext, gy: list) -> list:
     """Each window's gradient copied over the window, as if its argmax cost a memory copy.
 
     ``Tile`` by the pool's strides is a plain copy in ONNX Runtime: the demo model's whole graph
-    took 6.5-6.8 ms of kernel time with it at batch 16, against 7.3-7.4 ms with a unit-weight
-    ``ConvTranspose`` spread to each window's first position. It fits when the pooled grid tiles
-    the input, as in every goal network's pools; elsewhere that spread stands in.
+    took 6.5-6.8 ms of kernel time with it at batch 16, against 7.3-7.4 ms with the strided
+    layers' spread (``interleave_zeros``) to each window's first position. It fits when the
+    pooled grid tiles the input, as in every goal network's pools; elsewhere that spread stands in.
     """
     x = ctx.inputs[0]
     nsp = len(ctx.shape(x)) - 2
@@ -52,9 +52,7 @@ def copied_pool(ctx: RuleContext, gy: list) -> list:
     h_in, h_out = spatial_sizes(ctx, x, nsp), spatial_sizes(ctx, ctx.outputs[0], nsp)
     if all(h == s * o for h, s, o in zip(h_in, strides, h_out)):
         return [ctx.op("Tile", [gy[0], ctx.const(np.array([1, 1] + strides, np.int64))])]
-    c = ctx.shape(x)[1]
-    ones = ctx.const(np.ones((c, 1) + (1,) * nsp, np.float32), like=gy[0])
-    spread = ctx.op("ConvTranspose", [gy[0], ones], kernel_shape=[1] * nsp, strides=strides, group=c)
+    spread = interleave_zeros(ctx, gy[0], strides, ctx.shape(x)[1])
     tail = [h - (s * (o - 1) + 1) for h, s, o in zip(h_in, strides, h_out)]
     if any(tail):     # the input rows and columns past the last window's start
         spread = ctx.op("Pad", [spread, ctx.const(np.array([0] * (nsp + 2) + [0, 0] + tail, np.int64))])

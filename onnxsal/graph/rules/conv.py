@@ -233,7 +233,7 @@ def _blocked_depthwise(ctx: RuleContext, w: np.ndarray, group: int, dy: str) -> 
     ORT's CPU ConvTranspose loops over groups with a tiny GEMM and col2im each, so a
     depthwise one runs 2-5x slower than the forward layer (MobileNetV2, batch 16: 37 ms
     against 4 ms for its 96-channel stride-2 layer).  Spreading ``dy`` onto the stride
-    grid (:func:`_interleave_zeros`) and correlating with the flipped kernel at stride 1
+    grid (:func:`interleave_zeros`) and correlating with the flipped kernel at stride 1
     does ``s^2`` times the multiply-adds, but a depthwise layer is bound by memory and
     that convolution stays in the blocked layout: measured 1.1-1.3x faster per layer,
     counting the 1x1 convolutions either side (96 channels at 112x112 to 576 at 14x14,
@@ -243,7 +243,7 @@ def _blocked_depthwise(ctx: RuleContext, w: np.ndarray, group: int, dy: str) -> 
     return w.ndim == 4 and w.shape[1] == 1 and w.shape[0] == group and blocked.channels(ctx, dy) == group
 
 
-def _interleave_zeros(ctx: RuleContext, dy: str, strides: list[int], c: int) -> str:
+def interleave_zeros(ctx: RuleContext, dy: str, strides: list[int], c: int) -> str:
     """``u[.., o*s] = dy[.., o]`` and zero between: length ``s*(Ho-1) + 1`` per spatial dim.
 
     A 1x1 ConvTranspose with unit weights is exactly this (each output position
@@ -291,7 +291,7 @@ def conv(ctx: RuleContext, gy: list[Optional[str]]) -> list[Optional[str]]:
         q_begin = [dilated(k, d) - 1 - g[0] for k, d, g in zip(kernel, dilations, geo)]
         q_end = [dilated(k, d) - 1 - g[1] + g[2] for k, d, g in zip(kernel, dilations, geo)]
         if min(q_begin + q_end) >= 0:
-            u = _interleave_zeros(ctx, dy, strides, group) if strided else dy
+            u = interleave_zeros(ctx, dy, strides, group) if strided else dy
             wf = ctx.const(flipped_conv_weight(np.asarray(wv), group), like=dy)
             res[0] = ctx.op("Conv", [u, wf], kernel_shape=kernel, dilations=dilations,
                             pads=q_begin + q_end, group=group)
