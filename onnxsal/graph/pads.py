@@ -21,17 +21,16 @@ from typing import Optional
 import numpy as np
 import onnx
 
-from .surgery import node_attrs
+from .surgery import node_attrs, text_attr
 
 
 def _zero_pads(node: onnx.NodeProto, consts) -> Optional[list[int]]:
     """The begin-then-end pads of a constant Pad of zeros, or None for anything else."""
     if node.op_type != "Pad" or node.domain not in ("", "ai.onnx"):
         return None
-    attrs = node_attrs(node)
-    mode = attrs.get("mode", b"constant")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+    if text_attr(node, "mode", "constant") != "constant":
         return None
+    attrs = node_attrs(node)
     if "pads" in attrs:                                   # opsets 1-10
         pads, value = attrs["pads"], attrs.get("value", 0.0)
     else:
@@ -105,12 +104,10 @@ def fold_zero_pads(graph: onnx.GraphProto, protected: set, consts) -> int:
             continue
         if any(pads[k] or pads[rank + k] for k in (0, 1)):        # batch or channel pads
             continue
-        attrs = node_attrs(conv)
-        auto = attrs.get("auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else auto
+        auto = text_attr(conv, "auto_pad", "NOTSET")
         if auto not in ("NOTSET", "VALID"):
             continue
-        own = list(attrs.get("pads", [0] * (2 * (rank - 2)))) if auto == "NOTSET" else [0] * (2 * (rank - 2))
+        own = list(node_attrs(conv).get("pads", [0] * (2 * (rank - 2)))) if auto == "NOTSET" else [0] * (2 * (rank - 2))
         s = rank - 2
         merged = [own[k] + pads[2 + k] for k in range(s)] + [own[s + k] + pads[rank + 2 + k] for k in range(s)]
         kept = [a for a in conv.attribute if a.name not in ("pads", "auto_pad")]

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from .normalize import _infer_inplace, opset_of, tensor_shapes
 from .simplify import Folder, constants
-from .surgery import Emitter, Refused, node_attrs, write_out
+from .surgery import Emitter, Refused, node_attrs, text_attr, write_out
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -33,9 +33,7 @@ def _unroll(node: onnx.NodeProto, consts: Folder, shapes: dict, em: Emitter) -> 
     op = node.op_type
     a = node_attrs(node)
     hidden = int(a.get("hidden_size", 0))
-    direction = a.get("direction", b"forward")
-    direction = direction.decode() if isinstance(direction, bytes) else direction
-    dirs = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+    dirs = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[text_attr(node, "direction", "forward")]
     layout = int(a.get("layout", 0))
     if a.get("clip") is not None:
         raise Refused("a cell clip")

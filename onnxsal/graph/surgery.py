@@ -299,6 +299,15 @@ def node_attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
+def text_attr(node: onnx.NodeProto, name: str, default: str) -> str:
+    """A string attribute as ``str``: ONNX stores it as bytes, and an absent or empty one reads as ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            value = onnx.helper.get_attribute_value(a)
+            return (value.decode() if isinstance(value, bytes) else str(value)) or default
+    return default
+
+
 def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Rename a tensor everywhere it appears in the (top-level) graph."""
     for node in graph.node:
